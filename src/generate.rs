@@ -1,0 +1,359 @@
+//! `ddpm-worker generate`: one local run from a diffusers model folder to PNGs, a grid and a manifest.
+//! The service's workers call the same [`crate::sampler::sample_batch`] for their shards.
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Instant;
+
+use image::RgbImage;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tch::{Device, Kind};
+
+use crate::imaging::{self, ImageError};
+use crate::model::{LoadedUNet, ModelError, ModelFiles};
+use crate::sampler::{self, BatchRequest, Placement, SampleError};
+use crate::schedulers::{SchedulerConfig, SchedulerError, SchedulerKind};
+
+/// Most samples drawn into `grid.png`.
+pub const GRID_MAX: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    /// The request itself is wrong (exit code 2 on the command line).
+    #[error("{field}: {message}")]
+    InvalidArgument { field: &'static str, message: String },
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Scheduler(#[from] SchedulerError),
+    #[error(transparent)]
+    Sample(#[from] SampleError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+impl GenerateError {
+    fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Self + '_ {
+        move |source| GenerateError::Io { path: path.to_path_buf(), source }
+    }
+
+    /// Whether the caller asked for something impossible, as opposed to the run failing.
+    pub fn is_invalid_input(&self) -> bool {
+        matches!(
+            self,
+            GenerateError::InvalidArgument { .. }
+                | GenerateError::Model(ModelError::Config(_) | ModelError::Unsupported(_) | ModelError::Io { .. })
+                | GenerateError::Scheduler(
+                    SchedulerError::Config(_) | SchedulerError::Unsupported(_) | SchedulerError::Steps { .. }
+                )
+        )
+    }
+}
+
+/// Precision of the UNet; the scheduler always runs in f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    Fp32,
+    Fp16,
+    Bf16,
+}
+
+impl DType {
+    pub fn kind(self) -> Kind {
+        match self {
+            DType::Fp32 => Kind::Float,
+            DType::Fp16 => Kind::Half,
+            DType::Bf16 => Kind::BFloat16,
+        }
+    }
+}
+
+/// `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(s: &str) -> Result<Device, String> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|i| i.parse::<usize>().ok())
+            .map(Device::Cuda)
+            .ok_or_else(|| format!("unknown device {s:?}; expected cpu, cuda or cuda:N")),
+    }
+}
+
+pub fn device_name(d: Device) -> String {
+    match d {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".into(),
+    }
+}
+
+/// A validated `generate` request.
+#[derive(Debug, Clone)]
+pub struct GenerateSpec {
+    pub model: PathBuf,
+    pub scheduler: SchedulerKind,
+    pub steps: usize,
+    pub eta: Option<f32>,
+    pub num_samples: usize,
+    pub seed: u64,
+    pub batch_size: usize,
+    pub device: Device,
+    pub dtype: DType,
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SampleRecord {
+    pub index: usize,
+    pub seed: u64,
+    pub file: String,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FileRecord {
+    pub file: String,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelRecord {
+    pub path: String,
+    pub weights: String,
+    pub sha256: String,
+    pub parameters: i64,
+    pub config: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Timings {
+    pub load_seconds: f64,
+    pub sampling_seconds: f64,
+    pub total_seconds: f64,
+    pub images_per_second: f64,
+}
+
+/// `manifest.json`: everything needed to reproduce or audit the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Manifest {
+    pub version: String,
+    pub created_at: String,
+    pub model: ModelRecord,
+    pub scheduler: serde_json::Value,
+    pub steps: usize,
+    pub eta: f32,
+    pub seed: u64,
+    pub num_samples: usize,
+    pub batch_size: usize,
+    pub dtype: DType,
+    pub device: String,
+    pub samples: Vec<SampleRecord>,
+    pub grid: FileRecord,
+    pub timings: Timings,
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+pub fn sha256_file(path: &Path) -> Result<String, std::io::Error> {
+    let mut file = fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, so no reader sees half a file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), GenerateError> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, bytes).map_err(GenerateError::io(&tmp))?;
+    fs::rename(&tmp, path).map_err(GenerateError::io(path))
+}
+
+/// The sample file name of the service's layout: the index in 8 digits.
+pub fn sample_file(index: usize) -> String {
+    format!("samples/{index:08}.png")
+}
+
+impl GenerateSpec {
+    fn validate(&self) -> Result<(), GenerateError> {
+        let invalid = |field, message: String| Err(GenerateError::InvalidArgument { field, message });
+        if self.num_samples == 0 {
+            return invalid("num_samples", "must be at least 1".into());
+        }
+        if self.batch_size == 0 {
+            return invalid("batch_size", "must be at least 1".into());
+        }
+        if self.seed.checked_add(self.num_samples as u64 - 1).is_none() {
+            return invalid("seed", "seed + num_samples overflows u64".into());
+        }
+        if let Some(eta) = self.eta {
+            if self.scheduler != SchedulerKind::Ddim {
+                return invalid("eta", "applies to the ddim scheduler only".into());
+            }
+            if !(eta.is_finite() && eta >= 0.0) {
+                return invalid("eta", format!("{eta} must be a finite number ≥ 0"));
+            }
+        }
+        if self.dtype != DType::Fp32 && !self.device.is_cuda() {
+            return invalid("dtype", format!("{:?} needs a CUDA device; use fp32 on the CPU", self.dtype));
+        }
+        if let Device::Cuda(i) = self.device {
+            let count = tch::Cuda::device_count() as usize;
+            if i >= count {
+                return invalid("device", format!("cuda:{i} requested but {count} CUDA device(s) found"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs the whole job; `progress` shows a bar on a terminal.
+pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Manifest, GenerateError> {
+    let started = Instant::now();
+    spec.validate()?;
+    let files = ModelFiles::locate(&spec.model)?;
+    let scheduler_text =
+        fs::read_to_string(&files.scheduler_config).map_err(GenerateError::io(&files.scheduler_config))?;
+    let scheduler = SchedulerConfig::from_json(spec.scheduler, &scheduler_text)?;
+    let eta = spec.eta.unwrap_or(0.0);
+    let steps_per_batch = scheduler.build(spec.steps, eta)?.timesteps().len();
+
+    let samples_dir = spec.out.join("samples");
+    fs::create_dir_all(&samples_dir).map_err(GenerateError::io(&samples_dir))?;
+    let weights_sha = sha256_file(&files.weights).map_err(GenerateError::io(&files.weights))?;
+    let unet = LoadedUNet::load(&files, spec.device, spec.dtype.kind())?;
+    let load_seconds = started.elapsed().as_secs_f64();
+
+    let batches: Vec<Vec<u64>> = (0..spec.num_samples as u64)
+        .map(|i| spec.seed + i)
+        .collect::<Vec<_>>()
+        .chunks(spec.batch_size)
+        .map(<[u64]>::to_vec)
+        .collect();
+    let bar = progress_bar(progress, (batches.len() * steps_per_batch) as u64);
+
+    // PNG encoding, hashing and writing overlap the next batch's sampling.
+    let (tx, rx) = mpsc::sync_channel::<(usize, u64, RgbImage)>(spec.batch_size * 2);
+    let out_dir = spec.out.clone();
+    let writer = std::thread::Builder::new()
+        .name("png-writer".into())
+        .spawn(move || write_samples(&out_dir, rx))
+        .map_err(GenerateError::io(&spec.out))?;
+
+    let sampling_started = Instant::now();
+    let place = Placement { device: spec.device, kind: spec.dtype.kind() };
+    let mut index = 0;
+    let mut sampled: Result<(), GenerateError> = Ok(());
+    for seeds in &batches {
+        let req = BatchRequest { seeds, batch_size: spec.batch_size, steps: spec.steps, eta };
+        let images = sampler::sample_batch(&unet, &scheduler, &req, place, |_| {
+            bar.inc(1);
+            true
+        })
+        .map_err(GenerateError::from)
+        .and_then(|x0| Ok(imaging::to_images(&x0)?));
+        let images = match images {
+            Ok(images) => images,
+            Err(e) => {
+                sampled = Err(e);
+                break;
+            }
+        };
+        for (img, &seed) in images.into_iter().zip(seeds) {
+            if tx.send((index, seed, img)).is_err() {
+                break; // the writer failed; its error is reported below
+            }
+            index += 1;
+        }
+    }
+    drop(tx);
+    let written = writer.join().expect("the PNG writer thread panicked. This is a bug.");
+    sampled?;
+    let (records, grid_tiles) = written?;
+    let sampling_seconds = sampling_started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+
+    let grid = imaging::make_grid(&grid_tiles, imaging::grid_columns(grid_tiles.len()));
+    let grid_png = imaging::encode_png(&grid)?;
+    write_atomic(&spec.out.join("grid.png"), &grid_png)?;
+
+    let manifest = Manifest {
+        version: format!("ddpm-worker {}", env!("CARGO_PKG_VERSION")),
+        created_at: now_rfc3339(),
+        model: ModelRecord {
+            path: files.root.display().to_string(),
+            weights: files.weights.display().to_string(),
+            sha256: weights_sha,
+            parameters: unet.num_parameters(),
+            config: serde_json::to_value(&unet.config).unwrap_or_default(),
+        },
+        scheduler: scheduler.to_json(),
+        steps: spec.steps,
+        eta,
+        seed: spec.seed,
+        num_samples: spec.num_samples,
+        batch_size: spec.batch_size,
+        dtype: spec.dtype,
+        device: device_name(spec.device),
+        samples: records,
+        grid: FileRecord { file: "grid.png".into(), sha256: sha256_hex(&grid_png) },
+        timings: Timings {
+            load_seconds,
+            sampling_seconds,
+            total_seconds: started.elapsed().as_secs_f64(),
+            images_per_second: spec.num_samples as f64 / sampling_seconds.max(1e-9),
+        },
+    };
+    let json = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
+    write_atomic(&spec.out.join("manifest.json"), &json)?;
+    Ok(manifest)
+}
+
+type Written = (Vec<SampleRecord>, Vec<RgbImage>);
+
+fn write_samples(out: &Path, rx: mpsc::Receiver<(usize, u64, RgbImage)>) -> Result<Written, GenerateError> {
+    let mut records = Vec::new();
+    let mut tiles = Vec::new();
+    for (index, seed, img) in rx {
+        let png = imaging::encode_png(&img)?;
+        let file = sample_file(index);
+        write_atomic(&out.join(&file), &png)?;
+        records.push(SampleRecord { index, seed, file, sha256: sha256_hex(&png) });
+        if tiles.len() < GRID_MAX {
+            tiles.push(img);
+        }
+    }
+    Ok((records, tiles))
+}
+
+fn progress_bar(show: bool, total: u64) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} steps ({eta})")
+    {
+        bar.set_style(style);
+    }
+    bar
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}

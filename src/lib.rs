@@ -1,0 +1,12 @@
+//! ddpm-worker: batch image generation with diffusers DDPM-family models on libtorch.
+//!
+//! The sampling core ([`model`], [`schedulers`], [`rng`], [`sampler`]) reproduces diffusers' pipelines to
+//! the last pixel; [`generate`] runs it locally, writing PNGs, a grid and a manifest.
+
+pub mod generate;
+pub mod imaging;
+pub mod init_model;
+pub mod model;
+pub mod rng;
+pub mod sampler;
+pub mod schedulers;

@@ -1,0 +1,126 @@
+//! `ResnetBlock2D`, `Downsample2D` and `Upsample2D` (`diffusers/models/resnet.py`, `downsampling.py`,
+//! `upsampling.py`): the pre-activation residual block of the DDPM UNet (Ho et al. 2020, Appendix B,
+//! after Wide ResNet / PixelCNN++), with the time embedding added between the two convolutions.
+
+use tch::{Tensor, nn, nn::Module};
+
+pub fn group_norm(vs: nn::Path, groups: i64, channels: i64, eps: f64) -> nn::GroupNorm {
+    nn::group_norm(vs, groups, channels, nn::GroupNormConfig { eps, ..Default::default() })
+}
+
+pub fn conv2d(vs: nn::Path, cin: i64, cout: i64, k: i64, stride: i64, padding: i64) -> nn::Conv2D {
+    nn::conv2d(vs, cin, cout, k, nn::ConvConfig { stride, padding, ..Default::default() })
+}
+
+/// How the time embedding enters the block (`resnet_time_scale_shift`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeEmbeddingNorm {
+    /// `h = norm2(h + proj(t))`.
+    Default,
+    /// `h = norm2(h) * (1 + scale) + shift`, with `proj(t)` split into scale and shift.
+    ScaleShift,
+}
+
+#[derive(Debug)]
+pub struct ResnetBlock2D {
+    norm1: nn::GroupNorm,
+    conv1: nn::Conv2D,
+    time_emb_proj: nn::Linear,
+    norm2: nn::GroupNorm,
+    conv2: nn::Conv2D,
+    conv_shortcut: Option<nn::Conv2D>,
+    time_embedding_norm: TimeEmbeddingNorm,
+    output_scale_factor: f64,
+}
+
+pub struct ResnetConfig {
+    pub groups: i64,
+    pub eps: f64,
+    pub temb_channels: i64,
+    pub time_embedding_norm: TimeEmbeddingNorm,
+    pub output_scale_factor: f64,
+}
+
+impl ResnetBlock2D {
+    pub fn new(vs: nn::Path, cin: i64, cout: i64, c: &ResnetConfig) -> Self {
+        let temb_out = match c.time_embedding_norm {
+            TimeEmbeddingNorm::Default => cout,
+            TimeEmbeddingNorm::ScaleShift => 2 * cout,
+        };
+        Self {
+            norm1: group_norm(&vs / "norm1", c.groups, cin, c.eps),
+            conv1: conv2d(&vs / "conv1", cin, cout, 3, 1, 1),
+            time_emb_proj: nn::linear(&vs / "time_emb_proj", c.temb_channels, temb_out, Default::default()),
+            norm2: group_norm(&vs / "norm2", c.groups, cout, c.eps),
+            conv2: conv2d(&vs / "conv2", cout, cout, 3, 1, 1),
+            conv_shortcut: (cin != cout).then(|| conv2d(&vs / "conv_shortcut", cin, cout, 1, 1, 0)),
+            time_embedding_norm: c.time_embedding_norm,
+            output_scale_factor: c.output_scale_factor,
+        }
+    }
+
+    pub fn forward(&self, xs: &Tensor, temb: &Tensor) -> Tensor {
+        let h = self.conv1.forward(&self.norm1.forward(xs).silu());
+        let temb = self.time_emb_proj.forward(&temb.silu()).unsqueeze(-1).unsqueeze(-1);
+        let h = match self.time_embedding_norm {
+            TimeEmbeddingNorm::Default => self.norm2.forward(&(h + temb)),
+            TimeEmbeddingNorm::ScaleShift => {
+                let parts = temb.chunk(2, 1);
+                self.norm2.forward(&h) * (&parts[0] + 1.0) + &parts[1]
+            }
+        };
+        // Dropout is the identity at inference.
+        let h = self.conv2.forward(&h.silu());
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.forward(xs),
+            None => xs.shallow_clone(),
+        };
+        let out = shortcut + h;
+        if self.output_scale_factor == 1.0 { out } else { out / self.output_scale_factor }
+    }
+}
+
+/// `Downsample2D(use_conv=True)`. With `padding == 0` the original TF code's "SAME" stride-2 conv is
+/// reproduced by padding one row and column at the bottom/right first.
+#[derive(Debug)]
+pub struct Downsample2D {
+    conv: nn::Conv2D,
+    pad_asymmetric: bool,
+}
+
+impl Downsample2D {
+    pub fn new(vs: nn::Path, channels: i64, padding: i64) -> Self {
+        Self { conv: conv2d(&vs / "conv", channels, channels, 3, 2, padding), pad_asymmetric: padding == 0 }
+    }
+}
+
+impl Module for Downsample2D {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        if self.pad_asymmetric {
+            self.conv.forward(&xs.constant_pad_nd([0, 1, 0, 1]))
+        } else {
+            self.conv.forward(xs)
+        }
+    }
+}
+
+/// `Upsample2D(use_conv=True)`: nearest ×2 then a 3×3 conv.
+#[derive(Debug)]
+pub struct Upsample2D {
+    conv: nn::Conv2D,
+}
+
+impl Upsample2D {
+    pub fn new(vs: nn::Path, channels: i64) -> Self {
+        Self { conv: conv2d(&vs / "conv", channels, channels, 3, 1, 1) }
+    }
+}
+
+impl Module for Upsample2D {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        let (_, _, h, w) = xs.size4().unwrap_or((0, 0, 0, 0));
+        // diffusers makes large batches contiguous before the nearest kernel (issue #984).
+        let up = xs.contiguous().upsample_nearest2d([2 * h, 2 * w], Some(2.0), Some(2.0));
+        self.conv.forward(&up)
+    }
+}

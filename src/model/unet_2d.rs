@@ -1,0 +1,143 @@
+//! `UNet2DModel` (`diffusers/models/unets/unet_2d.py`), the ε-prediction network of Ho et al. 2020
+//! (Appendix B): conv_in, down blocks collecting skips, a mid block, up blocks consuming them, and a
+//! GroupNorm-SiLU-conv head.
+
+use tch::{Kind, Tensor, nn, nn::Module};
+
+use super::attention::AttentionConfig;
+use super::config::{BlockKind, UNet2DConfig};
+use super::embeddings::{TimestepEmbedding, Timesteps};
+use super::resnet::{ResnetConfig, TimeEmbeddingNorm, conv2d, group_norm};
+use super::unet_2d_blocks::{DownBlock2D, DownBlockConfig, UNetMidBlock2D, UpBlock2D, UpBlockConfig};
+
+#[derive(Debug)]
+pub struct UNet2DModel {
+    center_input_sample: bool,
+    conv_in: nn::Conv2D,
+    time_proj: Timesteps,
+    time_embedding: TimestepEmbedding,
+    down_blocks: Vec<DownBlock2D>,
+    mid_block: Option<UNetMidBlock2D>,
+    up_blocks: Vec<UpBlock2D>,
+    conv_norm_out: nn::GroupNorm,
+    conv_out: nn::Conv2D,
+}
+
+impl UNet2DModel {
+    /// Builds the network's variables under `vs` (randomly initialised until weights are copied in).
+    /// `config` must have passed [`UNet2DConfig::validate`].
+    pub fn new(vs: nn::Path, config: &UNet2DConfig) -> Self {
+        let boc = &config.block_out_channels;
+        let n = boc.len();
+        let groups = config.groups();
+        let eps = config.norm_eps;
+        let temb_dim = config.time_embed_dim();
+        let time_embedding_norm = match config.resnet_time_scale_shift.as_str() {
+            "scale_shift" => TimeEmbeddingNorm::ScaleShift,
+            _ => TimeEmbeddingNorm::Default,
+        };
+        let resnet = ResnetConfig {
+            groups,
+            eps,
+            temb_channels: temb_dim,
+            time_embedding_norm,
+            output_scale_factor: 1.0,
+        };
+        // `attention_head_dim: null` means one head of the block's full width.
+        let attention = |channels: i64, norm_groups: Option<i64>, rescale: f64| AttentionConfig {
+            heads: config.attention_head_dim.map_or(1, |d| channels / d),
+            norm_groups,
+            eps,
+            rescale_output_factor: rescale,
+        };
+
+        let conv_in = conv2d(&vs / "conv_in", config.in_channels, boc[0], 3, 1, 1);
+        let time_proj = Timesteps::new(boc[0], config.flip_sin_to_cos, config.freq_shift);
+        let time_embedding = TimestepEmbedding::new(&vs / "time_embedding", boc[0], temb_dim);
+
+        let mut down_blocks = Vec::with_capacity(n);
+        let mut cout = boc[0];
+        for (i, &c) in boc.iter().enumerate() {
+            let cin = cout;
+            cout = c;
+            let attn = attention(cout, Some(groups), 1.0);
+            down_blocks.push(DownBlock2D::new(
+                &vs / "down_blocks" / i as i64,
+                &DownBlockConfig {
+                    num_layers: config.layers_per_block,
+                    cin,
+                    cout,
+                    resnet: &resnet,
+                    attention: (config.down_kind(i) == BlockKind::Attn).then_some(&attn),
+                    downsample_padding: (i + 1 < n).then_some(config.downsample_padding),
+                },
+            ));
+        }
+
+        let mid_block = config.mid_block_type.as_ref().map(|_| {
+            let mid_resnet = ResnetConfig { output_scale_factor: config.mid_block_scale_factor, ..resnet };
+            // diffusers: `attn_groups = resnet_groups if resnet_time_scale_shift == "default" else None`.
+            let attn_groups = config.attn_norm_num_groups.or((time_embedding_norm == TimeEmbeddingNorm::Default).then_some(groups));
+            let attn = attention(boc[n - 1], attn_groups, config.mid_block_scale_factor);
+            UNetMidBlock2D::new(&vs / "mid_block", boc[n - 1], &mid_resnet, config.add_attention.then_some(&attn))
+        });
+
+        let reversed: Vec<i64> = boc.iter().rev().copied().collect();
+        let mut up_blocks = Vec::with_capacity(n);
+        let mut cout = reversed[0];
+        for i in 0..n {
+            let prev_cout = cout;
+            cout = reversed[i];
+            let cin = reversed[(i + 1).min(n - 1)];
+            let attn = attention(cout, Some(groups), 1.0);
+            up_blocks.push(UpBlock2D::new(
+                &vs / "up_blocks" / i as i64,
+                &UpBlockConfig {
+                    num_layers: config.layers_per_block + 1,
+                    cin,
+                    prev_cout,
+                    cout,
+                    resnet: &resnet,
+                    attention: (config.up_kind(i) == BlockKind::Attn).then_some(&attn),
+                    add_upsample: i + 1 < n,
+                },
+            ));
+        }
+
+        Self {
+            center_input_sample: config.center_input_sample,
+            conv_in,
+            time_proj,
+            time_embedding,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out: group_norm(&vs / "conv_norm_out", groups, boc[0], eps),
+            conv_out: conv2d(&vs / "conv_out", boc[0], config.out_channels, 3, 1, 1),
+        }
+    }
+
+    /// ε̂(x_t, t) for a batch `sample` `[B, C, H, W]` at one integer timestep.
+    pub fn forward(&self, sample: &Tensor, timestep: i64) -> Tensor {
+        let batch = sample.size()[0];
+        let sample =
+            if self.center_input_sample { sample * 2.0 - 1.0 } else { sample.shallow_clone() };
+        let timesteps = Tensor::full([batch], timestep, (Kind::Int64, sample.device()));
+        let t_emb = self.time_proj.forward(&timesteps).to_kind(sample.kind());
+        let emb = self.time_embedding.forward(&t_emb);
+
+        let mut h = self.conv_in.forward(&sample);
+        let mut skips = vec![h.shallow_clone()];
+        for block in &self.down_blocks {
+            h = block.forward(&h, &emb, &mut skips);
+        }
+        if let Some(mid) = &self.mid_block {
+            h = mid.forward(&h, &emb);
+        }
+        for block in &self.up_blocks {
+            debug_assert!(skips.len() >= block.num_skips());
+            h = block.forward(&h, &emb, &mut skips);
+        }
+        self.conv_out.forward(&self.conv_norm_out.forward(&h).silu())
+    }
+}

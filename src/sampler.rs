@@ -1,0 +1,127 @@
+//! The denoising loop for one batch: per-sample initial noise, then for every timestep one UNet call and
+//! one scheduler update, with per-sample step noise injected in diffusers' order.
+//!
+//! Sample `k` of a batch owns a [`TorchGenerator`] seeded with its own seed, so its noise is what
+//! `DDPMPipeline(generator=[torch.Generator().manual_seed(s) for s in seeds])` draws for that row: first
+//! the initial `randn((1, C, H, W))`, then one draw of the same shape at every step that needs noise.
+//! The UNet always runs at the configured batch size (a short last batch is padded with zeros), which
+//! keeps a sample's result independent of its neighbours and of how a job was split.
+
+use std::sync::mpsc;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::model::LoadedUNet;
+use crate::rng::TorchGenerator;
+use crate::schedulers::{Scheduler, SchedulerConfig, SchedulerError};
+
+/// What to sample: one seed per image, run at `batch_size` rows.
+#[derive(Debug, Clone)]
+pub struct BatchRequest<'a> {
+    pub seeds: &'a [u64],
+    pub batch_size: usize,
+    pub steps: usize,
+    pub eta: f32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SampleError {
+    #[error(transparent)]
+    Scheduler(#[from] SchedulerError),
+    #[error("torch: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("batch of {seeds} seeds does not fit batch size {batch_size}")]
+    BatchTooLarge { seeds: usize, batch_size: usize },
+}
+
+/// Where the sampler runs and the UNet's precision; scheduler math always stays in f32.
+#[derive(Debug, Clone, Copy)]
+pub struct Placement {
+    pub device: Device,
+    pub kind: Kind,
+}
+
+/// Draws, on a helper thread, the noise tensors a batch will consume, in consumption order, so that the
+/// Mersenne Twister and Box-Muller work overlaps the UNet instead of adding to it.
+struct NoiseProducer {
+    rx: mpsc::Receiver<Tensor>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl NoiseProducer {
+    /// `draws`: how many `[B, C, H, W]` tensors to make (the initial noise plus one per noisy step).
+    fn spawn(seeds: &[u64], batch_size: usize, shape: [i64; 3], draws: usize) -> Self {
+        let mut generators: Vec<TorchGenerator> = seeds.iter().map(|&s| TorchGenerator::new(s)).collect();
+        let per_sample = (shape[0] * shape[1] * shape[2]) as usize;
+        // A bound of 2 keeps at most a couple of batches of noise in memory ahead of the sampler.
+        let (tx, rx) = mpsc::sync_channel(2);
+        let handle = std::thread::Builder::new()
+            .name("noise".into())
+            .spawn(move || {
+                for _ in 0..draws {
+                    let mut buf = vec![0f32; per_sample * batch_size];
+                    for (row, g) in buf.chunks_exact_mut(per_sample).zip(generators.iter_mut()) {
+                        row.copy_from_slice(&g.randn(per_sample));
+                    }
+                    let t = Tensor::from_slice(&buf).view([batch_size as i64, shape[0], shape[1], shape[2]]);
+                    if tx.send(t).is_err() {
+                        return; // the sampler stopped early (cancelled or failed)
+                    }
+                }
+            })
+            .expect("spawning the noise thread failed; the process is out of threads. This is a bug.");
+        Self { rx, handle: Some(handle) }
+    }
+
+    fn next(&self) -> Tensor {
+        self.rx.recv().expect("the noise thread makes exactly the draws the schedule needs. This is a bug.")
+    }
+}
+
+impl Drop for NoiseProducer {
+    fn drop(&mut self) {
+        // Dropping the receiver fails a producer blocked on a full channel; then it can be joined.
+        drop(std::mem::replace(&mut self.rx, mpsc::sync_channel(0).1));
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Runs the full reverse process for `req.seeds` and returns x_0 as `[seeds.len(), C, H, W]` f32 on CPU.
+/// `on_step` is called after every step; returning `false` cancels between steps.
+pub fn sample_batch(
+    unet: &LoadedUNet,
+    scheduler: &SchedulerConfig,
+    req: &BatchRequest,
+    place: Placement,
+    mut on_step: impl FnMut(usize) -> bool,
+) -> Result<Tensor, SampleError> {
+    let n = req.seeds.len();
+    if n == 0 || n > req.batch_size {
+        return Err(SampleError::BatchTooLarge { seeds: n, batch_size: req.batch_size });
+    }
+    let _guard = tch::no_grad_guard();
+    let mut sched: Box<dyn Scheduler> = scheduler.build(req.steps, req.eta)?;
+    let config = &unet.config;
+    let (h, w) = config.sample_hw()?;
+    let shape = [config.in_channels, h, w];
+    let timesteps = sched.timesteps().to_vec();
+    let draws = 1 + (0..timesteps.len()).filter(|&i| sched.needs_noise(i)).count();
+    let noise = NoiseProducer::spawn(req.seeds, req.batch_size, shape, draws);
+
+    let mut sample = noise.next().to_device(place.device);
+    for (i, &t) in timesteps.iter().enumerate() {
+        let model_output = unet.forward(&sample.to_kind(place.kind), t).to_kind(Kind::Float);
+        let z = sched.needs_noise(i).then(|| noise.next().to_device(place.device));
+        sample = sched.step(i, &model_output, &sample, z.as_ref());
+        if !on_step(i) {
+            return Err(SampleError::Cancelled);
+        }
+    }
+    Ok(sample.narrow(0, 0, n as i64).to_device(Device::Cpu))
+}

@@ -1,0 +1,158 @@
+//! DDPM ancestral sampling (Ho, Jain, Abbeel 2020, Algorithm 2; eqs. 6–7 for the posterior q(x_{t-1}|x_t, x_0)),
+//! as `DDPMScheduler` in diffusers `src/diffusers/schedulers/scheduling_ddpm.py` with fewer steps than
+//! training ("skip" posterior with β'_t = 1 − ᾱ_t/ᾱ_prev, PR #3006).
+
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use super::{
+    BetaSchedule, PredictionType, Scheduler, SchedulerError, TimestepSpacing, alphas_cumprod, check_common,
+    predict_x0, spaced_timesteps,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VarianceType {
+    /// σ² = β̃_t, the posterior variance (Ho et al. eq. 7).
+    FixedSmall,
+    FixedSmallLog,
+    /// σ² = β_t.
+    FixedLarge,
+    FixedLargeLog,
+    Learned,
+    LearnedRange,
+}
+
+/// `DDPMScheduler.__init__` arguments and defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DdpmConfig {
+    pub num_train_timesteps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    pub beta_schedule: BetaSchedule,
+    pub trained_betas: Option<Vec<f64>>,
+    pub variance_type: VarianceType,
+    pub clip_sample: bool,
+    pub prediction_type: PredictionType,
+    pub thresholding: bool,
+    pub clip_sample_range: f64,
+    pub timestep_spacing: TimestepSpacing,
+    pub steps_offset: i64,
+    pub rescale_betas_zero_snr: bool,
+}
+
+impl Default for DdpmConfig {
+    fn default() -> Self {
+        Self {
+            num_train_timesteps: 1000,
+            beta_start: 0.0001,
+            beta_end: 0.02,
+            beta_schedule: BetaSchedule::Linear,
+            trained_betas: None,
+            variance_type: VarianceType::FixedSmall,
+            clip_sample: true,
+            prediction_type: PredictionType::Epsilon,
+            thresholding: false,
+            clip_sample_range: 1.0,
+            timestep_spacing: TimestepSpacing::Leading,
+            steps_offset: 0,
+            rescale_betas_zero_snr: false,
+        }
+    }
+}
+
+impl DdpmConfig {
+    pub(super) fn validate(&self) -> Result<(), SchedulerError> {
+        check_common(self.thresholding, self.prediction_type)?;
+        if matches!(self.variance_type, VarianceType::Learned | VarianceType::LearnedRange | VarianceType::FixedLargeLog) {
+            // learned*: the model would predict its variance (6 output channels); fixed_large_log is
+            // broken upstream (sqrt of a log, diffusers issue #14569).
+            return Err(SchedulerError::Unsupported(format!("variance_type {:?}", self.variance_type)));
+        }
+        Ok(())
+    }
+}
+
+pub struct DdpmScheduler {
+    config: DdpmConfig,
+    alphas_cumprod: Vec<f32>,
+    timesteps: Vec<i64>,
+}
+
+impl DdpmScheduler {
+    pub fn new(config: &DdpmConfig, steps: usize) -> Result<Self, SchedulerError> {
+        let alphas_cumprod = alphas_cumprod(
+            config.num_train_timesteps,
+            config.beta_start,
+            config.beta_end,
+            &config.beta_schedule,
+            config.trained_betas.as_deref(),
+            config.rescale_betas_zero_snr,
+        )?;
+        let timesteps =
+            spaced_timesteps(config.timestep_spacing, config.num_train_timesteps, steps, config.steps_offset)?;
+        check_in_range(&timesteps, config.num_train_timesteps)?;
+        Ok(Self { config: config.clone(), alphas_cumprod, timesteps })
+    }
+}
+
+pub(super) fn check_in_range(timesteps: &[i64], train: usize) -> Result<(), SchedulerError> {
+    match timesteps.iter().find(|&&t| t < 0 || t >= train as i64) {
+        Some(t) => Err(SchedulerError::Config(format!(
+            "timestep {t} falls outside 0..{train} (check steps_offset and timestep_spacing)"
+        ))),
+        None => Ok(()),
+    }
+}
+
+impl Scheduler for DdpmScheduler {
+    fn timesteps(&self) -> &[i64] {
+        &self.timesteps
+    }
+
+    fn needs_noise(&self, i: usize) -> bool {
+        self.timesteps[i] > 0
+    }
+
+    fn step(&mut self, i: usize, model_output: &Tensor, sample: &Tensor, noise: Option<&Tensor>) -> Tensor {
+        let t = self.timesteps[i] as usize;
+        // `previous_timestep`: the next entry of the schedule, or −1 after the last.
+        let alpha_prod_t = self.alphas_cumprod[t];
+        let alpha_prod_t_prev = match self.timesteps.get(i + 1) {
+            Some(&prev) => self.alphas_cumprod[prev as usize],
+            None => 1.0,
+        };
+        let beta_prod_t = 1.0 - alpha_prod_t;
+        let beta_prod_t_prev = 1.0 - alpha_prod_t_prev;
+        let current_alpha_t = alpha_prod_t / alpha_prod_t_prev;
+        let current_beta_t = 1.0 - current_alpha_t;
+
+        // 1. x̂_0 (eq. 15), clipped to the data range.
+        let mut x0 = predict_x0(self.config.prediction_type, model_output, sample, alpha_prod_t);
+        if self.config.clip_sample {
+            let r = self.config.clip_sample_range;
+            x0 = x0.clamp(-r, r);
+        }
+
+        // 2. Posterior mean μ̃_t(x_t, x̂_0), eq. 7.
+        let x0_coeff = (alpha_prod_t_prev.sqrt() * current_beta_t) / beta_prod_t;
+        let xt_coeff = current_alpha_t.sqrt() * beta_prod_t_prev / beta_prod_t;
+        let mean = x0 * f64::from(x0_coeff) + sample * f64::from(xt_coeff);
+
+        // 3. Add σ_t z for t > 0.
+        match noise {
+            Some(z) if t > 0 => {
+                let small = ((1.0 - alpha_prod_t_prev) / (1.0 - alpha_prod_t) * current_beta_t).max(1e-20);
+                let std = match self.config.variance_type {
+                    VarianceType::FixedSmall => small.sqrt(),
+                    // diffusers: exp(0.5 * log(var)) multiplies the noise directly.
+                    VarianceType::FixedSmallLog => (0.5 * small.ln()).exp(),
+                    _ => current_beta_t.sqrt(),
+                };
+                mean + z * f64::from(std)
+            }
+            _ => mean,
+        }
+    }
+}
