@@ -47,7 +47,9 @@ impl GenerateError {
         matches!(
             self,
             GenerateError::InvalidArgument { .. }
-                | GenerateError::Model(ModelError::Config(_) | ModelError::Unsupported(_) | ModelError::Io { .. })
+                | GenerateError::Model(
+                    ModelError::Config(_) | ModelError::Unsupported(_) | ModelError::Io { .. }
+                )
                 | GenerateError::Scheduler(
                     SchedulerError::Config(_) | SchedulerError::Unsupported(_) | SchedulerError::Steps { .. }
                 )
@@ -346,9 +348,9 @@ fn progress_bar(show: bool, total: u64) -> indicatif::ProgressBar {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(total);
-    if let Ok(style) =
-        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} steps ({eta})")
-    {
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} steps ({eta})",
+    ) {
         bar.set_style(style);
     }
     bar

@@ -32,7 +32,9 @@ pub fn to_images(samples: &Tensor) -> Result<Vec<RgbImage>, ImageError> {
     Ok(bytes
         .chunks_exact(per)
         .take(n as usize)
-        .map(|c| RgbImage::from_raw(w as u32, h as u32, c.to_vec()).expect("chunk has H*W*3 bytes. This is a bug."))
+        .map(|c| {
+            RgbImage::from_raw(w as u32, h as u32, c.to_vec()).expect("chunk has H*W*3 bytes. This is a bug.")
+        })
         .collect())
 }
 
@@ -77,8 +79,7 @@ mod tests {
     #[test]
     fn pixel_mapping_rounds_half_to_even_and_clamps() {
         // x = -1 → 0, x = 1 → 255, beyond the range clamps; x = 0 gives 127.5, rounded to 128 (even).
-        let x = Tensor::from_slice(&[-1.0f32, 1.0, -3.0, 3.0, 0.0, 1.0])
-            .view([1, 3, 1, 2]);
+        let x = Tensor::from_slice(&[-1.0f32, 1.0, -3.0, 3.0, 0.0, 1.0]).view([1, 3, 1, 2]);
         let img = &to_images(&x).unwrap()[0];
         // NCHW [1,3,1,2] → pixel (0,0) = channels (x0, x2, x4), pixel (1,0) = (x1, x3, x5).
         assert_eq!(img.get_pixel(0, 0).0, [0, 0, 128]);
@@ -95,7 +96,8 @@ mod tests {
 
     #[test]
     fn grid_places_tiles_row_major() {
-        let tiles: Vec<RgbImage> = (0..5).map(|i| RgbImage::from_pixel(2, 2, image::Rgb([i * 10, 0, 0]))).collect();
+        let tiles: Vec<RgbImage> =
+            (0..5).map(|i| RgbImage::from_pixel(2, 2, image::Rgb([i * 10, 0, 0]))).collect();
         assert_eq!(grid_columns(5), 3);
         let g = make_grid(&tiles, 3);
         assert_eq!(g.dimensions(), (6, 4));

@@ -51,14 +51,26 @@ impl Preset {
             // huggingface.co/google/ddpm-ema-church-256 config.json (same for celebahq, bedroom, cat)
             Preset::Ddpm256 => ddpm_family(
                 &[128, 128, 256, 256, 512, 512],
-                &["DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
+                &[
+                    "DownBlock2D",
+                    "DownBlock2D",
+                    "DownBlock2D",
+                    "DownBlock2D",
+                    "AttnDownBlock2D",
+                    "DownBlock2D",
+                ],
                 &["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"],
                 256,
             ),
             Preset::Tiny => UNet2DConfig {
                 layers_per_block: 1,
                 norm_num_groups: Some(8),
-                ..ddpm_family(&[32, 64], &["DownBlock2D", "AttnDownBlock2D"], &["AttnUpBlock2D", "UpBlock2D"], 16)
+                ..ddpm_family(
+                    &[32, 64],
+                    &["DownBlock2D", "AttnDownBlock2D"],
+                    &["AttnUpBlock2D", "UpBlock2D"],
+                    16,
+                )
             },
         }
     }

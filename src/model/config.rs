@@ -196,7 +196,10 @@ impl UNet2DConfig {
             return unsupported("time_embedding_type", &self.time_embedding_type);
         }
         if self.class_embed_type.is_some() || self.num_class_embeds.is_some() {
-            return unsupported("class_embed_type/num_class_embeds", &(&self.class_embed_type, self.num_class_embeds));
+            return unsupported(
+                "class_embed_type/num_class_embeds",
+                &(&self.class_embed_type, self.num_class_embeds),
+            );
         }
         if self.downsample_type != "conv" {
             return unsupported("downsample_type", &self.downsample_type);
@@ -228,10 +231,14 @@ impl UNet2DConfig {
         if let Some(g) = self.attn_norm_num_groups
             && (g <= 0 || self.block_out_channels[n - 1] % g != 0)
         {
-            return Err(ModelError::Config(format!("attn_norm_num_groups = {g} does not divide the mid block width")));
+            return Err(ModelError::Config(format!(
+                "attn_norm_num_groups = {g} does not divide the mid block width"
+            )));
         }
         if self.layers_per_block < 1 || self.in_channels < 1 || self.out_channels < 1 {
-            return Err(ModelError::Config("layers_per_block, in_channels and out_channels must be positive".into()));
+            return Err(ModelError::Config(
+                "layers_per_block, in_channels and out_channels must be positive".into(),
+            ));
         }
         if !(self.norm_eps > 0.0) {
             return Err(ModelError::Config(format!("norm_eps = {} must be positive", self.norm_eps)));

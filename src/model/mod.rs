@@ -62,7 +62,10 @@ impl ModelFiles {
         };
         let unet_config = unet_dir.join("config.json");
         if !unet_config.is_file() {
-            return Err(ModelError::io(root, "no config.json (nor unet/config.json): not a diffusers model folder"));
+            return Err(ModelError::io(
+                root,
+                "no config.json (nor unet/config.json): not a diffusers model folder",
+            ));
         }
         let weights = WEIGHT_NAMES.iter().map(|n| unet_dir.join(n)).find(|p| p.is_file());
         let weights = match weights {
@@ -88,10 +91,13 @@ impl ModelFiles {
     }
 
     pub fn read_unet_config(&self) -> Result<UNet2DConfig, ModelError> {
-        let text = std::fs::read_to_string(&self.unet_config).map_err(|e| ModelError::io(&self.unet_config, e))?;
+        let text =
+            std::fs::read_to_string(&self.unet_config).map_err(|e| ModelError::io(&self.unet_config, e))?;
         UNet2DConfig::from_json(&text).map_err(|e| match e {
             ModelError::Config(m) => ModelError::Config(format!("{}: {m}", self.unet_config.display())),
-            ModelError::Unsupported(m) => ModelError::Unsupported(format!("{}: {m}", self.unet_config.display())),
+            ModelError::Unsupported(m) => {
+                ModelError::Unsupported(format!("{}: {m}", self.unet_config.display()))
+            }
             other => other,
         })
     }
@@ -155,7 +161,7 @@ pub fn read_checkpoint(path: &Path) -> Result<Vec<(String, Tensor)>, ModelError>
 }
 
 /// The 2022 hub name of an attention projection mapped to today's (`_fix_state_dict_keys_on_load`).
-fn canonical_key(key: &str) -> String {
+pub fn canonical_key(key: &str) -> String {
     const RENAMES: [(&str, &str); 4] =
         [(".query.", ".to_q."), (".key.", ".to_k."), (".value.", ".to_v."), (".proj_attn.", ".to_out.0.")];
     if key.contains(".attentions.") {
@@ -170,7 +176,11 @@ fn canonical_key(key: &str) -> String {
 
 /// Copies checkpoint tensors into the VarStore. The key sets must be equal: a missing or an unexpected
 /// key is an error naming them (tch's own `load` would ignore extras and diffusers has renamed keys).
-fn copy_weights(vs: &mut nn::VarStore, tensors: Vec<(String, Tensor)>, path: &Path) -> Result<(), ModelError> {
+fn copy_weights(
+    vs: &mut nn::VarStore,
+    tensors: Vec<(String, Tensor)>,
+    path: &Path,
+) -> Result<(), ModelError> {
     let mut file: BTreeMap<String, Tensor> = BTreeMap::new();
     for (name, tensor) in tensors {
         let key = canonical_key(&name);
@@ -229,9 +239,21 @@ mod tests {
 
     #[test]
     fn old_attention_names_are_renamed() {
-        assert_eq!(canonical_key("mid_block.attentions.0.query.weight"), "mid_block.attentions.0.to_q.weight");
-        assert_eq!(canonical_key("up_blocks.1.attentions.2.proj_attn.bias"), "up_blocks.1.attentions.2.to_out.0.bias");
-        assert_eq!(canonical_key("down_blocks.1.attentions.0.group_norm.weight"), "down_blocks.1.attentions.0.group_norm.weight");
-        assert_eq!(canonical_key("down_blocks.0.resnets.0.conv1.weight"), "down_blocks.0.resnets.0.conv1.weight");
+        assert_eq!(
+            canonical_key("mid_block.attentions.0.query.weight"),
+            "mid_block.attentions.0.to_q.weight"
+        );
+        assert_eq!(
+            canonical_key("up_blocks.1.attentions.2.proj_attn.bias"),
+            "up_blocks.1.attentions.2.to_out.0.bias"
+        );
+        assert_eq!(
+            canonical_key("down_blocks.1.attentions.0.group_norm.weight"),
+            "down_blocks.1.attentions.0.group_norm.weight"
+        );
+        assert_eq!(
+            canonical_key("down_blocks.0.resnets.0.conv1.weight"),
+            "down_blocks.0.resnets.0.conv1.weight"
+        );
     }
 }

@@ -72,6 +72,8 @@ impl ResnetBlock2D {
         // Dropout is the identity at inference.
         let h = self.conv2.forward(&h.silu());
         let shortcut = match &self.conv_shortcut {
+            // No `.contiguous()` here: diffusers only does that in training, and the input's layout
+            // (channels-last after attention blocks) selects the conv kernel.
             Some(conv) => conv.forward(xs),
             None => xs.shallow_clone(),
         };
@@ -118,9 +120,15 @@ impl Upsample2D {
 
 impl Module for Upsample2D {
     fn forward(&self, xs: &Tensor) -> Tensor {
-        let (_, _, h, w) = xs.size4().unwrap_or((0, 0, 0, 0));
-        // diffusers makes large batches contiguous before the nearest kernel (issue #984).
-        let up = xs.contiguous().upsample_nearest2d([2 * h, 2 * w], Some(2.0), Some(2.0));
+        // Activations after an attention block are channels-last views (its output is a transposed
+        // reshape) and the layout selects the conv kernel, so contiguity follows diffusers exactly:
+        // only large batches and huge tensors are made contiguous (issues #984, #2306).
+        let b = xs.size().first().copied().unwrap_or(0);
+        let xs =
+            if b >= 64 || xs.numel() * 2 > (1usize << 31) { xs.contiguous() } else { xs.shallow_clone() };
+        // `F.interpolate(scale_factor=2.0)` is the `.vec` overload, which keeps channels-last inputs
+        // channels-last (the sized overload returns NCHW).
+        let up = xs.upsample_nearest2d_vec(None::<&[i64]>, [2.0, 2.0].as_slice());
         self.conv.forward(&up)
     }
 }

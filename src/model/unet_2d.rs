@@ -77,9 +77,16 @@ impl UNet2DModel {
         let mid_block = config.mid_block_type.as_ref().map(|_| {
             let mid_resnet = ResnetConfig { output_scale_factor: config.mid_block_scale_factor, ..resnet };
             // diffusers: `attn_groups = resnet_groups if resnet_time_scale_shift == "default" else None`.
-            let attn_groups = config.attn_norm_num_groups.or((time_embedding_norm == TimeEmbeddingNorm::Default).then_some(groups));
+            let attn_groups = config
+                .attn_norm_num_groups
+                .or((time_embedding_norm == TimeEmbeddingNorm::Default).then_some(groups));
             let attn = attention(boc[n - 1], attn_groups, config.mid_block_scale_factor);
-            UNetMidBlock2D::new(&vs / "mid_block", boc[n - 1], &mid_resnet, config.add_attention.then_some(&attn))
+            UNetMidBlock2D::new(
+                &vs / "mid_block",
+                boc[n - 1],
+                &mid_resnet,
+                config.add_attention.then_some(&attn),
+            )
         });
 
         let reversed: Vec<i64> = boc.iter().rev().copied().collect();
@@ -120,8 +127,7 @@ impl UNet2DModel {
     /// ε̂(x_t, t) for a batch `sample` `[B, C, H, W]` at one integer timestep.
     pub fn forward(&self, sample: &Tensor, timestep: i64) -> Tensor {
         let batch = sample.size()[0];
-        let sample =
-            if self.center_input_sample { sample * 2.0 - 1.0 } else { sample.shallow_clone() };
+        let sample = if self.center_input_sample { sample * 2.0 - 1.0 } else { sample.shallow_clone() };
         let timesteps = Tensor::full([batch], timestep, (Kind::Int64, sample.device()));
         let t_emb = self.time_proj.forward(&timesteps).to_kind(sample.kind());
         let emb = self.time_embedding.forward(&t_emb);

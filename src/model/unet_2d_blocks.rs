@@ -36,7 +36,8 @@ impl DownBlock2D {
                 attentions.push(SpatialAttention::new(&vs / "attentions" / j, c.cout, a));
             }
         }
-        let downsampler = c.downsample_padding.map(|p| Downsample2D::new(&vs / "downsamplers" / 0, c.cout, p));
+        let downsampler =
+            c.downsample_padding.map(|p| Downsample2D::new(&vs / "downsamplers" / 0, c.cout, p));
         Self { resnets, attentions, downsampler }
     }
 
@@ -66,7 +67,12 @@ pub struct UNetMidBlock2D {
 }
 
 impl UNetMidBlock2D {
-    pub fn new(vs: nn::Path, channels: i64, resnet: &ResnetConfig, attention: Option<&AttentionConfig>) -> Self {
+    pub fn new(
+        vs: nn::Path,
+        channels: i64,
+        resnet: &ResnetConfig,
+        attention: Option<&AttentionConfig>,
+    ) -> Self {
         Self {
             resnets: [
                 ResnetBlock2D::new(&vs / "resnets" / 0, channels, channels, resnet),

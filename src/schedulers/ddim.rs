@@ -8,7 +8,7 @@ use tch::Tensor;
 use super::ddpm::check_in_range;
 use super::{
     BetaSchedule, PredictionType, Scheduler, SchedulerError, TimestepSpacing, alphas_cumprod, check_common,
-    predict_x0, spaced_timesteps,
+    predict_x0, spaced_timesteps, torch_f32,
 };
 
 /// `DDIMScheduler.__init__` arguments and defaults.
@@ -79,8 +79,12 @@ impl DdimScheduler {
             config.trained_betas.as_deref(),
             config.rescale_betas_zero_snr,
         )?;
-        let timesteps =
-            spaced_timesteps(config.timestep_spacing, config.num_train_timesteps, steps, config.steps_offset)?;
+        let timesteps = spaced_timesteps(
+            config.timestep_spacing,
+            config.num_train_timesteps,
+            steps,
+            config.steps_offset,
+        )?;
         check_in_range(&timesteps, config.num_train_timesteps)?;
         let final_alpha_cumprod = if config.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
         let stride = (config.num_train_timesteps / steps) as i64;
@@ -101,15 +105,22 @@ impl Scheduler for DdimScheduler {
         let t = self.timesteps[i];
         let prev = t - self.stride;
         let alpha_prod_t = self.alphas_cumprod[t as usize];
-        let alpha_prod_t_prev = if prev >= 0 { self.alphas_cumprod[prev as usize] } else { self.final_alpha_cumprod };
+        let alpha_prod_t_prev =
+            if prev >= 0 { self.alphas_cumprod[prev as usize] } else { self.final_alpha_cumprod };
         let beta_prod_t = 1.0 - alpha_prod_t;
 
         // 1. x̂_0 ("predicted x_0" of eq. 12) and ε̂.
         let x0 = predict_x0(self.config.prediction_type, model_output, sample, alpha_prod_t);
         let eps = match self.config.prediction_type {
             PredictionType::Epsilon => model_output.shallow_clone(),
-            PredictionType::Sample => (sample - &x0 * f64::from(alpha_prod_t.sqrt())) / f64::from(beta_prod_t.sqrt()),
-            _ => model_output * f64::from(alpha_prod_t.sqrt()) + sample * f64::from(beta_prod_t.sqrt()),
+            PredictionType::Sample => {
+                (sample - &x0 * f64::from(torch_f32::sqrt(alpha_prod_t)))
+                    / f64::from(torch_f32::sqrt(beta_prod_t))
+            }
+            _ => {
+                model_output * f64::from(torch_f32::sqrt(alpha_prod_t))
+                    + sample * f64::from(torch_f32::sqrt(beta_prod_t))
+            }
         };
         let x0 = if self.config.clip_sample {
             let r = self.config.clip_sample_range;
@@ -121,13 +132,13 @@ impl Scheduler for DdimScheduler {
         // 2. σ_t(η), eq. 16.
         let beta_prod_t_prev = 1.0 - alpha_prod_t_prev;
         let variance = (beta_prod_t_prev / beta_prod_t) * (1.0 - alpha_prod_t / alpha_prod_t_prev);
-        let std_dev_t = self.eta * variance.sqrt();
+        let std_dev_t = self.eta * torch_f32::sqrt(variance);
 
         // 3. x_{t-1} = √ᾱ_prev x̂_0 + √(1 − ᾱ_prev − σ²) ε̂ + σ z. The radicand is ≥ 0 in exact arithmetic
         //    but can round below zero in f32 at η = 1; diffusers would produce NaN there.
-        let direction_coeff = (1.0 - alpha_prod_t_prev - std_dev_t * std_dev_t).max(0.0).sqrt();
+        let direction_coeff = torch_f32::sqrt((1.0 - alpha_prod_t_prev - std_dev_t * std_dev_t).max(0.0));
         let direction = eps * f64::from(direction_coeff);
-        let prev_sample = x0 * f64::from(alpha_prod_t_prev.sqrt()) + direction;
+        let prev_sample = x0 * f64::from(torch_f32::sqrt(alpha_prod_t_prev)) + direction;
         match noise {
             Some(z) if self.eta > 0.0 => prev_sample + z * f64::from(std_dev_t),
             _ => prev_sample,

@@ -7,7 +7,7 @@ use tch::Tensor;
 
 use super::{
     BetaSchedule, PredictionType, Scheduler, SchedulerError, TimestepSpacing, alphas_cumprod, check_common,
-    predict_x0, spaced_timesteps,
+    predict_x0, spaced_timesteps, torch_f32,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,7 +65,10 @@ impl Default for DdpmConfig {
 impl DdpmConfig {
     pub(super) fn validate(&self) -> Result<(), SchedulerError> {
         check_common(self.thresholding, self.prediction_type)?;
-        if matches!(self.variance_type, VarianceType::Learned | VarianceType::LearnedRange | VarianceType::FixedLargeLog) {
+        if matches!(
+            self.variance_type,
+            VarianceType::Learned | VarianceType::LearnedRange | VarianceType::FixedLargeLog
+        ) {
             // learned*: the model would predict its variance (6 output channels); fixed_large_log is
             // broken upstream (sqrt of a log, diffusers issue #14569).
             return Err(SchedulerError::Unsupported(format!("variance_type {:?}", self.variance_type)));
@@ -90,8 +93,12 @@ impl DdpmScheduler {
             config.trained_betas.as_deref(),
             config.rescale_betas_zero_snr,
         )?;
-        let timesteps =
-            spaced_timesteps(config.timestep_spacing, config.num_train_timesteps, steps, config.steps_offset)?;
+        let timesteps = spaced_timesteps(
+            config.timestep_spacing,
+            config.num_train_timesteps,
+            steps,
+            config.steps_offset,
+        )?;
         check_in_range(&timesteps, config.num_train_timesteps)?;
         Ok(Self { config: config.clone(), alphas_cumprod, timesteps })
     }
@@ -136,8 +143,8 @@ impl Scheduler for DdpmScheduler {
         }
 
         // 2. Posterior mean μ̃_t(x_t, x̂_0), eq. 7.
-        let x0_coeff = (alpha_prod_t_prev.sqrt() * current_beta_t) / beta_prod_t;
-        let xt_coeff = current_alpha_t.sqrt() * beta_prod_t_prev / beta_prod_t;
+        let x0_coeff = (torch_f32::sqrt(alpha_prod_t_prev) * current_beta_t) / beta_prod_t;
+        let xt_coeff = torch_f32::sqrt(current_alpha_t) * beta_prod_t_prev / beta_prod_t;
         let mean = x0 * f64::from(x0_coeff) + sample * f64::from(xt_coeff);
 
         // 3. Add σ_t z for t > 0.
@@ -145,10 +152,10 @@ impl Scheduler for DdpmScheduler {
             Some(z) if t > 0 => {
                 let small = ((1.0 - alpha_prod_t_prev) / (1.0 - alpha_prod_t) * current_beta_t).max(1e-20);
                 let std = match self.config.variance_type {
-                    VarianceType::FixedSmall => small.sqrt(),
+                    VarianceType::FixedSmall => torch_f32::sqrt(small),
                     // diffusers: exp(0.5 * log(var)) multiplies the noise directly.
-                    VarianceType::FixedSmallLog => (0.5 * small.ln()).exp(),
-                    _ => current_beta_t.sqrt(),
+                    VarianceType::FixedSmallLog => torch_f32::exp(0.5 * torch_f32::ln(small)),
+                    _ => torch_f32::sqrt(current_beta_t),
                 };
                 mean + z * f64::from(std)
             }

@@ -7,7 +7,7 @@ use tch::Tensor;
 
 use super::{
     BetaSchedule, PredictionType, Scheduler, SchedulerError, TimestepSpacing, alphas_cumprod, check_common,
-    np_arange, np_linspace,
+    np_arange, np_linspace, torch_f32,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,8 +117,10 @@ impl DpmSolverConfig {
         if self.lambda_min_clipped.is_some_and(|l| l.is_finite()) {
             return unsupported("lambda_min_clipped");
         }
-        if self.variance_type.is_some() {
-            return unsupported("variance_type (learned variance)");
+        // A DDPM file's `variance_type` ("fixed_small", …) carries over through from_config and is inert;
+        // only a learned variance changes the model output's meaning.
+        if self.variance_type.as_deref().is_some_and(|v| v.starts_with("learned")) {
+            return unsupported("variance_type learned/learned_range");
         }
         if self.rescale_betas_zero_snr {
             return unsupported("rescale_betas_zero_snr with DPM-Solver");
@@ -170,12 +172,15 @@ impl DpmSolverScheduler {
         if let Some(bad) = timesteps.iter().find(|&&t| t < 0 || t >= train as i64) {
             return Err(SchedulerError::Config(format!("timestep {bad} falls outside 0..{train}")));
         }
-        // `((1 - ᾱ) / ᾱ) ** 0.5` in f32; `np.interp` at integer timesteps returns the entries exactly.
-        let all_sigmas: Vec<f32> = ac.iter().map(|&a| ((1.0 - a) / a).sqrt()).collect();
+        // `((1 - ᾱ) / ᾱ) ** 0.5` over the whole f32 table, by libtorch as in diffusers; `np.interp` at
+        // integer timesteps returns the entries exactly.
+        let ac_t = Tensor::from_slice(&ac);
+        let one_minus: Tensor = 1.0 - &ac_t;
+        let all_sigmas = Vec::<f32>::try_from((one_minus / &ac_t).pow_tensor_scalar(0.5))?;
         let mut sigmas: Vec<f32> = timesteps.iter().map(|&t| all_sigmas[t as usize]).collect();
         sigmas.push(match config.final_sigmas_type {
             FinalSigmasType::Zero => 0.0,
-            FinalSigmasType::SigmaMin => ((1.0 - ac[0]) / ac[0]).sqrt(),
+            FinalSigmasType::SigmaMin => torch_f32::sqrt((1.0 - ac[0]) / ac[0]),
         });
         Ok(Self { config: config.clone(), sigmas, timesteps, model_outputs: Vec::new(), lower_order_nums: 0 })
     }
@@ -183,13 +188,13 @@ impl DpmSolverScheduler {
 
 /// (α_t, σ_t) from σ = σ_t/α_t: α_t = 1/√(σ² + 1), σ_t = σ α_t.
 fn alpha_sigma(sigma: f32) -> (f32, f32) {
-    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+    let alpha = 1.0 / torch_f32::sqrt(sigma * sigma + 1.0);
     (alpha, sigma * alpha)
 }
 
 /// λ = log α − log σ, the half log-SNR.
 fn lambda(alpha: f32, sigma: f32) -> f32 {
-    alpha.ln() - sigma.ln()
+    torch_f32::ln(alpha) - torch_f32::ln(sigma)
 }
 
 impl Scheduler for DpmSolverScheduler {
@@ -205,7 +210,9 @@ impl Scheduler for DpmSolverScheduler {
         let n = self.timesteps.len();
         let c = &self.config;
         let lower_order_final = i == n - 1
-            && (c.euler_at_final || (c.lower_order_final && n < 15) || c.final_sigmas_type == FinalSigmasType::Zero);
+            && (c.euler_at_final
+                || (c.lower_order_final && n < 15)
+                || c.final_sigmas_type == FinalSigmasType::Zero);
 
         // Data prediction x̂_0 (`convert_model_output`, dpmsolver++).
         let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[i]);
@@ -224,7 +231,7 @@ impl Scheduler for DpmSolverScheduler {
         let lambda_s0 = lambda(alpha_s0, sigma_s0);
         let h = lambda_t - lambda_s0;
         // α_t (e^{-h} − 1), shared by both orders.
-        let phi = alpha_t * ((-h).exp() - 1.0);
+        let phi = alpha_t * (torch_f32::exp(-h) - 1.0);
         let m0 = &self.model_outputs[self.model_outputs.len() - 1];
 
         let prev = if c.solver_order == 1 || self.lower_order_nums < 1 || lower_order_final {
@@ -243,7 +250,7 @@ impl Scheduler for DpmSolverScheduler {
                     sample * f64::from(sigma_t / sigma_s0) - m0 * f64::from(phi) - d1 * f64::from(0.5 * phi)
                 }
                 SolverType::Heun => {
-                    let coeff = alpha_t * (((-h).exp() - 1.0) / h + 1.0);
+                    let coeff = alpha_t * ((torch_f32::exp(-h) - 1.0) / h + 1.0);
                     sample * f64::from(sigma_t / sigma_s0) - m0 * f64::from(phi) + d1 * f64::from(coeff)
                 }
             }

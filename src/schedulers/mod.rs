@@ -195,7 +195,9 @@ pub fn alphas_cumprod(
     } else {
         match schedule {
             BetaSchedule::Linear => Tensor::linspace(beta_start, beta_end, n, opts),
-            BetaSchedule::ScaledLinear => Tensor::linspace(beta_start.powf(0.5), beta_end.powf(0.5), n, opts).pow_tensor_scalar(2),
+            BetaSchedule::ScaledLinear => {
+                Tensor::linspace(beta_start.powf(0.5), beta_end.powf(0.5), n, opts).pow_tensor_scalar(2)
+            }
             BetaSchedule::SquaredcosCapV2 => {
                 // Nichol & Dhariwal 2021, eq. 17; `betas_for_alpha_bar` in f64, then cast to f32.
                 let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
@@ -208,7 +210,9 @@ pub fn alphas_cumprod(
                     .collect();
                 Tensor::from_slice(&betas).to_kind(Kind::Float)
             }
-            other => return Err(SchedulerError::Unsupported(format!("beta_schedule {other:?}"))),
+            other => {
+                return Err(SchedulerError::Unsupported(format!("beta_schedule {other:?}")));
+            }
         }
     };
     let betas = if rescale_zero_snr { rescale_zero_terminal_snr(&betas) } else { betas };
@@ -276,6 +280,29 @@ pub fn spaced_timesteps(
     })
 }
 
+/// Scalar f32 maths done by libtorch, as diffusers does it on 0-d tensors. libtorch's CPU `sqrt`, `log`
+/// and `exp` are vectorised library calls that are not always correctly rounded (for ᾱ_t they differ from
+/// IEEE `sqrtf` in about a quarter of the entries), so Rust's own would drift from diffusers by an ULP.
+pub(crate) mod torch_f32 {
+    use tch::Tensor;
+
+    fn unary(x: f32, f: impl Fn(&Tensor) -> Tensor) -> f32 {
+        f(&Tensor::from(x)).double_value(&[]) as f32
+    }
+
+    pub fn sqrt(x: f32) -> f32 {
+        unary(x, Tensor::sqrt)
+    }
+
+    pub fn ln(x: f32) -> f32 {
+        unary(x, Tensor::log)
+    }
+
+    pub fn exp(x: f32) -> f32 {
+        unary(x, Tensor::exp)
+    }
+}
+
 /// x̂_0 and ε̂ from the model output (`prediction_type`), with f32 coefficients as diffusers computes them.
 pub(crate) fn predict_x0(
     prediction: PredictionType,
@@ -284,13 +311,13 @@ pub(crate) fn predict_x0(
     alpha_prod_t: f32,
 ) -> Tensor {
     let beta_prod_t = 1.0 - alpha_prod_t;
+    let (sqrt_alpha, sqrt_beta) =
+        (f64::from(torch_f32::sqrt(alpha_prod_t)), f64::from(torch_f32::sqrt(beta_prod_t)));
     match prediction {
-        PredictionType::Epsilon => {
-            (sample - model_output * f64::from(beta_prod_t.sqrt())) / f64::from(alpha_prod_t.sqrt())
-        }
+        PredictionType::Epsilon => (sample - model_output * sqrt_beta) / sqrt_alpha,
         PredictionType::Sample => model_output.shallow_clone(),
         PredictionType::VPrediction | PredictionType::FlowPrediction => {
-            sample * f64::from(alpha_prod_t.sqrt()) - model_output * f64::from(beta_prod_t.sqrt())
+            sample * sqrt_alpha - model_output * sqrt_beta
         }
     }
 }
@@ -322,7 +349,10 @@ mod tests {
     #[test]
     fn linspace_and_trailing_spacing() {
         assert_eq!(spaced_timesteps(TimestepSpacing::Linspace, 1000, 4, 0).unwrap(), vec![999, 666, 333, 0]);
-        assert_eq!(spaced_timesteps(TimestepSpacing::Trailing, 1000, 4, 0).unwrap(), vec![999, 749, 499, 249]);
+        assert_eq!(
+            spaced_timesteps(TimestepSpacing::Trailing, 1000, 4, 0).unwrap(),
+            vec![999, 749, 499, 249]
+        );
     }
 
     #[test]
@@ -334,7 +364,9 @@ mod tests {
     #[test]
     fn explicit_keys_carry_over_defaults_do_not() {
         let file = r#"{"_class_name":"DDPMScheduler","beta_end":0.02,"clip_sample":false,"timestep_spacing":"leading","_use_default_values":["timestep_spacing"]}"#;
-        let SchedulerConfig::Dpmsolver(c) = SchedulerConfig::from_json(SchedulerKind::Dpmsolver, file).unwrap() else {
+        let SchedulerConfig::Dpmsolver(c) =
+            SchedulerConfig::from_json(SchedulerKind::Dpmsolver, file).unwrap()
+        else {
             panic!("wrong kind")
         };
         assert_eq!(c.timestep_spacing, TimestepSpacing::Linspace);

@@ -7,7 +7,7 @@ use tch::Tensor;
 
 use super::{
     BetaSchedule, PredictionType, Scheduler, SchedulerError, TimestepSpacing, alphas_cumprod, check_common,
-    np_arange, np_linspace,
+    np_arange, np_linspace, torch_f32,
 };
 
 /// `PNDMScheduler.__init__` arguments and defaults (no clipping: `clip_sample` is not one of them).
@@ -91,9 +91,10 @@ impl PndmScheduler {
         let t = train as i64;
         // `_timesteps`, ascending.
         let base: Vec<i64> = match config.timestep_spacing {
-            TimestepSpacing::Linspace => {
-                np_linspace(0.0, (t - 1) as f64, steps).into_iter().map(|x| x.round_ties_even() as i64).collect()
-            }
+            TimestepSpacing::Linspace => np_linspace(0.0, (t - 1) as f64, steps)
+                .into_iter()
+                .map(|x| x.round_ties_even() as i64)
+                .collect(),
             TimestepSpacing::Leading => {
                 let ratio = t / steps as i64;
                 (0..steps as i64).map(|i| i * ratio + config.steps_offset).collect()
@@ -147,20 +148,32 @@ impl PndmScheduler {
     }
 
     /// φ(x_t, ε, t, t_prev) of eq. 11 (`_get_prev_sample`).
-    fn prev_sample(&self, sample: &Tensor, timestep: i64, prev_timestep: i64, model_output: &Tensor) -> Tensor {
+    fn prev_sample(
+        &self,
+        sample: &Tensor,
+        timestep: i64,
+        prev_timestep: i64,
+        model_output: &Tensor,
+    ) -> Tensor {
         let alpha_prod_t = self.alphas_cumprod[timestep as usize];
-        let alpha_prod_t_prev =
-            if prev_timestep >= 0 { self.alphas_cumprod[prev_timestep as usize] } else { self.final_alpha_cumprod };
+        let alpha_prod_t_prev = if prev_timestep >= 0 {
+            self.alphas_cumprod[prev_timestep as usize]
+        } else {
+            self.final_alpha_cumprod
+        };
         let beta_prod_t = 1.0 - alpha_prod_t;
         let beta_prod_t_prev = 1.0 - alpha_prod_t_prev;
         let model_output = if self.config.prediction_type == PredictionType::VPrediction {
-            model_output * f64::from(alpha_prod_t.sqrt()) + sample * f64::from(beta_prod_t.sqrt())
+            model_output * f64::from(torch_f32::sqrt(alpha_prod_t))
+                + sample * f64::from(torch_f32::sqrt(beta_prod_t))
         } else {
             model_output.shallow_clone()
         };
-        let sample_coeff = (alpha_prod_t_prev / alpha_prod_t).sqrt();
-        let denom = alpha_prod_t * beta_prod_t_prev.sqrt() + (alpha_prod_t * beta_prod_t * alpha_prod_t_prev).sqrt();
-        sample * f64::from(sample_coeff) - model_output * f64::from(alpha_prod_t_prev - alpha_prod_t) / f64::from(denom)
+        let sample_coeff = torch_f32::sqrt(alpha_prod_t_prev / alpha_prod_t);
+        let denom = alpha_prod_t * torch_f32::sqrt(beta_prod_t_prev)
+            + torch_f32::sqrt(alpha_prod_t * beta_prod_t * alpha_prod_t_prev);
+        sample * f64::from(sample_coeff)
+            - model_output * f64::from(alpha_prod_t_prev - alpha_prod_t) / f64::from(denom)
     }
 
     fn step_prk(&mut self, timestep: i64, model_output: &Tensor, sample: &Tensor) -> Tensor {
@@ -170,18 +183,21 @@ impl PndmScheduler {
         let mut model_output = model_output.shallow_clone();
         match self.counter % 4 {
             0 => {
-                self.cur_model_output = Some(accumulate(self.cur_model_output.take(), &model_output, 1.0 / 6.0));
+                self.cur_model_output =
+                    Some(accumulate(self.cur_model_output.take(), &model_output, 1.0 / 6.0));
                 self.ets.push(model_output.shallow_clone());
                 self.cur_sample = Some(sample.shallow_clone());
             }
             1 | 2 => {
-                self.cur_model_output = Some(accumulate(self.cur_model_output.take(), &model_output, 1.0 / 3.0));
+                self.cur_model_output =
+                    Some(accumulate(self.cur_model_output.take(), &model_output, 1.0 / 3.0));
             }
             _ => {
                 model_output = accumulate(self.cur_model_output.take(), &model_output, 1.0 / 6.0);
             }
         }
-        let cur_sample = self.cur_sample.as_ref().map_or_else(|| sample.shallow_clone(), Tensor::shallow_clone);
+        let cur_sample =
+            self.cur_sample.as_ref().map_or_else(|| sample.shallow_clone(), Tensor::shallow_clone);
         let prev = self.prev_sample(&cur_sample, timestep, prev_timestep, &model_output);
         self.counter += 1;
         prev

@@ -1,0 +1,53 @@
+//! Shared helpers for the integration tests: the fixture folder written by `tests/fixtures/gen_fixtures.py`.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use tch::Tensor;
+
+/// The folder of golden outputs. `make test` generates it and sets `DDPM_FIXTURES`.
+pub fn fixtures() -> PathBuf {
+    let dir = std::env::var_os("DDPM_FIXTURES").map(PathBuf::from).unwrap_or_else(|| {
+        panic!(
+            "DDPM_FIXTURES is not set: run `make test`, or `python tests/fixtures/gen_fixtures.py DIR` \
+             with the project venv and export DDPM_FIXTURES=DIR"
+        )
+    });
+    assert!(
+        dir.join("manifest.json").is_file(),
+        "{} holds no manifest.json; regenerate the fixtures",
+        dir.display()
+    );
+    dir
+}
+
+pub fn manifest() -> serde_json::Value {
+    let text = std::fs::read_to_string(fixtures().join("manifest.json")).expect("fixture manifest");
+    serde_json::from_str(&text).expect("fixture manifest is JSON")
+}
+
+pub fn load(path: impl Into<PathBuf>) -> HashMap<String, Tensor> {
+    let path = path.into();
+    Tensor::read_safetensors(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+        .into_iter()
+        .collect()
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "shapes differ");
+    (a.to_kind(tch::Kind::Double) - b.to_kind(tch::Kind::Double)).abs().max().double_value(&[])
+}
+
+/// Fraction of `u8` values of `a` within `tol` of `b`.
+pub fn fraction_within(a: &[u8], b: &[u8], tol: u8) -> f64 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    let ok = a.iter().zip(b).filter(|(x, y)| x.abs_diff(**y) <= tol).count();
+    ok as f64 / a.len() as f64
+}
+
+/// The release binary cargo built for these tests.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ddpm-worker"))
+}
