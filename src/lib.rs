@@ -3,6 +3,7 @@
 //! The sampling core ([`model`], [`schedulers`], [`rng`], [`sampler`]) reproduces diffusers' pipelines to
 //! the last pixel; [`generate`] runs it locally, writing PNGs, a grid and a manifest.
 
+pub mod benchmark;
 pub mod generate;
 pub mod imaging;
 pub mod init_model;

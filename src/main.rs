@@ -2,6 +2,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use ddpm_worker::benchmark;
 use ddpm_worker::generate::{self, DType, GenerateSpec};
 use ddpm_worker::init_model::{self, Preset};
 use ddpm_worker::schedulers::SchedulerKind;
@@ -21,6 +22,25 @@ enum Command {
     Generate(GenerateArgs),
     /// Write a diffusers model folder with random weights (for demos and tests; no network needed).
     InitModel(InitModelArgs),
+    /// Time UNet forwards (used by bench/); prints one JSON line.
+    #[command(hide = true)]
+    BenchUnet(BenchUnetArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchUnetArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 10)]
+    iterations: usize,
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    #[arg(long, default_value = "cpu", value_parser = generate::parse_device)]
+    device: tch::Device,
+    #[arg(long, value_enum, default_value = "fp32")]
+    dtype: DType,
 }
 
 #[derive(clap::Args)]
@@ -104,6 +124,25 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("error: {e}");
                     ExitCode::from(if e.is_invalid_input() { 2 } else { 1 })
+                }
+            }
+        }
+        Command::BenchUnet(a) => {
+            match benchmark::time_unet(
+                &a.model,
+                a.batch_size,
+                a.iterations,
+                a.warmup,
+                a.device,
+                a.dtype.kind(),
+            ) {
+                Ok(t) => {
+                    println!("{}", serde_json::to_string(&t).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
                 }
             }
         }

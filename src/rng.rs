@@ -118,7 +118,7 @@ impl TorchGenerator {
         for chunk in data.chunks_exact_mut(16) {
             normal_fill_16(chunk);
         }
-        if n % 16 != 0 {
+        if !n.is_multiple_of(16) {
             // libtorch redraws the last 16 values (overlapping the previous block).
             let tail = &mut data[n - 16..];
             for v in tail.iter_mut() {
@@ -149,6 +149,8 @@ fn normal_fill_16(data: &mut [f32]) {
 /// `sse_mathfun`) as compiled into libtorch, operation for operation and with the same fused
 /// multiply-adds, so each lane gives the same float as the AVX2 code.
 /// Constants are written as the C source does: a double literal rounded to float.
+// The constants are transcribed digit for digit from the C source (a double literal rounded to float).
+#[allow(clippy::excessive_precision, clippy::approx_constant)]
 mod cephes {
     const SQRTHF: f32 = 0.707106781186547524_f64 as f32;
     const LOG_P: [f32; 9] = [
@@ -268,7 +270,7 @@ mod tests {
         for i in 1..1000 {
             let u = i as f32 / 1000.0;
             assert!((cephes::log(u) - u.ln()).abs() <= 2e-7 * u.ln().abs().max(1.0), "log({u})");
-            let theta = u * 6.283_185;
+            let theta = u * std::f32::consts::TAU;
             let (s, c) = cephes::sincos(theta);
             assert!((s - theta.sin()).abs() < 3e-7, "sin({theta})");
             assert!((c - theta.cos()).abs() < 3e-7, "cos({theta})");

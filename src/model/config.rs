@@ -240,7 +240,7 @@ impl UNet2DConfig {
                 "layers_per_block, in_channels and out_channels must be positive".into(),
             ));
         }
-        if !(self.norm_eps > 0.0) {
+        if self.norm_eps.is_nan() || self.norm_eps <= 0.0 {
             return Err(ModelError::Config(format!("norm_eps = {} must be positive", self.norm_eps)));
         }
         if !matches!(self.downsample_padding, 0 | 1) {

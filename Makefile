@@ -1,0 +1,69 @@
+# ddpm-worker: `make run` (demo job) and `make test` (every test) work from a fresh clone.
+#
+# The Python venv (libtorch 2.13.0 for tch, and diffusers as the parity reference) and the cargo build
+# live outside the clone, under $(CACHE), so a second clone or CI run reuses them and takes minutes.
+
+CACHE      ?= $(HOME)/.cache/ddpm-worker
+VENV       := $(CACHE)/venv
+PYTHON     := $(VENV)/bin/python
+BASE_PY    ?= python3
+export CARGO_TARGET_DIR ?= $(CACHE)/target
+# tch finds libtorch in the venv's torch package; build.rs adds an rpath to it.
+export LIBTORCH_USE_PYTORCH := 1
+export PATH := $(VENV)/bin:$(PATH)
+CARGO_FLAGS := --release --locked
+BIN        := $(CARGO_TARGET_DIR)/release/ddpm-worker
+
+# Golden outputs of diffusers, regenerated whenever their generator or the pinned versions change.
+FIXTURES_KEY := $(shell cat tests/fixtures/gen_fixtures.py scripts/requirements.txt | sha256sum | cut -c1-16)
+FIXTURES     := $(CACHE)/fixtures/$(FIXTURES_KEY)
+
+# `make run` settings (override on the command line, e.g. `make run MODEL=/path/to/ddpm-cifar10-32`).
+OUT        ?= out
+MODEL      ?= $(OUT)/demo-model
+SCHEDULER  ?= dpmsolver
+STEPS      ?= 25
+SAMPLES    ?= 8
+SEED       ?= 0
+
+.PHONY: all setup build run test lint fixtures bench clean
+
+all: build
+
+$(VENV)/.installed: scripts/requirements.txt
+	$(BASE_PY) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r scripts/requirements.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+build: setup
+	cargo build $(CARGO_FLAGS)
+
+$(OUT)/demo-model/config.json: | build
+	$(BIN) init-model --preset cifar10-32 --out $(OUT)/demo-model --seed 0
+
+run: build $(if $(filter $(OUT)/demo-model,$(MODEL)),$(OUT)/demo-model/config.json)
+	$(BIN) generate --model $(MODEL) --scheduler $(SCHEDULER) --steps $(STEPS) \
+		--num-samples $(SAMPLES) --seed $(SEED) --out $(OUT)/generate
+
+$(FIXTURES)/manifest.json: tests/fixtures/gen_fixtures.py scripts/requirements.txt | setup
+	rm -rf $(FIXTURES).partial
+	$(PYTHON) tests/fixtures/gen_fixtures.py $(FIXTURES).partial
+	rm -rf $(FIXTURES) && mv $(FIXTURES).partial $(FIXTURES)
+
+fixtures: $(FIXTURES)/manifest.json
+
+test: build fixtures
+	DDPM_FIXTURES=$(FIXTURES) cargo test $(CARGO_FLAGS)
+
+lint: setup
+	cargo fmt --all -- --check
+	cargo clippy $(CARGO_FLAGS) --all-targets -- -D warnings
+
+bench: build
+	$(PYTHON) bench/bench.py --bin $(BIN)
+
+clean:
+	rm -rf $(OUT)
