@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::model::{LoadedUNet, ModelError, ModelFiles};
+use crate::model::{Layout, LoadedUNet, ModelError, ModelFiles};
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct UNetTiming {
@@ -24,9 +24,11 @@ pub fn time_unet(
     warmup: usize,
     device: Device,
     kind: Kind,
+    layout: Layout,
 ) -> Result<UNetTiming, ModelError> {
     let files = ModelFiles::locate(model)?;
-    let unet = LoadedUNet::load(&files, device, kind)?;
+    let mut unet = LoadedUNet::load(&files, device, kind)?;
+    unet.set_layout(layout);
     let (h, w) = unet.config.sample_hw()?;
     let _guard = tch::no_grad_guard();
     let x = Tensor::randn([batch_size as i64, unet.config.in_channels, h, w], (kind, device));

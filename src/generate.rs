@@ -4,6 +4,7 @@
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::Instant;
 
@@ -13,7 +14,7 @@ use sha2::{Digest, Sha256};
 use tch::{Device, Kind};
 
 use crate::imaging::{self, ImageError};
-use crate::model::{LoadedUNet, ModelError, ModelFiles};
+use crate::model::{Layout, LoadedUNet, ModelError, ModelFiles};
 use crate::sampler::{self, BatchRequest, Placement, SampleError};
 use crate::schedulers::{SchedulerConfig, SchedulerError, SchedulerKind};
 
@@ -108,6 +109,10 @@ pub struct GenerateSpec {
     pub batch_size: usize,
     pub device: Device,
     pub dtype: DType,
+    /// Activation and weight layout of the UNet.
+    pub layout: Layout,
+    /// Batches sampled concurrently, each on its own thread with a share of the CPU threads (CPU only).
+    pub lanes: usize,
     pub out: PathBuf,
 }
 
@@ -155,6 +160,8 @@ pub struct Manifest {
     pub num_samples: usize,
     pub batch_size: usize,
     pub dtype: DType,
+    pub layout: Layout,
+    pub lanes: usize,
     pub device: String,
     pub samples: Vec<SampleRecord>,
     pub grid: FileRecord,
@@ -197,6 +204,12 @@ impl GenerateSpec {
         if self.num_samples == 0 {
             return invalid("num_samples", "must be at least 1".into());
         }
+        if self.lanes == 0 {
+            return invalid("lanes", "must be at least 1".into());
+        }
+        if self.lanes > 1 && self.device.is_cuda() {
+            return invalid("lanes", "applies to the CPU; a CUDA device runs one batch at a time".into());
+        }
         if self.batch_size == 0 {
             return invalid("batch_size", "must be at least 1".into());
         }
@@ -238,7 +251,8 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Manifest, GenerateErro
     let samples_dir = spec.out.join("samples");
     fs::create_dir_all(&samples_dir).map_err(GenerateError::io(&samples_dir))?;
     let weights_sha = sha256_file(&files.weights).map_err(GenerateError::io(&files.weights))?;
-    let unet = LoadedUNet::load(&files, spec.device, spec.dtype.kind())?;
+    let mut unet = LoadedUNet::load(&files, spec.device, spec.dtype.kind())?;
+    unet.set_layout(spec.layout);
     let load_seconds = started.elapsed().as_secs_f64();
 
     let batches: Vec<Vec<u64>> = (0..spec.num_samples as u64)
@@ -259,30 +273,32 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Manifest, GenerateErro
 
     let sampling_started = Instant::now();
     let place = Placement { device: spec.device, kind: spec.dtype.kind() };
-    let mut index = 0;
-    let mut sampled: Result<(), GenerateError> = Ok(());
-    for seeds in &batches {
-        let req = BatchRequest { seeds, batch_size: spec.batch_size, steps: spec.steps, eta };
-        let images = sampler::sample_batch(&unet, &scheduler, &req, place, |_| {
-            bar.inc(1);
-            true
-        })
-        .map_err(GenerateError::from)
-        .and_then(|x0| Ok(imaging::to_images(&x0)?));
-        let images = match images {
-            Ok(images) => images,
-            Err(e) => {
-                sampled = Err(e);
-                break;
-            }
-        };
-        for (img, &seed) in images.into_iter().zip(seeds) {
-            if tx.send((index, seed, img)).is_err() {
-                break; // the writer failed; its error is reported below
-            }
-            index += 1;
-        }
-    }
+    let job = BatchJob { batches: &batches, spec, scheduler: &scheduler, eta, place, bar: &bar };
+    let lanes = spec.lanes.clamp(1, batches.len().max(1));
+    let sampled = if lanes == 1 {
+        job.run_lane(&unet, 0, 1, &tx, &AtomicBool::new(false))
+    } else {
+        // Each lane samples every `lanes`-th batch on its own thread and share of the CPU threads.
+        let threads = (tch::get_num_threads() / lanes as i32).max(1);
+        let failed = AtomicBool::new(false);
+        let results: Vec<Result<(), GenerateError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..lanes)
+                .map(|lane| {
+                    let (replica, tx, job, failed) = (unet.replica(), tx.clone(), &job, &failed);
+                    scope.spawn(move || {
+                        tch::set_num_threads(threads);
+                        let result = job.run_lane(&replica, lane, lanes, &tx, failed);
+                        if result.is_err() {
+                            failed.store(true, Ordering::Relaxed);
+                        }
+                        result
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("a sampling lane panicked. This is a bug.")).collect()
+        });
+        results.into_iter().find(Result::is_err).unwrap_or(Ok(()))
+    };
     drop(tx);
     let written = writer.join().expect("the PNG writer thread panicked. This is a bug.");
     sampled?;
@@ -311,6 +327,8 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Manifest, GenerateErro
         num_samples: spec.num_samples,
         batch_size: spec.batch_size,
         dtype: spec.dtype,
+        layout: spec.layout,
+        lanes: spec.lanes,
         device: device_name(spec.device),
         samples: records,
         grid: FileRecord { file: "grid.png".into(), sha256: sha256_hex(&grid_png) },
@@ -328,19 +346,63 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Manifest, GenerateErro
 
 type Written = (Vec<SampleRecord>, Vec<RgbImage>);
 
+/// Encodes, hashes and writes samples as they arrive (lanes may deliver them out of order).
 fn write_samples(out: &Path, rx: mpsc::Receiver<(usize, u64, RgbImage)>) -> Result<Written, GenerateError> {
     let mut records = Vec::new();
-    let mut tiles = Vec::new();
+    let mut tiles = std::collections::BTreeMap::new();
     for (index, seed, img) in rx {
         let png = imaging::encode_png(&img)?;
         let file = sample_file(index);
         write_atomic(&out.join(&file), &png)?;
         records.push(SampleRecord { index, seed, file, sha256: sha256_hex(&png) });
-        if tiles.len() < GRID_MAX {
-            tiles.push(img);
+        if index < GRID_MAX {
+            tiles.insert(index, img);
         }
     }
-    Ok((records, tiles))
+    records.sort_by_key(|r| r.index);
+    Ok((records, tiles.into_values().collect()))
+}
+
+/// What every sampling lane shares.
+struct BatchJob<'a> {
+    batches: &'a [Vec<u64>],
+    spec: &'a GenerateSpec,
+    scheduler: &'a SchedulerConfig,
+    eta: f32,
+    place: Placement,
+    bar: &'a indicatif::ProgressBar,
+}
+
+impl BatchJob<'_> {
+    /// Samples batches `lane`, `lane + lanes`, … and hands their images to the writer.
+    fn run_lane(
+        &self,
+        unet: &LoadedUNet,
+        lane: usize,
+        lanes: usize,
+        tx: &mpsc::SyncSender<(usize, u64, RgbImage)>,
+        stop: &AtomicBool,
+    ) -> Result<(), GenerateError> {
+        for (b, seeds) in self.batches.iter().enumerate().skip(lane).step_by(lanes) {
+            let req = BatchRequest {
+                seeds,
+                batch_size: self.spec.batch_size,
+                steps: self.spec.steps,
+                eta: self.eta,
+            };
+            let x0 = sampler::sample_batch(unet, self.scheduler, &req, self.place, |_| {
+                self.bar.inc(1);
+                !stop.load(Ordering::Relaxed)
+            })?;
+            let first = b * self.spec.batch_size;
+            for (k, (img, &seed)) in imaging::to_images(&x0)?.into_iter().zip(seeds).enumerate() {
+                if tx.send((first + k, seed, img)).is_err() {
+                    return Ok(()); // the writer failed; its error is reported by the caller
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 fn progress_bar(show: bool, total: u64) -> indicatif::ProgressBar {

@@ -5,7 +5,7 @@ mod common;
 
 use common::{fixtures, fraction_within, load, manifest, max_abs_diff};
 use ddpm_worker::imaging;
-use ddpm_worker::model::{LoadedUNet, ModelFiles};
+use ddpm_worker::model::{Layout, LoadedUNet, ModelFiles};
 use ddpm_worker::rng::TorchGenerator;
 use ddpm_worker::sampler::{self, BatchRequest, Placement};
 use ddpm_worker::schedulers::{SchedulerConfig, SchedulerKind};
@@ -102,33 +102,42 @@ fn scheduler_steps_match_diffusers() {
     }
 }
 
+/// Runs a fixture pipeline case through our sampler; returns x_0 and its 8-bit pixels.
+fn run_pipeline(case: &serde_json::Value, layout: Layout) -> (Tensor, Vec<u8>) {
+    let files = ModelFiles::locate(&fixtures().join("models").join(case["model"].as_str().unwrap())).unwrap();
+    let mut unet = LoadedUNet::load(&files, Device::Cpu, Kind::Float).unwrap();
+    unet.set_layout(layout);
+    let kind: SchedulerKind = serde_json::from_value(case["scheduler"].clone()).unwrap();
+    let text = std::fs::read_to_string(&files.scheduler_config).unwrap();
+    let config = SchedulerConfig::from_json(kind, &text).unwrap();
+    let seeds: Vec<u64> = case["seeds"].as_array().unwrap().iter().map(|s| s.as_u64().unwrap()).collect();
+    let req = BatchRequest {
+        seeds: &seeds,
+        batch_size: seeds.len(),
+        steps: case["steps"].as_u64().unwrap() as usize,
+        eta: case["eta"].as_f64().unwrap_or(0.0) as f32,
+    };
+    let place = Placement { device: Device::Cpu, kind: Kind::Float };
+    let x0 = sampler::sample_batch(&unet, &config, &req, place, |_| true).unwrap();
+    let pixels = imaging::to_images(&x0).unwrap().iter().flat_map(|i| i.as_raw().clone()).collect();
+    (x0, pixels)
+}
+
+fn golden_pixels(name: &str) -> (std::collections::HashMap<String, Tensor>, Vec<u8>) {
+    let golden = load(fixtures().join("pipelines").join(format!("{name}.safetensors")));
+    let pixels = Vec::<u8>::try_from(golden["uint8"].reshape([-1])).unwrap();
+    (golden, pixels)
+}
+
 #[test]
 fn pipelines_match_diffusers_images() {
     for case in manifest()["pipelines"].as_array().expect("pipeline cases") {
         let name = case["name"].as_str().unwrap();
-        let files =
-            ModelFiles::locate(&fixtures().join("models").join(case["model"].as_str().unwrap())).unwrap();
-        let unet = LoadedUNet::load(&files, Device::Cpu, Kind::Float).unwrap();
-        let kind: SchedulerKind = serde_json::from_value(case["scheduler"].clone()).unwrap();
-        let config =
-            SchedulerConfig::from_json(kind, &std::fs::read_to_string(&files.scheduler_config).unwrap())
-                .unwrap();
-        let seeds: Vec<u64> = case["seeds"].as_array().unwrap().iter().map(|s| s.as_u64().unwrap()).collect();
-        let req = BatchRequest {
-            seeds: &seeds,
-            batch_size: seeds.len(),
-            steps: case["steps"].as_u64().unwrap() as usize,
-            eta: case["eta"].as_f64().unwrap_or(0.0) as f32,
-        };
-        let place = Placement { device: Device::Cpu, kind: Kind::Float };
-        let x0 = sampler::sample_batch(&unet, &config, &req, place, |_| true).unwrap();
-        let golden = load(fixtures().join("pipelines").join(format!("{name}.safetensors")));
+        let (x0, ours) = run_pipeline(case, Layout::Diffusers);
+        let (golden, want) = golden_pixels(name);
         // diffusers' "np" output is (x/2 + 0.5).clamp(0, 1), NHWC.
         let ours_float = (&x0 / 2.0 + 0.5).clamp(0.0, 1.0).permute([0, 2, 3, 1]);
         let float_diff = max_abs_diff(&ours_float, &golden["float"]);
-        let ours: Vec<u8> =
-            imaging::to_images(&x0).unwrap().iter().flat_map(|i| i.as_raw().clone()).collect();
-        let want = Vec::<u8>::try_from(golden["uint8"].reshape([-1])).unwrap();
         let share = fraction_within(&ours, &want, 1);
         let identical = fraction_within(&ours, &want, 0);
         println!(
@@ -184,4 +193,48 @@ fn sample_x0_is_finite_for_padded_batches() {
     let short = run(&[7]);
     assert!(bool::try_from(full.isfinite().all()).unwrap());
     assert!(Tensor::equal(&full.get(2), &short.get(0)), "sample 7 differs between a full and a padded batch");
+}
+
+/// The fast layout agrees with diffusers within the parity tolerances: the UNet everywhere, and whole
+/// pipelines wherever the reference itself is stable. With random-weight test models some samplers are
+/// chaotic (DDIM η = 0 here): an ULP at the first step grows into whole pixel values, and diffusers
+/// run with a channels-last UNet disagrees with diffusers as much as we do. The fixture generator
+/// measures that (`channels_last_agreement`); a tolerance check is meaningful only where it holds.
+/// The `diffusers` layout is bit-identical and is checked on every pipeline above.
+#[test]
+fn channels_last_layout_is_within_tolerance() {
+    let goldens = load(fixtures().join("unet_forward.safetensors"));
+    for name in ["tiny-google", "tiny-pipeline"] {
+        let files = ModelFiles::locate(&fixtures().join("models").join(name)).unwrap();
+        let mut unet = LoadedUNet::load(&files, Device::Cpu, Kind::Float).unwrap();
+        unet.set_layout(Layout::ChannelsLast);
+        for t in [0i64, 500, 999] {
+            let d = max_abs_diff(
+                &tch::no_grad(|| unet.forward(&goldens[&format!("{name}.input")], t)),
+                &goldens[&format!("{name}.t{t}")],
+            );
+            println!("{name} channels-last t={t}: max |Δ| = {d:e}");
+            assert!(d <= UNET_TOL, "{name} t={t}: {d:e}");
+        }
+    }
+    let mut checked = 0;
+    for case in manifest()["pipelines"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let (_, ours) = run_pipeline(case, Layout::ChannelsLast);
+        let (_, want) = golden_pixels(name);
+        let share = fraction_within(&ours, &want, 1);
+        let reference = case["channels_last_agreement"].as_f64().unwrap();
+        println!(
+            "{name} channels-last: {:.4}% of pixel values within 1/255 (diffusers channels-last vs diffusers: {:.4}%)",
+            share * 100.0,
+            reference * 100.0
+        );
+        if reference < PIXEL_SHARE {
+            println!("  {name}: the reference is not stable to float noise; no tolerance to check");
+            continue;
+        }
+        assert!(share >= PIXEL_SHARE, "{name}: only {:.4}% within 1/255", share * 100.0);
+        checked += 1;
+    }
+    assert!(checked >= 7, "only {checked} pipelines had a stable reference");
 }

@@ -7,19 +7,16 @@ use tch::Tensor;
 
 use super::ddpm::check_in_range;
 use super::{
-    BetaSchedule, PredictionType, Scheduler, SchedulerError, TimestepSpacing, alphas_cumprod, check_common,
-    predict_x0, spaced_timesteps, torch_f32,
+    BetaConfig, PredictionType, Scheduler, SchedulerError, TimestepSpacing, check_common, predict_x0,
+    spaced_timesteps, torch_f32,
 };
 
 /// `DDIMScheduler.__init__` arguments and defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct DdimConfig {
-    pub num_train_timesteps: usize,
-    pub beta_start: f64,
-    pub beta_end: f64,
-    pub beta_schedule: BetaSchedule,
-    pub trained_betas: Option<Vec<f64>>,
+    #[serde(flatten)]
+    pub betas: BetaConfig,
     pub clip_sample: bool,
     pub set_alpha_to_one: bool,
     pub steps_offset: i64,
@@ -33,11 +30,7 @@ pub struct DdimConfig {
 impl Default for DdimConfig {
     fn default() -> Self {
         Self {
-            num_train_timesteps: 1000,
-            beta_start: 0.0001,
-            beta_end: 0.02,
-            beta_schedule: BetaSchedule::Linear,
-            trained_betas: None,
+            betas: BetaConfig::default(),
             clip_sample: true,
             set_alpha_to_one: true,
             steps_offset: 0,
@@ -71,23 +64,16 @@ impl DdimScheduler {
         if !(eta.is_finite() && eta >= 0.0) {
             return Err(SchedulerError::Config(format!("eta = {eta} must be a finite number ≥ 0")));
         }
-        let alphas_cumprod = alphas_cumprod(
-            config.num_train_timesteps,
-            config.beta_start,
-            config.beta_end,
-            &config.beta_schedule,
-            config.trained_betas.as_deref(),
-            config.rescale_betas_zero_snr,
-        )?;
+        let alphas_cumprod = config.betas.alphas_cumprod(config.rescale_betas_zero_snr)?;
         let timesteps = spaced_timesteps(
             config.timestep_spacing,
-            config.num_train_timesteps,
+            config.betas.num_train_timesteps,
             steps,
             config.steps_offset,
         )?;
-        check_in_range(&timesteps, config.num_train_timesteps)?;
+        check_in_range(&timesteps, config.betas.num_train_timesteps)?;
         let final_alpha_cumprod = if config.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
-        let stride = (config.num_train_timesteps / steps) as i64;
+        let stride = (config.betas.num_train_timesteps / steps) as i64;
         Ok(Self { config: config.clone(), alphas_cumprod, final_alpha_cumprod, timesteps, stride, eta })
     }
 }

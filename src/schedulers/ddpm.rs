@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use super::{
-    BetaSchedule, PredictionType, Scheduler, SchedulerError, TimestepSpacing, alphas_cumprod, check_common,
-    predict_x0, spaced_timesteps, torch_f32,
+    BetaConfig, PredictionType, Scheduler, SchedulerError, TimestepSpacing, check_common, predict_x0,
+    spaced_timesteps, torch_f32,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,11 +27,8 @@ pub enum VarianceType {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct DdpmConfig {
-    pub num_train_timesteps: usize,
-    pub beta_start: f64,
-    pub beta_end: f64,
-    pub beta_schedule: BetaSchedule,
-    pub trained_betas: Option<Vec<f64>>,
+    #[serde(flatten)]
+    pub betas: BetaConfig,
     pub variance_type: VarianceType,
     pub clip_sample: bool,
     pub prediction_type: PredictionType,
@@ -45,11 +42,7 @@ pub struct DdpmConfig {
 impl Default for DdpmConfig {
     fn default() -> Self {
         Self {
-            num_train_timesteps: 1000,
-            beta_start: 0.0001,
-            beta_end: 0.02,
-            beta_schedule: BetaSchedule::Linear,
-            trained_betas: None,
+            betas: BetaConfig::default(),
             variance_type: VarianceType::FixedSmall,
             clip_sample: true,
             prediction_type: PredictionType::Epsilon,
@@ -85,21 +78,14 @@ pub struct DdpmScheduler {
 
 impl DdpmScheduler {
     pub fn new(config: &DdpmConfig, steps: usize) -> Result<Self, SchedulerError> {
-        let alphas_cumprod = alphas_cumprod(
-            config.num_train_timesteps,
-            config.beta_start,
-            config.beta_end,
-            &config.beta_schedule,
-            config.trained_betas.as_deref(),
-            config.rescale_betas_zero_snr,
-        )?;
+        let alphas_cumprod = config.betas.alphas_cumprod(config.rescale_betas_zero_snr)?;
         let timesteps = spaced_timesteps(
             config.timestep_spacing,
-            config.num_train_timesteps,
+            config.betas.num_train_timesteps,
             steps,
             config.steps_offset,
         )?;
-        check_in_range(&timesteps, config.num_train_timesteps)?;
+        check_in_range(&timesteps, config.betas.num_train_timesteps)?;
         Ok(Self { config: config.clone(), alphas_cumprod, timesteps })
     }
 }

@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use super::{
-    BetaSchedule, PredictionType, Scheduler, SchedulerError, TimestepSpacing, alphas_cumprod, check_common,
-    np_arange, np_linspace, torch_f32,
+    BetaConfig, PredictionType, Scheduler, SchedulerError, TimestepSpacing, check_common, np_arange,
+    np_linspace, torch_f32,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,11 +40,8 @@ pub enum FinalSigmasType {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct DpmSolverConfig {
-    pub num_train_timesteps: usize,
-    pub beta_start: f64,
-    pub beta_end: f64,
-    pub beta_schedule: BetaSchedule,
-    pub trained_betas: Option<Vec<f64>>,
+    #[serde(flatten)]
+    pub betas: BetaConfig,
     pub solver_order: usize,
     pub prediction_type: PredictionType,
     pub thresholding: bool,
@@ -68,11 +65,7 @@ pub struct DpmSolverConfig {
 impl Default for DpmSolverConfig {
     fn default() -> Self {
         Self {
-            num_train_timesteps: 1000,
-            beta_start: 0.0001,
-            beta_end: 0.02,
-            beta_schedule: BetaSchedule::Linear,
-            trained_betas: None,
+            betas: BetaConfig::default(),
             solver_order: 2,
             prediction_type: PredictionType::Epsilon,
             thresholding: false,
@@ -141,18 +134,11 @@ pub struct DpmSolverScheduler {
 
 impl DpmSolverScheduler {
     pub fn new(config: &DpmSolverConfig, steps: usize) -> Result<Self, SchedulerError> {
-        let train = config.num_train_timesteps;
+        let train = config.betas.num_train_timesteps;
         if steps == 0 || steps > train {
             return Err(SchedulerError::Steps { steps, max: train });
         }
-        let ac = alphas_cumprod(
-            train,
-            config.beta_start,
-            config.beta_end,
-            &config.beta_schedule,
-            config.trained_betas.as_deref(),
-            false,
-        )?;
+        let ac = config.betas.alphas_cumprod(false)?;
         // lambda_min_clipped = -inf leaves the whole range: last_timestep = T.
         let last = train as i64;
         let timesteps: Vec<i64> = match config.timestep_spacing {

@@ -172,53 +172,73 @@ pub enum TimestepSpacing {
     Trailing,
 }
 
-/// ᾱ_t = ∏_{s≤t} (1 − β_s), computed with libtorch's own f32 `linspace` and `cumprod` so that the table
-/// is bit-identical to diffusers' (`torch.linspace(..., dtype=float32)`, `torch.cumprod`).
-pub fn alphas_cumprod(
-    num_train_timesteps: usize,
-    beta_start: f64,
-    beta_end: f64,
-    schedule: &BetaSchedule,
-    trained_betas: Option<&[f64]>,
-    rescale_zero_snr: bool,
-) -> Result<Vec<f32>, SchedulerError> {
-    let n = num_train_timesteps as i64;
-    let opts = (Kind::Float, Device::Cpu);
-    let betas = if let Some(b) = trained_betas {
-        if b.len() != num_train_timesteps {
-            return Err(SchedulerError::Config(format!(
-                "trained_betas has {} entries, num_train_timesteps is {num_train_timesteps}",
-                b.len()
-            )));
+/// The training noise schedule β_1 … β_T: the same keys and defaults in every scheduler's config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BetaConfig {
+    pub num_train_timesteps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    pub beta_schedule: BetaSchedule,
+    pub trained_betas: Option<Vec<f64>>,
+}
+
+impl Default for BetaConfig {
+    fn default() -> Self {
+        Self {
+            num_train_timesteps: 1000,
+            beta_start: 0.0001,
+            beta_end: 0.02,
+            beta_schedule: BetaSchedule::Linear,
+            trained_betas: None,
         }
-        Tensor::from_slice(b).to_kind(Kind::Float)
-    } else {
-        match schedule {
-            BetaSchedule::Linear => Tensor::linspace(beta_start, beta_end, n, opts),
-            BetaSchedule::ScaledLinear => {
-                Tensor::linspace(beta_start.powf(0.5), beta_end.powf(0.5), n, opts).pow_tensor_scalar(2)
-            }
-            BetaSchedule::SquaredcosCapV2 => {
-                // Nichol & Dhariwal 2021, eq. 17; `betas_for_alpha_bar` in f64, then cast to f32.
-                let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
-                let betas: Vec<f64> = (0..num_train_timesteps)
-                    .map(|i| {
-                        let t1 = i as f64 / n as f64;
-                        let t2 = (i + 1) as f64 / n as f64;
-                        (1.0 - alpha_bar(t2) / alpha_bar(t1)).min(0.999)
-                    })
-                    .collect();
-                Tensor::from_slice(&betas).to_kind(Kind::Float)
-            }
-            other => {
-                return Err(SchedulerError::Unsupported(format!("beta_schedule {other:?}")));
-            }
+    }
+}
+
+impl BetaConfig {
+    /// ᾱ_t = ∏_{s≤t} (1 − β_s), computed with libtorch's own f32 `linspace` and `cumprod` so that the
+    /// table is bit-identical to diffusers' (`torch.linspace(..., dtype=float32)`, `torch.cumprod`).
+    pub fn alphas_cumprod(&self, rescale_zero_snr: bool) -> Result<Vec<f32>, SchedulerError> {
+        let n = self.num_train_timesteps as i64;
+        if n < 2 {
+            return Err(SchedulerError::Config(format!("num_train_timesteps = {n} must be at least 2")));
         }
-    };
-    let betas = if rescale_zero_snr { rescale_zero_terminal_snr(&betas) } else { betas };
-    let alphas: Tensor = 1.0 - betas;
-    let cumprod = alphas.cumprod(0, Kind::Float);
-    Ok(Vec::<f32>::try_from(&cumprod)?)
+        let opts = (Kind::Float, Device::Cpu);
+        let betas = if let Some(b) = &self.trained_betas {
+            if b.len() != self.num_train_timesteps {
+                return Err(SchedulerError::Config(format!(
+                    "trained_betas has {} entries, num_train_timesteps is {n}",
+                    b.len()
+                )));
+            }
+            Tensor::from_slice(b).to_kind(Kind::Float)
+        } else {
+            match self.beta_schedule {
+                BetaSchedule::Linear => Tensor::linspace(self.beta_start, self.beta_end, n, opts),
+                BetaSchedule::ScaledLinear => {
+                    Tensor::linspace(self.beta_start.powf(0.5), self.beta_end.powf(0.5), n, opts)
+                        .pow_tensor_scalar(2)
+                }
+                BetaSchedule::SquaredcosCapV2 => {
+                    // Nichol & Dhariwal 2021, eq. 17; `betas_for_alpha_bar` in f64, then cast to f32.
+                    let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
+                    let betas: Vec<f64> = (0..n)
+                        .map(|i| {
+                            let t1 = i as f64 / n as f64;
+                            let t2 = (i + 1) as f64 / n as f64;
+                            (1.0 - alpha_bar(t2) / alpha_bar(t1)).min(0.999)
+                        })
+                        .collect();
+                    Tensor::from_slice(&betas).to_kind(Kind::Float)
+                }
+                ref other => return Err(SchedulerError::Unsupported(format!("beta_schedule {other:?}"))),
+            }
+        };
+        let betas = if rescale_zero_snr { rescale_zero_terminal_snr(&betas) } else { betas };
+        let alphas: Tensor = 1.0 - betas;
+        let cumprod = alphas.cumprod(0, Kind::Float);
+        Ok(Vec::<f32>::try_from(&cumprod)?)
+    }
 }
 
 /// Lin et al. 2023 (arXiv:2305.08891), Algorithm 1, as `rescale_zero_terminal_snr` in diffusers.

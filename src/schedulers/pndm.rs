@@ -6,19 +6,16 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use super::{
-    BetaSchedule, PredictionType, Scheduler, SchedulerError, TimestepSpacing, alphas_cumprod, check_common,
-    np_arange, np_linspace, torch_f32,
+    BetaConfig, PredictionType, Scheduler, SchedulerError, TimestepSpacing, check_common, np_arange,
+    np_linspace, torch_f32,
 };
 
 /// `PNDMScheduler.__init__` arguments and defaults (no clipping: `clip_sample` is not one of them).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct PndmConfig {
-    pub num_train_timesteps: usize,
-    pub beta_start: f64,
-    pub beta_end: f64,
-    pub beta_schedule: BetaSchedule,
-    pub trained_betas: Option<Vec<f64>>,
+    #[serde(flatten)]
+    pub betas: BetaConfig,
     pub skip_prk_steps: bool,
     pub set_alpha_to_one: bool,
     pub prediction_type: PredictionType,
@@ -29,11 +26,7 @@ pub struct PndmConfig {
 impl Default for PndmConfig {
     fn default() -> Self {
         Self {
-            num_train_timesteps: 1000,
-            beta_start: 0.0001,
-            beta_end: 0.02,
-            beta_schedule: BetaSchedule::Linear,
-            trained_betas: None,
+            betas: BetaConfig::default(),
             skip_prk_steps: false,
             set_alpha_to_one: false,
             prediction_type: PredictionType::Epsilon,
@@ -70,7 +63,7 @@ pub struct PndmScheduler {
 
 impl PndmScheduler {
     pub fn new(config: &PndmConfig, steps: usize) -> Result<Self, SchedulerError> {
-        let train = config.num_train_timesteps;
+        let train = config.betas.num_train_timesteps;
         if steps == 0 || steps > train {
             return Err(SchedulerError::Steps { steps, max: train });
         }
@@ -80,14 +73,7 @@ impl PndmScheduler {
                 "PNDM with its Runge-Kutta warm-up needs at least 4 steps, got {steps}"
             )));
         }
-        let alphas_cumprod = alphas_cumprod(
-            train,
-            config.beta_start,
-            config.beta_end,
-            &config.beta_schedule,
-            config.trained_betas.as_deref(),
-            false,
-        )?;
+        let alphas_cumprod = config.betas.alphas_cumprod(false)?;
         let t = train as i64;
         // `_timesteps`, ascending.
         let base: Vec<i64> = match config.timestep_spacing {
