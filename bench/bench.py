@@ -3,7 +3,8 @@
     python bench/bench.py --bin target/release/ddpm-worker [--model DIR] [--scheduler ddim] [--steps 20]
                           [--num-samples 16] [--batch-size 8] [--rounds 3]
 
-(`make bench` runs it with the project venv.) Prints, as ratios ddpm-worker / diffusers:
+(`make bench` runs it with the project venv.) Prints, as ratios ddpm-worker / diffusers, for both of ddpm-worker's modes (exact: bit-identical to
+diffusers; fast: `--fast`, channels-last and on the CPU one batch per core):
   * UNet forward time at the batch size (diffusers: `UNet2DModel.__call__`; ddpm-worker: `bench-unet`),
   * end-to-end images/s: sampling plus writing one PNG per sample and a grid (diffusers: the pipeline with
     one `torch.Generator` per sample, PIL `save`; ddpm-worker: `generate`, its manifest's sampling time).
@@ -32,6 +33,7 @@ from diffusers import (
     UNet2DModel,
 )
 from diffusers.utils import make_image_grid
+from PIL import Image
 
 
 def load(model_dir: Path):
@@ -91,19 +93,24 @@ def diffusers_end_to_end(pipe, args, out: Path):
     return args.num_samples / (time.perf_counter() - start)
 
 
-def worker_unet_ms(args, model):
+# The two ways ddpm-worker runs: bit-identical to diffusers, and throughput first (channels-last
+# layout; on the CPU also one batch per core, each on its own thread).
+MODES = {"exact": ([], []), "fast": (["--layout", "channels-last"], ["--fast"])}
+
+
+def worker_unet_ms(args, model, mode):
     out = subprocess.run(
         [args.bin, "bench-unet", "--model", str(model), "--batch-size", str(args.batch_size),
-         "--iterations", str(args.unet_iterations), "--warmup", "2"],
+         "--iterations", str(args.unet_iterations), "--warmup", "2", *MODES[mode][0]],
         check=True, capture_output=True, text=True,
     ).stdout
     return json.loads(out.strip().splitlines()[-1])["mean_ms"]
 
 
-def worker_end_to_end(args, model, out: Path):
+def worker_end_to_end(args, model, out: Path, mode):
     cmd = [args.bin, "generate", "--model", str(model), "--scheduler", args.scheduler, "--steps", str(args.steps),
            "--num-samples", str(args.num_samples), "--seed", str(args.seed), "--batch-size", str(args.batch_size),
-           "--out", str(out)]
+           "--out", str(out), *MODES[mode][1]]
     if args.scheduler == "ddim":
         cmd += ["--eta", str(args.eta)]
     subprocess.run(cmd, check=True, capture_output=True)
@@ -133,33 +140,38 @@ def main():
             model = tmp / "model"
             subprocess.run([args.bin, "init-model", "--preset", "cifar10-32", "--out", str(model)],
                            check=True, capture_output=True)
-        unet, scheduler = load(model)
-        pipe = pipeline(unet, scheduler, args.scheduler)
+        unet_model, scheduler = load(model)
+        pipe = pipeline(unet_model, scheduler, args.scheduler)
         print(f"model {model}, scheduler {args.scheduler}, {args.steps} steps, {args.num_samples} samples, "
               f"batch {args.batch_size}, torch threads {torch.get_num_threads()}", flush=True)
 
-        unet_py, unet_rs, e2e_py, e2e_rs = [], [], [], []
+        unet = {"diffusers": [], "exact": [], "fast": []}
+        e2e = {"diffusers": [], "exact": [], "fast": []}
         for r in range(args.rounds):
-            unet_rs.append(worker_unet_ms(args, model))
-            unet_py.append(diffusers_unet_ms(unet, args.batch_size, args.unet_iterations))
-            e2e_rs.append(worker_end_to_end(args, model, tmp / f"rs{r}"))
-            e2e_py.append(diffusers_end_to_end(pipe, args, tmp / f"py{r}"))
-            print(f"round {r + 1}: UNet ms diffusers {unet_py[-1]:.1f} / ddpm-worker {unet_rs[-1]:.1f}; "
-                  f"images/s diffusers {e2e_py[-1]:.3f} / ddpm-worker {e2e_rs[-1]:.3f}", flush=True)
+            for mode in MODES:
+                unet[mode].append(worker_unet_ms(args, model, mode))
+            unet["diffusers"].append(diffusers_unet_ms(unet_model, args.batch_size, args.unet_iterations))
+            for mode in MODES:
+                e2e[mode].append(worker_end_to_end(args, model, tmp / f"{mode}{r}", mode))
+            e2e["diffusers"].append(diffusers_end_to_end(pipe, args, tmp / f"py{r}"))
+            print(f"round {r + 1}: UNet ms " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in unet.items())
+                  + "; images/s " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in e2e.items()), flush=True)
 
-        # The same seeds and batch size give the same pictures on both sides (bit-identical on the CPU).
-        same = sum(
-            np.array_equal(np.asarray(__import__("PIL.Image").Image.open(tmp / "py0" / "samples" / f"{i:08}.png")),
-                           np.asarray(__import__("PIL.Image").Image.open(tmp / "rs0" / "samples" / f"{i:08}.png")))
-            for i in range(args.num_samples)
-        )
         m = statistics.median
-        print(f"\nUNet forward (batch {args.batch_size}): diffusers {m(unet_py):.1f} ms, ddpm-worker {m(unet_rs):.1f} ms"
-              f" -> ratio {m(unet_rs) / m(unet_py):.3f} (lower is better)")
-        print(f"end to end: diffusers {m(e2e_py):.3f} images/s, ddpm-worker {m(e2e_rs):.3f} images/s"
-              f" -> ratio {m(e2e_rs) / m(e2e_py):.3f} (higher is better)")
-        print(f"identical PNG pixels: {same}/{args.num_samples} samples")
-
+        print(f"\nmedians of {args.rounds} rounds, batch {args.batch_size}:")
+        for mode in MODES:
+            ours = [np.asarray(Image.open(tmp / f"{mode}0" / "samples" / f"{i:08}.png"), dtype=int)
+                    for i in range(args.num_samples)]
+            theirs = [np.asarray(Image.open(tmp / "py0" / "samples" / f"{i:08}.png"), dtype=int)
+                      for i in range(args.num_samples)]
+            same = sum(np.array_equal(a, b) for a, b in zip(ours, theirs))
+            within = np.mean([np.mean(np.abs(a - b) <= 1) for a, b in zip(ours, theirs)])
+            print(f"  {mode:5}: UNet forward {m(unet[mode]):.1f} ms vs diffusers {m(unet['diffusers']):.1f} ms"
+                  f" -> ratio {m(unet[mode]) / m(unet['diffusers']):.3f} (lower is better); "
+                  f"end to end {m(e2e[mode]):.3f} vs {m(e2e['diffusers']):.3f} images/s"
+                  f" -> ratio {m(e2e[mode]) / m(e2e['diffusers']):.3f} (higher is better); "
+                  f"PNGs identical to diffusers' {same}/{args.num_samples}, "
+                  f"pixel values within 1/255: {within * 100:.2f}%")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -181,3 +181,26 @@ fn unsupported_scheduler_options_are_refused_by_name() {
         "thresholding",
     );
 }
+
+#[test]
+fn fast_mode_writes_every_sample_once_within_tolerance() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let exact = dir.path().join("exact");
+    let fast = dir.path().join("fast");
+    let args =
+        ["--scheduler", "ddpm", "--steps", "40", "--seed", "7", "--num-samples", "7", "--batch-size", "2"];
+    generate(&model, &exact, &args);
+    // Two lanes on the CPU whatever its core count, so the multi-lane path is exercised.
+    let m = generate(&model, &fast, &[&args[..], &["--layout", "channels-last", "--lanes", "2"]].concat());
+    assert_eq!(m["layout"], "channels-last");
+    assert_eq!(m["lanes"], 2);
+    let samples = m["samples"].as_array().unwrap();
+    assert_eq!(samples.len(), 7);
+    for (i, s) in samples.iter().enumerate() {
+        assert_eq!(s["index"], i);
+        assert_eq!(s["seed"], 7 + i as u64);
+        let share = fraction_within(&sample_pixels(&exact, i), &sample_pixels(&fast, i), 1);
+        assert!(share >= 0.999, "sample {i}: {:.4}% of pixels within 1/255", share * 100.0);
+    }
+}
