@@ -248,12 +248,13 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Manifest, GenerateErro
     let eta = spec.eta.unwrap_or(0.0);
     let steps_per_batch = scheduler.build(spec.steps, eta)?.timesteps().len();
 
-    let samples_dir = spec.out.join("samples");
-    fs::create_dir_all(&samples_dir).map_err(GenerateError::io(&samples_dir))?;
     let weights_sha = sha256_file(&files.weights).map_err(GenerateError::io(&files.weights))?;
     let mut unet = LoadedUNet::load(&files, spec.device, spec.dtype.kind())?;
     unet.set_layout(spec.layout);
     let load_seconds = started.elapsed().as_secs_f64();
+    // Only once the model is known to load, so a refused run leaves no output folder behind.
+    let samples_dir = spec.out.join("samples");
+    fs::create_dir_all(&samples_dir).map_err(GenerateError::io(&samples_dir))?;
 
     let batches: Vec<Vec<u64>> = (0..spec.num_samples as u64)
         .map(|i| spec.seed + i)
@@ -328,7 +329,7 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Manifest, GenerateErro
         batch_size: spec.batch_size,
         dtype: spec.dtype,
         layout: spec.layout,
-        lanes: spec.lanes,
+        lanes,
         device: device_name(spec.device),
         samples: records,
         grid: FileRecord { file: "grid.png".into(), sha256: sha256_hex(&grid_png) },

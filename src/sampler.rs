@@ -32,6 +32,8 @@ pub enum SampleError {
     Torch(#[from] tch::TchError),
     #[error(transparent)]
     Model(#[from] crate::model::ModelError),
+    #[error("starting the noise thread: {0}")]
+    Thread(std::io::Error),
     #[error("cancelled")]
     Cancelled,
     #[error("batch of {seeds} seeds does not fit batch size {batch_size}")]
@@ -54,7 +56,7 @@ struct NoiseProducer {
 
 impl NoiseProducer {
     /// `draws`: how many `[B, C, H, W]` tensors to make (the initial noise plus one per noisy step).
-    fn spawn(seeds: &[u64], batch_size: usize, shape: [i64; 3], draws: usize) -> Self {
+    fn spawn(seeds: &[u64], batch_size: usize, shape: [i64; 3], draws: usize) -> Result<Self, SampleError> {
         let mut generators: Vec<TorchGenerator> = seeds.iter().map(|&s| TorchGenerator::new(s)).collect();
         let per_sample = (shape[0] * shape[1] * shape[2]) as usize;
         // A bound of 2 keeps at most a couple of batches of noise in memory ahead of the sampler.
@@ -73,8 +75,8 @@ impl NoiseProducer {
                     }
                 }
             })
-            .expect("spawning the noise thread failed; the process is out of threads. This is a bug.");
-        Self { rx, handle: Some(handle) }
+            .map_err(SampleError::Thread)?;
+        Ok(Self { rx, handle: Some(handle) })
     }
 
     fn next(&self) -> Tensor {
@@ -112,7 +114,7 @@ pub fn sample_batch(
     let shape = [config.in_channels, h, w];
     let timesteps = sched.timesteps().to_vec();
     let draws = 1 + (0..timesteps.len()).filter(|&i| sched.needs_noise(i)).count();
-    let noise = NoiseProducer::spawn(req.seeds, req.batch_size, shape, draws);
+    let noise = NoiseProducer::spawn(req.seeds, req.batch_size, shape, draws)?;
 
     let mut sample = noise.next().to_device(place.device);
     for (i, &t) in timesteps.iter().enumerate() {
