@@ -38,10 +38,21 @@ struct BenchUnetArgs {
     iterations: usize,
     #[arg(long, default_value_t = 3)]
     warmup: usize,
+    #[command(flatten)]
+    place: PlacementArgs,
+}
+
+/// Where and how the UNet runs (shared by `generate` and `bench-unet`).
+#[derive(clap::Args)]
+struct PlacementArgs {
+    /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu", value_parser = generate::parse_device)]
     device: tch::Device,
+    /// UNet precision (fp16/bf16 on CUDA only); the scheduler always runs in f32.
     #[arg(long, value_enum, default_value = "fp32")]
     dtype: DType,
+    /// UNet memory layout: `diffusers` reproduces diffusers bit for bit; `channels-last` is faster on
+    /// CPUs and GPUs and agrees with diffusers to ~1e-5.
     #[arg(long, value_enum, default_value = "diffusers")]
     layout: CliLayout,
 }
@@ -60,6 +71,7 @@ struct GenerateArgs {
     /// DDIM's η: 0 is deterministic, 1 matches DDPM's variance.
     #[arg(long)]
     eta: Option<f32>,
+    /// Images to generate.
     #[arg(long, default_value_t = 1)]
     num_samples: usize,
     /// Sample i draws its noise from a generator seeded with seed + i.
@@ -68,16 +80,8 @@ struct GenerateArgs {
     /// Rows per UNet call [default: min(num-samples, 8)]. Fix it to reproduce images across runs.
     #[arg(long)]
     batch_size: Option<usize>,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu", value_parser = generate::parse_device)]
-    device: tch::Device,
-    /// UNet precision (fp16/bf16 on CUDA only); the scheduler always runs in f32.
-    #[arg(long, value_enum, default_value = "fp32")]
-    dtype: DType,
-    /// UNet memory layout: `diffusers` reproduces diffusers bit for bit; `channels-last` is faster on
-    /// CPUs and GPUs and agrees with diffusers to ~1e-5.
-    #[arg(long, value_enum, default_value = "diffusers")]
-    layout: CliLayout,
+    #[command(flatten)]
+    place: PlacementArgs,
     /// CPU only: sample this many batches at once, each on its own thread with a share of the cores.
     /// More throughput than one batch on all cores; per-thread kernels change the last float bits.
     #[arg(long, default_value_t = 1)]
@@ -95,6 +99,15 @@ struct GenerateArgs {
 enum CliLayout {
     Diffusers,
     ChannelsLast,
+}
+
+impl From<CliLayout> for Layout {
+    fn from(l: CliLayout) -> Self {
+        match l {
+            CliLayout::Diffusers => Layout::Diffusers,
+            CliLayout::ChannelsLast => Layout::ChannelsLast,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -131,14 +144,10 @@ fn main() -> ExitCode {
                 num_samples: a.num_samples,
                 seed: a.seed,
                 batch_size: a.batch_size.unwrap_or(a.num_samples.clamp(1, 8)),
-                device: a.device,
-                dtype: a.dtype,
-                layout: if a.fast || matches!(a.layout, CliLayout::ChannelsLast) {
-                    Layout::ChannelsLast
-                } else {
-                    Layout::Diffusers
-                },
-                lanes: if a.fast && !a.device.is_cuda() { physical_cores() } else { a.lanes },
+                device: a.place.device,
+                dtype: a.place.dtype,
+                layout: if a.fast { Layout::ChannelsLast } else { a.place.layout.into() },
+                lanes: if a.fast && !a.place.device.is_cuda() { physical_cores() } else { a.lanes },
                 out: a.out,
             };
             match generate::run(&spec, std::io::stderr().is_terminal()) {
@@ -165,12 +174,9 @@ fn main() -> ExitCode {
                 a.batch_size,
                 a.iterations,
                 a.warmup,
-                a.device,
-                a.dtype.kind(),
-                match a.layout {
-                    CliLayout::Diffusers => Layout::Diffusers,
-                    CliLayout::ChannelsLast => Layout::ChannelsLast,
-                },
+                a.place.device,
+                a.place.dtype.kind(),
+                a.place.layout.into(),
             ) {
                 Ok(t) => {
                     println!("{}", serde_json::to_string(&t).unwrap_or_default());

@@ -5,7 +5,6 @@
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use super::ddpm::check_in_range;
 use super::{
     BetaConfig, PredictionType, Scheduler, SchedulerError, TimestepSpacing, check_common, predict_x0,
     spaced_timesteps, torch_f32,
@@ -71,7 +70,6 @@ impl DdimScheduler {
             steps,
             config.steps_offset,
         )?;
-        check_in_range(&timesteps, config.betas.num_train_timesteps)?;
         let final_alpha_cumprod = if config.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
         let stride = (config.betas.num_train_timesteps / steps) as i64;
         Ok(Self { config: config.clone(), alphas_cumprod, final_alpha_cumprod, timesteps, stride, eta })

@@ -85,17 +85,7 @@ impl DdpmScheduler {
             steps,
             config.steps_offset,
         )?;
-        check_in_range(&timesteps, config.betas.num_train_timesteps)?;
         Ok(Self { config: config.clone(), alphas_cumprod, timesteps })
-    }
-}
-
-pub(super) fn check_in_range(timesteps: &[i64], train: usize) -> Result<(), SchedulerError> {
-    match timesteps.iter().find(|&&t| t < 0 || t >= train as i64) {
-        Some(t) => Err(SchedulerError::Config(format!(
-            "timestep {t} falls outside 0..{train} (check steps_offset and timestep_spacing)"
-        ))),
-        None => Ok(()),
     }
 }
 

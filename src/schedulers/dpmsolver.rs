@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use super::{
-    BetaConfig, PredictionType, Scheduler, SchedulerError, TimestepSpacing, check_common, np_arange,
-    np_linspace, torch_f32,
+    BetaConfig, PredictionType, Scheduler, SchedulerError, TimestepSpacing, check_common, check_in_range,
+    np_arange, np_linspace, torch_f32,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,9 +155,7 @@ impl DpmSolverScheduler {
                 .map(|x| x.round_ties_even() as i64 - 1)
                 .collect(),
         };
-        if let Some(bad) = timesteps.iter().find(|&&t| t < 0 || t >= train as i64) {
-            return Err(SchedulerError::Config(format!("timestep {bad} falls outside 0..{train}")));
-        }
+        check_in_range(&timesteps, train)?;
         // `((1 - ᾱ) / ᾱ) ** 0.5` over the whole f32 table, by libtorch as in diffusers; `np.interp` at
         // integer timesteps returns the entries exactly.
         let ac_t = Tensor::from_slice(&ac);

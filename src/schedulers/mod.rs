@@ -272,7 +272,17 @@ pub fn np_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
     (0..len).map(|i| start + i as f64 * step).collect()
 }
 
-/// The descending inference timesteps of DDPM and DDIM (`set_timesteps`).
+/// Every inference timestep must index the training schedule.
+pub(crate) fn check_in_range(timesteps: &[i64], train: usize) -> Result<(), SchedulerError> {
+    match timesteps.iter().find(|&&t| t < 0 || t >= train as i64) {
+        Some(t) => Err(SchedulerError::Config(format!(
+            "timestep {t} falls outside 0..{train} (check steps_offset and timestep_spacing)"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The descending inference timesteps of DDPM and DDIM (`set_timesteps`), checked to lie in range.
 pub fn spaced_timesteps(
     spacing: TimestepSpacing,
     train_steps: usize,
@@ -283,7 +293,7 @@ pub fn spaced_timesteps(
         return Err(SchedulerError::Steps { steps, max: train_steps });
     }
     let t = train_steps as i64;
-    Ok(match spacing {
+    let timesteps: Vec<i64> = match spacing {
         TimestepSpacing::Linspace => np_linspace(0.0, (t - 1) as f64, steps)
             .into_iter()
             .rev()
@@ -297,7 +307,9 @@ pub fn spaced_timesteps(
             .into_iter()
             .map(|x| x.round_ties_even() as i64 - 1)
             .collect(),
-    })
+    };
+    check_in_range(&timesteps, train_steps)?;
+    Ok(timesteps)
 }
 
 /// Scalar f32 maths done by libtorch, as diffusers does it on 0-d tensors. libtorch's CPU `sqrt`, `log`

@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use super::{
-    BetaConfig, PredictionType, Scheduler, SchedulerError, TimestepSpacing, check_common, np_arange,
-    np_linspace, torch_f32,
+    BetaConfig, PredictionType, Scheduler, SchedulerError, TimestepSpacing, check_common, check_in_range,
+    np_arange, np_linspace, torch_f32,
 };
 
 /// `PNDMScheduler.__init__` arguments and defaults (no clipping: `clip_sample` is not one of them).
@@ -115,9 +115,7 @@ impl PndmScheduler {
             (prk, plms)
         };
         let timesteps: Vec<i64> = prk_timesteps.iter().chain(&plms_timesteps).copied().collect();
-        if let Some(bad) = timesteps.iter().find(|&&x| x < 0 || x >= t) {
-            return Err(SchedulerError::Config(format!("timestep {bad} falls outside 0..{train}")));
-        }
+        check_in_range(&timesteps, train)?;
         let final_alpha_cumprod = if config.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
         Ok(Self {
             config: config.clone(),
