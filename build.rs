@@ -1,13 +1,27 @@
-//! Lets the binaries find libtorch without `LD_LIBRARY_PATH`: an rpath to the directory torch-sys linked
-//! against (the project venv's `torch/lib`), and libtorch_cuda kept as a dependency so CUDA is found at
-//! run time (the linker would drop it as unused otherwise).
+//! Build steps:
+//! - gRPC code for `proto/` (package `ddpm.v1`), compiled with protox so no `protoc` binary is needed; the
+//!   file descriptor set is kept in OUT_DIR for server reflection.
+//! - An rpath to the directory torch-sys linked against (the project venv's `torch/lib`), so binaries run
+//!   without `LD_LIBRARY_PATH`, and libtorch_cuda kept as a dependency so CUDA is found at run time (the
+//!   linker would drop it as unused otherwise).
 
-fn main() {
+use std::path::PathBuf;
+
+use prost::Message;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=proto");
+    let descriptors = protox::compile(["ddpm/v1/worker.proto"], ["proto"])?;
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out.join("ddpm_v1_descriptor.bin"), descriptors.encode_to_vec())?;
+    tonic_prost_build::configure().compile_fds(descriptors)?;
+
     if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
         if std::path::Path::new(&lib).join("libtorch_cuda.so").exists() {
             println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
         }
     }
+    Ok(())
 }

@@ -3,6 +3,7 @@
 //! The sampling core ([`model`], [`schedulers`], [`rng`], [`sampler`]) reproduces diffusers' pipelines to
 //! the last pixel; [`generate`] runs it locally, writing PNGs, a grid and a manifest.
 
+pub mod api;
 pub mod benchmark;
 pub mod generate;
 pub mod imaging;
@@ -11,3 +12,4 @@ pub mod model;
 pub mod rng;
 pub mod sampler;
 pub mod schedulers;
+pub mod worker;

@@ -1,0 +1,25 @@
+//! The gRPC API (`proto/ddpm/v1/worker.proto`, package `ddpm.v1`): generated types and the descriptor
+//! set for server reflection. This is the only module that knows `pb::` types.
+
+/// Generated messages, the `Worker` service's server trait and client.
+pub mod pb {
+    tonic::include_proto!("ddpm.v1");
+}
+
+/// The encoded `FileDescriptorSet` of `ddpm.v1`, for `tonic-reflection`.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("ddpm_v1_descriptor");
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    #[test]
+    fn descriptor_set_describes_the_worker_service() {
+        let set = prost_types::FileDescriptorSet::decode(super::FILE_DESCRIPTOR_SET).unwrap();
+        let file = set.file.iter().find(|f| f.package() == "ddpm.v1").expect("ddpm.v1 is in the set");
+        let service = file.service.iter().find(|s| s.name() == "Worker").expect("Worker service");
+        let methods: Vec<&str> = service.method.iter().map(|m| m.name()).collect();
+        assert_eq!(methods, ["SubmitJob", "GetJob", "ListJobs", "CancelJob", "WatchJob"]);
+        assert!(service.method.iter().find(|m| m.name() == "WatchJob").unwrap().server_streaming());
+    }
+}
