@@ -298,7 +298,12 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Manifest, GenerateErro
                 .collect();
             handles.into_iter().map(|h| h.join().expect("a sampling lane panicked. This is a bug.")).collect()
         });
-        results.into_iter().find(Result::is_err).unwrap_or(Ok(()))
+        // Report the lane that failed, not the ones it stopped.
+        let cancelled =
+            |r: &Result<(), GenerateError>| matches!(r, Err(GenerateError::Sample(SampleError::Cancelled)));
+        let first_error = results.iter().position(|r| r.is_err() && !cancelled(r));
+        let first_error = first_error.or_else(|| results.iter().position(Result::is_err));
+        first_error.map_or(Ok(()), |i| results.into_iter().nth(i).unwrap_or(Ok(())))
     };
     drop(tx);
     let written = writer.join().expect("the PNG writer thread panicked. This is a bug.");
