@@ -152,6 +152,13 @@ fn bad_arguments_exit_2_with_a_clear_message() {
     assert_usage_error(&["generate", "--model", m, "--out", o, "--batch-size", "0"], "batch_size");
     assert_usage_error(&["generate", "--model", m, "--out", o, "--dtype", "fp16"], "dtype");
     assert_usage_error(&["generate", "--model", m, "--out", o, "--device", "tpu"], "device");
+    if !tch::Cuda::is_available() {
+        assert_usage_error(
+            &["generate", "--model", m, "--out", o, "--device", "cuda:0"],
+            "CUDA device(s) found",
+        );
+    }
+    assert_usage_error(&["generate", "--model", m, "--out", o, "--lanes", "0"], "lanes");
     assert_usage_error(&["generate", "--model", m, "--out", o, "--scheduler", "euler"], "scheduler");
     assert_usage_error(&["generate", "--model", "/nonexistent", "--out", o], "/nonexistent");
     assert_usage_error(
