@@ -111,22 +111,34 @@ impl TorchGenerator {
 
     /// `torch.randn(n, generator=self)` for a contiguous float32 CPU tensor of `n` elements.
     pub fn randn(&mut self, n: usize) -> Vec<f32> {
+        let mut data = vec![0f32; n];
+        self.randn_into(&mut data);
+        data
+    }
+
+    /// [`Self::randn`] written into `out` (`out.len()` elements).
+    pub fn randn_into(&mut self, out: &mut [f32]) {
+        let n = out.len();
         if n < 16 {
-            return (0..n).map(|_| self.normal_f64() as f32).collect();
+            for v in out.iter_mut() {
+                *v = self.normal_f64() as f32;
+            }
+            return;
         }
-        let mut data: Vec<f32> = (0..n).map(|_| self.uniform_f32()).collect();
-        for chunk in data.chunks_exact_mut(16) {
+        for v in out.iter_mut() {
+            *v = self.uniform_f32();
+        }
+        for chunk in out.chunks_exact_mut(16) {
             normal_fill_16(chunk);
         }
         if !n.is_multiple_of(16) {
             // libtorch redraws the last 16 values (overlapping the previous block).
-            let tail = &mut data[n - 16..];
+            let tail = &mut out[n - 16..];
             for v in tail.iter_mut() {
                 *v = self.uniform_f32();
             }
             normal_fill_16(tail);
         }
-        data
     }
 }
 

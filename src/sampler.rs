@@ -67,7 +67,7 @@ impl NoiseProducer {
                 for _ in 0..draws {
                     let mut buf = vec![0f32; per_sample * batch_size];
                     for (row, g) in buf.chunks_exact_mut(per_sample).zip(generators.iter_mut()) {
-                        row.copy_from_slice(&g.randn(per_sample));
+                        g.randn_into(row);
                     }
                     let t = Tensor::from_slice(&buf).view([batch_size as i64, shape[0], shape[1], shape[2]]);
                     if tx.send(t).is_err() {
