@@ -52,6 +52,7 @@ $(FIXTURES)/manifest.json: tests/fixtures/gen_fixtures.py scripts/requirements.t
 	rm -rf $(FIXTURES).partial
 	$(PYTHON) tests/fixtures/gen_fixtures.py $(FIXTURES).partial
 	rm -rf $(FIXTURES) && mv $(FIXTURES).partial $(FIXTURES)
+	find $(CACHE)/fixtures -mindepth 1 -maxdepth 1 ! -name $(FIXTURES_KEY) -exec rm -rf {} +
 
 fixtures: $(FIXTURES)/manifest.json
 
