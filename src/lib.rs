@@ -9,6 +9,7 @@ pub mod generate;
 pub mod imaging;
 pub mod init_model;
 pub mod model;
+pub mod queue;
 pub mod rng;
 pub mod sampler;
 pub mod schedulers;
