@@ -8,6 +8,7 @@ pub mod benchmark;
 pub mod generate;
 pub mod imaging;
 pub mod init_model;
+pub mod job;
 pub mod model;
 pub mod queue;
 pub mod rng;

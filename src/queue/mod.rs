@@ -1,4 +1,4 @@
-//! Durable queue of shard tasks. The embedded default is one SQLite file ([`sqlite::SqliteTaskQueue`]);
+//! Durable jobs and queue of shard tasks. The embedded default is one SQLite file ([`sqlite::SqliteStore`]);
 //! the gRPC service drives it from an actor, and a distributed engine can follow behind the same
 //! operations (enqueue with dedup, lease, heartbeat, complete, retry later, dead-letter, reap).
 
@@ -57,6 +57,13 @@ impl FromStr for TaskState {
     }
 }
 
+/// The job a submission refers to, and whether this submission created it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubmitOutcome {
+    pub job: crate::job::JobRecord,
+    pub created: bool,
+}
+
 /// What one reaper pass did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ReapReport {
@@ -69,6 +76,9 @@ pub enum QueueError {
     /// The lease expired and the task was taken over (or finished): the caller must stop working on it.
     #[error("lease on task {task_id} is no longer held")]
     LeaseLost { task_id: i64 },
+    /// The idempotency key was used before for a different request.
+    #[error("request_id {request_id:?} was already used for a different request (job {job_id})")]
+    IdempotencyConflict { request_id: String, job_id: String },
     #[error("queue store: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("queue store is corrupt: {0}")]
@@ -77,8 +87,9 @@ pub enum QueueError {
 
 #[cfg(test)]
 mod tests {
-    use super::sqlite::SqliteTaskQueue;
+    use super::sqlite::SqliteStore;
     use super::*;
+    use crate::job::JobState;
 
     fn task(job: &str, shard: u64, priority: i32) -> TaskSpec {
         TaskSpec {
@@ -92,7 +103,7 @@ mod tests {
 
     #[test]
     fn enqueue_is_idempotent_per_shard() {
-        let q = SqliteTaskQueue::in_memory().unwrap();
+        let q = SqliteStore::in_memory().unwrap();
         assert_eq!(q.enqueue(&task("j", 0, 0), 0).unwrap(), EnqueueOutcome::Created);
         assert_eq!(q.enqueue(&task("j", 0, 0), 1).unwrap(), EnqueueOutcome::Duplicate);
         assert_eq!(q.enqueue(&task("j", 1, 0), 1).unwrap(), EnqueueOutcome::Created);
@@ -100,7 +111,7 @@ mod tests {
 
     #[test]
     fn leases_go_by_priority_then_age_and_only_once() {
-        let q = SqliteTaskQueue::in_memory().unwrap();
+        let q = SqliteStore::in_memory().unwrap();
         q.enqueue(&task("a", 0, 0), 0).unwrap();
         q.enqueue(&task("b", 0, 5), 1).unwrap();
         q.enqueue(&task("a", 1, 0), 2).unwrap();
@@ -115,7 +126,7 @@ mod tests {
 
     #[test]
     fn an_expired_lease_is_fenced_after_takeover() {
-        let q = SqliteTaskQueue::in_memory().unwrap();
+        let q = SqliteStore::in_memory().unwrap();
         q.enqueue(&task("j", 0, 0), 0).unwrap();
         let mut zombie = q.lease("w1", 0, 100).unwrap().unwrap();
         q.heartbeat(&mut zombie, 50, 100).unwrap();
@@ -136,7 +147,7 @@ mod tests {
 
     #[test]
     fn attempts_run_out_into_the_dead_letters() {
-        let q = SqliteTaskQueue::in_memory().unwrap();
+        let q = SqliteStore::in_memory().unwrap();
         q.enqueue(&task("j", 0, 0), 0).unwrap();
         let l1 = q.lease("w", 0, 100).unwrap().unwrap();
         q.retry_later(&l1, 10, 50, "cuda error").unwrap();
@@ -156,7 +167,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("queue.sqlite");
         {
-            let q = SqliteTaskQueue::open(&path).unwrap();
+            let q = SqliteStore::open(&path).unwrap();
             q.enqueue(&task("j", 0, 0), 0).unwrap();
             q.enqueue(&task("j", 1, 0), 0).unwrap();
             let l = q.lease("w", 0, 100).unwrap().unwrap();
@@ -164,10 +175,108 @@ mod tests {
             // The process dies holding a lease on shard 1.
             q.lease("w", 0, 100).unwrap().unwrap();
         }
-        let q = SqliteTaskQueue::open(&path).unwrap();
+        let q = SqliteStore::open(&path).unwrap();
         assert_eq!(q.task_state("j", 0).unwrap().unwrap().0, TaskState::Done);
         assert_eq!(q.reap(500).unwrap().requeued, 1);
         let l = q.lease("w2", 500, 100).unwrap().unwrap();
         assert_eq!((l.shard, l.attempt), (1, 2));
+    }
+
+    fn spec(num_samples: u64, batch: u32) -> crate::job::JobSpec {
+        crate::job::JobSpec {
+            model: "cifar10".into(),
+            scheduler: crate::schedulers::SchedulerKind::Ddim,
+            steps: 50,
+            eta: None,
+            num_samples,
+            seed: 42,
+            batch_size: batch,
+            samples_per_grid: 64,
+            grid_columns: 8,
+            output: None,
+            priority: 0,
+            labels: [("dataset".to_string(), "v1".to_string())].into(),
+        }
+    }
+
+    #[test]
+    fn submit_records_the_job_and_its_shards_atomically() {
+        let q = SqliteStore::in_memory().unwrap();
+        let out = q.submit(&spec(10, 2), Some("req-1"), 2, 3, 100).unwrap();
+        assert!(out.created);
+        let job = out.job;
+        assert_eq!(
+            (job.state, job.shards_total, job.shards_done, job.created_at_ms),
+            (JobState::Queued, 3, 0, 100)
+        );
+        // Shards of 2 batches x 2 samples: [0, 4), [4, 8), [8, 10).
+        let mut ranges = Vec::new();
+        while let Some(l) = q.lease("w", 100, 1000).unwrap() {
+            let p: crate::job::ShardPayload = serde_json::from_str(&l.payload).unwrap();
+            ranges.push((l.shard, p.start, p.end));
+        }
+        ranges.sort();
+        assert_eq!(ranges, vec![(0, 0, 4), (1, 4, 8), (2, 8, 10)]);
+    }
+
+    #[test]
+    fn resubmitting_a_request_id_returns_the_job_or_refuses_a_different_request() {
+        let q = SqliteStore::in_memory().unwrap();
+        let first = q.submit(&spec(10, 2), Some("req-1"), 1, 3, 0).unwrap();
+        let again = q.submit(&spec(10, 2), Some("req-1"), 1, 3, 5).unwrap();
+        assert!(!again.created);
+        assert_eq!(again.job.id, first.job.id);
+        let err = q.submit(&spec(11, 2), Some("req-1"), 1, 3, 5).unwrap_err();
+        assert!(matches!(err, QueueError::IdempotencyConflict { .. }), "{err}");
+        // Without a key every submission is a new job.
+        assert_ne!(q.submit(&spec(10, 2), None, 1, 3, 0).unwrap().job.id, first.job.id);
+    }
+
+    #[test]
+    fn shard_completions_count_once_and_only_under_a_held_lease() {
+        let q = SqliteStore::in_memory().unwrap();
+        let id = q.submit(&spec(4, 2), None, 1, 3, 0).unwrap().job.id;
+        let zombie = q.lease("w1", 0, 10).unwrap().unwrap();
+        q.reap(20).unwrap();
+        // The requeued shard goes behind the one that has waited since the start.
+        let other = q.lease("w2", 20, 10).unwrap().unwrap();
+        let fresh = q.lease("w2", 20, 10).unwrap().unwrap();
+        assert_eq!((fresh.shard, fresh.attempt), (zombie.shard, 2));
+        assert_ne!(other.shard, zombie.shard);
+        assert!(matches!(q.complete_shard(&zombie, 2, 25), Err(QueueError::LeaseLost { .. })));
+        let job = q.complete_shard(&fresh, 2, 25).unwrap();
+        assert_eq!(
+            (job.state, job.samples_done, job.shards_done, job.started_at_ms),
+            (JobState::Running, 2, 1, Some(25))
+        );
+        let job = q.complete_shard(&other, 2, 29).unwrap();
+        assert_eq!((job.samples_done, job.shards_done, job.shards_total), (4, 2, 2));
+        let done = q
+            .finish_job(&id, JobState::Succeeded, None, Some("file:///out/manifest.json"), 40)
+            .unwrap()
+            .unwrap();
+        assert_eq!((done.state, done.finished_at_ms), (JobState::Succeeded, Some(40)));
+        // A terminal state is final.
+        let again = q.finish_job(&id, JobState::Cancelled, None, None, 50).unwrap().unwrap();
+        assert_eq!(again.state, JobState::Succeeded);
+    }
+
+    #[test]
+    fn cancelling_retires_unfinished_shards_and_dead_shards_fail_jobs() {
+        let q = SqliteStore::in_memory().unwrap();
+        let a = q.submit(&spec(6, 2), None, 1, 1, 0).unwrap().job.id;
+        let running = q.lease("w", 0, 100).unwrap().unwrap();
+        let job = q.finish_job(&a, JobState::Cancelled, None, None, 5).unwrap().unwrap();
+        assert_eq!(job.state, JobState::Cancelled);
+        assert!(q.lease("w", 10, 100).unwrap().is_none(), "no shard of a cancelled job is handed out");
+        assert!(matches!(q.complete_shard(&running, 2, 10), Err(QueueError::LeaseLost { .. })));
+
+        let b = q.submit(&spec(2, 2), None, 1, 1, 0).unwrap().job.id;
+        let l = q.lease("w", 20, 100).unwrap().unwrap();
+        q.retry_later(&l, 30, 0, "out of memory").unwrap();
+        assert_eq!(q.jobs_with_dead_shards().unwrap(), vec![(b.clone(), "out of memory".to_string())]);
+        q.finish_job(&b, JobState::Failed, Some("shard 0: out of memory"), None, 40).unwrap();
+        assert!(q.jobs_with_dead_shards().unwrap().is_empty());
+        assert_eq!(q.job(&b).unwrap().unwrap().error.as_deref(), Some("shard 0: out of memory"));
     }
 }

@@ -1,4 +1,5 @@
-//! The embedded durable shard-task queue: one SQLite file (WAL, `synchronous=FULL`), tasks with leases.
+//! The embedded durable store: one SQLite file (WAL, `synchronous=FULL`) holding jobs, idempotency keys
+//! and shard tasks with leases, so submitting a job, its dedup record and its tasks is one transaction.
 //!
 //! A worker claims a task with a lease (owner, expiry, attempt) in one `BEGIN IMMEDIATE` transaction.
 //! Heartbeats extend the lease; every write made under a lease is fenced on `(id, lease_owner, attempts)`,
@@ -11,7 +12,9 @@ use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use super::{EnqueueOutcome, Lease, QueueError, ReapReport, TaskSpec, TaskState};
+use super::{EnqueueOutcome, Lease, QueueError, ReapReport, SubmitOutcome, TaskSpec, TaskState};
+use crate::job::{JobRecord, JobSpec, JobState, ShardPayload};
+use crate::worker::planner::plan_shards;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS tasks (
@@ -29,17 +32,37 @@ CREATE TABLE IF NOT EXISTS tasks (
     last_error       TEXT,
     UNIQUE (job_id, shard)
 );
+CREATE TABLE IF NOT EXISTS jobs (
+    id             TEXT    PRIMARY KEY,
+    spec           TEXT    NOT NULL,
+    state          TEXT    NOT NULL,
+    priority       INTEGER NOT NULL,
+    samples_done   INTEGER NOT NULL DEFAULT 0,
+    shards_done    INTEGER NOT NULL DEFAULT 0,
+    shards_total   INTEGER NOT NULL,
+    created_at     INTEGER NOT NULL,
+    started_at     INTEGER,
+    finished_at    INTEGER,
+    error          TEXT,
+    manifest_uri   TEXT
+);
+CREATE TABLE IF NOT EXISTS idempotency (
+    key            TEXT PRIMARY KEY,
+    job_id         TEXT NOT NULL,
+    request_hash   TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, created_at);
 CREATE INDEX IF NOT EXISTS tasks_ready ON tasks (state, priority DESC, available_at, id);
 CREATE INDEX IF NOT EXISTS tasks_leases ON tasks (state, lease_expires_at);
 ";
 
-/// The SQLite task queue. One connection behind a mutex: SQLite serialises writers anyway, and every
+/// The SQLite job store and task queue. One connection behind a mutex: SQLite serialises writers anyway, and every
 /// operation is one short transaction.
-pub struct SqliteTaskQueue {
+pub struct SqliteStore {
     conn: Mutex<Connection>,
 }
 
-impl SqliteTaskQueue {
+impl SqliteStore {
     /// Opens (creating if needed) the queue file.
     pub fn open(path: &Path) -> Result<Self, QueueError> {
         let conn = Connection::open(path)?;
@@ -217,4 +240,184 @@ impl SqliteTaskQueue {
             .optional()?;
         row.map(|(state, attempts, error)| Ok((state.parse()?, attempts, error))).transpose()
     }
+
+    // === jobs ===
+
+    /// Records a job and queues its shard tasks in one transaction. With a `request_id` already seen,
+    /// returns that job instead if the request is the same, and refuses it if the request differs.
+    pub fn submit(
+        &self,
+        spec: &JobSpec,
+        request_id: Option<&str>,
+        batches_per_shard: u64,
+        max_attempts: u32,
+        now_ms: i64,
+    ) -> Result<SubmitOutcome, QueueError> {
+        let spec_json = serde_json::to_string(spec).map_err(|e| QueueError::Corrupt(e.to_string()))?;
+        let request_hash = crate::generate::sha256_hex(spec_json.as_bytes());
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if let Some(key) = request_id {
+            let seen: Option<(String, String)> = tx
+                .query_row("SELECT job_id, request_hash FROM idempotency WHERE key = ?1", params![key], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()?;
+            if let Some((job_id, hash)) = seen {
+                if hash != request_hash {
+                    return Err(QueueError::IdempotencyConflict { request_id: key.to_string(), job_id });
+                }
+                let job = get_job(&tx, &job_id)?
+                    .ok_or_else(|| QueueError::Corrupt(format!("job {job_id} missing")))?;
+                return Ok(SubmitOutcome { job, created: false });
+            }
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        let shards = plan_shards(spec.num_samples, u64::from(spec.batch_size), batches_per_shard);
+        tx.execute(
+            "INSERT INTO jobs (id, spec, state, priority, shards_total, created_at)
+             VALUES (?1, ?2, 'queued', ?3, ?4, ?5)",
+            params![id, spec_json, spec.priority, shards.len() as i64, now_ms],
+        )?;
+        if let Some(key) = request_id {
+            tx.execute(
+                "INSERT INTO idempotency (key, job_id, request_hash) VALUES (?1, ?2, ?3)",
+                params![key, id, request_hash],
+            )?;
+        }
+        for shard in &shards {
+            let payload = serde_json::to_string(&ShardPayload { start: shard.start, end: shard.end })
+                .map_err(|e| QueueError::Corrupt(e.to_string()))?;
+            tx.execute(
+                "INSERT INTO tasks (job_id, shard, priority, payload, state, available_at, max_attempts)
+                 VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6)",
+                params![id, shard.index as i64, spec.priority, payload, now_ms, max_attempts],
+            )?;
+        }
+        let job = get_job(&tx, &id)?.ok_or_else(|| QueueError::Corrupt(format!("job {id} missing")))?;
+        tx.commit()?;
+        Ok(SubmitOutcome { job, created: true })
+    }
+
+    pub fn job(&self, id: &str) -> Result<Option<JobRecord>, QueueError> {
+        get_job(&self.conn(), id)
+    }
+
+    /// Completes a shard under its lease and adds its samples to the job's progress (one transaction,
+    /// fenced: a zombie's completion counts nothing). The first completed shard marks the job running.
+    pub fn complete_shard(&self, lease: &Lease, samples: u64, now_ms: i64) -> Result<JobRecord, QueueError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let changed = tx.execute(
+            "UPDATE tasks SET state = 'done', lease_owner = NULL, lease_expires_at = NULL
+             WHERE id = ?1 AND lease_owner = ?2 AND attempts = ?3 AND state = 'leased'",
+            params![lease.task_id, lease.owner, lease.attempt],
+        )?;
+        if changed != 1 {
+            return Err(QueueError::LeaseLost { task_id: lease.task_id });
+        }
+        tx.execute(
+            "UPDATE jobs SET samples_done = samples_done + ?2, shards_done = shards_done + 1,
+                state = CASE WHEN state = 'queued' THEN 'running' ELSE state END,
+                started_at = COALESCE(started_at, ?3)
+             WHERE id = ?1",
+            params![lease.job_id, samples as i64, now_ms],
+        )?;
+        let job = get_job(&tx, &lease.job_id)?
+            .ok_or_else(|| QueueError::Corrupt(format!("job {} missing", lease.job_id)))?;
+        tx.commit()?;
+        Ok(job)
+    }
+
+    /// Moves a job to a terminal state (unless it already is in one) and retires its unfinished tasks.
+    pub fn finish_job(
+        &self,
+        id: &str,
+        state: JobState,
+        error: Option<&str>,
+        manifest_uri: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Option<JobRecord>, QueueError> {
+        debug_assert!(state.is_terminal());
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "UPDATE jobs SET state = ?2, error = ?3, manifest_uri = ?4, finished_at = ?5
+             WHERE id = ?1 AND state IN ('queued', 'running')",
+            params![id, state.as_str(), error, manifest_uri, now_ms],
+        )?;
+        tx.execute(
+            "UPDATE tasks SET state = 'dead', last_error = ?2, lease_owner = NULL, lease_expires_at = NULL
+             WHERE job_id = ?1 AND state IN ('queued', 'leased')",
+            params![id, format!("job {}", state.as_str())],
+        )?;
+        let job = get_job(&tx, id)?;
+        tx.commit()?;
+        Ok(job)
+    }
+
+    /// Jobs with a dead-lettered shard that are not finished yet, with the shard's last error: the
+    /// service marks them FAILED with that reason.
+    pub fn jobs_with_dead_shards(&self) -> Result<Vec<(String, String)>, QueueError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT j.id, COALESCE(t.last_error, 'shard failed') FROM jobs j JOIN tasks t ON t.job_id = j.id
+             WHERE t.state = 'dead' AND j.state IN ('queued', 'running') GROUP BY j.id",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+fn get_job(conn: &Connection, id: &str) -> Result<Option<JobRecord>, QueueError> {
+    let row = conn
+        .query_row(
+            "SELECT spec, state, samples_done, shards_done, shards_total, created_at, started_at, finished_at,
+                    error, manifest_uri FROM jobs WHERE id = ?1",
+            params![id],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, Option<i64>>(6)?,
+                    r.get::<_, Option<i64>>(7)?,
+                    r.get::<_, Option<String>>(8)?,
+                    r.get::<_, Option<String>>(9)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((
+        spec,
+        state,
+        samples_done,
+        shards_done,
+        shards_total,
+        created,
+        started,
+        finished,
+        error,
+        manifest,
+    )) = row
+    else {
+        return Ok(None);
+    };
+    Ok(Some(JobRecord {
+        id: id.to_string(),
+        spec: serde_json::from_str(&spec).map_err(|e| QueueError::Corrupt(format!("job {id} spec: {e}")))?,
+        state: JobState::parse(&state)
+            .ok_or_else(|| QueueError::Corrupt(format!("job {id} state {state:?}")))?,
+        samples_done: samples_done as u64,
+        shards_done: shards_done as u64,
+        shards_total: shards_total as u64,
+        created_at_ms: created,
+        started_at_ms: started,
+        finished_at_ms: finished,
+        error,
+        manifest_uri: manifest,
+    }))
 }
