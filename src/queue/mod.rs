@@ -57,6 +57,14 @@ impl FromStr for TaskState {
     }
 }
 
+/// A client's idempotency key and a hash of the request as the client sent it (before defaults such as
+/// the seed are filled in, so a retry of a seedless request is recognised as the same request).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey {
+    pub request_id: String,
+    pub request_hash: String,
+}
+
 /// The job a submission refers to, and whether this submission created it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SubmitOutcome {
@@ -182,6 +190,10 @@ mod tests {
         assert_eq!((l.shard, l.attempt), (1, 2));
     }
 
+    fn key(id: &str, hash: &str) -> IdempotencyKey {
+        IdempotencyKey { request_id: id.into(), request_hash: hash.into() }
+    }
+
     fn spec(num_samples: u64, batch: u32) -> crate::job::JobSpec {
         crate::job::JobSpec {
             model: "cifar10".into(),
@@ -202,7 +214,7 @@ mod tests {
     #[test]
     fn submit_records_the_job_and_its_shards_atomically() {
         let q = SqliteStore::in_memory().unwrap();
-        let out = q.submit(&spec(10, 2), Some("req-1"), 2, 3, 100).unwrap();
+        let out = q.submit(&spec(10, 2), Some(&key("req-1", "h1")), 2, 3, 100).unwrap();
         assert!(out.created);
         let job = out.job;
         assert_eq!(
@@ -222,11 +234,13 @@ mod tests {
     #[test]
     fn resubmitting_a_request_id_returns_the_job_or_refuses_a_different_request() {
         let q = SqliteStore::in_memory().unwrap();
-        let first = q.submit(&spec(10, 2), Some("req-1"), 1, 3, 0).unwrap();
-        let again = q.submit(&spec(10, 2), Some("req-1"), 1, 3, 5).unwrap();
+        let first = q.submit(&spec(10, 2), Some(&key("req-1", "h1")), 1, 3, 0).unwrap();
+        // A retry: the boundary may resolve defaults differently, the request hash is what counts.
+        let again = q.submit(&spec(12, 2), Some(&key("req-1", "h1")), 1, 3, 5).unwrap();
         assert!(!again.created);
         assert_eq!(again.job.id, first.job.id);
-        let err = q.submit(&spec(11, 2), Some("req-1"), 1, 3, 5).unwrap_err();
+        assert_eq!(again.job.spec.num_samples, 10);
+        let err = q.submit(&spec(10, 2), Some(&key("req-1", "h2")), 1, 3, 5).unwrap_err();
         assert!(matches!(err, QueueError::IdempotencyConflict { .. }), "{err}");
         // Without a key every submission is a new job.
         assert_ne!(q.submit(&spec(10, 2), None, 1, 3, 0).unwrap().job.id, first.job.id);

@@ -12,7 +12,9 @@ use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use super::{EnqueueOutcome, Lease, QueueError, ReapReport, SubmitOutcome, TaskSpec, TaskState};
+use super::{
+    EnqueueOutcome, IdempotencyKey, Lease, QueueError, ReapReport, SubmitOutcome, TaskSpec, TaskState,
+};
 use crate::job::{JobRecord, JobSpec, JobState, ShardPayload};
 use crate::worker::planner::plan_shards;
 
@@ -243,28 +245,27 @@ impl SqliteStore {
 
     // === jobs ===
 
-    /// Records a job and queues its shard tasks in one transaction. With a `request_id` already seen,
+    /// Records a job and queues its shard tasks in one transaction. With a request id already seen,
     /// returns that job instead if the request is the same, and refuses it if the request differs.
     pub fn submit(
         &self,
         spec: &JobSpec,
-        request_id: Option<&str>,
+        idempotency: Option<&IdempotencyKey>,
         batches_per_shard: u64,
         max_attempts: u32,
         now_ms: i64,
     ) -> Result<SubmitOutcome, QueueError> {
         let spec_json = serde_json::to_string(spec).map_err(|e| QueueError::Corrupt(e.to_string()))?;
-        let request_hash = crate::generate::sha256_hex(spec_json.as_bytes());
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        if let Some(key) = request_id {
+        if let Some(IdempotencyKey { request_id: key, request_hash }) = idempotency {
             let seen: Option<(String, String)> = tx
                 .query_row("SELECT job_id, request_hash FROM idempotency WHERE key = ?1", params![key], |r| {
                     Ok((r.get(0)?, r.get(1)?))
                 })
                 .optional()?;
             if let Some((job_id, hash)) = seen {
-                if hash != request_hash {
+                if &hash != request_hash {
                     return Err(QueueError::IdempotencyConflict { request_id: key.to_string(), job_id });
                 }
                 let job = get_job(&tx, &job_id)?
@@ -279,7 +280,7 @@ impl SqliteStore {
              VALUES (?1, ?2, 'queued', ?3, ?4, ?5)",
             params![id, spec_json, spec.priority, shards.len() as i64, now_ms],
         )?;
-        if let Some(key) = request_id {
+        if let Some(IdempotencyKey { request_id: key, request_hash }) = idempotency {
             tx.execute(
                 "INSERT INTO idempotency (key, job_id, request_hash) VALUES (?1, ?2, ?3)",
                 params![key, id, request_hash],
