@@ -14,4 +14,5 @@ pub mod queue;
 pub mod rng;
 pub mod sampler;
 pub mod schedulers;
+pub mod storage;
 pub mod worker;

@@ -1,0 +1,116 @@
+//! Where a job's outputs go: an [`ObjectStore`] per destination. The embedded default is a local
+//! directory ([`local::LocalStore`]); S3-compatible storage goes through aws-sdk-s3 ([`s3`]).
+//!
+//! Keys are `/`-separated paths relative to the store's root (a directory, or a bucket). Every `put`
+//! is whole or nothing: a reader never sees half an object, so the manifest, written last, is the
+//! commit record of a job.
+
+pub mod local;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("{uri}: {source}")]
+    Io { uri: String, source: std::io::Error },
+    /// The store refused or failed the request after its retries.
+    #[error("{uri}: {message}")]
+    Remote { uri: String, message: String },
+    #[error("invalid object key {0:?}")]
+    InvalidKey(String),
+    #[error("invalid destination {0:?}: expected file:DIR or s3://BUCKET[/PREFIX]")]
+    InvalidDestination(String),
+}
+
+/// An object as written: its URI and the SHA-256 of its bytes (hex).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PutOutcome {
+    pub uri: String,
+    pub sha256: String,
+}
+
+#[async_trait]
+pub trait ObjectStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Writes `bytes` at `key`, replacing what was there.
+    async fn put(&self, key: &str, bytes: Bytes, content_type: &str) -> Result<PutOutcome, StorageError>;
+    /// The object at `key`, or `None` when there is none.
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError>;
+    /// The URI a user would use to fetch `key` (`file:///…` or `s3://bucket/key`).
+    fn uri(&self, key: &str) -> String;
+}
+
+/// A key must be a relative path without empty, `.` or `..` segments, so it cannot escape its root.
+pub fn check_key(key: &str) -> Result<(), StorageError> {
+    let ok = !key.is_empty()
+        && !key.starts_with('/')
+        && key.split('/').all(|seg| !seg.is_empty() && seg != "." && seg != "..");
+    if ok { Ok(()) } else { Err(StorageError::InvalidKey(key.to_string())) }
+}
+
+/// Joins a prefix (possibly empty, with or without a trailing `/`) and a key.
+pub fn join_key(prefix: &str, key: &str) -> String {
+    let prefix = prefix.trim_matches('/');
+    if prefix.is_empty() { key.to_string() } else { format!("{prefix}/{key}") }
+}
+
+/// A configured output destination: `file:DIR` or `s3://BUCKET[/PREFIX]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    File { root: std::path::PathBuf, prefix: String },
+    S3 { bucket: String, prefix: String },
+}
+
+impl std::str::FromStr for Destination {
+    type Err = StorageError;
+
+    fn from_str(s: &str) -> Result<Self, StorageError> {
+        let invalid = || StorageError::InvalidDestination(s.to_string());
+        if let Some(rest) = s.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(invalid());
+            }
+            return Ok(Destination::S3 { bucket: bucket.into(), prefix: prefix.trim_matches('/').into() });
+        }
+        let dir = s.strip_prefix("file://").or_else(|| s.strip_prefix("file:")).ok_or_else(invalid)?;
+        if dir.is_empty() {
+            return Err(invalid());
+        }
+        Ok(Destination::File { root: dir.into(), prefix: String::new() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_cannot_escape_their_root() {
+        for bad in ["", "/abs", "a//b", "a/../b", "./a", "a/"] {
+            assert!(check_key(bad).is_err(), "{bad}");
+        }
+        check_key("jobs/1/samples/00000001.png").unwrap();
+        assert_eq!(join_key("", "a/b"), "a/b");
+        assert_eq!(join_key("/p/q/", "a"), "p/q/a");
+    }
+
+    #[test]
+    fn destinations_parse() {
+        assert_eq!(
+            "s3://bkt/some/prefix/".parse::<Destination>().unwrap(),
+            Destination::S3 { bucket: "bkt".into(), prefix: "some/prefix".into() }
+        );
+        assert_eq!(
+            "s3://bkt".parse::<Destination>().unwrap(),
+            Destination::S3 { bucket: "bkt".into(), prefix: String::new() }
+        );
+        assert_eq!(
+            "file:out/jobs".parse::<Destination>().unwrap(),
+            Destination::File { root: "out/jobs".into(), prefix: String::new() }
+        );
+        for bad in ["out", "s3://", "file:", "gs://b"] {
+            assert!(bad.parse::<Destination>().is_err(), "{bad}");
+        }
+    }
+}
