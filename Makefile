@@ -25,8 +25,9 @@ SCHEDULER  ?= dpmsolver
 STEPS      ?= 25
 SAMPLES    ?= 8
 SEED       ?= 0
+LISTEN     ?= 127.0.0.1:50051
 
-.PHONY: all setup build run test lint fixtures bench clean
+.PHONY: all setup build run stop generate test lint fixtures bench clean
 
 all: build
 
@@ -44,7 +45,16 @@ build: setup
 $(OUT)/demo-model/config.json: | build
 	$(BIN) init-model --preset cifar10-32 --out $(OUT)/demo-model --seed 0
 
+# The service on its embedded defaults (SQLite queue, local directory) with a demo job; it keeps running.
 run: build $(if $(filter $(OUT)/demo-model,$(MODEL)),$(OUT)/demo-model/config.json)
+	scripts/demo.sh $(BIN) $(OUT)/service $(MODEL) $(LISTEN) $(SCHEDULER) $(STEPS) $(SAMPLES) $(SEED)
+
+stop:
+	@if [ -f $(OUT)/service/serve.pid ]; then kill -TERM $$(cat $(OUT)/service/serve.pid) 2>/dev/null || true; \
+		rm -f $(OUT)/service/serve.pid; echo "stopped"; fi
+
+# One local run without the service.
+generate: build $(if $(filter $(OUT)/demo-model,$(MODEL)),$(OUT)/demo-model/config.json)
 	$(BIN) generate --model $(MODEL) --scheduler $(SCHEDULER) --steps $(STEPS) \
 		--num-samples $(SAMPLES) --seed $(SEED) --out $(OUT)/generate
 
@@ -66,5 +76,5 @@ lint: setup
 bench: build
 	$(PYTHON) bench/bench.py --bin $(BIN)
 
-clean:
+clean: stop
 	rm -rf $(OUT)

@@ -52,3 +52,72 @@ pub fn time_unet(
     let min_ms = times.iter().copied().fold(f64::INFINITY, f64::min);
     Ok(UNetTiming { batch_size, iterations, mean_ms, min_ms })
 }
+
+/// SubmitJob latency under concurrent clients (the hidden `bench-submit` command).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SubmitTiming {
+    pub clients: usize,
+    pub requests: usize,
+    pub errors: usize,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub requests_per_second: f64,
+}
+
+/// `clients` concurrent connections each submit `per_client` one-sample jobs of `model` back to back.
+pub async fn time_submits(
+    server: &str,
+    model: &str,
+    clients: usize,
+    per_client: usize,
+) -> Result<SubmitTiming, tonic::transport::Error> {
+    use crate::api::pb;
+    let mut handles = Vec::with_capacity(clients);
+    let started = Instant::now();
+    for c in 0..clients {
+        let mut client = pb::worker_client::WorkerClient::connect(server.to_string()).await?;
+        let model = model.to_string();
+        handles.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(per_client);
+            let mut errors = 0;
+            for i in 0..per_client {
+                let req = pb::SubmitJobRequest {
+                    request_id: format!("bench-{}-{c}-{i}", std::process::id()),
+                    model: model.clone(),
+                    sampling: Some(pb::SamplingSpec { scheduler: pb::Scheduler::Ddim as i32, steps: 1, eta: None }),
+                    num_samples: 1,
+                    ..Default::default()
+                };
+                let t = Instant::now();
+                match client.submit_job(req).await {
+                    Ok(_) => latencies.push(t.elapsed().as_secs_f64() * 1e3),
+                    Err(_) => errors += 1,
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for h in handles {
+        if let Ok((l, e)) = h.await {
+            all.extend(l);
+            errors += e;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_by(f64::total_cmp);
+    let pct = |p: f64| all.get(((all.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN);
+    Ok(SubmitTiming {
+        clients,
+        requests: all.len(),
+        errors,
+        p50_ms: pct(0.5),
+        p90_ms: pct(0.9),
+        p99_ms: pct(0.99),
+        max_ms: all.last().copied().unwrap_or(f64::NAN),
+        requests_per_second: all.len() as f64 / elapsed.max(1e-9),
+    })
+}

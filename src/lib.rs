@@ -5,14 +5,17 @@
 
 pub mod api;
 pub mod benchmark;
+pub mod client;
 pub mod generate;
 pub mod imaging;
 pub mod init_model;
 pub mod job;
 pub mod model;
+pub mod models;
 pub mod queue;
 pub mod rng;
 pub mod sampler;
+pub mod service;
 pub mod schedulers;
 pub mod storage;
 pub mod worker;

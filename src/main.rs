@@ -3,6 +3,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use ddpm_worker::benchmark;
+use ddpm_worker::client;
 use ddpm_worker::generate::{self, DType, GenerateSpec};
 use ddpm_worker::init_model::{self, Preset};
 use ddpm_worker::model::Layout;
@@ -23,9 +24,22 @@ enum Command {
     Generate(GenerateArgs),
     /// Write a diffusers model folder with random weights (for demos and tests; no network needed).
     InitModel(InitModelArgs),
+    /// Run the batch-job service: gRPC API, durable queue and one sampling thread per device.
+    Serve(Box<ddpm_worker::service::ServeArgs>),
+    /// Submit a job to a running service (prints its id; --wait follows it to the end).
+    Submit(Box<client::SubmitArgs>),
+    /// Show a job (--wait follows it to the end).
+    Status(client::JobArgs),
+    /// List jobs, newest first.
+    List(client::ListArgs),
+    /// Cancel a job; its running shards stop between denoising steps.
+    Cancel(client::JobArgs),
     /// Time UNet forwards (used by bench/); prints one JSON line.
     #[command(hide = true)]
     BenchUnet(BenchUnetArgs),
+    /// Time SubmitJob under concurrent clients (used by bench/); prints one JSON line.
+    #[command(hide = true)]
+    BenchSubmit(BenchSubmitArgs),
 }
 
 #[derive(clap::Args)]
@@ -40,6 +54,18 @@ struct BenchUnetArgs {
     warmup: usize,
     #[command(flatten)]
     place: PlacementArgs,
+}
+
+#[derive(clap::Args)]
+struct BenchSubmitArgs {
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    server: String,
+    #[arg(long)]
+    model: String,
+    #[arg(long, default_value_t = 200)]
+    clients: usize,
+    #[arg(long, default_value_t = 10)]
+    per_client: usize,
 }
 
 /// Where and how the UNet runs (shared by `generate` and `bench-unet`).
@@ -126,15 +152,71 @@ fn physical_cores() -> usize {
     tch::get_num_threads().max(1) as usize
 }
 
+fn init_logs(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        logs.json().with_current_span(true).with_span_list(false).init();
+    } else {
+        logs.init();
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, std::io::Error> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()
+}
+
+/// Runs a client command: exit 0 on success, 1 on failure (the error printed).
+fn run_client(f: impl std::future::Future<Output = Result<(), client::ClientError>>) -> ExitCode {
+    let result = runtime().map_err(|e| e.to_string()).and_then(|rt| rt.block_on(f).map_err(|e| e.to_string()));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(args: ddpm_worker::service::ServeArgs) -> ExitCode {
+    init_logs(args.log_json);
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(ddpm_worker::service::serve(args, |addr| {
+        // Scripts and tests read the bound address (useful with port 0) from this line.
+        println!("listening on {addr}");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    }));
+    // Device threads may still sit in a blocking call; do not wait for them on the way out.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            let config = matches!(e, ddpm_worker::service::ServeError::Config(_));
+            ExitCode::from(if config { 2 } else { 1 })
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let progress = std::io::stderr().is_terminal();
+    if !matches!(cli.command, Command::Serve(_)) {
+        init_logs(false);
+    }
     match cli.command {
+        Command::Serve(a) => serve(*a),
+        Command::Submit(a) => run_client(client::submit(*a, progress)),
+        Command::Status(a) => run_client(client::status(a, progress)),
+        Command::List(a) => run_client(client::list(a)),
+        Command::Cancel(a) => run_client(client::cancel(a)),
         Command::Generate(a) => {
             let spec = GenerateSpec {
                 model: a.model,
@@ -165,6 +247,22 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("error: {e}");
                     ExitCode::from(if e.is_invalid_input() { 2 } else { 1 })
+                }
+            }
+        }
+        Command::BenchSubmit(a) => {
+            let timing = runtime().map_err(|e| e.to_string()).and_then(|rt| {
+                rt.block_on(benchmark::time_submits(&a.server, &a.model, a.clients, a.per_client))
+                    .map_err(|e| e.to_string())
+            });
+            match timing {
+                Ok(t) => {
+                    println!("{}", serde_json::to_string(&t).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
                 }
             }
         }

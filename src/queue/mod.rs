@@ -2,9 +2,203 @@
 //! the gRPC service drives it from an actor, and a distributed engine can follow behind the same
 //! operations (enqueue with dedup, lease, heartbeat, complete, retry later, dead-letter, reap).
 
+pub mod conformance;
 pub mod sqlite;
 
 use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::job::{JobRecord, JobSpec, JobState};
+pub use sqlite::{JobFilter, PageCursor};
+
+/// Milliseconds since the Unix epoch: the queue's clock.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+fn ms(d: Duration) -> i64 {
+    d.as_millis().min(i64::MAX as u128) as i64
+}
+
+/// Shard tasks with leases: what a device worker pulls from. Every write made under a lease is fenced
+/// by it; a lease that expired and was taken over gets [`QueueError::LeaseLost`].
+#[async_trait]
+pub trait TaskQueue: Send + Sync + 'static {
+    /// Claims the next task (highest priority, then oldest) for `owner` for `ttl`.
+    async fn lease(&self, owner: &str, ttl: Duration) -> Result<Option<Lease>, QueueError>;
+    /// Extends a held lease by `ttl` from now.
+    async fn heartbeat(&self, lease: &mut Lease, ttl: Duration) -> Result<(), QueueError>;
+    /// Gives the task back untried (draining), without spending an attempt.
+    async fn release(&self, lease: &Lease) -> Result<(), QueueError>;
+    /// Gives the task back after a failure, to run again after `delay`, or dead-letters it when its
+    /// attempts are used up.
+    async fn retry_later(&self, lease: &Lease, delay: Duration, error: &str) -> Result<(), QueueError>;
+    async fn dead_letter(&self, lease: &Lease, error: &str) -> Result<(), QueueError>;
+    /// Requeues expired leases; dead-letters the tasks among them that used their attempts.
+    async fn reap(&self) -> Result<ReapReport, QueueError>;
+    /// Tasks queued or leased.
+    async fn depth(&self) -> Result<u64, QueueError>;
+}
+
+/// Jobs, their progress and idempotency keys.
+#[async_trait]
+pub trait JobStore: Send + Sync + 'static {
+    /// Records a job and queues its shards atomically (see [`sqlite::SqliteStore::submit`]).
+    async fn submit(
+        &self,
+        spec: &JobSpec,
+        idempotency: Option<&IdempotencyKey>,
+        batches_per_shard: u64,
+        max_attempts: u32,
+    ) -> Result<SubmitOutcome, QueueError>;
+    async fn job(&self, id: &str) -> Result<Option<JobRecord>, QueueError>;
+    async fn list_jobs(
+        &self,
+        filter: &JobFilter,
+        cursor: Option<&PageCursor>,
+        limit: usize,
+    ) -> Result<Vec<JobRecord>, QueueError>;
+    /// Completes a shard task under its lease and counts its samples, once.
+    async fn complete_shard(&self, lease: &Lease, samples: u64) -> Result<JobRecord, QueueError>;
+    /// Moves a job to a terminal state (first one wins) and retires its unfinished shards.
+    async fn finish_job(
+        &self,
+        id: &str,
+        state: JobState,
+        error: Option<&str>,
+        manifest_uri: Option<&str>,
+    ) -> Result<Option<JobRecord>, QueueError>;
+    /// Unfinished jobs with a dead-lettered shard, with that shard's error.
+    async fn jobs_with_dead_shards(&self) -> Result<Vec<(String, String)>, QueueError>;
+    /// Running jobs with every shard done that nobody finalized within `stale`.
+    async fn jobs_to_finalize(&self, stale: Duration) -> Result<Vec<String>, QueueError>;
+}
+
+/// Both halves, as the service uses them.
+pub trait Queue: TaskQueue + JobStore {}
+impl<T: TaskQueue + JobStore> Queue for T {}
+
+/// The SQLite store behind the async traits: each call runs on tokio's blocking pool.
+#[derive(Clone)]
+pub struct SqliteQueue(Arc<sqlite::SqliteStore>);
+
+impl SqliteQueue {
+    pub fn new(store: sqlite::SqliteStore) -> Self {
+        Self(Arc::new(store))
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&sqlite::SqliteStore) -> Result<T, QueueError> + Send + 'static,
+    ) -> Result<T, QueueError> {
+        let store = Arc::clone(&self.0);
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| QueueError::Corrupt(format!("queue call panicked: {e}")))?
+    }
+}
+
+#[async_trait]
+impl TaskQueue for SqliteQueue {
+    async fn lease(&self, owner: &str, ttl: Duration) -> Result<Option<Lease>, QueueError> {
+        let owner = owner.to_string();
+        self.run(move |s| s.lease(&owner, now_ms(), ms(ttl))).await
+    }
+
+    async fn heartbeat(&self, lease: &mut Lease, ttl: Duration) -> Result<(), QueueError> {
+        let mut held = lease.clone();
+        let held = self
+            .run(move |s| {
+                s.heartbeat(&mut held, now_ms(), ms(ttl))?;
+                Ok(held)
+            })
+            .await?;
+        *lease = held;
+        Ok(())
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<(), QueueError> {
+        let lease = lease.clone();
+        self.run(move |s| s.release(&lease, now_ms())).await
+    }
+
+    async fn retry_later(&self, lease: &Lease, delay: Duration, error: &str) -> Result<(), QueueError> {
+        let (lease, error) = (lease.clone(), error.to_string());
+        self.run(move |s| s.retry_later(&lease, now_ms(), ms(delay), &error)).await
+    }
+
+    async fn dead_letter(&self, lease: &Lease, error: &str) -> Result<(), QueueError> {
+        let (lease, error) = (lease.clone(), error.to_string());
+        self.run(move |s| s.dead_letter(&lease, &error)).await
+    }
+
+    async fn reap(&self) -> Result<ReapReport, QueueError> {
+        self.run(|s| s.reap(now_ms())).await
+    }
+
+    async fn depth(&self) -> Result<u64, QueueError> {
+        self.run(|s| s.queue_depth()).await
+    }
+}
+
+#[async_trait]
+impl JobStore for SqliteQueue {
+    async fn submit(
+        &self,
+        spec: &JobSpec,
+        idempotency: Option<&IdempotencyKey>,
+        batches_per_shard: u64,
+        max_attempts: u32,
+    ) -> Result<SubmitOutcome, QueueError> {
+        let (spec, key) = (spec.clone(), idempotency.cloned());
+        self.run(move |s| s.submit(&spec, key.as_ref(), batches_per_shard, max_attempts, now_ms())).await
+    }
+
+    async fn job(&self, id: &str) -> Result<Option<JobRecord>, QueueError> {
+        let id = id.to_string();
+        self.run(move |s| s.job(&id)).await
+    }
+
+    async fn list_jobs(
+        &self,
+        filter: &JobFilter,
+        cursor: Option<&PageCursor>,
+        limit: usize,
+    ) -> Result<Vec<JobRecord>, QueueError> {
+        let (filter, cursor) = (filter.clone(), cursor.cloned());
+        self.run(move |s| s.list_jobs(&filter, cursor.as_ref(), limit)).await
+    }
+
+    async fn complete_shard(&self, lease: &Lease, samples: u64) -> Result<JobRecord, QueueError> {
+        let lease = lease.clone();
+        self.run(move |s| s.complete_shard(&lease, samples, now_ms())).await
+    }
+
+    async fn finish_job(
+        &self,
+        id: &str,
+        state: JobState,
+        error: Option<&str>,
+        manifest_uri: Option<&str>,
+    ) -> Result<Option<JobRecord>, QueueError> {
+        let (id, error, uri) = (id.to_string(), error.map(str::to_string), manifest_uri.map(str::to_string));
+        self.run(move |s| s.finish_job(&id, state, error.as_deref(), uri.as_deref(), now_ms())).await
+    }
+
+    async fn jobs_with_dead_shards(&self) -> Result<Vec<(String, String)>, QueueError> {
+        self.run(|s| s.jobs_with_dead_shards()).await
+    }
+
+    async fn jobs_to_finalize(&self, stale: Duration) -> Result<Vec<String>, QueueError> {
+        self.run(move |s| s.jobs_to_finalize(now_ms(), ms(stale))).await
+    }
+}
 
 /// A shard of a job to run: `payload` is the shard's JSON spec.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,7 +262,7 @@ pub struct IdempotencyKey {
 /// The job a submission refers to, and whether this submission created it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SubmitOutcome {
-    pub job: crate::job::JobRecord,
+    pub job: JobRecord,
     pub created: bool,
 }
 
@@ -98,6 +292,11 @@ mod tests {
     use super::sqlite::SqliteStore;
     use super::*;
     use crate::job::JobState;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_passes_the_conformance_suite() {
+        super::conformance::run_all(|| SqliteQueue::new(SqliteStore::in_memory().unwrap())).await;
+    }
 
     fn task(job: &str, shard: u64, priority: i32) -> TaskSpec {
         TaskSpec {
@@ -261,7 +460,7 @@ mod tests {
         let job = q.complete_shard(&fresh, 2, 25).unwrap();
         assert_eq!(
             (job.state, job.samples_done, job.shards_done, job.started_at_ms),
-            (JobState::Running, 2, 1, Some(25))
+            (JobState::Running, 2, 1, Some(0))
         );
         let job = q.complete_shard(&other, 2, 29).unwrap();
         assert_eq!((job.samples_done, job.shards_done, job.shards_total), (4, 2, 2));

@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at     INTEGER NOT NULL,
     started_at     INTEGER,
     finished_at    INTEGER,
+    updated_at     INTEGER NOT NULL,
     error          TEXT,
     manifest_uri   TEXT
 );
@@ -133,6 +134,12 @@ impl SqliteStore {
              WHERE id = ?1",
             params![id, owner, expires_at, attempt],
         )?;
+        // A job is running from the moment one of its shards is.
+        tx.execute(
+            "UPDATE jobs SET state = 'running', started_at = COALESCE(started_at, ?2), updated_at = ?2
+             WHERE id = ?1 AND state = 'queued'",
+            params![job_id, now_ms],
+        )?;
         tx.commit()?;
         Ok(Some(Lease {
             task_id: id,
@@ -193,6 +200,18 @@ impl SqliteStore {
                 available_at = ?4, last_error = ?5, lease_owner = NULL, lease_expires_at = NULL
              WHERE id = ?1 AND lease_owner = ?2 AND attempts = ?3 AND state = 'leased'",
             &[&available_at, &error],
+        )
+    }
+
+    /// Gives the task back untried (a draining worker): it is available at once and the attempt it
+    /// used is not counted.
+    pub fn release(&self, lease: &Lease, now_ms: i64) -> Result<(), QueueError> {
+        self.fenced(
+            lease,
+            "UPDATE tasks SET state = 'queued', available_at = ?4, attempts = attempts - 1,
+                lease_owner = NULL, lease_expires_at = NULL
+             WHERE id = ?1 AND lease_owner = ?2 AND attempts = ?3 AND state = 'leased'",
+            &[&now_ms],
         )
     }
 
@@ -276,8 +295,8 @@ impl SqliteStore {
         let id = uuid::Uuid::new_v4().to_string();
         let shards = plan_shards(spec.num_samples, u64::from(spec.batch_size), batches_per_shard);
         tx.execute(
-            "INSERT INTO jobs (id, spec, state, priority, shards_total, created_at)
-             VALUES (?1, ?2, 'queued', ?3, ?4, ?5)",
+            "INSERT INTO jobs (id, spec, state, priority, shards_total, created_at, updated_at)
+             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?5)",
             params![id, spec_json, spec.priority, shards.len() as i64, now_ms],
         )?;
         if let Some(IdempotencyKey { request_id: key, request_hash }) = idempotency {
@@ -320,7 +339,7 @@ impl SqliteStore {
         tx.execute(
             "UPDATE jobs SET samples_done = samples_done + ?2, shards_done = shards_done + 1,
                 state = CASE WHEN state = 'queued' THEN 'running' ELSE state END,
-                started_at = COALESCE(started_at, ?3)
+                started_at = COALESCE(started_at, ?3), updated_at = ?3
              WHERE id = ?1",
             params![lease.job_id, samples as i64, now_ms],
         )?;
@@ -343,7 +362,7 @@ impl SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute(
-            "UPDATE jobs SET state = ?2, error = ?3, manifest_uri = ?4, finished_at = ?5
+            "UPDATE jobs SET state = ?2, error = ?3, manifest_uri = ?4, finished_at = ?5, updated_at = ?5
              WHERE id = ?1 AND state IN ('queued', 'running')",
             params![id, state.as_str(), error, manifest_uri, now_ms],
         )?;
@@ -367,6 +386,83 @@ impl SqliteStore {
         )?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+/// Which jobs a listing returns: any of `states` (all when empty) carrying every label in `labels`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobFilter {
+    pub states: Vec<JobState>,
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// Where a page of a listing starts: after the job created at `created_at_ms` with id `id` (newest first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageCursor {
+    pub created_at_ms: i64,
+    pub id: String,
+}
+
+impl SqliteStore {
+    /// Jobs matching `filter`, newest first, at most `limit`, after `cursor`.
+    pub fn list_jobs(
+        &self,
+        filter: &JobFilter,
+        cursor: Option<&PageCursor>,
+        limit: usize,
+    ) -> Result<Vec<JobRecord>, QueueError> {
+        let mut sql = String::from("SELECT id FROM jobs WHERE 1 = 1");
+        let mut values: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
+        if !filter.states.is_empty() {
+            let marks = vec!["?"; filter.states.len()].join(", ");
+            sql.push_str(&format!(" AND state IN ({marks})"));
+            values.extend(filter.states.iter().map(|s| Box::new(s.as_str()) as Box<dyn rusqlite::ToSql>));
+        }
+        for (key, value) in &filter.labels {
+            // A JSON path with the key quoted, so any label key (dots included) is one path step.
+            sql.push_str(" AND json_extract(spec, ?) = ?");
+            values.push(Box::new(format!("$.labels.{}", serde_json::Value::from(key.as_str()))));
+            values.push(Box::new(value.clone()));
+        }
+        if let Some(c) = cursor {
+            sql.push_str(" AND (created_at < ? OR (created_at = ? AND id < ?))");
+            values.push(Box::new(c.created_at_ms));
+            values.push(Box::new(c.created_at_ms));
+            values.push(Box::new(c.id.clone()));
+        }
+        sql.push_str(" ORDER BY created_at DESC, id DESC LIMIT ?");
+        values.push(Box::new(limit as i64));
+        let conn = self.conn();
+        let ids: Vec<String> = {
+            let mut stmt = conn.prepare(&sql)?;
+            let params: Vec<&dyn rusqlite::ToSql> = values.iter().map(AsRef::as_ref).collect();
+            let rows = stmt.query_map(params.as_slice(), |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        ids.iter()
+            .map(|id| get_job(&conn, id)?.ok_or_else(|| QueueError::Corrupt(format!("job {id} missing"))))
+            .collect()
+    }
+
+    /// Running jobs whose every shard is done but that nobody finalized for `stale_ms` (the worker that
+    /// finished the last shard died before writing the manifest).
+    pub fn jobs_to_finalize(&self, now_ms: i64, stale_ms: i64) -> Result<Vec<String>, QueueError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id FROM jobs WHERE state = 'running' AND shards_done >= shards_total AND updated_at <= ?1",
+        )?;
+        let rows = stmt.query_map(params![now_ms - stale_ms], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Unfinished tasks of all jobs (queued or leased): the queue depth.
+    pub fn queue_depth(&self) -> Result<u64, QueueError> {
+        let n: i64 = self.conn().query_row(
+            "SELECT COUNT(*) FROM tasks WHERE state IN ('queued', 'leased')",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(n as u64)
     }
 }
 

@@ -81,6 +81,41 @@ impl std::str::FromStr for Destination {
     }
 }
 
+/// Opens the store of a destination (its prefix is the caller's to apply).
+pub async fn open_store(dest: &Destination, _path_style: bool) -> Result<std::sync::Arc<dyn ObjectStore>, StorageError> {
+    match dest {
+        Destination::File { root, .. } => Ok(std::sync::Arc::new(local::LocalStore::new(root.clone())?)),
+        Destination::S3 { bucket, .. } => Err(StorageError::InvalidDestination(format!("s3://{bucket}: S3 support is not built yet"))),
+    }
+}
+
+/// A store whose keys live under `prefix` of another.
+#[derive(Debug)]
+pub struct PrefixedStore {
+    inner: std::sync::Arc<dyn ObjectStore>,
+    prefix: String,
+}
+
+/// `store` seen from `prefix` down.
+pub fn prefixed(store: std::sync::Arc<dyn ObjectStore>, prefix: &str) -> std::sync::Arc<dyn ObjectStore> {
+    std::sync::Arc::new(PrefixedStore { inner: store, prefix: prefix.trim_matches('/').to_string() })
+}
+
+#[async_trait]
+impl ObjectStore for PrefixedStore {
+    async fn put(&self, key: &str, bytes: Bytes, content_type: &str) -> Result<PutOutcome, StorageError> {
+        self.inner.put(&join_key(&self.prefix, key), bytes, content_type).await
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
+        self.inner.get(&join_key(&self.prefix, key)).await
+    }
+
+    fn uri(&self, key: &str) -> String {
+        self.inner.uri(&join_key(&self.prefix, key))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

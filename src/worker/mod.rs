@@ -1,3 +1,163 @@
-//! The batch worker: a job's samples split into shards that device threads sample independently.
+//! The batch worker: a job's samples split into shards ([`planner`]) that device threads
+//! ([`device`]) lease from the queue and sample independently; their outputs go through [`outputs`].
 
+pub mod device;
+pub mod outputs;
 pub mod planner;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tch::{Device, Kind};
+
+use crate::job::JobState;
+use crate::model::Layout;
+use crate::models::ResolvedModel;
+use crate::queue::Queue;
+use outputs::Outputs;
+
+/// How workers run shards.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Identifies this process in leases and shard records.
+    pub worker_id: String,
+    pub lease_ttl: Duration,
+    /// Delay before a failed shard runs again.
+    pub retry_delay: Duration,
+    pub kind: Kind,
+    pub layout: Layout,
+    /// How long a job whose shards are all done may wait for its manifest before the reaper writes it.
+    pub finalize_after: Duration,
+    pub reap_interval: Duration,
+    /// Polling period of an idle device thread (new submissions wake it at once).
+    pub idle_poll: Duration,
+}
+
+/// Stop flags of the shards running in this process, by job, so CancelJob stops them between steps
+/// without waiting for a heartbeat to notice.
+#[derive(Debug, Default)]
+pub struct ActiveShards {
+    flags: Mutex<HashMap<String, Vec<Arc<AtomicBool>>>>,
+}
+
+impl ActiveShards {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Arc<AtomicBool>>>> {
+        self.flags.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn register(&self, job_id: &str) -> Arc<AtomicBool> {
+        let flag = Arc::new(AtomicBool::new(false));
+        self.lock().entry(job_id.to_string()).or_default().push(Arc::clone(&flag));
+        flag
+    }
+
+    pub fn unregister(&self, job_id: &str, flag: &Arc<AtomicBool>) {
+        let mut flags = self.lock();
+        if let Some(list) = flags.get_mut(job_id) {
+            list.retain(|f| !Arc::ptr_eq(f, flag));
+            if list.is_empty() {
+                flags.remove(job_id);
+            }
+        }
+    }
+
+    /// Stops every running shard of `job_id`.
+    pub fn stop_job(&self, job_id: &str) {
+        for flag in self.lock().get(job_id).into_iter().flatten() {
+            flag.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// What every device thread and background task of a worker process shares.
+pub struct WorkerContext {
+    pub queue: Arc<dyn Queue>,
+    pub outputs: Arc<Outputs>,
+    pub models: Arc<BTreeMap<String, Arc<ResolvedModel>>>,
+    pub config: WorkerConfig,
+    pub active: ActiveShards,
+    /// Set on SIGTERM: take no new shards.
+    pub draining: AtomicBool,
+    /// Set when the drain grace period is over: stop running shards and give them back.
+    pub abort: AtomicBool,
+    /// Signalled when work may be available (a submission in this process).
+    pub wake: tokio::sync::Notify,
+    pub runtime: tokio::runtime::Handle,
+}
+
+impl WorkerContext {
+    /// Writes the manifest of a job whose shards are all done and marks it SUCCEEDED (or FAILED when
+    /// its outputs are inconsistent). A job already terminal is left alone.
+    pub async fn finalize(&self, job_id: &str) {
+        let span = tracing::info_span!("finalize", job_id);
+        let _enter = span.enter();
+        let job = match self.queue.job(job_id).await {
+            Ok(Some(job)) if !job.state.is_terminal() && job.shards_done >= job.shards_total => job,
+            Ok(_) => return,
+            Err(e) => return tracing::warn!(error = %e, "reading the job to finalize"),
+        };
+        let Some(model) = self.models.get(&job.spec.model) else {
+            return tracing::warn!(model = job.spec.model, "cannot finalize: model not served here");
+        };
+        let result = match self.outputs.for_job(&job.id, &job.spec).await {
+            Ok(out) => outputs::finalize(&out, &job, model, crate::queue::now_ms()).await,
+            Err(e) => Err(e.into()),
+        };
+        let finished = match &result {
+            Ok(uri) => self.queue.finish_job(job_id, JobState::Succeeded, None, Some(uri)).await,
+            Err(outputs::OutputError::Corrupt(message)) => {
+                self.queue.finish_job(job_id, JobState::Failed, Some(message), None).await
+            }
+            // Storage trouble: the reaper tries again later.
+            Err(e) => return tracing::warn!(error = %e, "finalizing failed; will retry"),
+        };
+        match finished {
+            Ok(Some(job)) => {
+                metrics::counter!("ddpm_jobs_finished_total", "state" => job.state.as_str()).increment(1);
+                tracing::info!(state = job.state.as_str(), manifest = job.manifest_uri, "job finished");
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "recording the finished job"),
+        }
+    }
+
+    /// One reaper pass: requeue expired leases, fail jobs with dead shards, finalize stragglers.
+    pub async fn reap_once(&self) {
+        match self.queue.reap().await {
+            Ok(r) if r.requeued + r.dead > 0 => {
+                metrics::counter!("ddpm_task_redeliveries_total").increment(r.requeued as u64);
+                metrics::counter!("ddpm_task_dead_lettered_total").increment(r.dead as u64);
+                tracing::info!(requeued = r.requeued, dead = r.dead, "reaped expired leases");
+                self.wake.notify_waiters();
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "reaping"),
+        }
+        if let Ok(dead) = self.queue.jobs_with_dead_shards().await {
+            for (job_id, error) in dead {
+                let message = format!("a shard failed on every attempt: {error}");
+                if let Ok(Some(job)) = self.queue.finish_job(&job_id, JobState::Failed, Some(&message), None).await {
+                    metrics::counter!("ddpm_jobs_finished_total", "state" => job.state.as_str()).increment(1);
+                    tracing::warn!(job_id, error = message, "job failed");
+                }
+                self.active.stop_job(&job_id);
+            }
+        }
+        if let Ok(ready) = self.queue.jobs_to_finalize(self.config.finalize_after).await {
+            for job_id in ready {
+                self.finalize(&job_id).await;
+            }
+        }
+        if let Ok(depth) = self.queue.depth().await {
+            metrics::gauge!("ddpm_queue_depth").set(depth as f64);
+        }
+    }
+}
+
+/// The devices `auto` means: every CUDA GPU, or the CPU when there is none.
+pub fn auto_devices() -> Vec<Device> {
+    let gpus = tch::Cuda::device_count().max(0) as usize;
+    if gpus == 0 { vec![Device::Cpu] } else { (0..gpus).map(Device::Cuda).collect() }
+}

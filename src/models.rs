@@ -1,0 +1,200 @@
+//! The models a worker serves: `NAME=LOCATION` pairs from its configuration, resolved to a diffusers
+//! folder on disk once at start-up, hashed, and checked before any port is bound.
+//!
+//! A location is a local folder, an `s3://bucket/prefix` (copied into the local model cache), or a
+//! Hugging Face hub id such as `google/ddpm-cifar10-32`, found in the standard HF cache (`HF_HUB_CACHE`,
+//! else `HF_HOME/hub`, else `~/.cache/huggingface/hub`), where `huggingface-cli download` puts it.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use crate::model::{ModelError, ModelFiles, UNet2DConfig};
+use crate::schedulers::{SchedulerConfig, SchedulerKind};
+use crate::storage::ObjectStore;
+
+/// `NAME=LOCATION` as given on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelArg {
+    pub name: String,
+    pub location: ModelLocation,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelLocation {
+    Dir(PathBuf),
+    S3 { bucket: String, prefix: String },
+    Hub(String),
+}
+
+impl FromStr for ModelArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, location) =
+            s.split_once('=').ok_or_else(|| format!("{s:?}: expected NAME=PATH (a folder, s3://… or org/name)"))?;
+        let valid_name = !name.is_empty()
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !valid_name {
+            return Err(format!("model name {name:?}: use letters, digits, '-', '_' and '.'"));
+        }
+        let location = if let Some(rest) = location.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(format!("{location:?}: no bucket"));
+            }
+            ModelLocation::S3 { bucket: bucket.into(), prefix: prefix.trim_matches('/').into() }
+        } else if is_hub_id(location) && !Path::new(location).exists() {
+            ModelLocation::Hub(location.into())
+        } else if location.is_empty() {
+            return Err(format!("{s:?}: empty location"));
+        } else {
+            ModelLocation::Dir(location.into())
+        };
+        Ok(ModelArg { name: name.into(), location })
+    }
+}
+
+/// `org/name`: two segments of hub-legal characters.
+fn is_hub_id(s: &str) -> bool {
+    let seg = |p: &str| {
+        !p.is_empty()
+            && !p.starts_with('.')
+            && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    matches!(s.split('/').collect::<Vec<_>>().as_slice(), [org, name] if seg(org) && seg(name))
+}
+
+/// A model ready to load on any device: its files, their identity and its default scheduler config.
+#[derive(Debug, Clone)]
+pub struct ResolvedModel {
+    pub name: String,
+    /// Where it came from, as configured.
+    pub source: String,
+    pub files: ModelFiles,
+    pub weights_sha256: String,
+    pub unet_config: UNet2DConfig,
+    /// `scheduler_config.json` as shipped with the model; a job's scheduler is built from it.
+    pub scheduler_text: String,
+}
+
+impl ResolvedModel {
+    /// The scheduler a job asks for, configured from the model's scheduler config.
+    pub fn scheduler(&self, kind: SchedulerKind) -> Result<SchedulerConfig, crate::schedulers::SchedulerError> {
+        SchedulerConfig::from_json(kind, &self.scheduler_text)
+    }
+
+    /// Reads a model folder and checks it: the UNet config parses and the scheduler config is there.
+    pub fn from_dir(name: &str, source: String, dir: &Path) -> Result<Self, ModelError> {
+        let files = ModelFiles::locate(dir)?;
+        let unet_config = files.read_unet_config()?;
+        unet_config.validate()?;
+        let scheduler_text = std::fs::read_to_string(&files.scheduler_config)
+            .map_err(|e| ModelError::Io { path: files.scheduler_config.clone(), message: e.to_string() })?;
+        let weights_sha256 = crate::generate::sha256_file(&files.weights)
+            .map_err(|e| ModelError::Io { path: files.weights.clone(), message: e.to_string() })?;
+        Ok(Self { name: name.into(), source, files, weights_sha256, unet_config, scheduler_text })
+    }
+}
+
+/// The standard Hugging Face hub cache folder.
+pub fn hf_hub_cache() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("HF_HUB_CACHE") {
+        return Some(dir.into());
+    }
+    if let Some(home) = std::env::var_os("HF_HOME") {
+        return Some(PathBuf::from(home).join("hub"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
+}
+
+/// The snapshot folder of `repo_id` at `refs/main` in an HF cache (`models--org--name/snapshots/<sha>`).
+pub fn hub_snapshot(cache: &Path, repo_id: &str) -> Result<PathBuf, ModelError> {
+    let repo = cache.join(format!("models--{}", repo_id.replace('/', "--")));
+    let refs = repo.join("refs").join("main");
+    let revision = std::fs::read_to_string(&refs).map_err(|_| ModelError::Io {
+        path: repo.clone(),
+        message: format!(
+            "{repo_id} is not in the Hugging Face cache; fetch it where a network exists with \
+             `huggingface-cli download {repo_id}` (or set HF_HOME / HF_HUB_CACHE)"
+        ),
+    })?;
+    Ok(repo.join("snapshots").join(revision.trim()))
+}
+
+/// The files a diffusers UNet pipeline folder may hold, in either layout.
+const MODEL_FILES: [&str; 9] = [
+    "model_index.json",
+    "config.json",
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.bin",
+    "scheduler_config.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "unet/diffusion_pytorch_model.bin",
+    "scheduler/scheduler_config.json",
+];
+
+/// Copies a diffusers folder out of an object store into `dest` (files it lacks are skipped).
+pub async fn fetch_model_folder(store: &dyn ObjectStore, dest: &Path) -> Result<(), ModelError> {
+    let io = |path: &Path, e: &dyn std::fmt::Display| ModelError::Io { path: path.into(), message: e.to_string() };
+    let mut found = 0;
+    for file in MODEL_FILES {
+        let Some(bytes) = store.get(file).await.map_err(|e| io(dest, &e))? else {
+            continue;
+        };
+        let path = dest.join(file);
+        let parent = path.parent().unwrap_or(dest);
+        std::fs::create_dir_all(parent).map_err(|e| io(parent, &e))?;
+        std::fs::write(&path, &bytes).map_err(|e| io(&path, &e))?;
+        found += 1;
+    }
+    if found == 0 {
+        return Err(io(dest, &format!("no diffusers model files under {}", store.uri(""))));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_args_parse_every_kind_of_location() {
+        let a: ModelArg = "cifar=./models/cifar".parse().unwrap();
+        assert_eq!(a.location, ModelLocation::Dir("./models/cifar".into()));
+        let a: ModelArg = "cifar=google/ddpm-cifar10-32".parse().unwrap();
+        assert_eq!(a.location, ModelLocation::Hub("google/ddpm-cifar10-32".into()));
+        let a: ModelArg = "c=s3://models/ddpm/cifar/".parse().unwrap();
+        assert_eq!(a.location, ModelLocation::S3 { bucket: "models".into(), prefix: "ddpm/cifar".into() });
+        assert_eq!("c=/abs/dir".parse::<ModelArg>().unwrap().location, ModelLocation::Dir("/abs/dir".into()));
+        for bad in ["nameonly", "=dir", "a b=dir", "c=", "c=s3://"] {
+            assert!(bad.parse::<ModelArg>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn hub_ids_resolve_through_the_cache_refs() {
+        let cache = tempfile::tempdir().unwrap();
+        let repo = cache.path().join("models--google--ddpm-cifar10-32");
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs/main"), "abc123\n").unwrap();
+        assert_eq!(hub_snapshot(cache.path(), "google/ddpm-cifar10-32").unwrap(), repo.join("snapshots/abc123"));
+        let err = hub_snapshot(cache.path(), "google/ddpm-cat-256").unwrap_err().to_string();
+        assert!(err.contains("huggingface-cli download google/ddpm-cat-256"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn model_folders_copy_out_of_an_object_store() {
+        let src = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(src.path().join("unet")).unwrap();
+        std::fs::write(src.path().join("unet/config.json"), "{}").unwrap();
+        std::fs::write(src.path().join("model_index.json"), "{}").unwrap();
+        let store = crate::storage::local::LocalStore::new(src.path()).unwrap();
+        let dest = tempfile::tempdir().unwrap();
+        fetch_model_folder(&store, dest.path()).await.unwrap();
+        assert!(dest.path().join("unet/config.json").is_file());
+        assert!(!dest.path().join("config.json").exists());
+        let empty = crate::storage::local::LocalStore::new(dest.path().join("nothing")).unwrap();
+        assert!(fetch_model_folder(&empty, dest.path()).await.is_err());
+    }
+}

@@ -1,0 +1,200 @@
+//! The behaviour every [`Queue`] backend must have, as one suite: the SQLite store runs it in its unit
+//! tests, and a distributed backend runs the same functions against its real server.
+//!
+//! Leases use real time with short TTLs, so a backend whose timers live on its server is tested as is.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use super::{IdempotencyKey, JobFilter, PageCursor, Queue, QueueError};
+use crate::job::{JobSpec, JobState, ShardPayload};
+use crate::schedulers::SchedulerKind;
+
+/// Runs every check, each on a fresh queue from `make`.
+pub async fn run_all<Q: Queue + Clone>(make: impl Fn() -> Q) {
+    submit_is_atomic_and_idempotent(make()).await;
+    concurrent_resubmits_make_one_job(make()).await;
+    leases_follow_priority_and_are_exclusive(make()).await;
+    expired_leases_are_fenced_and_requeued(make()).await;
+    failures_run_out_into_dead_letters(make()).await;
+    released_tasks_keep_their_attempts(make()).await;
+    finishing_a_job_retires_its_shards(make()).await;
+    listing_filters_and_pages(make()).await;
+    finished_shards_make_a_job_ready_to_finalize(make()).await;
+}
+
+pub fn spec(num_samples: u64, batch_size: u32, priority: i32, labels: &[(&str, &str)]) -> JobSpec {
+    JobSpec {
+        model: "tiny".into(),
+        scheduler: SchedulerKind::Ddim,
+        steps: 10,
+        eta: None,
+        num_samples,
+        seed: 7,
+        batch_size,
+        samples_per_grid: 16,
+        grid_columns: 4,
+        output: None,
+        priority,
+        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
+    }
+}
+
+fn key(id: &str, hash: &str) -> IdempotencyKey {
+    IdempotencyKey { request_id: id.into(), request_hash: hash.into() }
+}
+
+const LONG: Duration = Duration::from_secs(60);
+
+pub async fn submit_is_atomic_and_idempotent(q: impl Queue) {
+    let first = q.submit(&spec(10, 2, 0, &[]), Some(&key("r1", "h1")), 2, 3).await.unwrap();
+    assert!(first.created);
+    assert_eq!((first.job.state, first.job.shards_total, first.job.samples_done), (JobState::Queued, 3, 0));
+    let again = q.submit(&spec(99, 2, 0, &[]), Some(&key("r1", "h1")), 2, 3).await.unwrap();
+    assert!(!again.created);
+    assert_eq!((again.job.id.as_str(), again.job.spec.num_samples), (first.job.id.as_str(), 10));
+    let conflict = q.submit(&spec(10, 2, 0, &[]), Some(&key("r1", "other")), 2, 3).await.unwrap_err();
+    assert!(matches!(conflict, QueueError::IdempotencyConflict { .. }), "{conflict}");
+    // Every shard is queued, batch-aligned, exactly once.
+    let mut ranges = Vec::new();
+    while let Some(l) = q.lease("w", LONG).await.unwrap() {
+        let p: ShardPayload = serde_json::from_str(&l.payload).unwrap();
+        ranges.push((l.shard, p.start, p.end));
+    }
+    ranges.sort();
+    assert_eq!(ranges, [(0, 0, 4), (1, 4, 8), (2, 8, 10)]);
+    assert_eq!(q.job(&first.job.id).await.unwrap().unwrap().state, JobState::Running);
+    assert!(q.job("no-such-job").await.unwrap().is_none());
+}
+
+pub async fn concurrent_resubmits_make_one_job(q: impl Queue + Clone) {
+    let handles: Vec<_> = (0..50)
+        .map(|_| {
+            let q = q.clone();
+            tokio::spawn(async move { q.submit(&spec(4, 2, 0, &[]), Some(&key("same", "h")), 1, 3).await })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    let mut created = 0;
+    for h in handles {
+        let out = h.await.unwrap().unwrap();
+        created += usize::from(out.created);
+        ids.push(out.job.id);
+    }
+    ids.dedup();
+    assert_eq!((ids.len(), created), (1, 1));
+    assert_eq!(q.depth().await.unwrap(), 2, "one set of shard tasks");
+}
+
+pub async fn leases_follow_priority_and_are_exclusive(q: impl Queue) {
+    let low = q.submit(&spec(2, 2, 0, &[]), None, 1, 3).await.unwrap().job.id;
+    let high = q.submit(&spec(2, 2, 5, &[]), None, 1, 3).await.unwrap().job.id;
+    let a = q.lease("w1", LONG).await.unwrap().unwrap();
+    let b = q.lease("w2", LONG).await.unwrap().unwrap();
+    assert_eq!((a.job_id.as_str(), b.job_id.as_str()), (high.as_str(), low.as_str()));
+    assert_eq!((a.attempt, a.owner.as_str()), (1, "w1"));
+    assert!(q.lease("w3", LONG).await.unwrap().is_none());
+}
+
+pub async fn expired_leases_are_fenced_and_requeued(q: impl Queue) {
+    let id = q.submit(&spec(2, 2, 0, &[]), None, 1, 3).await.unwrap().job.id;
+    let mut zombie = q.lease("w1", Duration::from_millis(200)).await.unwrap().unwrap();
+    q.heartbeat(&mut zombie, Duration::from_millis(50)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(q.reap().await.unwrap().requeued, 1);
+    let fresh = q.lease("w2", LONG).await.unwrap().unwrap();
+    assert_eq!((fresh.shard, fresh.attempt), (zombie.shard, 2));
+    assert!(matches!(q.heartbeat(&mut zombie, LONG).await, Err(QueueError::LeaseLost { .. })));
+    assert!(matches!(q.complete_shard(&zombie, 2).await, Err(QueueError::LeaseLost { .. })));
+    assert!(matches!(q.retry_later(&zombie, Duration::ZERO, "x").await, Err(QueueError::LeaseLost { .. })));
+    let job = q.complete_shard(&fresh, 2).await.unwrap();
+    assert_eq!((job.samples_done, job.shards_done), (2, 1));
+    // A completion counts once.
+    assert!(matches!(q.complete_shard(&fresh, 2).await, Err(QueueError::LeaseLost { .. })));
+    assert_eq!(q.job(&id).await.unwrap().unwrap().samples_done, 2);
+}
+
+pub async fn failures_run_out_into_dead_letters(q: impl Queue) {
+    let id = q.submit(&spec(2, 2, 0, &[]), None, 1, 2).await.unwrap().job.id;
+    let l1 = q.lease("w", LONG).await.unwrap().unwrap();
+    q.retry_later(&l1, Duration::from_millis(150), "cuda error").await.unwrap();
+    assert!(q.lease("w", LONG).await.unwrap().is_none(), "not available before its delay");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let l2 = q.lease("w", LONG).await.unwrap().unwrap();
+    assert_eq!(l2.attempt, 2);
+    q.retry_later(&l2, Duration::ZERO, "cuda error again").await.unwrap();
+    assert!(q.lease("w", LONG).await.unwrap().is_none(), "dead after its last attempt");
+    assert_eq!(q.jobs_with_dead_shards().await.unwrap(), [(id.clone(), "cuda error again".to_string())]);
+    let failed = q.finish_job(&id, JobState::Failed, Some("shard 0: cuda error again"), None).await.unwrap();
+    assert_eq!(failed.unwrap().state, JobState::Failed);
+    assert!(q.jobs_with_dead_shards().await.unwrap().is_empty());
+}
+
+pub async fn released_tasks_keep_their_attempts(q: impl Queue) {
+    q.submit(&spec(2, 2, 0, &[]), None, 1, 1).await.unwrap();
+    let l = q.lease("w", LONG).await.unwrap().unwrap();
+    q.release(&l).await.unwrap();
+    let again = q.lease("w", LONG).await.unwrap().unwrap();
+    assert_eq!(again.attempt, 1, "a drained shard does not spend its single attempt");
+}
+
+pub async fn finishing_a_job_retires_its_shards(q: impl Queue) {
+    let id = q.submit(&spec(6, 2, 0, &[]), None, 1, 3).await.unwrap().job.id;
+    let running = q.lease("w", LONG).await.unwrap().unwrap();
+    let job = q.finish_job(&id, JobState::Cancelled, None, None).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Cancelled);
+    assert!(job.finished_at_ms.is_some());
+    assert!(q.lease("w", LONG).await.unwrap().is_none());
+    let mut running = running;
+    assert!(matches!(q.heartbeat(&mut running, LONG).await, Err(QueueError::LeaseLost { .. })));
+    // The first terminal state is final.
+    let again = q.finish_job(&id, JobState::Succeeded, None, Some("x")).await.unwrap().unwrap();
+    assert_eq!((again.state, again.manifest_uri), (JobState::Cancelled, None));
+    assert_eq!(q.depth().await.unwrap(), 0);
+}
+
+pub async fn listing_filters_and_pages(q: impl Queue) {
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let team = if i % 2 == 0 { "a" } else { "b" };
+        ids.push(q.submit(&spec(2, 2, 0, &[("team", team), ("x.y", "z")]), None, 1, 3).await.unwrap().job.id);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    q.finish_job(&ids[0], JobState::Cancelled, None, None).await.unwrap();
+    let all = JobFilter::default();
+    let mut seen = Vec::new();
+    let mut cursor: Option<PageCursor> = None;
+    loop {
+        let page = q.list_jobs(&all, cursor.as_ref(), 2).await.unwrap();
+        assert!(page.len() <= 2);
+        let Some(last) = page.last() else { break };
+        cursor = Some(PageCursor { created_at_ms: last.created_at_ms, id: last.id.clone() });
+        seen.extend(page.iter().map(|j| j.id.clone()));
+    }
+    let newest_first: Vec<_> = ids.iter().rev().cloned().collect();
+    assert_eq!(seen, newest_first);
+    let team_a = JobFilter { labels: [("team".to_string(), "a".to_string())].into(), ..Default::default() };
+    assert_eq!(q.list_jobs(&team_a, None, 10).await.unwrap().len(), 3);
+    let dotted = JobFilter { labels: [("x.y".to_string(), "z".to_string())].into(), ..Default::default() };
+    assert_eq!(q.list_jobs(&dotted, None, 10).await.unwrap().len(), 5);
+    let cancelled_a = JobFilter { states: vec![JobState::Cancelled], ..team_a.clone() };
+    let found = q.list_jobs(&cancelled_a, None, 10).await.unwrap();
+    assert_eq!(found.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), [ids[0].as_str()]);
+    let queued_or_running = JobFilter { states: vec![JobState::Queued, JobState::Running], ..Default::default() };
+    assert_eq!(q.list_jobs(&queued_or_running, None, 10).await.unwrap().len(), 4);
+}
+
+pub async fn finished_shards_make_a_job_ready_to_finalize(q: impl Queue) {
+    let id = q.submit(&spec(4, 2, 0, &[]), None, 1, 3).await.unwrap().job.id;
+    let a = q.lease("w", LONG).await.unwrap().unwrap();
+    let b = q.lease("w", LONG).await.unwrap().unwrap();
+    q.complete_shard(&a, 2).await.unwrap();
+    assert!(q.jobs_to_finalize(Duration::ZERO).await.unwrap().is_empty());
+    let job = q.complete_shard(&b, 2).await.unwrap();
+    assert_eq!((job.shards_done, job.shards_total, job.samples_done), (2, 2, 4));
+    assert!(q.jobs_to_finalize(LONG).await.unwrap().is_empty(), "its finisher still has time");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(q.jobs_to_finalize(Duration::from_millis(1)).await.unwrap(), [id.clone()]);
+    q.finish_job(&id, JobState::Succeeded, None, Some("file:///m.json")).await.unwrap();
+    assert!(q.jobs_to_finalize(Duration::ZERO).await.unwrap().is_empty());
+}

@@ -1,0 +1,69 @@
+//! Every error the API can return, mapped to a gRPC status in one place.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::queue::QueueError;
+
+/// One bad field of a request: its path (`sampling.steps`) and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    pub field: String,
+    pub description: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("invalid request: {}", .0.iter().map(|v| format!("{}: {}", v.field, v.description)).collect::<Vec<_>>().join("; "))]
+    InvalidArgument(Vec<FieldViolation>),
+    #[error("job {0} not found")]
+    NotFound(String),
+    #[error("request_id {request_id:?} was already used for a different request (job {job_id})")]
+    IdempotencyConflict { request_id: String, job_id: String },
+    #[error("job {job_id} is already {state}")]
+    AlreadyFinished { job_id: String, state: &'static str },
+    #[error("the job queue is unavailable: {0}")]
+    Queue(QueueError),
+    #[error("the worker is shutting down")]
+    ShuttingDown,
+}
+
+impl ServiceError {
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        ServiceError::InvalidArgument(vec![FieldViolation { field: field.into(), description: description.into() }])
+    }
+}
+
+impl From<QueueError> for ServiceError {
+    fn from(e: QueueError) -> Self {
+        match e {
+            QueueError::IdempotencyConflict { request_id, job_id } => {
+                ServiceError::IdempotencyConflict { request_id, job_id }
+            }
+            other => ServiceError::Queue(other),
+        }
+    }
+}
+
+impl From<ServiceError> for Status {
+    fn from(e: ServiceError) -> Status {
+        let message = e.to_string();
+        match e {
+            ServiceError::InvalidArgument(violations) => {
+                let mut details = ErrorDetails::new();
+                for v in &violations {
+                    details.add_bad_request_violation(v.field.clone(), v.description.clone());
+                }
+                Status::with_error_details(Code::InvalidArgument, message, details)
+            }
+            ServiceError::NotFound(_) => Status::not_found(message),
+            ServiceError::IdempotencyConflict { .. } => Status::already_exists(message),
+            ServiceError::AlreadyFinished { .. } => Status::failed_precondition(message),
+            ServiceError::Queue(QueueError::Corrupt(_)) => {
+                tracing::error!(error = message, "queue store");
+                Status::internal(message)
+            }
+            ServiceError::Queue(_) | ServiceError::ShuttingDown => Status::unavailable(message),
+        }
+    }
+}

@@ -1,0 +1,382 @@
+//! `ddpm-worker serve`: the gRPC API, the durable queue, one thread per device, the reaper, health,
+//! reflection and Prometheus metrics, in one process. Everything is checked (models found and hashed,
+//! queue opened, destination parsed) before a port is bound; the health service reports NOT_SERVING
+//! until every device has loaded and warmed its models, and again from the first SIGTERM.
+
+pub mod api;
+pub mod error;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tch::Device;
+
+use crate::api::{FILE_DESCRIPTOR_SET, pb};
+use crate::generate::{DType, device_name, parse_device};
+use crate::model::Layout;
+use crate::models::{ModelArg, ModelLocation, ResolvedModel};
+use crate::queue::sqlite::SqliteStore;
+use crate::queue::{Queue, SqliteQueue};
+use crate::storage::Destination;
+use crate::worker::outputs::Outputs;
+use crate::worker::{WorkerConfig, WorkerContext, device};
+use api::{Limits, WorkerService};
+
+/// `serve`'s options; every flag can also come from its `DDPM_*` environment variable.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// gRPC address (port 0: any free port; the bound address is printed).
+    #[arg(long, env = "DDPM_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Prometheus metrics address (`/metrics`); none when unset.
+    #[arg(long, env = "DDPM_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// A served model, NAME=PATH: a diffusers folder, s3://bucket/prefix, or a hub id (org/name) in the
+    /// Hugging Face cache. Repeat for several.
+    #[arg(long = "model", env = "DDPM_MODELS", value_delimiter = ',', required = true)]
+    pub models: Vec<ModelArg>,
+    /// The job queue: sqlite:PATH.
+    #[arg(long, env = "DDPM_QUEUE", default_value = "sqlite:ddpm-data/queue.sqlite")]
+    pub queue: String,
+    /// Default output destination: file:DIR or s3://BUCKET/PREFIX (endpoint and credentials from AWS_*).
+    #[arg(long, env = "DDPM_OUTPUT", default_value = "file:ddpm-data/jobs")]
+    pub output: Destination,
+    /// Path-style S3 addressing (MinIO, SeaweedFS, Ceph).
+    #[arg(long, env = "DDPM_S3_PATH_STYLE")]
+    pub s3_path_style: bool,
+    /// auto (every CUDA GPU, else the CPU), or a list such as cuda:0,cuda:1 or cpu. A device listed
+    /// twice gets two threads.
+    #[arg(long, env = "DDPM_DEVICES", default_value = "auto")]
+    pub devices: String,
+    /// Intra-op threads of each CPU device thread (default: the cores shared among them).
+    #[arg(long, env = "DDPM_CPU_THREADS")]
+    pub cpu_threads: Option<i32>,
+    /// UNet precision (fp16/bf16 need CUDA).
+    #[arg(long, env = "DDPM_DTYPE", value_enum, default_value = "fp32")]
+    pub dtype: DType,
+    /// Channels-last UNet layout: faster, agrees with diffusers to ~1e-5 instead of bit for bit.
+    #[arg(long, env = "DDPM_CHANNELS_LAST")]
+    pub channels_last: bool,
+    /// Batch size of jobs that give none.
+    #[arg(long, env = "DDPM_DEFAULT_BATCH_SIZE", default_value_t = 16)]
+    pub default_batch_size: u32,
+    #[arg(long, env = "DDPM_MAX_BATCH_SIZE", default_value_t = 512)]
+    pub max_batch_size: u32,
+    /// Batches per shard (the unit of leasing, retry and progress).
+    #[arg(long, env = "DDPM_BATCHES_PER_SHARD", default_value_t = 4)]
+    pub batches_per_shard: u64,
+    #[arg(long, env = "DDPM_MAX_SAMPLES", default_value_t = 10_000_000)]
+    pub max_samples: u64,
+    #[arg(long, env = "DDPM_MAX_STEPS", default_value_t = 1000)]
+    pub max_steps: u32,
+    /// Largest accepted request message, in bytes.
+    #[arg(long, env = "DDPM_MAX_REQUEST_BYTES", default_value_t = 64 * 1024)]
+    pub max_request_bytes: usize,
+    /// Attempts of a shard before it is dead-lettered and its job FAILED.
+    #[arg(long, env = "DDPM_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: u32,
+    /// Lease time of a shard; heartbeats renew it every quarter.
+    #[arg(long, env = "DDPM_LEASE_SECONDS", default_value_t = 60.0)]
+    pub lease_seconds: f64,
+    /// On SIGTERM, how long running shards may take to finish before they are given back.
+    #[arg(long, env = "DDPM_GRACE_SECONDS", default_value_t = 30.0)]
+    pub grace_seconds: f64,
+    /// Log lines as JSON objects.
+    #[arg(long, env = "DDPM_LOG_JSON")]
+    pub log_json: bool,
+    /// Where models from S3 are copied to.
+    #[arg(long, env = "DDPM_MODEL_CACHE", default_value = "ddpm-data/models")]
+    pub model_cache: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The configuration is wrong (exit code 2): nothing was started.
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Runtime(String),
+}
+
+/// The configuration, checked and resolved.
+struct Prepared {
+    models: BTreeMap<String, Arc<ResolvedModel>>,
+    queue: Arc<dyn Queue>,
+    devices: Vec<(Device, Option<i32>)>,
+}
+
+fn parse_devices(spec: &str, cpu_threads: Option<i32>) -> Result<Vec<(Device, Option<i32>)>, String> {
+    let devices = if spec == "auto" {
+        crate::worker::auto_devices()
+    } else {
+        spec.split(',').map(|d| parse_device(d.trim())).collect::<Result<Vec<_>, _>>()?
+    };
+    let gpus = tch::Cuda::device_count().max(0) as usize;
+    for d in &devices {
+        if let Device::Cuda(i) = d {
+            if *i >= gpus {
+                return Err(format!("cuda:{i} requested but {gpus} CUDA device(s) found"));
+            }
+        }
+    }
+    let cpus = devices.iter().filter(|d| **d == Device::Cpu).count().max(1) as i32;
+    let share = cpu_threads.unwrap_or((tch::get_num_threads() / cpus).max(1));
+    Ok(devices.into_iter().map(|d| (d, (d == Device::Cpu).then_some(share))).collect())
+}
+
+async fn prepare(args: &ServeArgs) -> Result<Prepared, ServeError> {
+    let config = ServeError::Config;
+    if args.dtype != DType::Fp32 && !args.devices.contains("cuda") && tch::Cuda::device_count() == 0 {
+        return Err(config(format!("--dtype {:?} needs a CUDA device", args.dtype)));
+    }
+    if !(args.lease_seconds >= 1.0 && args.lease_seconds.is_finite()) {
+        return Err(config("--lease-seconds must be at least 1".into()));
+    }
+    if args.default_batch_size == 0 || args.default_batch_size > args.max_batch_size {
+        return Err(config("--default-batch-size must be in 1..=--max-batch-size".into()));
+    }
+    let devices = parse_devices(&args.devices, args.cpu_threads).map_err(|e| config(format!("--devices: {e}")))?;
+    let mut models = BTreeMap::new();
+    for m in &args.models {
+        if models.contains_key(&m.name) {
+            return Err(config(format!("--model {}: named twice", m.name)));
+        }
+        let (dir, source) = match &m.location {
+            ModelLocation::Dir(d) => (d.clone(), d.display().to_string()),
+            ModelLocation::Hub(id) => {
+                let cache = crate::models::hf_hub_cache()
+                    .ok_or_else(|| config("no HOME, HF_HOME or HF_HUB_CACHE to find the Hugging Face cache".into()))?;
+                let dir = crate::models::hub_snapshot(&cache, id).map_err(|e| config(format!("--model {}: {e}", m.name)))?;
+                (dir, format!("hf://{id}"))
+            }
+            ModelLocation::S3 { bucket, prefix } => {
+                let dest = Destination::S3 { bucket: bucket.clone(), prefix: String::new() };
+                let store = crate::storage::open_store(&dest, args.s3_path_style)
+                    .await
+                    .map_err(|e| config(format!("--model {}: {e}", m.name)))?;
+                let prefixed = crate::storage::prefixed(store, prefix);
+                let dir = args.model_cache.join(&m.name);
+                crate::models::fetch_model_folder(prefixed.as_ref(), &dir)
+                    .await
+                    .map_err(|e| config(format!("--model {}: {e}", m.name)))?;
+                (dir, format!("s3://{bucket}/{prefix}"))
+            }
+        };
+        let resolved = ResolvedModel::from_dir(&m.name, source, &dir).map_err(|e| config(format!("--model {}: {e}", m.name)))?;
+        models.insert(m.name.clone(), Arc::new(resolved));
+    }
+    let path = args
+        .queue
+        .strip_prefix("sqlite:")
+        .ok_or_else(|| config(format!("--queue {:?}: expected sqlite:PATH", args.queue)))?;
+    let path = PathBuf::from(path);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| config(format!("--queue: {}: {e}", dir.display())))?;
+    }
+    let store = SqliteStore::open(&path).map_err(|e| config(format!("--queue {}: {e}", path.display())))?;
+    Ok(Prepared { models, queue: Arc::new(SqliteQueue::new(store)), devices })
+}
+
+fn install_metrics(addr: SocketAddr) -> Result<(), ServeError> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    let seconds = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0];
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
+        .and_then(|b| b.install())
+        .map_err(|e| ServeError::Config(format!("--metrics-listen {addr}: {e}")))?;
+    metrics::gauge!("ddpm_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    Ok(())
+}
+
+/// Runs the service until SIGTERM or SIGINT, then drains. `on_listening` gets the bound address.
+pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Result<(), ServeError> {
+    let prepared = prepare(&args).await?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| ServeError::Config(format!("--listen {}: {e}", args.listen)))?;
+    let addr = listener.local_addr().map_err(|e| ServeError::Runtime(e.to_string()))?;
+    if let Some(m) = args.metrics_listen {
+        install_metrics(m)?;
+    }
+
+    let config = WorkerConfig {
+        worker_id: format!(
+            "{}-{}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into()),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        ),
+        lease_ttl: Duration::from_secs_f64(args.lease_seconds),
+        retry_delay: Duration::from_secs(2),
+        kind: args.dtype.kind(),
+        layout: if args.channels_last { Layout::ChannelsLast } else { Layout::Diffusers },
+        finalize_after: Duration::from_secs_f64(args.lease_seconds),
+        reap_interval: Duration::from_secs_f64((args.lease_seconds / 4.0).clamp(0.25, 5.0)),
+        idle_poll: device::DEFAULT_IDLE_POLL,
+    };
+    let ctx = Arc::new(WorkerContext {
+        queue: prepared.queue,
+        outputs: Arc::new(Outputs::new(args.output.clone(), args.s3_path_style)),
+        models: Arc::new(prepared.models),
+        config,
+        active: Default::default(),
+        draining: Default::default(),
+        abort: Default::default(),
+        wake: Default::default(),
+        runtime: tokio::runtime::Handle::current(),
+    });
+    let limits = Limits {
+        max_samples: args.max_samples,
+        max_steps: args.max_steps,
+        max_batch_size: args.max_batch_size,
+        default_batch_size: args.default_batch_size,
+        max_samples_per_grid: 1024,
+        batches_per_shard: args.batches_per_shard,
+        max_attempts: args.max_attempts,
+    };
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_not_serving::<pb::worker_server::WorkerServer<WorkerService>>().await;
+    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Runtime(e.to_string()))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| ServeError::Runtime(e.to_string()))?;
+    let worker = pb::worker_server::WorkerServer::new(WorkerService { ctx: Arc::clone(&ctx), limits })
+        .max_decoding_message_size(args.max_request_bytes);
+
+    // Device threads load and warm their models; the service is SERVING once all have.
+    let mut threads = Vec::new();
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel();
+    for (i, (dev, cpu_threads)) in prepared.devices.iter().copied().enumerate() {
+        let (ctx, ready) = (Arc::clone(&ctx), ready_tx.clone());
+        let name = format!("device-{i}-{}", device_name(dev));
+        let handle = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                if let Some(n) = cpu_threads {
+                    tch::set_num_threads(n);
+                }
+                match device::DeviceModels::load(&ctx, dev) {
+                    Ok(models) => {
+                        let _ = ready.send(Ok(name));
+                        device::run(ctx, models, cpu_threads);
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(format!("{name}: loading models: {e}")));
+                    }
+                }
+            })
+            .map_err(|e| ServeError::Runtime(format!("starting a device thread: {e}")))?;
+        threads.push(handle);
+    }
+    drop(ready_tx);
+
+    let reaper = {
+        let ctx = Arc::clone(&ctx);
+        tokio::spawn(async move {
+            loop {
+                ctx.reap_once().await;
+                tokio::time::sleep(ctx.config.reap_interval).await;
+            }
+        })
+    };
+
+    let shutdown = {
+        let (ctx, health) = (Arc::clone(&ctx), health.clone());
+        let grace = Duration::from_secs_f64(args.grace_seconds.max(0.0));
+        async move {
+            shutdown_signal().await;
+            tracing::info!(grace_seconds = grace.as_secs_f64(), "draining: no new shards");
+            health.set_not_serving::<pb::worker_server::WorkerServer<WorkerService>>().await;
+            health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+            ctx.draining.store(true, Ordering::Relaxed);
+            ctx.wake.notify_waiters();
+            let drained = {
+                let ctx = Arc::clone(&ctx);
+                tokio::task::spawn_blocking(move || {
+                    for t in threads {
+                        let _ = t.join();
+                    }
+                    drop(ctx);
+                })
+            };
+            tokio::pin!(drained);
+            if tokio::time::timeout(grace, &mut drained).await.is_err() {
+                tracing::info!("grace period over: giving running shards back");
+                ctx.abort.store(true, Ordering::Relaxed);
+                let _ = drained.await;
+            }
+        }
+    };
+
+    let ready_health = health.clone();
+    let device_count = prepared.devices.len();
+    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();
+    tokio::spawn(async move {
+        let mut ready = 0;
+        while let Some(r) = ready_rx.recv().await {
+            match r {
+                Ok(name) => {
+                    ready += 1;
+                    tracing::info!(device = name, "models loaded and warm");
+                }
+                Err(e) => {
+                    let _ = failed_tx.send(e);
+                    return;
+                }
+            }
+        }
+        if ready == device_count {
+            ready_health.set_serving::<pb::worker_server::WorkerServer<WorkerService>>().await;
+            ready_health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+            tracing::info!(devices = ready, "serving");
+        }
+    });
+
+    on_listening(addr);
+    tracing::info!(%addr, models = ?ctx.models.keys().collect::<Vec<_>>(), devices = ?prepared.devices.iter().map(|d| device_name(d.0)).collect::<Vec<_>>(), "listening");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(worker)
+        .serve_with_incoming_shutdown(incoming, shutdown);
+    tokio::select! {
+        r = server => r.map_err(|e| ServeError::Runtime(e.to_string()))?,
+        Ok(e) = failed_rx => return Err(ServeError::Runtime(e)),
+    }
+    reaper.abort();
+    tracing::info!("drained; exiting");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

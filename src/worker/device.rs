@@ -1,0 +1,336 @@
+//! One OS thread per device: it owns a UNet replica of every served model and pulls shards from the
+//! queue. Sampling stays on the thread; PNG encoding, uploads and the shard's bookkeeping run on the
+//! tokio runtime, overlapping the next shard's sampling.
+
+use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use image::RgbImage;
+use tch::Device;
+
+use super::WorkerContext;
+use super::outputs::{self, GridEntry, JobOutputs, OutputError, SampleEntry, ShardRecord};
+use crate::generate::device_name;
+use crate::imaging;
+use crate::job::{JobRecord, ShardPayload};
+use crate::model::{LoadedUNet, ModelError};
+use crate::queue::{Lease, QueueError};
+use crate::sampler::{self, BatchRequest, Placement, SampleError};
+
+/// Shards of one device whose outputs may still be uploading while it samples the next.
+const IN_FLIGHT_SHARDS: usize = 2;
+
+/// A device thread's models, loaded and warmed.
+pub struct DeviceModels {
+    device: Device,
+    unets: BTreeMap<String, LoadedUNet>,
+}
+
+impl DeviceModels {
+    /// Loads every model on `device` and runs one forward pass each, so the first shard does not pay
+    /// for allocator and kernel warm-up.
+    pub fn load(ctx: &WorkerContext, device: Device) -> Result<Self, ModelError> {
+        let mut unets = BTreeMap::new();
+        let _guard = tch::no_grad_guard();
+        for (name, model) in ctx.models.iter() {
+            let mut unet = LoadedUNet::load(&model.files, device, ctx.config.kind)?;
+            unet.set_layout(ctx.config.layout);
+            let (h, w) = unet.config.sample_hw()?;
+            let x = tch::Tensor::zeros([1, unet.config.in_channels, h, w], (ctx.config.kind, device));
+            let _ = unet.forward(&x, 0);
+            unets.insert(name.clone(), unet);
+        }
+        Ok(Self { device, unets })
+    }
+}
+
+/// The device thread's loop: lease, sample, hand off, until the worker drains.
+pub fn run(ctx: Arc<WorkerContext>, models: DeviceModels, threads: Option<i32>) {
+    if let Some(n) = threads {
+        tch::set_num_threads(n);
+    }
+    let device = device_name(models.device);
+    let owner = format!("{}/{device}", ctx.config.worker_id);
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_SHARDS));
+    while !ctx.draining.load(Ordering::Relaxed) {
+        let permit = match ctx.runtime.block_on(Arc::clone(&in_flight).acquire_owned()) {
+            Ok(p) => p,
+            Err(_) => break,
+        };
+        let lease = match ctx.runtime.block_on(ctx.queue.lease(&owner, ctx.config.lease_ttl)) {
+            Ok(Some(lease)) => lease,
+            Ok(None) => {
+                let wait = ctx.wake.notified();
+                let _ = ctx.runtime.block_on(async { tokio::time::timeout(ctx.config.idle_poll, wait).await });
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "leasing a shard");
+                std::thread::sleep(ctx.config.idle_poll);
+                continue;
+            }
+        };
+        metrics::counter!("ddpm_tasks_leased_total").increment(1);
+        let span = tracing::info_span!("shard", job_id = lease.job_id, shard = lease.shard, attempt = lease.attempt, device);
+        let _enter = span.enter();
+        run_shard(&ctx, &models, &device, lease, permit);
+    }
+    // Wait for this device's shards to finish their uploads before the thread ends.
+    let _ = ctx.runtime.block_on(in_flight.acquire_many(IN_FLIGHT_SHARDS as u32));
+}
+
+/// Samples one leased shard and hands its outputs to a finishing task.
+fn run_shard(
+    ctx: &Arc<WorkerContext>,
+    models: &DeviceModels,
+    device: &str,
+    lease: Lease,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let rt = &ctx.runtime;
+    let prepared = rt.block_on(prepare(ctx, &lease));
+    let (job, payload, out) = match prepared {
+        Ok(Some(p)) => p,
+        Ok(None) => return, // nothing to sample: already done or the job is over
+        Err(e) => return give_back(ctx, &lease, &e.to_string()),
+    };
+    let Some(unet) = models.unets.get(&job.spec.model) else {
+        let error = format!("model {:?} is not served by this worker", job.spec.model);
+        return give_back(ctx, &lease, &error);
+    };
+    let Some(model) = ctx.models.get(&job.spec.model) else { return };
+    let scheduler = match model.scheduler(job.spec.scheduler) {
+        Ok(s) => s,
+        Err(e) => return fail(ctx, &lease, &e.to_string()),
+    };
+
+    let stop = ctx.active.register(&job.id);
+    let heartbeat = rt.spawn(keep_alive(Arc::clone(ctx), lease.clone(), Arc::clone(&stop)));
+    let (tx, rx) = tokio::sync::mpsc::channel::<(u64, u64, RgbImage)>(job.spec.batch_size as usize * 2);
+    let uploads = rt.spawn(upload_shard(out.clone(), job.spec.clone(), payload, rx));
+
+    let started = Instant::now();
+    let batch_size = job.spec.batch_size as u64;
+    let place = Placement { device: models.device, kind: ctx.config.kind };
+    let result = (|| -> Result<(), SampleError> {
+        for first in (payload.start..payload.end).step_by(batch_size as usize) {
+            let seeds: Vec<u64> = (first..(first + batch_size).min(payload.end)).map(|i| job.spec.seed + i).collect();
+            let req = BatchRequest {
+                seeds: &seeds,
+                batch_size: batch_size as usize,
+                steps: job.spec.steps as usize,
+                eta: job.spec.eta.unwrap_or(0.0),
+            };
+            let mut last = Instant::now();
+            let x0 = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                sampler::sample_batch(unet, &scheduler, &req, place, |_| {
+                    metrics::histogram!("ddpm_step_duration_seconds").record(last.elapsed().as_secs_f64());
+                    last = Instant::now();
+                    !stop.load(Ordering::Relaxed) && !ctx.abort.load(Ordering::Relaxed)
+                })
+            }))
+            .map_err(|panic| SampleError::Torch(tch::TchError::Torch(panic_message(&panic))))??;
+            for (k, img) in imaging::to_images(&x0).map_err(|e| SampleError::Torch(tch::TchError::Convert(e.to_string())))?.into_iter().enumerate() {
+                let index = first + k as u64;
+                if tx.blocking_send((index, job.spec.seed + index, img)).is_err() {
+                    return Err(SampleError::Cancelled); // the uploader failed; its error is reported below
+                }
+            }
+            metrics::counter!("ddpm_images_generated_total").increment(seeds.len() as u64);
+        }
+        Ok(())
+    })();
+    drop(tx);
+    let sampling_seconds = started.elapsed().as_secs_f64();
+
+    let ctx = Arc::clone(ctx);
+    let device = device.to_string();
+    rt.spawn(async move {
+        let _permit = permit;
+        let uploaded = uploads.await.map_err(|e| OutputError::Internal(e.to_string())).and_then(|r| r);
+        let outcome = match (result, uploaded) {
+            (Ok(()), Ok((samples, grids))) => {
+                let record = ShardRecord {
+                    shard: lease.shard,
+                    start: payload.start,
+                    end: payload.end,
+                    worker: ctx.config.worker_id.clone(),
+                    device,
+                    attempt: lease.attempt,
+                    sampling_seconds,
+                    samples,
+                    grids,
+                };
+                finish_shard(&ctx, &lease, &out, &record).await
+            }
+            (Err(SampleError::Cancelled), _) if ctx.abort.load(Ordering::Relaxed) => {
+                release(&ctx, &lease).await;
+                Ok(())
+            }
+            // Cancelled job or lost lease: the queue already knows; nothing to record.
+            (Err(SampleError::Cancelled), _) if stop.load(Ordering::Relaxed) => Ok(()),
+            (Err(e), _) => Err(e.to_string()),
+            (Ok(()), Err(e)) => Err(e.to_string()),
+        };
+        heartbeat.abort();
+        ctx.active.unregister(&lease.job_id, &stop);
+        if let Err(error) = outcome {
+            tracing::warn!(job_id = lease.job_id, shard = lease.shard, error, "shard failed");
+            retry(&ctx, &lease, &error).await;
+        } else {
+            metrics::histogram!("ddpm_shard_duration_seconds").record(sampling_seconds);
+        }
+        ctx.wake.notify_waiters();
+    });
+}
+
+type Prepared = (JobRecord, ShardPayload, JobOutputs);
+
+/// The job, sample range and output folder of a lease; `None` when there is nothing to sample because
+/// the job is over or an earlier attempt already recorded the shard (then it is completed here).
+async fn prepare(ctx: &WorkerContext, lease: &Lease) -> Result<Option<Prepared>, Box<dyn std::error::Error + Send + Sync>> {
+    let Some(job) = ctx.queue.job(&lease.job_id).await? else {
+        ctx.queue.dead_letter(lease, "job record missing").await?;
+        return Ok(None);
+    };
+    if job.state.is_terminal() {
+        return Ok(None);
+    }
+    let payload: ShardPayload = serde_json::from_str(&lease.payload)?;
+    let out = ctx.outputs.for_job(&job.id, &job.spec).await?;
+    if let Some(record) = out.shard_record(lease.shard).await? {
+        if (record.start, record.end) == (payload.start, payload.end) {
+            tracing::info!("shard already recorded by attempt {}; not sampling it again", record.attempt);
+            complete(ctx, lease, &out, record.end - record.start).await;
+            return Ok(None);
+        }
+    }
+    Ok(Some((job, payload, out)))
+}
+
+/// Writes the shard record, then completes the task; the worker that completes the last shard writes
+/// the manifest.
+async fn finish_shard(ctx: &WorkerContext, lease: &Lease, out: &JobOutputs, record: &ShardRecord) -> Result<(), String> {
+    let json = serde_json::to_vec(record).map_err(|e| e.to_string())?;
+    out.store
+        .put(&out.shard_key(lease.shard), json.into(), "application/json")
+        .await
+        .map_err(|e| e.to_string())?;
+    complete(ctx, lease, out, record.end - record.start).await;
+    Ok(())
+}
+
+async fn complete(ctx: &WorkerContext, lease: &Lease, _out: &JobOutputs, samples: u64) {
+    match ctx.queue.complete_shard(lease, samples).await {
+        Ok(job) if job.shards_done >= job.shards_total => ctx.finalize(&job.id).await,
+        Ok(_) => {}
+        Err(QueueError::LeaseLost { .. }) => tracing::info!("lease lost before completion; another attempt owns the shard"),
+        Err(e) => tracing::warn!(error = %e, "completing the shard"),
+    }
+}
+
+/// Encodes and uploads a shard's samples as they arrive, and the grids that lie wholly inside it.
+async fn upload_shard(
+    out: JobOutputs,
+    spec: crate::job::JobSpec,
+    payload: ShardPayload,
+    mut rx: tokio::sync::mpsc::Receiver<(u64, u64, RgbImage)>,
+) -> Result<(Vec<SampleEntry>, Vec<GridEntry>), OutputError> {
+    let grids: Vec<_> = outputs::grid_ranges(&spec).filter(|g| g.1 >= payload.start && g.2 <= payload.end).collect();
+    let mut tiles: BTreeMap<u64, RgbImage> = BTreeMap::new();
+    let mut samples = Vec::with_capacity((payload.end - payload.start) as usize);
+    let mut pending = tokio::task::JoinSet::new();
+    while let Some((index, seed, img)) = rx.recv().await {
+        let out = out.clone();
+        pending.spawn(async move { outputs::put_sample(&out, index, seed, img).await });
+        // Keep a bounded number of uploads in flight.
+        while pending.len() >= 8 {
+            if let Some(done) = pending.join_next().await {
+                collect(done, &grids, &mut samples, &mut tiles)?;
+            }
+        }
+    }
+    while let Some(done) = pending.join_next().await {
+        collect(done, &grids, &mut samples, &mut tiles)?;
+    }
+    samples.sort_by_key(|s| s.index);
+    let mut grid_entries = Vec::with_capacity(grids.len());
+    for range in grids {
+        let own: Vec<RgbImage> = (range.1..range.2).filter_map(|i| tiles.remove(&i)).collect();
+        if own.len() as u64 == range.2 - range.1 {
+            grid_entries.push(outputs::put_grid(&out, &spec, range, own).await?);
+        }
+    }
+    Ok((samples, grid_entries))
+}
+
+fn collect(
+    done: Result<Result<(SampleEntry, RgbImage), OutputError>, tokio::task::JoinError>,
+    grids: &[(u64, u64, u64)],
+    samples: &mut Vec<SampleEntry>,
+    tiles: &mut BTreeMap<u64, RgbImage>,
+) -> Result<(), OutputError> {
+    let (entry, img) = done.map_err(|e| OutputError::Internal(e.to_string()))??;
+    if grids.iter().any(|g| (g.1..g.2).contains(&entry.index)) {
+        tiles.insert(entry.index, img);
+    }
+    samples.push(entry);
+    Ok(())
+}
+
+/// Extends the lease while the shard runs; stops the shard if the lease is lost (the job was cancelled
+/// or the lease expired and was taken over).
+async fn keep_alive(ctx: Arc<WorkerContext>, mut lease: Lease, stop: Arc<AtomicBool>) {
+    let period = ctx.config.lease_ttl / 4;
+    loop {
+        tokio::time::sleep(period).await;
+        match ctx.queue.heartbeat(&mut lease, ctx.config.lease_ttl).await {
+            Ok(()) => {}
+            Err(QueueError::LeaseLost { .. }) => {
+                stop.store(true, Ordering::Relaxed);
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "heartbeat"),
+        }
+    }
+}
+
+async fn retry(ctx: &WorkerContext, lease: &Lease, error: &str) {
+    metrics::counter!("ddpm_shard_failures_total").increment(1);
+    if let Err(e) = ctx.queue.retry_later(lease, ctx.config.retry_delay, error).await {
+        tracing::warn!(error = %e, "giving the failed shard back");
+    }
+}
+
+async fn release(ctx: &WorkerContext, lease: &Lease) {
+    match ctx.queue.release(lease).await {
+        Ok(()) => tracing::info!(job_id = lease.job_id, shard = lease.shard, "shard released (draining)"),
+        Err(e) => tracing::warn!(error = %e, "releasing the shard"),
+    }
+}
+
+fn give_back(ctx: &WorkerContext, lease: &Lease, error: &str) {
+    tracing::warn!(error, "shard could not start");
+    ctx.runtime.block_on(retry(ctx, lease, error));
+}
+
+fn fail(ctx: &WorkerContext, lease: &Lease, error: &str) {
+    tracing::warn!(error, "shard cannot run");
+    if let Err(e) = ctx.runtime.block_on(ctx.queue.dead_letter(lease, error)) {
+        tracing::warn!(error = %e, "dead-lettering the shard");
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic in the sampler".into())
+}
+
+/// How long an idle thread waits between polls; exposed for the service's configuration.
+pub const DEFAULT_IDLE_POLL: Duration = Duration::from_millis(500);

@@ -1,0 +1,260 @@
+//! The batch service end to end: a real `serve` process with a tiny model, driven over gRPC.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::service::{Server, file_path, manifest, request, tiny_model, wait_for, watch};
+use ddpm_worker::api::pb;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+const SUCCEEDED: i32 = pb::JobState::Succeeded as i32;
+const RUNNING: i32 = pb::JobState::Running as i32;
+const CANCELLED: i32 = pb::JobState::Cancelled as i32;
+
+/// The PNGs of a finished job, by sample index, checked against the manifest's hashes.
+fn job_samples(job: &pb::Job) -> Vec<Vec<u8>> {
+    let m = manifest(job);
+    let manifest_path = file_path(&job.manifest_uri);
+    // The manifest sits at <root>/<prefix>/<job_id>/manifest.json; sample keys are relative to <root>.
+    let depth = m["samples"][0]["key"].as_str().unwrap().split('/').count() - 2;
+    let mut root = manifest_path.parent().unwrap().to_path_buf();
+    for _ in 0..depth {
+        root.pop();
+    }
+    let samples = m["samples"].as_array().unwrap();
+    samples
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            assert_eq!(s["index"].as_u64().unwrap(), i as u64, "every index once, in order");
+            let bytes = std::fs::read(root.join(s["key"].as_str().unwrap())).unwrap();
+            assert_eq!(ddpm_worker::generate::sha256_hex(&bytes), s["sha256"].as_str().unwrap());
+            bytes
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_run_to_success_and_match_generate_on_one_or_two_device_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let req = request(7, pb::Scheduler::Ddim, 12, 2);
+    let mut runs = Vec::new();
+    for devices in ["cpu,cpu", "cpu"] {
+        let data = dir.path().join(devices.replace(',', "-"));
+        let server =
+            Server::start(&data, &["--devices", devices, "--cpu-threads", "1", "--batches-per-shard", "1"]).await;
+        let mut client = server.client().await;
+        let job = client.submit_job(req.clone()).await.unwrap().into_inner().job.unwrap();
+        assert_eq!((job.seed, job.batch_size, job.shards_total, job.samples_total), (1000, 2, 4, 7));
+        let events = watch(&mut client, &job.job_id).await;
+        let last = events.last().unwrap();
+        assert_eq!(last.state, SUCCEEDED, "{last:?}");
+        assert_eq!((last.samples_done, last.shards_done), (7, 4));
+        assert!(events.windows(2).all(|w| w[0].samples_done <= w[1].samples_done), "progress never goes back");
+        assert!(last.started_at.is_some() && last.finished_at.is_some());
+        let m = manifest(last);
+        assert_eq!(m["job_id"], job.job_id.as_str());
+        assert_eq!(m["spec"]["seed"], 1000);
+        assert_eq!(m["scheduler"]["_class_name"], "DDIMScheduler");
+        assert_eq!(m["model"]["sha256"].as_str().unwrap().len(), 64);
+        assert_eq!(m["shards"].as_array().unwrap().len(), 4);
+        let seeds: Vec<u64> = m["samples"].as_array().unwrap().iter().map(|s| s["seed"].as_u64().unwrap()).collect();
+        assert_eq!(seeds, (1000..1007).collect::<Vec<_>>());
+        // One grid of all 7 samples (the default), listed on the job and in the manifest.
+        assert_eq!(last.grid_uris.len(), 1);
+        assert!(file_path(&last.grid_uris[0]).is_file());
+        assert_eq!(m["grids"].as_array().unwrap().len(), 1);
+        runs.push(job_samples(last));
+    }
+    assert_eq!(runs[0], runs[1], "two device threads and one give byte-identical samples");
+
+    // `generate` at the same batch size, with one intra-op thread as each device thread had.
+    let out = dir.path().join("generate");
+    let model = tiny_model(&dir.path().join("cpu"));
+    let status = Command::new(common::bin())
+        .args(["generate", "--model", model.to_str().unwrap(), "--scheduler", "ddim", "--steps", "12"])
+        .args(["--num-samples", "7", "--seed", "1000", "--batch-size", "2", "--out", out.to_str().unwrap()])
+        .env("OMP_NUM_THREADS", "1")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for (i, bytes) in runs[0].iter().enumerate() {
+        let generated = std::fs::read(out.join(format!("samples/{i:08}.png"))).unwrap();
+        assert!(&generated == bytes, "sample {i} differs from generate's");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submissions_are_checked_idempotent_and_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--max-samples", "1000"]).await;
+    let mut client = server.client().await;
+
+    // Every bad field is named, in one INVALID_ARGUMENT.
+    let mut bad = request(0, pb::Scheduler::Unspecified, 0, 5000);
+    bad.model = "nope".into();
+    bad.labels.insert("bad key!".into(), "v".into());
+    let status = client.submit_job(bad).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let fields: Vec<String> =
+        status.get_details_bad_request().unwrap().field_violations.into_iter().map(|v| v.field).collect();
+    for f in ["model", "sampling.scheduler", "sampling.steps", "num_samples", "batch_size", "labels"] {
+        assert!(fields.iter().any(|x| x == f), "{f} not in {fields:?}");
+    }
+    let mut eta = request(2, pb::Scheduler::Ddpm, 10, 1);
+    eta.sampling.as_mut().unwrap().eta = Some(0.5);
+    let status = client.submit_job(eta).await.unwrap_err();
+    assert_eq!(status.get_details_bad_request().unwrap().field_violations[0].field, "sampling.eta");
+    let too_many = client.submit_job(request(1001, pb::Scheduler::Ddim, 5, 1)).await.unwrap_err();
+    assert_eq!(too_many.code(), Code::InvalidArgument);
+    let steps = client.submit_job(request(1, pb::Scheduler::Ddpm, 1001, 1)).await.unwrap_err();
+    assert_eq!(steps.get_details_bad_request().unwrap().field_violations[0].field, "sampling.steps");
+    let mut bucket = request(1, pb::Scheduler::Ddim, 5, 1);
+    bucket.output = Some(pb::OutputSpec { bucket: "b".into(), prefix: "../x".into() });
+    let fields: Vec<String> = client.submit_job(bucket).await.unwrap_err().get_details_bad_request().unwrap().field_violations.into_iter().map(|v| v.field).collect();
+    assert_eq!(fields, ["output.bucket", "output.prefix"]);
+
+    // The same request_id returns the same job (with the server-chosen seed); another request is refused.
+    let mut req = request(2, pb::Scheduler::Ddim, 5, 1);
+    req.seed = None;
+    req.request_id = "req-1".into();
+    req.labels.insert("team".into(), "a".into());
+    let first = client.submit_job(req.clone()).await.unwrap().into_inner().job.unwrap();
+    let again = client.submit_job(req.clone()).await.unwrap().into_inner().job.unwrap();
+    assert_eq!((again.job_id.as_str(), again.seed), (first.job_id.as_str(), first.seed));
+    req.num_samples = 3;
+    let conflict = client.submit_job(req).await.unwrap_err();
+    assert_eq!(conflict.code(), Code::AlreadyExists, "{conflict:?}");
+
+    let missing = client.get_job(pb::GetJobRequest { job_id: "nope".into() }).await.unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    let empty = client.get_job(pb::GetJobRequest { job_id: String::new() }).await.unwrap_err();
+    assert_eq!(empty.code(), Code::InvalidArgument);
+
+    // Listing: label filter, states, pages.
+    for _ in 0..3 {
+        client.submit_job(request(1, pb::Scheduler::Ddim, 5, 1)).await.unwrap();
+    }
+    let team_a = pb::ListJobsRequest { labels: [("team".to_string(), "a".to_string())].into(), ..Default::default() };
+    let jobs = client.list_jobs(team_a).await.unwrap().into_inner().jobs;
+    assert_eq!(jobs.iter().map(|j| j.job_id.as_str()).collect::<Vec<_>>(), [first.job_id.as_str()]);
+    let mut token = String::new();
+    let mut seen = Vec::new();
+    loop {
+        let page = client
+            .list_jobs(pb::ListJobsRequest { page_size: 3, page_token: token, ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.jobs.len() <= 3);
+        seen.extend(page.jobs.into_iter().map(|j| j.job_id));
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 4);
+    let bad_token = client.list_jobs(pb::ListJobsRequest { page_token: "xyz".into(), ..Default::default() }).await;
+    assert_eq!(bad_token.unwrap_err().code(), Code::InvalidArgument);
+    // Everything finishes.
+    for id in &seen {
+        let job = wait_for(&mut client, id, |j| j.state == SUCCEEDED).await;
+        assert_eq!(job.samples_done, job.samples_total);
+    }
+    let done = pb::ListJobsRequest { states: vec![SUCCEEDED], ..Default::default() };
+    assert_eq!(client.list_jobs(done).await.unwrap().into_inner().jobs.len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_stops_a_running_job_between_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]).await;
+    let mut client = server.client().await;
+    // Long enough that it is still sampling when cancelled: 1000 DDPM steps per batch.
+    let job = client.submit_job(request(64, pb::Scheduler::Ddpm, 1000, 4)).await.unwrap().into_inner().job.unwrap();
+    wait_for(&mut client, &job.job_id, |j| j.state == RUNNING).await;
+    let cancelled = client.cancel_job(pb::CancelJobRequest { job_id: job.job_id.clone() }).await.unwrap().into_inner();
+    assert_eq!(cancelled.state, CANCELLED);
+    assert!(cancelled.samples_done < 64);
+    let events = watch(&mut client, &job.job_id).await;
+    assert_eq!(events.last().unwrap().state, CANCELLED);
+    // Cancelling again is a no-op; the worker is free for the next job, which succeeds quickly.
+    let again = client.cancel_job(pb::CancelJobRequest { job_id: job.job_id.clone() }).await.unwrap().into_inner();
+    assert_eq!(again.state, CANCELLED);
+    let next = client.submit_job(request(2, pb::Scheduler::Ddim, 5, 2)).await.unwrap().into_inner().job.unwrap();
+    let done = tokio::time::timeout(Duration::from_secs(60), wait_for(&mut client, &next.job_id, |j| j.state == SUCCEEDED))
+        .await
+        .expect("the cancelled job's shard stopped and freed the device");
+    assert_eq!(done.samples_done, 2);
+    let finished = client.cancel_job(pb::CancelJobRequest { job_id: next.job_id.clone() }).await.unwrap_err();
+    assert_eq!(finished.code(), Code::FailedPrecondition);
+    let after = client.get_job(pb::GetJobRequest { job_id: job.job_id.clone() }).await.unwrap().into_inner();
+    assert_eq!((after.state, after.samples_done), (CANCELLED, cancelled.samples_done), "nothing counted after cancel");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_server_resumes_its_job_after_restart_without_redoing_finished_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--lease-seconds", "1", "--batches-per-shard", "1"];
+    let mut server = Server::start(dir.path(), &flags).await;
+    let mut client = server.client().await;
+    let job = client.submit_job(request(16, pb::Scheduler::Ddpm, 200, 2)).await.unwrap().into_inner().job.unwrap();
+    let before = wait_for(&mut client, &job.job_id, |j| j.shards_done >= 2).await;
+    assert!(before.shards_done < 8, "the job finished before the kill: make it longer");
+    server.kill9();
+    let first_worker: Vec<u64> = {
+        let root = dir.path().join("jobs").join(&job.job_id).join("shards");
+        std::fs::read_dir(root).unwrap().map(|e| e.unwrap().file_name().to_string_lossy()[..6].parse().unwrap()).collect()
+    };
+    assert!(first_worker.len() as u32 >= before.shards_done);
+
+    let server = Server::start(dir.path(), &flags).await;
+    let mut client = server.client().await;
+    let done = wait_for(&mut client, &job.job_id, |j| j.state == SUCCEEDED).await;
+    assert_eq!((done.samples_done, done.shards_done), (16, 8));
+    let m = manifest(&done);
+    let samples = job_samples(&done);
+    assert_eq!(samples.len(), 16);
+    // Shards recorded before the kill kept their first attempt's record: they were not sampled again.
+    let workers: Vec<&str> = m["shards"].as_array().unwrap().iter().map(|s| s["worker"].as_str().unwrap()).collect();
+    let first = workers[first_worker[0] as usize];
+    for shard in &first_worker {
+        assert_eq!(workers[*shard as usize], first, "shard {shard} was recomputed");
+    }
+    assert!(workers.iter().any(|w| *w != first), "the restarted server finished the rest");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_exits_zero_and_another_server_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--grace-seconds", "0.5", "--batches-per-shard", "1"];
+    let mut server = Server::start(dir.path(), &flags).await;
+    let mut client = server.client().await;
+    let job = client.submit_job(request(8, pb::Scheduler::Ddpm, 1000, 2)).await.unwrap().into_inner().job.unwrap();
+    wait_for(&mut client, &job.job_id, |j| j.state == RUNNING).await;
+    let kill = Command::new("kill").args(["-TERM", &server.pid().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = server.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "no exit after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "exit status {status:?}");
+    // The released shard is not lost: a new server (without waiting for a lease to expire) finishes.
+    let server = Server::start(dir.path(), &["--batches-per-shard", "1"]).await;
+    let mut client = server.client().await;
+    let done = tokio::time::timeout(Duration::from_secs(30), wait_for(&mut client, &job.job_id, |j| j.shards_done >= 1))
+        .await
+        .expect("the drained shard was released, not left leased");
+    assert!(done.shards_done >= 1);
+    client.cancel_job(pb::CancelJobRequest { job_id: job.job_id }).await.unwrap();
+}
