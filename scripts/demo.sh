@@ -12,10 +12,10 @@ if [ -f "$OUT/serve.pid" ] && kill -0 "$(cat "$OUT/serve.pid")" 2>/dev/null; the
     while kill -0 "$(cat "$OUT/serve.pid")" 2>/dev/null; do sleep 0.2; done
 fi
 "$BIN" serve --listen "$LISTEN" --model "demo=$MODEL" --queue "sqlite:$OUT/queue.sqlite" \
-    --output "file:$OUT/jobs" --metrics-listen 127.0.0.1:9464 >"$OUT/serve.log" 2>&1 &
+    --output "file:$OUT/jobs" --metrics-listen 127.0.0.1:9464 >"$OUT/serve.out" 2>"$OUT/serve.log" &
 echo $! >"$OUT/serve.pid"
 for _ in $(seq 1 600); do
-    grep -q '"serving"\|serving devices' "$OUT/serve.log" 2>/dev/null && break
+    grep -q '^listening on' "$OUT/serve.out" 2>/dev/null && break
     kill -0 "$(cat "$OUT/serve.pid")" 2>/dev/null || { cat "$OUT/serve.log"; exit 1; }
     sleep 0.1
 done

@@ -86,7 +86,11 @@ pub async fn time_submits(
                 let req = pb::SubmitJobRequest {
                     request_id: format!("bench-{}-{c}-{i}", std::process::id()),
                     model: model.clone(),
-                    sampling: Some(pb::SamplingSpec { scheduler: pb::Scheduler::Ddim as i32, steps: 1, eta: None }),
+                    sampling: Some(pb::SamplingSpec {
+                        scheduler: pb::Scheduler::Ddim as i32,
+                        steps: 1,
+                        eta: None,
+                    }),
                     num_samples: 1,
                     ..Default::default()
                 };

@@ -62,7 +62,9 @@ pub struct SubmitArgs {
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
-    s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -162,7 +164,10 @@ pub async fn submit(args: SubmitArgs, progress: bool) -> Result<(), ClientError>
         labels: args.labels.iter().cloned().collect::<BTreeMap<_, _>>(),
     };
     let job = client.submit_job(request).await?.into_inner().job.unwrap_or_default();
-    println!("job {} queued (seed {}, batch size {}, {} shards)", job.job_id, job.seed, job.batch_size, job.shards_total);
+    println!(
+        "job {} queued (seed {}, batch size {}, {} shards)",
+        job.job_id, job.seed, job.batch_size, job.shards_total
+    );
     if args.wait { wait(&mut client, &job.job_id, progress).await } else { Ok(()) }
 }
 
@@ -170,7 +175,9 @@ pub async fn submit(args: SubmitArgs, progress: bool) -> Result<(), ClientError>
 async fn wait(client: &mut WorkerClient<Channel>, job_id: &str, progress: bool) -> Result<(), ClientError> {
     let mut events = client.watch_job(pb::WatchJobRequest { job_id: job_id.to_string() }).await?.into_inner();
     let bar = if progress { indicatif::ProgressBar::new(0) } else { indicatif::ProgressBar::hidden() };
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} samples {msg}") {
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} samples {msg}",
+    ) {
         bar.set_style(style);
     }
     let mut last = None;
@@ -182,9 +189,14 @@ async fn wait(client: &mut WorkerClient<Channel>, job_id: &str, progress: bool) 
         last = Some(job);
     }
     bar.finish_and_clear();
-    let job = last.ok_or_else(|| ClientError::Usage(format!("job {job_id}: the watch ended without an event")))?;
+    let job =
+        last.ok_or_else(|| ClientError::Usage(format!("job {job_id}: the watch ended without an event")))?;
     if job.state != pb::JobState::Succeeded as i32 {
-        return Err(ClientError::JobNotSucceeded { job_id: job.job_id, state: state_name(job.state), error: job.error });
+        return Err(ClientError::JobNotSucceeded {
+            job_id: job.job_id,
+            state: state_name(job.state),
+            error: job.error,
+        });
     }
     println!("job {} SUCCEEDED: {} samples", job.job_id, job.samples_done);
     println!("manifest: {}", job.manifest_uri);
@@ -230,7 +242,8 @@ pub async fn list(args: ListArgs) -> Result<(), ClientError> {
     let mut states = Vec::new();
     for s in &args.states {
         let name = format!("JOB_STATE_{}", s.to_uppercase());
-        let state = pb::JobState::from_str_name(&name).ok_or_else(|| ClientError::Usage(format!("--state {s}: unknown")))?;
+        let state = pb::JobState::from_str_name(&name)
+            .ok_or_else(|| ClientError::Usage(format!("--state {s}: unknown")))?;
         states.push(state as i32);
     }
     let mut token = String::new();

@@ -15,7 +15,7 @@ pub mod models;
 pub mod queue;
 pub mod rng;
 pub mod sampler;
-pub mod service;
 pub mod schedulers;
+pub mod service;
 pub mod storage;
 pub mod worker;

@@ -168,7 +168,8 @@ fn runtime() -> Result<tokio::runtime::Runtime, std::io::Error> {
 
 /// Runs a client command: exit 0 on success, 1 on failure (the error printed).
 fn run_client(f: impl std::future::Future<Output = Result<(), client::ClientError>>) -> ExitCode {
-    let result = runtime().map_err(|e| e.to_string()).and_then(|rt| rt.block_on(f).map_err(|e| e.to_string()));
+    let result =
+        runtime().map_err(|e| e.to_string()).and_then(|rt| rt.block_on(f).map_err(|e| e.to_string()));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -30,8 +30,9 @@ impl FromStr for ModelArg {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let (name, location) =
-            s.split_once('=').ok_or_else(|| format!("{s:?}: expected NAME=PATH (a folder, s3://… or org/name)"))?;
+        let (name, location) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?}: expected NAME=PATH (a folder, s3://… or org/name)"))?;
         let valid_name = !name.is_empty()
             && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
         if !valid_name {
@@ -79,7 +80,10 @@ pub struct ResolvedModel {
 
 impl ResolvedModel {
     /// The scheduler a job asks for, configured from the model's scheduler config.
-    pub fn scheduler(&self, kind: SchedulerKind) -> Result<SchedulerConfig, crate::schedulers::SchedulerError> {
+    pub fn scheduler(
+        &self,
+        kind: SchedulerKind,
+    ) -> Result<SchedulerConfig, crate::schedulers::SchedulerError> {
         SchedulerConfig::from_json(kind, &self.scheduler_text)
     }
 
@@ -136,7 +140,8 @@ const MODEL_FILES: [&str; 9] = [
 
 /// Copies a diffusers folder out of an object store into `dest` (files it lacks are skipped).
 pub async fn fetch_model_folder(store: &dyn ObjectStore, dest: &Path) -> Result<(), ModelError> {
-    let io = |path: &Path, e: &dyn std::fmt::Display| ModelError::Io { path: path.into(), message: e.to_string() };
+    let io =
+        |path: &Path, e: &dyn std::fmt::Display| ModelError::Io { path: path.into(), message: e.to_string() };
     let mut found = 0;
     for file in MODEL_FILES {
         let Some(bytes) = store.get(file).await.map_err(|e| io(dest, &e))? else {
@@ -178,7 +183,10 @@ mod tests {
         let repo = cache.path().join("models--google--ddpm-cifar10-32");
         std::fs::create_dir_all(repo.join("refs")).unwrap();
         std::fs::write(repo.join("refs/main"), "abc123\n").unwrap();
-        assert_eq!(hub_snapshot(cache.path(), "google/ddpm-cifar10-32").unwrap(), repo.join("snapshots/abc123"));
+        assert_eq!(
+            hub_snapshot(cache.path(), "google/ddpm-cifar10-32").unwrap(),
+            repo.join("snapshots/abc123")
+        );
         let err = hub_snapshot(cache.path(), "google/ddpm-cat-256").unwrap_err().to_string();
         assert!(err.contains("huggingface-cli download google/ddpm-cat-256"), "{err}");
     }

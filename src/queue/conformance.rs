@@ -180,7 +180,8 @@ pub async fn listing_filters_and_pages(q: impl Queue) {
     let cancelled_a = JobFilter { states: vec![JobState::Cancelled], ..team_a.clone() };
     let found = q.list_jobs(&cancelled_a, None, 10).await.unwrap();
     assert_eq!(found.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), [ids[0].as_str()]);
-    let queued_or_running = JobFilter { states: vec![JobState::Queued, JobState::Running], ..Default::default() };
+    let queued_or_running =
+        JobFilter { states: vec![JobState::Queued, JobState::Running], ..Default::default() };
     assert_eq!(q.list_jobs(&queued_or_running, None, 10).await.unwrap().len(), 4);
 }
 
@@ -194,7 +195,7 @@ pub async fn finished_shards_make_a_job_ready_to_finalize(q: impl Queue) {
     assert_eq!((job.shards_done, job.shards_total, job.samples_done), (2, 2, 4));
     assert!(q.jobs_to_finalize(LONG).await.unwrap().is_empty(), "its finisher still has time");
     tokio::time::sleep(Duration::from_millis(5)).await;
-    assert_eq!(q.jobs_to_finalize(Duration::from_millis(1)).await.unwrap(), [id.clone()]);
+    assert_eq!(q.jobs_to_finalize(Duration::from_millis(1)).await.unwrap(), std::slice::from_ref(&id));
     q.finish_job(&id, JobState::Succeeded, None, Some("file:///m.json")).await.unwrap();
     assert!(q.jobs_to_finalize(Duration::ZERO).await.unwrap().is_empty());
 }

@@ -50,9 +50,8 @@ impl WorkerService {
     /// Checks a submission and resolves its defaults (seed, batch size, grid), naming every bad field.
     pub fn validate(&self, req: &pb::SubmitJobRequest) -> Result<JobSpec, ServiceError> {
         let mut bad = Vec::new();
-        let mut violation = |field: &str, description: String| {
-            bad.push(FieldViolation { field: field.into(), description })
-        };
+        let mut violation =
+            |field: &str, description: String| bad.push(FieldViolation { field: field.into(), description });
         let limits = &self.limits;
         if req.request_id.len() > 128 {
             violation("request_id", "at most 128 bytes".into());
@@ -62,9 +61,12 @@ impl WorkerService {
             violation("model", "required".into());
         } else if model.is_none() {
             let served: Vec<&str> = self.ctx.models.keys().map(String::as_str).collect();
-            violation("model", format!("unknown model {:?}; this worker serves {}", req.model, served.join(", ")));
+            violation(
+                "model",
+                format!("unknown model {:?}; this worker serves {}", req.model, served.join(", ")),
+            );
         }
-        let sampling = req.sampling.clone().unwrap_or_default();
+        let sampling = req.sampling.unwrap_or_default();
         let scheduler = match pb::Scheduler::try_from(sampling.scheduler) {
             Ok(pb::Scheduler::Ddpm) => Some(SchedulerKind::Ddpm),
             Ok(pb::Scheduler::Ddim) => Some(SchedulerKind::Ddim),
@@ -90,15 +92,19 @@ impl WorkerService {
             }
         }
         // The model's own scheduler config decides which step counts work (e.g. DDPM ≤ its training steps).
-        if let (Some(model), Some(kind)) = (model, scheduler) {
-            if (1..=limits.max_steps).contains(&sampling.steps) {
-                match model.scheduler(kind).and_then(|s| s.build(sampling.steps as usize, sampling.eta.unwrap_or(0.0))) {
-                    Ok(_) => {}
-                    Err(SchedulerError::Steps { max, .. }) => {
-                        violation("sampling.steps", format!("{} must be in 1..={max} for this model", sampling.steps))
-                    }
-                    Err(e) => violation("sampling.scheduler", e.to_string()),
-                }
+        if let (Some(model), Some(kind)) = (model, scheduler)
+            && (1..=limits.max_steps).contains(&sampling.steps)
+        {
+            match model
+                .scheduler(kind)
+                .and_then(|s| s.build(sampling.steps as usize, sampling.eta.unwrap_or(0.0)))
+            {
+                Ok(_) => {}
+                Err(SchedulerError::Steps { max, .. }) => violation(
+                    "sampling.steps",
+                    format!("{} must be in 1..={max} for this model", sampling.steps),
+                ),
+                Err(e) => violation("sampling.scheduler", e.to_string()),
             }
         }
         if req.num_samples == 0 || req.num_samples > limits.max_samples {
@@ -134,19 +140,32 @@ impl WorkerService {
                 (0, 0)
             }
             Some(g) => {
-                let cols = if g.columns == 0 { crate::imaging::grid_columns(g.samples_per_grid as usize) as u32 } else { g.columns };
+                let cols = if g.columns == 0 {
+                    crate::imaging::grid_columns(g.samples_per_grid as usize) as u32
+                } else {
+                    g.columns
+                };
                 (g.samples_per_grid, cols)
             }
         };
         let output = match &req.output {
             Some(o) if !o.bucket.is_empty() || !o.prefix.is_empty() => {
                 if !o.bucket.is_empty() && !self.ctx.outputs.accepts_buckets() {
-                    violation("output.bucket", "this worker writes to a local directory; leave the bucket empty".into());
+                    violation(
+                        "output.bucket",
+                        "this worker writes to a local directory; leave the bucket empty".into(),
+                    );
                 }
                 if !o.prefix.is_empty() && check_key(o.prefix.trim_end_matches('/')).is_err() {
-                    violation("output.prefix", format!("{:?} is not a relative path without '.' or '..' segments", o.prefix));
+                    violation(
+                        "output.prefix",
+                        format!("{:?} is not a relative path without '.' or '..' segments", o.prefix),
+                    );
                 }
-                Some(OutputSpec { bucket: o.bucket.clone(), prefix: o.prefix.trim_end_matches('/').to_string() })
+                Some(OutputSpec {
+                    bucket: o.bucket.clone(),
+                    prefix: o.prefix.trim_end_matches('/').to_string(),
+                })
             }
             _ => None,
         };
@@ -186,10 +205,13 @@ impl WorkerService {
     async fn to_pb(&self, job: &JobRecord) -> pb::Job {
         let spec = &job.spec;
         let mut grid_uris = Vec::new();
-        if job.state == JobState::Succeeded {
-            if let Ok(out) = self.ctx.outputs.for_job(&job.id, spec).await {
-                grid_uris = outputs::grid_ranges(spec).take(MAX_GRID_URIS as usize).map(|g| out.uri(&out.grid_key(g.0))).collect();
-            }
+        if job.state == JobState::Succeeded
+            && let Ok(out) = self.ctx.outputs.for_job(&job.id, spec).await
+        {
+            grid_uris = outputs::grid_ranges(spec)
+                .take(MAX_GRID_URIS as usize)
+                .map(|g| out.uri(&out.grid_key(g.0)))
+                .collect();
         }
         pb::Job {
             job_id: job.id.clone(),
@@ -234,7 +256,10 @@ fn request_of(spec: &JobSpec) -> pb::SubmitJobRequest {
         seed: Some(spec.seed),
         batch_size: spec.batch_size,
         grid: Some(pb::GridSpec { samples_per_grid: spec.samples_per_grid, columns: spec.grid_columns }),
-        output: spec.output.as_ref().map(|o| pb::OutputSpec { bucket: o.bucket.clone(), prefix: o.prefix.clone() }),
+        output: spec
+            .output
+            .as_ref()
+            .map(|o| pb::OutputSpec { bucket: o.bucket.clone(), prefix: o.prefix.clone() }),
         priority: spec.priority,
         labels: spec.labels.clone().into_iter().collect(),
     }
@@ -311,7 +336,13 @@ impl pb::worker_server::Worker for WorkerService {
         metrics::counter!("ddpm_jobs_submitted_total", "result" => result).increment(1);
         metrics::histogram!("ddpm_submit_duration_seconds").record(started.elapsed().as_secs_f64());
         if outcome.created {
-            tracing::info!(job_id = outcome.job.id, model = spec.model, num_samples = spec.num_samples, shards = outcome.job.shards_total, "job queued");
+            tracing::info!(
+                job_id = outcome.job.id,
+                model = spec.model,
+                num_samples = spec.num_samples,
+                shards = outcome.job.shards_total,
+                "job queued"
+            );
             self.ctx.wake.notify_waiters();
         }
         Ok(Response::new(pb::SubmitJobResponse { job: Some(self.to_pb(&outcome.job).await) }))
@@ -329,7 +360,10 @@ impl pb::worker_server::Worker for WorkerService {
         let req = request.into_inner();
         let mut states = Vec::new();
         for s in &req.states {
-            states.push(state_from_pb(*s).ok_or_else(|| ServiceError::invalid("states", format!("unknown state {s}")))?);
+            states.push(
+                state_from_pb(*s)
+                    .ok_or_else(|| ServiceError::invalid("states", format!("unknown state {s}")))?,
+            );
         }
         if req.page_size > MAX_PAGE_SIZE {
             return Err(ServiceError::invalid("page_size", format!("at most {MAX_PAGE_SIZE}")).into());
@@ -337,14 +371,23 @@ impl pb::worker_server::Worker for WorkerService {
         let limit = if req.page_size == 0 { DEFAULT_PAGE_SIZE } else { req.page_size } as usize;
         let cursor = match req.page_token.as_str() {
             "" => None,
-            token => Some(decode_cursor(token).ok_or_else(|| ServiceError::invalid("page_token", "not a token from ListJobs"))?),
+            token => Some(
+                decode_cursor(token)
+                    .ok_or_else(|| ServiceError::invalid("page_token", "not a token from ListJobs"))?,
+            ),
         };
         let filter = JobFilter { states, labels: req.labels.into_iter().collect::<BTreeMap<_, _>>() };
         // One extra row tells whether another page follows.
-        let mut jobs = self.ctx.queue.list_jobs(&filter, cursor.as_ref(), limit + 1).await.map_err(ServiceError::from)?;
+        let mut jobs = self
+            .ctx
+            .queue
+            .list_jobs(&filter, cursor.as_ref(), limit + 1)
+            .await
+            .map_err(ServiceError::from)?;
         let more = jobs.len() > limit;
         jobs.truncate(limit);
-        let next_page_token = if more { jobs.last().map(encode_cursor).unwrap_or_default() } else { String::new() };
+        let next_page_token =
+            if more { jobs.last().map(encode_cursor).unwrap_or_default() } else { String::new() };
         let mut out = Vec::with_capacity(jobs.len());
         for job in &jobs {
             out.push(self.to_pb(job).await);
@@ -356,7 +399,9 @@ impl pb::worker_server::Worker for WorkerService {
         let job = self.get(&request.into_inner().job_id).await?;
         let job = match job.state {
             JobState::Succeeded | JobState::Failed => {
-                return Err(ServiceError::AlreadyFinished { job_id: job.id, state: job.state.as_str() }.into());
+                return Err(
+                    ServiceError::AlreadyFinished { job_id: job.id, state: job.state.as_str() }.into()
+                );
             }
             JobState::Cancelled => job,
             JobState::Queued | JobState::Running => {
@@ -434,7 +479,10 @@ mod tests {
             error: None,
             manifest_uri: None,
         };
-        assert_eq!(decode_cursor(&encode_cursor(&job)), Some(PageCursor { created_at_ms: 1234, id: "abc-1".into() }));
+        assert_eq!(
+            decode_cursor(&encode_cursor(&job)),
+            Some(PageCursor { created_at_ms: 1234, id: "abc-1".into() })
+        );
         assert_eq!(decode_cursor("zz"), None);
         assert_eq!(decode_cursor(&hex::encode("nocolon")), None);
     }

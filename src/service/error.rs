@@ -30,7 +30,10 @@ pub enum ServiceError {
 
 impl ServiceError {
     pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
-        ServiceError::InvalidArgument(vec![FieldViolation { field: field.into(), description: description.into() }])
+        ServiceError::InvalidArgument(vec![FieldViolation {
+            field: field.into(),
+            description: description.into(),
+        }])
     }
 }
 

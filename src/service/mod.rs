@@ -117,10 +117,10 @@ fn parse_devices(spec: &str, cpu_threads: Option<i32>) -> Result<Vec<(Device, Op
     };
     let gpus = tch::Cuda::device_count().max(0) as usize;
     for d in &devices {
-        if let Device::Cuda(i) = d {
-            if *i >= gpus {
-                return Err(format!("cuda:{i} requested but {gpus} CUDA device(s) found"));
-            }
+        if let Device::Cuda(i) = d
+            && *i >= gpus
+        {
+            return Err(format!("cuda:{i} requested but {gpus} CUDA device(s) found"));
         }
     }
     let cpus = devices.iter().filter(|d| **d == Device::Cpu).count().max(1) as i32;
@@ -139,7 +139,8 @@ async fn prepare(args: &ServeArgs) -> Result<Prepared, ServeError> {
     if args.default_batch_size == 0 || args.default_batch_size > args.max_batch_size {
         return Err(config("--default-batch-size must be in 1..=--max-batch-size".into()));
     }
-    let devices = parse_devices(&args.devices, args.cpu_threads).map_err(|e| config(format!("--devices: {e}")))?;
+    let devices =
+        parse_devices(&args.devices, args.cpu_threads).map_err(|e| config(format!("--devices: {e}")))?;
     let mut models = BTreeMap::new();
     for m in &args.models {
         if models.contains_key(&m.name) {
@@ -148,9 +149,11 @@ async fn prepare(args: &ServeArgs) -> Result<Prepared, ServeError> {
         let (dir, source) = match &m.location {
             ModelLocation::Dir(d) => (d.clone(), d.display().to_string()),
             ModelLocation::Hub(id) => {
-                let cache = crate::models::hf_hub_cache()
-                    .ok_or_else(|| config("no HOME, HF_HOME or HF_HUB_CACHE to find the Hugging Face cache".into()))?;
-                let dir = crate::models::hub_snapshot(&cache, id).map_err(|e| config(format!("--model {}: {e}", m.name)))?;
+                let cache = crate::models::hf_hub_cache().ok_or_else(|| {
+                    config("no HOME, HF_HOME or HF_HUB_CACHE to find the Hugging Face cache".into())
+                })?;
+                let dir = crate::models::hub_snapshot(&cache, id)
+                    .map_err(|e| config(format!("--model {}: {e}", m.name)))?;
                 (dir, format!("hf://{id}"))
             }
             ModelLocation::S3 { bucket, prefix } => {
@@ -166,7 +169,8 @@ async fn prepare(args: &ServeArgs) -> Result<Prepared, ServeError> {
                 (dir, format!("s3://{bucket}/{prefix}"))
             }
         };
-        let resolved = ResolvedModel::from_dir(&m.name, source, &dir).map_err(|e| config(format!("--model {}: {e}", m.name)))?;
+        let resolved = ResolvedModel::from_dir(&m.name, source, &dir)
+            .map_err(|e| config(format!("--model {}: {e}", m.name)))?;
         models.insert(m.name.clone(), Arc::new(resolved));
     }
     let path = args
@@ -325,23 +329,22 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
     let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();
     tokio::spawn(async move {
         let mut ready = 0;
-        while let Some(r) = ready_rx.recv().await {
-            match r {
-                Ok(name) => {
+        while ready < device_count {
+            match ready_rx.recv().await {
+                Some(Ok(name)) => {
                     ready += 1;
                     tracing::info!(device = name, "models loaded and warm");
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     let _ = failed_tx.send(e);
                     return;
                 }
+                None => return,
             }
         }
-        if ready == device_count {
-            ready_health.set_serving::<pb::worker_server::WorkerServer<WorkerService>>().await;
-            ready_health.set_service_status("", tonic_health::ServingStatus::Serving).await;
-            tracing::info!(devices = ready, "serving");
-        }
+        ready_health.set_serving::<pb::worker_server::WorkerServer<WorkerService>>().await;
+        ready_health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+        tracing::info!(devices = ready, "serving");
     });
 
     on_listening(addr);

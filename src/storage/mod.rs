@@ -82,10 +82,15 @@ impl std::str::FromStr for Destination {
 }
 
 /// Opens the store of a destination (its prefix is the caller's to apply).
-pub async fn open_store(dest: &Destination, _path_style: bool) -> Result<std::sync::Arc<dyn ObjectStore>, StorageError> {
+pub async fn open_store(
+    dest: &Destination,
+    _path_style: bool,
+) -> Result<std::sync::Arc<dyn ObjectStore>, StorageError> {
     match dest {
         Destination::File { root, .. } => Ok(std::sync::Arc::new(local::LocalStore::new(root.clone())?)),
-        Destination::S3 { bucket, .. } => Err(StorageError::InvalidDestination(format!("s3://{bucket}: S3 support is not built yet"))),
+        Destination::S3 { bucket, .. } => {
+            Err(StorageError::InvalidDestination(format!("s3://{bucket}: S3 support is not built yet")))
+        }
     }
 }
 

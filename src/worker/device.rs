@@ -64,7 +64,8 @@ pub fn run(ctx: Arc<WorkerContext>, models: DeviceModels, threads: Option<i32>) 
             Ok(Some(lease)) => lease,
             Ok(None) => {
                 let wait = ctx.wake.notified();
-                let _ = ctx.runtime.block_on(async { tokio::time::timeout(ctx.config.idle_poll, wait).await });
+                let _ =
+                    ctx.runtime.block_on(async { tokio::time::timeout(ctx.config.idle_poll, wait).await });
                 continue;
             }
             Err(e) => {
@@ -74,7 +75,13 @@ pub fn run(ctx: Arc<WorkerContext>, models: DeviceModels, threads: Option<i32>) 
             }
         };
         metrics::counter!("ddpm_tasks_leased_total").increment(1);
-        let span = tracing::info_span!("shard", job_id = lease.job_id, shard = lease.shard, attempt = lease.attempt, device);
+        let span = tracing::info_span!(
+            "shard",
+            job_id = lease.job_id,
+            shard = lease.shard,
+            attempt = lease.attempt,
+            device
+        );
         let _enter = span.enter();
         run_shard(&ctx, &models, &device, lease, permit);
     }
@@ -117,7 +124,8 @@ fn run_shard(
     let place = Placement { device: models.device, kind: ctx.config.kind };
     let result = (|| -> Result<(), SampleError> {
         for first in (payload.start..payload.end).step_by(batch_size as usize) {
-            let seeds: Vec<u64> = (first..(first + batch_size).min(payload.end)).map(|i| job.spec.seed + i).collect();
+            let seeds: Vec<u64> =
+                (first..(first + batch_size).min(payload.end)).map(|i| job.spec.seed + i).collect();
             let req = BatchRequest {
                 seeds: &seeds,
                 batch_size: batch_size as usize,
@@ -133,7 +141,11 @@ fn run_shard(
                 })
             }))
             .map_err(|panic| SampleError::Torch(tch::TchError::Torch(panic_message(&panic))))??;
-            for (k, img) in imaging::to_images(&x0).map_err(|e| SampleError::Torch(tch::TchError::Convert(e.to_string())))?.into_iter().enumerate() {
+            for (k, img) in imaging::to_images(&x0)
+                .map_err(|e| SampleError::Torch(tch::TchError::Convert(e.to_string())))?
+                .into_iter()
+                .enumerate()
+            {
                 let index = first + k as u64;
                 if tx.blocking_send((index, job.spec.seed + index, img)).is_err() {
                     return Err(SampleError::Cancelled); // the uploader failed; its error is reported below
@@ -191,7 +203,10 @@ type Prepared = (JobRecord, ShardPayload, JobOutputs);
 
 /// The job, sample range and output folder of a lease; `None` when there is nothing to sample because
 /// the job is over or an earlier attempt already recorded the shard (then it is completed here).
-async fn prepare(ctx: &WorkerContext, lease: &Lease) -> Result<Option<Prepared>, Box<dyn std::error::Error + Send + Sync>> {
+async fn prepare(
+    ctx: &WorkerContext,
+    lease: &Lease,
+) -> Result<Option<Prepared>, Box<dyn std::error::Error + Send + Sync>> {
     let Some(job) = ctx.queue.job(&lease.job_id).await? else {
         ctx.queue.dead_letter(lease, "job record missing").await?;
         return Ok(None);
@@ -201,33 +216,40 @@ async fn prepare(ctx: &WorkerContext, lease: &Lease) -> Result<Option<Prepared>,
     }
     let payload: ShardPayload = serde_json::from_str(&lease.payload)?;
     let out = ctx.outputs.for_job(&job.id, &job.spec).await?;
-    if let Some(record) = out.shard_record(lease.shard).await? {
-        if (record.start, record.end) == (payload.start, payload.end) {
-            tracing::info!("shard already recorded by attempt {}; not sampling it again", record.attempt);
-            complete(ctx, lease, &out, record.end - record.start).await;
-            return Ok(None);
-        }
+    if let Some(record) = out.shard_record(lease.shard).await?
+        && (record.start, record.end) == (payload.start, payload.end)
+    {
+        tracing::info!("shard already recorded by attempt {}; not sampling it again", record.attempt);
+        complete(ctx, lease, record.end - record.start).await;
+        return Ok(None);
     }
     Ok(Some((job, payload, out)))
 }
 
 /// Writes the shard record, then completes the task; the worker that completes the last shard writes
 /// the manifest.
-async fn finish_shard(ctx: &WorkerContext, lease: &Lease, out: &JobOutputs, record: &ShardRecord) -> Result<(), String> {
+async fn finish_shard(
+    ctx: &WorkerContext,
+    lease: &Lease,
+    out: &JobOutputs,
+    record: &ShardRecord,
+) -> Result<(), String> {
     let json = serde_json::to_vec(record).map_err(|e| e.to_string())?;
     out.store
         .put(&out.shard_key(lease.shard), json.into(), "application/json")
         .await
         .map_err(|e| e.to_string())?;
-    complete(ctx, lease, out, record.end - record.start).await;
+    complete(ctx, lease, record.end - record.start).await;
     Ok(())
 }
 
-async fn complete(ctx: &WorkerContext, lease: &Lease, _out: &JobOutputs, samples: u64) {
+async fn complete(ctx: &WorkerContext, lease: &Lease, samples: u64) {
     match ctx.queue.complete_shard(lease, samples).await {
         Ok(job) if job.shards_done >= job.shards_total => ctx.finalize(&job.id).await,
         Ok(_) => {}
-        Err(QueueError::LeaseLost { .. }) => tracing::info!("lease lost before completion; another attempt owns the shard"),
+        Err(QueueError::LeaseLost { .. }) => {
+            tracing::info!("lease lost before completion; another attempt owns the shard")
+        }
         Err(e) => tracing::warn!(error = %e, "completing the shard"),
     }
 }
@@ -239,7 +261,8 @@ async fn upload_shard(
     payload: ShardPayload,
     mut rx: tokio::sync::mpsc::Receiver<(u64, u64, RgbImage)>,
 ) -> Result<(Vec<SampleEntry>, Vec<GridEntry>), OutputError> {
-    let grids: Vec<_> = outputs::grid_ranges(&spec).filter(|g| g.1 >= payload.start && g.2 <= payload.end).collect();
+    let grids: Vec<_> =
+        outputs::grid_ranges(&spec).filter(|g| g.1 >= payload.start && g.2 <= payload.end).collect();
     let mut tiles: BTreeMap<u64, RgbImage> = BTreeMap::new();
     let mut samples = Vec::with_capacity((payload.end - payload.start) as usize);
     let mut pending = tokio::task::JoinSet::new();

@@ -138,7 +138,9 @@ impl WorkerContext {
         if let Ok(dead) = self.queue.jobs_with_dead_shards().await {
             for (job_id, error) in dead {
                 let message = format!("a shard failed on every attempt: {error}");
-                if let Ok(Some(job)) = self.queue.finish_job(&job_id, JobState::Failed, Some(&message), None).await {
+                if let Ok(Some(job)) =
+                    self.queue.finish_job(&job_id, JobState::Failed, Some(&message), None).await
+                {
                     metrics::counter!("ddpm_jobs_finished_total", "state" => job.state.as_str()).increment(1);
                     tracing::warn!(job_id, error = message, "job failed");
                 }

@@ -46,7 +46,11 @@ impl Outputs {
         let (dest, prefix) = match (&self.default, &spec.output) {
             (Destination::S3 { bucket, prefix }, Some(o)) => {
                 let bucket = if o.bucket.is_empty() { bucket.clone() } else { o.bucket.clone() };
-                let prefix = if o.prefix.is_empty() && o.bucket.is_empty() { prefix.clone() } else { o.prefix.clone() };
+                let prefix = if o.prefix.is_empty() && o.bucket.is_empty() {
+                    prefix.clone()
+                } else {
+                    o.prefix.clone()
+                };
                 (Destination::S3 { bucket, prefix: String::new() }, prefix)
             }
             (Destination::File { root, prefix }, Some(o)) => {
@@ -115,9 +119,10 @@ impl JobOutputs {
     pub async fn shard_record(&self, shard: u64) -> Result<Option<ShardRecord>, StorageError> {
         let key = self.shard_key(shard);
         let Some(bytes) = self.store.get(&key).await? else { return Ok(None) };
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| StorageError::Remote { uri: self.uri(&key), message: format!("corrupt shard record: {e}") })
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| StorageError::Remote {
+            uri: self.uri(&key),
+            message: format!("corrupt shard record: {e}"),
+        })
     }
 }
 
@@ -162,7 +167,12 @@ pub fn grid_ranges(spec: &JobSpec) -> impl Iterator<Item = (u64, u64, u64)> + '_
 }
 
 /// Encodes a sample on the blocking pool and writes it.
-pub async fn put_sample(out: &JobOutputs, index: u64, seed: u64, img: RgbImage) -> Result<(SampleEntry, RgbImage), OutputError> {
+pub async fn put_sample(
+    out: &JobOutputs,
+    index: u64,
+    seed: u64,
+    img: RgbImage,
+) -> Result<(SampleEntry, RgbImage), OutputError> {
     let (png, img) = tokio::task::spawn_blocking(move || imaging::encode_png(&img).map(|png| (png, img)))
         .await
         .map_err(|e| OutputError::Internal(e.to_string()))??;
@@ -246,10 +256,9 @@ pub async fn finalize(
     let spec = &job.spec;
     let mut records = Vec::with_capacity(job.shards_total as usize);
     for shard in 0..job.shards_total {
-        let record = out
-            .shard_record(shard)
-            .await?
-            .ok_or_else(|| OutputError::Corrupt(format!("shard {shard} is done but its record is missing")))?;
+        let record = out.shard_record(shard).await?.ok_or_else(|| {
+            OutputError::Corrupt(format!("shard {shard} is done but its record is missing"))
+        })?;
         records.push(record);
     }
     let mut samples: Vec<SampleEntry> = records.iter().flat_map(|r| r.samples.iter().cloned()).collect();
@@ -272,11 +281,16 @@ pub async fn finalize(
         // A grid straddling shards: read its samples back.
         let mut tiles = Vec::new();
         for s in &samples[range.1 as usize..range.2 as usize] {
-            let bytes = out.store.get(&s.key).await?.ok_or_else(|| OutputError::Corrupt(format!("{} is missing", s.key)))?;
-            let img = tokio::task::spawn_blocking(move || image::load_from_memory(&bytes).map(|i| i.to_rgb8()))
-                .await
-                .map_err(|e| OutputError::Internal(e.to_string()))?
-                .map_err(|e| OutputError::Corrupt(format!("{}: {e}", s.key)))?;
+            let bytes = out
+                .store
+                .get(&s.key)
+                .await?
+                .ok_or_else(|| OutputError::Corrupt(format!("{} is missing", s.key)))?;
+            let img =
+                tokio::task::spawn_blocking(move || image::load_from_memory(&bytes).map(|i| i.to_rgb8()))
+                    .await
+                    .map_err(|e| OutputError::Internal(e.to_string()))?
+                    .map_err(|e| OutputError::Corrupt(format!("{}: {e}", s.key)))?;
             tiles.push(img);
         }
         grids.insert(range.0, put_grid(out, spec, range, tiles).await?);

@@ -71,7 +71,8 @@ impl Server {
     }
 
     pub async fn health(&self) -> Option<i32> {
-        let mut health = tonic_health::pb::health_client::HealthClient::connect(self.url.clone()).await.ok()?;
+        let channel = tonic::transport::Endpoint::from_shared(self.url.clone()).ok()?.connect().await.ok()?;
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
         let req = tonic_health::pb::HealthCheckRequest { service: String::new() };
         health.check(req).await.ok().map(|r| r.into_inner().status)
     }
@@ -79,7 +80,9 @@ impl Server {
     async fn wait_serving(&self, limit: Duration) {
         let start = Instant::now();
         while start.elapsed() < limit {
-            if self.health().await == Some(tonic_health::pb::health_check_response::ServingStatus::Serving as i32) {
+            if self.health().await
+                == Some(tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+            {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -104,7 +107,12 @@ impl Drop for Server {
     }
 }
 
-pub fn request(num_samples: u64, scheduler: pb::Scheduler, steps: u32, batch_size: u32) -> pb::SubmitJobRequest {
+pub fn request(
+    num_samples: u64,
+    scheduler: pb::Scheduler,
+    steps: u32,
+    batch_size: u32,
+) -> pb::SubmitJobRequest {
     pb::SubmitJobRequest {
         model: "tiny".into(),
         sampling: Some(pb::SamplingSpec { scheduler: scheduler as i32, steps, eta: None }),
@@ -118,16 +126,23 @@ pub fn request(num_samples: u64, scheduler: pb::Scheduler, steps: u32, batch_siz
 /// Follows WatchJob to the end and returns every event's job.
 pub async fn watch(client: &mut WorkerClient<Channel>, job_id: &str) -> Vec<pb::Job> {
     use tokio_stream::StreamExt;
-    let mut stream = client.watch_job(pb::WatchJobRequest { job_id: job_id.into() }).await.unwrap().into_inner();
+    let mut stream =
+        client.watch_job(pb::WatchJobRequest { job_id: job_id.into() }).await.unwrap().into_inner();
     let mut events = Vec::new();
-    while let Some(e) = tokio::time::timeout(Duration::from_secs(300), stream.next()).await.expect("watch timed out") {
+    while let Some(e) =
+        tokio::time::timeout(Duration::from_secs(300), stream.next()).await.expect("watch timed out")
+    {
         events.push(e.unwrap().job.unwrap());
     }
     events
 }
 
 /// Polls GetJob until `done(job)` holds.
-pub async fn wait_for(client: &mut WorkerClient<Channel>, job_id: &str, done: impl Fn(&pb::Job) -> bool) -> pb::Job {
+pub async fn wait_for(
+    client: &mut WorkerClient<Channel>,
+    job_id: &str,
+    done: impl Fn(&pb::Job) -> bool,
+) -> pb::Job {
     let start = Instant::now();
     loop {
         let job = client.get_job(pb::GetJobRequest { job_id: job_id.into() }).await.unwrap().into_inner();
