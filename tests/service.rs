@@ -293,3 +293,71 @@ async fn sigterm_drains_and_exits_zero_and_another_server_finishes() {
     assert!(done.shards_done >= 1);
     client.cancel_job(pb::CancelJobRequest { job_id: job.job_id }).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_health_and_metrics_describe_the_service() {
+    use tokio_stream::StreamExt;
+    use tonic_reflection::pb::{v1, v1alpha};
+    let dir = tempfile::tempdir().unwrap();
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let server = Server::start(dir.path(), &["--metrics-listen", &metrics_addr]).await;
+    assert_eq!(server.health().await, Some(tonic_health::pb::health_check_response::ServingStatus::Serving as i32));
+
+    // Both reflection versions list the API and health services (grpcurl ≤ 1.8 speaks only v1alpha).
+    let channel = tonic::transport::Endpoint::from_shared(server.url.clone()).unwrap().connect().await.unwrap();
+    let mut v1 = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let req = v1::ServerReflectionRequest {
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(String::new())),
+        ..Default::default()
+    };
+    let mut stream = v1.server_reflection_info(tokio_stream::iter([req])).await.unwrap().into_inner();
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        stream.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("no service list")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for name in ["ddpm.v1.Worker", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == name), "{name} not in {names:?}");
+    }
+    let mut alpha = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
+    let req = v1alpha::ServerReflectionRequest {
+        message_request: Some(v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+            "ddpm.v1.Worker".into(),
+        )),
+        ..Default::default()
+    };
+    let mut stream = alpha.server_reflection_info(tokio_stream::iter([req])).await.unwrap().into_inner();
+    let response = stream.next().await.unwrap().unwrap().message_response.unwrap();
+    assert!(
+        matches!(response, v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(ref f) if !f.file_descriptor_proto.is_empty()),
+        "{response:?}"
+    );
+
+    // A job's work shows up in the metrics.
+    let mut client = server.client().await;
+    let job = client.submit_job(request(3, pb::Scheduler::Ddim, 4, 2)).await.unwrap().into_inner().job.unwrap();
+    wait_for(&mut client, &job.job_id, |j| j.state == SUCCEEDED).await;
+    let text = http_get(&metrics_addr, "/metrics");
+    for series in [
+        "ddpm_images_generated_total 3",
+        "ddpm_jobs_submitted_total{result=\"created\"} 1",
+        "ddpm_jobs_finished_total{state=\"succeeded\"} 1",
+        "ddpm_shard_duration_seconds_bucket",
+        "ddpm_step_duration_seconds_count",
+        "ddpm_queue_depth",
+    ] {
+        assert!(text.contains(series), "{series} not in:\n{text}");
+    }
+}
+
+/// A plain HTTP/1.0 GET (the metrics endpoint), returning the body.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or(text)
+}
