@@ -57,7 +57,7 @@ $(FIXTURES)/manifest.json: tests/fixtures/gen_fixtures.py scripts/requirements.t
 fixtures: $(FIXTURES)/manifest.json
 
 test: build fixtures
-	DDPM_FIXTURES=$(FIXTURES) cargo test $(CARGO_FLAGS)
+	DDPM_FIXTURES=$(FIXTURES) DDPM_WEED=$(VENV)/bin/weed cargo test $(CARGO_FLAGS)
 
 lint: setup
 	cargo fmt --all -- --check

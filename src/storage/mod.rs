@@ -6,6 +6,9 @@
 //! commit record of a job.
 
 pub mod local;
+pub mod s3;
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -81,6 +84,27 @@ impl std::str::FromStr for Destination {
     }
 }
 
+/// The store for `dest`: a [`local::LocalStore`] rooted at `root/prefix`, or an [`s3::S3Store`]
+/// configured from the standard AWS chain (see [`s3::S3Store::connect`]); `path_style` only
+/// matters for S3.
+pub async fn open_store(dest: &Destination, path_style: bool) -> Result<Arc<dyn ObjectStore>, StorageError> {
+    Ok(match dest {
+        Destination::File { root, prefix } => {
+            let prefix = prefix.trim_matches('/');
+            if prefix.is_empty() {
+                Arc::new(local::LocalStore::new(root)?)
+            } else {
+                // The prefix becomes part of the root, so it must not climb out of it either.
+                check_key(prefix)?;
+                Arc::new(local::LocalStore::new(root.join(prefix))?)
+            }
+        }
+        Destination::S3 { bucket, prefix } => {
+            Arc::new(s3::S3Store::connect(bucket.clone(), prefix.clone(), path_style).await?)
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,5 +136,22 @@ mod tests {
         for bad in ["out", "s3://", "file:", "gs://b"] {
             assert!(bad.parse::<Destination>().is_err(), "{bad}");
         }
+    }
+
+    #[tokio::test]
+    async fn file_destinations_honour_their_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = Destination::File { root: dir.path().into(), prefix: "/p/q/".into() };
+        let store = open_store(&dest, false).await.unwrap();
+        let out = store.put("a.json", Bytes::from_static(b"{}"), "application/json").await.unwrap();
+        assert_eq!(out.uri, format!("file://{}", dir.path().join("p/q/a.json").display()));
+        assert_eq!(std::fs::read(dir.path().join("p/q/a.json")).unwrap(), b"{}");
+
+        let plain = Destination::File { root: dir.path().into(), prefix: String::new() };
+        let plain = open_store(&plain, false).await.unwrap();
+        assert_eq!(plain.get("p/q/a.json").await.unwrap().unwrap(), Bytes::from_static(b"{}"));
+
+        let escaping = Destination::File { root: dir.path().into(), prefix: "../x".into() };
+        assert!(matches!(open_store(&escaping, false).await, Err(StorageError::InvalidKey(_))));
     }
 }
