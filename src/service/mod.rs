@@ -157,13 +157,12 @@ async fn prepare(args: &ServeArgs) -> Result<Prepared, ServeError> {
                 (dir, format!("hf://{id}"))
             }
             ModelLocation::S3 { bucket, prefix } => {
-                let dest = Destination::S3 { bucket: bucket.clone(), prefix: String::new() };
+                let dest = Destination::S3 { bucket: bucket.clone(), prefix: prefix.clone() };
                 let store = crate::storage::open_store(&dest, args.s3_path_style)
                     .await
                     .map_err(|e| config(format!("--model {}: {e}", m.name)))?;
-                let prefixed = crate::storage::prefixed(store, prefix);
                 let dir = args.model_cache.join(&m.name);
-                crate::models::fetch_model_folder(prefixed.as_ref(), &dir)
+                crate::models::fetch_model_folder(store.as_ref(), &dir)
                     .await
                     .map_err(|e| config(format!("--model {}: {e}", m.name)))?;
                 (dir, format!("s3://{bucket}/{prefix}"))

@@ -6,6 +6,9 @@
 //! commit record of a job.
 
 pub mod local;
+pub mod s3;
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -81,44 +84,25 @@ impl std::str::FromStr for Destination {
     }
 }
 
-/// Opens the store of a destination (its prefix is the caller's to apply).
-pub async fn open_store(
-    dest: &Destination,
-    _path_style: bool,
-) -> Result<std::sync::Arc<dyn ObjectStore>, StorageError> {
-    match dest {
-        Destination::File { root, .. } => Ok(std::sync::Arc::new(local::LocalStore::new(root.clone())?)),
-        Destination::S3 { bucket, .. } => {
-            Err(StorageError::InvalidDestination(format!("s3://{bucket}: S3 support is not built yet")))
+/// The store for `dest`: a [`local::LocalStore`] rooted at `root/prefix`, or an [`s3::S3Store`]
+/// configured from the standard AWS chain (see [`s3::S3Store::connect`]); `path_style` only
+/// matters for S3.
+pub async fn open_store(dest: &Destination, path_style: bool) -> Result<Arc<dyn ObjectStore>, StorageError> {
+    Ok(match dest {
+        Destination::File { root, prefix } => {
+            let prefix = prefix.trim_matches('/');
+            if prefix.is_empty() {
+                Arc::new(local::LocalStore::new(root)?)
+            } else {
+                // The prefix becomes part of the root, so it must not climb out of it either.
+                check_key(prefix)?;
+                Arc::new(local::LocalStore::new(root.join(prefix))?)
+            }
         }
-    }
-}
-
-/// A store whose keys live under `prefix` of another.
-#[derive(Debug)]
-pub struct PrefixedStore {
-    inner: std::sync::Arc<dyn ObjectStore>,
-    prefix: String,
-}
-
-/// `store` seen from `prefix` down.
-pub fn prefixed(store: std::sync::Arc<dyn ObjectStore>, prefix: &str) -> std::sync::Arc<dyn ObjectStore> {
-    std::sync::Arc::new(PrefixedStore { inner: store, prefix: prefix.trim_matches('/').to_string() })
-}
-
-#[async_trait]
-impl ObjectStore for PrefixedStore {
-    async fn put(&self, key: &str, bytes: Bytes, content_type: &str) -> Result<PutOutcome, StorageError> {
-        self.inner.put(&join_key(&self.prefix, key), bytes, content_type).await
-    }
-
-    async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
-        self.inner.get(&join_key(&self.prefix, key)).await
-    }
-
-    fn uri(&self, key: &str) -> String {
-        self.inner.uri(&join_key(&self.prefix, key))
-    }
+        Destination::S3 { bucket, prefix } => {
+            Arc::new(s3::S3Store::connect(bucket.clone(), prefix.clone(), path_style).await?)
+        }
+    })
 }
 
 #[cfg(test)]
@@ -152,5 +136,22 @@ mod tests {
         for bad in ["out", "s3://", "file:", "gs://b"] {
             assert!(bad.parse::<Destination>().is_err(), "{bad}");
         }
+    }
+
+    #[tokio::test]
+    async fn file_destinations_honour_their_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = Destination::File { root: dir.path().into(), prefix: "/p/q/".into() };
+        let store = open_store(&dest, false).await.unwrap();
+        let out = store.put("a.json", Bytes::from_static(b"{}"), "application/json").await.unwrap();
+        assert_eq!(out.uri, format!("file://{}", dir.path().join("p/q/a.json").display()));
+        assert_eq!(std::fs::read(dir.path().join("p/q/a.json")).unwrap(), b"{}");
+
+        let plain = Destination::File { root: dir.path().into(), prefix: String::new() };
+        let plain = open_store(&plain, false).await.unwrap();
+        assert_eq!(plain.get("p/q/a.json").await.unwrap().unwrap(), Bytes::from_static(b"{}"));
+
+        let escaping = Destination::File { root: dir.path().into(), prefix: "../x".into() };
+        assert!(matches!(open_store(&escaping, false).await, Err(StorageError::InvalidKey(_))));
     }
 }

@@ -1,6 +1,8 @@
-//! Shared helpers for the integration tests: the fixture folder written by `tests/fixtures/gen_fixtures.py`.
+//! Shared helpers for the integration tests: the fixture folder written by `tests/fixtures/gen_fixtures.py`,
+//! and a real S3 server ([`seaweed`]).
 #![allow(dead_code)]
 
+pub mod seaweed;
 pub mod service;
 
 use std::collections::HashMap;
