@@ -366,3 +366,69 @@ fn http_get(addr: &str, path: &str) -> String {
     stream.read_to_string(&mut text).unwrap();
     text.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or(text)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_and_outputs_live_on_s3() {
+    use common::seaweed::{self, SeaweedFs};
+    let s3 = SeaweedFs::shared().await;
+    let client = s3.client();
+    let prefix = seaweed::unique_prefix("service");
+    // The tiny model, uploaded as a diffusers folder.
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    for entry in std::fs::read_dir(&model).unwrap() {
+        let path = entry.unwrap().path();
+        let key = format!("{prefix}/models/tiny/{}", path.file_name().unwrap().to_string_lossy());
+        let body = aws_sdk_s3::primitives::ByteStream::from(std::fs::read(&path).unwrap());
+        client.put_object().bucket(seaweed::BUCKET).key(key).body(body).send().await.unwrap();
+    }
+    let args = [
+        "--model".to_string(),
+        format!("tiny=s3://{}/{prefix}/models/tiny", seaweed::BUCKET),
+        "--model-cache".into(),
+        dir.path().join("cache").display().to_string(),
+        "--output".into(),
+        format!("s3://{}/{prefix}/jobs", seaweed::BUCKET),
+        "--s3-path-style".into(),
+    ];
+    let env = [
+        ("AWS_ENDPOINT_URL", s3.endpoint()),
+        ("AWS_ACCESS_KEY_ID", seaweed::ACCESS_KEY.to_string()),
+        ("AWS_SECRET_ACCESS_KEY", seaweed::SECRET_KEY.to_string()),
+        ("AWS_REGION", seaweed::REGION.to_string()),
+    ];
+    let server = Server::start_with(&dir.path().join("data"), &args, &env).await;
+    let mut grpc = server.client().await;
+    let mut req = request(5, pb::Scheduler::Ddim, 4, 2);
+    req.grid = Some(pb::GridSpec { samples_per_grid: 2, columns: 2 });
+    let job = grpc.submit_job(req.clone()).await.unwrap().into_inner().job.unwrap();
+    let done = wait_for(&mut grpc, &job.job_id, |j| j.state == SUCCEEDED).await;
+    let manifest_key = format!("{prefix}/jobs/{}/manifest.json", job.job_id);
+    assert_eq!(done.manifest_uri, format!("s3://{}/{manifest_key}", seaweed::BUCKET));
+    assert_eq!(done.grid_uris.len(), 3);
+    let get = |key: String| {
+        let client = client.clone();
+        async move {
+            let out = client.get_object().bucket(seaweed::BUCKET).key(key).send().await.unwrap();
+            out.body.collect().await.unwrap().into_bytes()
+        }
+    };
+    let m: serde_json::Value = serde_json::from_slice(&get(manifest_key).await).unwrap();
+    assert_eq!(m["model"]["source"], format!("s3://{}/{prefix}/models/tiny", seaweed::BUCKET));
+    for s in m["samples"].as_array().unwrap() {
+        let bytes = get(s["key"].as_str().unwrap().to_string()).await;
+        assert_eq!(ddpm_worker::generate::sha256_hex(&bytes), s["sha256"].as_str().unwrap());
+        image::load_from_memory(&bytes).unwrap();
+    }
+    // Grids of 2: [0,2) and [2,4) lie in one shard each, [4,5) too; every grid is there.
+    assert_eq!(m["grids"].as_array().unwrap().len(), 3);
+
+    // A job may pick its own prefix (and bucket) on an S3 server.
+    req.output = Some(pb::OutputSpec { bucket: String::new(), prefix: format!("{prefix}/custom") });
+    let job = grpc.submit_job(req).await.unwrap().into_inner().job.unwrap();
+    let done = wait_for(&mut grpc, &job.job_id, |j| j.state == SUCCEEDED).await;
+    assert_eq!(
+        done.manifest_uri,
+        format!("s3://{}/{prefix}/custom/{}/manifest.json", seaweed::BUCKET, job.job_id)
+    );
+}

@@ -32,20 +32,23 @@ impl Server {
     /// flags; returns once it is healthy (SERVING).
     pub async fn start(data: &Path, extra: &[&str]) -> Server {
         let model = tiny_model(data);
-        let mut args: Vec<String> = vec![
-            "serve".into(),
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--model".into(),
+        let mut args = vec![
+            "--model".to_string(),
             format!("tiny={}", model.display()),
-            "--queue".into(),
-            format!("sqlite:{}", data.join("queue.sqlite").display()),
             "--output".into(),
             format!("file:{}", data.join("jobs").display()),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
+        Self::start_with(data, &args, &[]).await
+    }
+
+    /// Starts `serve` with its queue under `data` and exactly `args` (models, output…) and `env`.
+    pub async fn start_with(data: &Path, args: &[String], env: &[(&str, String)]) -> Server {
         let mut child = Command::new(super::bin())
-            .args(&args)
+            .args(["serve", "--listen", "127.0.0.1:0", "--queue"])
+            .arg(format!("sqlite:{}", data.join("queue.sqlite").display()))
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
