@@ -27,7 +27,7 @@ SAMPLES    ?= 8
 SEED       ?= 0
 LISTEN     ?= 127.0.0.1:50051
 
-.PHONY: all setup build run stop generate test lint fixtures bench clean
+.PHONY: all setup build run stop generate test lint fixtures bench bench-service clean
 
 all: build
 
@@ -75,6 +75,9 @@ lint: setup
 
 bench: build
 	$(PYTHON) bench/bench.py --bin $(BIN)
+
+bench-service: build
+	$(PYTHON) bench/service.py --bin $(BIN)
 
 clean: stop
 	rm -rf $(OUT)

@@ -206,7 +206,28 @@ fn serve(args: ddpm_worker::service::ServeArgs) -> ExitCode {
     }
 }
 
+/// Applies `serve --config FILE` as defaults of the DDPM_* variables (see `service::config_file`).
+fn apply_config_file() -> Result<(), String> {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_none_or(|a| a != "serve") {
+        return Ok(());
+    }
+    let Some(path) = ddpm_worker::service::config_file::config_path(&args[1..]) else { return Ok(()) };
+    let command = <ddpm_worker::service::ServeArgs as clap::Args>::augment_args(clap::Command::new("serve"));
+    for (var, value) in ddpm_worker::service::config_file::env_defaults(&command, &path)? {
+        if std::env::var_os(&var).is_none() {
+            // SAFETY: called first thing in main, before any other thread exists.
+            unsafe { std::env::set_var(var, value) };
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
+    if let Err(e) = apply_config_file() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let cli = Cli::parse();
     let progress = std::io::stderr().is_terminal();
     if !matches!(cli.command, Command::Serve(_)) {

@@ -4,6 +4,7 @@
 //! until every device has loaded and warmed its models, and again from the first SIGTERM.
 
 pub mod api;
+pub mod config_file;
 pub mod error;
 
 use std::collections::BTreeMap;
@@ -29,6 +30,9 @@ use api::{Limits, WorkerService};
 /// `serve`'s options; every flag can also come from its `DDPM_*` environment variable.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
+    /// A TOML file of these settings (keys are the long flag names); flags and DDPM_* variables win.
+    #[arg(long, env = "DDPM_CONFIG")]
+    pub config: Option<PathBuf>,
     /// gRPC address (port 0: any free port; the bound address is printed).
     #[arg(long, env = "DDPM_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
