@@ -161,6 +161,9 @@ pub async fn listing_filters_and_pages(q: impl Queue) {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     q.finish_job(&ids[0], JobState::Cancelled, None, None).await.unwrap();
+    let mut counts = q.job_counts().await.unwrap();
+    counts.sort_by_key(|(s, _)| s.as_str());
+    assert_eq!(counts, [(JobState::Cancelled, 1), (JobState::Queued, 4)]);
     let all = JobFilter::default();
     let mut seen = Vec::new();
     let mut cursor: Option<PageCursor> = None;

@@ -78,6 +78,8 @@ pub trait JobStore: Send + Sync + 'static {
     async fn jobs_with_dead_shards(&self) -> Result<Vec<(String, String)>, QueueError>;
     /// Running jobs with every shard done that nobody finalized within `stale`.
     async fn jobs_to_finalize(&self, stale: Duration) -> Result<Vec<String>, QueueError>;
+    /// How many jobs are in each state.
+    async fn job_counts(&self) -> Result<Vec<(JobState, u64)>, QueueError>;
 }
 
 /// Both halves, as the service uses them.
@@ -197,6 +199,10 @@ impl JobStore for SqliteQueue {
 
     async fn jobs_to_finalize(&self, stale: Duration) -> Result<Vec<String>, QueueError> {
         self.run(move |s| s.jobs_to_finalize(now_ms(), ms(stale))).await
+    }
+
+    async fn job_counts(&self) -> Result<Vec<(JobState, u64)>, QueueError> {
+        self.run(|s| s.job_counts()).await
     }
 }
 

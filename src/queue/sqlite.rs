@@ -455,6 +455,20 @@ impl SqliteStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// How many jobs are in each state (states without jobs are left out).
+    pub fn job_counts(&self) -> Result<Vec<(JobState, u64)>, QueueError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT state, COUNT(*) FROM jobs GROUP BY state")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        rows.map(|row| {
+            let (state, n) = row?;
+            let state =
+                JobState::parse(&state).ok_or_else(|| QueueError::Corrupt(format!("job state {state:?}")))?;
+            Ok((state, n as u64))
+        })
+        .collect()
+    }
+
     /// Unfinished tasks of all jobs (queued or leased): the queue depth.
     pub fn queue_depth(&self) -> Result<u64, QueueError> {
         let n: i64 = self.conn().query_row(

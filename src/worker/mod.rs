@@ -155,6 +155,18 @@ impl WorkerContext {
         if let Ok(depth) = self.queue.depth().await {
             metrics::gauge!("ddpm_queue_depth").set(depth as f64);
         }
+        if let Ok(counts) = self.queue.job_counts().await {
+            for state in [
+                JobState::Queued,
+                JobState::Running,
+                JobState::Succeeded,
+                JobState::Failed,
+                JobState::Cancelled,
+            ] {
+                let n = counts.iter().find(|(s, _)| *s == state).map_or(0, |(_, n)| *n);
+                metrics::gauge!("ddpm_jobs", "state" => state.as_str()).set(n as f64);
+            }
+        }
     }
 }
 
