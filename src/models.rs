@@ -2,8 +2,9 @@
 //! folder on disk once at start-up, hashed, and checked before any port is bound.
 //!
 //! A location is a local folder, an `s3://bucket/prefix` (copied into the local model cache), or a
-//! Hugging Face hub id such as `google/ddpm-cifar10-32`, found in the standard HF cache (`HF_HUB_CACHE`,
-//! else `HF_HOME/hub`, else `~/.cache/huggingface/hub`), where `huggingface-cli download` puts it.
+//! Hugging Face hub id such as `google/ddpm-cifar10-32`: used from the standard HF cache (`HF_HUB_CACHE`,
+//! else `HF_HOME/hub`, else `~/.cache/huggingface/hub`) when it is there, and otherwise downloaded into
+//! it with the hub's own Rust client (where a network exists; `HF_ENDPOINT` and `HF_TOKEN` apply).
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -125,6 +126,63 @@ pub fn hub_snapshot(cache: &Path, repo_id: &str) -> Result<PathBuf, ModelError> 
     Ok(repo.join("snapshots").join(revision.trim()))
 }
 
+/// Downloads the diffusers files of hub repository `repo_id` into the HF cache at `cache` and returns
+/// the snapshot folder. Only the files a UNet pipeline needs are fetched (safetensors weights rather
+/// than `.bin` when a folder has both).
+pub async fn download_hub_model(cache: &Path, repo_id: &str) -> Result<PathBuf, ModelError> {
+    download_hub_model_from(cache, repo_id, std::env::var("HF_ENDPOINT").ok().as_deref()).await
+}
+
+async fn download_hub_model_from(
+    cache: &Path,
+    repo_id: &str,
+    endpoint: Option<&str>,
+) -> Result<PathBuf, ModelError> {
+    let fail = |e: &dyn std::fmt::Display| ModelError::Io {
+        path: cache.join(format!("models--{}", repo_id.replace('/', "--"))),
+        message: format!("downloading {repo_id} from the Hugging Face hub: {e}"),
+    };
+    let mut builder = hf_hub::api::tokio::ApiBuilder::from_cache(hf_hub::Cache::new(cache.to_path_buf()))
+        .with_progress(false);
+    if let Some(endpoint) = endpoint {
+        builder = builder.with_endpoint(endpoint.to_string());
+    }
+    if let Ok(token) = std::env::var("HF_TOKEN") {
+        builder = builder.with_token(Some(token));
+    }
+    let repo = builder.build().map_err(|e| fail(&e))?.model(repo_id.to_string());
+    let info = repo.info().await.map_err(|e| fail(&e))?;
+    let present: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
+    let wanted = hub_files(&present);
+    if wanted.is_empty() {
+        return Err(fail(&"the repository holds no diffusers UNet files"));
+    }
+    let mut snapshot = None;
+    for file in wanted {
+        let path = repo.get(file).await.map_err(|e| fail(&e))?;
+        // `<cache>/models--org--name/snapshots/<sha>/<file>`: the snapshot is `file`'s depth above.
+        let mut root = path.clone();
+        for _ in file.split('/') {
+            root.pop();
+        }
+        snapshot = Some(root);
+    }
+    snapshot.ok_or_else(|| fail(&"nothing downloaded"))
+}
+
+/// Which of a hub repository's files to download: the pipeline files it has, with `.bin` weights
+/// only where the same folder has no safetensors.
+fn hub_files<'a>(present: &[&'a str]) -> Vec<&'a str> {
+    MODEL_FILES
+        .iter()
+        .filter_map(|f| present.iter().find(|p| *p == f).copied())
+        .filter(|f| {
+            let safetensors = f.replace(".bin", ".safetensors");
+            !f.ends_with(".bin") || !present.contains(&safetensors.as_str())
+        })
+        .collect()
+}
+
 /// The files a diffusers UNet pipeline folder may hold, in either layout.
 const MODEL_FILES: [&str; 9] = [
     "model_index.json",
@@ -189,6 +247,42 @@ mod tests {
         );
         let err = hub_snapshot(cache.path(), "google/ddpm-cat-256").unwrap_err().to_string();
         assert!(err.contains("huggingface-cli download google/ddpm-cat-256"), "{err}");
+    }
+
+    #[test]
+    fn hub_downloads_pick_the_pipeline_files_preferring_safetensors() {
+        let repo = [
+            "README.md",
+            "config.json",
+            "diffusion_pytorch_model.bin",
+            "diffusion_pytorch_model.safetensors",
+            "scheduler_config.json",
+            "images/sample.png",
+        ];
+        assert_eq!(
+            hub_files(&repo),
+            ["config.json", "diffusion_pytorch_model.safetensors", "scheduler_config.json"]
+        );
+        let old = ["config.json", "diffusion_pytorch_model.bin", "scheduler_config.json"];
+        assert_eq!(hub_files(&old), old);
+        let pipeline = [
+            "model_index.json",
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.bin",
+            "scheduler/scheduler_config.json",
+        ];
+        assert_eq!(hub_files(&pipeline), pipeline);
+    }
+
+    #[tokio::test]
+    async fn hub_downloads_fail_with_the_cause_when_the_hub_is_unreachable() {
+        let cache = tempfile::tempdir().unwrap();
+        // A closed local port stands in for a machine without a network.
+        let err = download_hub_model_from(cache.path(), "google/ddpm-cifar10-32", Some("http://127.0.0.1:9"))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("downloading google/ddpm-cifar10-32 from the Hugging Face hub"), "{err}");
     }
 
     #[tokio::test]

@@ -156,8 +156,20 @@ async fn prepare(args: &ServeArgs) -> Result<Prepared, ServeError> {
                 let cache = crate::models::hf_hub_cache().ok_or_else(|| {
                     config("no HOME, HF_HOME or HF_HUB_CACHE to find the Hugging Face cache".into())
                 })?;
-                let dir = crate::models::hub_snapshot(&cache, id)
-                    .map_err(|e| config(format!("--model {}: {e}", m.name)))?;
+                // The cached snapshot when it is complete; otherwise a download (where a network exists).
+                let cached = crate::models::hub_snapshot(&cache, id)
+                    .ok()
+                    .filter(|dir| crate::model::ModelFiles::locate(dir).is_ok());
+                let dir = match cached {
+                    Some(dir) => dir,
+                    None => crate::models::download_hub_model(&cache, id).await.map_err(|e| {
+                        config(format!(
+                            "--model {}: not in the Hugging Face cache at {}, and {e}",
+                            m.name,
+                            cache.display()
+                        ))
+                    })?,
+                };
                 (dir, format!("hf://{id}"))
             }
             ModelLocation::S3 { bucket, prefix } => {
