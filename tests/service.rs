@@ -432,3 +432,39 @@ async fn models_and_outputs_live_on_s3() {
         format!("s3://{}/{prefix}/custom/{}/manifest.json", seaweed::BUCKET, job.job_id)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_failing_on_every_attempt_fails_its_job_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    // Outputs cannot be written under a regular file: every attempt of every shard fails.
+    let blocker = dir.path().join("not-a-dir");
+    std::fs::write(&blocker, b"").unwrap();
+    let output = format!("file:{}", blocker.join("jobs").display());
+    let model = format!("tiny={}", tiny_model(dir.path()).display());
+    let args = ["--model", &model, "--output", &output, "--max-attempts", "2"].map(String::from);
+    let server = Server::start_with(dir.path(), &args, &[]).await;
+    let mut client = server.client().await;
+    let job =
+        client.submit_job(request(2, pb::Scheduler::Ddim, 3, 2)).await.unwrap().into_inner().job.unwrap();
+    let failed = wait_for(&mut client, &job.job_id, |j| j.state == pb::JobState::Failed as i32).await;
+    assert!(failed.error.contains("failed on every attempt"), "{}", failed.error);
+    assert!(failed.error.contains("not-a-dir"), "the cause is kept: {}", failed.error);
+    // The server keeps serving.
+    assert_eq!(
+        server.health().await,
+        Some(tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_requests_are_refused_before_decoding() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--max-request-bytes", "4096"]).await;
+    let mut client = server.client().await;
+    let mut req = request(1, pb::Scheduler::Ddim, 3, 1);
+    req.labels.insert("blob".into(), "x".repeat(8192));
+    let status = client.submit_job(req).await.unwrap_err();
+    // tonic reports a message over max_decoding_message_size as OUT_OF_RANGE.
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(client.submit_job(request(1, pb::Scheduler::Ddim, 3, 1)).await.is_ok());
+}

@@ -49,7 +49,8 @@ impl Server {
             .arg(format!("sqlite:{}", data.join("queue.sqlite").display()))
             .args(args)
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .env("RUST_LOG", "info")
+            // Quiet unless asked (DDPM_TEST_LOG=info shows the servers' logs).
+            .env("RUST_LOG", std::env::var("DDPM_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
