@@ -83,6 +83,9 @@ pub struct ServeArgs {
     /// Attempts of a shard before it is dead-lettered and its job FAILED.
     #[arg(long, env = "DDPM_MAX_ATTEMPTS", default_value_t = 3)]
     pub max_attempts: u32,
+    /// Delay before a failed shard's second attempt; it doubles with every further attempt (at most 5 min).
+    #[arg(long, env = "DDPM_RETRY_SECONDS", default_value_t = 2.0)]
+    pub retry_seconds: f64,
     /// Lease time of a shard; heartbeats renew it every quarter.
     #[arg(long, env = "DDPM_LEASE_SECONDS", default_value_t = 60.0)]
     pub lease_seconds: f64,
@@ -136,6 +139,12 @@ async fn prepare(args: &ServeArgs) -> Result<Prepared, ServeError> {
     let config = ServeError::Config;
     if args.dtype != DType::Fp32 && !args.devices.contains("cuda") && tch::Cuda::device_count() == 0 {
         return Err(config(format!("--dtype {:?} needs a CUDA device", args.dtype)));
+    }
+    if !(args.retry_seconds >= 0.0 && args.retry_seconds.is_finite()) {
+        return Err(config("--retry-seconds must be a finite number ≥ 0".into()));
+    }
+    if !(args.grace_seconds >= 0.0 && args.grace_seconds.is_finite()) {
+        return Err(config("--grace-seconds must be a finite number ≥ 0".into()));
     }
     if !(args.lease_seconds >= 1.0 && args.lease_seconds.is_finite()) {
         return Err(config("--lease-seconds must be at least 1".into()));
@@ -230,7 +239,7 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         ),
         lease_ttl: Duration::from_secs_f64(args.lease_seconds),
-        retry_delay: Duration::from_secs(2),
+        retry_delay: Duration::from_secs_f64(args.retry_seconds),
         kind: args.dtype.kind(),
         layout: if args.channels_last { Layout::ChannelsLast } else { Layout::Diffusers },
         finalize_after: Duration::from_secs_f64(args.lease_seconds),

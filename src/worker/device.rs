@@ -321,9 +321,16 @@ async fn keep_alive(ctx: Arc<WorkerContext>, mut lease: Lease, stop: Arc<AtomicB
     }
 }
 
+/// The delay before attempt `attempt + 1`: `base` doubled per failed attempt, at most five minutes, so
+/// a store or device outage of a few minutes does not use up a shard's attempts at once.
+pub fn backoff(base: Duration, attempt: u32) -> Duration {
+    base.saturating_mul(1 << attempt.saturating_sub(1).min(16)).min(Duration::from_secs(300))
+}
+
 async fn retry(ctx: &WorkerContext, lease: &Lease, error: &str) {
     metrics::counter!("ddpm_shard_failures_total").increment(1);
-    if let Err(e) = ctx.queue.retry_later(lease, ctx.config.retry_delay, error).await {
+    let delay = backoff(ctx.config.retry_delay, lease.attempt);
+    if let Err(e) = ctx.queue.retry_later(lease, delay, error).await {
         tracing::warn!(error = %e, "giving the failed shard back");
     }
 }
@@ -357,3 +364,16 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 
 /// How long an idle thread waits between polls; exposed for the service's configuration.
 pub const DEFAULT_IDLE_POLL: Duration = Duration::from_millis(500);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_exponentially_up_to_five_minutes() {
+        let base = Duration::from_secs(2);
+        let delays: Vec<u64> = (1..=10).map(|a| backoff(base, a).as_secs()).collect();
+        assert_eq!(delays, [2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
+        assert_eq!(backoff(base, u32::MAX), Duration::from_secs(300));
+    }
+}
