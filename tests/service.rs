@@ -270,8 +270,21 @@ async fn sigterm_drains_and_exits_zero_and_another_server_finishes() {
     let job =
         client.submit_job(request(8, pb::Scheduler::Ddpm, 100, 2)).await.unwrap().into_inner().job.unwrap();
     wait_for(&mut client, &job.job_id, |j| j.state == RUNNING).await;
+    // A client following the job must not hold the shutdown up: its stream ends with UNAVAILABLE.
+    let mut watcher =
+        client.watch_job(pb::WatchJobRequest { job_id: job.job_id.clone() }).await.unwrap().into_inner();
     let kill = Command::new("kill").args(["-TERM", &server.pid().to_string()]).status().unwrap();
     assert!(kill.success());
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match watcher.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    });
+    let status = ended.await.expect("the watch stream ended").unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     let started = std::time::Instant::now();
     let status = loop {
         if let Some(s) = server.child.try_wait().unwrap() {

@@ -440,6 +440,12 @@ impl pb::worker_server::Worker for WorkerService {
             }
             while !last.state.is_terminal() {
                 tokio::time::sleep(WATCH_POLL).await;
+                // An open stream would hold the server's graceful shutdown until the job ends: end it,
+                // and the client watches again on another worker (or after the restart).
+                if ctx.draining.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = tx.send(Err(ServiceError::ShuttingDown.into())).await;
+                    break;
+                }
                 let job = match ctx.queue.job(&last.id).await {
                     Ok(Some(job)) => job,
                     Ok(None) => break,
