@@ -55,7 +55,9 @@
 //!   create-only, so one record wins). A crash after the job record but before its shard tasks leaves a
 //!   job without tasks, and a crash between a shard's `done` and the job's counters leaves the
 //!   counters short: both need a reconciler that rebuilds them from the shard records (the reference's
-//!   §2.7 point 5), which is not part of this module.
+//!   §2.7 point 5), which is not part of this module. `finish_job` writes the job's terminal state,
+//!   then retires its shards one by one; a shard leased in between is retired by `lease` itself when
+//!   it sees the terminal job, or fenced out (`LeaseLost`) when `finish_job` gets to it.
 //! - JetStream itself: the December 2025 Jepsen analysis of NATS 2.12.1 found acknowledged writes lost
 //!   on power failure with the default fsync interval; run the server with `sync_interval: always`
 //!   and R3 streams (reference §2.1), and keep outputs idempotent.
@@ -242,23 +244,23 @@ struct Ticket {
 
 /// What to tell the server about a delivery.
 #[derive(Debug, Clone, Copy)]
-enum Ack {
+enum Signal {
     Ack,
     Progress,
     Nak(Option<Duration>),
     Term,
 }
 
-impl Ack {
+impl Signal {
     fn body(self) -> Bytes {
         // The JetStream ack protocol (ADR-1 in nats-io/nats-architecture-and-design): `+ACK`, `+WPI`,
         // `-NAK` with an optional JSON delay in nanoseconds, `+TERM`.
         match self {
-            Ack::Ack => Bytes::from_static(b"+ACK"),
-            Ack::Progress => Bytes::from_static(b"+WPI"),
-            Ack::Nak(None) => Bytes::from_static(b"-NAK"),
-            Ack::Nak(Some(d)) => Bytes::from(format!("-NAK {{\"delay\": {}}}", d.as_nanos())),
-            Ack::Term => Bytes::from_static(b"+TERM"),
+            Signal::Ack => Bytes::from_static(b"+ACK"),
+            Signal::Progress => Bytes::from_static(b"+WPI"),
+            Signal::Nak(None) => Bytes::from_static(b"-NAK"),
+            Signal::Nak(Some(d)) => Bytes::from(format!("-NAK {{\"delay\": {}}}", d.as_nanos())),
+            Signal::Term => Bytes::from_static(b"+TERM"),
         }
     }
 }
@@ -456,7 +458,7 @@ impl NatsQueue {
     // === messages ===
 
     /// Sends `ack` for the delivery whose ack subject is `reply` and waits for the server's reply.
-    async fn ack(&self, reply: &str, ack: Ack) -> Result<(), QueueError> {
+    async fn ack(&self, reply: &str, ack: Signal) -> Result<(), QueueError> {
         self.client
             .request(reply.to_string(), ack.body())
             .await
@@ -466,7 +468,7 @@ impl NatsQueue {
 
     /// Like [`Self::ack`] after the KV write already decided the outcome: a lost ack only means the
     /// server redelivers after `AckWait`, and the next lease sorts it out from the KV record.
-    async fn ack_quietly(&self, reply: Option<&str>, ack: Ack) {
+    async fn ack_quietly(&self, reply: Option<&str>, ack: Signal) {
         if let Some(reply) = reply
             && let Err(e) = self.ack(reply, ack).await
         {
@@ -602,17 +604,17 @@ impl NatsQueue {
         }
     }
 
-    /// Marks a job running (its first lease).
-    async fn mark_running(&self, job_id: &str, now: i64) -> Result<(), QueueError> {
-        self.update::<StoredJob, ()>(&self.jobs, job_id, |job| {
+    /// Marks a job running (its first lease). Returns the job's state, `None` when it is missing.
+    async fn mark_running(&self, job_id: &str, now: i64) -> Result<Option<JobState>, QueueError> {
+        self.update::<StoredJob, Option<JobState>>(&self.jobs, job_id, |job| {
             Ok(match job {
                 Some(mut job) if job.state == JobState::Queued => {
                     job.state = JobState::Running;
                     job.started_at = job.started_at.or(Some(now));
                     job.updated_at = now;
-                    Edit::Write(job, ())
+                    Edit::Write(job, Some(JobState::Running))
                 }
-                _ => Edit::Keep(()),
+                job => Edit::Keep(job.map(|j| j.state)),
             })
         })
         .await
@@ -632,7 +634,7 @@ impl NatsQueue {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(error = %e, "unreadable task message; terminating it");
-                self.ack_quietly(reply.as_deref(), Ack::Term).await;
+                self.ack_quietly(reply.as_deref(), Signal::Term).await;
                 return Ok(None);
             }
         };
@@ -641,24 +643,24 @@ impl NatsQueue {
         let expires_at = now.saturating_add(super::ms(ttl));
         enum Verdict {
             Leased(Lease),
-            Drop(Ack),
+            Drop(Signal),
         }
         let verdict = self
             .update::<StoredShard, Verdict>(&self.shards, &key, |shard| {
-                let Some(mut shard) = shard else { return Ok(Edit::Keep(Verdict::Drop(Ack::Term))) };
+                let Some(mut shard) = shard else { return Ok(Edit::Keep(Verdict::Drop(Signal::Term))) };
                 let available = match shard.state {
-                    ShardState::Done => return Ok(Edit::Keep(Verdict::Drop(Ack::Ack))),
-                    ShardState::Dead => return Ok(Edit::Keep(Verdict::Drop(Ack::Term))),
+                    ShardState::Done => return Ok(Edit::Keep(Verdict::Drop(Signal::Ack))),
+                    ShardState::Dead => return Ok(Edit::Keep(Verdict::Drop(Signal::Term))),
                     ShardState::Queued if shard.available_at > now => {
                         let delay = ms_duration(shard.available_at - now);
-                        return Ok(Edit::Keep(Verdict::Drop(Ack::Nak(Some(delay)))));
+                        return Ok(Edit::Keep(Verdict::Drop(Signal::Nak(Some(delay)))));
                     }
                     ShardState::Queued => true,
                     ShardState::Leased => match shard.expires_at {
                         // Redelivered after AckWait while the lease is still held: back at its expiry.
                         Some(e) if e >= now => {
                             let delay = ms_duration(e - now + 1);
-                            return Ok(Edit::Keep(Verdict::Drop(Ack::Nak(Some(delay)))));
+                            return Ok(Edit::Keep(Verdict::Drop(Signal::Nak(Some(delay)))));
                         }
                         // Expired and not reaped yet: the reaper's accounting, done here.
                         _ => false,
@@ -668,7 +670,7 @@ impl NatsQueue {
                     shard.state = ShardState::Dead;
                     shard.last_error = Some("lease expired after the last attempt".into());
                     shard.clear_lease();
-                    return Ok(Edit::Write(shard, Verdict::Drop(Ack::Term)));
+                    return Ok(Edit::Write(shard, Verdict::Drop(Signal::Term)));
                 }
                 if !available {
                     shard.last_error = Some("lease expired".into());
@@ -692,10 +694,22 @@ impl NatsQueue {
             })
             .await?;
         match verdict {
-            Verdict::Leased(lease) => {
-                self.mark_running(&lease.job_id, now).await?;
-                Ok(Some(lease))
-            }
+            Verdict::Leased(lease) => match self.mark_running(&lease.job_id, now).await? {
+                Some(state) if !state.is_terminal() => Ok(Some(lease)),
+                // The job finished while its shards were being retired (finish_job is not one
+                // transaction): retire this one too instead of running it.
+                state => {
+                    let reason = state.map_or("job missing".to_string(), |s| format!("job {}", s.as_str()));
+                    self.fenced(&lease, |shard, _| {
+                        shard.state = ShardState::Dead;
+                        shard.last_error = Some(reason.clone());
+                        shard.clear_lease();
+                        Signal::Term
+                    })
+                    .await?;
+                    Ok(None)
+                }
+            },
             Verdict::Drop(ack) => {
                 self.ack_quietly(reply.as_deref(), ack).await;
                 Ok(None)
@@ -708,22 +722,26 @@ impl NatsQueue {
     async fn fenced(
         &self,
         lease: &Lease,
-        mut edit: impl FnMut(&mut StoredShard, i64) -> Ack,
+        mut edit: impl FnMut(&mut StoredShard, i64) -> Signal,
     ) -> Result<StoredShard, QueueError> {
         let key = shard_key(&lease.job_id, lease.shard);
         let lost = QueueError::LeaseLost { task_id: lease.task_id };
         let outcome = self
-            .update::<StoredShard, Option<(Ack, Option<String>, StoredShard)>>(&self.shards, &key, |shard| {
-                let now = now_ms();
-                match shard {
-                    Some(mut shard) if shard.held_by(lease, now) => {
-                        let reply = shard.ack.clone();
-                        let ack = edit(&mut shard, now);
-                        Ok(Edit::Write(shard.clone(), Some((ack, reply, shard))))
+            .update::<StoredShard, Option<(Signal, Option<String>, StoredShard)>>(
+                &self.shards,
+                &key,
+                |shard| {
+                    let now = now_ms();
+                    match shard {
+                        Some(mut shard) if shard.held_by(lease, now) => {
+                            let reply = shard.ack.clone();
+                            let ack = edit(&mut shard, now);
+                            Ok(Edit::Write(shard.clone(), Some((ack, reply, shard))))
+                        }
+                        _ => Ok(Edit::Keep(None)),
                     }
-                    _ => Ok(Edit::Keep(None)),
-                }
-            })
+                },
+            )
             .await?;
         let Some((ack, reply, shard)) = outcome else { return Err(lost) };
         self.ack_quietly(reply.as_deref(), ack).await;
@@ -787,7 +805,7 @@ impl TaskQueue for NatsQueue {
         self.fenced(lease, |shard, now| {
             expires = now.saturating_add(super::ms(ttl));
             shard.expires_at = Some(expires);
-            Ack::Progress
+            Signal::Progress
         })
         .await?;
         lease.expires_at = expires;
@@ -800,7 +818,7 @@ impl TaskQueue for NatsQueue {
             shard.attempts = shard.attempts.saturating_sub(1);
             shard.available_at = now;
             shard.clear_lease();
-            Ack::Nak(None)
+            Signal::Nak(None)
         })
         .await
         .map(|_| ())
@@ -812,11 +830,11 @@ impl TaskQueue for NatsQueue {
             shard.clear_lease();
             if shard.attempts >= shard.max_attempts {
                 shard.state = ShardState::Dead;
-                Ack::Term
+                Signal::Term
             } else {
                 shard.state = ShardState::Queued;
                 shard.available_at = now.saturating_add(super::ms(delay));
-                Ack::Nak((!delay.is_zero()).then_some(delay))
+                Signal::Nak((!delay.is_zero()).then_some(delay))
             }
         })
         .await
@@ -828,7 +846,7 @@ impl TaskQueue for NatsQueue {
             shard.state = ShardState::Dead;
             shard.last_error = Some(error.to_string());
             shard.clear_lease();
-            Ack::Term
+            Signal::Term
         })
         .await
         .map(|_| ())
@@ -868,11 +886,11 @@ impl TaskQueue for NatsQueue {
             match outcome {
                 Some((true, reply)) => {
                     report.dead += 1;
-                    self.ack_quietly(reply.as_deref(), Ack::Term).await;
+                    self.ack_quietly(reply.as_deref(), Signal::Term).await;
                 }
                 Some((false, reply)) => {
                     report.requeued += 1;
-                    self.ack_quietly(reply.as_deref(), Ack::Nak(None)).await;
+                    self.ack_quietly(reply.as_deref(), Signal::Nak(None)).await;
                 }
                 None => {}
             }
@@ -983,7 +1001,7 @@ impl JobStore for NatsQueue {
             shard.state = ShardState::Done;
             shard.samples = Some(samples);
             shard.clear_lease();
-            Ack::Ack
+            Signal::Ack
         })
         .await?;
         let now = now_ms();
@@ -1052,7 +1070,7 @@ impl JobStore for NatsQueue {
                 })
                 .await?;
             if let Some(reply) = reply {
-                self.ack_quietly(reply.as_deref(), Ack::Term).await;
+                self.ack_quietly(reply.as_deref(), Signal::Term).await;
             }
         }
         Ok(Some(job.record()))
