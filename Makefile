@@ -69,7 +69,7 @@ fixtures: $(FIXTURES)/manifest.json
 # libtorch runs its AVX2 kernels on both sides of the parity tests (the goldens are made that way too):
 # on an AVX-512 host its default kernels differ from them by ~1e-6, which chaotic random-weight cases amplify.
 test: build fixtures
-	ATEN_CPU_CAPABILITY=avx2 DDPM_FIXTURES=$(FIXTURES) DDPM_WEED=$(VENV)/bin/weed cargo test $(CARGO_FLAGS)
+	ATEN_CPU_CAPABILITY=avx2 DDPM_FIXTURES=$(FIXTURES) DDPM_WEED=$(VENV)/bin/weed DDPM_NATS_SERVER=$(VENV)/bin/nats-server cargo test $(CARGO_FLAGS)
 
 lint: setup
 	cargo fmt --all -- --check

@@ -10,17 +10,17 @@ use super::{IdempotencyKey, JobFilter, PageCursor, Queue, QueueError};
 use crate::job::{JobSpec, JobState, ShardPayload};
 use crate::schedulers::SchedulerKind;
 
-/// Runs every check, each on a fresh queue from `make`.
-pub async fn run_all<Q: Queue + Clone>(make: impl Fn() -> Q) {
-    submit_is_atomic_and_idempotent(make()).await;
-    concurrent_resubmits_make_one_job(make()).await;
-    leases_follow_priority_and_are_exclusive(make()).await;
-    expired_leases_are_fenced_and_requeued(make()).await;
-    failures_run_out_into_dead_letters(make()).await;
-    released_tasks_keep_their_attempts(make()).await;
-    finishing_a_job_retires_its_shards(make()).await;
-    listing_filters_and_pages(make()).await;
-    finished_shards_make_a_job_ready_to_finalize(make()).await;
+/// Runs every check, each on a fresh queue from `make` (async, so a backend can connect to its server).
+pub async fn run_all<Q: Queue + Clone, F: Future<Output = Q>>(make: impl Fn() -> F) {
+    submit_is_atomic_and_idempotent(make().await).await;
+    concurrent_resubmits_make_one_job(make().await).await;
+    leases_follow_priority_and_are_exclusive(make().await).await;
+    expired_leases_are_fenced_and_requeued(make().await).await;
+    failures_run_out_into_dead_letters(make().await).await;
+    released_tasks_keep_their_attempts(make().await).await;
+    finishing_a_job_retires_its_shards(make().await).await;
+    listing_filters_and_pages(make().await).await;
+    finished_shards_make_a_job_ready_to_finalize(make().await).await;
 }
 
 pub fn spec(num_samples: u64, batch_size: u32, priority: i32, labels: &[(&str, &str)]) -> JobSpec {

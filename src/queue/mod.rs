@@ -1,8 +1,10 @@
 //! Durable jobs and queue of shard tasks. The embedded default is one SQLite file ([`sqlite::SqliteStore`]);
-//! the gRPC service drives it from an actor, and a distributed engine can follow behind the same
-//! operations (enqueue with dedup, lease, heartbeat, complete, retry later, dead-letter, reap).
+//! the gRPC service drives it from an actor. [`nats::NatsQueue`] is a distributed backend on NATS
+//! JetStream behind the same operations (enqueue with dedup, lease, heartbeat, complete, retry later,
+//! dead-letter, reap); both pass the [`conformance`] suite.
 
 pub mod conformance;
+pub mod nats;
 pub mod sqlite;
 
 use std::str::FromStr;
@@ -291,6 +293,9 @@ pub enum QueueError {
     Sqlite(#[from] rusqlite::Error),
     #[error("queue store is corrupt: {0}")]
     Corrupt(String),
+    /// The NATS server could not be reached or refused a request (the service maps it to UNAVAILABLE).
+    #[error("queue server: {0}")]
+    Nats(String),
 }
 
 #[cfg(test)]
@@ -301,7 +306,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sqlite_passes_the_conformance_suite() {
-        super::conformance::run_all(|| SqliteQueue::new(SqliteStore::in_memory().unwrap())).await;
+        super::conformance::run_all(|| async { SqliteQueue::new(SqliteStore::in_memory().unwrap()) }).await;
     }
 
     fn task(job: &str, shard: u64, priority: i32) -> TaskSpec {

@@ -1,7 +1,8 @@
 //! Shared helpers for the integration tests: the fixture folder written by `tests/fixtures/gen_fixtures.py`,
-//! and a real S3 server ([`seaweed`]).
+//! a real S3 server ([`seaweed`]) and a real NATS server ([`nats`]).
 #![allow(dead_code)]
 
+pub mod nats;
 pub mod seaweed;
 pub mod service;
 
