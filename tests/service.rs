@@ -487,3 +487,48 @@ async fn oversized_requests_are_refused_before_decoding() {
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
     assert!(client.submit_job(request(1, pb::Scheduler::Ddim, 3, 1)).await.is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_share_a_nats_queue() {
+    use common::nats::{NatsServer, unique_namespace};
+    let nats = NatsServer::shared().await;
+    let queue = format!("{}/{}", nats.url(), unique_namespace("service"));
+    let dir = tempfile::tempdir().unwrap();
+    let model = format!("tiny={}", tiny_model(dir.path()).display());
+    let output = format!("file:{}", dir.path().join("jobs").display());
+    let args = |_: &str| {
+        [
+            "--model",
+            &model,
+            "--output",
+            &output,
+            "--queue",
+            &queue,
+            "--batches-per-shard",
+            "1",
+            "--cpu-threads",
+            "1",
+        ]
+        .map(String::from)
+    };
+    // Each worker has its own data folder but they share the queue and the output directory.
+    let a = Server::start_with(&dir.path().join("a"), &args("a"), &[]).await;
+    let b = Server::start_with(&dir.path().join("b"), &args("b"), &[]).await;
+    let mut client_a = a.client().await;
+    let mut client_b = b.client().await;
+    let job =
+        client_a.submit_job(request(12, pb::Scheduler::Ddpm, 60, 2)).await.unwrap().into_inner().job.unwrap();
+    // Either worker answers for the job; both take shards.
+    let done = wait_for(&mut client_b, &job.job_id, |j| j.state == SUCCEEDED).await;
+    assert_eq!((done.samples_done, done.shards_done), (12, 6));
+    let samples = job_samples(&done);
+    assert_eq!(samples.len(), 12);
+    let m = manifest(&done);
+    let mut workers: Vec<&str> =
+        m["shards"].as_array().unwrap().iter().map(|s| s["worker"].as_str().unwrap()).collect();
+    workers.sort();
+    workers.dedup();
+    assert_eq!(workers.len(), 2, "both workers sampled shards: {workers:?}");
+    let listed = client_a.list_jobs(pb::ListJobsRequest::default()).await.unwrap().into_inner().jobs;
+    assert_eq!(listed.iter().map(|j| j.job_id.as_str()).collect::<Vec<_>>(), [job.job_id.as_str()]);
+}

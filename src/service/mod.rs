@@ -20,6 +20,7 @@ use crate::api::{FILE_DESCRIPTOR_SET, pb};
 use crate::generate::{DType, device_name, parse_device};
 use crate::model::Layout;
 use crate::models::{ModelArg, ModelLocation, ResolvedModel};
+use crate::queue::nats::{NatsOptions, NatsQueue};
 use crate::queue::sqlite::SqliteStore;
 use crate::queue::{Queue, SqliteQueue};
 use crate::storage::Destination;
@@ -43,9 +44,13 @@ pub struct ServeArgs {
     /// Hugging Face cache. Repeat for several.
     #[arg(long = "model", env = "DDPM_MODELS", value_delimiter = ',', required = true)]
     pub models: Vec<ModelArg>,
-    /// The job queue: sqlite:PATH.
+    /// The job queue: sqlite:PATH (embedded; one process), or nats://HOST:PORT[/NAMESPACE] (NATS
+    /// JetStream, shared by any number of workers).
     #[arg(long, env = "DDPM_QUEUE", default_value = "sqlite:ddpm-data/queue.sqlite")]
     pub queue: String,
+    /// Stream and KV replicas of a NATS queue (3 in a NATS cluster).
+    #[arg(long, env = "DDPM_NATS_REPLICAS", default_value_t = 1)]
+    pub nats_replicas: usize,
     /// Default output destination: file:DIR or s3://BUCKET/PREFIX (endpoint and credentials from AWS_*).
     #[arg(long, env = "DDPM_OUTPUT", default_value = "file:ddpm-data/jobs")]
     pub output: Destination,
@@ -197,16 +202,36 @@ async fn prepare(args: &ServeArgs) -> Result<Prepared, ServeError> {
             .map_err(|e| config(format!("--model {}: {e}", m.name)))?;
         models.insert(m.name.clone(), Arc::new(resolved));
     }
-    let path = args
-        .queue
-        .strip_prefix("sqlite:")
-        .ok_or_else(|| config(format!("--queue {:?}: expected sqlite:PATH", args.queue)))?;
-    let path = PathBuf::from(path);
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| config(format!("--queue: {}: {e}", dir.display())))?;
+    let queue = open_queue(args).await?;
+    Ok(Prepared { models, queue, devices })
+}
+
+/// `sqlite:PATH` (one process) or `nats://HOST:PORT[/NAMESPACE]` (any number of workers sharing it).
+async fn open_queue(args: &ServeArgs) -> Result<Arc<dyn Queue>, ServeError> {
+    let config = ServeError::Config;
+    if let Some(path) = args.queue.strip_prefix("sqlite:") {
+        let path = PathBuf::from(path);
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| config(format!("--queue: {}: {e}", dir.display())))?;
+        }
+        let store =
+            SqliteStore::open(&path).map_err(|e| config(format!("--queue {}: {e}", path.display())))?;
+        return Ok(Arc::new(SqliteQueue::new(store)));
     }
-    let store = SqliteStore::open(&path).map_err(|e| config(format!("--queue {}: {e}", path.display())))?;
-    Ok(Prepared { models, queue: Arc::new(SqliteQueue::new(store)), devices })
+    if let Some(rest) = args.queue.strip_prefix("nats://") {
+        let (server, namespace) = rest.split_once('/').unwrap_or((rest, "ddpm"));
+        let options = NatsOptions {
+            // Heartbeats come every quarter lease, well inside the server's redelivery timer.
+            ack_wait: Duration::from_secs_f64(args.lease_seconds),
+            replicas: args.nats_replicas,
+            ..NatsOptions::default()
+        };
+        let queue = NatsQueue::connect(&format!("nats://{server}"), namespace, options)
+            .await
+            .map_err(|e| config(format!("--queue {}: {e}", args.queue)))?;
+        return Ok(Arc::new(queue));
+    }
+    Err(config(format!("--queue {:?}: expected sqlite:PATH or nats://HOST:PORT[/NAMESPACE]", args.queue)))
 }
 
 fn install_metrics(addr: SocketAddr) -> Result<(), ServeError> {

@@ -42,11 +42,16 @@ impl Server {
         Self::start_with(data, &args, &[]).await
     }
 
-    /// Starts `serve` with its queue under `data` and exactly `args` (models, output…) and `env`.
+    /// Starts `serve` with `args` (models, output…) and `env`; its queue is a SQLite file under `data`
+    /// unless `args` name one.
     pub async fn start_with(data: &Path, args: &[String], env: &[(&str, String)]) -> Server {
+        let mut queue = vec![];
+        if !args.iter().any(|a| a == "--queue") {
+            queue = vec!["--queue".to_string(), format!("sqlite:{}", data.join("queue.sqlite").display())];
+        }
         let mut child = Command::new(super::bin())
-            .args(["serve", "--listen", "127.0.0.1:0", "--queue"])
-            .arg(format!("sqlite:{}", data.join("queue.sqlite").display()))
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(queue)
             .args(args)
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             // Quiet unless asked (DDPM_TEST_LOG=info shows the servers' logs).
