@@ -32,7 +32,7 @@ ok() { echo "PASS  $1"; passed=$((passed + 1)); }
 ko() { echo "FAIL  $1"; failed=$((failed + 1)); [ -n "${2:-}" ] && sed 's/^/      /' "$2"; }
 
 # Value sets, as helm flags. Each one must lint, render and validate.
-CASES=(default generate generate-only s3-output full no-metrics stopped)
+CASES=(default generate generate-only s3-output full no-metrics stopped nats nats-minimal)
 case_args() {
   case $1 in
     default) A=() ;;
@@ -51,6 +51,9 @@ case_args() {
              --set-json 'serve.extraEnv=[{"name":"RUST_LOG","value":"info"}]' --set-json 'serve.extraArgs=["--cpu-threads=8"]') ;;
     no-metrics) A=(--set serve.metrics.enabled=false --set serve.podDisruptionBudget.enabled=false --set serve.logJson=false) ;;
     stopped) A=(--set serve.replicas=0) ;;
+    nats) A=(--set serve.queue.type=nats --set serve.queue.nats.url=nats://nats.nats.svc:4222
+             --set serve.queue.nats.namespace=ddpm-prod --set serve.queue.nats.replicas=3 --set serve.replicas=3) ;;
+    nats-minimal) A=(--set serve.queue.type=nats --set serve.queue.nats.url=nats://nats:4222) ;;
   esac
 }
 
@@ -94,6 +97,39 @@ else
   ko "s3-output render: --output=s3://datasets/ddpm/runs --s3-path-style, no output volume"
 fi
 if grep -qF -- '- --listen=[::]:50051' "$WORK/full.yaml"; then ok "full render: IPv6 listen [::]:50051"; else ko "full render: IPv6 listen [::]:50051"; fi
+if grep -qE -- 'RollingUpdate|--nats-replicas|--queue=nats' "$d"; then
+  ko "default render: no RollingUpdate, no NATS flags"
+else
+  ok "default render: no RollingUpdate, no NATS flags"
+fi
+
+# The NATS queue: any number of replicas, no queue volume, one pod replaced at a time without a surge.
+n="$WORK/nats.yaml"
+for want in '- --queue=nats://nats.nats.svc:4222/ddpm-prod' '- --nats-replicas=3' 'replicas: 3' 'type: RollingUpdate' \
+            'maxSurge: 0' '- --lease-seconds=60' '- --output=file:/data/out'; do
+  if grep -qF -- "$want" "$n"; then ok "nats render has '$want'"; else ko "nats render has '$want'"; fi
+done
+if sed -n '/^kind: Deployment/,/^  revisionHistoryLimit:/p' "$n" | grep -qx '      maxUnavailable: 1'; then
+  ok "nats render: rollingUpdate maxUnavailable 1"
+else
+  ko "nats render: rollingUpdate maxUnavailable 1"
+fi
+if sed -n '/^kind: PodDisruptionBudget/,/^---/p' "$n" | grep -qx '  maxUnavailable: 1'; then
+  ok "nats render: PodDisruptionBudget maxUnavailable 1"
+else
+  ko "nats render: PodDisruptionBudget maxUnavailable 1"
+fi
+if grep -qE -- '^kind: PersistentVolumeClaim|claimName: ddpm-worker-queue|name: queue$|--queue=sqlite|type: Recreate' "$n"; then
+  ko "nats render: no queue PVC, no queue volume, no sqlite flag, no Recreate"
+else
+  ok "nats render: no queue PVC, no queue volume, no sqlite flag, no Recreate"
+fi
+if grep -qF -- '- --queue=nats://nats:4222/ddpm' "$WORK/nats-minimal.yaml" && grep -qF -- '- --nats-replicas=1' "$WORK/nats-minimal.yaml" \
+   && grep -qx '  replicas: 1' "$WORK/nats-minimal.yaml"; then
+  ok "nats-minimal render: --queue=nats://nats:4222/ddpm --nats-replicas=1, one replica"
+else
+  ko "nats-minimal render: --queue=nats://nats:4222/ddpm --nats-replicas=1, one replica"
+fi
 
 # ServiceMonitor: rendered only with the flag AND monitoring.coreos.com/v1 served.
 sm=(--kube-version "$KUBE" --set serve.metrics.serviceMonitor.enabled=true)
@@ -154,7 +190,18 @@ must_fail "GPU request differs from GPU limit" "must equal limits" --set serve.r
 must_fail "s3 output without a bucket" "serve.output.s3.bucket is empty" --set serve.output.type=s3
 must_fail "schema: dtype fp8" "serve.dtype.*(must be one of|one of the following)" --set serve.dtype=fp8
 must_fail "schema: misspelt key serve.replica" "additional propert.*replica.*not allowed" --set serve.replica=1
-must_fail "schema: queue type nats (not supported yet)" "serve.queue.type.*sqlite" --set serve.queue.type=nats
+must_fail "schema: unknown queue type redis" "serve.queue.type.*(must be one of|one of the following)" --set serve.queue.type=redis
+must_fail "schema: nats queue with an empty URL" "serve.queue.nats.url.*does not match pattern" --set serve.queue.type=nats
+must_fail "schema: nats URL with a path (the namespace has its own value)" "serve.queue.nats.url.*does not match pattern" \
+  --set serve.queue.type=nats --set serve.queue.nats.url=nats://nats:4222/ddpm
+must_fail "schema: tls:// URL (ddpm-worker takes nats:// only)" "serve.queue.nats.url.*does not match pattern" \
+  --set serve.queue.type=nats --set serve.queue.nats.url=tls://nats:4222
+must_fail "schema: nats namespace with a dot" "serve.queue.nats.namespace.*does not match pattern" \
+  --set serve.queue.type=nats --set serve.queue.nats.url=nats://nats:4222 --set serve.queue.nats.namespace=a.b
+must_fail "schema: 6 NATS stream replicas" "serve.queue.nats.replicas.*(maximum|less than or equal)" \
+  --set serve.queue.type=nats --set serve.queue.nats.url=nats://nats:4222 --set serve.queue.nats.replicas=6
+must_fail "render check: nats queue with an empty URL (schema skipped)" "serve.queue.nats.url is \"\"" \
+  --skip-schema-validation --set serve.queue.type=nats
 must_fail "schema: bad model name" "models.0.name.*does not match pattern" \
   --set-json 'serve.models=[{"name":"bad name","path":"/models/x"}]'
 must_fail "schema: empty model list" "serve.models.*(minItems|at least 1)" --set-json 'serve.models=[]'

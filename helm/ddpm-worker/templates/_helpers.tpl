@@ -72,6 +72,18 @@ message that says what to change.
 */}}
 {{- define "ddpm-worker.validateServe" -}}
 {{- $s := .Values.serve }}
+{{- if not (has $s.queue.type (list "sqlite" "nats")) }}
+{{- fail (printf "serve.queue.type is %q: use \"sqlite\" or \"nats\"." (toString $s.queue.type)) }}
+{{- end }}
+{{- if eq $s.queue.type "nats" }}
+{{- $n := $s.queue.nats | default dict }}
+{{- if not (regexMatch "^nats://[^/@,\\s]+$" (toString $n.url)) }}
+{{- fail (printf "serve.queue.type is \"nats\" but serve.queue.nats.url is %q: set it to nats://HOST[:PORT] of a JetStream-enabled NATS server (no path, no credentials), e.g. nats://nats.nats.svc:4222." (toString $n.url)) }}
+{{- end }}
+{{- if not (regexMatch "^[A-Za-z0-9_-]+$" (toString $n.namespace)) }}
+{{- fail (printf "serve.queue.nats.namespace is %q: it must match [A-Za-z0-9_-]+." (toString $n.namespace)) }}
+{{- end }}
+{{- end }}
 {{- if and (include "ddpm-worker.sqliteQueue" .) (gt (int $s.replicas) 1) }}
 {{- fail (printf "serve.replicas is %d, but serve.queue.type is \"sqlite\": the SQLite queue is one file on a ReadWriteOnce PersistentVolumeClaim and supports exactly ONE serving process. Set serve.replicas to 1 (or 0 to stop the service)." (int $s.replicas)) }}
 {{- end }}
