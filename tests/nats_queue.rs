@@ -86,3 +86,69 @@ async fn a_submission_whose_submitter_died_is_rolled_forward() {
     assert_eq!((l.job_id.as_str(), l.attempt), ("orphaned-job", 1));
     q.destroy().await.unwrap();
 }
+
+/// The key-value buckets of a namespace, opened directly to play a crash between two writes.
+async fn buckets(
+    server: &NatsServer,
+    namespace: &str,
+) -> (async_nats::jetstream::kv::Store, async_nats::jetstream::kv::Store) {
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let jobs = js.get_key_value(format!("ddpm_{namespace}_jobs")).await.unwrap();
+    let shards = js.get_key_value(format!("ddpm_{namespace}_shards")).await.unwrap();
+    (jobs, shards)
+}
+
+/// A worker that dies between marking its shard done and counting it into the job: the reaper's
+/// reconciler counts it, once, and a late count of the same shard adds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconciler_counts_a_completion_the_job_missed_exactly_once() {
+    let server = NatsServer::shared().await;
+    let namespace = unique_namespace("reconcile-counts");
+    let q = NatsQueue::connect(&server.url(), &namespace, NatsOptions::default()).await.unwrap();
+    let id = q.submit(&spec(4, 2, 0, &[]), None, 1, 3).await.unwrap().job.id;
+    let a = q.lease("w", Duration::from_secs(60)).await.unwrap().unwrap();
+    let (jobs, _) = buckets(&server, &namespace).await;
+    let before = jobs.get(&id).await.unwrap().unwrap();
+    q.complete_shard(&a, 2).await.unwrap();
+    // Roll the job record back to before the count: the shard is done, the job does not know.
+    jobs.put(&id, before).await.unwrap();
+    assert_eq!(q.job(&id).await.unwrap().unwrap().shards_done, 0);
+    q.reap().await.unwrap();
+    let job = q.job(&id).await.unwrap().unwrap();
+    assert_eq!((job.shards_done, job.samples_done), (1, 2));
+    q.reap().await.unwrap();
+    assert_eq!(q.job(&id).await.unwrap().unwrap().shards_done, 1, "counted once");
+    let b = q.lease("w", Duration::from_secs(60)).await.unwrap().unwrap();
+    let job = q.complete_shard(&b, 2).await.unwrap();
+    assert_eq!((job.shards_done, job.samples_done), (2, 4));
+    q.destroy().await.unwrap();
+}
+
+/// A submitter that dies after writing the job but before all its shard tasks: once the job has been
+/// quiet for twice the submit wait, the reconciler creates the missing tasks and they run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconciler_recreates_shard_tasks_a_crashed_submit_left_out() {
+    let server = NatsServer::shared().await;
+    let namespace = unique_namespace("reconcile-tasks");
+    let options = NatsOptions { submit_wait: Duration::from_millis(50), ..Default::default() };
+    let q = NatsQueue::connect(&server.url(), &namespace, options).await.unwrap();
+    let id = q.submit(&spec(4, 2, 0, &[]), None, 1, 3).await.unwrap().job.id;
+    // Lose shard 1 entirely: its record, and (by running it to nothing) its message.
+    let (_, shards) = buckets(&server, &namespace).await;
+    shards.purge(format!("{id}.1")).await.unwrap();
+    let mut leased = Vec::new();
+    while let Some(l) = q.lease("w", Duration::from_secs(60)).await.unwrap() {
+        leased.push(l.shard);
+        q.complete_shard(&l, 2).await.unwrap();
+    }
+    assert_eq!(leased, [0], "shard 1's message found no record");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    q.reap().await.unwrap();
+    let l = q.lease("w", Duration::from_secs(60)).await.unwrap().expect("the recreated task");
+    assert_eq!((l.shard, l.attempt), (1, 1));
+    let job = q.complete_shard(&l, 2).await.unwrap();
+    assert_eq!((job.shards_done, job.samples_done, job.shards_total), (2, 4, 2));
+    assert!(q.lease("w", Duration::from_secs(60)).await.unwrap().is_none());
+    q.destroy().await.unwrap();
+}

@@ -52,10 +52,11 @@
 //! - No multi-key transactions. `submit` claims the idempotency key, writes the job record, then its
 //!   shard records and messages. A concurrent resubmission that finds the key but not yet the job waits
 //!   for it and, if the first submitter died before writing the job, writes it itself (roll-forward,
-//!   create-only, so one record wins). A crash after the job record but before its shard tasks leaves a
-//!   job without tasks, and a crash between a shard's `done` and the job's counters leaves the
-//!   counters short: both need a reconciler that rebuilds them from the shard records (the reference's
-//!   §2.7 point 5), which is not part of this module. `finish_job` writes the job's terminal state,
+//!   create-only, so one record wins). A crash after the job record but before all its shard tasks, or
+//!   between a shard's `done` and the job's counters, is repaired by the reconciler that runs in
+//!   [`TaskQueue::reap`] (the reference's §2.7 point 5): it counts done shards the job misses (the job
+//!   keeps the set of shards it counted, so nothing is counted twice) and, once a job has been quiet for
+//!   twice the submit wait, recreates the shard tasks it lacks. `finish_job` writes the job's terminal state,
 //!   then retires its shards one by one; a shard leased in between is retired by `lease` itself when
 //!   it sees the terminal job, or fenced out (`LeaseLost`) when `finish_job` gets to it.
 //! - JetStream itself: the December 2025 Jepsen analysis of NATS 2.12.1 found acknowledged writes lost
@@ -150,6 +151,45 @@ struct StoredJob {
     /// Kept so that a roll-forward rebuilds exactly the shards the first submitter planned.
     batches_per_shard: u64,
     max_attempts: u32,
+    /// The shards `samples_done` and `shards_done` include.
+    #[serde(default)]
+    counted: ShardSet,
+}
+
+/// A set of shard indices, one bit each (hex in JSON: 2 KB for 15,000 shards). Counting a completion
+/// into a job is "insert, and add only if new", so `complete_shard` and the reconciler can never both
+/// count one shard.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct ShardSet(Vec<u8>);
+
+impl ShardSet {
+    fn contains(&self, shard: u64) -> bool {
+        self.0.get((shard / 8) as usize).is_some_and(|b| b & (1 << (shard % 8)) != 0)
+    }
+
+    /// Adds `shard`; `false` when it was already there.
+    fn insert(&mut self, shard: u64) -> bool {
+        let (byte, bit) = ((shard / 8) as usize, 1u8 << (shard % 8));
+        if self.0.len() <= byte {
+            self.0.resize(byte + 1, 0);
+        }
+        let new = self.0[byte] & bit == 0;
+        self.0[byte] |= bit;
+        new
+    }
+}
+
+impl Serialize for ShardSet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for ShardSet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        hex::decode(text).map(ShardSet).map_err(serde::de::Error::custom)
+    }
 }
 
 impl StoredJob {
@@ -526,6 +566,12 @@ impl NatsQueue {
     /// Publishes the task message of every shard record of `job` that is still queued, and creates the
     /// records that are missing. Idempotent: records are create-only and messages carry a dedup id.
     async fn ensure_shards(&self, job: &StoredJob) -> Result<(), QueueError> {
+        self.ensure_shards_with(job, None).await
+    }
+
+    /// [`Self::ensure_shards`], with `fresh_ids` naming the messages apart from earlier publishes (the
+    /// reconciler's republish must not be dropped as a duplicate of a message that was consumed).
+    async fn ensure_shards_with(&self, job: &StoredJob, fresh_ids: Option<i64>) -> Result<(), QueueError> {
         let now = now_ms();
         let mut acks = Vec::new();
         for shard in plan_shards(job.spec.num_samples, u64::from(job.spec.batch_size), job.batches_per_shard)
@@ -551,6 +597,8 @@ impl NatsQueue {
             let key = shard_key(&job.id, shard.index);
             match self.shards.create(&key, encode(&record)?).await {
                 Ok(_) => {}
+                // The reconciler republishes only the shards whose records it had to create.
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists && fresh_ids.is_some() => continue,
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
                 Err(e) => return Err(nats_err(&format!("creating {key}"), e)),
             }
@@ -560,7 +608,10 @@ impl NatsQueue {
                 .js
                 .send_publish(
                     subject,
-                    jetstream::message::PublishMessage::build().payload(ticket).message_id(&key),
+                    jetstream::message::PublishMessage::build().payload(ticket).message_id(match fresh_ids {
+                        Some(at) => format!("{key}.r{at}"),
+                        None => key.clone(),
+                    }),
                 )
                 .await
                 .map_err(|e| nats_err(&format!("publishing {key}"), e))?;
@@ -569,6 +620,57 @@ impl NatsQueue {
         // Publishes are pipelined; each is durable once its ack arrives.
         for (key, ack) in acks {
             ack.await.map_err(|e| nats_err(&format!("publishing {key}"), e))?;
+        }
+        Ok(())
+    }
+
+    /// Repairs what a crash between two writes leaves behind (there are no multi-key transactions):
+    /// shards recorded done that their job's counters miss (a crash inside `complete_shard`), and a
+    /// job whose shard records were not all created (a crash inside `submit`), once it has been left
+    /// alone for twice the submit wait. `shards` is a scan of the shards bucket.
+    async fn reconcile(&self, shards: &[StoredShard]) -> Result<(), QueueError> {
+        let mut by_job: HashMap<&str, Vec<&StoredShard>> = HashMap::new();
+        for s in shards {
+            by_job.entry(s.job_id.as_str()).or_default().push(s);
+        }
+        for job in self.scan::<StoredJob>(&self.jobs).await? {
+            if job.state.is_terminal() {
+                continue;
+            }
+            let records = by_job.get(job.id.as_str()).map(Vec::as_slice).unwrap_or_default();
+            let uncounted: Vec<(u64, u64)> = records
+                .iter()
+                .filter(|s| s.state == ShardState::Done && !job.counted.contains(s.shard))
+                .map(|s| (s.shard, s.samples.unwrap_or(0)))
+                .collect();
+            if !uncounted.is_empty() {
+                let added = self
+                    .update::<StoredJob, usize>(&self.jobs, &job.id, |current| {
+                        let Some(mut j) = current else { return Ok(Edit::Keep(0)) };
+                        let mut added = 0;
+                        for (shard, samples) in &uncounted {
+                            if j.counted.insert(*shard) {
+                                j.samples_done += samples;
+                                j.shards_done += 1;
+                                added += 1;
+                            }
+                        }
+                        if added == 0 {
+                            return Ok(Edit::Keep(0));
+                        }
+                        j.updated_at = now_ms();
+                        Ok(Edit::Write(j, added))
+                    })
+                    .await?;
+                if added > 0 {
+                    tracing::warn!(job = %job.id, shards = added, "reconciled completed shards missing from the job's counters");
+                }
+            }
+            let quiet = now_ms() - job.updated_at > 2 * super::ms(self.options.submit_wait);
+            if (records.len() as u64) < job.shards_total && quiet {
+                tracing::warn!(job = %job.id, records = records.len(), total = job.shards_total, "recreating missing shard tasks");
+                self.ensure_shards_with(&job, Some(now_ms())).await?;
+            }
         }
         Ok(())
     }
@@ -854,7 +956,8 @@ impl TaskQueue for NatsQueue {
 
     async fn reap(&self) -> Result<ReapReport, QueueError> {
         let mut report = ReapReport::default();
-        for shard in self.scan::<StoredShard>(&self.shards).await? {
+        let shards = self.scan::<StoredShard>(&self.shards).await?;
+        for shard in shards.iter().cloned() {
             if shard.state != ShardState::Leased || shard.expires_at.is_none_or(|e| e >= now_ms()) {
                 continue;
             }
@@ -895,6 +998,7 @@ impl TaskQueue for NatsQueue {
                 None => {}
             }
         }
+        self.reconcile(&shards).await?;
         Ok(report)
     }
 
@@ -932,6 +1036,7 @@ impl JobStore for NatsQueue {
             manifest_uri: None,
             batches_per_shard,
             max_attempts,
+            counted: ShardSet::default(),
         };
         let id = uuid::Uuid::new_v4().to_string();
         if let Some(key) = idempotency {
@@ -1009,6 +1114,11 @@ impl JobStore for NatsQueue {
             let Some(mut job) = job else {
                 return Err(QueueError::Corrupt(format!("job {} missing", lease.job_id)));
             };
+            if !job.counted.insert(lease.shard) {
+                // The reconciler counted it after a crash between the two writes.
+                let record = job.record();
+                return Ok(Edit::Keep(record));
+            }
             job.samples_done += samples;
             job.shards_done += 1;
             if job.state == JobState::Queued {
