@@ -31,13 +31,17 @@ LISTEN     ?= 127.0.0.1:50051
 
 all: build
 
-$(VENV)/.installed: scripts/requirements.txt scripts/requirements-services.txt
+# Keyed by a hash of the pins (not file timestamps, which a fresh clone renews).
+VENV_KEY := $(shell cat scripts/requirements.txt scripts/requirements-services.txt | sha256sum | cut -c1-16)
+
+$(VENV)/.installed-$(VENV_KEY):
 	$(BASE_PY) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -r scripts/requirements.txt -r scripts/requirements-services.txt
+	rm -f $(VENV)/.installed*
 	touch $@
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed-$(VENV_KEY)
 
 build: setup
 	cargo build $(CARGO_FLAGS)
@@ -58,7 +62,9 @@ generate: build $(if $(filter $(OUT)/demo-model,$(MODEL)),$(OUT)/demo-model/conf
 	$(BIN) generate --model $(MODEL) --scheduler $(SCHEDULER) --steps $(STEPS) \
 		--num-samples $(SAMPLES) --seed $(SEED) --out $(OUT)/generate
 
-$(FIXTURES)/manifest.json: tests/fixtures/gen_fixtures.py scripts/requirements.txt | setup
+# The folder name is a hash of the generator and the pins, so it is regenerated exactly when they change
+# (not when a fresh clone gives the files new timestamps).
+$(FIXTURES)/manifest.json: | setup
 	rm -rf $(FIXTURES).partial
 	$(PYTHON) tests/fixtures/gen_fixtures.py $(FIXTURES).partial
 	rm -rf $(FIXTURES) && mv $(FIXTURES).partial $(FIXTURES)
