@@ -160,43 +160,53 @@ fn run_shard(
 
     let ctx = Arc::clone(ctx);
     let device = device.to_string();
-    rt.spawn(async move {
-        let _permit = permit;
-        let uploaded = uploads.await.map_err(|e| OutputError::Internal(e.to_string())).and_then(|r| r);
-        let outcome = match (result, uploaded) {
-            (Ok(()), Ok((samples, grids))) => {
-                let record = ShardRecord {
-                    shard: lease.shard,
-                    start: payload.start,
-                    end: payload.end,
-                    worker: ctx.config.worker_id.clone(),
-                    device,
-                    attempt: lease.attempt,
-                    sampling_seconds,
-                    samples,
-                    grids,
-                };
-                finish_shard(&ctx, &lease, &out, &record).await
+    // The uploads and bookkeeping run on the runtime, in the shard's span.
+    let span = tracing::Span::current();
+    rt.spawn(tracing::Instrument::instrument(
+        async move {
+            let _permit = permit;
+            let uploaded = uploads.await.map_err(|e| OutputError::Internal(e.to_string())).and_then(|r| r);
+            let outcome = match (result, uploaded) {
+                (Ok(()), Ok((samples, grids))) => {
+                    let record = ShardRecord {
+                        shard: lease.shard,
+                        start: payload.start,
+                        end: payload.end,
+                        worker: ctx.config.worker_id.clone(),
+                        device,
+                        attempt: lease.attempt,
+                        sampling_seconds,
+                        samples,
+                        grids,
+                    };
+                    finish_shard(&ctx, &lease, &out, &record).await.map(|()| true)
+                }
+                (Err(SampleError::Cancelled), _) if ctx.abort.load(Ordering::Relaxed) => {
+                    release(&ctx, &lease).await;
+                    Ok(false)
+                }
+                // Cancelled job or lost lease: the queue already knows; nothing to record.
+                (Err(SampleError::Cancelled), _) if stop.load(Ordering::Relaxed) => Ok(false),
+                (Err(e), _) => Err(e.to_string()),
+                (Ok(()), Err(e)) => Err(e.to_string()),
+            };
+            heartbeat.abort();
+            ctx.active.unregister(&lease.job_id, &stop);
+            match outcome {
+                Err(error) => {
+                    tracing::warn!(error, "shard failed");
+                    retry(&ctx, &lease, &error).await;
+                }
+                Ok(true) => {
+                    metrics::histogram!("ddpm_shard_duration_seconds").record(sampling_seconds);
+                    tracing::info!(samples = payload.end - payload.start, sampling_seconds, "shard finished");
+                }
+                Ok(false) => tracing::info!("shard stopped"),
             }
-            (Err(SampleError::Cancelled), _) if ctx.abort.load(Ordering::Relaxed) => {
-                release(&ctx, &lease).await;
-                Ok(())
-            }
-            // Cancelled job or lost lease: the queue already knows; nothing to record.
-            (Err(SampleError::Cancelled), _) if stop.load(Ordering::Relaxed) => Ok(()),
-            (Err(e), _) => Err(e.to_string()),
-            (Ok(()), Err(e)) => Err(e.to_string()),
-        };
-        heartbeat.abort();
-        ctx.active.unregister(&lease.job_id, &stop);
-        if let Err(error) = outcome {
-            tracing::warn!(job_id = lease.job_id, shard = lease.shard, error, "shard failed");
-            retry(&ctx, &lease, &error).await;
-        } else {
-            metrics::histogram!("ddpm_shard_duration_seconds").record(sampling_seconds);
-        }
-        ctx.wake.notify_waiters();
-    });
+            ctx.wake.notify_waiters();
+        },
+        span,
+    ));
 }
 
 type Prepared = (JobRecord, ShardPayload, JobOutputs);

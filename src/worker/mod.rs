@@ -91,8 +91,11 @@ impl WorkerContext {
     /// Writes the manifest of a job whose shards are all done and marks it SUCCEEDED (or FAILED when
     /// its outputs are inconsistent). A job already terminal is left alone.
     pub async fn finalize(&self, job_id: &str) {
-        let span = tracing::info_span!("finalize", job_id);
-        let _enter = span.enter();
+        use tracing::Instrument;
+        self.finalize_job(job_id).instrument(tracing::info_span!("finalize", job_id)).await
+    }
+
+    async fn finalize_job(&self, job_id: &str) {
         let job = match self.queue.job(job_id).await {
             Ok(Some(job)) if !job.state.is_terminal() && job.shards_done >= job.shards_total => job,
             Ok(_) => return,
