@@ -3,38 +3,23 @@
 //! port, with its store in a temporary directory and `sync_interval: always` as in production.
 //!
 //! Tests keep apart by namespace (each queue gets its own stream and buckets), so they can share one
-//! server through [`NatsServer::shared`]; it stops when the last of them drops its handle. A shell
-//! watchdog between the test process and the server kills it when the test process dies without
-//! running destructors (its stdin pipe closes).
+//! server through [`NatsServer::shared`]; it stops when the last of them drops its handle.
 
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
-use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Arc, Weak};
+use std::sync::Weak;
 use std::time::{Duration, Instant};
 
+use super::process::{Watched, free_ports, shared, start_with_retries};
+
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
-const START_TRIES: usize = 3;
-const WATCHDOG: &str = r#"exec 3<&0
-"$@" </dev/null 3<&- &
-pid=$!
-(read -r _ <&3; kill -KILL "$pid" 2>/dev/null) &
-exec 3<&-
-wait "$pid""#;
 
 static SHARED: tokio::sync::Mutex<Weak<NatsServer>> = tokio::sync::Mutex::const_new(Weak::new());
 
 /// A running `nats-server -js`; stopped on drop.
 #[derive(Debug)]
 pub struct NatsServer {
-    child: Child,
-    /// Closing it tells the watchdog to kill the server.
-    watchdog: Option<ChildStdin>,
+    process: Watched,
     port: u16,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
 }
 
 /// The `nats-server` binary: `$DDPM_NATS_SERVER`, else the project venv's. Panics when missing: the
@@ -50,33 +35,17 @@ pub fn unique_namespace(name: &str) -> String {
 
 impl NatsServer {
     /// The server the running tests share, started if none is running.
-    pub async fn shared() -> Arc<NatsServer> {
-        let mut slot = SHARED.lock().await;
-        if let Some(server) = slot.upgrade() {
-            return server;
-        }
-        let server = Arc::new(Self::start().await);
-        *slot = Arc::downgrade(&server);
-        server
-    }
-
-    async fn start() -> NatsServer {
-        let binary = nats_server_binary();
-        let mut failures = Vec::new();
-        // A free port may be taken again between our check and the server's bind: then try another.
-        for _ in 0..START_TRIES {
-            match Self::try_start(&binary).await {
-                Ok(server) => return server,
-                Err(e) => failures.push(e),
-            }
-        }
-        panic!("nats-server did not start ({START_TRIES} tries):\n{}", failures.join("\n---\n"));
+    pub async fn shared() -> std::sync::Arc<NatsServer> {
+        shared(&SHARED, || async {
+            let binary = nats_server_binary();
+            start_with_retries("nats-server", || Self::try_start(&binary)).await
+        })
+        .await
     }
 
     async fn try_start(binary: &std::path::Path) -> Result<NatsServer, String> {
         let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
-        let port = free_port()?;
-        let log = dir.path().join("nats.log");
+        let [port] = free_ports()?;
         let config = dir.path().join("nats.conf");
         // sync_interval: always, as the reference recommends after the 2025 Jepsen analysis.
         let store = dir.path().join("store");
@@ -88,28 +57,14 @@ impl NatsServer {
             ),
         )
         .map_err(|e| format!("{}: {e}", config.display()))?;
-        let out = File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-        let err = out.try_clone().map_err(|e| format!("{}: {e}", log.display()))?;
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(WATCHDOG)
-            .arg("sh")
-            .arg(binary)
-            .arg("-c")
-            .arg(&config)
-            .current_dir(dir.path())
-            .stdin(Stdio::piped())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .map_err(|e| format!("starting {}: {e}", binary.display()))?;
-        let watchdog = child.stdin.take();
-        let mut server = NatsServer { child, watchdog, port, log, _dir: dir };
+        let mut command = Watched::command(binary);
+        command.arg("-c").arg(&config);
+        let mut server = NatsServer { process: Watched::spawn(command, dir, "nats.log")?, port };
 
         // Ready once a client connects and JetStream answers.
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            if let Ok(Some(status)) = server.child.try_wait() {
+            if let Some(status) = server.process.exited() {
                 return Err(format!("nats-server exited ({status}) before serving:\n{}", server.log_tail()));
             }
             let last = match async_nats::connect(server.url()).await {
@@ -137,30 +92,6 @@ impl NatsServer {
 
     /// The end of the server's log, for failure messages.
     pub fn log_tail(&self) -> String {
-        let mut text = String::new();
-        if let Ok(mut f) = File::open(&self.log) {
-            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-            let _ = f.seek(SeekFrom::Start(len.saturating_sub(6000)));
-            let _ = f.read_to_string(&mut text);
-        }
-        format!("--- {} (end) ---\n{text}", self.log.display())
+        self.process.log_tail()
     }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        // The watchdog kills the server as soon as its stdin closes, then the shell exits.
-        drop(self.watchdog.take());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> Result<u16, String> {
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("finding a free port: {e}"))?;
-    listener.local_addr().map(|a| a.port()).map_err(|e| format!("finding a free port: {e}"))
 }
