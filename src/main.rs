@@ -166,6 +166,20 @@ fn runtime() -> Result<tokio::runtime::Runtime, std::io::Error> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build()
 }
 
+/// A benchmark's result as one JSON line (exit 0), or its error (exit 1).
+fn print_json(result: Result<impl serde::Serialize, impl std::fmt::Display>) -> ExitCode {
+    match result {
+        Ok(t) => {
+            println!("{}", serde_json::to_string(&t).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs a client command: exit 0 on success, 1 on failure (the error printed).
 fn run_client(f: impl std::future::Future<Output = Result<(), client::ClientError>>) -> ExitCode {
     let result =
@@ -272,42 +286,19 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::BenchSubmit(a) => {
-            let timing = runtime().map_err(|e| e.to_string()).and_then(|rt| {
-                rt.block_on(benchmark::time_submits(&a.server, &a.model, a.clients, a.per_client))
-                    .map_err(|e| e.to_string())
-            });
-            match timing {
-                Ok(t) => {
-                    println!("{}", serde_json::to_string(&t).unwrap_or_default());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Command::BenchUnet(a) => {
-            match benchmark::time_unet(
-                &a.model,
-                a.batch_size,
-                a.iterations,
-                a.warmup,
-                a.place.device,
-                a.place.dtype.kind(),
-                a.place.layout.into(),
-            ) {
-                Ok(t) => {
-                    println!("{}", serde_json::to_string(&t).unwrap_or_default());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Command::BenchSubmit(a) => print_json(runtime().map_err(|e| e.to_string()).and_then(|rt| {
+            rt.block_on(benchmark::time_submits(&a.server, &a.model, a.clients, a.per_client))
+                .map_err(|e| e.to_string())
+        })),
+        Command::BenchUnet(a) => print_json(benchmark::time_unet(
+            &a.model,
+            a.batch_size,
+            a.iterations,
+            a.warmup,
+            a.place.device,
+            a.place.dtype.kind(),
+            a.place.layout.into(),
+        )),
         Command::InitModel(a) => match init_model::write_model(a.preset, &a.out, a.seed) {
             Ok(unet) => {
                 let name = a.preset.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default();

@@ -42,10 +42,6 @@ pub struct WorkerService {
     pub limits: Limits,
 }
 
-fn now() -> std::time::Instant {
-    std::time::Instant::now()
-}
-
 impl WorkerService {
     /// Checks a submission and resolves its defaults (seed, batch size, grid), naming every bad field.
     pub fn validate(&self, req: &pb::SubmitJobRequest) -> Result<JobSpec, ServiceError> {
@@ -309,7 +305,7 @@ impl pb::worker_server::Worker for WorkerService {
         &self,
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
-        let started = now();
+        let started = std::time::Instant::now();
         let req = request.into_inner();
         if self.ctx.draining.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(ServiceError::ShuttingDown.into());

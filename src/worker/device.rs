@@ -12,7 +12,7 @@ use image::RgbImage;
 use tch::Device;
 
 use super::WorkerContext;
-use super::outputs::{self, GridEntry, JobOutputs, OutputError, SampleEntry, ShardRecord};
+use super::outputs::{self, GridEntry, JobOutputs, OutputError, SampleEntry, ShardRecord, ShardRun};
 use crate::generate::device_name;
 use crate::imaging;
 use crate::job::{JobRecord, ShardPayload};
@@ -168,7 +168,7 @@ fn run_shard(
             let uploaded = uploads.await.map_err(|e| OutputError::Internal(e.to_string())).and_then(|r| r);
             let outcome = match (result, uploaded) {
                 (Ok(()), Ok((samples, grids))) => {
-                    let record = ShardRecord {
+                    let run = ShardRun {
                         shard: lease.shard,
                         start: payload.start,
                         end: payload.end,
@@ -176,9 +176,8 @@ fn run_shard(
                         device,
                         attempt: lease.attempt,
                         sampling_seconds,
-                        samples,
-                        grids,
                     };
+                    let record = ShardRecord { run, samples, grids };
                     finish_shard(&ctx, &lease, &out, &record).await.map(|()| true)
                 }
                 (Err(SampleError::Cancelled), _) if ctx.abort.load(Ordering::Relaxed) => {
@@ -227,10 +226,10 @@ async fn prepare(
     let payload: ShardPayload = serde_json::from_str(&lease.payload)?;
     let out = ctx.outputs.for_job(&job.id, &job.spec).await?;
     if let Some(record) = out.shard_record(lease.shard).await?
-        && (record.start, record.end) == (payload.start, payload.end)
+        && (record.run.start, record.run.end) == (payload.start, payload.end)
     {
-        tracing::info!("shard already recorded by attempt {}; not sampling it again", record.attempt);
-        complete(ctx, lease, record.end - record.start).await;
+        tracing::info!("shard already recorded by attempt {}; not sampling it again", record.run.attempt);
+        complete(ctx, lease, record.run.end - record.run.start).await;
         return Ok(None);
     }
     Ok(Some((job, payload, out)))
@@ -249,7 +248,7 @@ async fn finish_shard(
         .put(&out.shard_key(lease.shard), json.into(), "application/json")
         .await
         .map_err(|e| e.to_string())?;
-    complete(ctx, lease, record.end - record.start).await;
+    complete(ctx, lease, record.run.end - record.run.start).await;
     Ok(())
 }
 

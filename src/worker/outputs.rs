@@ -147,13 +147,8 @@ pub struct GridEntry {
 /// What one finished shard wrote.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShardRecord {
-    pub shard: u64,
-    pub start: u64,
-    pub end: u64,
-    pub worker: String,
-    pub device: String,
-    pub attempt: u32,
-    pub sampling_seconds: f64,
+    #[serde(flatten)]
+    pub run: ShardRun,
     pub samples: Vec<SampleEntry>,
     /// Grids whose samples all lie in this shard.
     pub grids: Vec<GridEntry>,
@@ -221,7 +216,7 @@ pub struct JobManifest {
     pub started_at_ms: Option<i64>,
     pub finalized_at_ms: i64,
     pub sampling_seconds: f64,
-    pub shards: Vec<ManifestShard>,
+    pub shards: Vec<ShardRun>,
     pub samples: Vec<SampleEntry>,
     pub grids: Vec<GridEntry>,
 }
@@ -234,8 +229,9 @@ pub struct ManifestModel {
     pub config: serde_json::Value,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ManifestShard {
+/// Which samples a shard covered and where and how it ran (in its record and in the manifest).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardRun {
     pub shard: u64,
     pub start: u64,
     pub end: u64,
@@ -310,19 +306,8 @@ pub async fn finalize(
         created_at_ms: job.created_at_ms,
         started_at_ms: job.started_at_ms,
         finalized_at_ms: now_ms,
-        sampling_seconds: records.iter().map(|r| r.sampling_seconds).sum(),
-        shards: records
-            .iter()
-            .map(|r| ManifestShard {
-                shard: r.shard,
-                start: r.start,
-                end: r.end,
-                worker: r.worker.clone(),
-                device: r.device.clone(),
-                attempt: r.attempt,
-                sampling_seconds: r.sampling_seconds,
-            })
-            .collect(),
+        sampling_seconds: records.iter().map(|r| r.run.sampling_seconds).sum(),
+        shards: records.iter().map(|r| r.run.clone()).collect(),
         samples,
         grids: grids.into_values().collect(),
     };
