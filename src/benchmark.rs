@@ -125,3 +125,69 @@ pub async fn time_submits(
         requests_per_second: all.len() as f64 / elapsed.max(1e-9),
     })
 }
+
+/// One large submission and the latency of other clients' GetJob calls while it is queued (the hidden
+/// `bench-large-submit` command).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LargeSubmitTiming {
+    pub job_id: String,
+    pub num_samples: u64,
+    pub shards_total: u32,
+    pub submit_ms: f64,
+    /// GetJob calls of a small job made back to back by another connection during the submission.
+    pub get_job_calls: usize,
+    pub get_job_p50_ms: f64,
+    pub get_job_max_ms: f64,
+}
+
+/// Submits a small job, then a job of `num_samples` one-sample batches while another connection calls
+/// GetJob on the small job in a loop; reports both latencies.
+pub async fn time_large_submit(
+    server: &str,
+    model: &str,
+    num_samples: u64,
+    steps: u32,
+) -> Result<LargeSubmitTiming, Box<dyn std::error::Error + Send + Sync>> {
+    use crate::api::pb;
+    let request = |num_samples: u64| pb::SubmitJobRequest {
+        model: model.to_string(),
+        sampling: Some(pb::SamplingSpec { scheduler: pb::Scheduler::Ddim as i32, steps, eta: None }),
+        num_samples,
+        batch_size: 1,
+        ..Default::default()
+    };
+    let mut client = pb::worker_client::WorkerClient::connect(server.to_string()).await?;
+    let small = client.submit_job(request(1)).await?.into_inner().job.unwrap_or_default().job_id;
+    let mut reader = pb::worker_client::WorkerClient::connect(server.to_string()).await?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let polling = {
+        let stop = std::sync::Arc::clone(&stop);
+        tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                if reader.get_job(pb::GetJobRequest { job_id: small.clone() }).await.is_ok() {
+                    latencies.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            latencies
+        })
+    };
+    // Let the reader get going first, so that its calls overlap the whole submission.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let job = client.submit_job(request(num_samples)).await?.into_inner().job.unwrap_or_default();
+    let submit_ms = started.elapsed().as_secs_f64() * 1e3;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut latencies = polling.await?;
+    latencies.sort_by(f64::total_cmp);
+    Ok(LargeSubmitTiming {
+        job_id: job.job_id,
+        num_samples,
+        shards_total: job.shards_total,
+        submit_ms,
+        get_job_calls: latencies.len(),
+        get_job_p50_ms: latencies.get(latencies.len() / 2).copied().unwrap_or(f64::NAN),
+        get_job_max_ms: latencies.last().copied().unwrap_or(f64::NAN),
+    })
+}

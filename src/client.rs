@@ -1,5 +1,6 @@
 //! The command-line client: `submit` (with a progress bar fed by WatchJob and `--wait`), `status`,
-//! `list` and `cancel`, against a running `serve`.
+//! `list`, `cancel` and `retry`, against a running `serve`. Every unary call has a deadline
+//! (`--timeout-seconds`), so a client never hangs on a server that stopped answering.
 
 use std::collections::BTreeMap;
 
@@ -15,6 +16,23 @@ pub struct ServerArg {
     /// The worker's gRPC address.
     #[arg(long, env = "DDPM_SERVER", default_value = "http://127.0.0.1:50051")]
     pub server: String,
+    /// Deadline of each call (and of connecting), in seconds; following a job with --wait has none.
+    #[arg(long, env = "DDPM_TIMEOUT_SECONDS", default_value_t = 30.0)]
+    pub timeout_seconds: f64,
+}
+
+impl ServerArg {
+    fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::try_from_secs_f64(self.timeout_seconds)
+            .unwrap_or(std::time::Duration::from_secs(30))
+    }
+
+    /// `message` as a request with this deadline.
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(self.timeout());
+        request
+    }
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -117,9 +135,11 @@ fn describe(status: &tonic::Status) -> String {
 }
 
 async fn connect(server: &ServerArg) -> Result<WorkerClient<Channel>, ClientError> {
-    WorkerClient::connect(server.server.clone())
-        .await
-        .map_err(|source| ClientError::Connect { server: server.server.clone(), source })
+    let failed = |source| ClientError::Connect { server: server.server.clone(), source };
+    let endpoint = tonic::transport::Endpoint::from_shared(server.server.clone())
+        .map_err(failed)?
+        .connect_timeout(server.timeout());
+    Ok(WorkerClient::new(endpoint.connect().await.map_err(failed)?))
 }
 
 pub fn state_name(state: i32) -> String {
@@ -163,7 +183,7 @@ pub async fn submit(args: SubmitArgs, progress: bool) -> Result<(), ClientError>
         priority: args.priority,
         labels: args.labels.iter().cloned().collect::<BTreeMap<_, _>>(),
     };
-    let job = client.submit_job(request).await?.into_inner().job.unwrap_or_default();
+    let job = client.submit_job(args.server.request(request)).await?.into_inner().job.unwrap_or_default();
     println!(
         "job {} queued (seed {}, batch size {}, {} shards)",
         job.job_id, job.seed, job.batch_size, job.shards_total
@@ -225,14 +245,30 @@ pub async fn status(args: JobArgs, progress: bool) -> Result<(), ClientError> {
     if args.wait {
         return wait(&mut client, &args.job_id, progress).await;
     }
-    let job = client.get_job(pb::GetJobRequest { job_id: args.job_id }).await?.into_inner();
+    let job =
+        client.get_job(args.server.request(pb::GetJobRequest { job_id: args.job_id })).await?.into_inner();
     print_job(&job);
     Ok(())
 }
 
 pub async fn cancel(args: JobArgs) -> Result<(), ClientError> {
     let mut client = connect(&args.server).await?;
-    let job = client.cancel_job(pb::CancelJobRequest { job_id: args.job_id }).await?.into_inner();
+    let job = client
+        .cancel_job(args.server.request(pb::CancelJobRequest { job_id: args.job_id }))
+        .await?
+        .into_inner();
+    print_job(&job);
+    Ok(())
+}
+
+/// Runs a FAILED job again (its finished shards are kept).
+pub async fn retry(args: JobArgs) -> Result<(), ClientError> {
+    let mut client = connect(&args.server).await?;
+    let job_id = args.job_id.clone();
+    let job = client.retry_job(args.server.request(pb::RetryJobRequest { job_id })).await?.into_inner();
+    if args.wait {
+        return wait(&mut client, &args.job_id, true).await;
+    }
     print_job(&job);
     Ok(())
 }
@@ -250,12 +286,12 @@ pub async fn list(args: ListArgs) -> Result<(), ClientError> {
     let mut shown = 0;
     loop {
         let page = client
-            .list_jobs(pb::ListJobsRequest {
+            .list_jobs(args.server.request(pb::ListJobsRequest {
                 states: states.clone(),
                 labels: args.labels.iter().cloned().collect(),
                 page_size: args.limit.min(1000),
                 page_token: token,
-            })
+            }))
             .await?
             .into_inner();
         for job in &page.jobs {

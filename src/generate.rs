@@ -2,17 +2,16 @@
 //! The service's workers call the same [`crate::sampler::sample_batch`] for their shards.
 
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::Instant;
 
-use image::RgbImage;
+use image::DynamicImage;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use tch::{Device, Kind};
 
+use crate::digest::{sha256_file, sha256_hex};
 use crate::imaging::{self, ImageError};
 use crate::model::{Layout, LoadedUNet, ModelError, ModelFiles};
 use crate::sampler::{self, BatchRequest, Placement, SampleError};
@@ -168,24 +167,6 @@ pub struct Manifest {
     pub timings: Timings,
 }
 
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
-
-pub fn sha256_file(path: &Path) -> Result<String, std::io::Error> {
-    let mut file = fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex::encode(hasher.finalize()))
-}
-
 /// Writes `bytes` to `path` through a temporary file and a rename, so no reader sees half a file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), GenerateError> {
     let tmp = path.with_extension("tmp");
@@ -265,7 +246,7 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Manifest, GenerateErro
     let bar = progress_bar(progress, (batches.len() * steps_per_batch) as u64);
 
     // PNG encoding, hashing and writing overlap the next batch's sampling.
-    let (tx, rx) = mpsc::sync_channel::<(usize, u64, RgbImage)>(spec.batch_size * 2);
+    let (tx, rx) = mpsc::sync_channel::<(usize, u64, DynamicImage)>(spec.batch_size * 2);
     let out_dir = spec.out.clone();
     let writer = std::thread::Builder::new()
         .name("png-writer".into())
@@ -350,10 +331,13 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Manifest, GenerateErro
     Ok(manifest)
 }
 
-type Written = (Vec<SampleRecord>, Vec<RgbImage>);
+type Written = (Vec<SampleRecord>, Vec<DynamicImage>);
 
 /// Encodes, hashes and writes samples as they arrive (lanes may deliver them out of order).
-fn write_samples(out: &Path, rx: mpsc::Receiver<(usize, u64, RgbImage)>) -> Result<Written, GenerateError> {
+fn write_samples(
+    out: &Path,
+    rx: mpsc::Receiver<(usize, u64, DynamicImage)>,
+) -> Result<Written, GenerateError> {
     let mut records = Vec::new();
     let mut tiles = std::collections::BTreeMap::new();
     for (index, seed, img) in rx {
@@ -386,7 +370,7 @@ impl BatchJob<'_> {
         unet: &LoadedUNet,
         lane: usize,
         lanes: usize,
-        tx: &mpsc::SyncSender<(usize, u64, RgbImage)>,
+        tx: &mpsc::SyncSender<(usize, u64, DynamicImage)>,
         stop: &AtomicBool,
     ) -> Result<(), GenerateError> {
         for (b, seeds) in self.batches.iter().enumerate().skip(lane).step_by(lanes) {

@@ -91,9 +91,14 @@ impl Preset {
     }
 }
 
-/// Writes `config.json`, `diffusion_pytorch_model.safetensors` and `scheduler_config.json` into `out`.
-pub fn write_model(preset: Preset, out: &Path, seed: i64) -> Result<LoadedUNet, ModelError> {
-    let unet = LoadedUNet::random(preset.unet_config(), seed)?;
+/// Writes `config.json`, `diffusion_pytorch_model.safetensors` and `scheduler_config.json` into `out`;
+/// `grayscale` makes a one-channel model of the preset's architecture.
+pub fn write_model(preset: Preset, grayscale: bool, out: &Path, seed: i64) -> Result<LoadedUNet, ModelError> {
+    let mut config = preset.unet_config();
+    if grayscale {
+        (config.in_channels, config.out_channels) = (1, 1);
+    }
+    let unet = LoadedUNet::random(config, seed)?;
     unet.save(out)?;
     let path = out.join("scheduler_config.json");
     let text = serde_json::to_string_pretty(&preset.scheduler_config()).unwrap_or_default();

@@ -10,6 +10,9 @@ use crate::schedulers::SchedulerKind;
 /// A validated job request. Built at the API boundary; everything after it can trust the values.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobSpec {
+    /// The client's idempotency key (empty when none was given).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub request_id: String,
     /// A model name from the worker's configuration.
     pub model: String,
     pub scheduler: SchedulerKind,

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod benchmark;
 pub mod client;
+pub mod digest;
 pub mod generate;
 pub mod imaging;
 pub mod init_model;

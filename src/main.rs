@@ -34,12 +34,29 @@ enum Command {
     List(client::ListArgs),
     /// Cancel a job; its running shards stop between denoising steps.
     Cancel(client::JobArgs),
+    /// Run a FAILED job again: failed shards get fresh attempts, finished ones are kept.
+    Retry(client::JobArgs),
     /// Time UNet forwards (used by bench/); prints one JSON line.
     #[command(hide = true)]
     BenchUnet(BenchUnetArgs),
     /// Time SubmitJob under concurrent clients (used by bench/); prints one JSON line.
     #[command(hide = true)]
     BenchSubmit(BenchSubmitArgs),
+    /// Time one large SubmitJob and concurrent GetJob calls (used by bench/stress.py); one JSON line.
+    #[command(hide = true)]
+    BenchLargeSubmit(BenchLargeSubmitArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchLargeSubmitArgs {
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    server: String,
+    #[arg(long)]
+    model: String,
+    #[arg(long, default_value_t = 20_000)]
+    num_samples: u64,
+    #[arg(long, default_value_t = 2)]
+    steps: u32,
 }
 
 #[derive(clap::Args)]
@@ -145,6 +162,9 @@ struct InitModelArgs {
     /// Seed of the random weights.
     #[arg(long, default_value_t = 0)]
     seed: i64,
+    /// One image channel instead of three (as DDPM MNIST checkpoints have): grayscale PNGs.
+    #[arg(long)]
+    grayscale: bool,
 }
 
 /// libtorch's default intra-op thread count (one per physical core).
@@ -253,6 +273,7 @@ fn main() -> ExitCode {
         Command::Status(a) => run_client(client::status(a, progress)),
         Command::List(a) => run_client(client::list(a)),
         Command::Cancel(a) => run_client(client::cancel(a)),
+        Command::Retry(a) => run_client(client::retry(a)),
         Command::Generate(a) => {
             let spec = GenerateSpec {
                 model: a.model,
@@ -290,6 +311,10 @@ fn main() -> ExitCode {
             rt.block_on(benchmark::time_submits(&a.server, &a.model, a.clients, a.per_client))
                 .map_err(|e| e.to_string())
         })),
+        Command::BenchLargeSubmit(a) => print_json(runtime().map_err(|e| e.to_string()).and_then(|rt| {
+            rt.block_on(benchmark::time_large_submit(&a.server, &a.model, a.num_samples, a.steps))
+                .map_err(|e| e.to_string())
+        })),
         Command::BenchUnet(a) => print_json(benchmark::time_unet(
             &a.model,
             a.batch_size,
@@ -299,7 +324,7 @@ fn main() -> ExitCode {
             a.place.dtype.kind(),
             a.place.layout.into(),
         )),
-        Command::InitModel(a) => match init_model::write_model(a.preset, &a.out, a.seed) {
+        Command::InitModel(a) => match init_model::write_model(a.preset, a.grayscale, &a.out, a.seed) {
             Ok(unet) => {
                 let name = a.preset.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default();
                 println!(

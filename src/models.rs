@@ -88,17 +88,38 @@ impl ResolvedModel {
         SchedulerConfig::from_json(kind, &self.scheduler_text)
     }
 
-    /// Reads a model folder and checks it: the UNet config parses and the scheduler config is there.
+    /// Reads a model folder and checks everything that can be checked without a device: the UNet
+    /// config is one we build, the weights load into it (on the CPU, then dropped), and the scheduler
+    /// config makes a working scheduler. A server must not start with a model it cannot sample.
     pub fn from_dir(name: &str, source: String, dir: &Path) -> Result<Self, ModelError> {
         let files = ModelFiles::locate(dir)?;
         let unet_config = files.read_unet_config()?;
         unet_config.validate()?;
+        unet_config.sample_hw()?;
         let scheduler_text = std::fs::read_to_string(&files.scheduler_config)
             .map_err(|e| ModelError::Io { path: files.scheduler_config.clone(), message: e.to_string() })?;
-        let weights_sha256 = crate::generate::sha256_file(&files.weights)
+        check_scheduler_config(&scheduler_text)?;
+        // Catches a truncated or corrupt checkpoint and keys or shapes that do not fit the config.
+        drop(crate::model::LoadedUNet::load(&files, tch::Device::Cpu, tch::Kind::Float)?);
+        let weights_sha256 = crate::digest::sha256_file(&files.weights)
             .map_err(|e| ModelError::Io { path: files.weights.clone(), message: e.to_string() })?;
         Ok(Self { name: name.into(), source, files, weights_sha256, unet_config, scheduler_text })
     }
+}
+
+/// The scheduler config must make at least one of our schedulers (each job builds its own, and names
+/// what its choice does not support); one that makes none (`num_train_timesteps: 0`, broken betas) is
+/// refused with the first scheduler's reason.
+fn check_scheduler_config(text: &str) -> Result<(), ModelError> {
+    let tried: Vec<_> = SchedulerKind::ALL
+        .iter()
+        .map(|&kind| SchedulerConfig::from_json(kind, text).and_then(|c| c.build(1, 0.0)).map(drop))
+        .collect();
+    if tried.iter().any(Result::is_ok) {
+        return Ok(());
+    }
+    let reason = tried.into_iter().find_map(Result::err).map(|e| e.to_string()).unwrap_or_default();
+    Err(ModelError::Config(format!("scheduler_config.json: {reason}")))
 }
 
 /// The standard Hugging Face hub cache folder.

@@ -55,7 +55,7 @@ fn ddpm_256_family_matches_the_hub_checkpoints() {
 fn missing_and_unexpected_keys_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good");
-    ddpm_worker::init_model::write_model(Preset::Tiny, &good, 0).unwrap();
+    ddpm_worker::init_model::write_model(Preset::Tiny, false, &good, 0).unwrap();
     let weights = good.join("diffusion_pytorch_model.safetensors");
     let tensors = Tensor::read_safetensors(&weights).unwrap();
 
@@ -94,7 +94,7 @@ fn missing_and_unexpected_keys_are_named() {
 fn half_precision_checkpoints_load_into_f32() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("m");
-    let unet = ddpm_worker::init_model::write_model(Preset::Tiny, &good, 3).unwrap();
+    let unet = ddpm_worker::init_model::write_model(Preset::Tiny, false, &good, 3).unwrap();
     let weights = good.join("diffusion_pytorch_model.safetensors");
     let half: Vec<_> = Tensor::read_safetensors(&weights)
         .unwrap()

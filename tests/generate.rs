@@ -54,7 +54,7 @@ fn outputs_and_manifest_describe_the_run() {
     assert_eq!(m["scheduler"]["_class_name"], "DDIMScheduler");
     assert_eq!(m["scheduler"]["set_alpha_to_one"], true);
     let weights = model.join("diffusion_pytorch_model.safetensors");
-    assert_eq!(m["model"]["sha256"], ddpm_worker::generate::sha256_file(&weights).unwrap());
+    assert_eq!(m["model"]["sha256"], ddpm_worker::digest::sha256_file(&weights).unwrap());
     let samples = m["samples"].as_array().unwrap();
     assert_eq!(samples.len(), 3);
     for (i, s) in samples.iter().enumerate() {
@@ -62,13 +62,13 @@ fn outputs_and_manifest_describe_the_run() {
         assert_eq!(s["seed"], 40 + i as u64);
         assert_eq!(s["file"], format!("samples/{i:08}.png"));
         let bytes = std::fs::read(out.join(s["file"].as_str().unwrap())).unwrap();
-        assert_eq!(s["sha256"], ddpm_worker::generate::sha256_hex(&bytes));
+        assert_eq!(s["sha256"], ddpm_worker::digest::sha256_hex(&bytes));
         let img = image::load_from_memory(&bytes).unwrap();
         assert_eq!((img.width(), img.height()), (16, 16));
         assert_eq!(img.color(), image::ColorType::Rgb8);
     }
     let grid = std::fs::read(out.join("grid.png")).unwrap();
-    assert_eq!(m["grid"]["sha256"], ddpm_worker::generate::sha256_hex(&grid));
+    assert_eq!(m["grid"]["sha256"], ddpm_worker::digest::sha256_hex(&grid));
     let grid = image::load_from_memory(&grid).unwrap();
     assert_eq!((grid.width(), grid.height()), (32, 32)); // 3 tiles in a 2x2 grid
     assert!(m["timings"]["images_per_second"].as_f64().unwrap() > 0.0);

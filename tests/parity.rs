@@ -119,7 +119,7 @@ fn run_pipeline(case: &serde_json::Value, layout: Layout) -> (Tensor, Vec<u8>) {
     };
     let place = Placement { device: Device::Cpu, kind: Kind::Float };
     let x0 = sampler::sample_batch(&unet, &config, &req, place, |_| true).unwrap();
-    let pixels = imaging::to_images(&x0).unwrap().iter().flat_map(|i| i.as_raw().clone()).collect();
+    let pixels = imaging::to_images(&x0).unwrap().iter().flat_map(|i| i.as_bytes().to_vec()).collect();
     (x0, pixels)
 }
 

@@ -16,7 +16,7 @@ use aws_sdk_s3::types::ChecksumMode;
 use aws_smithy_types::base64;
 use bytes::Bytes;
 use common::seaweed::{BUCKET, SeaweedFs, unique_prefix};
-use ddpm_worker::generate::sha256_hex;
+use ddpm_worker::digest::sha256_hex;
 use ddpm_worker::storage::s3::{MIN_PART_SIZE, S3Store};
 use ddpm_worker::storage::{ObjectStore, StorageError};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};

@@ -107,6 +107,12 @@ impl Default for UNet2DConfig {
     }
 }
 
+/// The largest image side we accept: a 2048² sample already needs tens of GB of activations per image
+/// with this architecture; a config asking for more is a mistake, not a workload.
+pub const MAX_SAMPLE_SIZE: i64 = 2048;
+/// Resolution levels (`block_out_channels` entries) at most: the sample is halved once per level.
+const MAX_LEVELS: usize = 12;
+
 /// The block kinds of `get_down_block` / `get_up_block` we build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockKind {
@@ -220,12 +226,22 @@ impl UNet2DConfig {
                     "block_out_channels[{i}] = {c} is not a positive multiple of norm_num_groups = {groups}"
                 )));
             }
-            if let Some(d) = self.attention_head_dim
-                && (d <= 0 || c % d != 0)
-            {
-                return Err(ModelError::Config(format!(
-                    "block_out_channels[{i}] = {c} is not a multiple of attention_head_dim = {d}"
-                )));
+        }
+        // Heads are `width / attention_head_dim` only where there is attention (diffusers' unet_2d.py
+        // passes the head size to attention blocks and the mid block; plain blocks ignore it).
+        if let Some(d) = self.attention_head_dim {
+            let up_widths = self.block_out_channels.iter().rev();
+            let attn_widths = (self.block_out_channels.iter().zip(&self.down_block_types))
+                .chain(up_widths.zip(&self.up_block_types))
+                .filter(|(_, kind)| block_kind(kind) == BlockKind::Attn)
+                .map(|(c, _)| *c)
+                .chain(self.add_attention.then_some(self.block_out_channels[n - 1]));
+            for c in attn_widths {
+                if d <= 0 || c % d != 0 {
+                    return Err(ModelError::Config(format!(
+                        "an attention block of width {c} is not a multiple of attention_head_dim = {d}"
+                    )));
+                }
             }
         }
         if let Some(g) = self.attn_norm_num_groups
@@ -246,6 +262,11 @@ impl UNet2DConfig {
         if !matches!(self.downsample_padding, 0 | 1) {
             return unsupported("downsample_padding", &self.downsample_padding);
         }
+        if n > MAX_LEVELS {
+            return Err(ModelError::Config(format!(
+                "{n} resolution levels; at most {MAX_LEVELS} are supported"
+            )));
+        }
         if let Some((h, w)) = self.sample_size.map(SampleSize::hw) {
             let factor = 1i64 << (n - 1);
             if h <= 0 || w <= 0 || h % factor != 0 || w % factor != 0 {
@@ -253,6 +274,17 @@ impl UNet2DConfig {
                     "sample_size {h}x{w} must be a positive multiple of {factor} ({n} resolution levels)"
                 )));
             }
+            if h > MAX_SAMPLE_SIZE || w > MAX_SAMPLE_SIZE {
+                return Err(ModelError::Config(format!(
+                    "sample_size {h}x{w} is larger than {MAX_SAMPLE_SIZE} pixels a side"
+                )));
+            }
+        }
+        if !matches!(self.in_channels, 1 | 3) || self.out_channels != self.in_channels {
+            return Err(ModelError::Unsupported(format!(
+                "in_channels = {} and out_channels = {}: images are grayscale (1, 1) or RGB (3, 3)",
+                self.in_channels, self.out_channels
+            )));
         }
         Ok(())
     }
@@ -272,6 +304,40 @@ mod tests {
         assert_eq!(omitted.attention_head_dim, Some(8));
         let null = UNet2DConfig::from_json(r#"{"block_out_channels":[32,64],"down_block_types":["DownBlock2D","AttnDownBlock2D"],"up_block_types":["AttnUpBlock2D","UpBlock2D"],"attention_head_dim":null}"#).unwrap();
         assert_eq!(null.attention_head_dim, None);
+    }
+
+    #[test]
+    fn head_size_is_checked_only_where_there_is_attention() {
+        // The dummy UNet of diffusers' own DDPM pipeline tests: a 4-wide plain block, attention at 8.
+        let dummy = r#"{"block_out_channels":[4,8],"layers_per_block":1,"norm_num_groups":4,"sample_size":8,
+            "down_block_types":["DownBlock2D","AttnDownBlock2D"],"up_block_types":["AttnUpBlock2D","UpBlock2D"]}"#;
+        UNet2DConfig::from_json(dummy).unwrap();
+        // Attention in the 4-wide block (down or up side), or the mid block at a width 8 does not divide.
+        for bad in [
+            r#"{"block_out_channels":[4,8],"norm_num_groups":4,"down_block_types":["AttnDownBlock2D","DownBlock2D"],"up_block_types":["UpBlock2D","UpBlock2D"],"add_attention":false}"#,
+            r#"{"block_out_channels":[4,8],"norm_num_groups":4,"down_block_types":["DownBlock2D","DownBlock2D"],"up_block_types":["UpBlock2D","AttnUpBlock2D"],"add_attention":false}"#,
+            r#"{"block_out_channels":[8,12],"norm_num_groups":4,"down_block_types":["DownBlock2D","DownBlock2D"],"up_block_types":["UpBlock2D","UpBlock2D"]}"#,
+        ] {
+            let err = UNet2DConfig::from_json(bad).unwrap_err();
+            assert!(err.to_string().contains("attention_head_dim"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn image_size_and_channels_are_bounded() {
+        let with = |extra: &str| {
+            UNet2DConfig::from_json(&format!(
+                r#"{{"block_out_channels":[32,64],"down_block_types":["DownBlock2D","DownBlock2D"],"up_block_types":["UpBlock2D","UpBlock2D"]{extra}}}"#
+            ))
+        };
+        let err = with(r#","sample_size":100000"#).unwrap_err();
+        assert!(err.to_string().contains("larger than 2048"), "{err}");
+        with(r#","sample_size":2048"#).unwrap();
+        with(r#","in_channels":1,"out_channels":1"#).unwrap();
+        for bad in [r#","in_channels":1"#, r#","in_channels":4,"out_channels":4"#] {
+            let err = with(bad).unwrap_err();
+            assert!(err.to_string().contains("grayscale"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub async fn run_all<Q: Queue + Clone, F: Future<Output = Q>>(make: impl Fn() ->
     expired_leases_are_fenced_and_requeued(make().await).await;
     failures_run_out_into_dead_letters(make().await).await;
     released_tasks_keep_their_attempts(make().await).await;
+    failed_jobs_can_be_retried_without_redoing_finished_shards(make().await).await;
     finishing_a_job_retires_its_shards(make().await).await;
     listing_filters_and_pages(make().await).await;
     finished_shards_make_a_job_ready_to_finalize(make().await).await;
@@ -25,6 +26,7 @@ pub async fn run_all<Q: Queue + Clone, F: Future<Output = Q>>(make: impl Fn() ->
 
 pub fn spec(num_samples: u64, batch_size: u32, priority: i32, labels: &[(&str, &str)]) -> JobSpec {
     JobSpec {
+        request_id: String::new(),
         model: "tiny".into(),
         scheduler: SchedulerKind::Ddim,
         steps: 10,
@@ -133,9 +135,42 @@ pub async fn failures_run_out_into_dead_letters(q: impl Queue) {
 pub async fn released_tasks_keep_their_attempts(q: impl Queue) {
     q.submit(&spec(2, 2, 0, &[]), None, 1, 1).await.unwrap();
     let l = q.lease("w", LONG).await.unwrap().unwrap();
-    q.release(&l).await.unwrap();
+    q.release(&l, Duration::ZERO, "draining").await.unwrap();
     let again = q.lease("w", LONG).await.unwrap().unwrap();
     assert_eq!(again.attempt, 1, "a drained shard does not spend its single attempt");
+    // An outage postpones the shard without spending its attempt either.
+    q.release(&again, Duration::from_millis(150), "store unavailable").await.unwrap();
+    assert!(q.lease("w", LONG).await.unwrap().is_none(), "not available before its delay");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let later = q.lease("w", LONG).await.unwrap().unwrap();
+    assert_eq!(later.attempt, 1);
+    assert!(matches!(q.release(&again, Duration::ZERO, "x").await, Err(QueueError::LeaseLost { .. })));
+}
+
+pub async fn failed_jobs_can_be_retried_without_redoing_finished_shards(q: impl Queue) {
+    let id = q.submit(&spec(4, 2, 0, &[]), None, 1, 1).await.unwrap().job.id;
+    let done = q.lease("w", LONG).await.unwrap().unwrap();
+    let failing = q.lease("w", LONG).await.unwrap().unwrap();
+    q.complete_shard(&done, 2).await.unwrap();
+    q.retry_later(&failing, Duration::ZERO, "store refused").await.unwrap();
+    assert_eq!(q.jobs_with_dead_shards().await.unwrap().len(), 1);
+    q.finish_job(&id, JobState::Failed, Some("store refused"), None).await.unwrap();
+    let queued = q.submit(&spec(2, 2, 0, &[]), None, 1, 1).await.unwrap().job.id;
+    assert_eq!(q.retry_job(&queued).await.unwrap().unwrap().state, JobState::Queued, "only FAILED jobs");
+    assert!(q.retry_job("no-such-job").await.unwrap().is_none());
+    let job = q.retry_job(&id).await.unwrap().unwrap();
+    assert_eq!((job.state, job.error.as_deref(), job.finished_at_ms), (JobState::Running, None, None));
+    assert_eq!((job.shards_done, job.samples_done), (1, 2), "finished shards stay finished");
+    assert!(q.jobs_with_dead_shards().await.unwrap().is_empty());
+    // The dead shard runs again with a fresh attempt; the other job's shard is leased too.
+    let mut leased = Vec::new();
+    while let Some(l) = q.lease("w", LONG).await.unwrap() {
+        leased.push((l.job_id.clone(), l.shard, l.attempt));
+    }
+    leased.sort();
+    let mut expected = vec![(id.clone(), failing.shard, 1), (queued.clone(), 0, 1)];
+    expected.sort();
+    assert_eq!(leased, expected);
 }
 
 pub async fn finishing_a_job_retires_its_shards(q: impl Queue) {

@@ -1,8 +1,9 @@
 //! Durable jobs and queue of shard tasks. The embedded default is one SQLite file ([`sqlite::SqliteStore`]);
 //! the gRPC service drives it from an actor. [`nats::NatsQueue`] is a distributed backend on NATS
 //! JetStream behind the same operations (enqueue with dedup, lease, heartbeat, complete, retry later,
-//! dead-letter, reap); both pass the [`conformance`] suite.
+//! dead-letter, reap); both pass the `conformance` suite (built for tests and the `test-support` feature).
 
+#[cfg(any(test, feature = "test-support"))]
 pub mod conformance;
 pub mod nats;
 pub mod sqlite;
@@ -36,8 +37,9 @@ pub trait TaskQueue: Send + Sync + 'static {
     async fn lease(&self, owner: &str, ttl: Duration) -> Result<Option<Lease>, QueueError>;
     /// Extends a held lease by `ttl` from now.
     async fn heartbeat(&self, lease: &mut Lease, ttl: Duration) -> Result<(), QueueError>;
-    /// Gives the task back untried (draining), without spending an attempt.
-    async fn release(&self, lease: &Lease) -> Result<(), QueueError>;
+    /// Gives the task back without spending an attempt, to run again after `delay`: a draining worker
+    /// (no delay), or one whose store or queue was out of reach (an outage is not the shard's fault).
+    async fn release(&self, lease: &Lease, delay: Duration, reason: &str) -> Result<(), QueueError>;
     /// Gives the task back after a failure, to run again after `delay`, or dead-letters it when its
     /// attempts are used up.
     async fn retry_later(&self, lease: &Lease, delay: Duration, error: &str) -> Result<(), QueueError>;
@@ -76,6 +78,9 @@ pub trait JobStore: Send + Sync + 'static {
         error: Option<&str>,
         manifest_uri: Option<&str>,
     ) -> Result<Option<JobRecord>, QueueError>;
+    /// Runs a FAILED job again: its dead shards are queued with fresh attempts, its finished shards
+    /// stay finished. `None` when there is no such job; a job in another state is returned unchanged.
+    async fn retry_job(&self, id: &str) -> Result<Option<JobRecord>, QueueError>;
     /// Unfinished jobs with a dead-lettered shard, with that shard's error.
     async fn jobs_with_dead_shards(&self) -> Result<Vec<(String, String)>, QueueError>;
     /// Running jobs with every shard done that nobody finalized within `stale`.
@@ -127,9 +132,9 @@ impl TaskQueue for SqliteQueue {
         Ok(())
     }
 
-    async fn release(&self, lease: &Lease) -> Result<(), QueueError> {
-        let lease = lease.clone();
-        self.run(move |s| s.release(&lease, now_ms())).await
+    async fn release(&self, lease: &Lease, delay: Duration, reason: &str) -> Result<(), QueueError> {
+        let (lease, reason) = (lease.clone(), reason.to_string());
+        self.run(move |s| s.release(&lease, now_ms(), ms(delay), &reason)).await
     }
 
     async fn retry_later(&self, lease: &Lease, delay: Duration, error: &str) -> Result<(), QueueError> {
@@ -193,6 +198,11 @@ impl JobStore for SqliteQueue {
     ) -> Result<Option<JobRecord>, QueueError> {
         let (id, error, uri) = (id.to_string(), error.map(str::to_string), manifest_uri.map(str::to_string));
         self.run(move |s| s.finish_job(&id, state, error.as_deref(), uri.as_deref(), now_ms())).await
+    }
+
+    async fn retry_job(&self, id: &str) -> Result<Option<JobRecord>, QueueError> {
+        let id = id.to_string();
+        self.run(move |s| s.retry_job(&id, now_ms())).await
     }
 
     async fn jobs_with_dead_shards(&self) -> Result<Vec<(String, String)>, QueueError> {
@@ -406,6 +416,7 @@ mod tests {
 
     fn spec(num_samples: u64, batch: u32) -> crate::job::JobSpec {
         crate::job::JobSpec {
+            request_id: String::new(),
             model: "cifar10".into(),
             scheduler: crate::schedulers::SchedulerKind::Ddim,
             steps: 50,

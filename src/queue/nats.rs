@@ -1,5 +1,5 @@
 //! A distributed queue backend on NATS JetStream, behind the same [`TaskQueue`] and [`JobStore`]
-//! traits as the SQLite store and held to the same [conformance suite](super::conformance).
+//! traits as the SQLite store and held to the same conformance suite (`queue::conformance`).
 //!
 //! # Mapping onto JetStream
 //!
@@ -71,7 +71,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, kv, stream};
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
@@ -81,7 +81,7 @@ use super::{
     TaskState, now_ms,
 };
 use crate::job::{JobRecord, JobSpec, JobState, ShardPayload};
-use crate::worker::planner::plan_shards;
+use crate::worker::planner::{Shard, plan_shards};
 
 /// Settings of a [`NatsQueue`].
 #[derive(Debug, Clone)]
@@ -124,6 +124,16 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_PULLS_PER_LEASE: usize = 1000;
 /// Bounds compare-and-swap retries of one update under contention.
 const MAX_CAS_TRIES: usize = 1000;
+/// Shard records and task messages written at once while queueing a job: publishes are acknowledged
+/// one by one, and async-nats refuses more unacknowledged publishes than its ack window (5,000 by
+/// default), so a large job is queued as a stream of bounded batches, not all at once.
+const PUBLISH_WINDOW: usize = 256;
+/// Shards of a new job queued before SubmitJob returns; the rest are queued in the background (a crash
+/// in between is repaired by the reconciler), so submitting a job of 20,000 shards takes no longer
+/// than one of a few hundred.
+const INLINE_SHARDS: usize = 512;
+/// Shard records updated at once when a job is retired or retried.
+const UPDATE_WINDOW: usize = 64;
 
 fn nats_err(context: &str, e: impl std::fmt::Display) -> QueueError {
     QueueError::Nats(format!("{context}: {e}"))
@@ -563,65 +573,75 @@ impl NatsQueue {
         Ok(tokens)
     }
 
-    /// Publishes the task message of every shard record of `job` that is still queued, and creates the
-    /// records that are missing. Idempotent: records are create-only and messages carry a dedup id.
-    async fn ensure_shards(&self, job: &StoredJob) -> Result<(), QueueError> {
-        self.ensure_shards_with(job, None).await
+    /// Creates the shard records of `job` that are missing and publishes their task messages, at most
+    /// [`PUBLISH_WINDOW`] at a time. Idempotent: records are create-only and messages carry a dedup id.
+    /// `fresh_ids` names the messages apart from earlier publishes (the reconciler's republish must not
+    /// be dropped as a duplicate of a message that was consumed); then only shards whose record had to
+    /// be created are published.
+    async fn ensure_shards(
+        &self,
+        job: &StoredJob,
+        shards: &[Shard],
+        fresh_ids: Option<i64>,
+    ) -> Result<(), QueueError> {
+        let now = now_ms();
+        let subject = format!("{}.{}", self.subject_prefix, priority_token(job.spec.priority));
+        let queue_one = |shard: Shard| {
+            let subject = subject.clone();
+            async move {
+                let payload = serde_json::to_string(&ShardPayload { start: shard.start, end: shard.end })
+                    .map_err(|e| corrupt("shard payload", e))?;
+                let record = StoredShard {
+                    job_id: job.id.clone(),
+                    shard: shard.index,
+                    priority: job.spec.priority,
+                    payload,
+                    state: ShardState::Queued,
+                    attempts: 0,
+                    max_attempts: job.max_attempts,
+                    available_at: now,
+                    owner: None,
+                    expires_at: None,
+                    ack: None,
+                    seq: None,
+                    last_error: None,
+                    samples: None,
+                };
+                let key = shard_key(&job.id, shard.index);
+                match self.shards.create(&key, encode(&record)?).await {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists && fresh_ids.is_some() => {
+                        return Ok(());
+                    }
+                    // Created earlier, perhaps without its message (a crash in between): publish it.
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(nats_err(&format!("creating {key}"), e)),
+                }
+                let ticket = encode(&Ticket { job_id: job.id.clone(), shard: shard.index })?;
+                let id = match fresh_ids {
+                    Some(at) => format!("{key}.r{at}"),
+                    None => key.clone(),
+                };
+                let message = jetstream::message::PublishMessage::build().payload(ticket).message_id(id);
+                let ack = self
+                    .js
+                    .send_publish(subject, message)
+                    .await
+                    .map_err(|e| nats_err(&format!("publishing {key}"), e))?;
+                // Durable once acknowledged.
+                ack.await.map_err(|e| nats_err(&format!("publishing {key}"), e))?;
+                Ok::<_, QueueError>(())
+            }
+        };
+        futures_util::stream::iter(shards.iter().copied().map(queue_one))
+            .buffer_unordered(PUBLISH_WINDOW)
+            .try_collect::<()>()
+            .await
     }
 
-    /// [`Self::ensure_shards`], with `fresh_ids` naming the messages apart from earlier publishes (the
-    /// reconciler's republish must not be dropped as a duplicate of a message that was consumed).
-    async fn ensure_shards_with(&self, job: &StoredJob, fresh_ids: Option<i64>) -> Result<(), QueueError> {
-        let now = now_ms();
-        let mut acks = Vec::new();
-        for shard in plan_shards(job.spec.num_samples, u64::from(job.spec.batch_size), job.batches_per_shard)
-        {
-            let payload = serde_json::to_string(&ShardPayload { start: shard.start, end: shard.end })
-                .map_err(|e| corrupt("shard payload", e))?;
-            let record = StoredShard {
-                job_id: job.id.clone(),
-                shard: shard.index,
-                priority: job.spec.priority,
-                payload,
-                state: ShardState::Queued,
-                attempts: 0,
-                max_attempts: job.max_attempts,
-                available_at: now,
-                owner: None,
-                expires_at: None,
-                ack: None,
-                seq: None,
-                last_error: None,
-                samples: None,
-            };
-            let key = shard_key(&job.id, shard.index);
-            match self.shards.create(&key, encode(&record)?).await {
-                Ok(_) => {}
-                // The reconciler republishes only the shards whose records it had to create.
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists && fresh_ids.is_some() => continue,
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
-                Err(e) => return Err(nats_err(&format!("creating {key}"), e)),
-            }
-            let ticket = encode(&Ticket { job_id: job.id.clone(), shard: shard.index })?;
-            let subject = format!("{}.{}", self.subject_prefix, priority_token(job.spec.priority));
-            let ack = self
-                .js
-                .send_publish(
-                    subject,
-                    jetstream::message::PublishMessage::build().payload(ticket).message_id(match fresh_ids {
-                        Some(at) => format!("{key}.r{at}"),
-                        None => key.clone(),
-                    }),
-                )
-                .await
-                .map_err(|e| nats_err(&format!("publishing {key}"), e))?;
-            acks.push((key, ack));
-        }
-        // Publishes are pipelined; each is durable once its ack arrives.
-        for (key, ack) in acks {
-            ack.await.map_err(|e| nats_err(&format!("publishing {key}"), e))?;
-        }
-        Ok(())
+    /// The shards of `job` as its submitter planned them.
+    fn plan(job: &StoredJob) -> Vec<Shard> {
+        plan_shards(job.spec.num_samples, u64::from(job.spec.batch_size), job.batches_per_shard)
     }
 
     /// Repairs what a crash between two writes leaves behind (there are no multi-key transactions):
@@ -638,6 +658,7 @@ impl NatsQueue {
                 continue;
             }
             let records = by_job.get(job.id.as_str()).map(Vec::as_slice).unwrap_or_default();
+            let recorded: std::collections::HashSet<u64> = records.iter().map(|s| s.shard).collect();
             let uncounted: Vec<(u64, u64)> = records
                 .iter()
                 .filter(|s| s.state == ShardState::Done && !job.counted.contains(s.shard))
@@ -669,7 +690,9 @@ impl NatsQueue {
             let quiet = now_ms() - job.updated_at > 2 * super::ms(self.options.submit_wait);
             if (records.len() as u64) < job.shards_total && quiet {
                 tracing::warn!(job = %job.id, records = records.len(), total = job.shards_total, "recreating missing shard tasks");
-                self.ensure_shards_with(&job, Some(now_ms())).await?;
+                let missing: Vec<Shard> =
+                    Self::plan(&job).into_iter().filter(|s| !recorded.contains(&s.index)).collect();
+                self.ensure_shards(&job, &missing, Some(now_ms())).await?;
             }
         }
         Ok(())
@@ -687,7 +710,17 @@ impl NatsQueue {
                 .ok_or_else(|| QueueError::Corrupt(format!("job {} vanished", job.id)))?,
             Err(e) => return Err(nats_err(&format!("creating job {}", job.id), e)),
         };
-        self.ensure_shards(&stored).await?;
+        let mut shards = Self::plan(&stored);
+        let rest = shards.split_off(shards.len().min(INLINE_SHARDS));
+        self.ensure_shards(&stored, &shards, None).await?;
+        if !rest.is_empty() {
+            let (queue, job) = (self.clone(), stored.clone());
+            tokio::spawn(async move {
+                if let Err(e) = queue.ensure_shards(&job, &rest, None).await {
+                    tracing::warn!(job = %job.id, error = %e, "queueing shards; the reconciler will finish it");
+                }
+            });
+        }
         Ok(stored)
     }
 
@@ -914,13 +947,14 @@ impl TaskQueue for NatsQueue {
         Ok(())
     }
 
-    async fn release(&self, lease: &Lease) -> Result<(), QueueError> {
+    async fn release(&self, lease: &Lease, delay: Duration, reason: &str) -> Result<(), QueueError> {
         self.fenced(lease, |shard, now| {
             shard.state = ShardState::Queued;
             shard.attempts = shard.attempts.saturating_sub(1);
-            shard.available_at = now;
+            shard.available_at = now.saturating_add(super::ms(delay));
+            shard.last_error = Some(reason.to_string());
             shard.clear_lease();
-            Signal::Nak(None)
+            Signal::Nak((!delay.is_zero()).then_some(delay))
         })
         .await
         .map(|_| ())
@@ -1164,25 +1198,102 @@ impl JobStore for NatsQueue {
         // Retire the unfinished shards: a held lease is fenced out and its message terminated; a
         // queued shard's message is terminated when it is next pulled.
         let reason = format!("job {}", state.as_str());
-        for shard in 0..job.shards_total {
-            let reply = self
-                .update::<StoredShard, Option<Option<String>>>(&self.shards, &shard_key(id, shard), |s| {
+        let retire = |shard: u64| {
+            let reason = reason.clone();
+            async move {
+                let key = shard_key(id, shard);
+                let reply = self
+                    .update::<StoredShard, Option<Option<String>>>(&self.shards, &key, |s| {
+                        Ok(match s {
+                            Some(mut s) if matches!(s.state, ShardState::Queued | ShardState::Leased) => {
+                                let reply = s.ack.clone();
+                                s.state = ShardState::Dead;
+                                s.last_error = Some(reason.clone());
+                                s.clear_lease();
+                                Edit::Write(s, Some(reply))
+                            }
+                            _ => Edit::Keep(None),
+                        })
+                    })
+                    .await?;
+                if let Some(reply) = reply {
+                    self.ack_quietly(reply.as_deref(), Signal::Term).await;
+                }
+                Ok::<_, QueueError>(())
+            }
+        };
+        futures_util::stream::iter((0..job.shards_total).map(retire))
+            .buffer_unordered(UPDATE_WINDOW)
+            .try_collect::<()>()
+            .await?;
+        Ok(Some(job.record()))
+    }
+
+    async fn retry_job(&self, id: &str) -> Result<Option<JobRecord>, QueueError> {
+        if !valid_id(id) {
+            return Ok(None);
+        }
+        // The job first: while it is RUNNING again, `lease` runs the shards requeued below (a shard
+        // leased before then would be retired as belonging to a finished job).
+        let now = now_ms();
+        let job = self
+            .update::<StoredJob, Option<(StoredJob, bool)>>(&self.jobs, id, |job| {
+                Ok(match job {
+                    None => Edit::Keep(None),
+                    Some(mut job) if job.state == JobState::Failed => {
+                        job.state =
+                            if job.started_at.is_some() { JobState::Running } else { JobState::Queued };
+                        job.error = None;
+                        job.finished_at = None;
+                        job.updated_at = now;
+                        Edit::Write(job.clone(), Some((job, true)))
+                    }
+                    Some(job) => Edit::Keep(Some((job, false))),
+                })
+            })
+            .await?;
+        let Some((job, retried)) = job else { return Ok(None) };
+        if !retried {
+            return Ok(Some(job.record()));
+        }
+        // Dead shards get fresh attempts and a new message (the old one was terminated).
+        let revive = |shard: Shard| async move {
+            let key = shard_key(id, shard.index);
+            let revived = self
+                .update::<StoredShard, bool>(&self.shards, &key, |s| {
                     Ok(match s {
-                        Some(mut s) if matches!(s.state, ShardState::Queued | ShardState::Leased) => {
-                            let reply = s.ack.clone();
-                            s.state = ShardState::Dead;
-                            s.last_error = Some(reason.clone());
+                        Some(mut s) if s.state == ShardState::Dead => {
+                            s.state = ShardState::Queued;
+                            s.attempts = 0;
+                            s.available_at = now;
+                            s.last_error = None;
                             s.clear_lease();
-                            Edit::Write(s, Some(reply))
+                            Edit::Write(s, true)
                         }
-                        _ => Edit::Keep(None),
+                        _ => Edit::Keep(false),
                     })
                 })
                 .await?;
-            if let Some(reply) = reply {
-                self.ack_quietly(reply.as_deref(), Signal::Term).await;
+            if revived {
+                let ticket = encode(&Ticket { job_id: id.to_string(), shard: shard.index })?;
+                let subject = format!("{}.{}", self.subject_prefix, priority_token(job.spec.priority));
+                let message = jetstream::message::PublishMessage::build()
+                    .payload(ticket)
+                    .message_id(format!("{key}.retry{now}"));
+                let ack = self
+                    .js
+                    .send_publish(subject, message)
+                    .await
+                    .map_err(|e| nats_err(&format!("publishing {key}"), e))?;
+                ack.await.map_err(|e| nats_err(&format!("publishing {key}"), e))?;
             }
-        }
+            Ok::<_, QueueError>(())
+        };
+        futures_util::stream::iter(Self::plan(&job).into_iter().map(revive))
+            .buffer_unordered(UPDATE_WINDOW)
+            .try_collect::<()>()
+            .await?;
+        // Shards a crash kept from being created are the reconciler's, as for any running job.
         Ok(Some(job.record()))
     }
 

@@ -203,15 +203,15 @@ impl SqliteStore {
         )
     }
 
-    /// Gives the task back untried (a draining worker): it is available at once and the attempt it
-    /// used is not counted.
-    pub fn release(&self, lease: &Lease, now_ms: i64) -> Result<(), QueueError> {
+    /// Gives the task back without counting the attempt it used, available again at `now_ms + delay_ms`.
+    pub fn release(&self, lease: &Lease, now_ms: i64, delay_ms: i64, reason: &str) -> Result<(), QueueError> {
+        let available_at = now_ms + delay_ms;
         self.fenced(
             lease,
-            "UPDATE tasks SET state = 'queued', available_at = ?4, attempts = attempts - 1,
+            "UPDATE tasks SET state = 'queued', available_at = ?4, attempts = attempts - 1, last_error = ?5,
                 lease_owner = NULL, lease_expires_at = NULL
              WHERE id = ?1 AND lease_owner = ?2 AND attempts = ?3 AND state = 'leased'",
-            &[&now_ms],
+            &[&available_at, &reason],
         )
     }
 
@@ -371,6 +371,29 @@ impl SqliteStore {
              WHERE job_id = ?1 AND state IN ('queued', 'leased')",
             params![id, format!("job {}", state.as_str())],
         )?;
+        let job = get_job(&tx, id)?;
+        tx.commit()?;
+        Ok(job)
+    }
+
+    /// Puts a FAILED job back to work: dead shards are queued again with no attempts used, done shards
+    /// stay done, and the job is RUNNING (or QUEUED when nothing of it ran) with its error cleared.
+    pub fn retry_job(&self, id: &str, now_ms: i64) -> Result<Option<JobRecord>, QueueError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let changed = tx.execute(
+            "UPDATE jobs SET state = CASE WHEN started_at IS NULL THEN 'queued' ELSE 'running' END,
+                error = NULL, finished_at = NULL, updated_at = ?2
+             WHERE id = ?1 AND state = 'failed'",
+            params![id, now_ms],
+        )?;
+        if changed == 1 {
+            tx.execute(
+                "UPDATE tasks SET state = 'queued', attempts = 0, available_at = ?2, last_error = NULL
+                 WHERE job_id = ?1 AND state = 'dead'",
+                params![id, now_ms],
+            )?;
+        }
         let job = get_job(&tx, id)?;
         tx.commit()?;
         Ok(job)

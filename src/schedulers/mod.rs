@@ -51,6 +51,9 @@ pub enum SchedulerKind {
 }
 
 impl SchedulerKind {
+    pub const ALL: [SchedulerKind; 4] =
+        [SchedulerKind::Ddpm, SchedulerKind::Ddim, SchedulerKind::Pndm, SchedulerKind::Dpmsolver];
+
     pub fn class_name(self) -> &'static str {
         match self {
             SchedulerKind::Ddpm => "DDPMScheduler",

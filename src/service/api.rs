@@ -28,7 +28,75 @@ pub struct Limits {
     pub default_batch_size: u32,
     pub max_samples_per_grid: u32,
     pub batches_per_shard: u64,
+    /// Shards of one job at most: a larger job gets longer shards, so queueing it stays cheap.
+    pub max_shards_per_job: u64,
     pub max_attempts: u32,
+}
+
+impl Limits {
+    /// Batches per shard for `spec`: the configured number, or more where that would make more than
+    /// `max_shards_per_job` shards. Shard boundaries do not change the images (see `planner`).
+    pub fn batches_per_shard(&self, spec: &JobSpec) -> u64 {
+        let batches = spec.num_samples.div_ceil(u64::from(spec.batch_size.max(1)));
+        self.batches_per_shard.max(batches.div_ceil(self.max_shards_per_job.max(1)))
+    }
+}
+
+/// Job priorities accepted (each distinct value is a consumer on a NATS queue, so the range is small).
+pub const PRIORITIES: std::ops::RangeInclusive<i32> = -10..=10;
+/// Longest client value echoed back in an error: error messages travel in trailers (8 KiB at most).
+const ECHO_LIMIT: usize = 64;
+
+/// `value` for an error message: quoted, and cut to [`ECHO_LIMIT`] characters.
+fn shown(value: &str) -> String {
+    if value.chars().count() <= ECHO_LIMIT {
+        return format!("{value:?}");
+    }
+    let head: String = value.chars().take(ECHO_LIMIT).collect();
+    format!("{head:?}… ({} bytes)", value.len())
+}
+
+/// S3's bucket naming rules (general purpose buckets): 3–63 characters of lowercase letters, digits,
+/// '.' and '-', starting and ending with a letter or digit, no "..", not an IP address, and none of
+/// the reserved prefixes and suffixes.
+pub fn check_bucket(name: &str) -> Result<(), String> {
+    let chars_ok =
+        name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+    let ends_ok = name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && name.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric());
+    if !(3..=63).contains(&name.len()) || !chars_ok || !ends_ok {
+        return Err(
+            "3 to 63 lowercase letters, digits, '.' and '-', starting and ending with a letter or digit"
+                .into(),
+        );
+    }
+    if name.contains("..") || name.parse::<std::net::Ipv4Addr>().is_ok() {
+        return Err("no \"..\" and not an IP address".into());
+    }
+    let reserved = ["xn--", "sthree-", "amzn-s3-demo-"].iter().any(|p| name.starts_with(p))
+        || ["-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3"].iter().any(|s| name.ends_with(s));
+    if reserved {
+        return Err("uses a prefix or suffix S3 reserves".into());
+    }
+    Ok(())
+}
+
+/// An output prefix: a relative path of at most 1,024 bytes whose segments are 1–255 bytes, without
+/// '.' or '..' segments, backslashes, NUL or other control characters.
+pub fn check_prefix(prefix: &str) -> Result<(), String> {
+    if prefix.len() > 1024 {
+        return Err(format!("{} bytes; at most 1024", prefix.len()));
+    }
+    if prefix.chars().any(|c| c.is_control() || c == '\\') {
+        return Err("no control characters or backslashes".into());
+    }
+    if prefix.split('/').any(|seg| seg.len() > 255) {
+        return Err("a path segment is longer than 255 bytes".into());
+    }
+    if prefix.split('/').next() == Some(crate::storage::local::STAGING_DIR) {
+        return Err(format!("{} is reserved", crate::storage::local::STAGING_DIR));
+    }
+    check_key(prefix).map_err(|_| "not a relative path without empty, '.' or '..' segments".into())
 }
 
 /// Grids shown on a job, at most: the manifest lists them all.
@@ -59,7 +127,7 @@ impl WorkerService {
             let served: Vec<&str> = self.ctx.models.keys().map(String::as_str).collect();
             violation(
                 "model",
-                format!("unknown model {:?}; this worker serves {}", req.model, served.join(", ")),
+                format!("unknown model {}; this worker serves {}", shown(&req.model), served.join(", ")),
             );
         }
         let sampling = req.sampling.unwrap_or_default();
@@ -151,12 +219,15 @@ impl WorkerService {
                         "output.bucket",
                         "this worker writes to a local directory; leave the bucket empty".into(),
                     );
+                } else if !o.bucket.is_empty()
+                    && let Err(e) = check_bucket(&o.bucket)
+                {
+                    violation("output.bucket", format!("{}: {e}", shown(&o.bucket)));
                 }
-                if !o.prefix.is_empty() && check_key(o.prefix.trim_end_matches('/')).is_err() {
-                    violation(
-                        "output.prefix",
-                        format!("{:?} is not a relative path without '.' or '..' segments", o.prefix),
-                    );
+                if !o.prefix.is_empty()
+                    && let Err(e) = check_prefix(o.prefix.trim_end_matches('/'))
+                {
+                    violation("output.prefix", format!("{}: {e}", shown(&o.prefix)));
                 }
                 Some(OutputSpec {
                     bucket: o.bucket.clone(),
@@ -173,16 +244,26 @@ impl WorkerService {
                 && k.len() <= 63
                 && k.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
             if !key_ok {
-                violation("labels", format!("key {k:?}: 1 to 63 of letters, digits, '-', '_', '.', '/'"));
+                violation(
+                    "labels",
+                    format!("key {}: 1 to 63 of letters, digits, '-', '_', '.', '/'", shown(k)),
+                );
             }
             if v.len() > 256 {
-                violation("labels", format!("value of {k:?}: at most 256 bytes"));
+                violation("labels", format!("value of {}: at most 256 bytes", shown(k)));
             }
+        }
+        if !PRIORITIES.contains(&req.priority) {
+            violation(
+                "priority",
+                format!("{} must be in {}..={}", req.priority, PRIORITIES.start(), PRIORITIES.end()),
+            );
         }
         if !bad.is_empty() {
             return Err(ServiceError::InvalidArgument(bad));
         }
         Ok(JobSpec {
+            request_id: req.request_id.clone(),
             model: req.model.clone(),
             scheduler: scheduler.unwrap_or(SchedulerKind::Ddpm),
             steps: sampling.steps,
@@ -232,6 +313,9 @@ impl WorkerService {
         if job_id.is_empty() {
             return Err(ServiceError::invalid("job_id", "required"));
         }
+        if job_id.len() > 128 {
+            return Err(ServiceError::invalid("job_id", format!("{}: at most 128 bytes", shown(job_id))));
+        }
         self.ctx.queue.job(job_id).await?.ok_or_else(|| ServiceError::NotFound(job_id.to_string()))
     }
 }
@@ -245,7 +329,7 @@ fn request_of(spec: &JobSpec) -> pb::SubmitJobRequest {
         SchedulerKind::Dpmsolver => pb::Scheduler::Dpmsolver,
     };
     pb::SubmitJobRequest {
-        request_id: String::new(),
+        request_id: spec.request_id.clone(),
         model: spec.model.clone(),
         sampling: Some(pb::SamplingSpec { scheduler: scheduler as i32, steps: spec.steps, eta: spec.eta }),
         num_samples: spec.num_samples,
@@ -319,13 +403,13 @@ impl pb::worker_server::Worker for WorkerService {
             sent.request_id.clear();
             IdempotencyKey {
                 request_id: req.request_id.clone(),
-                request_hash: crate::generate::sha256_hex(&sent.encode_to_vec()),
+                request_hash: crate::digest::sha256_hex(&sent.encode_to_vec()),
             }
         });
         let outcome = self
             .ctx
             .queue
-            .submit(&spec, key.as_ref(), self.limits.batches_per_shard, self.limits.max_attempts)
+            .submit(&spec, key.as_ref(), self.limits.batches_per_shard(&spec), self.limits.max_attempts)
             .await
             .map_err(ServiceError::from)?;
         let result = if outcome.created { "created" } else { "existing" };
@@ -416,6 +500,27 @@ impl pb::worker_server::Worker for WorkerService {
                 job
             }
         };
+        Ok(Response::new(self.to_pb(&job).await))
+    }
+
+    async fn retry_job(&self, request: Request<pb::RetryJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let job = self.get(&request.into_inner().job_id).await?;
+        if job.state != JobState::Failed {
+            return Err(ServiceError::NotFailed { job_id: job.id, state: job.state.as_str() }.into());
+        }
+        let job = self
+            .ctx
+            .queue
+            .retry_job(&job.id)
+            .await
+            .map_err(ServiceError::from)?
+            .ok_or_else(|| ServiceError::NotFound(job.id.clone()))?;
+        if job.state == JobState::Failed {
+            // Another caller's retry raced this one and the job failed again in between: say so.
+            return Err(ServiceError::NotFailed { job_id: job.id, state: "failed again" }.into());
+        }
+        tracing::info!(job_id = job.id, "job retried");
+        self.ctx.wake.notify_waiters();
         Ok(Response::new(self.to_pb(&job).await))
     }
 

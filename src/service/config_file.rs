@@ -32,8 +32,8 @@ pub fn env_defaults(command: &clap::Command, path: &Path) -> Result<Vec<(String,
                     toml::Value::String(s) => Ok(s),
                     other => Err(format!(
                         "--config {}: {key:?} must be a list of strings, not {}",
-                        other.type_str(),
-                        path.display()
+                        path.display(),
+                        other.type_str()
                     )),
                 })
                 .collect::<Result<Vec<_>, _>>()?
@@ -95,7 +95,10 @@ mod tests {
         std::fs::write(&path, "lisen = \"x\"\n").unwrap();
         assert!(env_defaults(&command, &path).unwrap_err().contains("unknown setting \"lisen\""));
         std::fs::write(&path, "model = [1]\n").unwrap();
-        assert!(env_defaults(&command, &path).is_err());
+        let err = env_defaults(&command, &path).unwrap_err();
+        let expected =
+            format!("--config {}: \"model\" must be a list of strings, not integer", path.display());
+        assert_eq!(err, expected);
         let args: Vec<std::ffi::OsString> = ["serve", "--config=/x.toml"].iter().map(Into::into).collect();
         assert_eq!(config_path(&args), Some("/x.toml".into()));
     }

@@ -22,6 +22,8 @@ pub enum ServiceError {
     IdempotencyConflict { request_id: String, job_id: String },
     #[error("job {job_id} is already {state}")]
     AlreadyFinished { job_id: String, state: &'static str },
+    #[error("job {job_id} is {state}; only a failed job can be retried")]
+    NotFailed { job_id: String, state: &'static str },
     #[error("the job queue is unavailable: {0}")]
     Queue(QueueError),
     #[error("the worker is shutting down")]
@@ -61,7 +63,9 @@ impl From<ServiceError> for Status {
             }
             ServiceError::NotFound(_) => Status::not_found(message),
             ServiceError::IdempotencyConflict { .. } => Status::already_exists(message),
-            ServiceError::AlreadyFinished { .. } => Status::failed_precondition(message),
+            ServiceError::AlreadyFinished { .. } | ServiceError::NotFailed { .. } => {
+                Status::failed_precondition(message)
+            }
             ServiceError::Queue(QueueError::Corrupt(_)) => {
                 tracing::error!(error = message, "queue store");
                 Status::internal(message)

@@ -25,7 +25,12 @@ use crate::queue::sqlite::SqliteStore;
 use crate::queue::{Queue, SqliteQueue};
 use crate::storage::Destination;
 use crate::worker::outputs::Outputs;
+use crate::worker::pool::{self, DeviceEvent};
 use crate::worker::{WorkerConfig, WorkerContext, device};
+use tonic_health::ServingStatus;
+
+/// The gRPC service's name in the health service.
+const WORKER_SERVICE: &str = "ddpm.v1.Worker";
 use api::{Limits, WorkerService};
 
 /// `serve`'s options; every flag can also come from its `DDPM_*` environment variable.
@@ -78,6 +83,10 @@ pub struct ServeArgs {
     /// Batches per shard (the unit of leasing, retry and progress).
     #[arg(long, env = "DDPM_BATCHES_PER_SHARD", default_value_t = 4)]
     pub batches_per_shard: u64,
+    /// Shards of one job at most (1 to 100000): a larger job gets more batches per shard, so that
+    /// queueing it stays cheap for the queue and for everyone else's requests.
+    #[arg(long, env = "DDPM_MAX_SHARDS_PER_JOB", default_value_t = 4096)]
+    pub max_shards_per_job: u64,
     #[arg(long, env = "DDPM_MAX_SAMPLES", default_value_t = 10_000_000)]
     pub max_samples: u64,
     #[arg(long, env = "DDPM_MAX_STEPS", default_value_t = 1000)]
@@ -91,6 +100,10 @@ pub struct ServeArgs {
     /// Delay before a failed shard's second attempt; it doubles with every further attempt (at most 5 min).
     #[arg(long, env = "DDPM_RETRY_SECONDS", default_value_t = 2.0)]
     pub retry_seconds: f64,
+    /// First pause when the output store or the queue is unreachable; it doubles (with jitter) while the
+    /// outage lasts, up to 5 min, and such pauses spend none of a shard's attempts.
+    #[arg(long, env = "DDPM_OUTAGE_BACKOFF_SECONDS", default_value_t = 5.0)]
+    pub outage_backoff_seconds: f64,
     /// Lease time of a shard; heartbeats renew it every quarter.
     #[arg(long, env = "DDPM_LEASE_SECONDS", default_value_t = 60.0)]
     pub lease_seconds: f64,
@@ -147,6 +160,15 @@ async fn prepare(args: &ServeArgs) -> Result<Prepared, ServeError> {
     }
     if !(args.retry_seconds >= 0.0 && args.retry_seconds.is_finite()) {
         return Err(config("--retry-seconds must be a finite number ≥ 0".into()));
+    }
+    if !(args.outage_backoff_seconds > 0.0 && args.outage_backoff_seconds <= 300.0) {
+        return Err(config("--outage-backoff-seconds must be in (0, 300]".into()));
+    }
+    if !(1..=100_000).contains(&args.max_shards_per_job) {
+        return Err(config("--max-shards-per-job must be in 1..=100000".into()));
+    }
+    if args.batches_per_shard == 0 {
+        return Err(config("--batches-per-shard must be at least 1".into()));
     }
     if !(args.grace_seconds >= 0.0 && args.grace_seconds.is_finite()) {
         return Err(config("--grace-seconds must be a finite number ≥ 0".into()));
@@ -265,6 +287,7 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
         ),
         lease_ttl: Duration::from_secs_f64(args.lease_seconds),
         retry_delay: Duration::from_secs_f64(args.retry_seconds),
+        outage_backoff: Duration::from_secs_f64(args.outage_backoff_seconds),
         kind: args.dtype.kind(),
         layout: if args.channels_last { Layout::ChannelsLast } else { Layout::Diffusers },
         finalize_after: Duration::from_secs_f64(args.lease_seconds),
@@ -280,6 +303,8 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
         draining: Default::default(),
         abort: Default::default(),
         wake: Default::default(),
+        outage: Default::default(),
+        queue_reachable: std::sync::atomic::AtomicBool::new(true),
         runtime: tokio::runtime::Handle::current(),
     });
     let limits = Limits {
@@ -289,12 +314,13 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
         default_batch_size: args.default_batch_size,
         max_samples_per_grid: 1024,
         batches_per_shard: args.batches_per_shard,
+        max_shards_per_job: args.max_shards_per_job,
         max_attempts: args.max_attempts,
     };
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_not_serving::<pb::worker_server::WorkerServer<WorkerService>>().await;
-    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    health.set_service_status(WORKER_SERVICE, ServingStatus::NotServing).await;
+    health.set_service_status("", ServingStatus::NotServing).await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -312,31 +338,10 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
         .max_decoding_message_size(args.max_request_bytes);
 
     // Device threads load and warm their models; the service is SERVING once all have.
-    let mut threads = Vec::new();
-    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel();
-    for (i, (dev, cpu_threads)) in prepared.devices.iter().copied().enumerate() {
-        let (ctx, ready) = (Arc::clone(&ctx), ready_tx.clone());
-        let name = format!("device-{i}-{}", device_name(dev));
-        let handle = std::thread::Builder::new()
-            .name(name.clone())
-            .spawn(move || {
-                if let Some(n) = cpu_threads {
-                    tch::set_num_threads(n);
-                }
-                match device::DeviceModels::load(&ctx, dev) {
-                    Ok(models) => {
-                        let _ = ready.send(Ok(name));
-                        device::run(ctx, models, cpu_threads);
-                    }
-                    Err(e) => {
-                        let _ = ready.send(Err(format!("{name}: loading models: {e}")));
-                    }
-                }
-            })
-            .map_err(|e| ServeError::Runtime(format!("starting a device thread: {e}")))?;
-        threads.push(handle);
-    }
-    drop(ready_tx);
+    let pool = pool::start(&ctx, &prepared.devices)
+        .map_err(|e| ServeError::Runtime(format!("starting a device thread: {e}")))?;
+    let threads = pool.threads;
+    let mut device_events = pool.events;
 
     let reaper = {
         let ctx = Arc::clone(&ctx);
@@ -354,9 +359,9 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
         async move {
             shutdown_signal().await;
             tracing::info!(grace_seconds = grace.as_secs_f64(), "draining: no new shards");
-            health.set_not_serving::<pb::worker_server::WorkerServer<WorkerService>>().await;
-            health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
             ctx.draining.store(true, Ordering::Relaxed);
+            health.set_service_status(WORKER_SERVICE, ServingStatus::NotServing).await;
+            health.set_service_status("", ServingStatus::NotServing).await;
             ctx.wake.notify_waiters();
             let drained = {
                 let ctx = Arc::clone(&ctx);
@@ -376,28 +381,54 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
         }
     };
 
-    let ready_health = health.clone();
-    let device_count = prepared.devices.len();
-    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();
-    tokio::spawn(async move {
-        let mut ready = 0;
-        while ready < device_count {
-            match ready_rx.recv().await {
-                Some(Ok(name)) => {
-                    ready += 1;
-                    tracing::info!(device = name, "models loaded and warm");
+    // Health: SERVING while every device is warm, the queue answers and no drain has begun. A dead
+    // device thread ends the process (exit 1) instead.
+    let (died_tx, died_rx) = tokio::sync::oneshot::channel::<String>();
+    {
+        let (ctx, health) = (Arc::clone(&ctx), health.clone());
+        let device_count = prepared.devices.len();
+        tokio::spawn(async move {
+            let mut ready = 0;
+            let mut serving = false;
+            let mut open = true;
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tokio::select! {
+                    event = device_events.recv(), if open => match event {
+                        Some(DeviceEvent::Ready(name)) => {
+                            ready += 1;
+                            tracing::info!(device = name, "models loaded and warm");
+                        }
+                        Some(DeviceEvent::Died(e)) => {
+                            let _ = died_tx.send(e);
+                            return;
+                        }
+                        None => open = false,
+                    },
+                    _ = tick.tick() => {}
                 }
-                Some(Err(e)) => {
-                    let _ = failed_tx.send(e);
+                let now = ready == device_count
+                    && !ctx.draining.load(Ordering::Relaxed)
+                    && ctx.queue_reachable.load(Ordering::Relaxed);
+                if now != serving {
+                    serving = now;
+                    let status = if now { ServingStatus::Serving } else { ServingStatus::NotServing };
+                    health.set_service_status("", status).await;
+                    health.set_service_status(WORKER_SERVICE, status).await;
+                    tracing::info!(serving = now, devices = ready, "readiness changed");
+                }
+                if ctx.draining.load(Ordering::Relaxed) {
+                    // Device threads end one by one while draining; that is no death.
+                    while let Some(event) = device_events.recv().await {
+                        if let DeviceEvent::Died(e) = event {
+                            tracing::warn!(error = e, "device thread failed while draining");
+                        }
+                    }
                     return;
                 }
-                None => return,
             }
-        }
-        ready_health.set_serving::<pb::worker_server::WorkerServer<WorkerService>>().await;
-        ready_health.set_service_status("", tonic_health::ServingStatus::Serving).await;
-        tracing::info!(devices = ready, "serving");
-    });
+        });
+    }
 
     on_listening(addr);
     tracing::info!(%addr, models = ?ctx.models.keys().collect::<Vec<_>>(), devices = ?prepared.devices.iter().map(|d| device_name(d.0)).collect::<Vec<_>>(), "listening");
@@ -410,7 +441,7 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
         .serve_with_incoming_shutdown(incoming, shutdown);
     tokio::select! {
         r = server => r.map_err(|e| ServeError::Runtime(e.to_string()))?,
-        Ok(e) = failed_rx => return Err(ServeError::Runtime(e)),
+        Ok(e) = died_rx => return Err(ServeError::Runtime(e)),
     }
     reaper.abort();
     tracing::info!("drained; exiting");

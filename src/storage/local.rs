@@ -1,5 +1,10 @@
 //! A local directory as an object store: keys are paths under the root, written through a temporary
-//! file, fsync and rename so a crash never leaves half an object under its final name.
+//! file, fsync and rename (or, for [`ObjectStore::put_new`], a hard link, which fails where a file
+//! exists) so a crash never leaves half an object under its final name.
+//!
+//! Temporary files live in one staging folder, [`STAGING_DIR`] under the root, never beside the
+//! outputs: a writer killed or frozen mid-write leaves nothing in a job's folder that its manifest does
+//! not list.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -8,7 +13,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{ObjectStore, PutOutcome, StorageError, check_key};
-use crate::generate::sha256_hex;
+use crate::digest::sha256_hex;
+
+/// The staging folder's name under the root; no key may start with it.
+pub const STAGING_DIR: &str = ".ddpm-staging";
 
 #[derive(Debug, Clone)]
 pub struct LocalStore {
@@ -30,39 +38,97 @@ impl LocalStore {
 
     fn path(&self, key: &str) -> Result<PathBuf, StorageError> {
         check_key(key)?;
+        if key.split('/').next() == Some(STAGING_DIR) {
+            return Err(StorageError::InvalidKey(key.to_string()));
+        }
         Ok(self.root.join(key))
     }
-}
 
-fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+    /// Writes `bytes` to a fresh, fsynced file in the staging folder.
+    fn stage(&self, bytes: &[u8]) -> std::io::Result<PathBuf> {
+        let dir = self.root.join(STAGING_DIR);
+        std::fs::create_dir_all(&dir)?;
+        let tmp = dir.join(uuid::Uuid::new_v4().simple().to_string());
+        let written = (|| {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(bytes)?;
+            f.sync_all()
+        })();
+        match written {
+            Ok(()) => Ok(tmp),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
     }
-    let tmp = path.with_extension(format!("tmp-{}", uuid::Uuid::new_v4().simple()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+
+    /// Moves a staged file to `path`; with `replace` false, only if nothing is there (`Ok(false)`
+    /// otherwise). The staged file is gone afterwards either way.
+    fn publish(&self, tmp: &Path, path: &Path, replace: bool) -> std::io::Result<bool> {
+        let dir = path.parent().unwrap_or(&self.root);
+        let placed = std::fs::create_dir_all(dir).and_then(|()| {
+            if replace {
+                std::fs::rename(tmp, path).map(|()| true)
+            } else {
+                // link(2) fails with EEXIST instead of replacing: the create-only primitive.
+                let linked = match std::fs::hard_link(tmp, path) {
+                    Ok(()) => Ok(true),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+                    Err(e) => Err(e),
+                };
+                let _ = std::fs::remove_file(tmp);
+                linked
+            }
+        });
+        if placed.is_err() {
+            let _ = std::fs::remove_file(tmp);
+        }
+        let placed = placed?;
+        if placed {
+            // The new directory entry survives a power cut only once the directory is synced.
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(placed)
     }
-    result
+
+    async fn write(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        replace: bool,
+    ) -> Result<Option<PutOutcome>, StorageError> {
+        let path = self.path(key)?;
+        let uri = self.uri(key);
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let io = |source| StorageError::Io { uri: uri.clone(), source };
+            let sha256 = sha256_hex(&bytes);
+            let tmp = store.stage(&bytes).map_err(io)?;
+            let placed = store.publish(&tmp, &path, replace).map_err(io)?;
+            Ok(placed.then(|| PutOutcome { uri: uri.clone(), sha256 }))
+        })
+        .await
+        .map_err(|e| StorageError::Remote { uri: self.uri(key), message: e.to_string() })?
+    }
 }
 
 #[async_trait]
 impl ObjectStore for LocalStore {
     async fn put(&self, key: &str, bytes: Bytes, _content_type: &str) -> Result<PutOutcome, StorageError> {
-        let path = self.path(key)?;
-        let uri = self.uri(key);
-        tokio::task::spawn_blocking(move || {
-            let sha256 = sha256_hex(&bytes);
-            write_durably(&path, &bytes).map_err(|source| StorageError::Io { uri: uri.clone(), source })?;
-            Ok(PutOutcome { uri, sha256 })
+        self.write(key, bytes, true).await?.ok_or_else(|| StorageError::Remote {
+            uri: self.uri(key),
+            message: "rename did not place the file".into(),
         })
-        .await
-        .map_err(|e| StorageError::Remote { uri: self.uri(key), message: e.to_string() })?
+    }
+
+    async fn put_new(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        _content_type: &str,
+    ) -> Result<Option<PutOutcome>, StorageError> {
+        self.write(key, bytes, false).await
     }
 
     async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
@@ -83,6 +149,13 @@ impl ObjectStore for LocalStore {
 mod tests {
     use super::*;
 
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        names
+    }
+
     #[tokio::test]
     async fn put_then_get_round_trips_and_missing_is_none() {
         let dir = tempfile::tempdir().unwrap();
@@ -93,9 +166,21 @@ mod tests {
         assert_eq!(store.get("a/b/c.json").await.unwrap().unwrap(), Bytes::from_static(b"{}"));
         assert!(store.get("a/b/missing").await.unwrap().is_none());
         assert!(store.put("../escape", Bytes::new(), "x").await.is_err());
-        // Only the final file is left: no temporary siblings.
-        let names: Vec<_> =
-            std::fs::read_dir(dir.path().join("a/b")).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(names, ["c.json"]);
+        assert!(store.put(&format!("{STAGING_DIR}/x"), Bytes::new(), "x").await.is_err());
+        // Only the final file is left: no temporary siblings, and the staging folder is empty.
+        assert_eq!(names(&dir.path().join("a/b")), ["c.json"]);
+        assert!(names(&dir.path().join(STAGING_DIR)).is_empty());
+    }
+
+    #[tokio::test]
+    async fn put_new_creates_once_and_never_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path()).unwrap();
+        let first = store.put_new("s/1.png", Bytes::from_static(b"one"), "image/png").await.unwrap();
+        assert_eq!(first.map(|p| p.sha256), Some(sha256_hex(b"one")));
+        assert_eq!(store.put_new("s/1.png", Bytes::from_static(b"two"), "image/png").await.unwrap(), None);
+        assert_eq!(store.get("s/1.png").await.unwrap().unwrap(), Bytes::from_static(b"one"));
+        assert_eq!(names(&dir.path().join("s")), ["1.png"]);
+        assert!(names(&dir.path().join(STAGING_DIR)).is_empty());
     }
 }

@@ -4,6 +4,11 @@
 //! Keys are `/`-separated paths relative to the store's root (a directory, or a bucket). Every `put`
 //! is whole or nothing: a reader never sees half an object, so the manifest, written last, is the
 //! commit record of a job.
+//!
+//! Job outputs are written with [`ObjectStore::put_new`], which creates an object only where none is
+//! (`If-None-Match: *` on S3, a hard link on a directory). A worker that lost its lease while writing
+//! (paused, partitioned) can therefore never replace what another attempt recorded: the first object
+//! at a key is the one every record lists ([`write_once`]).
 
 pub mod local;
 pub mod s3;
@@ -20,6 +25,10 @@ pub enum StorageError {
     /// The store refused or failed the request after its retries.
     #[error("{uri}: {message}")]
     Remote { uri: String, message: String },
+    /// The store could not be reached or answered that it is overloaded (connection refused, timeouts,
+    /// HTTP 5xx, throttling) after its retries: worth trying again later, not a fault of the request.
+    #[error("{uri}: store unavailable: {message}")]
+    Unavailable { uri: String, message: String },
     #[error("invalid object key {0:?}")]
     InvalidKey(String),
     #[error("invalid destination {0:?}: expected file:DIR or s3://BUCKET[/PREFIX]")]
@@ -33,14 +42,57 @@ pub struct PutOutcome {
     pub sha256: String,
 }
 
+impl StorageError {
+    /// Whether the store was out of reach rather than the request at fault.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StorageError::Unavailable { .. })
+    }
+}
+
 #[async_trait]
 pub trait ObjectStore: Send + Sync + std::fmt::Debug + 'static {
     /// Writes `bytes` at `key`, replacing what was there.
     async fn put(&self, key: &str, bytes: Bytes, content_type: &str) -> Result<PutOutcome, StorageError>;
+    /// Writes `bytes` at `key` only if no object is there; `None` when one was (nothing is written).
+    async fn put_new(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        content_type: &str,
+    ) -> Result<Option<PutOutcome>, StorageError>;
     /// The object at `key`, or `None` when there is none.
     async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError>;
     /// The URI a user would use to fetch `key` (`file:///…` or `s3://bucket/key`).
     fn uri(&self, key: &str) -> String;
+}
+
+/// An object as [`write_once`] left it: ours, or the one an earlier writer put there first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    pub uri: String,
+    /// The SHA-256 of the bytes stored at the key (hex), whoever wrote them.
+    pub sha256: String,
+    /// The object was there already and is kept.
+    pub adopted: bool,
+}
+
+/// Creates `key` with `bytes`, or, when another writer created it first, keeps that object and reports
+/// the SHA-256 of what is stored (verify-and-adopt): records then list what readers will get.
+pub async fn write_once(
+    store: &dyn ObjectStore,
+    key: &str,
+    bytes: Bytes,
+    content_type: &str,
+) -> Result<Written, StorageError> {
+    if let Some(put) = store.put_new(key, bytes, content_type).await? {
+        return Ok(Written { uri: put.uri, sha256: put.sha256, adopted: false });
+    }
+    let stored = store.get(key).await?.ok_or_else(|| StorageError::Remote {
+        uri: store.uri(key),
+        message: "the store refused a create because the object exists, but it cannot be read".into(),
+    })?;
+    let sha256 = crate::digest::sha256_hex(&stored);
+    Ok(Written { uri: store.uri(key), sha256, adopted: true })
 }
 
 /// A key must be a relative path without empty, `.` or `..` segments, so it cannot escape its root.
@@ -153,5 +205,17 @@ mod tests {
 
         let escaping = Destination::File { root: dir.path().into(), prefix: "../x".into() };
         assert!(matches!(open_store(&escaping, false).await, Err(StorageError::InvalidKey(_))));
+    }
+
+    #[tokio::test]
+    async fn the_first_write_wins_and_later_writers_adopt_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = local::LocalStore::new(dir.path()).unwrap();
+        let first = write_once(&store, "j/a.png", Bytes::from_static(b"first"), "image/png").await.unwrap();
+        assert!(!first.adopted);
+        let second = write_once(&store, "j/a.png", Bytes::from_static(b"second"), "image/png").await.unwrap();
+        assert!(second.adopted);
+        assert_eq!(second.sha256, crate::digest::sha256_hex(b"first"));
+        assert_eq!(store.get("j/a.png").await.unwrap().unwrap(), Bytes::from_static(b"first"));
     }
 }

@@ -8,6 +8,13 @@
 //!
 //! Large objects go up as a multipart upload. S3 makes such an object visible only when the upload
 //! is completed, so `put` stays whole or nothing either way.
+//!
+//! `put_new` sends `If-None-Match: *` (on PutObject, or on CompleteMultipartUpload): S3 answers 412 when
+//! the key exists and writes nothing. Servers that ignore the header (Garage 2.5, reference
+//! s3-compatible.md §3.3) overwrite instead; on those a lease-less writer is not fenced out.
+//!
+//! Failures are told apart: a store out of reach or overloaded (no connection, timeouts, 5xx, 429) is
+//! [`StorageError::Unavailable`], which the worker waits out without spending a shard's attempts.
 
 use std::time::{Duration, Instant};
 
@@ -178,19 +185,21 @@ impl S3Store {
         bytes: Bytes,
         content_type: &str,
         sha256: &[u8],
-    ) -> Result<(), String> {
+        only_new: bool,
+    ) -> Result<(), Failure> {
         self.client
             .put_object()
             .bucket(&self.bucket)
             .key(object_key)
             .content_type(content_type)
             .checksum_sha256(base64::encode(sha256))
+            .set_if_none_match(only_new.then(|| "*".to_string()))
             .body(ByteStream::from(bytes))
             .customize()
             .interceptor(CountRetries)
             .send()
             .await
-            .map_err(|e| describe("PutObject", &e))?;
+            .map_err(|e| Failure::of("PutObject", &e))?;
         Ok(())
     }
 
@@ -199,7 +208,8 @@ impl S3Store {
         object_key: &str,
         parts: Vec<Part>,
         content_type: &str,
-    ) -> Result<(), String> {
+        only_new: bool,
+    ) -> Result<(), Failure> {
         let created = self
             .client
             .create_multipart_upload()
@@ -211,10 +221,12 @@ impl S3Store {
             .interceptor(CountRetries)
             .send()
             .await
-            .map_err(|e| describe("CreateMultipartUpload", &e))?;
-        let upload_id = created.upload_id().ok_or("CreateMultipartUpload: the response has no UploadId")?;
+            .map_err(|e| Failure::of("CreateMultipartUpload", &e))?;
+        let upload_id = created
+            .upload_id()
+            .ok_or_else(|| Failure::other("CreateMultipartUpload: the response has no UploadId".into()))?;
 
-        let result = self.upload_parts_and_complete(object_key, upload_id, parts).await;
+        let result = self.upload_parts_and_complete(object_key, upload_id, parts, only_new).await;
         if result.is_err() {
             // Parts of an unfinished upload are stored (and billed) until aborted. A failed
             // completion is aborted too: if it did complete after all, the abort only fails.
@@ -239,7 +251,8 @@ impl S3Store {
         object_key: &str,
         upload_id: &str,
         parts: Vec<Part>,
-    ) -> Result<(), String> {
+        only_new: bool,
+    ) -> Result<(), Failure> {
         let uploads = parts.into_iter().map(|part| async move {
             let checksum = base64::encode(part.sha256);
             let uploaded = self
@@ -255,8 +268,8 @@ impl S3Store {
                 .interceptor(CountRetries)
                 .send()
                 .await
-                .map_err(|e| describe(&format!("UploadPart {}", part.number), &e))?;
-            Ok::<_, String>(
+                .map_err(|e| Failure::of(&format!("UploadPart {}", part.number), &e))?;
+            Ok::<_, Failure>(
                 CompletedPart::builder()
                     .part_number(part.number)
                     .set_e_tag(uploaded.e_tag)
@@ -274,12 +287,57 @@ impl S3Store {
             .key(object_key)
             .upload_id(upload_id)
             .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(completed)).build())
+            .set_if_none_match(only_new.then(|| "*".to_string()))
             .customize()
             .interceptor(CountRetries)
             .send()
             .await
-            .map_err(|e| describe("CompleteMultipartUpload", &e))?;
+            .map_err(|e| Failure::of("CompleteMultipartUpload", &e))?;
         Ok(())
+    }
+
+    /// Hashes and uploads an object; with `only_new`, `Ok(false)` when an object was at the key.
+    async fn write(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        content_type: &str,
+        only_new: bool,
+    ) -> Result<Option<PutOutcome>, StorageError> {
+        check_key(key)?;
+        let object_key = join_key(&self.prefix, key);
+        let started = Instant::now();
+
+        // An upload needs at least one part, so an empty object always goes up whole.
+        let multipart = !bytes.is_empty() && bytes.len() >= self.multipart_threshold;
+        let part_size = multipart.then(|| self.part_size_for(bytes.len()));
+        let (sha256, parts) = if bytes.len() <= INLINE_HASH_LIMIT {
+            hash(&bytes, part_size)
+        } else {
+            let to_hash = bytes.clone();
+            tokio::task::spawn_blocking(move || hash(&to_hash, part_size))
+                .await
+                .map_err(|e| self.remote(key, format!("hashing the object: {e}")))?
+        };
+        let result = match part_size {
+            None => self.put_single(&object_key, bytes, content_type, &sha256, only_new).await,
+            Some(_) => self.put_multipart(&object_key, parts, content_type, only_new).await,
+        };
+
+        let outcome = match &result {
+            Ok(()) => "ok",
+            Err(f) if f.class == Class::Exists => "exists",
+            Err(_) => "error",
+        };
+        metrics::histogram!("ddpm_upload_duration_seconds", "backend" => "s3", "outcome" => outcome)
+            .record(started.elapsed().as_secs_f64());
+        match result {
+            Ok(()) => Ok(Some(PutOutcome { uri: self.uri(key), sha256: hex::encode(sha256) })),
+            // A conditional write lost to an existing object (or a concurrent one, HTTP 409: S3 asks
+            // for a retry, and the retry would find the winner's object).
+            Err(f) if only_new && matches!(f.class, Class::Exists | Class::Conflict) => Ok(None),
+            Err(f) => Err(f.into_error(self.uri(key))),
+        }
     }
 
     /// The part size for an object of `len` bytes.
@@ -339,6 +397,60 @@ where
     text
 }
 
+/// What kind of failure a request ended in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    /// 412: a conditional write found an object at the key.
+    Exists,
+    /// 409: a concurrent conditional write is in progress.
+    Conflict,
+    /// No answer, or the server is failing or throttling (5xx, 429): try again later.
+    Unavailable,
+    Other,
+}
+
+/// A failed request: its one-line account and class.
+#[derive(Debug)]
+struct Failure {
+    message: String,
+    class: Class,
+}
+
+impl Failure {
+    fn of<E>(operation: &str, err: &SdkError<E, HttpResponse>) -> Self
+    where
+        E: std::error::Error + ProvideErrorMetadata + 'static,
+    {
+        let class = match err {
+            SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
+                Class::Unavailable
+            }
+            SdkError::ServiceError(service) => match service.raw().status().as_u16() {
+                412 => Class::Exists,
+                409 => Class::Conflict,
+                429 | 500..=599 => Class::Unavailable,
+                _ if matches!(service.err().code(), Some("SlowDown" | "Throttling" | "RequestTimeout")) => {
+                    Class::Unavailable
+                }
+                _ => Class::Other,
+            },
+            _ => Class::Other,
+        };
+        Failure { message: describe(operation, err), class }
+    }
+
+    fn other(message: String) -> Self {
+        Failure { message, class: Class::Other }
+    }
+
+    fn into_error(self, uri: String) -> StorageError {
+        match self.class {
+            Class::Unavailable => StorageError::Unavailable { uri, message: self.message },
+            _ => StorageError::Remote { uri, message: self.message },
+        }
+    }
+}
+
 /// Whether a failed GetObject means "no such object" (rather than, e.g., no such bucket).
 fn is_not_found(err: &SdkError<GetObjectError, HttpResponse>) -> bool {
     if err.as_service_error().is_some_and(GetObjectError::is_no_such_key) {
@@ -351,31 +463,18 @@ fn is_not_found(err: &SdkError<GetObjectError, HttpResponse>) -> bool {
 #[async_trait]
 impl ObjectStore for S3Store {
     async fn put(&self, key: &str, bytes: Bytes, content_type: &str) -> Result<PutOutcome, StorageError> {
-        check_key(key)?;
-        let object_key = join_key(&self.prefix, key);
-        let started = Instant::now();
+        self.write(key, bytes, content_type, false)
+            .await?
+            .ok_or_else(|| self.remote(key, "an unconditional write reported an existing object".into()))
+    }
 
-        // An upload needs at least one part, so an empty object always goes up whole.
-        let multipart = !bytes.is_empty() && bytes.len() >= self.multipart_threshold;
-        let part_size = multipart.then(|| self.part_size_for(bytes.len()));
-        let (sha256, parts) = if bytes.len() <= INLINE_HASH_LIMIT {
-            hash(&bytes, part_size)
-        } else {
-            let to_hash = bytes.clone();
-            tokio::task::spawn_blocking(move || hash(&to_hash, part_size))
-                .await
-                .map_err(|e| self.remote(key, format!("hashing the object: {e}")))?
-        };
-        let result = match part_size {
-            None => self.put_single(&object_key, bytes, content_type, &sha256).await,
-            Some(_) => self.put_multipart(&object_key, parts, content_type).await,
-        };
-
-        let outcome = if result.is_ok() { "ok" } else { "error" };
-        metrics::histogram!("ddpm_upload_duration_seconds", "backend" => "s3", "outcome" => outcome)
-            .record(started.elapsed().as_secs_f64());
-        result.map_err(|message| self.remote(key, message))?;
-        Ok(PutOutcome { uri: self.uri(key), sha256: hex::encode(sha256) })
+    async fn put_new(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        content_type: &str,
+    ) -> Result<Option<PutOutcome>, StorageError> {
+        self.write(key, bytes, content_type, true).await
     }
 
     async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
@@ -391,13 +490,15 @@ impl ObjectStore for S3Store {
             .await;
         match response {
             Ok(object) => {
-                let body = object.body.collect().await.map_err(|e| {
-                    self.remote(key, format!("GetObject: reading the body: {}", DisplayErrorContext(&e)))
+                // A body cut off mid-transfer is the network's doing: worth another try later.
+                let body = object.body.collect().await.map_err(|e| StorageError::Unavailable {
+                    uri: self.uri(key),
+                    message: format!("GetObject: reading the body: {}", DisplayErrorContext(&e)),
                 })?;
                 Ok(Some(body.into_bytes()))
             }
             Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) => Err(self.remote(key, describe("GetObject", &e))),
+            Err(e) => Err(Failure::of("GetObject", &e).into_error(self.uri(key))),
         }
     }
 

@@ -1,6 +1,10 @@
 //! One OS thread per device: it owns a UNet replica of every served model and pulls shards from the
 //! queue. Sampling stays on the thread; PNG encoding, uploads and the shard's bookkeeping run on the
 //! tokio runtime, overlapping the next shard's sampling.
+//!
+//! A shard's outputs are written create-only ([`storage::write_once`](crate::storage::write_once)) and
+//! its record only after a fenced check that the lease is still held, so a worker that lost its lease
+//! (paused, cut off, or its job cancelled) cannot change what another attempt recorded.
 
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
@@ -8,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use image::RgbImage;
+use image::DynamicImage;
 use tch::Device;
 
 use super::WorkerContext;
@@ -31,20 +35,76 @@ pub struct DeviceModels {
 
 impl DeviceModels {
     /// Loads every model on `device` and runs one forward pass each, so the first shard does not pay
-    /// for allocator and kernel warm-up.
+    /// for allocator and kernel warm-up. A libtorch panic (out of memory, a kernel error) is an error
+    /// here like any other, not a dead thread.
     pub fn load(ctx: &WorkerContext, device: Device) -> Result<Self, ModelError> {
+        std::panic::catch_unwind(AssertUnwindSafe(|| Self::load_unguarded(ctx, device)))
+            .unwrap_or_else(|panic| Err(ModelError::Torch(tch::TchError::Torch(panic_message(&panic)))))
+    }
+
+    fn load_unguarded(ctx: &WorkerContext, device: Device) -> Result<Self, ModelError> {
         let mut unets = BTreeMap::new();
         let _guard = tch::no_grad_guard();
         for (name, model) in ctx.models.iter() {
             let mut unet = LoadedUNet::load(&model.files, device, ctx.config.kind)?;
             unet.set_layout(ctx.config.layout);
             let (h, w) = unet.config.sample_hw()?;
-            let x = tch::Tensor::zeros([1, unet.config.in_channels, h, w], (ctx.config.kind, device));
+            let x = tch::Tensor::f_zeros([1, unet.config.in_channels, h, w], (ctx.config.kind, device))?;
             let _ = unet.forward(&x, 0);
             unets.insert(name.clone(), unet);
         }
         Ok(Self { device, unets })
     }
+}
+
+/// Why a shard did not finish, which decides what the queue is told.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    /// The store or the queue was out of reach: the shard goes back, after a growing pause, without
+    /// spending an attempt (attempts are for shards that fail on their own).
+    #[error("{0}")]
+    Unavailable(String),
+    /// This attempt failed: the shard runs again after a backoff, or is dead-lettered once its
+    /// attempts are used up.
+    #[error("{0}")]
+    Failed(String),
+    /// The shard can never run: it is dead-lettered at once.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+impl From<OutputError> for ShardError {
+    fn from(e: OutputError) -> Self {
+        match &e {
+            OutputError::Storage(s) if s.is_unavailable() => ShardError::Unavailable(e.to_string()),
+            _ => ShardError::Failed(e.to_string()),
+        }
+    }
+}
+
+impl From<crate::storage::StorageError> for ShardError {
+    fn from(e: crate::storage::StorageError) -> Self {
+        OutputError::from(e).into()
+    }
+}
+
+impl From<QueueError> for ShardError {
+    fn from(e: QueueError) -> Self {
+        match e {
+            QueueError::Nats(_) | QueueError::Sqlite(_) => ShardError::Unavailable(e.to_string()),
+            other => ShardError::Failed(other.to_string()),
+        }
+    }
+}
+
+/// How a shard that did not fail ended.
+enum Ended {
+    /// Its record is written (by this attempt or an earlier one) and its task completed.
+    Recorded,
+    /// Its job was cancelled or its lease lost: someone else owns it now, nothing to record.
+    Stopped,
+    /// Given back untried (the drain's grace period ran out).
+    Released,
 }
 
 /// The device thread's loop: lease, sample, hand off, until the worker drains.
@@ -56,6 +116,11 @@ pub fn run(ctx: Arc<WorkerContext>, models: DeviceModels, threads: Option<i32>) 
     let owner = format!("{}/{device}", ctx.config.worker_id);
     let in_flight = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_SHARDS));
     while !ctx.draining.load(Ordering::Relaxed) {
+        // While the store or the queue is out, nobody leases: leases would only fail or be given back.
+        if let Some(pause) = ctx.outage.remaining() {
+            idle(&ctx, pause);
+            continue;
+        }
         let permit = match ctx.runtime.block_on(Arc::clone(&in_flight).acquire_owned()) {
             Ok(p) => p,
             Err(_) => break,
@@ -63,14 +128,12 @@ pub fn run(ctx: Arc<WorkerContext>, models: DeviceModels, threads: Option<i32>) 
         let lease = match ctx.runtime.block_on(ctx.queue.lease(&owner, ctx.config.lease_ttl)) {
             Ok(Some(lease)) => lease,
             Ok(None) => {
-                let wait = ctx.wake.notified();
-                let _ =
-                    ctx.runtime.block_on(async { tokio::time::timeout(ctx.config.idle_poll, wait).await });
+                idle(&ctx, ctx.config.idle_poll);
                 continue;
             }
             Err(e) => {
-                tracing::warn!(error = %e, "leasing a shard");
-                std::thread::sleep(ctx.config.idle_poll);
+                let pause = ctx.outage.failed(ctx.config.outage_backoff);
+                tracing::warn!(error = %e, pause_seconds = pause.as_secs_f64(), "leasing a shard");
                 continue;
             }
         };
@@ -89,6 +152,12 @@ pub fn run(ctx: Arc<WorkerContext>, models: DeviceModels, threads: Option<i32>) 
     let _ = ctx.runtime.block_on(in_flight.acquire_many(IN_FLIGHT_SHARDS as u32));
 }
 
+/// Waits up to `limit`, or until work may be available or the worker drains.
+fn idle(ctx: &WorkerContext, limit: Duration) {
+    let wait = ctx.wake.notified();
+    let _ = ctx.runtime.block_on(async { tokio::time::timeout(limit, wait).await });
+}
+
 /// Samples one leased shard and hands its outputs to a finishing task.
 fn run_shard(
     ctx: &Arc<WorkerContext>,
@@ -98,25 +167,24 @@ fn run_shard(
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let rt = &ctx.runtime;
-    let prepared = rt.block_on(prepare(ctx, &lease));
-    let (job, payload, out) = match prepared {
+    let (job, payload, out) = match rt.block_on(prepare(ctx, &lease)) {
         Ok(Some(p)) => p,
         Ok(None) => return, // nothing to sample: already done or the job is over
-        Err(e) => return give_back(ctx, &lease, &e.to_string()),
+        Err(e) => return rt.block_on(give_back(ctx, &lease, e)),
     };
     let Some(unet) = models.unets.get(&job.spec.model) else {
         let error = format!("model {:?} is not served by this worker", job.spec.model);
-        return give_back(ctx, &lease, &error);
+        return rt.block_on(give_back(ctx, &lease, ShardError::Failed(error)));
     };
-    let Some(model) = ctx.models.get(&job.spec.model) else { return };
-    let scheduler = match model.scheduler(job.spec.scheduler) {
-        Ok(s) => s,
-        Err(e) => return fail(ctx, &lease, &e.to_string()),
+    let scheduler = match ctx.models.get(&job.spec.model).map(|m| m.scheduler(job.spec.scheduler)) {
+        Some(Ok(s)) => s,
+        Some(Err(e)) => return rt.block_on(give_back(ctx, &lease, ShardError::Fatal(e.to_string()))),
+        None => return,
     };
 
     let stop = ctx.active.register(&job.id);
     let heartbeat = rt.spawn(keep_alive(Arc::clone(ctx), lease.clone(), Arc::clone(&stop)));
-    let (tx, rx) = tokio::sync::mpsc::channel::<(u64, u64, RgbImage)>(job.spec.batch_size as usize * 2);
+    let (tx, rx) = tokio::sync::mpsc::channel::<(u64, u64, DynamicImage)>(job.spec.batch_size as usize * 2);
     let uploads = rt.spawn(upload_shard(out.clone(), job.spec.clone(), payload, rx));
 
     let started = Instant::now();
@@ -166,8 +234,9 @@ fn run_shard(
         async move {
             let _permit = permit;
             let uploaded = uploads.await.map_err(|e| OutputError::Internal(e.to_string())).and_then(|r| r);
+            let stopped = stop.load(Ordering::Relaxed);
             let outcome = match (result, uploaded) {
-                (Ok(()), Ok((samples, grids))) => {
+                (Ok(()), Ok((samples, grids, adopted))) => {
                     let run = ShardRun {
                         shard: lease.shard,
                         start: payload.start,
@@ -176,31 +245,31 @@ fn run_shard(
                         device,
                         attempt: lease.attempt,
                         sampling_seconds,
+                        adopted,
                     };
-                    let record = ShardRecord { run, samples, grids };
-                    finish_shard(&ctx, &lease, &out, &record).await.map(|()| true)
+                    record_shard(&ctx, &lease, &out, &ShardRecord { run, samples, grids }).await
                 }
                 (Err(SampleError::Cancelled), _) if ctx.abort.load(Ordering::Relaxed) => {
                     release(&ctx, &lease).await;
-                    Ok(false)
+                    Ok(Ended::Released)
                 }
                 // Cancelled job or lost lease: the queue already knows; nothing to record.
-                (Err(SampleError::Cancelled), _) if stop.load(Ordering::Relaxed) => Ok(false),
-                (Err(e), _) => Err(e.to_string()),
-                (Ok(()), Err(e)) => Err(e.to_string()),
+                (Err(SampleError::Cancelled), _) if stopped => Ok(Ended::Stopped),
+                // The uploader's failure stopped the sampling: it is the cause.
+                (_, Err(e)) => Err(ShardError::from(e)),
+                (Err(e), Ok(_)) => Err(ShardError::Failed(e.to_string())),
             };
             heartbeat.abort();
             ctx.active.unregister(&lease.job_id, &stop);
             match outcome {
-                Err(error) => {
-                    tracing::warn!(error, "shard failed");
-                    retry(&ctx, &lease, &error).await;
-                }
-                Ok(true) => {
+                Err(e) => give_back(&ctx, &lease, e).await,
+                Ok(Ended::Recorded) => {
+                    ctx.outage.recovered();
                     metrics::histogram!("ddpm_shard_duration_seconds").record(sampling_seconds);
                     tracing::info!(samples = payload.end - payload.start, sampling_seconds, "shard finished");
                 }
-                Ok(false) => tracing::info!("shard stopped"),
+                Ok(Ended::Stopped) => tracing::info!("shard stopped"),
+                Ok(Ended::Released) => {}
             }
             ctx.wake.notify_waiters();
         },
@@ -212,18 +281,15 @@ type Prepared = (JobRecord, ShardPayload, JobOutputs);
 
 /// The job, sample range and output folder of a lease; `None` when there is nothing to sample because
 /// the job is over or an earlier attempt already recorded the shard (then it is completed here).
-async fn prepare(
-    ctx: &WorkerContext,
-    lease: &Lease,
-) -> Result<Option<Prepared>, Box<dyn std::error::Error + Send + Sync>> {
+async fn prepare(ctx: &WorkerContext, lease: &Lease) -> Result<Option<Prepared>, ShardError> {
     let Some(job) = ctx.queue.job(&lease.job_id).await? else {
-        ctx.queue.dead_letter(lease, "job record missing").await?;
-        return Ok(None);
+        return Err(ShardError::Fatal("job record missing".into()));
     };
     if job.state.is_terminal() {
         return Ok(None);
     }
-    let payload: ShardPayload = serde_json::from_str(&lease.payload)?;
+    let payload: ShardPayload = serde_json::from_str(&lease.payload)
+        .map_err(|e| ShardError::Fatal(format!("unreadable shard payload: {e}")))?;
     let out = ctx.outputs.for_job(&job.id, &job.spec).await?;
     if let Some(record) = out.shard_record(lease.shard).await?
         && (record.run.start, record.run.end) == (payload.start, payload.end)
@@ -236,20 +302,32 @@ async fn prepare(
 }
 
 /// Writes the shard record, then completes the task; the worker that completes the last shard writes
-/// the manifest.
-async fn finish_shard(
+/// the manifest. The record is written only under a lease confirmed a moment before (a cancelled job's
+/// or a taken-over shard's worker writes nothing), and only if no attempt recorded the shard first.
+async fn record_shard(
     ctx: &WorkerContext,
     lease: &Lease,
     out: &JobOutputs,
     record: &ShardRecord,
-) -> Result<(), String> {
-    let json = serde_json::to_vec(record).map_err(|e| e.to_string())?;
-    out.store
-        .put(&out.shard_key(lease.shard), json.into(), "application/json")
-        .await
-        .map_err(|e| e.to_string())?;
-    complete(ctx, lease, record.run.end - record.run.start).await;
-    Ok(())
+) -> Result<Ended, ShardError> {
+    let mut held = lease.clone();
+    match ctx.queue.heartbeat(&mut held, ctx.config.lease_ttl).await {
+        Ok(()) => {}
+        Err(QueueError::LeaseLost { .. }) => {
+            tracing::info!("lease lost before the shard was recorded; another attempt owns it");
+            return Ok(Ended::Stopped);
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let json = serde_json::to_vec(record).map_err(|e| ShardError::Failed(e.to_string()))?;
+    let key = out.shard_key(lease.shard);
+    let written =
+        crate::storage::write_once(out.store.as_ref(), &key, json.into(), "application/json").await?;
+    if written.adopted {
+        tracing::warn!("an earlier attempt recorded this shard first; its record stands");
+    }
+    complete(ctx, &held, record.run.end - record.run.start).await;
+    Ok(Ended::Recorded)
 }
 
 async fn complete(ctx: &WorkerContext, lease: &Lease, samples: u64) {
@@ -263,17 +341,21 @@ async fn complete(ctx: &WorkerContext, lease: &Lease, samples: u64) {
     }
 }
 
-/// Encodes and uploads a shard's samples as they arrive, and the grids that lie wholly inside it.
+type Uploaded = (Vec<SampleEntry>, Vec<GridEntry>, u64);
+
+/// Encodes and writes a shard's samples as they arrive, and the grids that lie wholly inside it;
+/// also returns how many samples an earlier attempt had written first (and are kept).
 async fn upload_shard(
     out: JobOutputs,
     spec: crate::job::JobSpec,
     payload: ShardPayload,
-    mut rx: tokio::sync::mpsc::Receiver<(u64, u64, RgbImage)>,
-) -> Result<(Vec<SampleEntry>, Vec<GridEntry>), OutputError> {
+    mut rx: tokio::sync::mpsc::Receiver<(u64, u64, DynamicImage)>,
+) -> Result<Uploaded, OutputError> {
     let grids: Vec<_> =
         outputs::grid_ranges(&spec).filter(|g| g.1 >= payload.start && g.2 <= payload.end).collect();
-    let mut tiles: BTreeMap<u64, RgbImage> = BTreeMap::new();
+    let mut tiles: BTreeMap<u64, DynamicImage> = BTreeMap::new();
     let mut samples = Vec::with_capacity((payload.end - payload.start) as usize);
+    let mut adopted = 0;
     let mut pending = tokio::task::JoinSet::new();
     while let Some((index, seed, img)) = rx.recv().await {
         let out = out.clone();
@@ -281,36 +363,36 @@ async fn upload_shard(
         // Keep a bounded number of uploads in flight.
         while pending.len() >= 8 {
             if let Some(done) = pending.join_next().await {
-                collect(done, &grids, &mut samples, &mut tiles)?;
+                adopted += collect(done, &grids, &mut samples, &mut tiles)?;
             }
         }
     }
     while let Some(done) = pending.join_next().await {
-        collect(done, &grids, &mut samples, &mut tiles)?;
+        adopted += collect(done, &grids, &mut samples, &mut tiles)?;
     }
     samples.sort_by_key(|s| s.index);
     let mut grid_entries = Vec::with_capacity(grids.len());
     for range in grids {
-        let own: Vec<RgbImage> = (range.1..range.2).filter_map(|i| tiles.remove(&i)).collect();
+        let own: Vec<DynamicImage> = (range.1..range.2).filter_map(|i| tiles.remove(&i)).collect();
         if own.len() as u64 == range.2 - range.1 {
             grid_entries.push(outputs::put_grid(&out, &spec, range, own).await?);
         }
     }
-    Ok((samples, grid_entries))
+    Ok((samples, grid_entries, adopted))
 }
 
 fn collect(
-    done: Result<Result<(SampleEntry, RgbImage), OutputError>, tokio::task::JoinError>,
+    done: Result<Result<(SampleEntry, DynamicImage, bool), OutputError>, tokio::task::JoinError>,
     grids: &[(u64, u64, u64)],
     samples: &mut Vec<SampleEntry>,
-    tiles: &mut BTreeMap<u64, RgbImage>,
-) -> Result<(), OutputError> {
-    let (entry, img) = done.map_err(|e| OutputError::Internal(e.to_string()))??;
+    tiles: &mut BTreeMap<u64, DynamicImage>,
+) -> Result<u64, OutputError> {
+    let (entry, img, adopted) = done.map_err(|e| OutputError::Internal(e.to_string()))??;
     if grids.iter().any(|g| (g.1..g.2).contains(&entry.index)) {
         tiles.insert(entry.index, img);
     }
     samples.push(entry);
-    Ok(())
+    Ok(u64::from(adopted))
 }
 
 /// Extends the lease while the shard runs; stops the shard if the lease is lost (the job was cancelled
@@ -330,40 +412,51 @@ async fn keep_alive(ctx: Arc<WorkerContext>, mut lease: Lease, stop: Arc<AtomicB
     }
 }
 
-/// The delay before attempt `attempt + 1`: `base` doubled per failed attempt, at most five minutes, so
-/// a store or device outage of a few minutes does not use up a shard's attempts at once.
+/// The delay before attempt `attempt + 1`: `base` doubled per failed attempt, at most five minutes.
 pub fn backoff(base: Duration, attempt: u32) -> Duration {
     base.saturating_mul(1 << attempt.saturating_sub(1).min(16)).min(Duration::from_secs(300))
 }
 
-async fn retry(ctx: &WorkerContext, lease: &Lease, error: &str) {
-    metrics::counter!("ddpm_shard_failures_total").increment(1);
-    let delay = backoff(ctx.config.retry_delay, lease.attempt);
-    if let Err(e) = ctx.queue.retry_later(lease, delay, error).await {
-        tracing::warn!(error = %e, "giving the failed shard back");
+/// Tells the queue how a shard failed: an outage gives it back for later at no cost in attempts, a
+/// failure spends the attempt, and a shard that can never run is dead-lettered.
+async fn give_back(ctx: &WorkerContext, lease: &Lease, error: ShardError) {
+    let reason = error.to_string();
+    let told = match error {
+        ShardError::Unavailable(_) => {
+            let pause = ctx.outage.failed(ctx.config.outage_backoff);
+            metrics::counter!("ddpm_shard_postponed_total").increment(1);
+            tracing::warn!(
+                error = reason,
+                pause_seconds = pause.as_secs_f64(),
+                "store or queue unavailable; shard postponed"
+            );
+            ctx.queue.release(lease, pause, &reason).await
+        }
+        ShardError::Failed(_) => {
+            metrics::counter!("ddpm_shard_failures_total").increment(1);
+            tracing::warn!(error = reason, "shard failed");
+            ctx.queue.retry_later(lease, backoff(ctx.config.retry_delay, lease.attempt), &reason).await
+        }
+        ShardError::Fatal(_) => {
+            tracing::warn!(error = reason, "shard cannot run");
+            ctx.queue.dead_letter(lease, &reason).await
+        }
+    };
+    match told {
+        Ok(()) | Err(QueueError::LeaseLost { .. }) => {}
+        // The lease expires and the reaper requeues the shard.
+        Err(e) => tracing::warn!(error = %e, "giving the shard back"),
     }
 }
 
 async fn release(ctx: &WorkerContext, lease: &Lease) {
-    match ctx.queue.release(lease).await {
+    match ctx.queue.release(lease, Duration::ZERO, "released by a draining worker").await {
         Ok(()) => tracing::info!(job_id = lease.job_id, shard = lease.shard, "shard released (draining)"),
         Err(e) => tracing::warn!(error = %e, "releasing the shard"),
     }
 }
 
-fn give_back(ctx: &WorkerContext, lease: &Lease, error: &str) {
-    tracing::warn!(error, "shard could not start");
-    ctx.runtime.block_on(retry(ctx, lease, error));
-}
-
-fn fail(ctx: &WorkerContext, lease: &Lease, error: &str) {
-    tracing::warn!(error, "shard cannot run");
-    if let Err(e) = ctx.runtime.block_on(ctx.queue.dead_letter(lease, error)) {
-        tracing::warn!(error = %e, "dead-lettering the shard");
-    }
-}
-
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+pub fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     panic
         .downcast_ref::<String>()
         .cloned()
@@ -384,5 +477,16 @@ mod tests {
         let delays: Vec<u64> = (1..=10).map(|a| backoff(base, a).as_secs()).collect();
         assert_eq!(delays, [2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
         assert_eq!(backoff(base, u32::MAX), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn outages_are_not_failures() {
+        let unavailable =
+            crate::storage::StorageError::Unavailable { uri: "s3://b/k".into(), message: "refused".into() };
+        assert!(matches!(ShardError::from(unavailable), ShardError::Unavailable(_)));
+        let refused = crate::storage::StorageError::Remote { uri: "s3://b/k".into(), message: "403".into() };
+        assert!(matches!(ShardError::from(refused), ShardError::Failed(_)));
+        assert!(matches!(ShardError::from(QueueError::Nats("down".into())), ShardError::Unavailable(_)));
+        assert!(matches!(ShardError::from(QueueError::Corrupt("x".into())), ShardError::Failed(_)));
     }
 }

@@ -4,6 +4,7 @@
 pub mod device;
 pub mod outputs;
 pub mod planner;
+pub mod pool;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +27,9 @@ pub struct WorkerConfig {
     pub lease_ttl: Duration,
     /// Delay before a failed shard runs again.
     pub retry_delay: Duration,
+    /// First pause after the store or the queue was found unavailable; it doubles with each further
+    /// failure, up to [`MAX_OUTAGE_PAUSE`].
+    pub outage_backoff: Duration,
     pub kind: Kind,
     pub layout: Layout,
     /// How long a job whose shards are all done may wait for its manifest before the reaper writes it.
@@ -71,6 +75,40 @@ impl ActiveShards {
     }
 }
 
+/// The longest pause while the store or the queue stays out of reach.
+pub const MAX_OUTAGE_PAUSE: Duration = Duration::from_secs(300);
+
+/// Consecutive failures to reach the store or the queue, and until when device threads lease nothing.
+/// Pauses grow exponentially with "equal jitter" (half fixed, half random), so the workers of a fleet
+/// do not come back in lockstep when a store returns.
+#[derive(Debug, Default)]
+pub struct Outage {
+    state: Mutex<(u32, Option<std::time::Instant>)>,
+}
+
+impl Outage {
+    /// Records a failure; returns the pause before the next try.
+    pub fn failed(&self, base: Duration) -> Duration {
+        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        state.0 = state.0.saturating_add(1);
+        let full = base.saturating_mul(1 << (state.0 - 1).min(16)).min(MAX_OUTAGE_PAUSE);
+        let pause = full / 2 + full.mul_f64(fastrand::f64() / 2.0);
+        state.1 = Some(std::time::Instant::now() + pause);
+        pause
+    }
+
+    /// The store and queue answer again.
+    pub fn recovered(&self) {
+        *self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = (0, None);
+    }
+
+    /// What is left of the current pause.
+    pub fn remaining(&self) -> Option<Duration> {
+        let state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        state.1.and_then(|until| until.checked_duration_since(std::time::Instant::now()))
+    }
+}
+
 /// What every device thread and background task of a worker process shares.
 pub struct WorkerContext {
     pub queue: Arc<dyn Queue>,
@@ -84,6 +122,10 @@ pub struct WorkerContext {
     pub abort: AtomicBool,
     /// Signalled when work may be available (a submission in this process).
     pub wake: tokio::sync::Notify,
+    /// Whether the store or the queue is out of reach, and for how long to wait.
+    pub outage: Outage,
+    /// Whether the last reaper pass reached the queue (readiness follows it).
+    pub queue_reachable: AtomicBool,
     pub runtime: tokio::runtime::Handle,
 }
 
@@ -128,7 +170,9 @@ impl WorkerContext {
 
     /// One reaper pass: requeue expired leases, fail jobs with dead shards, finalize stragglers.
     pub async fn reap_once(&self) {
-        match self.queue.reap().await {
+        let reaped = self.queue.reap().await;
+        self.queue_reachable.store(reaped.is_ok(), Ordering::Relaxed);
+        match reaped {
             Ok(r) if r.requeued + r.dead > 0 => {
                 metrics::counter!("ddpm_task_redeliveries_total").increment(r.requeued as u64);
                 metrics::counter!("ddpm_task_dead_lettered_total").increment(r.dead as u64);

@@ -5,18 +5,23 @@
 //! Shard records make a job restartable at any moment: a shard whose record exists is not sampled
 //! again, and the manifest is assembled from the records, so it lists every sample exactly once
 //! however often shards were retried.
+//!
+//! Every object is written create-only ([`write_once`]): the first sample, grid, record or manifest at
+//! a key stays, and a later writer (a retry, or a worker that lost its lease) lists the stored object's
+//! SHA-256 instead of its own. So after a job SUCCEEDED every SHA-256 in its manifest is that of the
+//! bytes stored, whatever late writers do.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use image::RgbImage;
+use image::DynamicImage;
 use serde::{Deserialize, Serialize};
 
 use crate::imaging;
 use crate::job::{JobRecord, JobSpec};
 use crate::models::ResolvedModel;
-use crate::storage::{Destination, ObjectStore, StorageError, join_key};
+use crate::storage::{Destination, ObjectStore, StorageError, join_key, write_once};
 
 /// Where jobs write: the server's default destination, or a bucket a job names (S3 only).
 #[derive(Debug)]
@@ -161,19 +166,20 @@ pub fn grid_ranges(spec: &JobSpec) -> impl Iterator<Item = (u64, u64, u64)> + '_
     (0..count).map(move |n| (n, n * per, ((n + 1) * per).min(spec.num_samples)))
 }
 
-/// Encodes a sample on the blocking pool and writes it.
+/// Encodes a sample on the blocking pool and writes it (or adopts what an earlier attempt wrote: the
+/// flag says so).
 pub async fn put_sample(
     out: &JobOutputs,
     index: u64,
     seed: u64,
-    img: RgbImage,
-) -> Result<(SampleEntry, RgbImage), OutputError> {
+    img: DynamicImage,
+) -> Result<(SampleEntry, DynamicImage, bool), OutputError> {
     let (png, img) = tokio::task::spawn_blocking(move || imaging::encode_png(&img).map(|png| (png, img)))
         .await
         .map_err(|e| OutputError::Internal(e.to_string()))??;
     let key = out.sample_key(index);
-    let put = out.store.put(&key, Bytes::from(png), "image/png").await?;
-    Ok((SampleEntry { index, seed, key, sha256: put.sha256 }, img))
+    let put = write_once(out.store.as_ref(), &key, Bytes::from(png), "image/png").await?;
+    Ok((SampleEntry { index, seed, key, sha256: put.sha256 }, img, put.adopted))
 }
 
 /// Composes and writes grid `n` from its tiles (in sample order).
@@ -181,14 +187,14 @@ pub async fn put_grid(
     out: &JobOutputs,
     spec: &JobSpec,
     (n, first, end): (u64, u64, u64),
-    tiles: Vec<RgbImage>,
+    tiles: Vec<DynamicImage>,
 ) -> Result<GridEntry, OutputError> {
     let columns = spec.grid_columns.max(1) as usize;
     let png = tokio::task::spawn_blocking(move || imaging::encode_png(&imaging::make_grid(&tiles, columns)))
         .await
         .map_err(|e| OutputError::Internal(e.to_string()))??;
     let key = out.grid_key(n);
-    let put = out.store.put(&key, Bytes::from(png), "image/png").await?;
+    let put = write_once(out.store.as_ref(), &key, Bytes::from(png), "image/png").await?;
     Ok(GridEntry { index: n, key, sha256: put.sha256, first, end })
 }
 
@@ -239,10 +245,18 @@ pub struct ShardRun {
     pub device: String,
     pub attempt: u32,
     pub sampling_seconds: f64,
+    /// Samples of the shard whose objects an earlier attempt had written first (kept, and listed with
+    /// their stored SHA-256).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub adopted: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Writes the grids no shard could make alone and then the manifest; returns the manifest's URI.
-/// Idempotent: running it twice (two workers racing, or a restart) writes the same objects.
+/// Idempotent: running it twice (two workers racing, or a restart) leaves the first run's objects.
 pub async fn finalize(
     out: &JobOutputs,
     job: &JobRecord,
@@ -282,11 +296,10 @@ pub async fn finalize(
                 .get(&s.key)
                 .await?
                 .ok_or_else(|| OutputError::Corrupt(format!("{} is missing", s.key)))?;
-            let img =
-                tokio::task::spawn_blocking(move || image::load_from_memory(&bytes).map(|i| i.to_rgb8()))
-                    .await
-                    .map_err(|e| OutputError::Internal(e.to_string()))?
-                    .map_err(|e| OutputError::Corrupt(format!("{}: {e}", s.key)))?;
+            let img = tokio::task::spawn_blocking(move || image::load_from_memory(&bytes))
+                .await
+                .map_err(|e| OutputError::Internal(e.to_string()))?
+                .map_err(|e| OutputError::Corrupt(format!("{}: {e}", s.key)))?;
             tiles.push(img);
         }
         grids.insert(range.0, put_grid(out, spec, range, tiles).await?);
@@ -313,7 +326,8 @@ pub async fn finalize(
     };
     let json = serde_json::to_vec_pretty(&manifest).map_err(|e| OutputError::Internal(e.to_string()))?;
     let key = out.manifest_key();
-    Ok(out.store.put(&key, Bytes::from(json), "application/json").await?.uri)
+    // Two finalizers racing write the same listing; the first manifest stays.
+    Ok(write_once(out.store.as_ref(), &key, Bytes::from(json), "application/json").await?.uri)
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod nats;
+pub mod outage;
 pub mod process;
 pub mod seaweed;
 pub mod service;

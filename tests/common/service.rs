@@ -163,6 +163,94 @@ pub async fn wait_for(
     }
 }
 
+/// The PNGs of a finished job on a local store, by sample index, checked against the manifest's hashes.
+pub fn job_samples(job: &pb::Job) -> Vec<Vec<u8>> {
+    let m = manifest(job);
+    let root = job_root(job);
+    let samples = m["samples"].as_array().unwrap();
+    samples
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            assert_eq!(s["index"].as_u64().unwrap(), i as u64, "every index once, in order");
+            let bytes = std::fs::read(root.join(s["key"].as_str().unwrap())).unwrap();
+            assert_eq!(
+                ddpm_worker::digest::sha256_hex(&bytes),
+                s["sha256"].as_str().unwrap(),
+                "{}",
+                s["key"]
+            );
+            bytes
+        })
+        .collect()
+}
+
+/// The store root that a finished job's manifest keys are relative to.
+pub fn job_root(job: &pb::Job) -> PathBuf {
+    let m = manifest(job);
+    let manifest_path = file_path(&job.manifest_uri);
+    // The manifest sits at <root>/<prefix>/<job_id>/manifest.json; keys are relative to <root>.
+    let depth = m["samples"][0]["key"].as_str().unwrap().split('/').count() - 2;
+    let mut root = manifest_path.parent().unwrap().to_path_buf();
+    for _ in 0..depth {
+        root.pop();
+    }
+    root
+}
+
+/// Every file under a finished job's folder that its manifest does not account for (samples, grids,
+/// shard records and the manifest itself): what crashed, paused or retried writers left behind.
+pub fn unlisted_files(job: &pb::Job) -> Vec<PathBuf> {
+    let m = manifest(job);
+    let root = job_root(job);
+    let folder = file_path(&job.manifest_uri).parent().unwrap().to_path_buf();
+    let mut listed: std::collections::BTreeSet<PathBuf> = ["samples", "grids"]
+        .iter()
+        .flat_map(|k| m[*k].as_array().unwrap().iter().map(|e| root.join(e["key"].as_str().unwrap())))
+        .collect();
+    listed.insert(folder.join("manifest.json"));
+    for s in m["shards"].as_array().unwrap() {
+        listed.insert(folder.join(format!("shards/{:06}.json", s["shard"].as_u64().unwrap())));
+    }
+    let mut unlisted = Vec::new();
+    let mut stack = vec![folder];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if !listed.contains(&path) {
+                unlisted.push(path);
+            }
+        }
+    }
+    unlisted
+}
+
+/// The bytes of every file under `dir`, by path (to see what a late writer changed).
+pub fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut files = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files.insert(path.clone(), std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    files
+}
+
+/// Sends `signal` (e.g. "STOP", "CONT", "TERM") to a process.
+pub fn signal(pid: u32, signal: &str) {
+    let status =
+        std::process::Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
 pub fn file_path(uri: &str) -> PathBuf {
     PathBuf::from(uri.strip_prefix("file://").unwrap_or_else(|| panic!("{uri} is not a file URI")))
 }
@@ -170,4 +258,66 @@ pub fn file_path(uri: &str) -> PathBuf {
 pub fn manifest(job: &pb::Job) -> serde_json::Value {
     let text = std::fs::read_to_string(file_path(&job.manifest_uri)).unwrap();
     serde_json::from_str(&text).unwrap()
+}
+
+/// The zombie case, on the queue `queue` (`sqlite:PATH` or `nats://…`): worker A is frozen (SIGSTOP)
+/// while writing a shard's outputs; worker B, with another UNet layout (so its bytes differ), takes the
+/// shard over once A's lease expires and finishes the job; then A resumes. Whatever A still does, no
+/// recorded object or shard record may change, every listed SHA-256 must stay true, and nothing the
+/// manifest does not list may be left in the job's folder.
+pub async fn a_zombie_cannot_change_recorded_outputs(dir: &Path, queue: &str) {
+    let model = format!("tiny={}", tiny_model(dir).display());
+    let jobs = dir.join("jobs");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let output = format!("file:{}", jobs.display());
+        let mut args: Vec<String> = ["--model", &model, "--output", &output, "--queue", queue]
+            .into_iter()
+            .chain(["--lease-seconds", "3", "--batches-per-shard", "2", "--cpu-threads", "1"])
+            .map(String::from)
+            .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let a = Server::start_with(&dir.join("a"), &args(&[]), &[]).await;
+    let mut client = a.client().await;
+    // Two shards of two batches of 8: eight PNGs of a batch are written at once.
+    let job =
+        client.submit_job(request(32, pb::Scheduler::Ddim, 30, 8)).await.unwrap().into_inner().job.unwrap();
+    assert_eq!(job.shards_total, 2);
+    // Freeze A the moment its first PNG lands: the rest of that batch is still being written.
+    let samples = jobs.join(&job.job_id).join("samples");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let written = std::fs::read_dir(&samples)
+            .map(|d| d.filter_map(Result::ok).any(|e| e.file_name().to_string_lossy().ends_with(".png")))
+            .unwrap_or(false);
+        if written {
+            break;
+        }
+        assert!(Instant::now() < deadline, "A wrote no sample");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    signal(a.pid(), "STOP");
+    let b = Server::start_with(&dir.join("b"), &args(&["--channels-last"]), &[]).await;
+    let mut client_b = b.client().await;
+    let done = wait_for(&mut client_b, &job.job_id, |j| j.state == pb::JobState::Succeeded as i32).await;
+    assert_eq!(job_samples(&done).len(), 32);
+    let folder = jobs.join(&job.job_id);
+    let before = snapshot(&folder);
+
+    signal(a.pid(), "CONT");
+    // A's heartbeat finds its lease gone within a quarter lease; give it twice the lease to do its worst.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let after = snapshot(&folder);
+    for (path, bytes) in &before {
+        assert!(after.get(path) == Some(bytes), "{} changed after the zombie resumed", path.display());
+    }
+    assert_eq!(after.len(), before.len(), "the zombie added files");
+    assert_eq!(job_samples(&done).len(), 32, "every listed SHA-256 is still true");
+    assert!(unlisted_files(&done).is_empty(), "left behind: {:?}", unlisted_files(&done));
+    let staging = jobs.join(".ddpm-staging");
+    let staged: Vec<_> =
+        std::fs::read_dir(&staging).map(|d| d.filter_map(Result::ok).collect()).unwrap_or_default();
+    assert!(staged.is_empty(), "temporary files left: {staged:?}");
+    drop(a);
 }

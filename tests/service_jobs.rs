@@ -1,0 +1,405 @@
+//! The batch service end to end, its jobs: results, validation, idempotency, listing, cancelling,
+//! failing and retrying. A real `serve` process with a tiny model, driven over gRPC.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::service::{Server, file_path, job_samples, manifest, request, tiny_model, wait_for, watch};
+use ddpm_worker::api::pb;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+const SUCCEEDED: i32 = pb::JobState::Succeeded as i32;
+const RUNNING: i32 = pb::JobState::Running as i32;
+const CANCELLED: i32 = pb::JobState::Cancelled as i32;
+const FAILED: i32 = pb::JobState::Failed as i32;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_run_to_success_and_match_generate_on_one_or_two_device_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let req = request(7, pb::Scheduler::Ddim, 12, 2);
+    let mut runs = Vec::new();
+    for devices in ["cpu,cpu", "cpu"] {
+        let data = dir.path().join(devices.replace(',', "-"));
+        let server =
+            Server::start(&data, &["--devices", devices, "--cpu-threads", "1", "--batches-per-shard", "1"])
+                .await;
+        let mut client = server.client().await;
+        let job = client.submit_job(req.clone()).await.unwrap().into_inner().job.unwrap();
+        assert_eq!((job.seed, job.batch_size, job.shards_total, job.samples_total), (1000, 2, 4, 7));
+        let events = watch(&mut client, &job.job_id).await;
+        let last = events.last().unwrap();
+        assert_eq!(last.state, SUCCEEDED, "{last:?}");
+        assert_eq!((last.samples_done, last.shards_done), (7, 4));
+        assert!(
+            events.windows(2).all(|w| w[0].samples_done <= w[1].samples_done),
+            "progress never goes back"
+        );
+        assert!(last.started_at.is_some() && last.finished_at.is_some());
+        let m = manifest(last);
+        assert_eq!(m["job_id"], job.job_id.as_str());
+        assert_eq!(m["spec"]["seed"], 1000);
+        assert_eq!(m["scheduler"]["_class_name"], "DDIMScheduler");
+        assert_eq!(m["model"]["sha256"].as_str().unwrap().len(), 64);
+        assert_eq!(m["shards"].as_array().unwrap().len(), 4);
+        let seeds: Vec<u64> =
+            m["samples"].as_array().unwrap().iter().map(|s| s["seed"].as_u64().unwrap()).collect();
+        assert_eq!(seeds, (1000..1007).collect::<Vec<_>>());
+        // One grid of all 7 samples (the default), listed on the job and in the manifest.
+        assert_eq!(last.grid_uris.len(), 1);
+        assert!(file_path(&last.grid_uris[0]).is_file());
+        assert_eq!(m["grids"].as_array().unwrap().len(), 1);
+        runs.push(job_samples(last));
+    }
+    assert_eq!(runs[0], runs[1], "two device threads and one give byte-identical samples");
+
+    // `generate` at the same batch size, with one intra-op thread as each device thread had.
+    let out = dir.path().join("generate");
+    let model = tiny_model(&dir.path().join("cpu"));
+    let status = Command::new(common::bin())
+        .args(["generate", "--model", model.to_str().unwrap(), "--scheduler", "ddim", "--steps", "12"])
+        .args(["--num-samples", "7", "--seed", "1000", "--batch-size", "2", "--out", out.to_str().unwrap()])
+        .env("OMP_NUM_THREADS", "1")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for (i, bytes) in runs[0].iter().enumerate() {
+        let generated = std::fs::read(out.join(format!("samples/{i:08}.png"))).unwrap();
+        assert!(&generated == bytes, "sample {i} differs from generate's");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submissions_are_checked_idempotent_and_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--max-samples", "1000"]).await;
+    let mut client = server.client().await;
+
+    // Every bad field is named, in one INVALID_ARGUMENT.
+    let mut bad = request(0, pb::Scheduler::Unspecified, 0, 5000);
+    bad.model = "nope".into();
+    bad.labels.insert("bad key!".into(), "v".into());
+    let status = client.submit_job(bad).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let fields: Vec<String> =
+        status.get_details_bad_request().unwrap().field_violations.into_iter().map(|v| v.field).collect();
+    for f in ["model", "sampling.scheduler", "sampling.steps", "num_samples", "batch_size", "labels"] {
+        assert!(fields.iter().any(|x| x == f), "{f} not in {fields:?}");
+    }
+    let mut eta = request(2, pb::Scheduler::Ddpm, 10, 1);
+    eta.sampling.as_mut().unwrap().eta = Some(0.5);
+    let status = client.submit_job(eta).await.unwrap_err();
+    assert_eq!(status.get_details_bad_request().unwrap().field_violations[0].field, "sampling.eta");
+    let too_many = client.submit_job(request(1001, pb::Scheduler::Ddim, 5, 1)).await.unwrap_err();
+    assert_eq!(too_many.code(), Code::InvalidArgument);
+    let steps = client.submit_job(request(1, pb::Scheduler::Ddpm, 1001, 1)).await.unwrap_err();
+    assert_eq!(steps.get_details_bad_request().unwrap().field_violations[0].field, "sampling.steps");
+    let mut bucket = request(1, pb::Scheduler::Ddim, 5, 1);
+    bucket.output = Some(pb::OutputSpec { bucket: "b".into(), prefix: "../x".into() });
+    let fields: Vec<String> = client
+        .submit_job(bucket)
+        .await
+        .unwrap_err()
+        .get_details_bad_request()
+        .unwrap()
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect();
+    assert_eq!(fields, ["output.bucket", "output.prefix"]);
+
+    // The same request_id returns the same job (with the server-chosen seed); another request is refused.
+    let mut req = request(2, pb::Scheduler::Ddim, 5, 1);
+    req.seed = None;
+    req.request_id = "req-1".into();
+    req.labels.insert("team".into(), "a".into());
+    let first = client.submit_job(req.clone()).await.unwrap().into_inner().job.unwrap();
+    let again = client.submit_job(req.clone()).await.unwrap().into_inner().job.unwrap();
+    assert_eq!((again.job_id.as_str(), again.seed), (first.job_id.as_str(), first.seed));
+    req.num_samples = 3;
+    let conflict = client.submit_job(req).await.unwrap_err();
+    assert_eq!(conflict.code(), Code::AlreadyExists, "{conflict:?}");
+
+    let missing = client.get_job(pb::GetJobRequest { job_id: "nope".into() }).await.unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    let empty = client.get_job(pb::GetJobRequest { job_id: String::new() }).await.unwrap_err();
+    assert_eq!(empty.code(), Code::InvalidArgument);
+
+    // Listing: label filter, states, pages.
+    for _ in 0..3 {
+        client.submit_job(request(1, pb::Scheduler::Ddim, 5, 1)).await.unwrap();
+    }
+    let team_a =
+        pb::ListJobsRequest { labels: [("team".to_string(), "a".to_string())].into(), ..Default::default() };
+    let jobs = client.list_jobs(team_a).await.unwrap().into_inner().jobs;
+    assert_eq!(jobs.iter().map(|j| j.job_id.as_str()).collect::<Vec<_>>(), [first.job_id.as_str()]);
+    assert_eq!(jobs[0].request.as_ref().unwrap().request_id, "req-1", "listings show the request id");
+    let mut token = String::new();
+    let mut seen = Vec::new();
+    loop {
+        let page = client
+            .list_jobs(pb::ListJobsRequest { page_size: 3, page_token: token, ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.jobs.len() <= 3);
+        seen.extend(page.jobs.into_iter().map(|j| j.job_id));
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 4);
+    let bad_token =
+        client.list_jobs(pb::ListJobsRequest { page_token: "xyz".into(), ..Default::default() }).await;
+    assert_eq!(bad_token.unwrap_err().code(), Code::InvalidArgument);
+    // Everything finishes.
+    for id in &seen {
+        let job = wait_for(&mut client, id, |j| j.state == SUCCEEDED).await;
+        assert_eq!(job.samples_done, job.samples_total);
+    }
+    let done = pb::ListJobsRequest { states: vec![SUCCEEDED], ..Default::default() };
+    assert_eq!(client.list_jobs(done).await.unwrap().into_inner().jobs.len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_stops_a_running_job_between_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]).await;
+    let mut client = server.client().await;
+    // Long enough that it is still sampling when cancelled: 1000 DDPM steps per batch.
+    let job =
+        client.submit_job(request(64, pb::Scheduler::Ddpm, 1000, 4)).await.unwrap().into_inner().job.unwrap();
+    wait_for(&mut client, &job.job_id, |j| j.state == RUNNING).await;
+    let cancelled =
+        client.cancel_job(pb::CancelJobRequest { job_id: job.job_id.clone() }).await.unwrap().into_inner();
+    assert_eq!(cancelled.state, CANCELLED);
+    assert!(cancelled.samples_done < 64);
+    let events = watch(&mut client, &job.job_id).await;
+    assert_eq!(events.last().unwrap().state, CANCELLED);
+    // Cancelling again is a no-op; the worker is free for the next job, which succeeds quickly.
+    let again =
+        client.cancel_job(pb::CancelJobRequest { job_id: job.job_id.clone() }).await.unwrap().into_inner();
+    assert_eq!(again.state, CANCELLED);
+    let next =
+        client.submit_job(request(2, pb::Scheduler::Ddim, 5, 2)).await.unwrap().into_inner().job.unwrap();
+    let done = tokio::time::timeout(
+        Duration::from_secs(60),
+        wait_for(&mut client, &next.job_id, |j| j.state == SUCCEEDED),
+    )
+    .await
+    .expect("the cancelled job's shard stopped and freed the device");
+    assert_eq!(done.samples_done, 2);
+    let finished = client.cancel_job(pb::CancelJobRequest { job_id: next.job_id.clone() }).await.unwrap_err();
+    assert_eq!(finished.code(), Code::FailedPrecondition);
+    let after = client.get_job(pb::GetJobRequest { job_id: job.job_id.clone() }).await.unwrap().into_inner();
+    assert_eq!(
+        (after.state, after.samples_done),
+        (CANCELLED, cancelled.samples_done),
+        "nothing counted after cancel"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_failing_on_every_attempt_fails_its_job_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    // Outputs cannot be written under a regular file: every attempt of every shard fails.
+    let blocker = dir.path().join("not-a-dir");
+    std::fs::write(&blocker, b"").unwrap();
+    let output = format!("file:{}", blocker.join("jobs").display());
+    let model = format!("tiny={}", tiny_model(dir.path()).display());
+    let args = ["--model", &model, "--output", &output, "--max-attempts", "2"].map(String::from);
+    let server = Server::start_with(dir.path(), &args, &[]).await;
+    let mut client = server.client().await;
+    let job =
+        client.submit_job(request(2, pb::Scheduler::Ddim, 3, 2)).await.unwrap().into_inner().job.unwrap();
+    let failed = wait_for(&mut client, &job.job_id, |j| j.state == FAILED).await;
+    assert!(failed.error.contains("failed on every attempt"), "{}", failed.error);
+    assert!(failed.error.contains("not-a-dir"), "the cause is kept: {}", failed.error);
+    // A shard of many small batches is still sampling when its first upload fails: the upload's error
+    // is the cause, not the sampling it stopped.
+    let mut long = request(8, pb::Scheduler::Ddim, 3, 1);
+    long.seed = Some(2000);
+    let job = client.submit_job(long).await.unwrap().into_inner().job.unwrap();
+    assert_eq!(job.shards_total, 2);
+    let failed = wait_for(&mut client, &job.job_id, |j| j.state == FAILED).await;
+    assert!(failed.error.contains("not-a-dir"), "the cause is kept: {}", failed.error);
+    assert!(!failed.error.contains("cancelled"), "{}", failed.error);
+    // The server keeps serving.
+    assert_eq!(
+        server.health().await,
+        Some(tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_requests_are_refused_before_decoding() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--max-request-bytes", "4096"]).await;
+    let mut client = server.client().await;
+    let mut req = request(1, pb::Scheduler::Ddim, 3, 1);
+    req.labels.insert("blob".into(), "x".repeat(8192));
+    let status = client.submit_job(req).await.unwrap_err();
+    // tonic reports a message over max_decoding_message_size as OUT_OF_RANGE.
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(client.submit_job(request(1, pb::Scheduler::Ddim, 3, 1)).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_inputs_are_refused_with_the_field_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = format!("tiny={}", tiny_model(dir.path()).display());
+    // An S3 destination, so that jobs may name buckets (nothing is written: every request is refused).
+    let args = ["--model", &model, "--output", "s3://ddpm-out/jobs", "--s3-path-style"].map(String::from);
+    let server = Server::start_with(dir.path(), &args, &[]).await;
+    let mut client = server.client().await;
+    let refused = |status: tonic::Status| {
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().len() < 2048, "error message of {} bytes", status.message().len());
+        let v = status.get_details_bad_request().unwrap().field_violations;
+        v.into_iter().map(|v| v.field).collect::<Vec<_>>()
+    };
+    let with_output = |bucket: &str, prefix: &str| {
+        let mut req = request(1, pb::Scheduler::Ddim, 3, 1);
+        req.output = Some(pb::OutputSpec { bucket: bucket.into(), prefix: prefix.into() });
+        req
+    };
+    for bucket in ["UPPER_case", "../x", &"b".repeat(300), "ab", "-dash", "a..b", "192.168.1.1", "xn--abc"] {
+        let status = client.submit_job(with_output(bucket, "")).await.unwrap_err();
+        assert_eq!(refused(status), ["output.bucket"], "{bucket}");
+    }
+    let segment = "s".repeat(256);
+    let long = format!("{}/x", "p/".repeat(520));
+    for prefix in ["a\0b", "a\u{7}b", "a\\b", segment.as_str(), long.as_str(), "a/../b", ".ddpm-staging/x"] {
+        let status = client.submit_job(with_output("", prefix)).await.unwrap_err();
+        assert_eq!(refused(status), ["output.prefix"], "{prefix:?}");
+    }
+    client.submit_job(with_output("ok-bucket.name", "a/b-c/d_e")).await.map(drop).unwrap_or_else(|s| {
+        assert!(s.code() != Code::InvalidArgument, "a valid destination was refused: {s:?}");
+    });
+    // A huge value is named, not echoed whole (a trailer over 8 KiB turns into RESOURCE_EXHAUSTED).
+    let mut huge = request(1, pb::Scheduler::Ddim, 3, 1);
+    huge.model = "m".repeat(60_000);
+    assert_eq!(refused(client.submit_job(huge).await.unwrap_err()), ["model"]);
+    let status = client.get_job(pb::GetJobRequest { job_id: "j".repeat(60_000) }).await.unwrap_err();
+    assert_eq!(refused(status), ["job_id"]);
+    // Priorities are a small documented range (each one is a consumer on a NATS queue).
+    for priority in [11, -11, i32::MAX] {
+        let mut req = request(1, pb::Scheduler::Ddim, 3, 1);
+        req.priority = priority;
+        assert_eq!(refused(client.submit_job(req).await.unwrap_err()), ["priority"]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_million_samples_are_queued_in_a_bounded_number_of_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--max-samples", "10000000"]).await;
+    let mut client = server.client().await;
+    let small =
+        client.submit_job(request(1, pb::Scheduler::Ddim, 3, 1)).await.unwrap().into_inner().job.unwrap();
+    let mut other = server.client().await;
+    let reader = tokio::spawn(async move {
+        other.get_job(pb::GetJobRequest { job_id: small.job_id }).await.map(|r| r.into_inner().job_id)
+    });
+    let big = client
+        .submit_job(request(10_000_000, pb::Scheduler::Ddim, 3, 1))
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap();
+    assert!(
+        big.shards_total <= 4096,
+        "{} shards: one per few batches would be 2.5 million",
+        big.shards_total
+    );
+    assert_eq!(big.samples_total, 10_000_000);
+    reader.await.unwrap().unwrap();
+    let cancelled = client.cancel_job(pb::CancelJobRequest { job_id: big.job_id.clone() }).await.unwrap();
+    assert_eq!(cancelled.into_inner().state, CANCELLED);
+    let queue = std::fs::metadata(dir.path().join("queue.sqlite")).unwrap().len();
+    assert!(queue < 64 << 20, "queue file of {queue} bytes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_job_is_retried_without_resampling_its_finished_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--batches-per-shard", "1", "--max-attempts", "2", "--retry-seconds", "0.2"];
+    let server = Server::start(dir.path(), &flags).await;
+    let mut client = server.client().await;
+    let job =
+        client.submit_job(request(8, pb::Scheduler::Ddpm, 100, 2)).await.unwrap().into_inner().job.unwrap();
+    // The last shard cannot write its last sample: a directory is in the way.
+    let blocker = dir.path().join("jobs").join(&job.job_id).join("samples/00000007.png");
+    std::fs::create_dir_all(&blocker).unwrap();
+    let failed = wait_for(&mut client, &job.job_id, |j| j.state == FAILED).await;
+    assert_eq!(failed.shards_done, 3, "{failed:?}");
+    let records = dir.path().join("jobs").join(&job.job_id).join("shards");
+    let before = common::service::snapshot(&records);
+    assert_eq!(before.len(), 3);
+    let not_failed = client.retry_job(pb::RetryJobRequest { job_id: "nope".into() }).await.unwrap_err();
+    assert_eq!(not_failed.code(), Code::NotFound);
+
+    std::fs::remove_dir(&blocker).unwrap();
+    let retried = client.retry_job(pb::RetryJobRequest { job_id: job.job_id.clone() }).await.unwrap();
+    let retried = retried.into_inner();
+    assert_eq!((retried.state, retried.error.as_str(), retried.shards_done), (RUNNING, "", 3));
+    let done = wait_for(&mut client, &job.job_id, |j| j.state == SUCCEEDED).await;
+    assert_eq!((done.samples_done, done.shards_done), (8, 4));
+    assert_eq!(job_samples(&done).len(), 8);
+    let after = common::service::snapshot(&records);
+    for (path, bytes) in &before {
+        assert_eq!(after.get(path), Some(bytes), "{} was rewritten", path.display());
+    }
+    let again = client.retry_job(pb::RetryJobRequest { job_id: job.job_id.clone() }).await.unwrap_err();
+    assert_eq!(again.code(), Code::FailedPrecondition, "only a FAILED job can be retried");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grayscale_models_make_grayscale_pngs() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("gray");
+    let out = Command::new(common::bin())
+        .args(["init-model", "--preset", "tiny", "--grayscale", "--out", model.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let args = [
+        "--model".to_string(),
+        format!("gray={}", model.display()),
+        "--output".into(),
+        format!("file:{}", dir.path().join("jobs").display()),
+    ];
+    let server = Server::start_with(dir.path(), &args, &[]).await;
+    let mut client = server.client().await;
+    let mut req = request(3, pb::Scheduler::Ddim, 5, 2);
+    req.model = "gray".into();
+    let job = client.submit_job(req).await.unwrap().into_inner().job.unwrap();
+    let done = wait_for(&mut client, &job.job_id, |j| j.state == SUCCEEDED).await;
+    for png in job_samples(&done) {
+        let img = image::load_from_memory(&png).unwrap();
+        assert_eq!((img.color(), img.width(), img.height()), (image::ColorType::L8, 16, 16));
+    }
+    let grid = image::open(file_path(&done.grid_uris[0])).unwrap();
+    assert_eq!(grid.color(), image::ColorType::L8);
+}
+
+#[test]
+fn client_calls_have_a_deadline() {
+    // A server that accepts connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    let started = std::time::Instant::now();
+    let out = Command::new(common::bin())
+        .args(["submit", "--server", &url, "--timeout-seconds", "1", "--model", "tiny", "--num-samples", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
+    drop(silent);
+}

@@ -1,0 +1,154 @@
+//! The batch service on S3-compatible storage (a real SeaweedFS started by the tests): models and
+//! outputs in a bucket, and outages of the store.
+
+mod common;
+
+use std::time::Duration;
+
+use common::service::{Server, request, tiny_model, wait_for};
+use ddpm_worker::api::pb;
+
+const SUCCEEDED: i32 = pb::JobState::Succeeded as i32;
+const FAILED: i32 = pb::JobState::Failed as i32;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_and_outputs_live_on_s3() {
+    use common::seaweed::{self, SeaweedFs};
+    let s3 = SeaweedFs::shared().await;
+    let client = s3.client();
+    let prefix = seaweed::unique_prefix("service");
+    // The tiny model, uploaded as a diffusers folder.
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    for entry in std::fs::read_dir(&model).unwrap() {
+        let path = entry.unwrap().path();
+        let key = format!("{prefix}/models/tiny/{}", path.file_name().unwrap().to_string_lossy());
+        let body = aws_sdk_s3::primitives::ByteStream::from(std::fs::read(&path).unwrap());
+        client.put_object().bucket(seaweed::BUCKET).key(key).body(body).send().await.unwrap();
+    }
+    let args = [
+        "--model".to_string(),
+        format!("tiny=s3://{}/{prefix}/models/tiny", seaweed::BUCKET),
+        "--model-cache".into(),
+        dir.path().join("cache").display().to_string(),
+        "--output".into(),
+        format!("s3://{}/{prefix}/jobs", seaweed::BUCKET),
+        "--s3-path-style".into(),
+    ];
+    let env = [
+        ("AWS_ENDPOINT_URL", s3.endpoint()),
+        ("AWS_ACCESS_KEY_ID", seaweed::ACCESS_KEY.to_string()),
+        ("AWS_SECRET_ACCESS_KEY", seaweed::SECRET_KEY.to_string()),
+        ("AWS_REGION", seaweed::REGION.to_string()),
+    ];
+    let server = Server::start_with(&dir.path().join("data"), &args, &env).await;
+    let mut grpc = server.client().await;
+    let mut req = request(5, pb::Scheduler::Ddim, 4, 2);
+    req.grid = Some(pb::GridSpec { samples_per_grid: 2, columns: 2 });
+    let job = grpc.submit_job(req.clone()).await.unwrap().into_inner().job.unwrap();
+    let done = wait_for(&mut grpc, &job.job_id, |j| j.state == SUCCEEDED).await;
+    let manifest_key = format!("{prefix}/jobs/{}/manifest.json", job.job_id);
+    assert_eq!(done.manifest_uri, format!("s3://{}/{manifest_key}", seaweed::BUCKET));
+    assert_eq!(done.grid_uris.len(), 3);
+    let get = |key: String| {
+        let client = client.clone();
+        async move {
+            let out = client.get_object().bucket(seaweed::BUCKET).key(key).send().await.unwrap();
+            out.body.collect().await.unwrap().into_bytes()
+        }
+    };
+    let m: serde_json::Value = serde_json::from_slice(&get(manifest_key).await).unwrap();
+    assert_eq!(m["model"]["source"], format!("s3://{}/{prefix}/models/tiny", seaweed::BUCKET));
+    for s in m["samples"].as_array().unwrap() {
+        let bytes = get(s["key"].as_str().unwrap().to_string()).await;
+        assert_eq!(ddpm_worker::digest::sha256_hex(&bytes), s["sha256"].as_str().unwrap());
+        image::load_from_memory(&bytes).unwrap();
+    }
+    // Grids of 2: [0,2) and [2,4) lie in one shard each, [4,5) too; every grid is there.
+    assert_eq!(m["grids"].as_array().unwrap().len(), 3);
+
+    // A job may pick its own prefix (and bucket) on an S3 server.
+    req.output = Some(pb::OutputSpec { bucket: String::new(), prefix: format!("{prefix}/custom") });
+    let job = grpc.submit_job(req).await.unwrap().into_inner().job.unwrap();
+    let done = wait_for(&mut grpc, &job.job_id, |j| j.state == SUCCEEDED).await;
+    assert_eq!(
+        done.manifest_uri,
+        format!("s3://{}/{prefix}/custom/{}/manifest.json", seaweed::BUCKET, job.job_id)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_postpones_shards_and_the_job_still_succeeds() {
+    use common::outage::Proxy;
+    use common::seaweed::{self, SeaweedFs};
+    let s3 = SeaweedFs::shared().await;
+    let target = s3.endpoint().trim_start_matches("http://").parse().unwrap();
+    let mut proxy = Proxy::start(target).await;
+    let prefix = seaweed::unique_prefix("outage");
+    let dir = tempfile::tempdir().unwrap();
+    // Default retry settings: the outage must not use up a shard's attempts.
+    let args = [
+        "--model".to_string(),
+        format!("tiny={}", tiny_model(dir.path()).display()),
+        "--output".into(),
+        format!("s3://{}/{prefix}/jobs", seaweed::BUCKET),
+        "--s3-path-style".into(),
+        "--batches-per-shard".into(),
+        "1".into(),
+    ];
+    let env = [
+        ("AWS_ENDPOINT_URL", format!("http://{}", proxy.addr())),
+        ("AWS_ACCESS_KEY_ID", seaweed::ACCESS_KEY.to_string()),
+        ("AWS_SECRET_ACCESS_KEY", seaweed::SECRET_KEY.to_string()),
+        ("AWS_REGION", seaweed::REGION.to_string()),
+    ];
+    let server = Server::start_with(dir.path(), &args, &env).await;
+    let mut grpc = server.client().await;
+    let job =
+        grpc.submit_job(request(24, pb::Scheduler::Ddpm, 100, 2)).await.unwrap().into_inner().job.unwrap();
+    let before = wait_for(&mut grpc, &job.job_id, |j| j.shards_done >= 2).await;
+    assert!(before.shards_done < 12, "the job finished before the outage: make it longer");
+    proxy.cut();
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    let during = grpc.get_job(pb::GetJobRequest { job_id: job.job_id.clone() }).await.unwrap().into_inner();
+    assert_ne!(during.state, FAILED, "the outage failed the job: {}", during.error);
+    proxy.restore();
+    let done = wait_for(&mut grpc, &job.job_id, |j| j.state == SUCCEEDED || j.state == FAILED).await;
+    assert_eq!(done.state, SUCCEEDED, "{}", done.error);
+
+    // Every listed object is there with its SHA-256, and nothing else is under the job's folder.
+    let client = s3.client();
+    let get = |key: String| {
+        let client = client.clone();
+        async move {
+            let out = client.get_object().bucket(seaweed::BUCKET).key(key).send().await.unwrap();
+            out.body.collect().await.unwrap().into_bytes()
+        }
+    };
+    let folder = format!("{prefix}/jobs/{}", job.job_id);
+    let m: serde_json::Value = serde_json::from_slice(&get(format!("{folder}/manifest.json")).await).unwrap();
+    let mut listed = std::collections::BTreeSet::from([format!("{folder}/manifest.json")]);
+    for entry in m["samples"].as_array().unwrap().iter().chain(m["grids"].as_array().unwrap()) {
+        let key = entry["key"].as_str().unwrap().to_string();
+        let bytes = get(key.clone()).await;
+        assert_eq!(ddpm_worker::digest::sha256_hex(&bytes), entry["sha256"].as_str().unwrap(), "{key}");
+        listed.insert(key);
+    }
+    assert_eq!(m["samples"].as_array().unwrap().len(), 24);
+    for shard in m["shards"].as_array().unwrap() {
+        listed.insert(format!("{folder}/shards/{:06}.json", shard["shard"].as_u64().unwrap()));
+    }
+    let stored: std::collections::BTreeSet<String> = client
+        .list_objects_v2()
+        .bucket(seaweed::BUCKET)
+        .prefix(format!("{folder}/"))
+        .into_paginator()
+        .send()
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .flat_map(|page| page.unwrap().contents.unwrap_or_default())
+        .filter_map(|o| o.key)
+        .collect();
+    assert_eq!(stored, listed, "objects the manifest does not list, or listed objects missing");
+}
