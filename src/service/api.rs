@@ -35,7 +35,7 @@ pub struct Limits {
 
 impl Limits {
     /// Batches per shard for `spec`: the configured number, or more where that would make more than
-    /// `max_shards_per_job` shards. Shard boundaries do not change the images (see `planner`).
+    /// `max_shards_per_job` shards. Shard boundaries do not change the images (see `queue::plan`).
     pub fn batches_per_shard(&self, spec: &JobSpec) -> u64 {
         let batches = spec.num_samples.div_ceil(u64::from(spec.batch_size.max(1)));
         self.batches_per_shard.max(batches.div_ceil(self.max_shards_per_job.max(1)))

@@ -303,7 +303,8 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
         draining: Default::default(),
         abort: Default::default(),
         wake: Default::default(),
-        outage: Default::default(),
+        store_outage: Default::default(),
+        queue_outage: Default::default(),
         queue_reachable: std::sync::atomic::AtomicBool::new(true),
         runtime: tokio::runtime::Handle::current(),
     });

@@ -60,10 +60,13 @@ impl DeviceModels {
 /// Why a shard did not finish, which decides what the queue is told.
 #[derive(Debug, thiserror::Error)]
 pub enum ShardError {
-    /// The store or the queue was out of reach: the shard goes back, after a growing pause, without
-    /// spending an attempt (attempts are for shards that fail on their own).
+    /// The output store was out of reach: the shard goes back, after a growing pause, without spending
+    /// an attempt (attempts are for shards that fail on their own).
     #[error("{0}")]
-    Unavailable(String),
+    StoreUnavailable(String),
+    /// The queue was out of reach: likewise.
+    #[error("{0}")]
+    QueueUnavailable(String),
     /// This attempt failed: the shard runs again after a backoff, or is dead-lettered once its
     /// attempts are used up.
     #[error("{0}")]
@@ -76,7 +79,7 @@ pub enum ShardError {
 impl From<OutputError> for ShardError {
     fn from(e: OutputError) -> Self {
         match &e {
-            OutputError::Storage(s) if s.is_unavailable() => ShardError::Unavailable(e.to_string()),
+            OutputError::Storage(s) if s.is_unavailable() => ShardError::StoreUnavailable(e.to_string()),
             _ => ShardError::Failed(e.to_string()),
         }
     }
@@ -91,7 +94,7 @@ impl From<crate::storage::StorageError> for ShardError {
 impl From<QueueError> for ShardError {
     fn from(e: QueueError) -> Self {
         match e {
-            QueueError::Nats(_) | QueueError::Sqlite(_) => ShardError::Unavailable(e.to_string()),
+            QueueError::Nats(_) | QueueError::Sqlite(_) => ShardError::QueueUnavailable(e.to_string()),
             other => ShardError::Failed(other.to_string()),
         }
     }
@@ -117,7 +120,7 @@ pub fn run(ctx: Arc<WorkerContext>, models: DeviceModels, threads: Option<i32>) 
     let in_flight = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_SHARDS));
     while !ctx.draining.load(Ordering::Relaxed) {
         // While the store or the queue is out, nobody leases: leases would only fail or be given back.
-        if let Some(pause) = ctx.outage.remaining() {
+        if let Some(pause) = ctx.store_outage.remaining().max(ctx.queue_outage.remaining()) {
             idle(&ctx, pause);
             continue;
         }
@@ -125,14 +128,18 @@ pub fn run(ctx: Arc<WorkerContext>, models: DeviceModels, threads: Option<i32>) 
             Ok(p) => p,
             Err(_) => break,
         };
-        let lease = match ctx.runtime.block_on(ctx.queue.lease(&owner, ctx.config.lease_ttl)) {
+        let leased = ctx.runtime.block_on(ctx.queue.lease(&owner, ctx.config.lease_ttl));
+        if leased.is_ok() {
+            ctx.queue_outage.recovered();
+        }
+        let lease = match leased {
             Ok(Some(lease)) => lease,
             Ok(None) => {
                 idle(&ctx, ctx.config.idle_poll);
                 continue;
             }
             Err(e) => {
-                let pause = ctx.outage.failed(ctx.config.outage_backoff);
+                let pause = ctx.queue_outage.failed(ctx.config.outage_backoff);
                 tracing::warn!(error = %e, pause_seconds = pause.as_secs_f64(), "leasing a shard");
                 continue;
             }
@@ -264,7 +271,7 @@ fn run_shard(
             match outcome {
                 Err(e) => give_back(&ctx, &lease, e).await,
                 Ok(Ended::Recorded) => {
-                    ctx.outage.recovered();
+                    ctx.store_outage.recovered();
                     metrics::histogram!("ddpm_shard_duration_seconds").record(sampling_seconds);
                     tracing::info!(samples = payload.end - payload.start, sampling_seconds, "shard finished");
                 }
@@ -422,8 +429,13 @@ pub fn backoff(base: Duration, attempt: u32) -> Duration {
 async fn give_back(ctx: &WorkerContext, lease: &Lease, error: ShardError) {
     let reason = error.to_string();
     let told = match error {
-        ShardError::Unavailable(_) => {
-            let pause = ctx.outage.failed(ctx.config.outage_backoff);
+        ShardError::StoreUnavailable(_) | ShardError::QueueUnavailable(_) => {
+            let outage = if matches!(error, ShardError::StoreUnavailable(_)) {
+                &ctx.store_outage
+            } else {
+                &ctx.queue_outage
+            };
+            let pause = outage.failed(ctx.config.outage_backoff);
             metrics::counter!("ddpm_shard_postponed_total").increment(1);
             tracing::warn!(
                 error = reason,
@@ -483,10 +495,10 @@ mod tests {
     fn outages_are_not_failures() {
         let unavailable =
             crate::storage::StorageError::Unavailable { uri: "s3://b/k".into(), message: "refused".into() };
-        assert!(matches!(ShardError::from(unavailable), ShardError::Unavailable(_)));
+        assert!(matches!(ShardError::from(unavailable), ShardError::StoreUnavailable(_)));
         let refused = crate::storage::StorageError::Remote { uri: "s3://b/k".into(), message: "403".into() };
         assert!(matches!(ShardError::from(refused), ShardError::Failed(_)));
-        assert!(matches!(ShardError::from(QueueError::Nats("down".into())), ShardError::Unavailable(_)));
+        assert!(matches!(ShardError::from(QueueError::Nats("down".into())), ShardError::QueueUnavailable(_)));
         assert!(matches!(ShardError::from(QueueError::Corrupt("x".into())), ShardError::Failed(_)));
     }
 }

@@ -1,9 +1,8 @@
-//! The batch worker: a job's samples split into shards ([`planner`]) that device threads
+//! The batch worker: a job's samples split into shards ([`crate::queue::plan`]) that device threads
 //! ([`device`]) lease from the queue and sample independently; their outputs go through [`outputs`].
 
 pub mod device;
 pub mod outputs;
-pub mod planner;
 pub mod pool;
 
 use std::collections::{BTreeMap, HashMap};
@@ -122,8 +121,11 @@ pub struct WorkerContext {
     pub abort: AtomicBool,
     /// Signalled when work may be available (a submission in this process).
     pub wake: tokio::sync::Notify,
-    /// Whether the store or the queue is out of reach, and for how long to wait.
-    pub outage: Outage,
+    /// Whether the output store is out of reach, and for how long device threads wait.
+    pub store_outage: Outage,
+    /// Whether the queue is out of reach, and for how long device threads wait (the reaper ends the
+    /// wait as soon as one of its passes reaches the queue again).
+    pub queue_outage: Outage,
     /// Whether the last reaper pass reached the queue (readiness follows it).
     pub queue_reachable: AtomicBool,
     pub runtime: tokio::runtime::Handle,
@@ -171,7 +173,12 @@ impl WorkerContext {
     /// One reaper pass: requeue expired leases, fail jobs with dead shards, finalize stragglers.
     pub async fn reap_once(&self) {
         let reaped = self.queue.reap().await;
-        self.queue_reachable.store(reaped.is_ok(), Ordering::Relaxed);
+        let was_reachable = self.queue_reachable.swap(reaped.is_ok(), Ordering::Relaxed);
+        if reaped.is_ok() && !was_reachable {
+            tracing::info!("the queue answers again");
+            self.queue_outage.recovered();
+            self.wake.notify_waiters();
+        }
         match reaped {
             Ok(r) if r.requeued + r.dead > 0 => {
                 metrics::counter!("ddpm_task_redeliveries_total").increment(r.requeued as u64);

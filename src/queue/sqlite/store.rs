@@ -12,11 +12,12 @@ use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use super::{
-    EnqueueOutcome, IdempotencyKey, Lease, QueueError, ReapReport, SubmitOutcome, TaskSpec, TaskState,
-};
 use crate::job::{JobRecord, JobSpec, JobState, ShardPayload};
-use crate::worker::planner::plan_shards;
+use crate::queue::plan::plan_shards;
+use crate::queue::{
+    EnqueueOutcome, IdempotencyKey, JobFilter, Lease, PageCursor, QueueError, ReapReport, SubmitOutcome,
+    TaskSpec, TaskState,
+};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS tasks (
@@ -410,20 +411,6 @@ impl SqliteStore {
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
-}
-
-/// Which jobs a listing returns: any of `states` (all when empty) carrying every label in `labels`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct JobFilter {
-    pub states: Vec<JobState>,
-    pub labels: std::collections::BTreeMap<String, String>,
-}
-
-/// Where a page of a listing starts: after the job created at `created_at_ms` with id `id` (newest first).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PageCursor {
-    pub created_at_ms: i64,
-    pub id: String,
 }
 
 impl SqliteStore {

@@ -1,0 +1,118 @@
+//! Key-value helpers of the NATS queue: reads, compare-and-swap updates (retried on a conflict) and
+//! scans of a bucket's latest values.
+
+use async_nats::jetstream::{self, kv};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use super::records::{decode, encode};
+use super::{MAX_CAS_TRIES, NatsQueue, REQUEST_TIMEOUT, nats_err};
+use crate::queue::QueueError;
+
+/// What a CAS update closure decides.
+pub(super) enum Edit<T, R> {
+    /// Write this value, then return `R`.
+    Write(T, R),
+    /// Write nothing and return `R`.
+    Keep(R),
+}
+
+impl NatsQueue {
+    pub(super) async fn read<T: for<'de> Deserialize<'de>>(
+        &self,
+        store: &kv::Store,
+        key: &str,
+    ) -> Result<Option<(T, u64)>, QueueError> {
+        let entry = store.entry(key).await.map_err(|e| nats_err(&format!("reading {key}"), e))?;
+        match entry {
+            Some(e) if e.operation == kv::Operation::Put => {
+                Ok(Some((decode(&format!("{} {key}", store.name), &e.value)?, e.revision)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Read-modify-write of one key with compare-and-swap on its revision, retried on a conflict.
+    pub(super) async fn update<T, R>(
+        &self,
+        store: &kv::Store,
+        key: &str,
+        mut edit: impl FnMut(Option<T>) -> Result<Edit<T, R>, QueueError>,
+    ) -> Result<R, QueueError>
+    where
+        T: Serialize + for<'de> Deserialize<'de>,
+    {
+        for _ in 0..MAX_CAS_TRIES {
+            let current = self.read::<T>(store, key).await?;
+            let revision = current.as_ref().map(|(_, r)| *r);
+            match edit(current.map(|(v, _)| v))? {
+                Edit::Keep(r) => return Ok(r),
+                Edit::Write(value, r) => {
+                    let body = encode(&value)?;
+                    let written =
+                        match revision {
+                            Some(rev) => store.update(key, body, rev).await.map(|_| ()).map_err(|e| {
+                                (e.kind() == kv::UpdateErrorKind::WrongLastRevision, e.to_string())
+                            }),
+                            None => {
+                                store.create(key, body).await.map(|_| ()).map_err(|e| {
+                                    (e.kind() == kv::CreateErrorKind::AlreadyExists, e.to_string())
+                                })
+                            }
+                        };
+                    match written {
+                        Ok(()) => return Ok(r),
+                        Err((true, _)) => continue,
+                        Err((false, e)) => return Err(nats_err(&format!("writing {key}"), e)),
+                    }
+                }
+            }
+        }
+        Err(QueueError::Nats(format!("{key}: too much contention ({MAX_CAS_TRIES} tries)")))
+    }
+
+    /// The latest value of every key in `store`.
+    pub(super) async fn scan<T: for<'de> Deserialize<'de>>(
+        &self,
+        store: &kv::Store,
+    ) -> Result<Vec<T>, QueueError> {
+        // Fresh stream info (`Store::status` is cached): an empty bucket would leave the watch silent.
+        let info = store.stream.get_info().await.map_err(|e| nats_err(&format!("{} info", store.name), e))?;
+        if info.state.messages == 0 {
+            return Ok(Vec::new());
+        }
+        // An ordered consumer delivering the last message per key; `delta` counts what is left.
+        let mut watch = store
+            .watch_with_history(">")
+            .await
+            .map_err(|e| nats_err(&format!("scanning {}", store.name), e))?;
+        let mut out = Vec::new();
+        loop {
+            let next = tokio::time::timeout(REQUEST_TIMEOUT, watch.next())
+                .await
+                .map_err(|_| QueueError::Nats(format!("scanning {}: timed out", store.name)))?;
+            let Some(entry) = next else { break };
+            let entry = entry.map_err(|e| nats_err(&format!("scanning {}", store.name), e))?;
+            if entry.operation == kv::Operation::Put {
+                out.push(decode(&format!("{} {}", store.name, entry.key), &entry.value)?);
+            }
+            if entry.delta == 0 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+pub(super) async fn open_bucket(
+    js: &jetstream::Context,
+    config: kv::Config,
+) -> Result<kv::Store, QueueError> {
+    let name = config.bucket.clone();
+    match js.get_key_value(&name).await {
+        Ok(store) => Ok(store),
+        Err(_) => {
+            js.create_key_value(config).await.map_err(|e| nats_err(&format!("creating bucket {name}"), e))
+        }
+    }
+}

@@ -1,0 +1,543 @@
+//! A distributed queue backend on NATS JetStream, behind the same [`TaskQueue`] and [`JobStore`]
+//! traits as the SQLite store and held to the same conformance suite (`queue::conformance`).
+//!
+//! # Mapping onto JetStream
+//!
+//! Every queue lives in a *namespace* (`[A-Za-z0-9_-]+`), so several deployments (or test cases) share
+//! one server without seeing each other's data:
+//!
+//! | What | JetStream object | Notes |
+//! |---|---|---|
+//! | shard tasks | stream `DDPM_<ns>_TASKS`, work-queue retention, file storage, subjects `ddpm.<ns>.task.<prio>` | one message per shard, published with `Nats-Msg-Id = <job>.<shard>` (publish dedup) |
+//! | delivery | one durable pull consumer per priority subject, explicit ack, `AckWait` ([`NatsOptions::ack_wait`]), `MaxDeliver` unlimited | a leased task is an unacknowledged delivery |
+//! | job records | KV bucket `ddpm_<ns>_jobs`, key = job id | every update is a compare-and-swap on the revision |
+//! | idempotency keys | KV bucket `ddpm_<ns>_idem`, key = sha256(request id) | create-only: the first submitter wins |
+//! | shard state | KV bucket `ddpm_<ns>_shards`, key = `<job>.<shard>` | state, owner, attempt, expiry, last error, the delivery's ack subject; CAS updates |
+//!
+//! The KV shard record is the source of truth for a task; the stream message is its ticket in the
+//! line. `lease` pulls a message (highest priority subject first), then claims the shard with a CAS
+//! from `queued` to `leased` (owner, attempt + 1, expiry) and keeps the message unacknowledged, its ack
+//! subject stored in the record. Every write under a lease re-reads the record, checks the fence
+//! (`leased`, same owner, same attempt, not expired) and writes with the read revision, so a zombie
+//! whose lease expired or was taken over gets [`QueueError::LeaseLost`] and changes nothing. Only after
+//! the KV write succeeds is the message told: heartbeat `+WPI` (resets `AckWait`), completion `+ACK`
+//! (awaited: "double ack"), [`TaskQueue::retry_later`] `-NAK {delay}` (the server redelivers after the
+//! delay), [`TaskQueue::release`] `-NAK`, dead-lettering `+TERM`. Ack replies are awaited, so the
+//! server has applied a NAK before the next pull.
+//!
+//! *Priority*: one subject and consumer per priority; `lease` asks the stream which priority subjects
+//! hold messages and pulls from the highest first. Within one priority, order is the stream's: oldest
+//! first, with redeliveries (NAKed or timed-out messages) served before new messages, so a retried
+//! shard may go ahead of one that has waited longer (the SQLite store puts it behind).
+//!
+//! *Attempts* are counted in the shard record, not by JetStream's delivery count: a release gives its
+//! attempt back, and redeliveries that do not lead to a lease (a delayed or still-held task) do not
+//! count. `MaxDeliver` is therefore unlimited and dead-lettering is done by the application
+//! (`retry_later`, `reap`, `dead_letter`): the record goes `dead` and keeps the last error, which
+//! [`JobStore::jobs_with_dead_shards`] reports.
+//!
+//! *Expiry*: a lease's expiry is per call (the caller's TTL) and lives in the record. [`TaskQueue::reap`]
+//! scans the shard records, requeues (or dead-letters, when attempts are used up) the expired ones with
+//! a CAS and NAKs their message for immediate redelivery. If a NAK is lost, the message still comes
+//! back after `AckWait`; a delivery of a task whose lease expired but was never reaped is taken over
+//! by `lease` itself, with the same attempt accounting as the reaper. Heartbeats must come more often
+//! than `AckWait`; a redelivery of a task whose lease is still held is NAKed until the lease's expiry.
+//!
+//! *Listing* (`list_jobs`, `job_counts`, `jobs_to_finalize`, `jobs_with_dead_shards`, `depth`) scans the
+//! KV buckets (latest value per key, one ordered consumer each): O(jobs) or O(shards) per call, fine
+//! for the thousands of jobs a batch service keeps, not for millions (those need an index stream).
+//!
+//! # What it does not guarantee
+//!
+//! - No multi-key transactions. `submit` claims the idempotency key, writes the job record, then its
+//!   shard records and messages. A concurrent resubmission that finds the key but not yet the job waits
+//!   for it and, if the first submitter died before writing the job, writes it itself (roll-forward,
+//!   create-only, so one record wins). A crash after the job record but before all its shard tasks, or
+//!   between a shard's `done` and the job's counters, is repaired by the reconciler that runs in
+//!   [`TaskQueue::reap`] (the reference's §2.7 point 5): it counts done shards the job misses (the job
+//!   keeps the set of shards it counted, so nothing is counted twice) and, once a job has been quiet for
+//!   twice the submit wait, recreates the shard tasks it lacks. `finish_job` writes the job's terminal state,
+//!   then retires its shards one by one; a shard leased in between is retired by `lease` itself when
+//!   it sees the terminal job, or fenced out (`LeaseLost`) when `finish_job` gets to it.
+//! - JetStream itself: the December 2025 Jepsen analysis of NATS 2.12.1 found acknowledged writes lost
+//!   on power failure with the default fsync interval; run the server with `sync_interval: always`
+//!   and R3 streams (reference §2.1), and keep outputs idempotent.
+//! - Clocks: lease expiry compares the writer's wall clock with the expiry another process wrote, as
+//!   with a shared SQLite file; hosts need synchronised clocks (skew shortens or lengthens leases).
+
+mod delivery;
+mod kv;
+mod reconcile;
+mod records;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv as nats_kv, stream};
+use async_trait::async_trait;
+use futures_util::{StreamExt, TryStreamExt};
+use sha2::{Digest, Sha256};
+use tokio::sync::Mutex;
+
+use self::delivery::Signal;
+use self::kv::{Edit, open_bucket};
+use self::records::{
+    ShardSet, ShardState, StoredJob, StoredKey, StoredShard, Ticket, encode, priority_token, shard_key,
+    valid_id,
+};
+use super::{
+    IdempotencyKey, JobFilter, JobStore, Lease, PageCursor, QueueError, SubmitOutcome, TaskState, now_ms,
+};
+use crate::job::{JobRecord, JobSpec, JobState};
+use crate::queue::plan::{Shard, plan_shards};
+
+/// Settings of a [`NatsQueue`].
+#[derive(Debug, Clone)]
+pub struct NatsOptions {
+    /// How long the server waits for an ack (or a `+WPI`) before redelivering a task. Heartbeats must
+    /// come more often than this.
+    pub ack_wait: Duration,
+    /// Stream and KV replicas (3 in a cluster, 1 on a single server).
+    pub replicas: usize,
+    /// How long a concurrent resubmission waits for the job the first submitter is writing before it
+    /// writes the job itself.
+    pub submit_wait: Duration,
+}
+
+impl Default for NatsOptions {
+    fn default() -> Self {
+        // AckWait 60 s as recommended (reference §1.4): short enough for fast takeover with +WPI.
+        Self { ack_wait: Duration::from_secs(60), replicas: 1, submit_wait: Duration::from_secs(5) }
+    }
+}
+
+/// The JetStream queue and job store of one namespace. Cheap to clone (shares the connection).
+#[derive(Clone)]
+pub struct NatsQueue {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    tasks: stream::Stream,
+    jobs: nats_kv::Store,
+    idem: nats_kv::Store,
+    shards: nats_kv::Store,
+    subject_prefix: String,
+    stream_name: String,
+    options: NatsOptions,
+    consumers: std::sync::Arc<Mutex<HashMap<String, consumer::PullConsumer>>>,
+}
+
+/// The longest a request to the server (an ack, a KV write) may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bounds the messages one `lease` call looks at before giving up (stale tickets are acked away).
+const MAX_PULLS_PER_LEASE: usize = 1000;
+
+/// Bounds compare-and-swap retries of one update under contention.
+const MAX_CAS_TRIES: usize = 1000;
+
+/// Shard records and task messages written at once while queueing a job: publishes are acknowledged
+/// one by one, and async-nats refuses more unacknowledged publishes than its ack window (5,000 by
+/// default), so a large job is queued as a stream of bounded batches, not all at once.
+const PUBLISH_WINDOW: usize = 256;
+
+/// Shards of a new job queued before SubmitJob returns; the rest are queued in the background (a crash
+/// in between is repaired by the reconciler), so submitting a job of 20,000 shards takes no longer
+/// than one of a few hundred.
+const INLINE_SHARDS: usize = 512;
+
+/// Shard records updated at once when a job is retired or retried.
+const UPDATE_WINDOW: usize = 64;
+
+fn nats_err(context: &str, e: impl std::fmt::Display) -> QueueError {
+    QueueError::Nats(format!("{context}: {e}"))
+}
+
+fn corrupt(context: &str, e: impl std::fmt::Display) -> QueueError {
+    QueueError::Corrupt(format!("{context}: {e}"))
+}
+
+impl NatsQueue {
+    /// Connects to `url` and opens (creating if needed) the stream and buckets of `namespace`.
+    pub async fn connect(url: &str, namespace: &str, options: NatsOptions) -> Result<Self, QueueError> {
+        let client = async_nats::ConnectOptions::new()
+            .request_timeout(Some(REQUEST_TIMEOUT))
+            .connect(url)
+            .await
+            .map_err(|e| nats_err(&format!("connecting to {url}"), e))?;
+        Self::open(client, namespace, options).await
+    }
+
+    /// Opens (creating if needed) the stream and buckets of `namespace` on an existing connection.
+    pub async fn open(
+        client: async_nats::Client,
+        namespace: &str,
+        options: NatsOptions,
+    ) -> Result<Self, QueueError> {
+        if !valid_id(namespace) {
+            return Err(QueueError::Nats(format!("namespace {namespace:?} must match [A-Za-z0-9_-]+")));
+        }
+        let js = jetstream::new(client.clone());
+        let subject_prefix = format!("ddpm.{namespace}.task");
+        let stream_name = format!("DDPM_{namespace}_TASKS");
+        let tasks = js
+            .get_or_create_stream(stream::Config {
+                name: stream_name.clone(),
+                subjects: vec![format!("{subject_prefix}.>")],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                num_replicas: options.replicas,
+                // Publish dedup by Nats-Msg-Id: a resubmitted shard within the window is one message.
+                duplicate_window: Duration::from_secs(600),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| nats_err(&format!("creating stream {stream_name}"), e))?;
+        let bucket = |name: &str, history: i64| nats_kv::Config {
+            bucket: format!("ddpm_{namespace}_{name}"),
+            history,
+            storage: stream::StorageType::File,
+            num_replicas: options.replicas,
+            ..Default::default()
+        };
+        let jobs = open_bucket(&js, bucket("jobs", 5)).await?;
+        let idem = open_bucket(&js, bucket("idem", 1)).await?;
+        let shards = open_bucket(&js, bucket("shards", 1)).await?;
+        Ok(Self {
+            client,
+            js,
+            tasks,
+            jobs,
+            idem,
+            shards,
+            subject_prefix,
+            stream_name,
+            options,
+            consumers: Default::default(),
+        })
+    }
+
+    /// Deletes the namespace's stream and buckets (tests, and tearing a deployment down).
+    pub async fn destroy(&self) -> Result<(), QueueError> {
+        self.js.delete_stream(&self.stream_name).await.map_err(|e| nats_err("deleting stream", e))?;
+        for store in [&self.jobs, &self.idem, &self.shards] {
+            self.js
+                .delete_key_value(&store.name)
+                .await
+                .map_err(|e| nats_err(&format!("deleting bucket {}", store.name), e))?;
+        }
+        Ok(())
+    }
+
+    /// The state of one shard task, with its attempts and last error.
+    pub async fn task_state(
+        &self,
+        job_id: &str,
+        shard: u64,
+    ) -> Result<Option<(TaskState, u32, Option<String>)>, QueueError> {
+        if !valid_id(job_id) {
+            return Ok(None);
+        }
+        let record = self.read::<StoredShard>(&self.shards, &shard_key(job_id, shard)).await?;
+        Ok(record.map(|(s, _)| (s.state.into(), s.attempts, s.last_error)))
+    }
+}
+
+#[async_trait]
+impl JobStore for NatsQueue {
+    async fn submit(
+        &self,
+        spec: &JobSpec,
+        idempotency: Option<&IdempotencyKey>,
+        batches_per_shard: u64,
+        max_attempts: u32,
+    ) -> Result<SubmitOutcome, QueueError> {
+        let now = now_ms();
+        let shards_total =
+            plan_shards(spec.num_samples, u64::from(spec.batch_size), batches_per_shard).len() as u64;
+        let fresh = |id: String| StoredJob {
+            id,
+            spec: spec.clone(),
+            state: JobState::Queued,
+            samples_done: 0,
+            shards_done: 0,
+            shards_total,
+            created_at: now,
+            started_at: None,
+            finished_at: None,
+            updated_at: now,
+            error: None,
+            manifest_uri: None,
+            batches_per_shard,
+            max_attempts,
+            counted: ShardSet::default(),
+        };
+        let id = uuid::Uuid::new_v4().to_string();
+        if let Some(key) = idempotency {
+            // Create-only: of concurrent submitters with one request id, exactly one claims it.
+            let idem_key = hex::encode(Sha256::digest(key.request_id.as_bytes()));
+            let claim = StoredKey {
+                request_id: key.request_id.clone(),
+                request_hash: key.request_hash.clone(),
+                job_id: id.clone(),
+            };
+            let seen = self
+                .update::<StoredKey, Option<StoredKey>>(&self.idem, &idem_key, |seen| {
+                    Ok(match seen {
+                        Some(seen) => Edit::Keep(Some(seen)),
+                        None => Edit::Write(claim.clone(), None),
+                    })
+                })
+                .await?;
+            if let Some(seen) = seen {
+                if seen.request_hash != key.request_hash {
+                    return Err(QueueError::IdempotencyConflict {
+                        request_id: key.request_id.clone(),
+                        job_id: seen.job_id,
+                    });
+                }
+                let job = self.await_job(fresh(seen.job_id)).await?;
+                return Ok(SubmitOutcome { job: job.record(), created: false });
+            }
+        }
+        let job = self.write_job(fresh(id)).await?;
+        Ok(SubmitOutcome { job: job.record(), created: true })
+    }
+
+    async fn job(&self, id: &str) -> Result<Option<JobRecord>, QueueError> {
+        if !valid_id(id) {
+            return Ok(None);
+        }
+        Ok(self.read::<StoredJob>(&self.jobs, id).await?.map(|(j, _)| j.record()))
+    }
+
+    async fn list_jobs(
+        &self,
+        filter: &JobFilter,
+        cursor: Option<&PageCursor>,
+        limit: usize,
+    ) -> Result<Vec<JobRecord>, QueueError> {
+        let mut jobs: Vec<StoredJob> = self
+            .scan::<StoredJob>(&self.jobs)
+            .await?
+            .into_iter()
+            .filter(|j| filter.states.is_empty() || filter.states.contains(&j.state))
+            .filter(|j| filter.labels.iter().all(|(k, v)| j.spec.labels.get(k) == Some(v)))
+            .filter(|j| {
+                cursor.is_none_or(|c| {
+                    j.created_at < c.created_at_ms || (j.created_at == c.created_at_ms && j.id < c.id)
+                })
+            })
+            .collect();
+        // Newest first, ties by id descending: the SQLite store's order, so cursors mean the same.
+        jobs.sort_unstable_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| b.id.cmp(&a.id)));
+        Ok(jobs.iter().take(limit).map(StoredJob::record).collect())
+    }
+
+    async fn complete_shard(&self, lease: &Lease, samples: u64) -> Result<JobRecord, QueueError> {
+        // The shard first (fenced), then the job's counters; see the module docs for the gap between.
+        self.fenced(lease, |shard, _| {
+            shard.state = ShardState::Done;
+            shard.samples = Some(samples);
+            shard.clear_lease();
+            Signal::Ack
+        })
+        .await?;
+        let now = now_ms();
+        self.update::<StoredJob, JobRecord>(&self.jobs, &lease.job_id, |job| {
+            let Some(mut job) = job else {
+                return Err(QueueError::Corrupt(format!("job {} missing", lease.job_id)));
+            };
+            if !job.counted.insert(lease.shard) {
+                // The reconciler counted it after a crash between the two writes.
+                let record = job.record();
+                return Ok(Edit::Keep(record));
+            }
+            job.samples_done += samples;
+            job.shards_done += 1;
+            if job.state == JobState::Queued {
+                job.state = JobState::Running;
+            }
+            job.started_at = job.started_at.or(Some(now));
+            job.updated_at = now;
+            let record = job.record();
+            Ok(Edit::Write(job, record))
+        })
+        .await
+    }
+
+    async fn finish_job(
+        &self,
+        id: &str,
+        state: JobState,
+        error: Option<&str>,
+        manifest_uri: Option<&str>,
+    ) -> Result<Option<JobRecord>, QueueError> {
+        debug_assert!(state.is_terminal());
+        if !valid_id(id) {
+            return Ok(None);
+        }
+        let now = now_ms();
+        let job = self
+            .update::<StoredJob, Option<StoredJob>>(&self.jobs, id, |job| {
+                Ok(match job {
+                    None => Edit::Keep(None),
+                    Some(job) if job.state.is_terminal() => Edit::Keep(Some(job)),
+                    Some(mut job) => {
+                        job.state = state;
+                        job.error = error.map(str::to_string);
+                        job.manifest_uri = manifest_uri.map(str::to_string);
+                        job.finished_at = Some(now);
+                        job.updated_at = now;
+                        Edit::Write(job.clone(), Some(job))
+                    }
+                })
+            })
+            .await?;
+        let Some(job) = job else { return Ok(None) };
+        // Retire the unfinished shards: a held lease is fenced out and its message terminated; a
+        // queued shard's message is terminated when it is next pulled.
+        let reason = format!("job {}", state.as_str());
+        let retire = |shard: u64| {
+            let reason = reason.clone();
+            async move {
+                let key = shard_key(id, shard);
+                let reply = self
+                    .update::<StoredShard, Option<Option<String>>>(&self.shards, &key, |s| {
+                        Ok(match s {
+                            Some(mut s) if matches!(s.state, ShardState::Queued | ShardState::Leased) => {
+                                let reply = s.ack.clone();
+                                s.state = ShardState::Dead;
+                                s.last_error = Some(reason.clone());
+                                s.clear_lease();
+                                Edit::Write(s, Some(reply))
+                            }
+                            _ => Edit::Keep(None),
+                        })
+                    })
+                    .await?;
+                if let Some(reply) = reply {
+                    self.ack_quietly(reply.as_deref(), Signal::Term).await;
+                }
+                Ok::<_, QueueError>(())
+            }
+        };
+        futures_util::stream::iter((0..job.shards_total).map(retire))
+            .buffer_unordered(UPDATE_WINDOW)
+            .try_collect::<()>()
+            .await?;
+        Ok(Some(job.record()))
+    }
+
+    async fn retry_job(&self, id: &str) -> Result<Option<JobRecord>, QueueError> {
+        if !valid_id(id) {
+            return Ok(None);
+        }
+        // The job first: while it is RUNNING again, `lease` runs the shards requeued below (a shard
+        // leased before then would be retired as belonging to a finished job).
+        let now = now_ms();
+        let job = self
+            .update::<StoredJob, Option<(StoredJob, bool)>>(&self.jobs, id, |job| {
+                Ok(match job {
+                    None => Edit::Keep(None),
+                    Some(mut job) if job.state == JobState::Failed => {
+                        job.state =
+                            if job.started_at.is_some() { JobState::Running } else { JobState::Queued };
+                        job.error = None;
+                        job.finished_at = None;
+                        job.updated_at = now;
+                        Edit::Write(job.clone(), Some((job, true)))
+                    }
+                    Some(job) => Edit::Keep(Some((job, false))),
+                })
+            })
+            .await?;
+        let Some((job, retried)) = job else { return Ok(None) };
+        if !retried {
+            return Ok(Some(job.record()));
+        }
+        // Dead shards get fresh attempts and a new message (the old one was terminated).
+        let revive = |shard: Shard| async move {
+            let key = shard_key(id, shard.index);
+            let revived = self
+                .update::<StoredShard, bool>(&self.shards, &key, |s| {
+                    Ok(match s {
+                        Some(mut s) if s.state == ShardState::Dead => {
+                            s.state = ShardState::Queued;
+                            s.attempts = 0;
+                            s.available_at = now;
+                            s.last_error = None;
+                            s.clear_lease();
+                            Edit::Write(s, true)
+                        }
+                        _ => Edit::Keep(false),
+                    })
+                })
+                .await?;
+            if revived {
+                let ticket = encode(&Ticket { job_id: id.to_string(), shard: shard.index })?;
+                let subject = format!("{}.{}", self.subject_prefix, priority_token(job.spec.priority));
+                let message = jetstream::message::PublishMessage::build()
+                    .payload(ticket)
+                    .message_id(format!("{key}.retry{now}"));
+                let ack = self
+                    .js
+                    .send_publish(subject, message)
+                    .await
+                    .map_err(|e| nats_err(&format!("publishing {key}"), e))?;
+                ack.await.map_err(|e| nats_err(&format!("publishing {key}"), e))?;
+            }
+            Ok::<_, QueueError>(())
+        };
+        futures_util::stream::iter(Self::plan(&job).into_iter().map(revive))
+            .buffer_unordered(UPDATE_WINDOW)
+            .try_collect::<()>()
+            .await?;
+        // Shards a crash kept from being created are the reconciler's, as for any running job.
+        Ok(Some(job.record()))
+    }
+
+    async fn jobs_with_dead_shards(&self) -> Result<Vec<(String, String)>, QueueError> {
+        let mut dead: Vec<StoredShard> = self
+            .scan::<StoredShard>(&self.shards)
+            .await?
+            .into_iter()
+            .filter(|s| s.state == ShardState::Dead)
+            .collect();
+        dead.sort_unstable_by(|a, b| a.job_id.cmp(&b.job_id).then(a.shard.cmp(&b.shard)));
+        dead.dedup_by(|a, b| a.job_id == b.job_id);
+        let mut out = Vec::new();
+        for shard in dead {
+            let unfinished = self
+                .read::<StoredJob>(&self.jobs, &shard.job_id)
+                .await?
+                .is_some_and(|(j, _)| !j.state.is_terminal());
+            if unfinished {
+                out.push((shard.job_id, shard.last_error.unwrap_or_else(|| "shard failed".into())));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn jobs_to_finalize(&self, stale: Duration) -> Result<Vec<String>, QueueError> {
+        let cutoff = now_ms() - super::ms(stale);
+        let jobs = self.scan::<StoredJob>(&self.jobs).await?;
+        Ok(jobs
+            .into_iter()
+            .filter(|j| {
+                j.state == JobState::Running && j.shards_done >= j.shards_total && j.updated_at <= cutoff
+            })
+            .map(|j| j.id)
+            .collect())
+    }
+
+    async fn job_counts(&self) -> Result<Vec<(JobState, u64)>, QueueError> {
+        let mut counts: Vec<(JobState, u64)> = Vec::new();
+        for job in self.scan::<StoredJob>(&self.jobs).await? {
+            match counts.iter_mut().find(|(s, _)| *s == job.state) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((job.state, 1)),
+            }
+        }
+        Ok(counts)
+    }
+}
