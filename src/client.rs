@@ -148,15 +148,6 @@ pub fn state_name(state: i32) -> String {
         .unwrap_or_else(|_| format!("STATE_{state}"))
 }
 
-fn scheduler_pb(kind: SchedulerKind) -> pb::Scheduler {
-    match kind {
-        SchedulerKind::Ddpm => pb::Scheduler::Ddpm,
-        SchedulerKind::Ddim => pb::Scheduler::Ddim,
-        SchedulerKind::Pndm => pb::Scheduler::Pndm,
-        SchedulerKind::Dpmsolver => pb::Scheduler::Dpmsolver,
-    }
-}
-
 pub async fn submit(args: SubmitArgs, progress: bool) -> Result<(), ClientError> {
     let mut client = connect(&args.server).await?;
     let grid = (args.samples_per_grid.is_some() || args.grid_columns.is_some()).then(|| pb::GridSpec {
@@ -171,7 +162,7 @@ pub async fn submit(args: SubmitArgs, progress: bool) -> Result<(), ClientError>
         request_id: args.request_id.clone().unwrap_or_default(),
         model: args.model.clone(),
         sampling: Some(pb::SamplingSpec {
-            scheduler: scheduler_pb(args.scheduler) as i32,
+            scheduler: crate::api::convert::scheduler_to_pb(args.scheduler) as i32,
             steps: args.steps,
             eta: args.eta,
         }),

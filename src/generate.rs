@@ -9,11 +9,12 @@ use std::time::Instant;
 
 use image::DynamicImage;
 use serde::Serialize;
-use tch::{Device, Kind};
+use tch::Device;
 
 use crate::digest::{sha256_file, sha256_hex};
 use crate::imaging::{self, ImageError};
 use crate::model::{Layout, LoadedUNet, ModelError, ModelFiles};
+use crate::placement::{DType, device_name};
 use crate::sampler::{self, BatchRequest, Placement, SampleError};
 use crate::schedulers::{SchedulerConfig, SchedulerError, SchedulerKind};
 
@@ -54,45 +55,6 @@ impl GenerateError {
                     SchedulerError::Config(_) | SchedulerError::Unsupported(_) | SchedulerError::Steps { .. }
                 )
         )
-    }
-}
-
-/// Precision of the UNet; the scheduler always runs in f32.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum DType {
-    Fp32,
-    Fp16,
-    Bf16,
-}
-
-impl DType {
-    pub fn kind(self) -> Kind {
-        match self {
-            DType::Fp32 => Kind::Float,
-            DType::Fp16 => Kind::Half,
-            DType::Bf16 => Kind::BFloat16,
-        }
-    }
-}
-
-/// `cpu`, `cuda` or `cuda:N`.
-pub fn parse_device(s: &str) -> Result<Device, String> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::Cuda(0)),
-        _ => s
-            .strip_prefix("cuda:")
-            .and_then(|i| i.parse::<usize>().ok())
-            .map(Device::Cuda)
-            .ok_or_else(|| format!("unknown device {s:?}; expected cpu, cuda or cuda:N")),
-    }
-}
-
-pub fn device_name(d: Device) -> String {
-    match d {
-        Device::Cuda(i) => format!("cuda:{i}"),
-        _ => "cpu".into(),
     }
 }
 
@@ -172,11 +134,6 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), GenerateError> {
     let tmp = path.with_extension("tmp");
     fs::write(&tmp, bytes).map_err(GenerateError::io(&tmp))?;
     fs::rename(&tmp, path).map_err(GenerateError::io(path))
-}
-
-/// The sample file name of the service's layout: the index in 8 digits.
-pub fn sample_file(index: usize) -> String {
-    format!("samples/{index:08}.png")
 }
 
 impl GenerateSpec {
@@ -342,7 +299,7 @@ fn write_samples(
     let mut tiles = std::collections::BTreeMap::new();
     for (index, seed, img) in rx {
         let png = imaging::encode_png(&img)?;
-        let file = sample_file(index);
+        let file = crate::job::sample_path(index as u64);
         write_atomic(&out.join(&file), &png)?;
         records.push(SampleRecord { index, seed, file, sha256: sha256_hex(&png) });
         if index < GRID_MAX {

@@ -90,3 +90,9 @@ pub struct ShardPayload {
     pub start: u64,
     pub end: u64,
 }
+
+/// Where sample `index` of a run lands, relative to its folder (`generate`'s output and a job's
+/// folder alike): the index in 8 digits, so names sort in sample order.
+pub fn sample_path(index: u64) -> String {
+    format!("samples/{index:08}.png")
+}

@@ -13,6 +13,7 @@ pub mod init_model;
 pub mod job;
 pub mod model;
 pub mod models;
+pub mod placement;
 pub mod queue;
 pub mod rng;
 pub mod sampler;

@@ -4,9 +4,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use ddpm_worker::benchmark;
 use ddpm_worker::client;
-use ddpm_worker::generate::{self, DType, GenerateSpec};
+use ddpm_worker::generate::{self, GenerateSpec};
 use ddpm_worker::init_model::{self, Preset};
 use ddpm_worker::model::Layout;
+use ddpm_worker::placement::{self, DType};
 use ddpm_worker::schedulers::SchedulerKind;
 use std::io::IsTerminal;
 
@@ -89,7 +90,7 @@ struct BenchSubmitArgs {
 #[derive(clap::Args)]
 struct PlacementArgs {
     /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu", value_parser = generate::parse_device)]
+    #[arg(long, default_value = "cpu", value_parser = placement::parse_device)]
     device: tch::Device,
     /// UNet precision (fp16/bf16 on CUDA only); the scheduler always runs in f32.
     #[arg(long, value_enum, default_value = "fp32")]

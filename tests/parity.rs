@@ -49,6 +49,8 @@ fn unet_forward_matches_diffusers() {
         ("tiny-google", "tiny-google"),
         ("tiny-google-bin", "tiny-google"),
         ("tiny-pipeline", "tiny-pipeline"),
+        ("dummy-ddpm-test", "dummy-ddpm-test"),
+        ("tiny-gray", "tiny-gray"),
     ] {
         let files = ModelFiles::locate(&fixtures().join("models").join(folder)).unwrap();
         let unet = LoadedUNet::load(&files, Device::Cpu, Kind::Float).unwrap();
@@ -102,7 +104,8 @@ fn scheduler_steps_match_diffusers() {
     }
 }
 
-/// Runs a fixture pipeline case through our sampler; returns x_0 and its 8-bit pixels.
+/// Runs a fixture pipeline case through our sampler; returns x_0 and its 8-bit pixels, H×W×C bytes per
+/// image as the goldens hold them (one byte a pixel for one-channel models, like mode "L" images).
 fn run_pipeline(case: &serde_json::Value, layout: Layout) -> (Tensor, Vec<u8>) {
     let files = ModelFiles::locate(&fixtures().join("models").join(case["model"].as_str().unwrap())).unwrap();
     let mut unet = LoadedUNet::load(&files, Device::Cpu, Kind::Float).unwrap();
@@ -135,7 +138,7 @@ fn pipelines_match_diffusers_images() {
         let name = case["name"].as_str().unwrap();
         let (x0, ours) = run_pipeline(case, Layout::Diffusers);
         let (golden, want) = golden_pixels(name);
-        // diffusers' "np" output is (x/2 + 0.5).clamp(0, 1), NHWC.
+        // diffusers' "np" output is (x/2 + 0.5).clamp(0, 1), NHWC (C = 1 for grayscale models).
         let ours_float = (&x0 / 2.0 + 0.5).clamp(0.0, 1.0).permute([0, 2, 3, 1]);
         let float_diff = max_abs_diff(&ours_float, &golden["float"]);
         let share = fraction_within(&ours, &want, 1);
@@ -204,7 +207,7 @@ fn sample_x0_is_finite_for_padded_batches() {
 #[test]
 fn channels_last_layout_is_within_tolerance() {
     let goldens = load(fixtures().join("unet_forward.safetensors"));
-    for name in ["tiny-google", "tiny-pipeline"] {
+    for name in ["tiny-google", "tiny-pipeline", "dummy-ddpm-test", "tiny-gray"] {
         let files = ModelFiles::locate(&fixtures().join("models").join(name)).unwrap();
         let mut unet = LoadedUNet::load(&files, Device::Cpu, Kind::Float).unwrap();
         unet.set_layout(Layout::ChannelsLast);

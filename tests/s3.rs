@@ -78,6 +78,31 @@ async fn put_then_get_round_trips_with_its_sha256_and_uri() {
 }
 
 #[tokio::test]
+async fn put_new_creates_once_and_the_first_object_stays() {
+    let server = SeaweedFs::shared().await;
+    let store = store(&server, &unique_prefix("put-new"));
+    let first = store.put_new("s/1.png", Bytes::from_static(b"first"), "image/png").await.unwrap();
+    assert_eq!(first.map(|p| p.sha256), Some(sha256_hex(b"first")));
+    // If-None-Match: * on an existing key: 412, nothing written.
+    assert_eq!(store.put_new("s/1.png", Bytes::from_static(b"second"), "image/png").await.unwrap(), None);
+    assert_eq!(store.get("s/1.png").await.unwrap(), Some(Bytes::from_static(b"first")));
+    // The same through a multipart upload (the condition goes on CompleteMultipartUpload).
+    let parts = store.clone().with_multipart_threshold(MIN_PART_SIZE).with_part_size(MIN_PART_SIZE);
+    let big = noise(MIN_PART_SIZE + 10, 5);
+    assert!(parts.put_new("s/big.bin", big.clone(), "application/octet-stream").await.unwrap().is_some());
+    let other = noise(MIN_PART_SIZE + 10, 6);
+    assert_eq!(parts.put_new("s/big.bin", other, "application/octet-stream").await.unwrap(), None);
+    assert_eq!(store.get("s/big.bin").await.unwrap(), Some(big));
+    // write_once adopts the stored object and reports its digest.
+    let adopted =
+        ddpm_worker::storage::write_once(&store, "s/1.png", Bytes::from_static(b"third"), "image/png")
+            .await
+            .unwrap();
+    assert!(adopted.adopted);
+    assert_eq!(adopted.sha256, sha256_hex(b"first"));
+}
+
+#[tokio::test]
 async fn missing_objects_are_none_but_a_missing_bucket_is_an_error() {
     let server = SeaweedFs::shared().await;
     let store = store(&server, &unique_prefix("missing"));
@@ -244,11 +269,12 @@ async fn a_closed_port_fails_quickly_after_its_retries() {
     let elapsed = started.elapsed();
     for result in [put.map(|_| ()), get.map(|_| ())] {
         match result {
-            Err(StorageError::Remote { uri, message }) => {
+            // Unavailable, not Remote: the worker waits an outage out instead of failing the shard.
+            Err(StorageError::Unavailable { uri, message }) => {
                 assert_eq!(uri, "s3://bkt/p/a.png");
                 assert!(message.to_lowercase().contains("connect"), "{message}");
             }
-            other => panic!("expected a Remote error, got {other:?}"),
+            other => panic!("expected an Unavailable error, got {other:?}"),
         }
     }
     assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");

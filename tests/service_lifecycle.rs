@@ -74,14 +74,7 @@ async fn sigterm_drains_and_exits_zero_and_another_server_finishes() {
     });
     let status = ended.await.expect("the watch stream ended").unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    let started = std::time::Instant::now();
-    let status = loop {
-        if let Some(s) = server.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(started.elapsed() < Duration::from_secs(30), "no exit after SIGTERM");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = server.wait_exit(Duration::from_secs(30)).await;
     assert!(status.success(), "exit status {status:?}");
     // Nothing is left leased: the running shard finished or was given back without spending an attempt.
     {

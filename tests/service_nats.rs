@@ -112,14 +112,7 @@ async fn a_twenty_thousand_shard_job_is_queued_in_bounded_batches_and_small_jobs
     assert_eq!(cancelled.into_inner().state, CANCELLED);
     // The server still drains and exits on SIGTERM.
     common::service::signal(server.pid(), "TERM");
-    let started = std::time::Instant::now();
-    let status = loop {
-        if let Some(s) = server.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(started.elapsed() < Duration::from_secs(45), "no exit after SIGTERM");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let status = server.wait_exit(Duration::from_secs(45)).await;
     assert!(status.success(), "{status:?}");
 }
 
@@ -190,6 +183,14 @@ async fn readiness_follows_the_queue() {
     until(ServingStatus::Serving, Duration::from_secs(5)).await;
     proxy.cut();
     until(ServingStatus::NotServing, Duration::from_secs(60)).await;
+    // Liveness stays SERVING: a restart would not bring the queue back.
+    let channel =
+        tonic::transport::Endpoint::from_shared(server.url.clone()).unwrap().connect().await.unwrap();
+    let live = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest { service: "liveness".into() })
+        .await
+        .unwrap();
+    assert_eq!(live.into_inner().status, ServingStatus::Serving as i32);
     proxy.restore();
     until(ServingStatus::Serving, Duration::from_secs(90)).await;
     // And it works again.

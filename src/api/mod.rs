@@ -1,5 +1,10 @@
-//! The gRPC API (`proto/ddpm/v1/worker.proto`, package `ddpm.v1`): generated types and the descriptor
-//! set for server reflection. This is the only module that knows `pb::` types.
+//! The gRPC API (`proto/ddpm/v1/worker.proto`, package `ddpm.v1`), the one boundary of the service:
+//! generated types and the descriptor set for reflection ([`pb`]), request checks and conversions
+//! ([`convert`]), the handlers ([`handlers`]) and the mapping of every error to a status ([`error`]).
+
+pub mod convert;
+pub mod error;
+pub mod handlers;
 
 /// Generated messages, the `Worker` service's server trait and client.
 pub mod pb {
@@ -19,7 +24,7 @@ mod tests {
         let file = set.file.iter().find(|f| f.package() == "ddpm.v1").expect("ddpm.v1 is in the set");
         let service = file.service.iter().find(|s| s.name() == "Worker").expect("Worker service");
         let methods: Vec<&str> = service.method.iter().map(|m| m.name()).collect();
-        assert_eq!(methods, ["SubmitJob", "GetJob", "ListJobs", "CancelJob", "WatchJob"]);
+        assert_eq!(methods, ["SubmitJob", "GetJob", "ListJobs", "CancelJob", "RetryJob", "WatchJob"]);
         assert!(service.method.iter().find(|m| m.name() == "WatchJob").unwrap().server_streaming());
     }
 }

@@ -142,7 +142,8 @@ pub async fn released_tasks_keep_their_attempts(q: impl Queue) {
     q.release(&again, Duration::from_millis(150), "store unavailable").await.unwrap();
     assert!(q.lease("w", LONG).await.unwrap().is_none(), "not available before its delay");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let later = q.lease("w", LONG).await.unwrap().unwrap();
+    // Another worker takes it (the fence is owner and attempt: a given-back attempt is reused).
+    let later = q.lease("w2", LONG).await.unwrap().unwrap();
     assert_eq!(later.attempt, 1);
     assert!(matches!(q.release(&again, Duration::ZERO, "x").await, Err(QueueError::LeaseLost { .. })));
 }

@@ -3,9 +3,7 @@
 //! queue opened, destination parsed) before a port is bound; the health service reports NOT_SERVING
 //! until every device has loaded and warmed its models, and again from the first SIGTERM.
 
-pub mod api;
 pub mod config_file;
-pub mod error;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -17,9 +15,9 @@ use std::time::Duration;
 use tch::Device;
 
 use crate::api::{FILE_DESCRIPTOR_SET, pb};
-use crate::generate::{DType, device_name, parse_device};
 use crate::model::Layout;
 use crate::models::{ModelArg, ModelLocation, ResolvedModel};
+use crate::placement::{DType, device_name, parse_device};
 use crate::queue::nats::{NatsOptions, NatsQueue};
 use crate::queue::sqlite::SqliteStore;
 use crate::queue::{Queue, SqliteQueue};
@@ -29,9 +27,12 @@ use crate::worker::pool::{self, DeviceEvent};
 use crate::worker::{WorkerConfig, WorkerContext, device};
 use tonic_health::ServingStatus;
 
-/// The gRPC service's name in the health service.
+/// The gRPC service's name in the health service (readiness, like the overall status `""`).
 const WORKER_SERVICE: &str = "ddpm.v1.Worker";
-use api::{Limits, WorkerService};
+/// The health service name of liveness.
+const LIVENESS_SERVICE: &str = "liveness";
+use crate::api::convert::Limits;
+use crate::api::handlers::WorkerService;
 
 /// `serve`'s options; every flag can also come from its `DDPM_*` environment variable.
 #[derive(Debug, Clone, clap::Args)]
@@ -322,6 +323,9 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status(WORKER_SERVICE, ServingStatus::NotServing).await;
     health.set_service_status("", ServingStatus::NotServing).await;
+    // Liveness apart from readiness: the process answers (a dead device thread ends it), whatever the
+    // queue does; a restart would not bring the queue back.
+    health.set_service_status(LIVENESS_SERVICE, ServingStatus::Serving).await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

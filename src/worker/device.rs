@@ -17,10 +17,10 @@ use tch::Device;
 
 use super::WorkerContext;
 use super::outputs::{self, GridEntry, JobOutputs, OutputError, SampleEntry, ShardRecord, ShardRun};
-use crate::generate::device_name;
 use crate::imaging;
 use crate::job::{JobRecord, ShardPayload};
 use crate::model::{LoadedUNet, ModelError};
+use crate::placement::device_name;
 use crate::queue::{Lease, QueueError};
 use crate::sampler::{self, BatchRequest, Placement, SampleError};
 
@@ -325,6 +325,11 @@ async fn record_shard(
             return Ok(Ended::Stopped);
         }
         Err(e) => return Err(e.into()),
+    }
+    // A job cancelled on another worker: its shards may not all be retired yet.
+    if ctx.queue.job(&lease.job_id).await?.is_none_or(|job| job.state.is_terminal()) {
+        tracing::info!("the job ended while the shard ran; not recording it");
+        return Ok(Ended::Stopped);
     }
     let json = serde_json::to_vec(record).map_err(|e| ShardError::Failed(e.to_string()))?;
     let key = out.shard_key(lease.shard);

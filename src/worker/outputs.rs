@@ -102,7 +102,7 @@ impl JobOutputs {
     }
 
     pub fn sample_key(&self, index: u64) -> String {
-        self.key(&format!("samples/{index:08}.png"))
+        self.key(&crate::job::sample_path(index))
     }
 
     pub fn grid_key(&self, grid: u64) -> String {

@@ -10,7 +10,7 @@ use tch::Device;
 
 use super::WorkerContext;
 use super::device;
-use crate::generate::device_name;
+use crate::placement::device_name;
 
 /// What a device thread reports.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -107,6 +107,18 @@ impl Server {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Waits for the process to exit, at most `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(started.elapsed() < limit, "no exit within {limit:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 impl Drop for Server {
@@ -227,8 +239,13 @@ pub fn unlisted_files(job: &pb::Job) -> Vec<PathBuf> {
     unlisted
 }
 
-/// The bytes of every file under `dir`, by path (to see what a late writer changed).
-pub fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+/// A file as a late writer could change it: its inode (a replacement, even by the same bytes, is a
+/// new file) and its bytes.
+pub type FileState = (u64, Vec<u8>);
+
+/// Every file under `dir`, by path (to see what a late writer changed).
+pub fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, FileState> {
+    use std::os::unix::fs::MetadataExt;
     let mut files = std::collections::BTreeMap::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -237,7 +254,8 @@ pub fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
             if path.is_dir() {
                 stack.push(path);
             } else {
-                files.insert(path.clone(), std::fs::read(&path).unwrap());
+                let inode = std::fs::metadata(&path).unwrap().ino();
+                files.insert(path.clone(), (inode, std::fs::read(&path).unwrap()));
             }
         }
     }
@@ -309,8 +327,8 @@ pub async fn a_zombie_cannot_change_recorded_outputs(dir: &Path, queue: &str) {
     // A's heartbeat finds its lease gone within a quarter lease; give it twice the lease to do its worst.
     tokio::time::sleep(Duration::from_secs(6)).await;
     let after = snapshot(&folder);
-    for (path, bytes) in &before {
-        assert!(after.get(path) == Some(bytes), "{} changed after the zombie resumed", path.display());
+    for (path, state) in &before {
+        assert!(after.get(path) == Some(state), "{} was rewritten after the zombie resumed", path.display());
     }
     assert_eq!(after.len(), before.len(), "the zombie added files");
     assert_eq!(job_samples(&done).len(), 32, "every listed SHA-256 is still true");

@@ -56,9 +56,13 @@
 //!   between a shard's `done` and the job's counters, is repaired by the reconciler that runs in
 //!   [`TaskQueue::reap`] (the reference's §2.7 point 5): it counts done shards the job misses (the job
 //!   keeps the set of shards it counted, so nothing is counted twice) and, once a job has been quiet for
-//!   twice the submit wait, recreates the shard tasks it lacks. `finish_job` writes the job's terminal state,
-//!   then retires its shards one by one; a shard leased in between is retired by `lease` itself when
-//!   it sees the terminal job, or fenced out (`LeaseLost`) when `finish_job` gets to it.
+//!   twice the submit wait, recreates the shard tasks it lacks. Submitting queues the first shards
+//!   before it returns and the rest in the background, in bounded windows. `finish_job` writes the
+//!   job's terminal state, then retires its shards (the first ones before it returns, the rest in the
+//!   background); a shard leased in between is retired by `lease` itself when it sees the terminal
+//!   job, fenced out (`LeaseLost`) when its retirement comes, and never counted into a finished job.
+//!   A RetryJob of a large job that races the background retirement of its failure can see shards
+//!   retired again; the job then fails again and can be retried once more.
 //! - JetStream itself: the December 2025 Jepsen analysis of NATS 2.12.1 found acknowledged writes lost
 //!   on power failure with the default fsync interval; run the server with `sync_interval: always`
 //!   and R3 streams (reference §2.1), and keep outputs idempotent.
@@ -81,10 +85,7 @@ use tokio::sync::Mutex;
 
 use self::delivery::Signal;
 use self::kv::{Edit, open_bucket};
-use self::records::{
-    ShardSet, ShardState, StoredJob, StoredKey, StoredShard, Ticket, encode, priority_token, shard_key,
-    valid_id,
-};
+use self::records::{ShardSet, ShardState, StoredJob, StoredKey, StoredShard, shard_key, valid_id};
 use super::{
     IdempotencyKey, JobFilter, JobStore, Lease, PageCursor, QueueError, SubmitOutcome, TaskState, now_ms,
 };
@@ -140,10 +141,10 @@ const MAX_CAS_TRIES: usize = 1000;
 /// default), so a large job is queued as a stream of bounded batches, not all at once.
 const PUBLISH_WINDOW: usize = 256;
 
-/// Shards of a new job queued before SubmitJob returns; the rest are queued in the background (a crash
-/// in between is repaired by the reconciler), so submitting a job of 20,000 shards takes no longer
-/// than one of a few hundred.
-const INLINE_SHARDS: usize = 512;
+/// Shards of a new job queued (or of a finished job retired) before the call returns; the rest are
+/// handled in the background (a crash in between is repaired by the reconciler, or by `lease` for a
+/// finished job's shards), so a job of 20,000 shards is submitted or cancelled as fast as a small one.
+const INLINE_SHARDS: usize = 64;
 
 /// Shard records updated at once when a job is retired or retried.
 const UPDATE_WINDOW: usize = 64;
@@ -157,6 +158,36 @@ fn corrupt(context: &str, e: impl std::fmt::Display) -> QueueError {
 }
 
 impl NatsQueue {
+    /// Marks the queued or leased shards among `shards` of job `id` dead with `reason`, and terminates
+    /// the messages of the leased ones.
+    async fn retire_shards(&self, id: &str, shards: &[u64], reason: &str) -> Result<(), QueueError> {
+        let retire = |shard: u64| async move {
+            let key = shard_key(id, shard);
+            let reply = self
+                .update::<StoredShard, Option<Option<String>>>(&self.shards, &key, |s| {
+                    Ok(match s {
+                        Some(mut s) if matches!(s.state, ShardState::Queued | ShardState::Leased) => {
+                            let reply = s.ack.clone();
+                            s.state = ShardState::Dead;
+                            s.last_error = Some(reason.to_string());
+                            s.clear_lease();
+                            Edit::Write(s, Some(reply))
+                        }
+                        _ => Edit::Keep(None),
+                    })
+                })
+                .await?;
+            if let Some(reply) = reply {
+                self.ack_quietly(reply.as_deref(), Signal::Term).await;
+            }
+            Ok::<_, QueueError>(())
+        };
+        futures_util::stream::iter(shards.iter().copied().map(retire))
+            .buffer_unordered(UPDATE_WINDOW)
+            .try_collect::<()>()
+            .await
+    }
+
     /// Connects to `url` and opens (creating if needed) the stream and buckets of `namespace`.
     pub async fn connect(url: &str, namespace: &str, options: NatsOptions) -> Result<Self, QueueError> {
         let client = async_nats::ConnectOptions::new()
@@ -347,6 +378,11 @@ impl JobStore for NatsQueue {
             let Some(mut job) = job else {
                 return Err(QueueError::Corrupt(format!("job {} missing", lease.job_id)));
             };
+            if job.state.is_terminal() {
+                // Finished (cancelled) while the shard ran; its shards are being retired.
+                let record = job.record();
+                return Ok(Edit::Keep(record));
+            }
             if !job.counted.insert(lease.shard) {
                 // The reconciler counted it after a crash between the two writes.
                 let record = job.record();
@@ -395,36 +431,22 @@ impl JobStore for NatsQueue {
             .await?;
         let Some(job) = job else { return Ok(None) };
         // Retire the unfinished shards: a held lease is fenced out and its message terminated; a
-        // queued shard's message is terminated when it is next pulled.
+        // queued shard's message is terminated when it is next pulled. The first shards are retired
+        // before this returns, the rest in the background (a large job has tens of thousands): until
+        // then `lease` retires what it pulls of a finished job, and a worker checks the job before it
+        // records a shard, so nothing runs or is recorded for the job meanwhile.
+        let mut shards: Vec<u64> = (0..job.shards_total).collect();
+        let rest = shards.split_off(shards.len().min(INLINE_SHARDS));
         let reason = format!("job {}", state.as_str());
-        let retire = |shard: u64| {
-            let reason = reason.clone();
-            async move {
-                let key = shard_key(id, shard);
-                let reply = self
-                    .update::<StoredShard, Option<Option<String>>>(&self.shards, &key, |s| {
-                        Ok(match s {
-                            Some(mut s) if matches!(s.state, ShardState::Queued | ShardState::Leased) => {
-                                let reply = s.ack.clone();
-                                s.state = ShardState::Dead;
-                                s.last_error = Some(reason.clone());
-                                s.clear_lease();
-                                Edit::Write(s, Some(reply))
-                            }
-                            _ => Edit::Keep(None),
-                        })
-                    })
-                    .await?;
-                if let Some(reply) = reply {
-                    self.ack_quietly(reply.as_deref(), Signal::Term).await;
+        self.retire_shards(id, &shards, &reason).await?;
+        if !rest.is_empty() {
+            let (queue, id) = (self.clone(), id.to_string());
+            tokio::spawn(async move {
+                if let Err(e) = queue.retire_shards(&id, &rest, &reason).await {
+                    tracing::warn!(job = %id, error = %e, "retiring the shards of a finished job");
                 }
-                Ok::<_, QueueError>(())
-            }
-        };
-        futures_util::stream::iter((0..job.shards_total).map(retire))
-            .buffer_unordered(UPDATE_WINDOW)
-            .try_collect::<()>()
-            .await?;
+            });
+        }
         Ok(Some(job.record()))
     }
 
@@ -474,17 +496,7 @@ impl JobStore for NatsQueue {
                 })
                 .await?;
             if revived {
-                let ticket = encode(&Ticket { job_id: id.to_string(), shard: shard.index })?;
-                let subject = format!("{}.{}", self.subject_prefix, priority_token(job.spec.priority));
-                let message = jetstream::message::PublishMessage::build()
-                    .payload(ticket)
-                    .message_id(format!("{key}.retry{now}"));
-                let ack = self
-                    .js
-                    .send_publish(subject, message)
-                    .await
-                    .map_err(|e| nats_err(&format!("publishing {key}"), e))?;
-                ack.await.map_err(|e| nats_err(&format!("publishing {key}"), e))?;
+                self.publish_ticket(id, shard.index, job.spec.priority, format!("{key}.retry{now}")).await?;
             }
             Ok::<_, QueueError>(())
         };

@@ -27,9 +27,7 @@ impl NatsQueue {
         fresh_ids: Option<i64>,
     ) -> Result<(), QueueError> {
         let now = now_ms();
-        let subject = format!("{}.{}", self.subject_prefix, priority_token(job.spec.priority));
         let queue_one = |shard: Shard| {
-            let subject = subject.clone();
             async move {
                 let payload = serde_json::to_string(&ShardPayload { start: shard.start, end: shard.end })
                     .map_err(|e| corrupt("shard payload", e))?;
@@ -59,26 +57,35 @@ impl NatsQueue {
                     Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
                     Err(e) => return Err(nats_err(&format!("creating {key}"), e)),
                 }
-                let ticket = encode(&Ticket { job_id: job.id.clone(), shard: shard.index })?;
                 let id = match fresh_ids {
                     Some(at) => format!("{key}.r{at}"),
-                    None => key.clone(),
+                    None => key,
                 };
-                let message = jetstream::message::PublishMessage::build().payload(ticket).message_id(id);
-                let ack = self
-                    .js
-                    .send_publish(subject, message)
-                    .await
-                    .map_err(|e| nats_err(&format!("publishing {key}"), e))?;
-                // Durable once acknowledged.
-                ack.await.map_err(|e| nats_err(&format!("publishing {key}"), e))?;
-                Ok::<_, QueueError>(())
+                self.publish_ticket(&job.id, shard.index, job.spec.priority, id).await
             }
         };
         futures_util::stream::iter(shards.iter().copied().map(queue_one))
             .buffer_unordered(PUBLISH_WINDOW)
             .try_collect::<()>()
             .await
+    }
+
+    /// Publishes the task message of shard `shard` of `job_id` with dedup id `id` and waits for the
+    /// server's ack (the message is durable then).
+    pub(super) async fn publish_ticket(
+        &self,
+        job_id: &str,
+        shard: u64,
+        priority: i32,
+        id: String,
+    ) -> Result<(), QueueError> {
+        let ticket = encode(&Ticket { job_id: job_id.to_string(), shard })?;
+        let subject = format!("{}.{}", self.subject_prefix, priority_token(priority));
+        let failed = |e: &dyn std::fmt::Display| nats_err(&format!("publishing {id}"), e);
+        let message = jetstream::message::PublishMessage::build().payload(ticket).message_id(id.as_str());
+        let ack = self.js.send_publish(subject, message).await.map_err(|e| failed(&e))?;
+        ack.await.map_err(|e| failed(&e))?;
+        Ok(())
     }
 
     /// The shards of `job` as its submitter planned them.

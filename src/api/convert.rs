@@ -1,0 +1,559 @@
+//! The API boundary: requests checked and turned into domain values (every bad field named), and
+//! domain values turned back into wire types. Past it everything works on validated [`JobSpec`]s; the
+//! handlers and the command-line client are the only other places that know `pb::` types.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::error::{FieldViolation, ServiceError};
+use super::pb;
+use crate::job::{JobRecord, JobSpec, JobState, OutputSpec};
+use crate::models::ResolvedModel;
+use crate::queue::PageCursor;
+use crate::schedulers::{SchedulerError, SchedulerKind};
+use crate::storage::check_key;
+
+/// Limits on what one request may ask for.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_samples: u64,
+    pub max_steps: u32,
+    pub max_batch_size: u32,
+    pub default_batch_size: u32,
+    pub max_samples_per_grid: u32,
+    pub batches_per_shard: u64,
+    /// Shards of one job at most: a larger job gets longer shards, so queueing it stays cheap.
+    pub max_shards_per_job: u64,
+    pub max_attempts: u32,
+}
+
+impl Limits {
+    /// Batches per shard for `spec`: the configured number, or more where that would make more than
+    /// `max_shards_per_job` shards. Shard boundaries do not change the images (see `queue::plan`).
+    pub fn batches_per_shard(&self, spec: &JobSpec) -> u64 {
+        let batches = spec.num_samples.div_ceil(u64::from(spec.batch_size.max(1)));
+        self.batches_per_shard.max(batches.div_ceil(self.max_shards_per_job.max(1)))
+    }
+}
+
+/// Job priorities accepted (each distinct value is a consumer on a NATS queue, so the range is small).
+pub const PRIORITIES: std::ops::RangeInclusive<i32> = -10..=10;
+/// Longest client value echoed back in an error: error messages travel in trailers (8 KiB at most).
+const ECHO_LIMIT: usize = 64;
+
+/// `value` for an error message: quoted, and cut to [`ECHO_LIMIT`] characters.
+fn shown(value: &str) -> String {
+    if value.chars().count() <= ECHO_LIMIT {
+        return format!("{value:?}");
+    }
+    let head: String = value.chars().take(ECHO_LIMIT).collect();
+    format!("{head:?}… ({} bytes)", value.len())
+}
+
+/// S3's bucket naming rules (general purpose buckets): 3–63 characters of lowercase letters, digits,
+/// '.' and '-', starting and ending with a letter or digit, no "..", not an IP address, and none of
+/// the reserved prefixes and suffixes.
+pub fn check_bucket(name: &str) -> Result<(), String> {
+    let chars_ok =
+        name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+    let ends_ok = name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && name.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric());
+    if !(3..=63).contains(&name.len()) || !chars_ok || !ends_ok {
+        return Err(
+            "3 to 63 lowercase letters, digits, '.' and '-', starting and ending with a letter or digit"
+                .into(),
+        );
+    }
+    if name.contains("..") || name.parse::<std::net::Ipv4Addr>().is_ok() {
+        return Err("no \"..\" and not an IP address".into());
+    }
+    let reserved = ["xn--", "sthree-", "amzn-s3-demo-"].iter().any(|p| name.starts_with(p))
+        || ["-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3"].iter().any(|s| name.ends_with(s));
+    if reserved {
+        return Err("uses a prefix or suffix S3 reserves".into());
+    }
+    Ok(())
+}
+
+/// An output prefix: a relative path of at most 1,024 bytes whose segments are 1–255 bytes, without
+/// '.' or '..' segments, backslashes, NUL or other control characters.
+pub fn check_prefix(prefix: &str) -> Result<(), String> {
+    if prefix.len() > 1024 {
+        return Err(format!("{} bytes; at most 1024", prefix.len()));
+    }
+    if prefix.chars().any(|c| c.is_control() || c == '\\') {
+        return Err("no control characters or backslashes".into());
+    }
+    if prefix.split('/').any(|seg| seg.len() > 255) {
+        return Err("a path segment is longer than 255 bytes".into());
+    }
+    if prefix.split('/').next() == Some(crate::storage::local::STAGING_DIR) {
+        return Err(format!("{} is reserved", crate::storage::local::STAGING_DIR));
+    }
+    check_key(prefix).map_err(|_| "not a relative path without empty, '.' or '..' segments".into())
+}
+
+/// A job id from a request: present, and short enough to echo in an error.
+pub fn job_id(id: &str) -> Result<&str, ServiceError> {
+    if id.is_empty() {
+        return Err(ServiceError::invalid("job_id", "required"));
+    }
+    if id.len() > 128 {
+        return Err(ServiceError::invalid("job_id", format!("{}: at most 128 bytes", shown(id))));
+    }
+    Ok(id)
+}
+
+/// What a request is checked against: the models served and whether jobs may name a bucket.
+pub struct Catalog<'a> {
+    pub models: &'a BTreeMap<String, Arc<ResolvedModel>>,
+    pub accepts_buckets: bool,
+}
+
+/// Checks a submission and resolves its defaults (seed, batch size, grid), naming every bad field.
+pub fn job_spec(
+    req: &pb::SubmitJobRequest,
+    limits: &Limits,
+    catalog: &Catalog<'_>,
+) -> Result<JobSpec, ServiceError> {
+    let mut bad = Vec::new();
+    let mut violation =
+        |field: &str, description: String| bad.push(FieldViolation { field: field.into(), description });
+    if req.request_id.len() > 128 {
+        violation("request_id", "at most 128 bytes".into());
+    }
+    let model = catalog.models.get(&req.model);
+    if req.model.is_empty() {
+        violation("model", "required".into());
+    } else if model.is_none() {
+        let served: Vec<&str> = catalog.models.keys().map(String::as_str).collect();
+        violation(
+            "model",
+            format!("unknown model {}; this worker serves {}", shown(&req.model), served.join(", ")),
+        );
+    }
+    let sampling = req.sampling.unwrap_or_default();
+    let scheduler = match pb::Scheduler::try_from(sampling.scheduler) {
+        Ok(pb::Scheduler::Unspecified) => {
+            violation("sampling.scheduler", "required (DDPM, DDIM, PNDM or DPMSOLVER)".into());
+            None
+        }
+        Ok(known) => Some(scheduler_from_pb(known)),
+        Err(_) => {
+            violation("sampling.scheduler", format!("unknown scheduler {}", sampling.scheduler));
+            None
+        }
+    };
+    if sampling.steps == 0 || sampling.steps > limits.max_steps {
+        violation("sampling.steps", format!("{} must be in 1..={}", sampling.steps, limits.max_steps));
+    }
+    if let Some(eta) = sampling.eta {
+        if scheduler.is_some_and(|s| s != SchedulerKind::Ddim) {
+            violation("sampling.eta", "applies to the DDIM scheduler only".into());
+        } else if !(eta.is_finite() && eta >= 0.0) {
+            violation("sampling.eta", format!("{eta} must be a finite number ≥ 0"));
+        }
+    }
+    // The model's own scheduler config decides which step counts work (e.g. DDPM ≤ its training steps).
+    if let (Some(model), Some(kind)) = (model, scheduler)
+        && (1..=limits.max_steps).contains(&sampling.steps)
+    {
+        match model
+            .scheduler(kind)
+            .and_then(|s| s.build(sampling.steps as usize, sampling.eta.unwrap_or(0.0)))
+        {
+            Ok(_) => {}
+            Err(SchedulerError::Steps { max, .. }) => {
+                violation("sampling.steps", format!("{} must be in 1..={max} for this model", sampling.steps))
+            }
+            Err(e) => violation("sampling.scheduler", e.to_string()),
+        }
+    }
+    if req.num_samples == 0 || req.num_samples > limits.max_samples {
+        violation("num_samples", format!("{} must be in 1..={}", req.num_samples, limits.max_samples));
+    }
+    // A server-chosen seed stays below 2^53 so it survives JSON tooling exactly.
+    let seed = req.seed.unwrap_or_else(|| uuid::Uuid::new_v4().as_u64_pair().0 >> 11);
+    if seed.checked_add(req.num_samples.saturating_sub(1)).is_none() {
+        violation("seed", "seed + num_samples overflows u64".into());
+    }
+    let batch_size = match req.batch_size {
+        0 => limits.default_batch_size.min(req.num_samples.clamp(1, u64::from(u32::MAX)) as u32),
+        b if b > limits.max_batch_size => {
+            violation("batch_size", format!("{b} exceeds the limit of {}", limits.max_batch_size));
+            1
+        }
+        b => b,
+    };
+    let (samples_per_grid, grid_columns) = match &req.grid {
+        None => {
+            let n = req.num_samples.min(64) as u32;
+            (n, crate::imaging::grid_columns(n as usize) as u32)
+        }
+        Some(g) if g.samples_per_grid > limits.max_samples_per_grid => {
+            violation(
+                "grid.samples_per_grid",
+                format!("{} exceeds the limit of {}", g.samples_per_grid, limits.max_samples_per_grid),
+            );
+            (0, 0)
+        }
+        Some(g) if g.samples_per_grid > 0 && g.columns > g.samples_per_grid => {
+            violation("grid.columns", format!("{} is more than samples_per_grid", g.columns));
+            (0, 0)
+        }
+        Some(g) => {
+            let cols = if g.columns == 0 {
+                crate::imaging::grid_columns(g.samples_per_grid as usize) as u32
+            } else {
+                g.columns
+            };
+            (g.samples_per_grid, cols)
+        }
+    };
+    let output = match &req.output {
+        Some(o) if !o.bucket.is_empty() || !o.prefix.is_empty() => {
+            if !o.bucket.is_empty() && !catalog.accepts_buckets {
+                violation(
+                    "output.bucket",
+                    "this worker writes to a local directory; leave the bucket empty".into(),
+                );
+            } else if !o.bucket.is_empty()
+                && let Err(e) = check_bucket(&o.bucket)
+            {
+                violation("output.bucket", format!("{}: {e}", shown(&o.bucket)));
+            }
+            if !o.prefix.is_empty()
+                && let Err(e) = check_prefix(o.prefix.trim_end_matches('/'))
+            {
+                violation("output.prefix", format!("{}: {e}", shown(&o.prefix)));
+            }
+            Some(OutputSpec { bucket: o.bucket.clone(), prefix: o.prefix.trim_end_matches('/').to_string() })
+        }
+        _ => None,
+    };
+    if req.labels.len() > 64 {
+        violation("labels", "at most 64 labels".into());
+    }
+    for (k, v) in &req.labels {
+        let key_ok = !k.is_empty()
+            && k.len() <= 63
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
+        if !key_ok {
+            violation("labels", format!("key {}: 1 to 63 of letters, digits, '-', '_', '.', '/'", shown(k)));
+        }
+        if v.len() > 256 {
+            violation("labels", format!("value of {}: at most 256 bytes", shown(k)));
+        }
+    }
+    if !PRIORITIES.contains(&req.priority) {
+        violation(
+            "priority",
+            format!("{} must be in {}..={}", req.priority, PRIORITIES.start(), PRIORITIES.end()),
+        );
+    }
+    if !bad.is_empty() {
+        return Err(ServiceError::InvalidArgument(bad));
+    }
+    Ok(JobSpec {
+        request_id: req.request_id.clone(),
+        model: req.model.clone(),
+        scheduler: scheduler.unwrap_or(SchedulerKind::Ddpm),
+        steps: sampling.steps,
+        eta: sampling.eta,
+        num_samples: req.num_samples,
+        seed,
+        batch_size,
+        samples_per_grid,
+        grid_columns,
+        output,
+        priority: req.priority,
+        labels: req.labels.clone().into_iter().collect(),
+    })
+}
+
+pub fn scheduler_to_pb(kind: SchedulerKind) -> pb::Scheduler {
+    match kind {
+        SchedulerKind::Ddpm => pb::Scheduler::Ddpm,
+        SchedulerKind::Ddim => pb::Scheduler::Ddim,
+        SchedulerKind::Pndm => pb::Scheduler::Pndm,
+        SchedulerKind::Dpmsolver => pb::Scheduler::Dpmsolver,
+    }
+}
+
+/// The scheduler a specified wire value names (`Unspecified` is refused by [`job_spec`] first).
+pub fn scheduler_from_pb(s: pb::Scheduler) -> SchedulerKind {
+    match s {
+        pb::Scheduler::Ddpm | pb::Scheduler::Unspecified => SchedulerKind::Ddpm,
+        pb::Scheduler::Ddim => SchedulerKind::Ddim,
+        pb::Scheduler::Pndm => SchedulerKind::Pndm,
+        pb::Scheduler::Dpmsolver => SchedulerKind::Dpmsolver,
+    }
+}
+
+/// A job as the API shows it; `grid_uris` are where its grids are once it SUCCEEDED.
+pub fn job_to_pb(job: &JobRecord, grid_uris: Vec<String>) -> pb::Job {
+    let spec = &job.spec;
+    pb::Job {
+        job_id: job.id.clone(),
+        request: Some(request_of(spec)),
+        seed: spec.seed,
+        batch_size: spec.batch_size,
+        state: state_to_pb(job.state) as i32,
+        samples_done: job.samples_done,
+        samples_total: spec.num_samples,
+        shards_done: job.shards_done as u32,
+        shards_total: job.shards_total as u32,
+        created_at: Some(timestamp(job.created_at_ms)),
+        started_at: job.started_at_ms.map(timestamp),
+        finished_at: job.finished_at_ms.map(timestamp),
+        error: job.error.clone().unwrap_or_default(),
+        manifest_uri: job.manifest_uri.clone().unwrap_or_default(),
+        grid_uris,
+    }
+}
+
+/// The request a job was made from, with its resolved defaults.
+pub fn request_of(spec: &JobSpec) -> pb::SubmitJobRequest {
+    let scheduler = scheduler_to_pb(spec.scheduler);
+    pb::SubmitJobRequest {
+        request_id: spec.request_id.clone(),
+        model: spec.model.clone(),
+        sampling: Some(pb::SamplingSpec { scheduler: scheduler as i32, steps: spec.steps, eta: spec.eta }),
+        num_samples: spec.num_samples,
+        seed: Some(spec.seed),
+        batch_size: spec.batch_size,
+        grid: Some(pb::GridSpec { samples_per_grid: spec.samples_per_grid, columns: spec.grid_columns }),
+        output: spec
+            .output
+            .as_ref()
+            .map(|o| pb::OutputSpec { bucket: o.bucket.clone(), prefix: o.prefix.clone() }),
+        priority: spec.priority,
+        labels: spec.labels.clone().into_iter().collect(),
+    }
+}
+
+pub fn state_to_pb(s: JobState) -> pb::JobState {
+    match s {
+        JobState::Queued => pb::JobState::Queued,
+        JobState::Running => pb::JobState::Running,
+        JobState::Succeeded => pb::JobState::Succeeded,
+        JobState::Failed => pb::JobState::Failed,
+        JobState::Cancelled => pb::JobState::Cancelled,
+    }
+}
+
+pub fn state_from_pb(s: i32) -> Option<JobState> {
+    match pb::JobState::try_from(s).ok()? {
+        pb::JobState::Unspecified => None,
+        pb::JobState::Queued => Some(JobState::Queued),
+        pb::JobState::Running => Some(JobState::Running),
+        pb::JobState::Succeeded => Some(JobState::Succeeded),
+        pb::JobState::Failed => Some(JobState::Failed),
+        pb::JobState::Cancelled => Some(JobState::Cancelled),
+    }
+}
+
+pub fn timestamp(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 }
+}
+
+/// Page tokens are the last job's `(created_at, id)`, hex-encoded so clients treat them as opaque.
+pub fn encode_cursor(job: &JobRecord) -> String {
+    hex::encode(format!("{}:{}", job.created_at_ms, job.id))
+}
+
+pub fn decode_cursor(token: &str) -> Option<PageCursor> {
+    let text = String::from_utf8(hex::decode(token).ok()?).ok()?;
+    let (ms, id) = text.split_once(':')?;
+    Some(PageCursor { created_at_ms: ms.parse().ok()?, id: id.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn catalog_model() -> BTreeMap<String, Arc<ResolvedModel>> {
+        let path = std::path::PathBuf::from("/nonexistent");
+        let model = ResolvedModel {
+            name: "tiny".into(),
+            source: "test".into(),
+            files: crate::model::ModelFiles {
+                root: path.clone(),
+                unet_config: path.clone(),
+                weights: path.clone(),
+                scheduler_config: path,
+            },
+            weights_sha256: String::new(),
+            unet_config: crate::model::UNet2DConfig::default(),
+            scheduler_text: r#"{"_class_name": "DDPMScheduler", "num_train_timesteps": 1000}"#.into(),
+        };
+        [("tiny".to_string(), Arc::new(model))].into()
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            max_samples: 1000,
+            max_steps: 1000,
+            max_batch_size: 64,
+            default_batch_size: 16,
+            max_samples_per_grid: 1024,
+            batches_per_shard: 4,
+            max_shards_per_job: 100,
+            max_attempts: 3,
+        }
+    }
+
+    fn request() -> pb::SubmitJobRequest {
+        pb::SubmitJobRequest {
+            request_id: "r".into(),
+            model: "tiny".into(),
+            sampling: Some(pb::SamplingSpec {
+                scheduler: pb::Scheduler::Ddim as i32,
+                steps: 50,
+                eta: Some(0.5),
+            }),
+            num_samples: 10,
+            seed: Some(3),
+            ..Default::default()
+        }
+    }
+
+    fn fields(e: ServiceError) -> Vec<String> {
+        match e {
+            ServiceError::InvalidArgument(v) => v.into_iter().map(|v| v.field).collect(),
+            other => panic!("not a validation error: {other}"),
+        }
+    }
+
+    #[test]
+    fn a_valid_request_round_trips_through_the_domain() {
+        let models = catalog_model();
+        let catalog = Catalog { models: &models, accepts_buckets: true };
+        let spec = job_spec(&request(), &limits(), &catalog).unwrap();
+        assert_eq!(
+            (spec.scheduler, spec.batch_size, spec.seed, spec.samples_per_grid),
+            (SchedulerKind::Ddim, 10, 3, 10)
+        );
+        let back = request_of(&spec);
+        assert_eq!(back.request_id, "r");
+        assert_eq!(
+            job_spec(&back, &limits(), &catalog).unwrap(),
+            spec,
+            "what the API shows is a valid request"
+        );
+        for kind in SchedulerKind::ALL {
+            assert_eq!(scheduler_from_pb(scheduler_to_pb(kind)), kind);
+        }
+    }
+
+    #[test]
+    fn every_bad_field_is_named_once() {
+        let models = catalog_model();
+        let local = Catalog { models: &models, accepts_buckets: false };
+        let mut bad = request();
+        bad.model = "m".repeat(10_000);
+        bad.sampling = Some(pb::SamplingSpec { scheduler: 99, steps: 0, eta: Some(f32::NAN) });
+        bad.num_samples = 0;
+        bad.batch_size = 65;
+        bad.priority = 11;
+        bad.output = Some(pb::OutputSpec { bucket: "b".into(), prefix: "a//b".into() });
+        let e = job_spec(&bad, &limits(), &local).unwrap_err();
+        let message = e.to_string();
+        assert!(message.len() < 1024, "{} bytes: values are cut when echoed", message.len());
+        let mut named = fields(e);
+        named.sort();
+        assert_eq!(
+            named,
+            [
+                "batch_size",
+                "model",
+                "num_samples",
+                "output.bucket",
+                "output.prefix",
+                "priority",
+                "sampling.eta",
+                "sampling.scheduler",
+                "sampling.steps"
+            ]
+        );
+        let mut long = request();
+        long.num_samples = 1000;
+        long.sampling =
+            Some(pb::SamplingSpec { scheduler: pb::Scheduler::Ddpm as i32, steps: 1001, eta: None });
+        assert_eq!(fields(job_spec(&long, &limits(), &local).unwrap_err()), ["sampling.steps"]);
+    }
+
+    #[test]
+    fn shards_per_job_are_capped_by_longer_shards() {
+        let models = catalog_model();
+        let catalog = Catalog { models: &models, accepts_buckets: false };
+        let mut req = request();
+        req.num_samples = 1000;
+        req.batch_size = 1;
+        let spec = job_spec(&req, &limits(), &catalog).unwrap();
+        // 1000 batches, at most 100 shards: 10 batches a shard rather than the configured 4.
+        assert_eq!(limits().batches_per_shard(&spec), 10);
+        req.num_samples = 40;
+        let spec = job_spec(&req, &limits(), &catalog).unwrap();
+        assert_eq!(limits().batches_per_shard(&spec), 4);
+    }
+
+    #[test]
+    fn buckets_and_prefixes_follow_the_rules() {
+        for ok in ["abc", "my-bucket.v2", "a1b2c3"] {
+            check_bucket(ok).unwrap();
+        }
+        for bad in [
+            "ab",
+            "UPPER",
+            "under_score",
+            "-a",
+            "a-",
+            "a..b",
+            "10.0.0.1",
+            "xn--x",
+            "x-s3alias",
+            &"a".repeat(64),
+        ] {
+            assert!(check_bucket(bad).is_err(), "{bad}");
+        }
+        for ok in ["a", "a/b/c", "x-y_z.w"] {
+            check_prefix(ok).unwrap();
+        }
+        let deep = "a/".repeat(513) + "a";
+        for bad in ["a\0b", "tab\tx", "a\\b", "../a", "a//b", ".ddpm-staging", &"s".repeat(256), &deep] {
+            assert!(check_prefix(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(shown("short"), "\"short\"");
+        assert!(shown(&"x".repeat(1000)).len() < 100);
+    }
+
+    #[test]
+    fn page_tokens_round_trip_and_reject_garbage() {
+        let job = JobRecord {
+            id: "abc-1".into(),
+            spec: crate::queue::conformance::spec(1, 1, 0, &[]),
+            state: JobState::Queued,
+            samples_done: 0,
+            shards_done: 0,
+            shards_total: 1,
+            created_at_ms: 1234,
+            started_at_ms: None,
+            finished_at_ms: None,
+            error: None,
+            manifest_uri: None,
+        };
+        assert_eq!(
+            decode_cursor(&encode_cursor(&job)),
+            Some(PageCursor { created_at_ms: 1234, id: "abc-1".into() })
+        );
+        assert_eq!(decode_cursor("zz"), None);
+        assert_eq!(decode_cursor(&hex::encode("nocolon")), None);
+    }
+
+    #[test]
+    fn timestamps_split_milliseconds() {
+        assert_eq!(timestamp(1_500), prost_types::Timestamp { seconds: 1, nanos: 500_000_000 });
+        assert_eq!(timestamp(-1), prost_types::Timestamp { seconds: -1, nanos: 999_000_000 });
+    }
+}

@@ -1,0 +1,244 @@
+//! The `ddpm.v1.Worker` handlers: thin, each converts its request at the boundary ([`convert`]), asks
+//! the worker (its queue, its outputs) and converts the answer back; errors become statuses in one
+//! place ([`ServiceError`]).
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::convert::{self, Catalog, Limits};
+use super::error::ServiceError;
+use super::pb;
+use crate::job::{JobRecord, JobSpec, JobState};
+use crate::queue::{IdempotencyKey, JobFilter};
+use crate::worker::WorkerContext;
+use crate::worker::outputs;
+
+/// Grids shown on a job, at most: the manifest lists them all.
+const MAX_GRID_URIS: u64 = 64;
+const MAX_PAGE_SIZE: u32 = 1000;
+const DEFAULT_PAGE_SIZE: u32 = 100;
+const WATCH_POLL: Duration = Duration::from_millis(200);
+
+pub struct WorkerService {
+    pub ctx: Arc<WorkerContext>,
+    pub limits: Limits,
+}
+
+impl WorkerService {
+    /// Checks a submission against this worker's models and destination.
+    pub fn validate(&self, req: &pb::SubmitJobRequest) -> Result<JobSpec, ServiceError> {
+        let catalog =
+            Catalog { models: &self.ctx.models, accepts_buckets: self.ctx.outputs.accepts_buckets() };
+        convert::job_spec(req, &self.limits, &catalog)
+    }
+
+    async fn to_pb(&self, job: &JobRecord) -> pb::Job {
+        let mut grid_uris = Vec::new();
+        if job.state == JobState::Succeeded
+            && let Ok(out) = self.ctx.outputs.for_job(&job.id, &job.spec).await
+        {
+            grid_uris = outputs::grid_ranges(&job.spec)
+                .take(MAX_GRID_URIS as usize)
+                .map(|g| out.uri(&out.grid_key(g.0)))
+                .collect();
+        }
+        convert::job_to_pb(job, grid_uris)
+    }
+
+    async fn get(&self, job_id: &str) -> Result<JobRecord, ServiceError> {
+        let job_id = convert::job_id(job_id)?;
+        self.ctx.queue.job(job_id).await?.ok_or_else(|| ServiceError::NotFound(job_id.to_string()))
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::worker_server::Worker for WorkerService {
+    async fn submit_job(
+        &self,
+        request: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let started = std::time::Instant::now();
+        let req = request.into_inner();
+        if self.ctx.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(ServiceError::ShuttingDown.into());
+        }
+        let spec = self.validate(&req).inspect_err(|_| {
+            metrics::counter!("ddpm_jobs_submitted_total", "result" => "invalid").increment(1);
+        })?;
+        // The request as the client sent it (before defaults), so a retry of a seedless request matches.
+        let key = (!req.request_id.is_empty()).then(|| {
+            let mut sent = req.clone();
+            sent.request_id.clear();
+            IdempotencyKey {
+                request_id: req.request_id.clone(),
+                request_hash: crate::digest::sha256_hex(&sent.encode_to_vec()),
+            }
+        });
+        let outcome = self
+            .ctx
+            .queue
+            .submit(&spec, key.as_ref(), self.limits.batches_per_shard(&spec), self.limits.max_attempts)
+            .await
+            .map_err(ServiceError::from)?;
+        let result = if outcome.created { "created" } else { "existing" };
+        metrics::counter!("ddpm_jobs_submitted_total", "result" => result).increment(1);
+        metrics::histogram!("ddpm_submit_duration_seconds").record(started.elapsed().as_secs_f64());
+        if outcome.created {
+            tracing::info!(
+                job_id = outcome.job.id,
+                model = spec.model,
+                num_samples = spec.num_samples,
+                shards = outcome.job.shards_total,
+                "job queued"
+            );
+            self.ctx.wake.notify_waiters();
+        }
+        Ok(Response::new(pb::SubmitJobResponse { job: Some(self.to_pb(&outcome.job).await) }))
+    }
+
+    async fn get_job(&self, request: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let job = self.get(&request.into_inner().job_id).await?;
+        Ok(Response::new(self.to_pb(&job).await))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let req = request.into_inner();
+        let mut states = Vec::new();
+        for s in &req.states {
+            states.push(
+                convert::state_from_pb(*s)
+                    .ok_or_else(|| ServiceError::invalid("states", format!("unknown state {s}")))?,
+            );
+        }
+        if req.page_size > MAX_PAGE_SIZE {
+            return Err(ServiceError::invalid("page_size", format!("at most {MAX_PAGE_SIZE}")).into());
+        }
+        let limit = if req.page_size == 0 { DEFAULT_PAGE_SIZE } else { req.page_size } as usize;
+        let cursor = match req.page_token.as_str() {
+            "" => None,
+            token => Some(
+                convert::decode_cursor(token)
+                    .ok_or_else(|| ServiceError::invalid("page_token", "not a token from ListJobs"))?,
+            ),
+        };
+        let filter = JobFilter { states, labels: req.labels.into_iter().collect::<BTreeMap<_, _>>() };
+        // One extra row tells whether another page follows.
+        let mut jobs = self
+            .ctx
+            .queue
+            .list_jobs(&filter, cursor.as_ref(), limit + 1)
+            .await
+            .map_err(ServiceError::from)?;
+        let more = jobs.len() > limit;
+        jobs.truncate(limit);
+        let next_page_token =
+            if more { jobs.last().map(convert::encode_cursor).unwrap_or_default() } else { String::new() };
+        let mut out = Vec::with_capacity(jobs.len());
+        for job in &jobs {
+            out.push(self.to_pb(job).await);
+        }
+        Ok(Response::new(pb::ListJobsResponse { jobs: out, next_page_token }))
+    }
+
+    async fn cancel_job(&self, request: Request<pb::CancelJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let job = self.get(&request.into_inner().job_id).await?;
+        let job = match job.state {
+            JobState::Succeeded | JobState::Failed => {
+                return Err(
+                    ServiceError::AlreadyFinished { job_id: job.id, state: job.state.as_str() }.into()
+                );
+            }
+            JobState::Cancelled => job,
+            JobState::Queued | JobState::Running => {
+                let finished = self
+                    .ctx
+                    .queue
+                    .finish_job(&job.id, JobState::Cancelled, Some("cancelled by request"), None)
+                    .await
+                    .map_err(ServiceError::from)?;
+                self.ctx.active.stop_job(&job.id);
+                let job = finished.ok_or_else(|| ServiceError::NotFound(job.id.clone()))?;
+                if job.state == JobState::Cancelled {
+                    metrics::counter!("ddpm_jobs_finished_total", "state" => "cancelled").increment(1);
+                    tracing::info!(job_id = job.id, "job cancelled");
+                }
+                job
+            }
+        };
+        Ok(Response::new(self.to_pb(&job).await))
+    }
+
+    async fn retry_job(&self, request: Request<pb::RetryJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let job = self.get(&request.into_inner().job_id).await?;
+        if job.state != JobState::Failed {
+            return Err(ServiceError::NotFailed { job_id: job.id, state: job.state.as_str() }.into());
+        }
+        let job = self
+            .ctx
+            .queue
+            .retry_job(&job.id)
+            .await
+            .map_err(ServiceError::from)?
+            .ok_or_else(|| ServiceError::NotFound(job.id.clone()))?;
+        if job.state == JobState::Failed {
+            // Another caller's retry raced this one and the job failed again in between: say so.
+            return Err(ServiceError::NotFailed { job_id: job.id, state: "failed again" }.into());
+        }
+        tracing::info!(job_id = job.id, "job retried");
+        self.ctx.wake.notify_waiters();
+        Ok(Response::new(self.to_pb(&job).await))
+    }
+
+    type WatchJobStream = WatchStream;
+
+    async fn watch_job(
+        &self,
+        request: Request<pb::WatchJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let first = self.get(&request.into_inner().job_id).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let ctx = Arc::clone(&self.ctx);
+        let service = WorkerService { ctx: Arc::clone(&self.ctx), limits: self.limits.clone() };
+        tokio::spawn(async move {
+            let mut last = first;
+            if tx.send(Ok(pb::JobEvent { job: Some(service.to_pb(&last).await) })).await.is_err() {
+                return;
+            }
+            while !last.state.is_terminal() {
+                tokio::time::sleep(WATCH_POLL).await;
+                // An open stream would hold the server's graceful shutdown until the job ends: end it,
+                // and the client watches again on another worker (or after the restart).
+                if ctx.draining.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = tx.send(Err(ServiceError::ShuttingDown.into())).await;
+                    break;
+                }
+                let job = match ctx.queue.job(&last.id).await {
+                    Ok(Some(job)) => job,
+                    Ok(None) => break,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(ServiceError::from(e)))).await;
+                        break;
+                    }
+                };
+                if job != last {
+                    if tx.send(Ok(pb::JobEvent { job: Some(service.to_pb(&job).await) })).await.is_err() {
+                        return; // the client went away
+                    }
+                    last = job;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
