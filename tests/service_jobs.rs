@@ -230,11 +230,12 @@ async fn a_shard_failing_on_every_attempt_fails_its_job_with_the_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_failure_is_reported_as_such_not_as_a_cancellation() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), &["--batches-per-shard", "8", "--max-attempts", "1"]).await;
+    let server = Server::start(dir.path(), &["--batches-per-shard", "32", "--max-attempts", "1"]).await;
     let mut client = server.client().await;
-    // One shard of eight one-sample batches: it is still sampling when its first upload fails.
+    // One shard of 32 one-sample batches: it is still sampling when its failed upload is collected
+    // (the uploader keeps 8 writes in flight).
     let job =
-        client.submit_job(request(8, pb::Scheduler::Ddpm, 200, 1)).await.unwrap().into_inner().job.unwrap();
+        client.submit_job(request(32, pb::Scheduler::Ddpm, 50, 1)).await.unwrap().into_inner().job.unwrap();
     std::fs::create_dir_all(dir.path().join("jobs").join(&job.job_id).join("samples/00000000.png")).unwrap();
     let failed = wait_for(&mut client, &job.job_id, |j| j.state == FAILED).await;
     assert!(failed.error.contains("Is a directory"), "the upload's error is the cause: {}", failed.error);
