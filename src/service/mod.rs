@@ -23,7 +23,7 @@ use crate::queue::sqlite::SqliteStore;
 use crate::queue::{Queue, SqliteQueue};
 use crate::storage::Destination;
 use crate::worker::outputs::Outputs;
-use crate::worker::pool::{self, DeviceEvent};
+use crate::worker::pool;
 use crate::worker::{WorkerConfig, WorkerContext, device};
 use tonic_health::ServingStatus;
 
@@ -346,7 +346,7 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
     let pool = pool::start(&ctx, &prepared.devices)
         .map_err(|e| ServeError::Runtime(format!("starting a device thread: {e}")))?;
     let threads = pool.threads;
-    let mut device_events = pool.events;
+    let device_events = pool.events;
 
     let reaper = {
         let ctx = Arc::clone(&ctx);
@@ -386,51 +386,19 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
         }
     };
 
-    // Health: SERVING while every device is warm, the queue answers and no drain has begun. A dead
-    // device thread ends the process (exit 1) instead.
-    let (died_tx, died_rx) = tokio::sync::oneshot::channel::<String>();
+    // Health follows the pool's readiness; a dead device thread ends the process (exit 1).
+    let (ready_tx, mut ready_rx) = tokio::sync::watch::channel(false);
+    let mut supervisor =
+        tokio::spawn(pool::supervise(Arc::clone(&ctx), device_events, prepared.devices.len(), ready_tx));
     {
-        let (ctx, health) = (Arc::clone(&ctx), health.clone());
-        let device_count = prepared.devices.len();
+        let health = health.clone();
         tokio::spawn(async move {
-            let mut ready = 0;
-            let mut serving = false;
-            let mut open = true;
-            let mut tick = tokio::time::interval(Duration::from_millis(250));
-            loop {
-                tokio::select! {
-                    event = device_events.recv(), if open => match event {
-                        Some(DeviceEvent::Ready(name)) => {
-                            ready += 1;
-                            tracing::info!(device = name, "models loaded and warm");
-                        }
-                        Some(DeviceEvent::Died(e)) => {
-                            let _ = died_tx.send(e);
-                            return;
-                        }
-                        None => open = false,
-                    },
-                    _ = tick.tick() => {}
-                }
-                let now = ready == device_count
-                    && !ctx.draining.load(Ordering::Relaxed)
-                    && ctx.queue_reachable.load(Ordering::Relaxed);
-                if now != serving {
-                    serving = now;
-                    let status = if now { ServingStatus::Serving } else { ServingStatus::NotServing };
-                    health.set_service_status("", status).await;
-                    health.set_service_status(WORKER_SERVICE, status).await;
-                    tracing::info!(serving = now, devices = ready, "readiness changed");
-                }
-                if ctx.draining.load(Ordering::Relaxed) {
-                    // Device threads end one by one while draining; that is no death.
-                    while let Some(event) = device_events.recv().await {
-                        if let DeviceEvent::Died(e) = event {
-                            tracing::warn!(error = e, "device thread failed while draining");
-                        }
-                    }
-                    return;
-                }
+            while ready_rx.changed().await.is_ok() {
+                let ready = *ready_rx.borrow_and_update();
+                let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
+                health.set_service_status("", status).await;
+                health.set_service_status(WORKER_SERVICE, status).await;
+                tracing::info!(ready, "readiness changed");
             }
         });
     }
@@ -446,7 +414,7 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
         .serve_with_incoming_shutdown(incoming, shutdown);
     tokio::select! {
         r = server => r.map_err(|e| ServeError::Runtime(e.to_string()))?,
-        Ok(e) = died_rx => return Err(ServeError::Runtime(e)),
+        Ok(Some(e)) = &mut supervisor => return Err(ServeError::Runtime(e)),
     }
     reaper.abort();
     tracing::info!("drained; exiting");

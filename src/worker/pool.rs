@@ -1,10 +1,14 @@
 //! The device pool: one OS thread per device, each loading and warming its models and then pulling
 //! shards ([`device::run`]). Threads report on one channel: ready, or dead (a load error, or a panic
-//! anywhere outside the per-batch guard). A dead device thread is fatal to the process: a worker that
-//! can no longer sample must not stay up taking jobs.
+//! anywhere outside the per-batch guard). [`supervise`] turns the reports and the worker's state into
+//! readiness, published on a `watch` (SERVING while every device is warm, the queue answers and no
+//! drain has begun). A dead device thread is fatal to the process: a worker that can no longer sample
+//! must not stay up taking jobs.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use tch::Device;
 
@@ -25,18 +29,15 @@ pub enum DeviceEvent {
 pub struct DevicePool {
     pub threads: Vec<std::thread::JoinHandle<()>>,
     pub events: tokio::sync::mpsc::UnboundedReceiver<DeviceEvent>,
-    pub names: Vec<String>,
 }
 
 /// Starts one thread per device; `cpu_threads` is the intra-op thread count of a CPU device thread.
 pub fn start(ctx: &Arc<WorkerContext>, devices: &[(Device, Option<i32>)]) -> std::io::Result<DevicePool> {
     let (tx, events) = tokio::sync::mpsc::unbounded_channel();
     let mut threads = Vec::with_capacity(devices.len());
-    let mut names = Vec::with_capacity(devices.len());
     for (i, &(dev, cpu_threads)) in devices.iter().enumerate() {
         let (ctx, tx) = (Arc::clone(ctx), tx.clone());
         let name = format!("device-{i}-{}", device_name(dev));
-        names.push(name.clone());
         let handle = std::thread::Builder::new().name(name.clone()).spawn(move || {
             let lived = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 if let Some(n) = cpu_threads {
@@ -58,5 +59,47 @@ pub fn start(ctx: &Arc<WorkerContext>, devices: &[(Device, Option<i32>)]) -> std
         })?;
         threads.push(handle);
     }
-    Ok(DevicePool { threads, events, names })
+    Ok(DevicePool { threads, events })
+}
+
+/// How often readiness is recomputed from the worker's state (the queue's reachability and the drain
+/// flag change without an event).
+const READINESS_TICK: Duration = Duration::from_millis(250);
+
+/// Follows the device threads' reports and publishes readiness on `ready`. Returns why a device
+/// thread died, or `None` once a drain has ended every thread (deaths while draining are logged).
+pub async fn supervise(
+    ctx: Arc<WorkerContext>,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<DeviceEvent>,
+    devices: usize,
+    ready: tokio::sync::watch::Sender<bool>,
+) -> Option<String> {
+    let mut warm = 0;
+    let mut open = true;
+    let mut tick = tokio::time::interval(READINESS_TICK);
+    loop {
+        tokio::select! {
+            event = events.recv(), if open => match event {
+                Some(DeviceEvent::Ready(name)) => {
+                    warm += 1;
+                    tracing::info!(device = name, "models loaded and warm");
+                }
+                Some(DeviceEvent::Died(e)) => return Some(e),
+                None => open = false,
+            },
+            _ = tick.tick() => {}
+        }
+        let draining = ctx.draining.load(Ordering::Relaxed);
+        let now = warm == devices && !draining && ctx.queue_reachable.load(Ordering::Relaxed);
+        ready.send_if_modified(|was| std::mem::replace(was, now) != now);
+        if draining {
+            // Device threads end one by one while draining; that is no death.
+            while let Some(event) = events.recv().await {
+                if let DeviceEvent::Died(e) = event {
+                    tracing::warn!(error = e, "device thread failed while draining");
+                }
+            }
+            return None;
+        }
+    }
 }
