@@ -407,18 +407,7 @@ fn client_calls_have_a_deadline() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let started = std::time::Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if started.elapsed() > Duration::from_secs(20) {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = common::wait_or_kill(&mut child, Duration::from_secs(20));
     let status = status.expect("submit gave up within its deadline");
     assert!(!status.success());
     drop(silent);

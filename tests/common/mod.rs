@@ -76,6 +76,25 @@ pub fn venv_binary(env_var: &str, name: &str, package: &str) -> PathBuf {
     path
 }
 
+/// Waits for `child` at most `limit`; kills it and returns `None` if it is still running then.
+pub fn wait_or_kill(
+    child: &mut std::process::Child,
+    limit: std::time::Duration,
+) -> Option<std::process::ExitStatus> {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if started.elapsed() > limit {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// A name no other test uses (namespaces, prefixes), so tests sharing a server cannot see each other.
 pub fn unique_name(name: &str) -> String {
     format!("{name}-{}", uuid::Uuid::new_v4().simple())
