@@ -191,10 +191,6 @@ impl pb::worker_server::Worker for WorkerService {
             .await
             .map_err(ServiceError::from)?
             .ok_or_else(|| ServiceError::NotFound(job.id.clone()))?;
-        if job.state == JobState::Failed {
-            // Another caller's retry raced this one and the job failed again in between: say so.
-            return Err(ServiceError::NotFailed { job_id: job.id, state: "failed again" }.into());
-        }
         tracing::info!(job_id = job.id, "job retried");
         self.ctx.wake.notify_waiters();
         Ok(Response::new(self.to_pb(&job).await))

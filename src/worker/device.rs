@@ -35,14 +35,9 @@ pub struct DeviceModels {
 
 impl DeviceModels {
     /// Loads every model on `device` and runs one forward pass each, so the first shard does not pay
-    /// for allocator and kernel warm-up. A libtorch panic (out of memory, a kernel error) is an error
-    /// here like any other, not a dead thread.
+    /// for allocator and kernel warm-up. It runs inside the device thread's `catch_unwind`
+    /// ([`super::pool`]): a libtorch panic here (out of memory, a kernel error) ends the process.
     pub fn load(ctx: &WorkerContext, device: Device) -> Result<Self, ModelError> {
-        std::panic::catch_unwind(AssertUnwindSafe(|| Self::load_unguarded(ctx, device)))
-            .unwrap_or_else(|panic| Err(ModelError::Torch(tch::TchError::Torch(panic_message(&panic)))))
-    }
-
-    fn load_unguarded(ctx: &WorkerContext, device: Device) -> Result<Self, ModelError> {
         let mut unets = BTreeMap::new();
         let _guard = tch::no_grad_guard();
         for (name, model) in ctx.models.iter() {
