@@ -25,19 +25,21 @@ SCHEDULER  ?= dpmsolver
 STEPS      ?= 25
 SAMPLES    ?= 8
 SEED       ?= 0
+FORMAT     ?= files
 LISTEN     ?= 127.0.0.1:50051
 
-.PHONY: all setup build run stop generate test lint fixtures bench bench-service stress clean
+.PHONY: all setup build run stop generate test lint fixtures bench bench-service bench-datasets stress clean
 
 all: build
 
 # Keyed by a hash of the pins (not file timestamps, which a fresh clone renews).
-VENV_KEY := $(shell cat scripts/requirements.txt scripts/requirements-services.txt | sha256sum | cut -c1-16)
+VENV_KEY := $(shell cat scripts/requirements.txt scripts/requirements-services.txt scripts/requirements-readers.txt | sha256sum | cut -c1-16)
 
 $(VENV)/.installed-$(VENV_KEY):
 	$(BASE_PY) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -r scripts/requirements.txt -r scripts/requirements-services.txt
+	$(VENV)/bin/pip install --quiet -r scripts/requirements.txt -r scripts/requirements-services.txt \
+		-r scripts/requirements-readers.txt
 	rm -f $(VENV)/.installed*
 	touch $@
 
@@ -59,8 +61,9 @@ stop:
 
 # One local run without the service.
 generate: build $(if $(filter $(OUT)/demo-model,$(MODEL)),$(OUT)/demo-model/config.json)
+	rm -rf $(OUT)/generate
 	$(BIN) generate --model $(MODEL) --scheduler $(SCHEDULER) --steps $(STEPS) \
-		--num-samples $(SAMPLES) --seed $(SEED) --out $(OUT)/generate
+		--num-samples $(SAMPLES) --seed $(SEED) --format $(FORMAT) --out $(OUT)/generate
 
 # The folder name is a hash of the generator and the pins, so it is regenerated exactly when they change
 # (not when a fresh clone gives the files new timestamps).
@@ -75,7 +78,8 @@ fixtures: $(FIXTURES)/manifest.json
 # libtorch runs its AVX2 kernels on both sides of the parity tests (the goldens are made that way too):
 # on an AVX-512 host its default kernels differ from them by ~1e-6, which chaotic random-weight cases amplify.
 test: build fixtures
-	ATEN_CPU_CAPABILITY=avx2 DDPM_FIXTURES=$(FIXTURES) DDPM_WEED=$(VENV)/bin/weed DDPM_NATS_SERVER=$(VENV)/bin/nats-server cargo test $(CARGO_FLAGS) --features test-support
+	ATEN_CPU_CAPABILITY=avx2 DDPM_FIXTURES=$(FIXTURES) DDPM_WEED=$(VENV)/bin/weed DDPM_NATS_SERVER=$(VENV)/bin/nats-server \
+		DDPM_PYTHON=$(PYTHON) cargo test $(CARGO_FLAGS) --features test-support
 
 lint: setup
 	cargo fmt --all -- --check
@@ -90,6 +94,10 @@ bench-service: build
 # 20,000-shard jobs on SQLite and NATS, and a 60 s S3 outage during a job (bench/stress.py).
 stress: build
 	$(PYTHON) bench/stress.py --bin $(BIN) --venv $(VENV)
+
+# Each layout on a 100,000-sample tiny job, and finalize at 10k/100k/1M samples (bench/datasets.py).
+bench-datasets: build
+	$(PYTHON) bench/datasets.py --bin $(BIN)
 
 clean: stop
 	rm -rf $(OUT)

@@ -20,8 +20,9 @@ end; every wait is bounded. Three scenarios, all figures in one JSON object on s
     talks to S3 through the proxy; a 24-sample DDPM job (100 steps, batch size 2, one batch per shard)
     is submitted, the proxy cut for --outage-seconds once 2 shards are done, then restored. Target: the
     job SUCCEEDS. Its outputs are then checked through SeaweedFS's filer HTTP API (no proxy, no auth):
-    every sample and grid in the manifest against its SHA-256, and every object under the job's folder
-    against the manifest (samples, grids, shards/<shard:06>.json, manifest.json): none missing, none extra.
+    every index part and grid in the manifest and every sample in the index against its SHA-256, and
+    every object under the job's folder against them (samples, index parts, grids, shards/<shard:06>.json,
+    manifest.json): none missing, none extra.
 
 Missed targets are reported (`"pass": false`), not turned into a non-zero exit; the exit status is
 non-zero only when a scenario could not be run at all.
@@ -677,24 +678,44 @@ def verify_outputs(weed: SeaweedFs, job_id: str, st: dict) -> dict:
     manifest = json.loads(raw)
     if st.get("manifest"):
         v["manifest_uri"] = st["manifest"]
-    samples, grids = manifest.get("samples", []), manifest.get("grids", [])
+    import io
+
+    import pyarrow.parquet as pq
+
+    grids, parts, files = manifest.get("grids", []), manifest.get("index", []), manifest.get("files", [])
     num = manifest.get("spec", {}).get("num_samples")
-    v["samples"], v["grids"], v["shards"] = len(samples), len(grids), len(manifest.get("shards", []))
-    v["samples_complete"] = sorted(s["index"] for s in samples) == list(range(num or 0))
+    v["grids"], v["shards"], v["index_parts"] = len(grids), len(manifest.get("shards", [])), len(parts)
     v["adopted"] = sum(s.get("adopted", 0) for s in manifest.get("shards", []))
     v["max_attempt"] = max((s.get("attempt", 0) for s in manifest.get("shards", [])), default=0)
-    bad, missing = [], []
-    for entry in samples + grids:
-        data = weed.filer_get(entry["key"])
+    bad, missing, rows = [], [], []
+    # Index parts, data files and grids against the manifest; then each sample against the index.
+    for entry in parts + files + grids:
+        key = f"{base}/{entry['path']}"
+        data = weed.filer_get(key)
         if data is None:
-            missing.append(entry["key"])
+            missing.append(key)
         elif hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            bad.append(entry["key"])
-    expected = {e["key"] for e in samples + grids}
+            bad.append(key)
+        elif entry in parts:
+            rows.extend(pq.read_table(io.BytesIO(data)).to_pylist())
+    v["samples"] = len(rows)
+    v["samples_complete"] = sorted(r["index"] for r in rows) == list(range(num or 0))
+    sample_keys = set()
+    for r in rows:
+        key = f"{base}/{r['file']}"
+        sample_keys.add(key)
+        if r["offset"] is not None or r["row"] is not None:
+            continue  # inside a data file whose SHA-256 was checked above
+        data = weed.filer_get(key)
+        if data is None:
+            missing.append(key)
+        elif hashlib.sha256(data).hexdigest() != r["sha256"]:
+            bad.append(key)
+    expected = {f"{base}/{e['path']}" for e in parts + files + grids} | sample_keys
     expected |= {f"{base}/shards/{s['shard']:06}.json" for s in manifest.get("shards", [])}
     expected.add(f"{base}/manifest.json")
     v["sha256_mismatches"] = bad
-    v["missing"] = sorted(missing + [k for k in expected - listed if k not in missing])
+    v["missing"] = sorted(set(missing) | (expected - listed))
     v["unlisted_objects"] = sorted(listed - expected)
     v["ok"] = bool(v["samples_complete"] and not bad and not v["missing"] and not v["unlisted_objects"])
     return v

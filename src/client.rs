@@ -69,6 +69,21 @@ pub struct SubmitArgs {
     pub bucket: Option<String>,
     #[arg(long)]
     pub prefix: Option<String>,
+    /// Layout of the samples; the server's default when absent.
+    #[arg(long, value_enum)]
+    pub format: Option<crate::dataset::DataFormat>,
+    /// Encoding of each sample (webp is lossless).
+    #[arg(long, value_enum)]
+    pub image_format: Option<crate::dataset::ImageFormat>,
+    /// JPEG quality, 1 to 100 (default 95).
+    #[arg(long)]
+    pub quality: Option<u32>,
+    /// PNG deflate level, 1 to 9 (default: fast).
+    #[arg(long)]
+    pub png_level: Option<u32>,
+    /// Size a WebDataset or Parquet data file stays under, in bytes (default 256 MiB).
+    #[arg(long)]
+    pub target_file_bytes: Option<u64>,
     #[arg(long, default_value_t = 0)]
     pub priority: i32,
     /// KEY=VALUE, repeatable.
@@ -154,9 +169,24 @@ pub async fn submit(args: SubmitArgs, progress: bool) -> Result<(), ClientError>
         samples_per_grid: args.samples_per_grid.unwrap_or(64),
         columns: args.grid_columns.unwrap_or(0),
     });
-    let output = (args.bucket.is_some() || args.prefix.is_some()).then(|| pb::OutputSpec {
+    let image_format = args.image_format.map(|f| match f {
+        crate::dataset::ImageFormat::Png => pb::ImageFormat::Png,
+        crate::dataset::ImageFormat::Webp => pb::ImageFormat::Webp,
+        crate::dataset::ImageFormat::Jpeg => pb::ImageFormat::Jpeg,
+    });
+    let format = args.format.map(|f| match f {
+        crate::dataset::DataFormat::Files => pb::OutputFormat::Files,
+        crate::dataset::DataFormat::Webdataset => pb::OutputFormat::Webdataset,
+        crate::dataset::DataFormat::Parquet => pb::OutputFormat::Parquet,
+    });
+    let output = Some(pb::OutputSpec {
         bucket: args.bucket.clone().unwrap_or_default(),
         prefix: args.prefix.clone().unwrap_or_default(),
+        format: format.map_or(0, |f| f as i32),
+        image_format: image_format.map_or(0, |f| f as i32),
+        jpeg_quality: args.quality.unwrap_or(0),
+        png_level: args.png_level.unwrap_or(0),
+        target_file_bytes: args.target_file_bytes.unwrap_or(0),
     });
     let request = pb::SubmitJobRequest {
         request_id: args.request_id.clone().unwrap_or_default(),

@@ -3,20 +3,24 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
 use std::time::Instant;
 
 use image::DynamicImage;
 use serde::Serialize;
 use tch::Device;
 
+use crate::dataset::sink::{ShardTarget, write_shard};
+use crate::dataset::{DataFormat, DatasetError, DatasetOptions, Encoding, SampleContext, StoredFile};
 use crate::digest::{sha256_file, sha256_hex};
 use crate::imaging::{self, ImageError};
 use crate::model::{Layout, LoadedUNet, ModelError, ModelFiles};
 use crate::placement::{DType, device_name};
 use crate::sampler::{self, BatchRequest, Placement, SampleError};
 use crate::schedulers::{SchedulerConfig, SchedulerError, SchedulerKind};
+use crate::storage::ObjectStore;
+use crate::storage::local::LocalStore;
 
 /// Most samples drawn into `grid.png`.
 pub const GRID_MAX: usize = 64;
@@ -36,6 +40,8 @@ pub enum GenerateError {
     Image(#[from] ImageError),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
 }
 
 impl GenerateError {
@@ -75,14 +81,10 @@ pub struct GenerateSpec {
     /// Batches sampled concurrently, each on its own thread with a share of the CPU threads (CPU only).
     pub lanes: usize,
     pub out: PathBuf,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct SampleRecord {
-    pub index: usize,
-    pub seed: u64,
-    pub file: String,
-    pub sha256: String,
+    /// Layout and encoding of the samples.
+    pub format: DataFormat,
+    pub encoding: Encoding,
+    pub target_file_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -124,7 +126,11 @@ pub struct Manifest {
     pub layout: Layout,
     pub lanes: usize,
     pub device: String,
-    pub samples: Vec<SampleRecord>,
+    pub dataset: DatasetOptions,
+    /// The per-sample listing (index, seed, SHA-256 and place of each encoded image).
+    pub index: StoredFile,
+    /// Data files (`webdataset`, `parquet`).
+    pub files: Vec<StoredFile>,
     pub grid: FileRecord,
     pub timings: Timings,
 }
@@ -162,6 +168,26 @@ impl GenerateSpec {
                 return invalid("eta", format!("{eta} must be a finite number ≥ 0"));
             }
         }
+        if !crate::dataset::TARGET_FILE_BYTES.contains(&self.target_file_bytes) {
+            let (lo, hi) =
+                (crate::dataset::TARGET_FILE_BYTES.start(), crate::dataset::TARGET_FILE_BYTES.end());
+            return invalid(
+                "target_file_bytes",
+                format!("{} must be in {lo}..={hi}", self.target_file_bytes),
+            );
+        }
+        if !(1..=100).contains(&self.encoding.quality) {
+            return invalid("quality", format!("{} must be in 1..=100", self.encoding.quality));
+        }
+        if self.encoding.png_level > 9 {
+            return invalid("png_level", format!("{} must be in 1..=9", self.encoding.png_level));
+        }
+        if self.out.join("manifest.json").exists() {
+            return invalid(
+                "out",
+                format!("{} already holds a run (manifest.json); choose another folder", self.out.display()),
+            );
+        }
         if self.dtype != DType::Fp32 && !self.device.is_cuda() {
             return invalid("dtype", format!("{:?} needs a CUDA device; use fp32 on the CPU", self.dtype));
         }
@@ -191,8 +217,7 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Manifest, GenerateErro
     unet.set_layout(spec.layout);
     let load_seconds = started.elapsed().as_secs_f64();
     // Only once the model is known to load, so a refused run leaves no output folder behind.
-    let samples_dir = spec.out.join("samples");
-    fs::create_dir_all(&samples_dir).map_err(GenerateError::io(&samples_dir))?;
+    fs::create_dir_all(&spec.out).map_err(GenerateError::io(&spec.out))?;
 
     let batches: Vec<Vec<u64>> = (0..spec.num_samples as u64)
         .map(|i| spec.seed + i)
@@ -202,13 +227,43 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Manifest, GenerateErro
         .collect();
     let bar = progress_bar(progress, (batches.len() * steps_per_batch) as u64);
 
-    // PNG encoding, hashing and writing overlap the next batch's sampling.
-    let (tx, rx) = mpsc::sync_channel::<(usize, u64, DynamicImage)>(spec.batch_size * 2);
-    let out_dir = spec.out.clone();
-    let writer = std::thread::Builder::new()
-        .name("png-writer".into())
-        .spawn(move || write_samples(&out_dir, rx))
+    // Encoding and writing overlap the next batch's sampling, as a service shard's do.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
         .map_err(GenerateError::io(&spec.out))?;
+    let store: Arc<dyn ObjectStore> =
+        Arc::new(LocalStore::new(&spec.out).map_err(|e| GenerateError::Dataset(e.into()))?);
+    let (c, h, w) = (
+        unet.config.in_channels as u64,
+        unet.config.sample_hw()?.0 as u64,
+        unet.config.sample_hw()?.1 as u64,
+    );
+    let mut dataset = DatasetOptions::new(spec.format, spec.encoding, spec.target_file_bytes, (c, h, w));
+    dataset.samples_per_file =
+        (dataset.samples_per_file / spec.batch_size as u64).max(1) * spec.batch_size as u64;
+    let target = ShardTarget {
+        store,
+        base: String::new(),
+        options: dataset,
+        context: SampleContext {
+            model: files.root.display().to_string(),
+            model_sha256: weights_sha.clone(),
+            scheduler: spec.scheduler.as_str().into(),
+            steps: spec.steps as u32,
+            eta,
+            seed: spec.seed,
+        },
+        shard: 0,
+        start: 0,
+        end: spec.num_samples as u64,
+        writer: crate::dataset::index::Writer { shard: 0, worker: "generate".into(), attempt: 1 },
+        mtime: time::OffsetDateTime::now_utc().unix_timestamp().max(0) as u64,
+        scratch: spec.out.clone(),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<(u64, DynamicImage)>(spec.batch_size * 2);
+    let writer = runtime.spawn(write_shard(target, rx, |i| i < GRID_MAX as u64));
 
     let sampling_started = Instant::now();
     let place = Placement { device: spec.device, kind: spec.dtype.kind() };
@@ -244,9 +299,11 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Manifest, GenerateErro
         first_error.map_or(Ok(()), |i| results.into_iter().nth(i).unwrap_or(Ok(())))
     };
     drop(tx);
-    let written = writer.join().expect("the PNG writer thread panicked. This is a bug.");
+    let written =
+        runtime.block_on(writer).map_err(|e| GenerateError::Dataset(DatasetError::Corrupt(e.to_string())))?;
     sampled?;
-    let (records, grid_tiles) = written?;
+    let written = written?;
+    let grid_tiles: Vec<DynamicImage> = written.tiles.into_values().collect();
     let sampling_seconds = sampling_started.elapsed().as_secs_f64();
     bar.finish_and_clear();
 
@@ -274,7 +331,9 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Manifest, GenerateErro
         layout: spec.layout,
         lanes,
         device: device_name(spec.device),
-        samples: records,
+        dataset,
+        index: written.index,
+        files: written.files,
         grid: FileRecord { file: "grid.png".into(), sha256: sha256_hex(&grid_png) },
         timings: Timings {
             load_seconds,
@@ -285,29 +344,9 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Manifest, GenerateErro
     };
     let json = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
     write_atomic(&spec.out.join("manifest.json"), &json)?;
+    // The writer's staging folder, empty now.
+    let _ = fs::remove_dir(spec.out.join(crate::storage::local::STAGING_DIR));
     Ok(manifest)
-}
-
-type Written = (Vec<SampleRecord>, Vec<DynamicImage>);
-
-/// Encodes, hashes and writes samples as they arrive (lanes may deliver them out of order).
-fn write_samples(
-    out: &Path,
-    rx: mpsc::Receiver<(usize, u64, DynamicImage)>,
-) -> Result<Written, GenerateError> {
-    let mut records = Vec::new();
-    let mut tiles = std::collections::BTreeMap::new();
-    for (index, seed, img) in rx {
-        let png = imaging::encode_png(&img)?;
-        let file = crate::job::sample_path(index as u64);
-        write_atomic(&out.join(&file), &png)?;
-        records.push(SampleRecord { index, seed, file, sha256: sha256_hex(&png) });
-        if index < GRID_MAX {
-            tiles.insert(index, img);
-        }
-    }
-    records.sort_by_key(|r| r.index);
-    Ok((records, tiles.into_values().collect()))
 }
 
 /// What every sampling lane shares.
@@ -327,7 +366,7 @@ impl BatchJob<'_> {
         unet: &LoadedUNet,
         lane: usize,
         lanes: usize,
-        tx: &mpsc::SyncSender<(usize, u64, DynamicImage)>,
+        tx: &tokio::sync::mpsc::Sender<(u64, DynamicImage)>,
         stop: &AtomicBool,
     ) -> Result<(), GenerateError> {
         for (b, seeds) in self.batches.iter().enumerate().skip(lane).step_by(lanes) {
@@ -341,9 +380,9 @@ impl BatchJob<'_> {
                 self.bar.inc(1);
                 !stop.load(Ordering::Relaxed)
             })?;
-            let first = b * self.spec.batch_size;
-            for (k, (img, &seed)) in imaging::to_images(&x0)?.into_iter().zip(seeds).enumerate() {
-                if tx.send((first + k, seed, img)).is_err() {
+            let first = (b * self.spec.batch_size) as u64;
+            for (k, img) in imaging::to_images(&x0)?.into_iter().enumerate() {
+                if tx.blocking_send((first + k as u64, img)).is_err() {
                     return Ok(()); // the writer failed; its error is reported by the caller
                 }
             }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::dataset::DatasetOptions;
 use crate::schedulers::SchedulerKind;
 
 /// A validated job request. Built at the API boundary; everything after it can trust the values.
@@ -28,6 +29,9 @@ pub struct JobSpec {
     pub output: Option<OutputSpec>,
     pub priority: i32,
     pub labels: BTreeMap<String, String>,
+    /// Layout and encoding of the samples (jobs queued before formats existed get `files` of PNGs).
+    #[serde(default)]
+    pub dataset: DatasetOptions,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,10 +93,4 @@ pub struct JobRecord {
 pub struct ShardPayload {
     pub start: u64,
     pub end: u64,
-}
-
-/// Where sample `index` of a run lands, relative to its folder (`generate`'s output and a job's
-/// folder alike): the index in 8 digits, so names sort in sample order.
-pub fn sample_path(index: u64) -> String {
-    format!("samples/{index:08}.png")
 }

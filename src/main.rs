@@ -46,6 +46,29 @@ enum Command {
     /// Time one large SubmitJob and concurrent GetJob calls (used by bench/stress.py); one JSON line.
     #[command(hide = true)]
     BenchLargeSubmit(BenchLargeSubmitArgs),
+    /// Write a synthetic job's shards with the real writer, or finalize them (used by
+    /// bench/datasets.py); one JSON line.
+    #[command(hide = true)]
+    BenchFinalize(BenchFinalizeArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchFinalizeArgs {
+    /// The store's root directory.
+    #[arg(long)]
+    dir: PathBuf,
+    /// A model folder (its identity goes into the manifest).
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    samples: u64,
+    #[arg(long)]
+    shards: u64,
+    #[arg(long, value_enum, default_value = "webdataset")]
+    format: ddpm_worker::dataset::DataFormat,
+    /// Write the shards instead of finalizing.
+    #[arg(long)]
+    prepare: bool,
 }
 
 #[derive(clap::Args)]
@@ -134,9 +157,33 @@ struct GenerateArgs {
     /// (`--layout channels-last` on CUDA): throughput first, diffusers parity within tolerance.
     #[arg(long)]
     fast: bool,
-    /// Output directory: samples/00000000.png …, grid.png, manifest.json.
+    /// Output directory (new, or without a manifest.json): the samples in --format's layout, their
+    /// index (index/part-000000.parquet), grid.png, manifest.json.
     #[arg(long)]
     out: PathBuf,
+    #[command(flatten)]
+    dataset: DatasetArgs,
+}
+
+/// How samples are stored (as `submit` asks a server for).
+#[derive(clap::Args)]
+struct DatasetArgs {
+    /// files: samples/<index:08>.<ext>; webdataset: data/*.tar; parquet: data/*.parquet (Hugging Face
+    /// image layout).
+    #[arg(long, value_enum, default_value = "files")]
+    format: ddpm_worker::dataset::DataFormat,
+    /// Encoding of each sample (webp is lossless).
+    #[arg(long, value_enum, default_value = "png")]
+    image_format: ddpm_worker::dataset::ImageFormat,
+    /// JPEG quality, 1 to 100.
+    #[arg(long, default_value_t = ddpm_worker::dataset::DEFAULT_JPEG_QUALITY)]
+    quality: u8,
+    /// PNG deflate level, 1 to 9 (0: fast).
+    #[arg(long, default_value_t = 0)]
+    png_level: u8,
+    /// Size a WebDataset or Parquet data file stays under, in bytes.
+    #[arg(long, default_value_t = ddpm_worker::dataset::DEFAULT_TARGET_FILE_BYTES)]
+    target_file_bytes: u64,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -289,13 +336,20 @@ fn main() -> ExitCode {
                 layout: if a.fast { Layout::ChannelsLast } else { a.place.layout.into() },
                 lanes: if a.fast && !a.place.device.is_cuda() { physical_cores() } else { a.lanes },
                 out: a.out,
+                format: a.dataset.format,
+                encoding: ddpm_worker::dataset::Encoding {
+                    image: a.dataset.image_format,
+                    png_level: a.dataset.png_level,
+                    quality: a.dataset.quality,
+                },
+                target_file_bytes: a.dataset.target_file_bytes,
             };
             match generate::run(&spec, std::io::stderr().is_terminal()) {
                 Ok(m) => {
                     println!(
                         "wrote {} samples to {} (grid: {}, manifest: {}) at {:.2} images/s",
-                        m.samples.len(),
-                        spec.out.join("samples").display(),
+                        m.num_samples,
+                        spec.out.display(),
                         spec.out.join("grid.png").display(),
                         spec.out.join("manifest.json").display(),
                         m.timings.images_per_second
@@ -315,6 +369,9 @@ fn main() -> ExitCode {
         Command::BenchLargeSubmit(a) => print_json(runtime().map_err(|e| e.to_string()).and_then(|rt| {
             rt.block_on(benchmark::time_large_submit(&a.server, &a.model, a.num_samples, a.steps))
                 .map_err(|e| e.to_string())
+        })),
+        Command::BenchFinalize(a) => print_json(runtime().map_err(|e| e.to_string()).and_then(|rt| {
+            rt.block_on(benchmark::time_finalize(&a.dir, &a.model, a.samples, a.shards, a.format, a.prepare))
         })),
         Command::BenchUnet(a) => print_json(benchmark::time_unet(
             &a.model,

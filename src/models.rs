@@ -88,6 +88,12 @@ impl ResolvedModel {
         SchedulerConfig::from_json(kind, &self.scheduler_text)
     }
 
+    /// The shape of one sample: (channels, height, width).
+    pub fn sample_shape(&self) -> (u64, u64, u64) {
+        let (h, w) = self.unet_config.sample_hw().unwrap_or((32, 32));
+        (self.unet_config.in_channels.max(1) as u64, h.max(1) as u64, w.max(1) as u64)
+    }
+
     /// Reads a model folder and checks everything that can be checked without a device: the UNet
     /// config is one we build, the weights load into it (on the CPU, then dropped), and the scheduler
     /// config makes a working scheduler. A server must not start with a model it cannot sample.

@@ -27,6 +27,13 @@ fn generate(model: &Path, out: &Path, extra: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap()
 }
 
+/// The run's index (one part), checked against the manifest.
+fn index_rows(out: &Path, m: &serde_json::Value) -> Vec<ddpm_worker::dataset::index::IndexRow> {
+    let bytes = std::fs::read(out.join(m["index"]["path"].as_str().unwrap())).unwrap();
+    assert_eq!(ddpm_worker::digest::sha256_hex(&bytes), m["index"]["sha256"].as_str().unwrap());
+    ddpm_worker::dataset::index::read(bytes.into()).unwrap()
+}
+
 fn sample_png(out: &Path, index: usize) -> Vec<u8> {
     std::fs::read(out.join(format!("samples/{index:08}.png"))).unwrap()
 }
@@ -55,14 +62,14 @@ fn outputs_and_manifest_describe_the_run() {
     assert_eq!(m["scheduler"]["set_alpha_to_one"], true);
     let weights = model.join("diffusion_pytorch_model.safetensors");
     assert_eq!(m["model"]["sha256"], ddpm_worker::digest::sha256_file(&weights).unwrap());
-    let samples = m["samples"].as_array().unwrap();
+    let samples = index_rows(&out, &m);
     assert_eq!(samples.len(), 3);
     for (i, s) in samples.iter().enumerate() {
-        assert_eq!(s["index"], i);
-        assert_eq!(s["seed"], 40 + i as u64);
-        assert_eq!(s["file"], format!("samples/{i:08}.png"));
-        let bytes = std::fs::read(out.join(s["file"].as_str().unwrap())).unwrap();
-        assert_eq!(s["sha256"], ddpm_worker::digest::sha256_hex(&bytes));
+        assert_eq!(s.index, i as u64);
+        assert_eq!(s.seed, 40 + i as u64);
+        assert_eq!(s.file, format!("samples/{i:08}.png"));
+        let bytes = std::fs::read(out.join(&s.file)).unwrap();
+        assert_eq!(s.sha256, ddpm_worker::digest::sha256_hex(&bytes));
         let img = image::load_from_memory(&bytes).unwrap();
         assert_eq!((img.width(), img.height()), (16, 16));
         assert_eq!(img.color(), image::ColorType::Rgb8);
@@ -202,12 +209,58 @@ fn fast_mode_writes_every_sample_once_within_tolerance() {
     let m = generate(&model, &fast, &[&args[..], &["--layout", "channels-last", "--lanes", "2"]].concat());
     assert_eq!(m["layout"], "channels-last");
     assert_eq!(m["lanes"], 2);
-    let samples = m["samples"].as_array().unwrap();
+    let samples = index_rows(&fast, &m);
     assert_eq!(samples.len(), 7);
     for (i, s) in samples.iter().enumerate() {
-        assert_eq!(s["index"], i);
-        assert_eq!(s["seed"], 7 + i as u64);
+        assert_eq!(s.index, i as u64);
+        assert_eq!(s.seed, 7 + i as u64);
         let share = fraction_within(&sample_pixels(&exact, i), &sample_pixels(&fast, i), 1);
         assert!(share >= 0.999, "sample {i}: {:.4}% of pixels within 1/255", share * 100.0);
     }
+}
+
+#[test]
+fn every_layout_of_a_run_opens_in_the_dataset_readers() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let args =
+        ["--scheduler", "ddim", "--steps", "3", "--seed", "5", "--num-samples", "10", "--batch-size", "2"];
+    let files = dir.path().join("files");
+    generate(&model, &files, &args);
+    for (format, image) in [("webdataset", "png"), ("parquet", "webp"), ("webdataset", "jpeg")] {
+        let out = dir.path().join(format!("{format}-{image}"));
+        // 64 KiB files hold 14 samples of 16×16 (7 batches of 2): one file for 10 samples.
+        let m = generate(
+            &model,
+            &out,
+            &[&args[..], &["--format", format, "--image-format", image, "--target-file-bytes", "65536"]]
+                .concat(),
+        );
+        assert_eq!(m["dataset"]["format"], format);
+        assert_eq!(m["files"].as_array().unwrap().len(), 1);
+        let reference = (image != "jpeg").then_some(files.as_path());
+        let python = std::env::var("DDPM_PYTHON").unwrap_or_else(|_| "python3".into());
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/readers/check_dataset.py");
+        let mut cmd = std::process::Command::new(python);
+        cmd.arg(script).arg(&out);
+        if let Some(r) = reference {
+            cmd.arg("--reference").arg(r);
+        }
+        let o = cmd.output().unwrap();
+        assert!(
+            o.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(!out.join(".ddpm-staging").exists(), "generate leaves no staging folder");
+    }
+    // A folder that holds a run is not written over.
+    let again = run(&[
+        &["generate", "--model", model.to_str().unwrap(), "--out", files.to_str().unwrap()][..],
+        &args,
+    ]
+    .concat());
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already holds a run"));
 }

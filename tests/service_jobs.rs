@@ -44,14 +44,13 @@ async fn jobs_run_to_success_and_match_generate_on_one_or_two_device_threads() {
         assert_eq!(m["scheduler"]["_class_name"], "DDIMScheduler");
         assert_eq!(m["model"]["sha256"].as_str().unwrap().len(), 64);
         assert_eq!(m["shards"].as_array().unwrap().len(), 4);
-        let seeds: Vec<u64> =
-            m["samples"].as_array().unwrap().iter().map(|s| s["seed"].as_u64().unwrap()).collect();
+        let seeds: Vec<u64> = common::service::index_rows(last).iter().map(|r| r.seed).collect();
         assert_eq!(seeds, (1000..1007).collect::<Vec<_>>());
         // One grid of all 7 samples (the default), listed on the job and in the manifest.
         assert_eq!(last.grid_uris.len(), 1);
         assert!(file_path(&last.grid_uris[0]).is_file());
         assert_eq!(m["grids"].as_array().unwrap().len(), 1);
-        runs.push(job_samples(last));
+        runs.push(job_samples(last).await);
     }
     assert_eq!(runs[0], runs[1], "two device threads and one give byte-identical samples");
 
@@ -97,7 +96,7 @@ async fn submissions_are_checked_idempotent_and_listed() {
     let steps = client.submit_job(request(1, pb::Scheduler::Ddpm, 1001, 1)).await.unwrap_err();
     assert_eq!(steps.get_details_bad_request().unwrap().field_violations[0].field, "sampling.steps");
     let mut bucket = request(1, pb::Scheduler::Ddim, 5, 1);
-    bucket.output = Some(pb::OutputSpec { bucket: "b".into(), prefix: "../x".into() });
+    bucket.output = Some(pb::OutputSpec { bucket: "b".into(), prefix: "../x".into(), ..Default::default() });
     let fields: Vec<String> = client
         .submit_job(bucket)
         .await
@@ -271,7 +270,8 @@ async fn hostile_inputs_are_refused_with_the_field_named() {
     };
     let with_output = |bucket: &str, prefix: &str| {
         let mut req = request(1, pb::Scheduler::Ddim, 3, 1);
-        req.output = Some(pb::OutputSpec { bucket: bucket.into(), prefix: prefix.into() });
+        req.output =
+            Some(pb::OutputSpec { bucket: bucket.into(), prefix: prefix.into(), ..Default::default() });
         req
     };
     for bucket in ["UPPER_case", "../x", &"b".repeat(300), "ab", "-dash", "a..b", "192.168.1.1", "xn--abc"] {
@@ -357,7 +357,7 @@ async fn a_failed_job_is_retried_without_resampling_its_finished_shards() {
     assert_eq!((retried.state, retried.error.as_str(), retried.shards_done), (RUNNING, "", 3));
     let done = wait_for(&mut client, &job.job_id, |j| j.state == SUCCEEDED).await;
     assert_eq!((done.samples_done, done.shards_done), (8, 4));
-    assert_eq!(job_samples(&done).len(), 8);
+    assert_eq!(job_samples(&done).await.len(), 8);
     let after = common::service::snapshot(&records);
     for (path, bytes) in &before {
         assert_eq!(after.get(path), Some(bytes), "{} was rewritten", path.display());
@@ -387,7 +387,7 @@ async fn grayscale_models_make_grayscale_pngs() {
     req.model = "gray".into();
     let job = client.submit_job(req).await.unwrap().into_inner().job.unwrap();
     let done = wait_for(&mut client, &job.job_id, |j| j.state == SUCCEEDED).await;
-    for png in job_samples(&done) {
+    for png in job_samples(&done).await {
         let img = image::load_from_memory(&png).unwrap();
         assert_eq!((img.color(), img.width(), img.height()), (image::ColorType::L8, 16, 16));
     }

@@ -38,7 +38,7 @@ async fn a_killed_server_resumes_its_job_after_restart_without_redoing_finished_
     let done = wait_for(&mut client, &job.job_id, |j| j.state == SUCCEEDED).await;
     assert_eq!((done.samples_done, done.shards_done), (16, 8));
     let m = manifest(&done);
-    let samples = job_samples(&done);
+    let samples = job_samples(&done).await;
     assert_eq!(samples.len(), 16);
     // Shards recorded before the kill kept their first attempt's record: they were not sampled again.
     let workers: Vec<&str> =

@@ -44,7 +44,7 @@ async fn two_workers_share_a_nats_queue() {
     // Either worker answers for the job; both take shards.
     let done = wait_for(&mut client_b, &job.job_id, |j| j.state == SUCCEEDED).await;
     assert_eq!((done.samples_done, done.shards_done), (12, 6));
-    let samples = job_samples(&done);
+    let samples = job_samples(&done).await;
     assert_eq!(samples.len(), 12);
     let m = manifest(&done);
     let mut workers: Vec<&str> =

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use super::error::{FieldViolation, ServiceError};
 use super::pb;
+use crate::dataset::{self, DataFormat, DatasetOptions, Encoding, ImageFormat};
 use crate::job::{JobRecord, JobSpec, JobState, OutputSpec};
 use crate::models::ResolvedModel;
 use crate::queue::PageCursor;
@@ -25,14 +26,22 @@ pub struct Limits {
     /// Shards of one job at most: a larger job gets longer shards, so queueing it stays cheap.
     pub max_shards_per_job: u64,
     pub max_attempts: u32,
+    /// The layout of jobs that name none.
+    pub default_format: DataFormat,
 }
 
 impl Limits {
-    /// Batches per shard for `spec`: the configured number, or more where that would make more than
-    /// `max_shards_per_job` shards. Shard boundaries do not change the images (see `queue::plan`).
+    /// Batches per shard for `spec`: the configured number (for `files`) or one data file's worth
+    /// (`webdataset`, `parquet`, so a shard writes whole files), or more where that would make more
+    /// than `max_shards_per_job` shards. Shard boundaries do not change the images (see `queue::plan`).
     pub fn batches_per_shard(&self, spec: &JobSpec) -> u64 {
-        let batches = spec.num_samples.div_ceil(u64::from(spec.batch_size.max(1)));
-        self.batches_per_shard.max(batches.div_ceil(self.max_shards_per_job.max(1)))
+        let batch = u64::from(spec.batch_size.max(1));
+        let batches = spec.num_samples.div_ceil(batch);
+        let wanted = match spec.dataset.format {
+            DataFormat::Files => self.batches_per_shard,
+            _ => (spec.dataset.samples_per_file / batch).max(1),
+        };
+        wanted.max(batches.div_ceil(self.max_shards_per_job.max(1)))
     }
 }
 
@@ -231,6 +240,8 @@ pub fn job_spec(
         }
         _ => None,
     };
+    let dataset =
+        dataset_options(req.output.as_ref(), limits, model.map(|m| m.as_ref()), batch_size, &mut violation);
     if req.labels.len() > 64 {
         violation("labels", "at most 64 labels".into());
     }
@@ -268,7 +279,99 @@ pub fn job_spec(
         output,
         priority: req.priority,
         labels: req.labels.clone().into_iter().collect(),
+        dataset,
     })
+}
+
+/// The layout and encoding a request asks for, with the server's defaults; data files are sized from
+/// the model's sample shape and hold whole batches.
+fn dataset_options(
+    output: Option<&pb::OutputSpec>,
+    limits: &Limits,
+    model: Option<&ResolvedModel>,
+    batch_size: u32,
+    violation: &mut impl FnMut(&str, String),
+) -> DatasetOptions {
+    let o = output.cloned().unwrap_or_default();
+    let format = match pb::OutputFormat::try_from(o.format) {
+        Ok(pb::OutputFormat::Unspecified) => limits.default_format,
+        Ok(pb::OutputFormat::Files) => DataFormat::Files,
+        Ok(pb::OutputFormat::Webdataset) => DataFormat::Webdataset,
+        Ok(pb::OutputFormat::Parquet) => DataFormat::Parquet,
+        Err(_) => {
+            violation("output.format", format!("unknown format {}", o.format));
+            DataFormat::Files
+        }
+    };
+    let image = match pb::ImageFormat::try_from(o.image_format) {
+        Ok(pb::ImageFormat::Unspecified | pb::ImageFormat::Png) => ImageFormat::Png,
+        Ok(pb::ImageFormat::Webp) => ImageFormat::Webp,
+        Ok(pb::ImageFormat::Jpeg) => ImageFormat::Jpeg,
+        Err(_) => {
+            violation("output.image_format", format!("unknown image format {}", o.image_format));
+            ImageFormat::Png
+        }
+    };
+    let quality = match o.jpeg_quality {
+        0 => dataset::DEFAULT_JPEG_QUALITY,
+        q @ 1..=100 if image == ImageFormat::Jpeg => q as u8,
+        q if image != ImageFormat::Jpeg => {
+            violation("output.jpeg_quality", format!("{q}: applies to JPEG only"));
+            dataset::DEFAULT_JPEG_QUALITY
+        }
+        q => {
+            violation("output.jpeg_quality", format!("{q} must be in 1..=100"));
+            dataset::DEFAULT_JPEG_QUALITY
+        }
+    };
+    let png_level = match o.png_level {
+        0 => dataset::DEFAULT_PNG_LEVEL,
+        l @ 1..=9 if image == ImageFormat::Png => l as u8,
+        l if image != ImageFormat::Png => {
+            violation("output.png_level", format!("{l}: applies to PNG only"));
+            dataset::DEFAULT_PNG_LEVEL
+        }
+        l => {
+            violation("output.png_level", format!("{l} must be in 1..=9"));
+            dataset::DEFAULT_PNG_LEVEL
+        }
+    };
+    let target = match o.target_file_bytes {
+        0 => dataset::DEFAULT_TARGET_FILE_BYTES,
+        t if !dataset::TARGET_FILE_BYTES.contains(&t) => {
+            let (lo, hi) = (dataset::TARGET_FILE_BYTES.start(), dataset::TARGET_FILE_BYTES.end());
+            violation("output.target_file_bytes", format!("{t} must be in {lo}..={hi}"));
+            dataset::DEFAULT_TARGET_FILE_BYTES
+        }
+        t if format == DataFormat::Files => {
+            violation("output.target_file_bytes", format!("{t}: applies to WEBDATASET and PARQUET only"));
+            dataset::DEFAULT_TARGET_FILE_BYTES
+        }
+        t => t,
+    };
+    let shape = model.map_or((3, 32, 32), |m| m.sample_shape());
+    let encoding = Encoding { image, png_level, quality };
+    let mut options = DatasetOptions::new(format, encoding, target, shape);
+    // Whole batches per file, so a shard of one file's worth of batches writes one file.
+    let batch = u64::from(batch_size.max(1));
+    options.samples_per_file = (options.samples_per_file / batch).max(1) * batch;
+    options
+}
+
+fn format_to_pb(format: DataFormat) -> pb::OutputFormat {
+    match format {
+        DataFormat::Files => pb::OutputFormat::Files,
+        DataFormat::Webdataset => pb::OutputFormat::Webdataset,
+        DataFormat::Parquet => pb::OutputFormat::Parquet,
+    }
+}
+
+fn image_to_pb(image: ImageFormat) -> pb::ImageFormat {
+    match image {
+        ImageFormat::Png => pb::ImageFormat::Png,
+        ImageFormat::Webp => pb::ImageFormat::Webp,
+        ImageFormat::Jpeg => pb::ImageFormat::Jpeg,
+    }
 }
 
 pub fn scheduler_to_pb(kind: SchedulerKind) -> pb::Scheduler {
@@ -323,10 +426,23 @@ pub fn request_of(spec: &JobSpec) -> pb::SubmitJobRequest {
         seed: Some(spec.seed),
         batch_size: spec.batch_size,
         grid: Some(pb::GridSpec { samples_per_grid: spec.samples_per_grid, columns: spec.grid_columns }),
-        output: spec
-            .output
-            .as_ref()
-            .map(|o| pb::OutputSpec { bucket: o.bucket.clone(), prefix: o.prefix.clone() }),
+        output: Some(pb::OutputSpec {
+            bucket: spec.output.as_ref().map(|o| o.bucket.clone()).unwrap_or_default(),
+            prefix: spec.output.as_ref().map(|o| o.prefix.clone()).unwrap_or_default(),
+            format: format_to_pb(spec.dataset.format) as i32,
+            image_format: image_to_pb(spec.dataset.encoding.image) as i32,
+            jpeg_quality: if spec.dataset.encoding.image == ImageFormat::Jpeg {
+                u32::from(spec.dataset.encoding.quality)
+            } else {
+                0
+            },
+            png_level: u32::from(spec.dataset.encoding.png_level),
+            target_file_bytes: if spec.dataset.format == DataFormat::Files {
+                0
+            } else {
+                spec.dataset.target_file_bytes
+            },
+        }),
         priority: spec.priority,
         labels: spec.labels.clone().into_iter().collect(),
     }
@@ -400,6 +516,7 @@ mod tests {
             batches_per_shard: 4,
             max_shards_per_job: 100,
             max_attempts: 3,
+            default_format: DataFormat::Files,
         }
     }
 
@@ -456,7 +573,7 @@ mod tests {
         bad.num_samples = 0;
         bad.batch_size = 65;
         bad.priority = 11;
-        bad.output = Some(pb::OutputSpec { bucket: "b".into(), prefix: "a//b".into() });
+        bad.output = Some(pb::OutputSpec { bucket: "b".into(), prefix: "a//b".into(), ..Default::default() });
         let e = job_spec(&bad, &limits(), &local).unwrap_err();
         let message = e.to_string();
         assert!(message.len() < 1024, "{} bytes: values are cut when echoed", message.len());

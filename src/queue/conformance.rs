@@ -39,6 +39,7 @@ pub fn spec(num_samples: u64, batch_size: u32, priority: i32, labels: &[(&str, &
         output: None,
         priority,
         labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
+        dataset: Default::default(),
     }
 }
 

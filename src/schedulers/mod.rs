@@ -54,6 +54,16 @@ impl SchedulerKind {
     pub const ALL: [SchedulerKind; 4] =
         [SchedulerKind::Ddpm, SchedulerKind::Ddim, SchedulerKind::Pndm, SchedulerKind::Dpmsolver];
 
+    /// The name used on the command line and in job specs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SchedulerKind::Ddpm => "ddpm",
+            SchedulerKind::Ddim => "ddim",
+            SchedulerKind::Pndm => "pndm",
+            SchedulerKind::Dpmsolver => "dpmsolver",
+        }
+    }
+
     pub fn class_name(self) -> &'static str {
         match self {
             SchedulerKind::Ddpm => "DDPMScheduler",

@@ -114,6 +114,13 @@ pub struct ServeArgs {
     /// Log lines as JSON objects.
     #[arg(long, env = "DDPM_LOG_JSON")]
     pub log_json: bool,
+    /// Layout of jobs that name none: files, webdataset or parquet.
+    #[arg(long, env = "DDPM_DEFAULT_FORMAT", value_enum, default_value = "files")]
+    pub default_format: crate::dataset::DataFormat,
+    /// Where WebDataset and Parquet parts are spooled on their way to S3 (a local output directory
+    /// spools in its own staging folder). Needs room for two parts per device.
+    #[arg(long, env = "DDPM_SCRATCH_DIR", default_value = "ddpm-data/scratch")]
+    pub scratch_dir: PathBuf,
     /// Where models from S3 are copied to.
     #[arg(long, env = "DDPM_MODEL_CACHE", default_value = "ddpm-data/models")]
     pub model_cache: PathBuf,
@@ -294,6 +301,7 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
         finalize_after: Duration::from_secs_f64(args.lease_seconds),
         reap_interval: Duration::from_secs_f64((args.lease_seconds / 4.0).clamp(0.25, 5.0)),
         idle_poll: device::DEFAULT_IDLE_POLL,
+        scratch_dir: args.scratch_dir.clone(),
     };
     let ctx = Arc::new(WorkerContext {
         queue: prepared.queue,
@@ -318,6 +326,7 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
         batches_per_shard: args.batches_per_shard,
         max_shards_per_job: args.max_shards_per_job,
         max_attempts: args.max_attempts,
+        default_format: args.default_format,
     };
 
     let (health, health_service) = tonic_health::server::health_reporter();

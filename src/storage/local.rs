@@ -18,6 +18,39 @@ use crate::digest::sha256_hex;
 /// The staging folder's name under the root; no key may start with it.
 pub const STAGING_DIR: &str = ".ddpm-staging";
 
+/// Files younger than this are never swept: a writer locks its file right after creating it.
+const SWEEP_MIN_AGE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Removes the files of `dir` that no process holds: what writers killed mid-write left behind. Every
+/// writer holds a lock (flock(2)) on its staged or spooled file until the file is placed or dropped, and
+/// the kernel releases it when the writer dies, so a file that can be locked and is a few seconds old is
+/// abandoned. Returns how many were removed. The worker's reaper runs it on every pass.
+pub fn sweep_abandoned(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let mut removed = 0;
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        let old = entry
+            .metadata()
+            .ok()
+            .filter(std::fs::Metadata::is_file)
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= SWEEP_MIN_AGE);
+        if !old {
+            continue;
+        }
+        let Ok(file) = std::fs::File::open(&path) else { continue };
+        if file.try_lock().is_ok() && std::fs::remove_file(&path).is_ok() {
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        tracing::info!(dir = %dir.display(), removed, "removed files abandoned by killed writers");
+    }
+    removed
+}
+
 #[derive(Debug, Clone)]
 pub struct LocalStore {
     root: PathBuf,
@@ -44,18 +77,21 @@ impl LocalStore {
         Ok(self.root.join(key))
     }
 
-    /// Writes `bytes` to a fresh, fsynced file in the staging folder.
-    fn stage(&self, bytes: &[u8]) -> std::io::Result<PathBuf> {
+    /// Writes `bytes` to a fresh, fsynced file in the staging folder, locked (see [`sweep_abandoned`])
+    /// until the returned handle is dropped.
+    fn stage(&self, bytes: &[u8]) -> std::io::Result<(PathBuf, std::fs::File)> {
         let dir = self.root.join(STAGING_DIR);
         std::fs::create_dir_all(&dir)?;
         let tmp = dir.join(uuid::Uuid::new_v4().simple().to_string());
         let written = (|| {
             let mut f = std::fs::File::create(&tmp)?;
+            f.try_lock().map_err(std::io::Error::other)?;
             f.write_all(bytes)?;
-            f.sync_all()
+            f.sync_all()?;
+            Ok::<_, std::io::Error>(f)
         })();
         match written {
-            Ok(()) => Ok(tmp),
+            Ok(f) => Ok((tmp, f)),
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp);
                 Err(e)
@@ -104,7 +140,7 @@ impl LocalStore {
         tokio::task::spawn_blocking(move || {
             let io = |source| StorageError::Io { uri: uri.clone(), source };
             let sha256 = sha256_hex(&bytes);
-            let tmp = store.stage(&bytes).map_err(io)?;
+            let (tmp, _lock) = store.stage(&bytes).map_err(io)?;
             let placed = store.publish(&tmp, &path, replace).map_err(io)?;
             Ok(placed.then(|| PutOutcome { uri: uri.clone(), sha256 }))
         })
@@ -138,6 +174,72 @@ impl ObjectStore for LocalStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(StorageError::Io { uri: self.uri(key), source }),
         }
+    }
+
+    async fn put_file_new(
+        &self,
+        key: &str,
+        file: &Path,
+        sha256: &str,
+        _size: u64,
+        _content_type: &str,
+    ) -> Result<Option<PutOutcome>, StorageError> {
+        let path = self.path(key)?;
+        let uri = self.uri(key);
+        let (store, file, sha256) = (self.clone(), file.to_path_buf(), sha256.to_string());
+        tokio::task::spawn_blocking(move || {
+            let io = |source| StorageError::Io { uri: uri.clone(), source };
+            let staging = store.root.join(STAGING_DIR);
+            // A file spooled in the staging folder is linked into place as it is (it was synced by
+            // its writer); one from elsewhere is copied in first.
+            let tmp = if file.parent() == Some(staging.as_path()) {
+                file
+            } else {
+                std::fs::create_dir_all(&staging).map_err(io)?;
+                let tmp = staging.join(uuid::Uuid::new_v4().simple().to_string());
+                std::fs::copy(&file, &tmp).map_err(io)?;
+                std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
+                tmp
+            };
+            // The caller's spool file is locked by the caller, a copy only for an instant.
+            let placed = store.publish(&tmp, &path, false).map_err(io)?;
+            Ok(placed.then(|| PutOutcome { uri: uri.clone(), sha256 }))
+        })
+        .await
+        .map_err(|e| StorageError::Remote { uri: self.uri(key), message: e.to_string() })?
+    }
+
+    async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Option<Bytes>, StorageError> {
+        use std::io::{Read, Seek, SeekFrom};
+        let path = self.path(key)?;
+        let uri = self.uri(key);
+        tokio::task::spawn_blocking(move || {
+            let mut file = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(source) => return Err(StorageError::Io { uri, source }),
+            };
+            let mut buf = vec![0u8; len as usize];
+            file.seek(SeekFrom::Start(offset))
+                .and_then(|_| file.read_exact(&mut buf))
+                .map_err(|source| StorageError::Io { uri, source })?;
+            Ok(Some(buf.into()))
+        })
+        .await
+        .map_err(|e| StorageError::Remote { uri: self.uri(key), message: e.to_string() })?
+    }
+
+    async fn get_to_file(&self, key: &str, to: &Path) -> Result<bool, StorageError> {
+        let path = self.path(key)?;
+        match tokio::fs::copy(&path, to).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(StorageError::Io { uri: self.uri(key), source }),
+        }
+    }
+
+    fn spool_dir(&self) -> Option<PathBuf> {
+        Some(self.root.join(STAGING_DIR))
     }
 
     fn uri(&self, key: &str) -> String {

@@ -60,8 +60,28 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug + 'static {
         bytes: Bytes,
         content_type: &str,
     ) -> Result<Option<PutOutcome>, StorageError>;
+    /// Uploads the file at `path` (of `size` bytes and SHA-256 `sha256`, hex) to `key` only if no
+    /// object is there, streaming it rather than reading it whole; `None` when one was. The file may be
+    /// consumed (moved into place).
+    async fn put_file_new(
+        &self,
+        key: &str,
+        path: &std::path::Path,
+        sha256: &str,
+        size: u64,
+        content_type: &str,
+    ) -> Result<Option<PutOutcome>, StorageError>;
     /// The object at `key`, or `None` when there is none.
     async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError>;
+    /// `len` bytes of the object at `key` from `offset`, or `None` when there is no object.
+    async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Option<Bytes>, StorageError>;
+    /// Copies the object at `key` to the file `path`, streaming; `false` when there is no object.
+    async fn get_to_file(&self, key: &str, path: &std::path::Path) -> Result<bool, StorageError>;
+    /// A folder for files on their way to [`ObjectStore::put_file_new`] from which it can place them
+    /// without a copy (the local store's staging folder); `None` when any local folder will do.
+    fn spool_dir(&self) -> Option<std::path::PathBuf> {
+        None
+    }
     /// The URI a user would use to fetch `key` (`file:///…` or `s3://bucket/key`).
     fn uri(&self, key: &str) -> String;
 }
@@ -72,6 +92,8 @@ pub struct Written {
     pub uri: String,
     /// The SHA-256 of the bytes stored at the key (hex), whoever wrote them.
     pub sha256: String,
+    /// Their size.
+    pub bytes: u64,
     /// The object was there already and is kept.
     pub adopted: bool,
 }
@@ -84,15 +106,16 @@ pub async fn write_once(
     bytes: Bytes,
     content_type: &str,
 ) -> Result<Written, StorageError> {
+    let size = bytes.len() as u64;
     if let Some(put) = store.put_new(key, bytes, content_type).await? {
-        return Ok(Written { uri: put.uri, sha256: put.sha256, adopted: false });
+        return Ok(Written { uri: put.uri, sha256: put.sha256, bytes: size, adopted: false });
     }
     let stored = store.get(key).await?.ok_or_else(|| StorageError::Remote {
         uri: store.uri(key),
         message: "the store refused a create because the object exists, but it cannot be read".into(),
     })?;
     let sha256 = crate::digest::sha256_hex(&stored);
-    Ok(Written { uri: store.uri(key), sha256, adopted: true })
+    Ok(Written { uri: store.uri(key), sha256, bytes: stored.len() as u64, adopted: true })
 }
 
 /// A key must be a relative path without empty, `.` or `..` segments, so it cannot escape its root.

@@ -206,7 +206,7 @@ impl S3Store {
     async fn put_multipart(
         &self,
         object_key: &str,
-        parts: Vec<Part>,
+        parts: Vec<PartSource>,
         content_type: &str,
         only_new: bool,
     ) -> Result<(), Failure> {
@@ -250,10 +250,11 @@ impl S3Store {
         &self,
         object_key: &str,
         upload_id: &str,
-        parts: Vec<Part>,
+        parts: Vec<PartSource>,
         only_new: bool,
     ) -> Result<(), Failure> {
         let uploads = parts.into_iter().map(|part| async move {
+            let part = part.load().await?;
             let checksum = base64::encode(part.sha256);
             let uploaded = self
                 .client
@@ -321,9 +322,23 @@ impl S3Store {
         };
         let result = match part_size {
             None => self.put_single(&object_key, bytes, content_type, &sha256, only_new).await,
-            Some(_) => self.put_multipart(&object_key, parts, content_type, only_new).await,
+            Some(_) => {
+                let parts = parts.into_iter().map(PartSource::Ready).collect();
+                self.put_multipart(&object_key, parts, content_type, only_new).await
+            }
         };
+        self.outcome(key, sha256, started, result, only_new)
+    }
 
+    /// Records an upload's duration and turns its result into `put_new`'s answer.
+    fn outcome(
+        &self,
+        key: &str,
+        sha256: [u8; 32],
+        started: Instant,
+        result: Result<(), Failure>,
+        only_new: bool,
+    ) -> Result<Option<PutOutcome>, StorageError> {
         let outcome = match &result {
             Ok(()) => "ok",
             Err(f) if f.class == Class::Exists => "exists",
@@ -343,6 +358,39 @@ impl S3Store {
     /// The part size for an object of `len` bytes.
     fn part_size_for(&self, len: usize) -> usize {
         self.part_size.max(len.div_ceil(MAX_PARTS))
+    }
+}
+
+/// A part to upload: in memory, or a piece of a file read (and hashed) just before it goes up, so at
+/// most [`PART_CONCURRENCY`] parts of a file are in memory at once.
+enum PartSource {
+    Ready(Part),
+    File { number: i32, path: std::path::PathBuf, offset: u64, len: usize },
+}
+
+impl PartSource {
+    async fn load(self) -> Result<Part, Failure> {
+        match self {
+            PartSource::Ready(part) => Ok(part),
+            PartSource::File { number, path, offset, len } => {
+                let shown = path.display().to_string();
+                tokio::task::spawn_blocking(move || {
+                    use std::io::{Read, Seek, SeekFrom};
+                    let mut buf = vec![0u8; len];
+                    let mut file = std::fs::File::open(&path)?;
+                    file.seek(SeekFrom::Start(offset))?;
+                    file.read_exact(&mut buf)?;
+                    Ok::<_, std::io::Error>(Part {
+                        number,
+                        sha256: Sha256::digest(&buf).into(),
+                        bytes: buf.into(),
+                    })
+                })
+                .await
+                .map_err(|e| Failure::other(format!("reading part {number}: {e}")))?
+                .map_err(|e| Failure::other(format!("reading part {number} of {shown}: {e}")))
+            }
+        }
     }
 }
 
@@ -475,6 +523,102 @@ impl ObjectStore for S3Store {
         content_type: &str,
     ) -> Result<Option<PutOutcome>, StorageError> {
         self.write(key, bytes, content_type, true).await
+    }
+
+    async fn put_file_new(
+        &self,
+        key: &str,
+        path: &std::path::Path,
+        sha256: &str,
+        size: u64,
+        content_type: &str,
+    ) -> Result<Option<PutOutcome>, StorageError> {
+        let size = size as usize;
+        if size < self.multipart_threshold || size == 0 {
+            let bytes = tokio::fs::read(path)
+                .await
+                .map_err(|source| StorageError::Io { uri: path.display().to_string(), source })?;
+            return self.write(key, bytes.into(), content_type, true).await;
+        }
+        check_key(key)?;
+        let whole: [u8; 32] = hex::decode(sha256)
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| self.remote(key, format!("not a SHA-256: {sha256:?}")))?;
+        let started = Instant::now();
+        let part_size = self.part_size_for(size);
+        let parts = (0..size)
+            .step_by(part_size)
+            .zip(1..)
+            .map(|(start, number)| PartSource::File {
+                number,
+                path: path.to_path_buf(),
+                offset: start as u64,
+                len: part_size.min(size - start),
+            })
+            .collect();
+        let result = self.put_multipart(&join_key(&self.prefix, key), parts, content_type, true).await;
+        self.outcome(key, whole, started, result, true)
+    }
+
+    async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Option<Bytes>, StorageError> {
+        check_key(key)?;
+        if len == 0 {
+            return Ok(Some(Bytes::new()));
+        }
+        let response = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(join_key(&self.prefix, key))
+            .range(format!("bytes={offset}-{}", offset + len - 1))
+            .send()
+            .await;
+        match response {
+            Ok(object) => {
+                let body = object.body.collect().await.map_err(|e| StorageError::Unavailable {
+                    uri: self.uri(key),
+                    message: format!("GetObject: reading the body: {}", DisplayErrorContext(&e)),
+                })?;
+                let bytes = body.into_bytes();
+                if bytes.len() as u64 != len {
+                    return Err(
+                        self.remote(key, format!("asked for {len} bytes at {offset}, got {}", bytes.len()))
+                    );
+                }
+                Ok(Some(bytes))
+            }
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(Failure::of("GetObject", &e).into_error(self.uri(key))),
+        }
+    }
+
+    async fn get_to_file(&self, key: &str, path: &std::path::Path) -> Result<bool, StorageError> {
+        use tokio::io::AsyncWriteExt;
+        check_key(key)?;
+        let response = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(join_key(&self.prefix, key))
+            .checksum_mode(ChecksumMode::Enabled)
+            .send()
+            .await;
+        let mut object = match response {
+            Ok(object) => object,
+            Err(e) if is_not_found(&e) => return Ok(false),
+            Err(e) => return Err(Failure::of("GetObject", &e).into_error(self.uri(key))),
+        };
+        let io = |source| StorageError::Io { uri: path.display().to_string(), source };
+        let mut file = tokio::fs::File::create(path).await.map_err(io)?;
+        while let Some(chunk) = object.body.try_next().await.map_err(|e| StorageError::Unavailable {
+            uri: self.uri(key),
+            message: format!("GetObject: reading the body: {}", DisplayErrorContext(&e)),
+        })? {
+            file.write_all(&chunk).await.map_err(io)?;
+        }
+        file.flush().await.map_err(io)?;
+        Ok(true)
     }
 
     async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {

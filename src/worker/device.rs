@@ -16,7 +16,9 @@ use image::DynamicImage;
 use tch::Device;
 
 use super::WorkerContext;
-use super::outputs::{self, GridEntry, JobOutputs, OutputError, SampleEntry, ShardRecord, ShardRun};
+use super::outputs::{self, GridEntry, JobOutputs, OutputError, ShardRecord, ShardRun};
+use crate::dataset::StoredFile;
+use crate::dataset::sink::{self, ShardTarget};
 use crate::imaging;
 use crate::job::{JobRecord, ShardPayload};
 use crate::model::{LoadedUNet, ModelError};
@@ -178,16 +180,32 @@ fn run_shard(
         let error = format!("model {:?} is not served by this worker", job.spec.model);
         return rt.block_on(give_back(ctx, &lease, ShardError::Failed(error)));
     };
-    let scheduler = match ctx.models.get(&job.spec.model).map(|m| m.scheduler(job.spec.scheduler)) {
-        Some(Ok(s)) => s,
-        Some(Err(e)) => return rt.block_on(give_back(ctx, &lease, ShardError::Fatal(e.to_string()))),
-        None => return,
+    let Some(model) = ctx.models.get(&job.spec.model) else { return };
+    let scheduler = match model.scheduler(job.spec.scheduler) {
+        Ok(s) => s,
+        Err(e) => return rt.block_on(give_back(ctx, &lease, ShardError::Fatal(e.to_string()))),
     };
 
     let stop = ctx.active.register(&job.id);
     let heartbeat = rt.spawn(keep_alive(Arc::clone(ctx), lease.clone(), Arc::clone(&stop)));
-    let (tx, rx) = tokio::sync::mpsc::channel::<(u64, u64, DynamicImage)>(job.spec.batch_size as usize * 2);
-    let uploads = rt.spawn(upload_shard(out.clone(), job.spec.clone(), payload, rx));
+    let (tx, rx) = tokio::sync::mpsc::channel::<(u64, DynamicImage)>(job.spec.batch_size as usize * 2);
+    let target = ShardTarget {
+        store: Arc::clone(&out.store),
+        base: out.base.clone(),
+        options: job.spec.dataset,
+        context: outputs::sample_context(&job.spec, model),
+        shard: lease.shard,
+        start: payload.start,
+        end: payload.end,
+        writer: crate::dataset::index::Writer {
+            shard: lease.shard,
+            worker: ctx.config.worker_id.clone(),
+            attempt: lease.attempt,
+        },
+        mtime: (job.created_at_ms.max(0) / 1000) as u64,
+        scratch: ctx.config.scratch_dir.clone(),
+    };
+    let uploads = rt.spawn(upload_shard(out.clone(), job.spec.clone(), target, rx));
 
     let started = Instant::now();
     let batch_size = job.spec.batch_size as u64;
@@ -217,7 +235,7 @@ fn run_shard(
                 .enumerate()
             {
                 let index = first + k as u64;
-                if tx.blocking_send((index, job.spec.seed + index, img)).is_err() {
+                if tx.blocking_send((index, img)).is_err() {
                     return Err(SampleError::Cancelled); // the uploader failed; its error is reported below
                 }
             }
@@ -238,7 +256,7 @@ fn run_shard(
             let uploaded = uploads.await.map_err(|e| OutputError::Internal(e.to_string())).and_then(|r| r);
             let stopped = stop.load(Ordering::Relaxed);
             let outcome = match (result, uploaded) {
-                (Ok(()), Ok((samples, grids, adopted))) => {
+                (Ok(()), Ok((files, index, grids, adopted))) => {
                     let run = ShardRun {
                         shard: lease.shard,
                         start: payload.start,
@@ -249,7 +267,7 @@ fn run_shard(
                         sampling_seconds,
                         adopted,
                     };
-                    record_shard(&ctx, &lease, &out, &ShardRecord { run, samples, grids }).await
+                    record_shard(&ctx, &lease, &out, &ShardRecord { run, files, index, grids }).await
                 }
                 (Err(SampleError::Cancelled), _) if ctx.abort.load(Ordering::Relaxed) => {
                     release(&ctx, &lease).await;
@@ -348,58 +366,29 @@ async fn complete(ctx: &WorkerContext, lease: &Lease, samples: u64) {
     }
 }
 
-type Uploaded = (Vec<SampleEntry>, Vec<GridEntry>, u64);
+type Uploaded = (Vec<StoredFile>, StoredFile, Vec<GridEntry>, u64);
 
-/// Encodes and writes a shard's samples as they arrive, and the grids that lie wholly inside it;
-/// also returns how many samples an earlier attempt had written first (and are kept).
+/// Stores a shard's samples as they arrive, in the job's layout ([`crate::dataset::sink`]), and the
+/// grids that lie wholly inside it; also returns how many samples an earlier attempt had stored first
+/// (and are kept).
 async fn upload_shard(
     out: JobOutputs,
     spec: crate::job::JobSpec,
-    payload: ShardPayload,
-    mut rx: tokio::sync::mpsc::Receiver<(u64, u64, DynamicImage)>,
+    target: ShardTarget,
+    rx: tokio::sync::mpsc::Receiver<(u64, DynamicImage)>,
 ) -> Result<Uploaded, OutputError> {
     let grids: Vec<_> =
-        outputs::grid_ranges(&spec).filter(|g| g.1 >= payload.start && g.2 <= payload.end).collect();
-    let mut tiles: BTreeMap<u64, DynamicImage> = BTreeMap::new();
-    let mut samples = Vec::with_capacity((payload.end - payload.start) as usize);
-    let mut adopted = 0;
-    let mut pending = tokio::task::JoinSet::new();
-    while let Some((index, seed, img)) = rx.recv().await {
-        let out = out.clone();
-        pending.spawn(async move { outputs::put_sample(&out, index, seed, img).await });
-        // Keep a bounded number of uploads in flight.
-        while pending.len() >= 8 {
-            if let Some(done) = pending.join_next().await {
-                adopted += collect(done, &grids, &mut samples, &mut tiles)?;
-            }
-        }
-    }
-    while let Some(done) = pending.join_next().await {
-        adopted += collect(done, &grids, &mut samples, &mut tiles)?;
-    }
-    samples.sort_by_key(|s| s.index);
+        outputs::grid_ranges(&spec).filter(|g| g.1 >= target.start && g.2 <= target.end).collect();
+    let wanted = grids.clone();
+    let written =
+        sink::write_shard(target, rx, move |i| wanted.iter().any(|g| (g.1..g.2).contains(&i))).await?;
+    let mut tiles = written.tiles;
     let mut grid_entries = Vec::with_capacity(grids.len());
     for range in grids {
         let own: Vec<DynamicImage> = (range.1..range.2).filter_map(|i| tiles.remove(&i)).collect();
-        if own.len() as u64 == range.2 - range.1 {
-            grid_entries.push(outputs::put_grid(&out, &spec, range, own).await?);
-        }
+        grid_entries.push(outputs::put_grid(&out, &spec, range, own).await?);
     }
-    Ok((samples, grid_entries, adopted))
-}
-
-fn collect(
-    done: Result<Result<(SampleEntry, DynamicImage, bool), OutputError>, tokio::task::JoinError>,
-    grids: &[(u64, u64, u64)],
-    samples: &mut Vec<SampleEntry>,
-    tiles: &mut BTreeMap<u64, DynamicImage>,
-) -> Result<u64, OutputError> {
-    let (entry, img, adopted) = done.map_err(|e| OutputError::Internal(e.to_string()))??;
-    if grids.iter().any(|g| (g.1..g.2).contains(&entry.index)) {
-        tiles.insert(entry.index, img);
-    }
-    samples.push(entry);
-    Ok(u64::from(adopted))
+    Ok((written.files, written.index, grid_entries, written.adopted))
 }
 
 /// Extends the lease while the shard runs; stops the shard if the lease is lost (the job was cancelled

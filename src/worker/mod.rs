@@ -36,6 +36,9 @@ pub struct WorkerConfig {
     pub reap_interval: Duration,
     /// Polling period of an idle device thread (new submissions wake it at once).
     pub idle_poll: Duration,
+    /// Where data file parts are spooled before they go to S3 (a local directory store spools in its
+    /// own staging folder instead).
+    pub scratch_dir: std::path::PathBuf,
 }
 
 /// Stop flags of the shards running in this process, by job, so CancelJob stops them between steps
@@ -206,6 +209,13 @@ impl WorkerContext {
                 self.finalize(&job_id).await;
             }
         }
+        // Spool files of writers killed mid-write (a live writer's are locked).
+        let mut spools = self.outputs.spool_dirs().await;
+        spools.push(self.config.scratch_dir.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            spools.iter().map(|d| crate::storage::local::sweep_abandoned(d)).sum::<usize>()
+        })
+        .await;
         if let Ok(depth) = self.queue.depth().await {
             metrics::gauge!("ddpm_queue_depth").set(depth as f64);
         }

@@ -1,15 +1,16 @@
-//! A job's outputs under `<prefix>/<job_id>/`: `samples/<index:08>.png`, `grids/<n:05>.png`,
-//! `shards/<shard:06>.json` (what a finished shard wrote) and `manifest.json`, written last as the job's
-//! commit record.
+//! A job's outputs under `<prefix>/<job_id>/`: its samples in the job's layout ([`crate::dataset`]:
+//! `samples/<index:08>.<ext>`, or `data/<shard:06>[-<part:03>].{tar,parquet}`), a Parquet index part per
+//! shard (`index/part-<shard:06>.parquet`), `grids/<n:05>.png`, `shards/<shard:06>.json` (what a finished
+//! shard wrote) and `manifest.json`, written last as the job's commit record.
 //!
 //! Shard records make a job restartable at any moment: a shard whose record exists is not sampled
-//! again, and the manifest is assembled from the records, so it lists every sample exactly once
-//! however often shards were retried.
+//! again, and the manifest is assembled from the records, so it lists every data file and index part
+//! exactly once however often shards were retried.
 //!
-//! Every object is written create-only ([`write_once`]): the first sample, grid, record or manifest at
-//! a key stays, and a later writer (a retry, or a worker that lost its lease) lists the stored object's
-//! SHA-256 instead of its own. So after a job SUCCEEDED every SHA-256 in its manifest is that of the
-//! bytes stored, whatever late writers do.
+//! Every object is written create-only ([`write_once`]): the first sample, data file, grid, record or
+//! manifest at a key stays, and a later writer (a retry, or a worker that lost its lease) lists the
+//! stored object's SHA-256 instead of its own. So after a job SUCCEEDED every SHA-256 in its manifest
+//! and index is that of the bytes stored, whatever late writers do.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use bytes::Bytes;
 use image::DynamicImage;
 use serde::{Deserialize, Serialize};
 
+use crate::dataset::{self, DataFormat, DatasetError, SampleContext, StoredFile};
 use crate::imaging;
 use crate::job::{JobRecord, JobSpec};
 use crate::models::ResolvedModel;
@@ -44,6 +46,12 @@ impl Outputs {
     /// Whether a job may name its own bucket (a local-directory server has none to offer).
     pub fn accepts_buckets(&self) -> bool {
         matches!(self.default, Destination::S3 { .. })
+    }
+
+    /// The staging folders of the stores opened so far (see
+    /// [`sweep_abandoned`](crate::storage::local::sweep_abandoned)).
+    pub async fn spool_dirs(&self) -> Vec<std::path::PathBuf> {
+        self.stores.lock().await.values().filter_map(|s| s.spool_dir()).collect()
     }
 
     /// The store and folder of job `job_id`.
@@ -101,12 +109,8 @@ impl JobOutputs {
         join_key(&self.base, relative)
     }
 
-    pub fn sample_key(&self, index: u64) -> String {
-        self.key(&crate::job::sample_path(index))
-    }
-
     pub fn grid_key(&self, grid: u64) -> String {
-        self.key(&format!("grids/{grid:05}.png"))
+        self.key(&grid_path(grid))
     }
 
     pub fn shard_key(&self, shard: u64) -> String {
@@ -132,29 +136,25 @@ impl JobOutputs {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SampleEntry {
-    pub index: u64,
-    pub seed: u64,
-    pub key: String,
-    pub sha256: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GridEntry {
     pub index: u64,
-    pub key: String,
+    /// Relative to the job's folder.
+    pub path: String,
     pub sha256: String,
     /// The samples it shows, `first..end`.
     pub first: u64,
     pub end: u64,
 }
 
-/// What one finished shard wrote.
+/// What one finished shard wrote: its data files, then its index part, then this record (the shard's
+/// commit). A few hundred bytes per data file, whatever the number of samples.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShardRecord {
     #[serde(flatten)]
     pub run: ShardRun,
-    pub samples: Vec<SampleEntry>,
+    /// Data files (`webdataset`, `parquet`; none for `files`, whose objects the index lists).
+    pub files: Vec<StoredFile>,
+    pub index: StoredFile,
     /// Grids whose samples all lie in this shard.
     pub grids: Vec<GridEntry>,
 }
@@ -166,20 +166,16 @@ pub fn grid_ranges(spec: &JobSpec) -> impl Iterator<Item = (u64, u64, u64)> + '_
     (0..count).map(move |n| (n, n * per, ((n + 1) * per).min(spec.num_samples)))
 }
 
-/// Encodes a sample on the blocking pool and writes it (or adopts what an earlier attempt wrote: the
-/// flag says so).
-pub async fn put_sample(
-    out: &JobOutputs,
-    index: u64,
-    seed: u64,
-    img: DynamicImage,
-) -> Result<(SampleEntry, DynamicImage, bool), OutputError> {
-    let (png, img) = tokio::task::spawn_blocking(move || imaging::encode_png(&img).map(|png| (png, img)))
-        .await
-        .map_err(|e| OutputError::Internal(e.to_string()))??;
-    let key = out.sample_key(index);
-    let put = write_once(out.store.as_ref(), &key, Bytes::from(png), "image/png").await?;
-    Ok((SampleEntry { index, seed, key, sha256: put.sha256 }, img, put.adopted))
+/// What every sample of `spec` shares besides its seed (its WebDataset JSON and Parquet columns).
+pub fn sample_context(spec: &JobSpec, model: &ResolvedModel) -> SampleContext {
+    SampleContext {
+        model: model.name.clone(),
+        model_sha256: model.weights_sha256.clone(),
+        scheduler: spec.scheduler.as_str().to_string(),
+        steps: spec.steps,
+        eta: spec.eta.unwrap_or(0.0),
+        seed: spec.seed,
+    }
 }
 
 /// Composes and writes grid `n` from its tiles (in sample order).
@@ -193,9 +189,13 @@ pub async fn put_grid(
     let png = tokio::task::spawn_blocking(move || imaging::encode_png(&imaging::make_grid(&tiles, columns)))
         .await
         .map_err(|e| OutputError::Internal(e.to_string()))??;
-    let key = out.grid_key(n);
-    let put = write_once(out.store.as_ref(), &key, Bytes::from(png), "image/png").await?;
-    Ok(GridEntry { index: n, key, sha256: put.sha256, first, end })
+    let path = grid_path(n);
+    let put = write_once(out.store.as_ref(), &out.key(&path), Bytes::from(png), "image/png").await?;
+    Ok(GridEntry { index: n, path, sha256: put.sha256, first, end })
+}
+
+pub fn grid_path(n: u64) -> String {
+    format!("grids/{n:05}.png")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -210,7 +210,19 @@ pub enum OutputError {
     Internal(String),
 }
 
-/// `manifest.json`: everything needed to reproduce or audit a job.
+impl From<DatasetError> for OutputError {
+    fn from(e: DatasetError) -> Self {
+        match e {
+            DatasetError::Storage(s) => OutputError::Storage(s),
+            DatasetError::Image(i) => OutputError::Image(i),
+            DatasetError::Corrupt(m) => OutputError::Corrupt(m),
+            other => OutputError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// `manifest.json`: everything needed to reproduce or audit a job, in size proportional to its shards
+/// and data files. The per-sample listing is the Parquet index (`index`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobManifest {
     pub job_id: String,
@@ -222,9 +234,24 @@ pub struct JobManifest {
     pub started_at_ms: Option<i64>,
     pub finalized_at_ms: i64,
     pub sampling_seconds: f64,
+    pub totals: Totals,
     pub shards: Vec<ShardRun>,
-    pub samples: Vec<SampleEntry>,
+    /// Index parts, one per shard, in sample order.
+    pub index: Vec<StoredFile>,
+    /// Data files (`webdataset`, `parquet`), in sample order.
+    pub files: Vec<StoredFile>,
     pub grids: Vec<GridEntry>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Totals {
+    pub samples: u64,
+    pub shards: u64,
+    pub index_parts: u64,
+    pub index_bytes: u64,
+    pub data_files: u64,
+    pub data_bytes: u64,
+    pub grids: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -245,7 +272,7 @@ pub struct ShardRun {
     pub device: String,
     pub attempt: u32,
     pub sampling_seconds: f64,
-    /// Samples of the shard whose objects an earlier attempt had written first (kept, and listed with
+    /// Samples of the shard whose objects an earlier attempt had written first (kept, and indexed with
     /// their stored SHA-256).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub adopted: u64,
@@ -255,8 +282,28 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
+/// Files that must tile `0..n` in order, each sample once.
+fn check_tiling(what: &str, files: &[StoredFile], n: u64) -> Result<(), OutputError> {
+    let mut next = 0;
+    for f in files {
+        if f.first != next || f.end <= f.first {
+            return Err(OutputError::Corrupt(format!(
+                "{what} {} covers samples {}..{}, expected to start at {next}",
+                f.path, f.first, f.end
+            )));
+        }
+        next = f.end;
+    }
+    if next != n {
+        return Err(OutputError::Corrupt(format!("{what} cover samples 0..{next} of 0..{n}")));
+    }
+    Ok(())
+}
+
 /// Writes the grids no shard could make alone and then the manifest; returns the manifest's URI.
-/// Idempotent: running it twice (two workers racing, or a restart) leaves the first run's objects.
+/// Reads one shard record at a time, so its memory grows with the number of shards and data files,
+/// not samples. Idempotent: running it twice (two workers racing, or a restart) leaves the first run's
+/// objects.
 pub async fn finalize(
     out: &JobOutputs,
     job: &JobRecord,
@@ -264,47 +311,42 @@ pub async fn finalize(
     now_ms: i64,
 ) -> Result<String, OutputError> {
     let spec = &job.spec;
-    let mut records = Vec::with_capacity(job.shards_total as usize);
+    let mut runs = Vec::with_capacity(job.shards_total as usize);
+    let mut index = Vec::with_capacity(job.shards_total as usize);
+    let mut files = Vec::new();
+    let mut grids: BTreeMap<u64, GridEntry> = BTreeMap::new();
     for shard in 0..job.shards_total {
         let record = out.shard_record(shard).await?.ok_or_else(|| {
             OutputError::Corrupt(format!("shard {shard} is done but its record is missing"))
         })?;
-        records.push(record);
+        if (record.index.first, record.index.end) != (record.run.start, record.run.end) {
+            return Err(OutputError::Corrupt(format!("shard {shard}: its index part covers other samples")));
+        }
+        grids.extend(record.grids.into_iter().map(|g| (g.index, g)));
+        files.extend(record.files);
+        index.push(record.index);
+        runs.push(record.run);
     }
-    let mut samples: Vec<SampleEntry> = records.iter().flat_map(|r| r.samples.iter().cloned()).collect();
-    samples.sort_by_key(|s| s.index);
-    let complete = samples.len() as u64 == spec.num_samples
-        && samples.iter().enumerate().all(|(i, s)| s.index == i as u64);
-    if !complete {
-        return Err(OutputError::Corrupt(format!(
-            "shard records list {} samples, expected each of 0..{} once",
-            samples.len(),
-            spec.num_samples
-        )));
+    check_tiling("index parts", &index, spec.num_samples)?;
+    if spec.dataset.format != DataFormat::Files {
+        check_tiling("data files", &files, spec.num_samples)?;
     }
-    let mut grids: BTreeMap<u64, GridEntry> =
-        records.iter().flat_map(|r| r.grids.iter().cloned()).map(|g| (g.index, g)).collect();
     for range in grid_ranges(spec) {
-        if grids.contains_key(&range.0) {
-            continue;
+        if let std::collections::btree_map::Entry::Vacant(slot) = grids.entry(range.0) {
+            let tiles = read_tiles(out, &index, &files, range.1..range.2).await?;
+            slot.insert(put_grid(out, spec, range, tiles).await?);
         }
-        // A grid straddling shards: read its samples back.
-        let mut tiles = Vec::new();
-        for s in &samples[range.1 as usize..range.2 as usize] {
-            let bytes = out
-                .store
-                .get(&s.key)
-                .await?
-                .ok_or_else(|| OutputError::Corrupt(format!("{} is missing", s.key)))?;
-            let img = tokio::task::spawn_blocking(move || image::load_from_memory(&bytes))
-                .await
-                .map_err(|e| OutputError::Internal(e.to_string()))?
-                .map_err(|e| OutputError::Corrupt(format!("{}: {e}", s.key)))?;
-            tiles.push(img);
-        }
-        grids.insert(range.0, put_grid(out, spec, range, tiles).await?);
     }
     let scheduler = model.scheduler(spec.scheduler).map(|s| s.to_json()).unwrap_or_default();
+    let totals = Totals {
+        samples: spec.num_samples,
+        shards: runs.len() as u64,
+        index_parts: index.len() as u64,
+        index_bytes: index.iter().map(|f| f.bytes).sum(),
+        data_files: files.len() as u64,
+        data_bytes: files.iter().map(|f| f.bytes).sum(),
+        grids: grids.len() as u64,
+    };
     let manifest = JobManifest {
         job_id: job.id.clone(),
         version: format!("ddpm-worker {}", env!("CARGO_PKG_VERSION")),
@@ -319,15 +361,49 @@ pub async fn finalize(
         created_at_ms: job.created_at_ms,
         started_at_ms: job.started_at_ms,
         finalized_at_ms: now_ms,
-        sampling_seconds: records.iter().map(|r| r.run.sampling_seconds).sum(),
-        shards: records.iter().map(|r| r.run.clone()).collect(),
-        samples,
+        sampling_seconds: runs.iter().map(|r| r.sampling_seconds).sum(),
+        totals,
+        shards: runs,
+        index,
+        files,
         grids: grids.into_values().collect(),
     };
     let json = serde_json::to_vec_pretty(&manifest).map_err(|e| OutputError::Internal(e.to_string()))?;
     let key = out.manifest_key();
     // Two finalizers racing write the same listing; the first manifest stays.
     Ok(write_once(out.store.as_ref(), &key, Bytes::from(json), "application/json").await?.uri)
+}
+
+/// The decoded samples `range` of a grid that straddles shards, read through the index parts that
+/// list them (a grid's worth of images, whatever the job's size).
+async fn read_tiles(
+    out: &JobOutputs,
+    index: &[StoredFile],
+    files: &[StoredFile],
+    range: std::ops::Range<u64>,
+) -> Result<Vec<DynamicImage>, OutputError> {
+    let mut tiles = Vec::with_capacity((range.end - range.start) as usize);
+    let size_of = |path: &str| files.iter().find(|f| f.path == path).map(|f| f.bytes);
+    for part in index.iter().filter(|p| p.first < range.end && range.start < p.end) {
+        let bytes = out
+            .store
+            .get(&out.key(&part.path))
+            .await?
+            .ok_or_else(|| OutputError::Corrupt(format!("{} is missing", part.path)))?;
+        let rows = dataset::index::read(bytes)?;
+        for row in rows.iter().filter(|r| range.contains(&r.index)) {
+            let encoded = dataset::sink::read_sample(&out.store, &out.base, row, size_of).await?;
+            let img = tokio::task::spawn_blocking(move || image::load_from_memory(&encoded))
+                .await
+                .map_err(|e| OutputError::Internal(e.to_string()))?
+                .map_err(|e| OutputError::Corrupt(format!("{}: {e}", row.file)))?;
+            tiles.push(img);
+        }
+    }
+    if tiles.len() as u64 != range.end - range.start {
+        return Err(OutputError::Corrupt(format!("the index lists {} of samples {range:?}", tiles.len())));
+    }
+    Ok(tiles)
 }
 
 #[cfg(test)]

@@ -165,3 +165,32 @@ impl Drop for SeaweedFs {
         }
     }
 }
+
+/// Copies every object under `prefix/` into `dir` (keys relative to the prefix become paths), so a job's
+/// S3 output can be opened by local readers byte for byte; returns the relative keys.
+pub async fn download(client: &aws_sdk_s3::Client, prefix: &str, dir: &std::path::Path) -> Vec<String> {
+    let keys: Vec<String> = client
+        .list_objects_v2()
+        .bucket(BUCKET)
+        .prefix(format!("{prefix}/"))
+        .into_paginator()
+        .send()
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .flat_map(|page| page.unwrap().contents.unwrap_or_default())
+        .filter_map(|o| o.key)
+        .collect();
+    let mut relative = Vec::new();
+    for key in keys {
+        let rel = key.strip_prefix(&format!("{prefix}/")).unwrap().to_string();
+        let out = client.get_object().bucket(BUCKET).key(&key).send().await.unwrap();
+        let bytes = out.body.collect().await.unwrap().into_bytes();
+        let path = dir.join(&rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &bytes).unwrap();
+        relative.push(rel);
+    }
+    relative.sort();
+    relative
+}

@@ -175,51 +175,63 @@ pub async fn wait_for(
     }
 }
 
-/// The PNGs of a finished job on a local store, by sample index, checked against the manifest's hashes.
-pub fn job_samples(job: &pb::Job) -> Vec<Vec<u8>> {
-    let m = manifest(job);
-    let root = job_root(job);
-    let samples = m["samples"].as_array().unwrap();
-    samples
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            assert_eq!(s["index"].as_u64().unwrap(), i as u64, "every index once, in order");
-            let bytes = std::fs::read(root.join(s["key"].as_str().unwrap())).unwrap();
-            assert_eq!(
-                ddpm_worker::digest::sha256_hex(&bytes),
-                s["sha256"].as_str().unwrap(),
-                "{}",
-                s["key"]
-            );
-            bytes
-        })
-        .collect()
+/// The folder of a finished job on a local store.
+pub fn job_folder(job: &pb::Job) -> PathBuf {
+    file_path(&job.manifest_uri).parent().unwrap().to_path_buf()
 }
 
-/// The store root that a finished job's manifest keys are relative to.
-pub fn job_root(job: &pb::Job) -> PathBuf {
+/// The rows of a finished job's Parquet index, in sample order, each index once.
+pub fn index_rows(job: &pb::Job) -> Vec<ddpm_worker::dataset::index::IndexRow> {
     let m = manifest(job);
-    let manifest_path = file_path(&job.manifest_uri);
-    // The manifest sits at <root>/<prefix>/<job_id>/manifest.json; keys are relative to <root>.
-    let depth = m["samples"][0]["key"].as_str().unwrap().split('/').count() - 2;
-    let mut root = manifest_path.parent().unwrap().to_path_buf();
-    for _ in 0..depth {
-        root.pop();
+    let folder = job_folder(job);
+    let mut rows = Vec::new();
+    for part in m["index"].as_array().unwrap() {
+        let bytes = std::fs::read(folder.join(part["path"].as_str().unwrap())).unwrap();
+        assert_eq!(ddpm_worker::digest::sha256_hex(&bytes), part["sha256"].as_str().unwrap());
+        rows.extend(ddpm_worker::dataset::index::read(bytes.into()).unwrap());
     }
-    root
+    rows.sort_by_key(|r| r.index);
+    for (i, r) in rows.iter().enumerate() {
+        assert_eq!(r.index, i as u64, "every index once, in order");
+    }
+    rows
 }
 
-/// Every file under a finished job's folder that its manifest does not account for (samples, grids,
-/// shard records and the manifest itself): what crashed, paused or retried writers left behind.
+/// The encoded samples of a finished job on a local store, by sample index, read where its index says
+/// they are and checked against the index's SHA-256.
+pub async fn job_samples(job: &pb::Job) -> Vec<Vec<u8>> {
+    use std::sync::Arc;
+    let m = manifest(job);
+    let store: Arc<dyn ddpm_worker::storage::ObjectStore> =
+        Arc::new(ddpm_worker::storage::local::LocalStore::new(job_folder(job)).unwrap());
+    let sizes: std::collections::BTreeMap<String, u64> = m["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["path"].as_str().unwrap().to_string(), f["bytes"].as_u64().unwrap()))
+        .collect();
+    let mut samples = Vec::new();
+    for row in index_rows(job) {
+        let bytes = ddpm_worker::dataset::sink::read_sample(&store, "", &row, |p| sizes.get(p).copied())
+            .await
+            .unwrap();
+        assert_eq!(ddpm_worker::digest::sha256_hex(&bytes), row.sha256, "{row:?}");
+        samples.push(bytes.to_vec());
+    }
+    samples
+}
+
+/// Every file under a finished job's folder that its manifest and index do not account for (samples,
+/// data files, index parts, grids, shard records and the manifest itself): what crashed, paused or
+/// retried writers left behind.
 pub fn unlisted_files(job: &pb::Job) -> Vec<PathBuf> {
     let m = manifest(job);
-    let root = job_root(job);
-    let folder = file_path(&job.manifest_uri).parent().unwrap().to_path_buf();
-    let mut listed: std::collections::BTreeSet<PathBuf> = ["samples", "grids"]
+    let folder = job_folder(job);
+    let mut listed: std::collections::BTreeSet<PathBuf> = ["index", "files", "grids"]
         .iter()
-        .flat_map(|k| m[*k].as_array().unwrap().iter().map(|e| root.join(e["key"].as_str().unwrap())))
+        .flat_map(|k| m[*k].as_array().unwrap().iter().map(|e| folder.join(e["path"].as_str().unwrap())))
         .collect();
+    listed.extend(index_rows(job).into_iter().map(|r| folder.join(r.file)));
     listed.insert(folder.join("manifest.json"));
     for s in m["shards"].as_array().unwrap() {
         listed.insert(folder.join(format!("shards/{:06}.json", s["shard"].as_u64().unwrap())));
@@ -237,6 +249,88 @@ pub fn unlisted_files(job: &pb::Job) -> Vec<PathBuf> {
         }
     }
     unlisted
+}
+
+/// Checks a finished job's folder (local, or downloaded from S3) as a reader would find it: every
+/// index part, data file and grid has its listed SHA-256, the index lists each sample once with the
+/// SHA-256 of the bytes where it points, and no file is there that the manifest and index do not list.
+/// Returns the encoded samples in index order.
+pub async fn check_job_folder(folder: &Path) -> Vec<Vec<u8>> {
+    use std::sync::Arc;
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(folder.join("manifest.json")).unwrap()).unwrap();
+    let mut listed = std::collections::BTreeSet::from([PathBuf::from("manifest.json")]);
+    for entry in ["index", "files", "grids"].iter().flat_map(|k| m[*k].as_array().unwrap()) {
+        let path = entry["path"].as_str().unwrap();
+        let bytes = std::fs::read(folder.join(path)).unwrap();
+        assert_eq!(ddpm_worker::digest::sha256_hex(&bytes), entry["sha256"].as_str().unwrap(), "{path}");
+        listed.insert(PathBuf::from(path));
+    }
+    for s in m["shards"].as_array().unwrap() {
+        listed.insert(PathBuf::from(format!("shards/{:06}.json", s["shard"].as_u64().unwrap())));
+    }
+    let store: Arc<dyn ddpm_worker::storage::ObjectStore> =
+        Arc::new(ddpm_worker::storage::local::LocalStore::new(folder).unwrap());
+    let sizes: std::collections::BTreeMap<String, u64> = m["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["path"].as_str().unwrap().to_string(), f["bytes"].as_u64().unwrap()))
+        .collect();
+    let mut rows = Vec::new();
+    for part in m["index"].as_array().unwrap() {
+        let bytes = std::fs::read(folder.join(part["path"].as_str().unwrap())).unwrap();
+        rows.extend(ddpm_worker::dataset::index::read(bytes.into()).unwrap());
+    }
+    rows.sort_by_key(|r| r.index);
+    let seed = m["spec"]["seed"].as_u64().unwrap();
+    assert_eq!(rows.len() as u64, m["spec"]["num_samples"].as_u64().unwrap());
+    let mut samples = Vec::new();
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!((row.index, row.seed), (i as u64, seed + i as u64), "every sample once");
+        let bytes = ddpm_worker::dataset::sink::read_sample(&store, "", row, |p| sizes.get(p).copied())
+            .await
+            .unwrap();
+        assert_eq!(ddpm_worker::digest::sha256_hex(&bytes), row.sha256, "{row:?}");
+        listed.insert(PathBuf::from(&row.file));
+        samples.push(bytes.to_vec());
+    }
+    let mut present = std::collections::BTreeSet::new();
+    let mut stack = vec![folder.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                present.insert(path.strip_prefix(folder).unwrap().to_path_buf());
+            }
+        }
+    }
+    assert_eq!(present, listed, "files the manifest and index do not list, or listed files missing");
+    samples
+}
+
+/// Runs the pinned dataset readers (`tests/readers/check_dataset.py`: webdataset, datasets, pyarrow)
+/// on a job's folder; `reference` is the `files` layout of the same job, whose PNGs the decoded pixels
+/// must equal. Returns the script's JSON summary.
+pub fn run_readers(folder: &Path, reference: Option<&Path>) -> serde_json::Value {
+    let python = std::env::var("DDPM_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/readers/check_dataset.py");
+    let mut cmd = Command::new(python);
+    cmd.arg(script).arg(folder);
+    if let Some(r) = reference {
+        cmd.arg("--reference").arg(r);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "the readers refused {}:\n{}{}",
+        folder.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// A file as a late writer could change it: its inode (a replacement, even by the same bytes, is a
@@ -322,7 +416,7 @@ pub async fn a_zombie_cannot_change_recorded_outputs(dir: &Path, queue: &str) {
     let b = Server::start_with(&dir.join("b"), &args(&["--channels-last"]), &[]).await;
     let mut client_b = b.client().await;
     let done = wait_for(&mut client_b, &job.job_id, |j| j.state == pb::JobState::Succeeded as i32).await;
-    assert_eq!(job_samples(&done).len(), 256);
+    assert_eq!(job_samples(&done).await.len(), 256);
     let folder = jobs.join(&job.job_id);
     let before = snapshot(&folder);
 
@@ -334,7 +428,7 @@ pub async fn a_zombie_cannot_change_recorded_outputs(dir: &Path, queue: &str) {
         assert!(after.get(path) == Some(state), "{} was rewritten after the zombie resumed", path.display());
     }
     assert_eq!(after.len(), before.len(), "the zombie added files");
-    assert_eq!(job_samples(&done).len(), 256, "every listed SHA-256 is still true");
+    assert_eq!(job_samples(&done).await.len(), 256, "every listed SHA-256 is still true");
     assert!(unlisted_files(&done).is_empty(), "left behind: {:?}", unlisted_files(&done));
     let staging = jobs.join(".ddpm-staging");
     let staged: Vec<_> =

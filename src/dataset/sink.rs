@@ -1,0 +1,392 @@
+//! Writing one shard's samples in a job's layout: images are encoded in parallel on the blocking pool,
+//! put back in sample order, and stored as per-sample objects or streamed into data file parts on a
+//! local spool file (never a whole part in memory), then uploaded create-only. The shard's index part
+//! is written last, after every data file it lists.
+//!
+//! A part that is already stored (an earlier attempt of the shard, or a worker that lost its lease)
+//! is kept: when its bytes differ from this attempt's (another device's floating-point), its members
+//! are read back and indexed as stored, so the index always describes the bytes readers get.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use image::DynamicImage;
+use tokio::sync::mpsc;
+
+use super::index::{self, IndexRow};
+use super::parquet::ParquetPart;
+use super::tar::TarPart;
+use super::{DataFormat, DatasetError, DatasetOptions, Encoded, SampleContext, StoredFile};
+use crate::storage::{ObjectStore, join_key, write_once};
+
+/// Encodes and uploads in flight at once (per shard).
+const IN_FLIGHT: usize = 8;
+
+/// What a shard is and where it goes.
+#[derive(Debug, Clone)]
+pub struct ShardTarget {
+    pub store: Arc<dyn ObjectStore>,
+    /// The job's folder in the store.
+    pub base: String,
+    pub options: DatasetOptions,
+    pub context: SampleContext,
+    pub shard: u64,
+    pub start: u64,
+    pub end: u64,
+    pub writer: index::Writer,
+    /// Written into tar headers (seconds since the epoch): the job's creation time, fixed per job.
+    pub mtime: u64,
+    /// Where spool files go when the store has no staging folder of its own.
+    pub scratch: PathBuf,
+}
+
+/// What a shard stored.
+#[derive(Debug)]
+pub struct ShardOutput {
+    /// Data files (`webdataset`, `parquet`; empty for `files`).
+    pub files: Vec<StoredFile>,
+    pub index: StoredFile,
+    /// Samples that an earlier writer had stored first (kept, and indexed as stored).
+    pub adopted: u64,
+    /// The decoded images asked for (grid tiles), by index.
+    pub tiles: BTreeMap<u64, DynamicImage>,
+}
+
+/// Writes samples `start..end` of a shard as they arrive on `rx` (in any order), keeping the images
+/// whose index `keep` accepts.
+pub async fn write_shard(
+    target: ShardTarget,
+    mut rx: mpsc::Receiver<(u64, DynamicImage)>,
+    keep: impl Fn(u64) -> bool,
+) -> Result<ShardOutput, DatasetError> {
+    let encoding = target.options.encoding;
+    let mut encoding_tasks: tokio::task::JoinSet<Result<Encoded, DatasetError>> = tokio::task::JoinSet::new();
+    let mut tiles = BTreeMap::new();
+    let mut sink = Sink::start(&target);
+    // Encoded samples waiting for an earlier index (encodes finish out of order).
+    let mut reorder: BTreeMap<u64, Encoded> = BTreeMap::new();
+    let mut next = target.start;
+    let mut received = 0u64;
+    let seed = target.context.seed;
+    loop {
+        while encoding_tasks.len() >= IN_FLIGHT {
+            if let Some(done) = encoding_tasks.join_next().await {
+                let encoded = done.map_err(join_error)??;
+                reorder.insert(encoded.index, encoded);
+            }
+            next = sink.feed(&mut reorder, next).await?;
+        }
+        let Some((index, img)) = rx.recv().await else { break };
+        if !(target.start..target.end).contains(&index) {
+            return Err(DatasetError::Corrupt(format!("sample {index} is not in shard {}", target.shard)));
+        }
+        received += 1;
+        if keep(index) {
+            tiles.insert(index, img.clone());
+        }
+        encoding_tasks.spawn_blocking(move || {
+            let bytes = encoding.encode(&img)?;
+            Ok::<_, DatasetError>(Encoded { index, seed: seed + index, bytes })
+        });
+    }
+    while let Some(done) = encoding_tasks.join_next().await {
+        let encoded = done.map_err(join_error)??;
+        reorder.insert(encoded.index, encoded);
+        next = sink.feed(&mut reorder, next).await?;
+    }
+    let (files, mut rows, adopted) = sink.finish().await?;
+    if received != target.end - target.start || next != target.end {
+        return Err(DatasetError::Corrupt(format!(
+            "shard {} got {received} of its {} samples",
+            target.shard,
+            target.end - target.start
+        )));
+    }
+    rows.sort_by_key(|r| r.index);
+    if rows.iter().map(|r| r.index).ne(target.start..target.end) {
+        return Err(DatasetError::Corrupt(format!(
+            "shard {}: the index does not list each sample once",
+            target.shard
+        )));
+    }
+    let bytes = index::write(&rows, &target.writer)?;
+    let size = bytes.len() as u64;
+    let path = super::index_path(target.shard);
+    let written =
+        write_once(target.store.as_ref(), &join_key(&target.base, &path), bytes, PARQUET_TYPE).await?;
+    // An index part stored by an earlier writer lists the same stored data (everything it lists was
+    // adopted or written create-only), so it stands.
+    let size = if written.adopted {
+        target.store.get(&join_key(&target.base, &path)).await?.map_or(size, |b| b.len() as u64)
+    } else {
+        size
+    };
+    let index =
+        StoredFile { path, sha256: written.sha256, bytes: size, first: target.start, end: target.end };
+    Ok(ShardOutput { files, index, adopted, tiles })
+}
+
+const PARQUET_TYPE: &str = "application/vnd.apache.parquet";
+
+fn join_error(e: tokio::task::JoinError) -> DatasetError {
+    DatasetError::Corrupt(format!("an encoding task failed: {e}"))
+}
+
+type PartsWritten = Result<(Vec<StoredFile>, Vec<IndexRow>, u64), DatasetError>;
+
+/// Where encoded samples go, in sample order.
+enum Sink {
+    /// One object per sample, uploaded concurrently.
+    Files {
+        target: Arc<ShardTarget>,
+        uploads: tokio::task::JoinSet<Result<(IndexRow, bool), DatasetError>>,
+        rows: Vec<IndexRow>,
+        adopted: u64,
+    },
+    /// Data file parts, written on a blocking thread.
+    Parts { tx: Option<mpsc::Sender<Encoded>>, writer: Option<tokio::task::JoinHandle<PartsWritten>> },
+}
+
+impl Sink {
+    fn start(target: &ShardTarget) -> Self {
+        let target = Arc::new(target.clone());
+        match target.options.format {
+            DataFormat::Files => {
+                Sink::Files { target, uploads: tokio::task::JoinSet::new(), rows: Vec::new(), adopted: 0 }
+            }
+            DataFormat::Webdataset | DataFormat::Parquet => {
+                let (tx, rx) = mpsc::channel(IN_FLIGHT * 4);
+                let runtime = tokio::runtime::Handle::current();
+                let writer = tokio::task::spawn_blocking(move || write_parts(&target, rx, &runtime));
+                Sink::Parts { tx: Some(tx), writer: Some(writer) }
+            }
+        }
+    }
+
+    /// Passes on the samples from `next` on that are ready; returns the next index still missing.
+    async fn feed(&mut self, ready: &mut BTreeMap<u64, Encoded>, mut next: u64) -> Result<u64, DatasetError> {
+        while let Some(sample) = ready.remove(&next) {
+            next += 1;
+            match self {
+                Sink::Files { target, uploads, rows, adopted } => {
+                    while uploads.len() >= IN_FLIGHT {
+                        if let Some(done) = uploads.join_next().await {
+                            let (row, was_there) = done.map_err(join_error)??;
+                            rows.push(row);
+                            *adopted += u64::from(was_there);
+                        }
+                    }
+                    let target = Arc::clone(target);
+                    uploads.spawn(async move { put_sample(&target, sample).await });
+                }
+                Sink::Parts { tx, writer } => {
+                    let sent = match tx {
+                        Some(tx) => tx.send(sample).await.is_ok(),
+                        None => false,
+                    };
+                    if !sent {
+                        // The part writer stopped: its error is the shard's.
+                        tx.take();
+                        let ended = match writer.take() {
+                            Some(w) => w.await.map_err(join_error)?,
+                            None => Ok(Default::default()),
+                        };
+                        return Err(ended.err().unwrap_or_else(|| {
+                            DatasetError::Corrupt("the part writer ended before the shard".into())
+                        }));
+                    }
+                }
+            }
+        }
+        Ok(next)
+    }
+
+    async fn finish(self) -> Result<(Vec<StoredFile>, Vec<IndexRow>, u64), DatasetError> {
+        match self {
+            Sink::Files { mut uploads, mut rows, mut adopted, .. } => {
+                while let Some(done) = uploads.join_next().await {
+                    let (row, was_there) = done.map_err(join_error)??;
+                    rows.push(row);
+                    adopted += u64::from(was_there);
+                }
+                Ok((Vec::new(), rows, adopted))
+            }
+            Sink::Parts { tx, writer } => {
+                drop(tx);
+                match writer {
+                    Some(w) => w.await.map_err(join_error)?,
+                    None => Err(DatasetError::Corrupt("the part writer is gone".into())),
+                }
+            }
+        }
+    }
+}
+
+async fn put_sample(target: &ShardTarget, sample: Encoded) -> Result<(IndexRow, bool), DatasetError> {
+    let image = target.options.encoding.image;
+    let file = super::sample_path(sample.index, image);
+    let written =
+        write_once(target.store.as_ref(), &join_key(&target.base, &file), sample.bytes, image.content_type())
+            .await?;
+    let row = IndexRow {
+        index: sample.index,
+        seed: sample.seed,
+        sha256: written.sha256,
+        bytes: written.bytes,
+        file,
+        member: None,
+        offset: None,
+        row: None,
+    };
+    Ok((row, written.adopted))
+}
+
+/// An open data file part.
+enum Open {
+    Tar(Box<TarPart>),
+    Parquet(Box<ParquetPart>),
+}
+
+/// Writes a shard's parts from the samples on `rx` (in order); runs on a blocking thread.
+fn write_parts(
+    target: &ShardTarget,
+    mut rx: mpsc::Receiver<Encoded>,
+    runtime: &tokio::runtime::Handle,
+) -> Result<(Vec<StoredFile>, Vec<IndexRow>, u64), DatasetError> {
+    let parts = target.options.parts(target.start, target.end);
+    let spool_dir = target.store.spool_dir().unwrap_or_else(|| target.scratch.clone());
+    std::fs::create_dir_all(&spool_dir).map_err(io(&spool_dir))?;
+    let (mut files, mut rows, mut adopted) = (Vec::new(), Vec::new(), 0);
+    for &(part, first, end) in &parts {
+        let path = target.options.data_path(target.shard, part, parts.len());
+        let spool = Spool::create(spool_dir.join(format!("{}.part", uuid::Uuid::new_v4().simple())))?;
+        let mut open = match target.options.format {
+            DataFormat::Webdataset => Open::Tar(Box::new(
+                TarPart::create(&spool.0, path.clone(), target.options.encoding.image, target.mtime)
+                    .map_err(io(&spool.0))?,
+            )),
+            _ => Open::Parquet(Box::new(ParquetPart::create(
+                &spool.0,
+                path.clone(),
+                target.options.encoding.image,
+            )?)),
+        };
+        for _ in first..end {
+            let Some(sample) = rx.blocking_recv() else {
+                return Err(DatasetError::Corrupt(format!("shard {} ended early", target.shard)));
+            };
+            match &mut open {
+                Open::Tar(t) => t.push(&sample, &target.context).map_err(io(&spool.0))?,
+                Open::Parquet(p) => p.push(sample, &target.context)?,
+            }
+        }
+        let (part_rows, sha256, size) = match open {
+            Open::Tar(t) => t.finish().map_err(io(&spool.0))?,
+            Open::Parquet(p) => p.finish(&target.context)?,
+        };
+        let stored =
+            runtime.block_on(store_part(target, &path, &spool, (first, end), part_rows, sha256, size))?;
+        adopted += stored.2;
+        rows.extend(stored.1);
+        files.push(stored.0);
+    }
+    Ok((files, rows, adopted))
+}
+
+/// A spool file, locked while it lives (so [`sweep_abandoned`](crate::storage::local::sweep_abandoned)
+/// leaves it alone) and removed when dropped (uploaded, adopted or abandoned).
+struct Spool(PathBuf, #[allow(dead_code)] std::fs::File);
+
+impl Spool {
+    fn create(path: PathBuf) -> Result<Self, DatasetError> {
+        let file = std::fs::File::create(&path).map_err(io(&path))?;
+        file.try_lock().map_err(|e| DatasetError::Io {
+            path: path.display().to_string(),
+            source: std::io::Error::other(e),
+        })?;
+        Ok(Self(path, file))
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> DatasetError + '_ {
+    move |source| DatasetError::Io { path: path.display().to_string(), source }
+}
+
+/// Uploads a finished part create-only; when one is stored already, keeps it and indexes it as stored.
+async fn store_part(
+    target: &ShardTarget,
+    path: &str,
+    spool: &Spool,
+    (first, end): (u64, u64),
+    rows: Vec<IndexRow>,
+    sha256: String,
+    size: u64,
+) -> Result<(StoredFile, Vec<IndexRow>, u64), DatasetError> {
+    let key = join_key(&target.base, path);
+    let content_type = match target.options.format {
+        DataFormat::Webdataset => "application/x-tar",
+        _ => PARQUET_TYPE,
+    };
+    if target.store.put_file_new(&key, &spool.0, &sha256, size, content_type).await?.is_some() {
+        return Ok((StoredFile { path: path.into(), sha256, bytes: size, first, end }, rows, 0));
+    }
+    // Already stored: fetch it and compare.
+    let copy = Spool::create(spool.0.with_extension("stored"))?;
+    if !target.store.get_to_file(&key, &copy.0).await? {
+        return Err(DatasetError::Corrupt(format!("{key} exists but cannot be read")));
+    }
+    let (stored_sha, stored_size) = {
+        let local = copy.0.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::digest::sha256_file(&local).map(|sha| (sha, local.metadata().map(|m| m.len())))
+        })
+        .await
+        .map_err(join_error)?
+        .map_err(io(&copy.0))?
+    };
+    let stored_size = stored_size.map_err(io(&copy.0))?;
+    let count = end - first;
+    let file = StoredFile { path: path.into(), sha256: stored_sha.clone(), bytes: stored_size, first, end };
+    if stored_sha == sha256 {
+        tracing::info!(path, "an earlier attempt stored this part with the same bytes; keeping it");
+        return Ok((file, rows, count));
+    }
+    tracing::warn!(path, "an earlier attempt stored this part with other bytes; indexing what is stored");
+    let (image, seed, format) = (target.options.encoding.image, target.context.seed, target.options.format);
+    let (local, path_owned) = (copy.0.clone(), path.to_string());
+    let stored_rows = tokio::task::spawn_blocking(move || match format {
+        DataFormat::Webdataset => super::tar::read_rows(&local, &path_owned, image, seed, (first, end)),
+        _ => super::parquet::read_rows(&local, &path_owned, seed, (first, end)),
+    })
+    .await
+    .map_err(join_error)??;
+    Ok((file, stored_rows, count))
+}
+
+/// The encoded image of sample `row` of an index, read from where it is stored (a per-sample object,
+/// a byte range of a tar part, or a row of a Parquet part).
+pub async fn read_sample(
+    store: &Arc<dyn ObjectStore>,
+    base: &str,
+    row: &IndexRow,
+    file_size: impl Fn(&str) -> Option<u64>,
+) -> Result<Bytes, DatasetError> {
+    let key = join_key(base, &row.file);
+    let missing = || DatasetError::Corrupt(format!("{key} is missing"));
+    match (row.offset, row.row) {
+        (Some(offset), _) => store.get_range(&key, offset, row.bytes).await?.ok_or_else(missing),
+        (None, Some(r)) => {
+            let size = file_size(&row.file).ok_or_else(missing)?;
+            super::parquet::read_image(Arc::clone(store), &key, size, r).await
+        }
+        (None, None) => store.get(&key).await?.ok_or_else(missing),
+    }
+}
