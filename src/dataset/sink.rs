@@ -390,3 +390,88 @@ pub async fn read_sample(
         (None, None) => store.get(&key).await?.ok_or_else(missing),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataset::{Encoding, index};
+    use crate::storage::local::LocalStore;
+
+    fn target(store: &Arc<dyn ObjectStore>, format: DataFormat, scratch: &Path) -> ShardTarget {
+        let mut options = DatasetOptions::new(format, Encoding::default(), 1 << 20, (3, 4, 4));
+        options.samples_per_file = 4;
+        ShardTarget {
+            store: Arc::clone(store),
+            base: "job".into(),
+            options,
+            context: SampleContext {
+                model: "m".into(),
+                model_sha256: "0".repeat(64),
+                scheduler: "ddim".into(),
+                steps: 1,
+                eta: 0.0,
+                seed: 10,
+            },
+            shard: 3,
+            start: 8,
+            end: 18,
+            writer: index::Writer { shard: 3, worker: "w".into(), attempt: 1 },
+            mtime: 0,
+            scratch: scratch.to_path_buf(),
+        }
+    }
+
+    /// Runs one attempt of the shard with images whose pixels are `shade + index`, sent out of order.
+    async fn attempt(target: ShardTarget, shade: u8) -> ShardOutput {
+        let (tx, rx) = mpsc::channel(64);
+        let writer = tokio::spawn(write_shard(target, rx, |i| i == 9));
+        for index in (8..18u64).rev() {
+            let px = vec![shade.wrapping_add(index as u8); 48];
+            let img = DynamicImage::ImageRgb8(image::RgbImage::from_raw(4, 4, px).unwrap());
+            tx.send((index, img)).await.unwrap();
+        }
+        drop(tx);
+        writer.await.unwrap().unwrap()
+    }
+
+    /// A second attempt whose images differ (another device's rounding) finds every part stored: it
+    /// keeps them, and its index describes the stored bytes, not its own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retry_with_other_bytes_keeps_and_indexes_the_stored_parts() {
+        for format in [DataFormat::Webdataset, DataFormat::Parquet, DataFormat::Files] {
+            let dir = tempfile::tempdir().unwrap();
+            let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir.path()).unwrap());
+            let first = attempt(target(&store, format, dir.path()), 0).await;
+            assert_eq!(first.adopted, 0);
+            assert_eq!(first.tiles.keys().copied().collect::<Vec<_>>(), [9]);
+            let parts: Vec<_> = first.files.iter().map(|f| (f.path.as_str(), f.first, f.end)).collect();
+            if format != DataFormat::Files {
+                let ext = if format == DataFormat::Webdataset { "tar" } else { "parquet" };
+                let want = [("000", 8, 12), ("001", 12, 16), ("002", 16, 18)]
+                    .map(|(p, a, b)| (format!("data/000003-{p}.{ext}"), a, b));
+                assert_eq!(parts, want.iter().map(|(p, a, b)| (p.as_str(), *a, *b)).collect::<Vec<_>>());
+            }
+            // Remove the index part so the second attempt gets to write its own.
+            std::fs::remove_file(dir.path().join("job").join(crate::dataset::index_path(3))).unwrap();
+            let second = attempt(target(&store, format, dir.path()), 100).await;
+            assert_eq!(second.adopted, 10, "{format:?}");
+            assert_eq!(second.files, first.files, "{format:?}: the stored parts stand");
+            let stored = std::fs::read(dir.path().join("job").join(&second.index.path)).unwrap();
+            let rows = index::read(stored.into()).unwrap();
+            let first_rows: Vec<_> = rows.iter().map(|r| r.index).collect();
+            assert_eq!(first_rows, (8..18).collect::<Vec<_>>());
+            for row in rows {
+                let bytes = read_sample(&store, "job", &row, |p| {
+                    first.files.iter().find(|f| f.path == p).map(|f| f.bytes)
+                })
+                .await
+                .unwrap();
+                assert_eq!(crate::digest::sha256_hex(&bytes), row.sha256, "{format:?} {row:?}");
+                let px = image::load_from_memory(&bytes).unwrap().to_rgb8();
+                assert_eq!(px.as_raw()[0], row.index as u8, "{format:?}: the first attempt's pixels");
+            }
+            let staging = dir.path().join(crate::storage::local::STAGING_DIR);
+            assert_eq!(std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0), 0, "{format:?}: spools left");
+        }
+    }
+}
