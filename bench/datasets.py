@@ -11,6 +11,9 @@ Two parts, all figures in one JSON object on stdout (a table on stderr):
     peak RSS of the `serve` process (VmHWM from /proc when the job ends), and the objects the job
     wrote (files under its folder). Targets: webdataset >= 1.5x the samples/s of files; at most 100
     objects per 100,000 samples (plus grids) for webdataset and parquet.
+  * writer: the output path without sampling: for each layout, `bench-finalize --prepare` writes --samples
+    synthetic 16x16 images through the real shard writer (encode, spool, upload, index, record) into a
+    local directory, 10,000 samples per shard. Measured: samples/s, objects, peak RSS.
   * finalize: for each size in --finalize-sizes, the hidden `bench-finalize` command writes a synthetic
     webdataset job (8x8 images, 10,000 samples per shard) with the real shard writer in one process,
     then finalizes it (reads every shard record, writes the manifest) in a fresh process whose time and
@@ -99,6 +102,22 @@ def throughput(binary: str, model: Path, work: Path, fmt: str, samples: int, tim
         log.close()
 
 
+def writer(binary: str, model: Path, work: Path, fmt: str, samples: int) -> dict:
+    """The output path alone: `bench-finalize --prepare` writes a synthetic job of 16x16 images (the
+    tiny preset's size) through the real shard writer, 10 shards one after another, no sampling."""
+    store = work / f"writer-{fmt}"
+    shards = max(1, samples // 10_000)
+    ran = json.loads(subprocess.run(
+        [binary, "bench-finalize", "--dir", str(store), "--model", str(model), "--samples", str(samples),
+         "--shards", str(shards), "--format", fmt, "--side", "16", "--prepare"],
+        check=True, capture_output=True, text=True).stdout)
+    objects = count_files(store)
+    shutil.rmtree(store, ignore_errors=True)
+    return {"format": fmt, "samples": samples, "shards": shards, "seconds": round(ran["seconds"], 2),
+            "samples_per_second": round(samples / ran["seconds"], 1), "objects": objects,
+            "peak_rss_mib": round(ran["peak_rss_mib"], 1)}
+
+
 def finalize(binary: str, model: Path, work: Path, samples: int) -> dict:
     store = work / f"finalize-{samples}"
     shards = max(1, samples // 10_000)
@@ -126,10 +145,14 @@ def main():
         model = work / "tiny"
         subprocess.run([args.bin, "init-model", "--preset", "tiny", "--out", str(model), "--seed", "0"],
                        check=True, capture_output=True)
-        result = {"throughput": [], "finalize": []}
+        result = {"throughput": [], "writer": [], "finalize": []}
         for fmt in [f for f in args.formats.split(",") if f]:
             r = throughput(args.bin, model, work, fmt, args.samples, args.timeout)
             result["throughput"].append(r)
+            print(json.dumps(r), file=sys.stderr)
+        for fmt in [f for f in args.formats.split(",") if f]:
+            r = writer(args.bin, model, work, fmt, args.samples)
+            result["writer"].append(r)
             print(json.dumps(r), file=sys.stderr)
         for n in [int(s) for s in args.finalize_sizes.split(",") if s]:
             r = finalize(args.bin, model, work, n)
@@ -141,6 +164,10 @@ def main():
             ratio = by["webdataset"]["samples_per_second"] / by["files"]["samples_per_second"]
             checks["webdataset_over_files"] = round(ratio, 2)
             checks["webdataset_speed_target_met"] = ratio >= 1.5
+        wr = {r["format"]: r for r in result["writer"]}
+        if "files" in wr and "webdataset" in wr:
+            checks["writer_webdataset_over_files"] = round(
+                wr["webdataset"]["samples_per_second"] / wr["files"]["samples_per_second"], 2)
         for fmt in ("webdataset", "parquet"):
             if fmt in by:
                 per_100k = by[fmt]["objects_without_grids"] * 100_000 / by[fmt]["samples"]

@@ -206,17 +206,18 @@ pub struct FinalizeTiming {
     pub manifest_bytes: u64,
 }
 
-/// The job that `bench-finalize` writes and finalizes: `samples` samples of 8×8 RGB in `shards` shards,
-/// no grids.
-fn synthetic_job(samples: u64, shards: u64, format: crate::dataset::DataFormat) -> crate::job::JobRecord {
+/// The job that `bench-finalize` writes and finalizes: `samples` samples of `side`×`side` RGB in
+/// `shards` shards, no grids.
+fn synthetic_job(
+    samples: u64,
+    shards: u64,
+    format: crate::dataset::DataFormat,
+    side: u64,
+) -> crate::job::JobRecord {
     use crate::dataset::{DatasetOptions, Encoding};
     let per_shard = samples.div_ceil(shards.max(1));
-    let mut dataset = DatasetOptions::new(
-        format,
-        Encoding::default(),
-        crate::dataset::DEFAULT_TARGET_FILE_BYTES,
-        (3, 8, 8),
-    );
+    let target = crate::dataset::DEFAULT_TARGET_FILE_BYTES;
+    let mut dataset = DatasetOptions::new(format, Encoding::default(), target, (3, side, side));
     dataset.samples_per_file = dataset.samples_per_file.min(per_shard);
     crate::job::JobRecord {
         id: format!("bench-{}-{samples}", format.as_str()),
@@ -266,13 +267,14 @@ pub async fn time_finalize(
     samples: u64,
     shards: u64,
     format: crate::dataset::DataFormat,
+    side: u32,
     prepare: bool,
 ) -> Result<FinalizeTiming, String> {
     use std::sync::Arc;
 
     use crate::dataset::sink::{ShardTarget, write_shard};
     use crate::worker::outputs::{self, JobOutputs, ShardRecord, ShardRun};
-    let job = synthetic_job(samples, shards, format);
+    let job = synthetic_job(samples, shards, format, u64::from(side));
     let store: Arc<dyn crate::storage::ObjectStore> =
         Arc::new(crate::storage::local::LocalStore::new(dir).map_err(|e| e.to_string())?);
     let out = JobOutputs::new(Arc::clone(&store), "", &job.id);

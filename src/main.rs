@@ -66,6 +66,9 @@ struct BenchFinalizeArgs {
     shards: u64,
     #[arg(long, value_enum, default_value = "webdataset")]
     format: ddpm_worker::dataset::DataFormat,
+    /// Side of the synthetic RGB images.
+    #[arg(long, default_value_t = 8)]
+    side: u32,
     /// Write the shards instead of finalizing.
     #[arg(long)]
     prepare: bool,
@@ -371,7 +374,9 @@ fn main() -> ExitCode {
                 .map_err(|e| e.to_string())
         })),
         Command::BenchFinalize(a) => print_json(runtime().map_err(|e| e.to_string()).and_then(|rt| {
-            rt.block_on(benchmark::time_finalize(&a.dir, &a.model, a.samples, a.shards, a.format, a.prepare))
+            rt.block_on(benchmark::time_finalize(
+                &a.dir, &a.model, a.samples, a.shards, a.format, a.side, a.prepare,
+            ))
         })),
         Command::BenchUnet(a) => print_json(benchmark::time_unet(
             &a.model,

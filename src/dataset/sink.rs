@@ -471,7 +471,11 @@ mod tests {
                 assert_eq!(px.as_raw()[0], row.index as u8, "{format:?}: the first attempt's pixels");
             }
             let staging = dir.path().join(crate::storage::local::STAGING_DIR);
-            assert_eq!(std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0), 0, "{format:?}: spools left");
+            assert_eq!(
+                std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0),
+                0,
+                "{format:?}: spools left"
+            );
         }
     }
 }
