@@ -128,6 +128,7 @@ def finalize(binary: str, model: Path, work: Path, samples: int) -> dict:
     shutil.rmtree(store, ignore_errors=True)
     return {"samples": samples, "shards": shards, "prepare_seconds": round(prepared["seconds"], 1),
             "finalize_seconds": round(ran["seconds"], 3), "finalize_peak_rss_mib": round(ran["peak_rss_mib"], 1),
+            "finalize_rss_over_baseline_mib": round(ran["peak_rss_mib"] - ran["baseline_rss_mib"], 1),
             "manifest_bytes": ran["manifest_bytes"]}
 
 

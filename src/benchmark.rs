@@ -203,6 +203,8 @@ pub struct FinalizeTiming {
     pub seconds: f64,
     /// Peak resident memory of this process (VmHWM), in MiB.
     pub peak_rss_mib: f64,
+    /// The peak before the timed part (libtorch and the model loaded), in MiB.
+    pub baseline_rss_mib: f64,
     pub manifest_bytes: u64,
 }
 
@@ -280,6 +282,7 @@ pub async fn time_finalize(
     let out = JobOutputs::new(Arc::clone(&store), "", &job.id);
     let resolved = crate::models::ResolvedModel::from_dir("bench", model.display().to_string(), model)
         .map_err(|e| e.to_string())?;
+    let baseline_rss_mib = peak_rss_mib();
     let started = Instant::now();
     let mut manifest_bytes = 0;
     if prepare {
@@ -299,7 +302,7 @@ pub async fn time_finalize(
                 scratch: dir.join("scratch"),
             };
             let (tx, rx) = tokio::sync::mpsc::channel(256);
-            let writer = tokio::spawn(write_shard(target, rx, |_| false));
+            let writer = tokio::spawn(write_shard(target, rx, |_, _| {}));
             for index in start..end {
                 let px: Vec<u8> = (0..192u64)
                     .map(|k| (index.wrapping_mul(2654435761).wrapping_add(k * 97) >> 7) as u8)
@@ -340,6 +343,7 @@ pub async fn time_finalize(
         format,
         seconds: started.elapsed().as_secs_f64(),
         peak_rss_mib: peak_rss_mib(),
+        baseline_rss_mib,
         manifest_bytes,
     })
 }

@@ -263,7 +263,12 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Manifest, GenerateErro
         scratch: spec.out.clone(),
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<(u64, DynamicImage)>(spec.batch_size * 2);
-    let writer = runtime.spawn(write_shard(target, rx, |i| i < GRID_MAX as u64));
+    let (tile_tx, tile_rx) = std::sync::mpsc::channel::<(u64, DynamicImage)>();
+    let writer = runtime.spawn(write_shard(target, rx, move |i, img| {
+        if i < GRID_MAX as u64 {
+            let _ = tile_tx.send((i, img.clone()));
+        }
+    }));
 
     let sampling_started = Instant::now();
     let place = Placement { device: spec.device, kind: spec.dtype.kind() };
@@ -303,7 +308,8 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Manifest, GenerateErro
         runtime.block_on(writer).map_err(|e| GenerateError::Dataset(DatasetError::Corrupt(e.to_string())))?;
     sampled?;
     let written = written?;
-    let grid_tiles: Vec<DynamicImage> = written.tiles.into_values().collect();
+    let grid_tiles: Vec<DynamicImage> =
+        tile_rx.try_iter().collect::<std::collections::BTreeMap<_, _>>().into_values().collect();
     let sampling_seconds = sampling_started.elapsed().as_secs_f64();
     bar.finish_and_clear();
 

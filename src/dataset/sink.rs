@@ -50,20 +50,17 @@ pub struct ShardOutput {
     pub index: StoredFile,
     /// Samples that an earlier writer had stored first (kept, and indexed as stored).
     pub adopted: u64,
-    /// The decoded images asked for (grid tiles), by index.
-    pub tiles: BTreeMap<u64, DynamicImage>,
 }
 
-/// Writes samples `start..end` of a shard as they arrive on `rx` (in any order), keeping the images
-/// whose index `keep` accepts.
+/// Writes samples `start..end` of a shard as they arrive on `rx` (in any order); `on_image` sees each
+/// image as it arrives (grids are made from them while the shard runs).
 pub async fn write_shard(
     target: ShardTarget,
     mut rx: mpsc::Receiver<(u64, DynamicImage)>,
-    keep: impl Fn(u64) -> bool,
+    mut on_image: impl FnMut(u64, &DynamicImage),
 ) -> Result<ShardOutput, DatasetError> {
     let encoding = target.options.encoding;
     let mut encoding_tasks: tokio::task::JoinSet<Result<Encoded, DatasetError>> = tokio::task::JoinSet::new();
-    let mut tiles = BTreeMap::new();
     let mut sink = Sink::start(&target);
     // Encoded samples waiting for an earlier index (encodes finish out of order).
     let mut reorder: BTreeMap<u64, Encoded> = BTreeMap::new();
@@ -83,9 +80,7 @@ pub async fn write_shard(
             return Err(DatasetError::Corrupt(format!("sample {index} is not in shard {}", target.shard)));
         }
         received += 1;
-        if keep(index) {
-            tiles.insert(index, img.clone());
-        }
+        on_image(index, &img);
         encoding_tasks.spawn_blocking(move || {
             let bytes = encoding.encode(&img)?;
             Ok::<_, DatasetError>(Encoded { index, seed: seed + index, bytes })
@@ -125,7 +120,7 @@ pub async fn write_shard(
     };
     let index =
         StoredFile { path, sha256: written.sha256, bytes: size, first: target.start, end: target.end };
-    Ok(ShardOutput { files, index, adopted, tiles })
+    Ok(ShardOutput { files, index, adopted })
 }
 
 const PARQUET_TYPE: &str = "application/vnd.apache.parquet";
@@ -424,7 +419,7 @@ mod tests {
     /// Runs one attempt of the shard with images whose pixels are `shade + index`, sent out of order.
     async fn attempt(target: ShardTarget, shade: u8) -> ShardOutput {
         let (tx, rx) = mpsc::channel(64);
-        let writer = tokio::spawn(write_shard(target, rx, |i| i == 9));
+        let writer = tokio::spawn(write_shard(target, rx, |_, _| {}));
         for index in (8..18u64).rev() {
             let px = vec![shade.wrapping_add(index as u8); 48];
             let img = DynamicImage::ImageRgb8(image::RgbImage::from_raw(4, 4, px).unwrap());
@@ -443,7 +438,6 @@ mod tests {
             let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir.path()).unwrap());
             let first = attempt(target(&store, format, dir.path()), 0).await;
             assert_eq!(first.adopted, 0);
-            assert_eq!(first.tiles.keys().copied().collect::<Vec<_>>(), [9]);
             let parts: Vec<_> = first.files.iter().map(|f| (f.path.as_str(), f.first, f.end)).collect();
             if format != DataFormat::Files {
                 let ext = if format == DataFormat::Webdataset { "tar" } else { "parquet" };

@@ -369,8 +369,9 @@ async fn complete(ctx: &WorkerContext, lease: &Lease, samples: u64) {
 type Uploaded = (Vec<StoredFile>, StoredFile, Vec<GridEntry>, u64);
 
 /// Stores a shard's samples as they arrive, in the job's layout ([`crate::dataset::sink`]), and the
-/// grids that lie wholly inside it; also returns how many samples an earlier attempt had stored first
-/// (and are kept).
+/// grids that lie wholly inside it, each as soon as its samples are in (so a shard holds the images of
+/// its unfinished grids only); also returns how many samples an earlier attempt had stored first (and
+/// are kept).
 async fn upload_shard(
     out: JobOutputs,
     spec: crate::job::JobSpec,
@@ -379,15 +380,35 @@ async fn upload_shard(
 ) -> Result<Uploaded, OutputError> {
     let grids: Vec<_> =
         outputs::grid_ranges(&spec).filter(|g| g.1 >= target.start && g.2 <= target.end).collect();
-    let wanted = grids.clone();
-    let written =
-        sink::write_shard(target, rx, move |i| wanted.iter().any(|g| (g.1..g.2).contains(&i))).await?;
-    let mut tiles = written.tiles;
-    let mut grid_entries = Vec::with_capacity(grids.len());
-    for range in grids {
-        let own: Vec<DynamicImage> = (range.1..range.2).filter_map(|i| tiles.remove(&i)).collect();
-        grid_entries.push(outputs::put_grid(&out, &spec, range, own).await?);
-    }
+    let per_grid = u64::from(spec.samples_per_grid.max(1));
+    let (tile_tx, mut tile_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, DynamicImage)>();
+    let (first_grid, end_grid) = (grids.first().map_or(0, |g| g.0), grids.last().map_or(0, |g| g.0 + 1));
+    let grid_writer = tokio::spawn(async move {
+        let mut pending: BTreeMap<u64, BTreeMap<u64, DynamicImage>> = BTreeMap::new();
+        let mut entries = Vec::with_capacity(grids.len());
+        while let Some((index, img)) = tile_rx.recv().await {
+            let n = index / per_grid;
+            let Some(&range) = grids.iter().find(|g| g.0 == n) else { continue };
+            let tiles = pending.entry(n).or_default();
+            tiles.insert(index, img);
+            if tiles.len() as u64 == range.2 - range.1 {
+                let tiles = pending.remove(&n).unwrap_or_default().into_values().collect();
+                entries.push(outputs::put_grid(&out, &spec, range, tiles).await?);
+            }
+        }
+        Ok::<_, OutputError>(entries)
+    });
+    let written = sink::write_shard(target, rx, move |i, img| {
+        if (first_grid..end_grid).contains(&(i / per_grid)) {
+            let _ = tile_tx.send((i, img.clone()));
+        }
+    })
+    .await;
+    // The sender went with the closure: the grid writer ends once it has drained.
+    let grid_entries = grid_writer.await.map_err(|e| OutputError::Internal(e.to_string()))?;
+    let written = written?;
+    let mut grid_entries = grid_entries?;
+    grid_entries.sort_by_key(|g| g.index);
     Ok((written.files, written.index, grid_entries, written.adopted))
 }
 

@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use image::DynamicImage;
 use serde::{Deserialize, Serialize};
 
@@ -282,6 +283,9 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
+/// Shard records read concurrently by [`finalize`].
+const RECORD_READS: usize = 16;
+
 /// Files that must tile `0..n` in order, each sample once.
 fn check_tiling(what: &str, files: &[StoredFile], n: u64) -> Result<(), OutputError> {
     let mut next = 0;
@@ -315,8 +319,12 @@ pub async fn finalize(
     let mut index = Vec::with_capacity(job.shards_total as usize);
     let mut files = Vec::new();
     let mut grids: BTreeMap<u64, GridEntry> = BTreeMap::new();
-    for shard in 0..job.shards_total {
-        let record = out.shard_record(shard).await?.ok_or_else(|| {
+    // Records are read a few at a time (a store round trip each) and folded in shard order.
+    let mut records = futures_util::stream::iter(0..job.shards_total)
+        .map(|shard| async move { (shard, out.shard_record(shard).await) })
+        .buffered(RECORD_READS);
+    while let Some((shard, record)) = records.next().await {
+        let record = record?.ok_or_else(|| {
             OutputError::Corrupt(format!("shard {shard} is done but its record is missing"))
         })?;
         if (record.index.first, record.index.end) != (record.run.start, record.run.end) {
