@@ -219,7 +219,7 @@ fn synthetic_job(
     use crate::dataset::{DatasetOptions, Encoding};
     let per_shard = samples.div_ceil(shards.max(1));
     let target = crate::dataset::DEFAULT_TARGET_FILE_BYTES;
-    let mut dataset = DatasetOptions::new(format, Encoding::default(), target, (3, side, side));
+    let mut dataset = DatasetOptions::new(format, Encoding::default(), target, (3, side, side), 1);
     dataset.samples_per_file = dataset.samples_per_file.min(per_shard);
     crate::job::JobRecord {
         id: format!("bench-{}-{samples}", format.as_str()),

@@ -235,14 +235,15 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Manifest, GenerateErro
         .map_err(GenerateError::io(&spec.out))?;
     let store: Arc<dyn ObjectStore> =
         Arc::new(LocalStore::new(&spec.out).map_err(|e| GenerateError::Dataset(e.into()))?);
-    let (c, h, w) = (
-        unet.config.in_channels as u64,
-        unet.config.sample_hw()?.0 as u64,
-        unet.config.sample_hw()?.1 as u64,
+    let (h, w) = unet.config.sample_hw()?;
+    let shape = (unet.config.in_channels as u64, h as u64, w as u64);
+    let dataset = DatasetOptions::new(
+        spec.format,
+        spec.encoding,
+        spec.target_file_bytes,
+        shape,
+        spec.batch_size as u64,
     );
-    let mut dataset = DatasetOptions::new(spec.format, spec.encoding, spec.target_file_bytes, (c, h, w));
-    dataset.samples_per_file =
-        (dataset.samples_per_file / spec.batch_size as u64).max(1) * spec.batch_size as u64;
     let target = ShardTarget {
         store,
         base: String::new(),

@@ -195,12 +195,7 @@ async fn webdataset_and_parquet_jobs_on_s3_open_in_the_readers() {
         "--scratch-dir".into(),
         dir.path().join("scratch").display().to_string(),
     ];
-    let env = [
-        ("AWS_ENDPOINT_URL", s3.endpoint()),
-        ("AWS_ACCESS_KEY_ID", seaweed::ACCESS_KEY.to_string()),
-        ("AWS_SECRET_ACCESS_KEY", seaweed::SECRET_KEY.to_string()),
-        ("AWS_REGION", seaweed::REGION.to_string()),
-    ];
+    let env = seaweed::aws_env(s3.endpoint());
     let server = Server::start_with(&dir.path().join("data"), &args, &env).await;
     let mut client = server.client().await;
     let mut local = Vec::new();

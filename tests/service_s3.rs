@@ -35,12 +35,7 @@ async fn models_and_outputs_live_on_s3() {
         format!("s3://{}/{prefix}/jobs", seaweed::BUCKET),
         "--s3-path-style".into(),
     ];
-    let env = [
-        ("AWS_ENDPOINT_URL", s3.endpoint()),
-        ("AWS_ACCESS_KEY_ID", seaweed::ACCESS_KEY.to_string()),
-        ("AWS_SECRET_ACCESS_KEY", seaweed::SECRET_KEY.to_string()),
-        ("AWS_REGION", seaweed::REGION.to_string()),
-    ];
+    let env = seaweed::aws_env(s3.endpoint());
     let server = Server::start_with(&dir.path().join("data"), &args, &env).await;
     let mut grpc = server.client().await;
     let mut req = request(5, pb::Scheduler::Ddim, 4, 2);
@@ -98,12 +93,7 @@ async fn a_store_outage_postpones_shards_and_the_job_still_succeeds() {
         "--max-attempts".into(),
         "1".into(),
     ];
-    let env = [
-        ("AWS_ENDPOINT_URL", format!("http://{}", proxy.addr())),
-        ("AWS_ACCESS_KEY_ID", seaweed::ACCESS_KEY.to_string()),
-        ("AWS_SECRET_ACCESS_KEY", seaweed::SECRET_KEY.to_string()),
-        ("AWS_REGION", seaweed::REGION.to_string()),
-    ];
+    let env = seaweed::aws_env(format!("http://{}", proxy.addr()));
     let server = Server::start_with(dir.path(), &args, &env).await;
     let mut grpc = server.client().await;
     let job =

@@ -351,11 +351,7 @@ fn dataset_options(
     };
     let shape = model.map_or((3, 32, 32), |m| m.sample_shape());
     let encoding = Encoding { image, png_level, quality };
-    let mut options = DatasetOptions::new(format, encoding, target, shape);
-    // Whole batches per file, so a shard of one file's worth of batches writes one file.
-    let batch = u64::from(batch_size.max(1));
-    options.samples_per_file = (options.samples_per_file / batch).max(1) * batch;
-    options
+    DatasetOptions::new(format, encoding, target, shape, u64::from(batch_size))
 }
 
 fn format_to_pb(format: DataFormat) -> pb::OutputFormat {

@@ -17,6 +17,7 @@ use image::DynamicImage;
 use serde::{Deserialize, Serialize};
 
 use crate::imaging::ImageError;
+use index::IndexRow;
 
 /// How a job's samples are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
@@ -165,7 +166,7 @@ pub struct DatasetOptions {
 
 impl Default for DatasetOptions {
     fn default() -> Self {
-        Self::new(DataFormat::Files, Encoding::default(), DEFAULT_TARGET_FILE_BYTES, (3, 32, 32))
+        Self::new(DataFormat::Files, Encoding::default(), DEFAULT_TARGET_FILE_BYTES, (3, 32, 32), 1)
     }
 }
 
@@ -174,15 +175,18 @@ impl Default for DatasetOptions {
 const TAR_OVERHEAD: u64 = 4 * 512 + 512;
 
 impl DatasetOptions {
-    /// Options for samples of `shape` (channels, height, width).
+    /// Options for samples of `shape` (channels, height, width) sampled in batches of `batch_size`: a
+    /// file holds whole batches (at least one), so a shard of one file's worth of batches writes one file.
     pub fn new(
         format: DataFormat,
         encoding: Encoding,
         target_file_bytes: u64,
         shape: (u64, u64, u64),
+        batch_size: u64,
     ) -> Self {
         let per_sample = encoding.size_bound(shape) + TAR_OVERHEAD;
-        let samples_per_file = (target_file_bytes / per_sample).max(1);
+        let batch = batch_size.max(1);
+        let samples_per_file = (target_file_bytes / per_sample / batch).max(1) * batch;
         Self { format, encoding, target_file_bytes, samples_per_file }
     }
 
@@ -261,6 +265,22 @@ pub struct StoredFile {
     pub bytes: u64,
     pub first: u64,
     pub end: u64,
+}
+
+/// `rows` if they are exactly samples `first..end` in order; what `what` (a data file, or a shard's
+/// index) holds otherwise.
+fn check_covers(
+    what: &str,
+    rows: Vec<IndexRow>,
+    (first, end): (u64, u64),
+) -> Result<Vec<IndexRow>, DatasetError> {
+    if rows.iter().map(|r| r.index).ne(first..end) {
+        return Err(DatasetError::Corrupt(format!(
+            "{what} holds {} samples, not each of samples {first}..{end} once in order",
+            rows.len()
+        )));
+    }
+    Ok(rows)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -344,11 +364,15 @@ mod tests {
 
     #[test]
     fn parts_of_lossless_images_stay_under_the_target() {
-        let opts = DatasetOptions::new(DataFormat::Webdataset, Encoding::default(), 256 << 20, (3, 256, 256));
+        let opts =
+            DatasetOptions::new(DataFormat::Webdataset, Encoding::default(), 256 << 20, (3, 256, 256), 1);
         assert!(opts.samples_per_file > 1000, "{}", opts.samples_per_file);
         let per = Encoding::default().size_bound((3, 256, 256)) + TAR_OVERHEAD;
         assert!(opts.samples_per_file * per <= 256 << 20);
-        let tiny = DatasetOptions::new(DataFormat::Parquet, Encoding::default(), 1, (3, 256, 256));
+        let tiny = DatasetOptions::new(DataFormat::Parquet, Encoding::default(), 1, (3, 256, 256), 1);
         assert_eq!(tiny.samples_per_file, 1);
+        let batched =
+            DatasetOptions::new(DataFormat::Webdataset, Encoding::default(), 256 << 20, (3, 256, 256), 64);
+        assert_eq!(batched.samples_per_file, opts.samples_per_file / 64 * 64);
     }
 }

@@ -210,13 +210,7 @@ pub fn read_rows(
             });
         }
     }
-    if rows.iter().map(|r| r.index).ne(first..end) {
-        return Err(DatasetError::Corrupt(format!(
-            "{path} holds {} rows, not samples {first}..{end} in order",
-            rows.len()
-        )));
-    }
-    Ok(rows)
+    super::check_covers(path, rows, (first, end))
 }
 
 /// Reads a stored Parquet file through ranged GETs, so only its footer and the column chunks asked

@@ -100,26 +100,21 @@ pub async fn write_shard(
         )));
     }
     rows.sort_by_key(|r| r.index);
-    if rows.iter().map(|r| r.index).ne(target.start..target.end) {
-        return Err(DatasetError::Corrupt(format!(
-            "shard {}: the index does not list each sample once",
-            target.shard
-        )));
-    }
+    let what = format!("the index of shard {}", target.shard);
+    let rows = super::check_covers(&what, rows, (target.start, target.end))?;
     let bytes = index::write(&rows, &target.writer)?;
-    let size = bytes.len() as u64;
     let path = super::index_path(target.shard);
-    let written =
-        write_once(target.store.as_ref(), &join_key(&target.base, &path), bytes, PARQUET_TYPE).await?;
     // An index part stored by an earlier writer lists the same stored data (everything it lists was
     // adopted or written create-only), so it stands.
-    let size = if written.adopted {
-        target.store.get(&join_key(&target.base, &path)).await?.map_or(size, |b| b.len() as u64)
-    } else {
-        size
+    let written =
+        write_once(target.store.as_ref(), &join_key(&target.base, &path), bytes, PARQUET_TYPE).await?;
+    let index = StoredFile {
+        path,
+        sha256: written.sha256,
+        bytes: written.bytes,
+        first: target.start,
+        end: target.end,
     };
-    let index =
-        StoredFile { path, sha256: written.sha256, bytes: size, first: target.start, end: target.end };
     Ok(ShardOutput { files, index, adopted })
 }
 
@@ -393,7 +388,7 @@ mod tests {
     use crate::storage::local::LocalStore;
 
     fn target(store: &Arc<dyn ObjectStore>, format: DataFormat, scratch: &Path) -> ShardTarget {
-        let mut options = DatasetOptions::new(format, Encoding::default(), 1 << 20, (3, 4, 4));
+        let mut options = DatasetOptions::new(format, Encoding::default(), 1 << 20, (3, 4, 4), 1);
         options.samples_per_file = 4;
         ShardTarget {
             store: Arc::clone(store),

@@ -147,14 +147,7 @@ pub fn read_rows(
             row: None,
         });
     }
-    let expected = (first..end).collect::<Vec<_>>();
-    if rows.iter().map(|r| r.index).collect::<Vec<_>>() != expected {
-        return Err(DatasetError::Corrupt(format!(
-            "{path} holds {} images, not samples {first}..{end} in order",
-            rows.len()
-        )));
-    }
-    Ok(rows)
+    super::check_covers(path, rows, (first, end))
 }
 
 #[cfg(test)]

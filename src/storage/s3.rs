@@ -179,6 +179,30 @@ impl S3Store {
         StorageError::Remote { uri: self.uri(key), message }
     }
 
+    /// GetObject of `key`: a byte range of it, or the whole object, verified against its stored
+    /// checksum when the server returns one (a range has none). `None` when there is no object.
+    async fn get_object(&self, key: &str, range: Option<String>) -> Result<Option<ByteStream>, StorageError> {
+        check_key(key)?;
+        let request = self.client.get_object().bucket(&self.bucket).key(join_key(&self.prefix, key));
+        let request = match range {
+            Some(range) => request.range(range),
+            None => request.checksum_mode(ChecksumMode::Enabled),
+        };
+        match request.send().await {
+            Ok(object) => Ok(Some(object.body)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(Failure::of("GetObject", &e).into_error(self.uri(key))),
+        }
+    }
+
+    /// A body cut off mid-transfer is the network's doing: worth another try later.
+    fn body_error(&self, key: &str, e: impl std::error::Error) -> StorageError {
+        StorageError::Unavailable {
+            uri: self.uri(key),
+            message: format!("GetObject: reading the body: {}", DisplayErrorContext(&e)),
+        }
+    }
+
     async fn put_single(
         &self,
         object_key: &str,
@@ -566,55 +590,21 @@ impl ObjectStore for S3Store {
         if len == 0 {
             return Ok(Some(Bytes::new()));
         }
-        let response = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(join_key(&self.prefix, key))
-            .range(format!("bytes={offset}-{}", offset + len - 1))
-            .send()
-            .await;
-        match response {
-            Ok(object) => {
-                let body = object.body.collect().await.map_err(|e| StorageError::Unavailable {
-                    uri: self.uri(key),
-                    message: format!("GetObject: reading the body: {}", DisplayErrorContext(&e)),
-                })?;
-                let bytes = body.into_bytes();
-                if bytes.len() as u64 != len {
-                    return Err(
-                        self.remote(key, format!("asked for {len} bytes at {offset}, got {}", bytes.len()))
-                    );
-                }
-                Ok(Some(bytes))
-            }
-            Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) => Err(Failure::of("GetObject", &e).into_error(self.uri(key))),
+        let range = format!("bytes={offset}-{}", offset + len - 1);
+        let Some(body) = self.get_object(key, Some(range)).await? else { return Ok(None) };
+        let bytes = body.collect().await.map_err(|e| self.body_error(key, e))?.into_bytes();
+        if bytes.len() as u64 != len {
+            return Err(self.remote(key, format!("asked for {len} bytes at {offset}, got {}", bytes.len())));
         }
+        Ok(Some(bytes))
     }
 
     async fn get_to_file(&self, key: &str, path: &std::path::Path) -> Result<bool, StorageError> {
         use tokio::io::AsyncWriteExt;
-        check_key(key)?;
-        let response = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(join_key(&self.prefix, key))
-            .checksum_mode(ChecksumMode::Enabled)
-            .send()
-            .await;
-        let mut object = match response {
-            Ok(object) => object,
-            Err(e) if is_not_found(&e) => return Ok(false),
-            Err(e) => return Err(Failure::of("GetObject", &e).into_error(self.uri(key))),
-        };
+        let Some(mut body) = self.get_object(key, None).await? else { return Ok(false) };
         let io = |source| StorageError::Io { uri: path.display().to_string(), source };
         let mut file = tokio::fs::File::create(path).await.map_err(io)?;
-        while let Some(chunk) = object.body.try_next().await.map_err(|e| StorageError::Unavailable {
-            uri: self.uri(key),
-            message: format!("GetObject: reading the body: {}", DisplayErrorContext(&e)),
-        })? {
+        while let Some(chunk) = body.try_next().await.map_err(|e| self.body_error(key, e))? {
             file.write_all(&chunk).await.map_err(io)?;
         }
         file.flush().await.map_err(io)?;
@@ -622,28 +612,8 @@ impl ObjectStore for S3Store {
     }
 
     async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
-        check_key(key)?;
-        let response = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(join_key(&self.prefix, key))
-            // Verifies the body against the stored checksum when the server returns one.
-            .checksum_mode(ChecksumMode::Enabled)
-            .send()
-            .await;
-        match response {
-            Ok(object) => {
-                // A body cut off mid-transfer is the network's doing: worth another try later.
-                let body = object.body.collect().await.map_err(|e| StorageError::Unavailable {
-                    uri: self.uri(key),
-                    message: format!("GetObject: reading the body: {}", DisplayErrorContext(&e)),
-                })?;
-                Ok(Some(body.into_bytes()))
-            }
-            Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) => Err(Failure::of("GetObject", &e).into_error(self.uri(key))),
-        }
+        let Some(body) = self.get_object(key, None).await? else { return Ok(None) };
+        Ok(Some(body.collect().await.map_err(|e| self.body_error(key, e))?.into_bytes()))
     }
 
     fn uri(&self, key: &str) -> String {

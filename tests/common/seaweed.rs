@@ -194,3 +194,13 @@ pub async fn download(client: &aws_sdk_s3::Client, prefix: &str, dir: &std::path
     relative.sort();
     relative
 }
+
+/// The `AWS_*` environment a `serve` process needs to reach the test server at `endpoint`.
+pub fn aws_env(endpoint: String) -> [(&'static str, String); 4] {
+    [
+        ("AWS_ENDPOINT_URL", endpoint),
+        ("AWS_ACCESS_KEY_ID", ACCESS_KEY.to_string()),
+        ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.to_string()),
+        ("AWS_REGION", REGION.to_string()),
+    ]
+}

@@ -180,10 +180,15 @@ pub fn job_folder(job: &pb::Job) -> PathBuf {
     file_path(&job.manifest_uri).parent().unwrap().to_path_buf()
 }
 
-/// The rows of a finished job's Parquet index, in sample order, each index once.
-pub fn index_rows(job: &pb::Job) -> Vec<ddpm_worker::dataset::index::IndexRow> {
-    let m = manifest(job);
-    let folder = job_folder(job);
+/// The manifest of a finished job's folder.
+fn folder_manifest(folder: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(folder.join("manifest.json")).unwrap()).unwrap()
+}
+
+/// The rows of the Parquet index of a finished job's folder, in sample order: each part with its listed
+/// SHA-256, each sample once with its seed.
+fn folder_index_rows(folder: &Path) -> Vec<ddpm_worker::dataset::index::IndexRow> {
+    let m = folder_manifest(folder);
     let mut rows = Vec::new();
     for part in m["index"].as_array().unwrap() {
         let bytes = std::fs::read(folder.join(part["path"].as_str().unwrap())).unwrap();
@@ -191,19 +196,21 @@ pub fn index_rows(job: &pb::Job) -> Vec<ddpm_worker::dataset::index::IndexRow> {
         rows.extend(ddpm_worker::dataset::index::read(bytes.into()).unwrap());
     }
     rows.sort_by_key(|r| r.index);
+    let seed = m["spec"]["seed"].as_u64().unwrap();
+    assert_eq!(rows.len() as u64, m["spec"]["num_samples"].as_u64().unwrap());
     for (i, r) in rows.iter().enumerate() {
-        assert_eq!(r.index, i as u64, "every index once, in order");
+        assert_eq!((r.index, r.seed), (i as u64, seed + i as u64), "every index once, in order");
     }
     rows
 }
 
-/// The encoded samples of a finished job on a local store, by sample index, read where its index says
-/// they are and checked against the index's SHA-256.
-pub async fn job_samples(job: &pb::Job) -> Vec<Vec<u8>> {
+/// The encoded samples of a finished job's folder, by sample index, read where its index says they are
+/// and checked against the index's SHA-256.
+async fn folder_samples(folder: &Path) -> Vec<Vec<u8>> {
     use std::sync::Arc;
-    let m = manifest(job);
+    let m = folder_manifest(folder);
     let store: Arc<dyn ddpm_worker::storage::ObjectStore> =
-        Arc::new(ddpm_worker::storage::local::LocalStore::new(job_folder(job)).unwrap());
+        Arc::new(ddpm_worker::storage::local::LocalStore::new(folder).unwrap());
     let sizes: std::collections::BTreeMap<String, u64> = m["files"]
         .as_array()
         .unwrap()
@@ -211,7 +218,7 @@ pub async fn job_samples(job: &pb::Job) -> Vec<Vec<u8>> {
         .map(|f| (f["path"].as_str().unwrap().to_string(), f["bytes"].as_u64().unwrap()))
         .collect();
     let mut samples = Vec::new();
-    for row in index_rows(job) {
+    for row in folder_index_rows(folder) {
         let bytes = ddpm_worker::dataset::sink::read_sample(&store, "", &row, |p| sizes.get(p).copied())
             .await
             .unwrap();
@@ -221,80 +228,24 @@ pub async fn job_samples(job: &pb::Job) -> Vec<Vec<u8>> {
     samples
 }
 
-/// Every file under a finished job's folder that its manifest and index do not account for (samples,
-/// data files, index parts, grids, shard records and the manifest itself): what crashed, paused or
-/// retried writers left behind.
-pub fn unlisted_files(job: &pb::Job) -> Vec<PathBuf> {
-    let m = manifest(job);
-    let folder = job_folder(job);
+/// What a finished job's manifest and index account for (samples, data files, index parts, grids,
+/// shard records and the manifest itself), relative to its folder.
+fn listed_files(folder: &Path) -> std::collections::BTreeSet<PathBuf> {
+    let m = folder_manifest(folder);
     let mut listed: std::collections::BTreeSet<PathBuf> = ["index", "files", "grids"]
         .iter()
-        .flat_map(|k| m[*k].as_array().unwrap().iter().map(|e| folder.join(e["path"].as_str().unwrap())))
+        .flat_map(|k| m[*k].as_array().unwrap().iter().map(|e| PathBuf::from(e["path"].as_str().unwrap())))
         .collect();
-    listed.extend(index_rows(job).into_iter().map(|r| folder.join(r.file)));
-    listed.insert(folder.join("manifest.json"));
-    for s in m["shards"].as_array().unwrap() {
-        listed.insert(folder.join(format!("shards/{:06}.json", s["shard"].as_u64().unwrap())));
-    }
-    let mut unlisted = Vec::new();
-    let mut stack = vec![folder];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if !listed.contains(&path) {
-                unlisted.push(path);
-            }
-        }
-    }
-    unlisted
-}
-
-/// Checks a finished job's folder (local, or downloaded from S3) as a reader would find it: every
-/// index part, data file and grid has its listed SHA-256, the index lists each sample once with the
-/// SHA-256 of the bytes where it points, and no file is there that the manifest and index do not list.
-/// Returns the encoded samples in index order.
-pub async fn check_job_folder(folder: &Path) -> Vec<Vec<u8>> {
-    use std::sync::Arc;
-    let m: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(folder.join("manifest.json")).unwrap()).unwrap();
-    let mut listed = std::collections::BTreeSet::from([PathBuf::from("manifest.json")]);
-    for entry in ["index", "files", "grids"].iter().flat_map(|k| m[*k].as_array().unwrap()) {
-        let path = entry["path"].as_str().unwrap();
-        let bytes = std::fs::read(folder.join(path)).unwrap();
-        assert_eq!(ddpm_worker::digest::sha256_hex(&bytes), entry["sha256"].as_str().unwrap(), "{path}");
-        listed.insert(PathBuf::from(path));
-    }
+    listed.extend(folder_index_rows(folder).into_iter().map(|r| PathBuf::from(r.file)));
+    listed.insert(PathBuf::from("manifest.json"));
     for s in m["shards"].as_array().unwrap() {
         listed.insert(PathBuf::from(format!("shards/{:06}.json", s["shard"].as_u64().unwrap())));
     }
-    let store: Arc<dyn ddpm_worker::storage::ObjectStore> =
-        Arc::new(ddpm_worker::storage::local::LocalStore::new(folder).unwrap());
-    let sizes: std::collections::BTreeMap<String, u64> = m["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| (f["path"].as_str().unwrap().to_string(), f["bytes"].as_u64().unwrap()))
-        .collect();
-    let mut rows = Vec::new();
-    for part in m["index"].as_array().unwrap() {
-        let bytes = std::fs::read(folder.join(part["path"].as_str().unwrap())).unwrap();
-        rows.extend(ddpm_worker::dataset::index::read(bytes.into()).unwrap());
-    }
-    rows.sort_by_key(|r| r.index);
-    let seed = m["spec"]["seed"].as_u64().unwrap();
-    assert_eq!(rows.len() as u64, m["spec"]["num_samples"].as_u64().unwrap());
-    let mut samples = Vec::new();
-    for (i, row) in rows.iter().enumerate() {
-        assert_eq!((row.index, row.seed), (i as u64, seed + i as u64), "every sample once");
-        let bytes = ddpm_worker::dataset::sink::read_sample(&store, "", row, |p| sizes.get(p).copied())
-            .await
-            .unwrap();
-        assert_eq!(ddpm_worker::digest::sha256_hex(&bytes), row.sha256, "{row:?}");
-        listed.insert(PathBuf::from(&row.file));
-        samples.push(bytes.to_vec());
-    }
+    listed
+}
+
+/// Every file under `folder`, relative to it.
+fn files_under(folder: &Path) -> std::collections::BTreeSet<PathBuf> {
     let mut present = std::collections::BTreeSet::new();
     let mut stack = vec![folder.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -307,7 +258,44 @@ pub async fn check_job_folder(folder: &Path) -> Vec<Vec<u8>> {
             }
         }
     }
-    assert_eq!(present, listed, "files the manifest and index do not list, or listed files missing");
+    present
+}
+
+/// The rows of a finished job's Parquet index, in sample order, each index once.
+pub fn index_rows(job: &pb::Job) -> Vec<ddpm_worker::dataset::index::IndexRow> {
+    folder_index_rows(&job_folder(job))
+}
+
+/// The encoded samples of a finished job on a local store, by sample index, checked against the index.
+pub async fn job_samples(job: &pb::Job) -> Vec<Vec<u8>> {
+    folder_samples(&job_folder(job)).await
+}
+
+/// Every file under a finished job's folder that its manifest and index do not account for: what
+/// crashed, paused or retried writers left behind.
+pub fn unlisted_files(job: &pb::Job) -> Vec<PathBuf> {
+    let folder = job_folder(job);
+    let listed = listed_files(&folder);
+    files_under(&folder).difference(&listed).map(|p| folder.join(p)).collect()
+}
+
+/// Checks a finished job's folder (local, or downloaded from S3) as a reader would find it: every
+/// index part, data file and grid has its listed SHA-256, the index lists each sample once with the
+/// SHA-256 of the bytes where it points, and no file is there that the manifest and index do not list.
+/// Returns the encoded samples in index order.
+pub async fn check_job_folder(folder: &Path) -> Vec<Vec<u8>> {
+    let m = folder_manifest(folder);
+    for entry in ["index", "files", "grids"].iter().flat_map(|k| m[*k].as_array().unwrap()) {
+        let path = entry["path"].as_str().unwrap();
+        let bytes = std::fs::read(folder.join(path)).unwrap();
+        assert_eq!(ddpm_worker::digest::sha256_hex(&bytes), entry["sha256"].as_str().unwrap(), "{path}");
+    }
+    let samples = folder_samples(folder).await;
+    assert_eq!(
+        files_under(folder),
+        listed_files(folder),
+        "files the manifest and index do not list, or listed files missing"
+    );
     samples
 }
 
