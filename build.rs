@@ -1,6 +1,6 @@
 //! Build steps:
 //! - gRPC code for `proto/` (package `ddpm.v1`), compiled with protox so no `protoc` binary is needed; the
-//!   file descriptor set is kept in OUT_DIR for server reflection.
+//!   file descriptor set is kept in OUT_DIR for server reflection. `google.rpc.Status` is tonic-types'.
 //! - An rpath to the directory torch-sys linked against (the project venv's `torch/lib`), so binaries run
 //!   without `LD_LIBRARY_PATH`, and libtorch_cuda kept as a dependency so CUDA is found at run time (the
 //!   linker would drop it as unused otherwise).
@@ -16,7 +16,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("ddpm_v1_descriptor.bin"), descriptors.encode_to_vec())?;
     // BTreeMap for map fields: their encoding is then deterministic, so a request hashes the same every time.
-    tonic_prost_build::configure().btree_map(".").compile_fds(descriptors)?;
+    tonic_prost_build::configure()
+        .btree_map(".")
+        .extern_path(".google.rpc.Status", "::tonic_types::Status")
+        .compile_fds(descriptors)?;
 
     if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");

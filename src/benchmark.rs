@@ -77,7 +77,7 @@ pub async fn time_submits(
     let mut handles = Vec::with_capacity(clients);
     let started = Instant::now();
     for c in 0..clients {
-        let mut client = pb::worker_client::WorkerClient::connect(server.to_string()).await?;
+        let mut client = pb::worker_service_client::WorkerServiceClient::connect(server.to_string()).await?;
         let model = model.to_string();
         handles.push(tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(per_client);
@@ -85,14 +85,16 @@ pub async fn time_submits(
             for i in 0..per_client {
                 let req = pb::SubmitJobRequest {
                     request_id: format!("bench-{}-{c}-{i}", std::process::id()),
-                    model: model.clone(),
-                    sampling: Some(pb::SamplingSpec {
-                        scheduler: pb::Scheduler::Ddim as i32,
-                        steps: 1,
-                        eta: None,
+                    spec: Some(pb::JobSpec {
+                        model: model.clone(),
+                        sampling: Some(pb::SamplingSpec {
+                            scheduler: pb::Scheduler::Ddim as i32,
+                            steps: 1,
+                            eta: None,
+                        }),
+                        num_samples: 1,
+                        ..Default::default()
                     }),
-                    num_samples: 1,
-                    ..Default::default()
                 };
                 let t = Instant::now();
                 match client.submit_job(req).await {
@@ -150,15 +152,18 @@ pub async fn time_large_submit(
 ) -> Result<LargeSubmitTiming, Box<dyn std::error::Error + Send + Sync>> {
     use crate::api::pb;
     let request = |num_samples: u64| pb::SubmitJobRequest {
-        model: model.to_string(),
-        sampling: Some(pb::SamplingSpec { scheduler: pb::Scheduler::Ddim as i32, steps, eta: None }),
-        num_samples,
-        batch_size: 1,
-        ..Default::default()
+        request_id: String::new(),
+        spec: Some(pb::JobSpec {
+            model: model.to_string(),
+            sampling: Some(pb::SamplingSpec { scheduler: pb::Scheduler::Ddim as i32, steps, eta: None }),
+            num_samples,
+            batch_size: 1,
+            ..Default::default()
+        }),
     };
-    let mut client = pb::worker_client::WorkerClient::connect(server.to_string()).await?;
+    let mut client = pb::worker_service_client::WorkerServiceClient::connect(server.to_string()).await?;
     let small = client.submit_job(request(1)).await?.into_inner().job.unwrap_or_default().job_id;
-    let mut reader = pb::worker_client::WorkerClient::connect(server.to_string()).await?;
+    let mut reader = pb::worker_service_client::WorkerServiceClient::connect(server.to_string()).await?;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let polling = {
         let stop = std::sync::Arc::clone(&stop);
@@ -225,6 +230,7 @@ fn synthetic_job(
         id: format!("bench-{}-{samples}", format.as_str()),
         spec: crate::job::JobSpec {
             request_id: String::new(),
+            owner: String::new(),
             model: "bench".into(),
             scheduler: crate::schedulers::SchedulerKind::Ddim,
             steps: 1,

@@ -1,30 +1,55 @@
 //! The command-line client: `submit` (with a progress bar fed by WatchJob and `--wait`), `status`,
-//! `list`, `cancel` and `retry`, against a running `serve`. Every unary call has a deadline
-//! (`--timeout-seconds`), so a client never hangs on a server that stopped answering.
+//! `list`, `cancel` and `retry`, against a running `serve`, over plaintext or TLS (`https://`, `--ca`,
+//! mTLS with `--cert/--key`), with a bearer token (`--token-file` or `DDPM_TOKEN`). Every unary call
+//! has a deadline (`--timeout-seconds`), so a client never hangs on a server that stopped answering;
+//! `--wait` follows a job across a server's drain and restart. `--output json` prints jobs in the
+//! protobuf JSON mapping. Exit codes: see [`ClientError::exit_code`].
 
-use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use crate::api::pb;
-use crate::api::pb::worker_client::WorkerClient;
+use crate::api::pb::worker_service_client::WorkerServiceClient;
 use crate::schedulers::SchedulerKind;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServerArg {
-    /// The worker's gRPC address.
+    /// The worker's gRPC address: http://HOST:PORT, or https://HOST:PORT for TLS.
     #[arg(long, env = "DDPM_SERVER", default_value = "http://127.0.0.1:50051")]
     pub server: String,
     /// Deadline of each call (and of connecting), in seconds; following a job with --wait has none.
     #[arg(long, env = "DDPM_TIMEOUT_SECONDS", default_value_t = 30.0)]
     pub timeout_seconds: f64,
+    /// A file holding the bearer token (its first line). DDPM_TOKEN holds the token itself.
+    #[arg(long, env = "DDPM_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// CA certificate(s), PEM, to trust for https:// (default: the system's roots).
+    #[arg(long, env = "DDPM_CA")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a server that asks for one (mTLS); needs --key.
+    #[arg(long, env = "DDPM_CERT", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "DDPM_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// How jobs are printed: text, or json (the protobuf JSON mapping; `list` prints one job a line).
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: OutputMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputMode {
+    Text,
+    Json,
 }
 
 impl ServerArg {
-    fn timeout(&self) -> std::time::Duration {
-        std::time::Duration::try_from_secs_f64(self.timeout_seconds)
-            .unwrap_or(std::time::Duration::from_secs(30))
+    fn timeout(&self) -> Duration {
+        Duration::try_from_secs_f64(self.timeout_seconds).unwrap_or(Duration::from_secs(30))
     }
 
     /// `message` as a request with this deadline.
@@ -33,7 +58,36 @@ impl ServerArg {
         request.set_timeout(self.timeout());
         request
     }
+
+    /// The bearer token: `--token-file`'s first line, else `DDPM_TOKEN`.
+    fn token(&self) -> Result<Option<String>, ClientError> {
+        if let Some(path) = &self.token_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ClientError::Usage(format!("--token-file {}: {e}", path.display())))?;
+            let token = text.lines().next().unwrap_or("").trim().to_string();
+            if token.is_empty() {
+                return Err(ClientError::Usage(format!("--token-file {}: empty", path.display())));
+            }
+            return Ok(Some(token));
+        }
+        Ok(std::env::var("DDPM_TOKEN").ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()))
+    }
 }
+
+/// Adds `authorization: Bearer TOKEN` to every call.
+#[derive(Clone)]
+pub struct BearerToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+pub type Client = WorkerServiceClient<InterceptedService<Channel, BearerToken>>;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SubmitArgs {
@@ -64,9 +118,11 @@ pub struct SubmitArgs {
     pub samples_per_grid: Option<u32>,
     #[arg(long)]
     pub grid_columns: Option<u32>,
-    /// Output bucket (S3 servers) and prefix; the server's default destination when absent.
+    /// Where the job writes: s3://BUCKET[/PREFIX] or file:/DIR, within the server's allowed
+    /// destinations; the server's default output when absent.
     #[arg(long)]
-    pub bucket: Option<String>,
+    pub destination: Option<String>,
+    /// A relative path under the destination.
     #[arg(long)]
     pub prefix: Option<String>,
     /// Layout of the samples; the server's default when absent.
@@ -84,7 +140,8 @@ pub struct SubmitArgs {
     /// Size a WebDataset or Parquet data file stays under, in bytes (default 256 MiB).
     #[arg(long)]
     pub target_file_bytes: Option<u64>,
-    #[arg(long, default_value_t = 0)]
+    /// Higher runs first (-10 to 10 unless the server says otherwise).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub priority: i32,
     /// KEY=VALUE, repeatable.
     #[arg(long = "label", value_parser = parse_label)]
@@ -92,6 +149,9 @@ pub struct SubmitArgs {
     /// Follow the job to its end; exit 0 only if it SUCCEEDED.
     #[arg(long)]
     pub wait: bool,
+    /// With --wait: how long the server may stay out of reach (a drain, a restart) before giving up.
+    #[arg(long, default_value_t = 600.0)]
+    pub reconnect_seconds: f64,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -108,6 +168,9 @@ pub struct JobArgs {
     /// Follow the job to its end (exit 0 only if it SUCCEEDED).
     #[arg(long)]
     pub wait: bool,
+    /// With --wait: how long the server may stay out of reach (a drain, a restart) before giving up.
+    #[arg(long, default_value_t = 600.0)]
+    pub reconnect_seconds: f64,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -135,6 +198,31 @@ pub enum ClientError {
     /// The job ended in a state other than SUCCEEDED.
     #[error("job {job_id} ended {state}{}", if .error.is_empty() { String::new() } else { format!(": {}", .error) })]
     JobNotSucceeded { job_id: String, state: String, error: String },
+    /// `--wait` gave up on a server that stayed out of reach.
+    #[error("job {job_id}: the server stayed out of reach for {seconds:.0} s: {last}")]
+    GaveUp { job_id: String, seconds: f64, last: String },
+}
+
+impl ClientError {
+    /// The process exit code (documented in the README and `--help`): 2 bad arguments (the command
+    /// line's, or INVALID_ARGUMENT), 3 not found, 4 unauthenticated or permission denied, 5 the job
+    /// FAILED, 6 the job was CANCELLED, 7 the server is unavailable, 1 anything else.
+    pub fn exit_code(&self) -> u8 {
+        use tonic::Code;
+        match self {
+            ClientError::Usage(_) => 2,
+            ClientError::Connect { .. } | ClientError::GaveUp { .. } => 7,
+            ClientError::JobNotSucceeded { state, .. } if state == "CANCELLED" => 6,
+            ClientError::JobNotSucceeded { .. } => 5,
+            ClientError::Rpc(status) => match status.code() {
+                Code::InvalidArgument | Code::OutOfRange => 2,
+                Code::NotFound => 3,
+                Code::Unauthenticated | Code::PermissionDenied => 4,
+                Code::Unavailable | Code::DeadlineExceeded => 7,
+                _ => 1,
+            },
+        }
+    }
 }
 
 /// A status with its field violations, one per line.
@@ -149,12 +237,52 @@ fn describe(status: &tonic::Status) -> String {
     text
 }
 
-async fn connect(server: &ServerArg) -> Result<WorkerClient<Channel>, ClientError> {
+/// A client of `server`: TLS for https:// (or when a CA or client certificate is given), HTTP/2
+/// keepalives so a vanished server is noticed, and its bearer token on every call.
+pub async fn connect(server: &ServerArg) -> Result<Client, ClientError> {
     let failed = |source| ClientError::Connect { server: server.server.clone(), source };
-    let endpoint = tonic::transport::Endpoint::from_shared(server.server.clone())
+    let read = |path: &PathBuf| {
+        std::fs::read(path).map_err(|e| ClientError::Usage(format!("{}: {e}", path.display())))
+    };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(server.server.clone())
         .map_err(failed)?
-        .connect_timeout(server.timeout());
-    Ok(WorkerClient::new(endpoint.connect().await.map_err(failed)?))
+        .connect_timeout(server.timeout())
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true);
+    let tls = server.server.starts_with("https://") || server.ca.is_some() || server.cert.is_some();
+    if tls {
+        let mut config = ClientTlsConfig::new();
+        config = match &server.ca {
+            Some(ca) => config.ca_certificate(Certificate::from_pem(read(ca)?)),
+            None => config.with_native_roots(),
+        };
+        if let (Some(cert), Some(key)) = (&server.cert, &server.key) {
+            config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        endpoint = endpoint.tls_config(config).map_err(failed)?;
+    }
+    let token = match server.token()? {
+        Some(t) => Some(
+            format!("Bearer {t}")
+                .parse()
+                .map_err(|_| ClientError::Usage("the token is not printable ASCII".into()))?,
+        ),
+        None => None,
+    };
+    let channel = endpoint.connect().await.map_err(failed)?;
+    Ok(WorkerServiceClient::with_interceptor(channel, BearerToken(token)))
+}
+
+/// A message in the protobuf JSON mapping (what grpcurl and the Python client print).
+pub fn to_json<M: prost::Message>(message: &M, full_name: &str) -> String {
+    use prost_reflect::{DescriptorPool, DynamicMessage};
+    let Ok(pool) = DescriptorPool::decode(crate::api::FILE_DESCRIPTOR_SET) else { return "{}".into() };
+    let Some(descriptor) = pool.get_message_by_name(full_name) else { return "{}".into() };
+    match DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice()) {
+        Ok(dynamic) => serde_json::to_string(&dynamic).unwrap_or_else(|_| "{}".into()),
+        Err(_) => "{}".into(),
+    }
 }
 
 pub fn state_name(state: i32) -> String {
@@ -180,7 +308,7 @@ pub async fn submit(args: SubmitArgs, progress: bool) -> Result<(), ClientError>
         crate::dataset::DataFormat::Parquet => pb::OutputFormat::Parquet,
     });
     let output = Some(pb::OutputSpec {
-        bucket: args.bucket.clone().unwrap_or_default(),
+        destination: args.destination.clone().unwrap_or_default(),
         prefix: args.prefix.clone().unwrap_or_default(),
         format: format.map_or(0, |f| f as i32),
         image_format: image_format.map_or(0, |f| f as i32),
@@ -188,8 +316,7 @@ pub async fn submit(args: SubmitArgs, progress: bool) -> Result<(), ClientError>
         png_level: args.png_level.unwrap_or(0),
         target_file_bytes: args.target_file_bytes.unwrap_or(0),
     });
-    let request = pb::SubmitJobRequest {
-        request_id: args.request_id.clone().unwrap_or_default(),
+    let spec = pb::JobSpec {
         model: args.model.clone(),
         sampling: Some(pb::SamplingSpec {
             scheduler: crate::api::convert::scheduler_to_pb(args.scheduler) as i32,
@@ -202,52 +329,149 @@ pub async fn submit(args: SubmitArgs, progress: bool) -> Result<(), ClientError>
         grid,
         output,
         priority: args.priority,
-        labels: args.labels.iter().cloned().collect::<BTreeMap<_, _>>(),
+        labels: args.labels.iter().cloned().collect(),
     };
+    let request =
+        pb::SubmitJobRequest { request_id: args.request_id.clone().unwrap_or_default(), spec: Some(spec) };
     let job = client.submit_job(args.server.request(request)).await?.into_inner().job.unwrap_or_default();
-    println!(
-        "job {} queued (seed {}, batch size {}, {} shards)",
-        job.job_id, job.seed, job.batch_size, job.shards_total
-    );
-    if args.wait { wait(&mut client, &job.job_id, progress).await } else { Ok(()) }
+    if args.wait {
+        if args.server.output == OutputMode::Text {
+            println!(
+                "job {} queued (seed {}, batch size {}, {} shards)",
+                job.job_id,
+                job.spec.as_ref().and_then(|s| s.seed).unwrap_or_default(),
+                job.spec.as_ref().map_or(0, |s| s.batch_size),
+                job.shards_total
+            );
+        }
+        return wait(client, &args.server, &job.job_id, progress, args.reconnect_seconds).await;
+    }
+    match args.server.output {
+        OutputMode::Json => println!("{}", to_json(&job, "ddpm.v1.Job")),
+        OutputMode::Text => println!(
+            "job {} queued (seed {}, batch size {}, {} shards)",
+            job.job_id,
+            job.spec.as_ref().and_then(|s| s.seed).unwrap_or_default(),
+            job.spec.as_ref().map_or(0, |s| s.batch_size),
+            job.shards_total
+        ),
+    }
+    Ok(())
 }
 
-/// Follows a job through WatchJob until it ends; prints the manifest and first grid on success.
-async fn wait(client: &mut WorkerClient<Channel>, job_id: &str, progress: bool) -> Result<(), ClientError> {
-    let mut events = client.watch_job(pb::WatchJobRequest { job_id: job_id.to_string() }).await?.into_inner();
+/// Whether a failed call or stream is worth making again once the server is back: it was out of
+/// reach, draining, or the connection broke.
+fn transient(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted)
+}
+
+/// Follows a job through WatchJob until it ends, watching again (with a fresh connection when needed)
+/// while the server drains or restarts, for up to `reconnect_seconds` of no answer in a row. Prints the
+/// manifest and first grid on success; the job's final state decides the exit code.
+async fn wait(
+    mut client: Client,
+    server: &ServerArg,
+    job_id: &str,
+    progress: bool,
+    reconnect_seconds: f64,
+) -> Result<(), ClientError> {
+    let patience = Duration::try_from_secs_f64(reconnect_seconds).unwrap_or(Duration::from_secs(600));
+    let progress = progress && server.output == OutputMode::Text;
     let bar = if progress { indicatif::ProgressBar::new(0) } else { indicatif::ProgressBar::hidden() };
     if let Ok(style) = indicatif::ProgressStyle::with_template(
         "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} samples {msg}",
     ) {
         bar.set_style(style);
     }
-    let mut last = None;
-    while let Some(event) = events.next().await {
-        let Some(job) = event?.job else { continue };
-        bar.set_length(job.samples_total);
-        bar.set_position(job.samples_done);
-        bar.set_message(state_name(job.state).to_lowercase());
-        last = Some(job);
+    let mut last: Option<pb::Job> = None;
+    let mut out_of_reach: Option<Instant> = None;
+    let mut pause = Duration::from_millis(250);
+    loop {
+        let broke = match client.watch_job(pb::WatchJobRequest { job_id: job_id.to_string() }).await {
+            Ok(events) => {
+                let mut events = events.into_inner();
+                let mut broke = None;
+                while let Some(event) = events.next().await {
+                    match event {
+                        Ok(event) => {
+                            let Some(job) = event.job else { continue };
+                            out_of_reach = None;
+                            pause = Duration::from_millis(250);
+                            bar.set_length(job.samples_total);
+                            bar.set_position(job.samples_done);
+                            bar.set_message(state_name(job.state).to_lowercase());
+                            last = Some(job);
+                        }
+                        Err(status) if transient(&status) => {
+                            broke = Some(status);
+                            break;
+                        }
+                        Err(status) => return Err(status.into()),
+                    }
+                }
+                broke
+            }
+            Err(status) if transient(&status) => Some(status),
+            Err(status) => return Err(status.into()),
+        };
+        let Some(status) = broke else { break };
+        if last.as_ref().is_some_and(|j| is_final(j.state)) {
+            break;
+        }
+        let since = *out_of_reach.get_or_insert_with(Instant::now);
+        if since.elapsed() >= patience {
+            bar.finish_and_clear();
+            return Err(ClientError::GaveUp {
+                job_id: job_id.to_string(),
+                seconds: since.elapsed().as_secs_f64(),
+                last: describe(&status),
+            });
+        }
+        bar.set_message(format!("reconnecting ({})", status.code()));
+        tracing::debug!(code = ?status.code(), message = status.message(), "watch broke; watching again");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
+        // A fresh connection: the old one may point at a server that is gone.
+        if let Ok(fresh) = connect(server).await {
+            client = fresh;
+        }
     }
     bar.finish_and_clear();
     let job =
         last.ok_or_else(|| ClientError::Usage(format!("job {job_id}: the watch ended without an event")))?;
+    if server.output == OutputMode::Json {
+        println!("{}", to_json(&job, "ddpm.v1.Job"));
+    }
     if job.state != pb::JobState::Succeeded as i32 {
         return Err(ClientError::JobNotSucceeded {
             job_id: job.job_id,
             state: state_name(job.state),
-            error: job.error,
+            error: job.error.map(|e| e.message).unwrap_or_default(),
         });
     }
-    println!("job {} SUCCEEDED: {} samples", job.job_id, job.samples_done);
-    println!("manifest: {}", job.manifest_uri);
-    if let Some(grid) = job.grid_uris.first() {
-        println!("grid: {grid}");
+    if server.output == OutputMode::Text {
+        println!("job {} SUCCEEDED: {} samples", job.job_id, job.samples_done);
+        println!("manifest: {}", job.manifest_uri);
+        if let Some(grid) = job.grid_uris.first() {
+            println!("grid: {grid}");
+        }
     }
     Ok(())
 }
 
-fn print_job(job: &pb::Job) {
+fn is_final(state: i32) -> bool {
+    [pb::JobState::Succeeded, pb::JobState::Failed, pb::JobState::Cancelled]
+        .iter()
+        .any(|s| *s as i32 == state)
+}
+
+fn print_job(job: &pb::Job, mode: OutputMode) {
+    if mode == OutputMode::Json {
+        println!("{}", to_json(job, "ddpm.v1.Job"));
+        return;
+    }
+    let error = job.error.as_ref().map(|e| e.message.as_str()).unwrap_or_default();
     println!(
         "{}  {:<9}  {}/{} samples  {}/{} shards{}{}",
         job.job_id,
@@ -257,18 +481,18 @@ fn print_job(job: &pb::Job) {
         job.shards_done,
         job.shards_total,
         if job.manifest_uri.is_empty() { String::new() } else { format!("  manifest: {}", job.manifest_uri) },
-        if job.error.is_empty() { String::new() } else { format!("  error: {}", job.error) },
+        if error.is_empty() { String::new() } else { format!("  error: {error}") },
     );
 }
 
 pub async fn status(args: JobArgs, progress: bool) -> Result<(), ClientError> {
     let mut client = connect(&args.server).await?;
     if args.wait {
-        return wait(&mut client, &args.job_id, progress).await;
+        return wait(client, &args.server, &args.job_id, progress, args.reconnect_seconds).await;
     }
     let job =
         client.get_job(args.server.request(pb::GetJobRequest { job_id: args.job_id })).await?.into_inner();
-    print_job(&job);
+    print_job(&job.job.unwrap_or_default(), args.server.output);
     Ok(())
 }
 
@@ -278,19 +502,19 @@ pub async fn cancel(args: JobArgs) -> Result<(), ClientError> {
         .cancel_job(args.server.request(pb::CancelJobRequest { job_id: args.job_id }))
         .await?
         .into_inner();
-    print_job(&job);
+    print_job(&job.job.unwrap_or_default(), args.server.output);
     Ok(())
 }
 
 /// Runs a FAILED job again (its finished shards are kept).
-pub async fn retry(args: JobArgs) -> Result<(), ClientError> {
+pub async fn retry(args: JobArgs, progress: bool) -> Result<(), ClientError> {
     let mut client = connect(&args.server).await?;
     let job_id = args.job_id.clone();
     let job = client.retry_job(args.server.request(pb::RetryJobRequest { job_id })).await?.into_inner();
     if args.wait {
-        return wait(&mut client, &args.job_id, true).await;
+        return wait(client, &args.server, &args.job_id, progress, args.reconnect_seconds).await;
     }
-    print_job(&job);
+    print_job(&job.job.unwrap_or_default(), args.server.output);
     Ok(())
 }
 
@@ -316,7 +540,10 @@ pub async fn list(args: ListArgs) -> Result<(), ClientError> {
             .await?
             .into_inner();
         for job in &page.jobs {
-            print_job(job);
+            if shown >= args.limit {
+                return Ok(());
+            }
+            print_job(job, args.server.output);
             shown += 1;
         }
         token = page.next_page_token;

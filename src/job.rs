@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dataset::DatasetOptions;
 use crate::schedulers::SchedulerKind;
+use crate::storage::Destination;
 
 /// A validated job request. Built at the API boundary; everything after it can trust the values.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -14,6 +15,9 @@ pub struct JobSpec {
     /// The client's idempotency key (empty when none was given).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub request_id: String,
+    /// Who submitted it (a token's name; empty for jobs from a server without tokens).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub owner: String,
     /// A model name from the worker's configuration.
     pub model: String,
     pub scheduler: SchedulerKind,
@@ -25,19 +29,14 @@ pub struct JobSpec {
     pub batch_size: u32,
     pub samples_per_grid: u32,
     pub grid_columns: u32,
-    /// `None`: the server's default destination.
-    pub output: Option<OutputSpec>,
+    /// Where the job writes, resolved at submission (bucket or root, and prefix; the job's folder is
+    /// `<prefix>/<job_id>`). `None` for jobs queued before that: the server's default destination.
+    pub output: Option<Destination>,
     pub priority: i32,
     pub labels: BTreeMap<String, String>,
     /// Layout and encoding of the samples (jobs queued before formats existed get `files` of PNGs).
     #[serde(default)]
     pub dataset: DatasetOptions,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OutputSpec {
-    pub bucket: String,
-    pub prefix: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -11,9 +11,14 @@ use ddpm_worker::placement::{self, DType};
 use ddpm_worker::schedulers::SchedulerKind;
 use std::io::IsTerminal;
 
+/// Exit codes of the client commands (submit, status, list, cancel, retry).
+const EXIT_CODES: &str = "Exit codes of submit, status, list, cancel and retry: 0 success; 1 other errors; \
+2 bad arguments (the command line's, or INVALID_ARGUMENT); 3 job not found; 4 unauthenticated or \
+permission denied; 5 the job FAILED; 6 the job was CANCELLED; 7 the server is unavailable.";
+
 /// Generate image datasets with diffusers DDPM models on libtorch.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version, about, after_help = EXIT_CODES)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -251,15 +256,21 @@ fn print_json(result: Result<impl serde::Serialize, impl std::fmt::Display>) -> 
     }
 }
 
-/// Runs a client command: exit 0 on success, 1 on failure (the error printed).
+/// Runs a client command: exit 0 on success, else the error's code ([`client::ClientError::exit_code`])
+/// with the error printed.
 fn run_client(f: impl std::future::Future<Output = Result<(), client::ClientError>>) -> ExitCode {
-    let result =
-        runtime().map_err(|e| e.to_string()).and_then(|rt| rt.block_on(f).map_err(|e| e.to_string()));
-    match result {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(f) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(e.exit_code())
         }
     }
 }
@@ -324,7 +335,7 @@ fn main() -> ExitCode {
         Command::Status(a) => run_client(client::status(a, progress)),
         Command::List(a) => run_client(client::list(a)),
         Command::Cancel(a) => run_client(client::cancel(a)),
-        Command::Retry(a) => run_client(client::retry(a)),
+        Command::Retry(a) => run_client(client::retry(a, progress)),
         Command::Generate(a) => {
             let spec = GenerateSpec {
                 model: a.model,

@@ -6,7 +6,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::service::{Server, check_job_folder, job_folder, request, run_readers, tiny_model, wait_for};
+use common::service::{
+    Server, SpecMut, check_job_folder, job_folder, request, run_readers, tiny_model, wait_for,
+};
 use ddpm_worker::api::pb;
 
 const SUCCEEDED: i32 = pb::JobState::Succeeded as i32;
@@ -15,8 +17,8 @@ const SUCCEEDED: i32 = pb::JobState::Succeeded as i32;
 /// of 4), grids of 8 that straddle shards, so parts, shard edges and grid reads are all exercised.
 fn dataset_request(format: pb::OutputFormat, image: pb::ImageFormat) -> pb::SubmitJobRequest {
     let mut req = request(40, pb::Scheduler::Ddim, 3, 4);
-    req.grid = Some(pb::GridSpec { samples_per_grid: 8, columns: 4 });
-    req.output = Some(pb::OutputSpec {
+    req.s().grid = Some(pb::GridSpec { samples_per_grid: 8, columns: 4 });
+    req.s().output = Some(pb::OutputSpec {
         format: format as i32,
         image_format: image as i32,
         target_file_bytes: if format == pb::OutputFormat::Files { 0 } else { 64 << 10 },
@@ -102,7 +104,7 @@ async fn bad_layout_requests_name_their_field() {
     let server = Server::start(dir.path(), &[]).await;
     let mut client = server.client().await;
     let mut req = dataset_request(pb::OutputFormat::Files, pb::ImageFormat::Png);
-    req.output = Some(pb::OutputSpec {
+    req.s().output = Some(pb::OutputSpec {
         format: 9,
         image_format: pb::ImageFormat::Webp as i32,
         jpeg_quality: 101,
@@ -114,7 +116,12 @@ async fn bad_layout_requests_name_their_field() {
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     let fields: Vec<String> =
         status.get_details_bad_request().unwrap().field_violations.into_iter().map(|v| v.field).collect();
-    for field in ["output.format", "output.jpeg_quality", "output.png_level", "output.target_file_bytes"] {
+    for field in [
+        "spec.output.format",
+        "spec.output.jpeg_quality",
+        "spec.output.png_level",
+        "spec.output.target_file_bytes",
+    ] {
         assert!(fields.iter().any(|f| f == field), "{field} not named in {fields:?}");
     }
 }
@@ -128,8 +135,8 @@ async fn survives_kill_9(format: pb::OutputFormat) {
     let mut server = Server::start(dir.path(), &args).await;
     let mut client = server.client().await;
     let mut req = dataset_request(format, pb::ImageFormat::Png);
-    req.num_samples = 96;
-    req.sampling = Some(pb::SamplingSpec { scheduler: pb::Scheduler::Ddim as i32, steps: 40, eta: None });
+    req.s().num_samples = 96;
+    req.s().sampling = Some(pb::SamplingSpec { scheduler: pb::Scheduler::Ddim as i32, steps: 40, eta: None });
     let job = client.submit_job(req).await.unwrap().into_inner().job.unwrap();
     assert_eq!(job.shards_total, 4);
     let records = dir.path().join("jobs").join(&job.job_id).join("shards");
@@ -138,8 +145,13 @@ async fn survives_kill_9(format: pb::OutputFormat) {
         assert!(Instant::now() < deadline, "no shard was recorded");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let partial =
-        client.get_job(pb::GetJobRequest { job_id: job.job_id.clone() }).await.unwrap().into_inner();
+    let partial = client
+        .get_job(pb::GetJobRequest { job_id: job.job_id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap();
     assert!(partial.shards_done < 4, "the job finished before the kill: make it longer");
     server.kill9();
 

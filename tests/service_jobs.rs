@@ -6,7 +6,9 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::service::{Server, file_path, job_samples, manifest, request, tiny_model, wait_for, watch};
+use common::service::{
+    Server, SpecMut, error_of, file_path, job_samples, manifest, request, tiny_model, wait_for, watch,
+};
 use ddpm_worker::api::pb;
 use tonic::Code;
 use tonic_types::StatusExt;
@@ -28,7 +30,8 @@ async fn jobs_run_to_success_and_match_generate_on_one_or_two_device_threads() {
                 .await;
         let mut client = server.client().await;
         let job = client.submit_job(req.clone()).await.unwrap().into_inner().job.unwrap();
-        assert_eq!((job.seed, job.batch_size, job.shards_total, job.samples_total), (1000, 2, 4, 7));
+        let spec = job.spec.clone().unwrap();
+        assert_eq!((spec.seed, spec.batch_size, job.shards_total, job.samples_total), (Some(1000), 2, 4, 7));
         let events = watch(&mut client, &job.job_id).await;
         let last = events.last().unwrap();
         assert_eq!(last.state, SUCCEEDED, "{last:?}");
@@ -37,7 +40,7 @@ async fn jobs_run_to_success_and_match_generate_on_one_or_two_device_threads() {
             events.windows(2).all(|w| w[0].samples_done <= w[1].samples_done),
             "progress never goes back"
         );
-        assert!(last.started_at.is_some() && last.finished_at.is_some());
+        assert!(last.start_time.is_some() && last.finish_time.is_some());
         let m = manifest(last);
         assert_eq!(m["job_id"], job.job_id.as_str());
         assert_eq!(m["spec"]["seed"], 1000);
@@ -78,25 +81,33 @@ async fn submissions_are_checked_idempotent_and_listed() {
 
     // Every bad field is named, in one INVALID_ARGUMENT.
     let mut bad = request(0, pb::Scheduler::Unspecified, 0, 5000);
-    bad.model = "nope".into();
-    bad.labels.insert("bad key!".into(), "v".into());
+    bad.s().model = "nope".into();
+    bad.s().labels.insert("bad key!".into(), "v".into());
     let status = client.submit_job(bad).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     let fields: Vec<String> =
         status.get_details_bad_request().unwrap().field_violations.into_iter().map(|v| v.field).collect();
-    for f in ["model", "sampling.scheduler", "sampling.steps", "num_samples", "batch_size", "labels"] {
+    for f in [
+        "spec.model",
+        "spec.sampling.scheduler",
+        "spec.sampling.steps",
+        "spec.num_samples",
+        "spec.batch_size",
+        "spec.labels",
+    ] {
         assert!(fields.iter().any(|x| x == f), "{f} not in {fields:?}");
     }
     let mut eta = request(2, pb::Scheduler::Ddpm, 10, 1);
-    eta.sampling.as_mut().unwrap().eta = Some(0.5);
+    eta.s().sampling.as_mut().unwrap().eta = Some(0.5);
     let status = client.submit_job(eta).await.unwrap_err();
-    assert_eq!(status.get_details_bad_request().unwrap().field_violations[0].field, "sampling.eta");
+    assert_eq!(status.get_details_bad_request().unwrap().field_violations[0].field, "spec.sampling.eta");
     let too_many = client.submit_job(request(1001, pb::Scheduler::Ddim, 5, 1)).await.unwrap_err();
     assert_eq!(too_many.code(), Code::InvalidArgument);
     let steps = client.submit_job(request(1, pb::Scheduler::Ddpm, 1001, 1)).await.unwrap_err();
-    assert_eq!(steps.get_details_bad_request().unwrap().field_violations[0].field, "sampling.steps");
+    assert_eq!(steps.get_details_bad_request().unwrap().field_violations[0].field, "spec.sampling.steps");
     let mut bucket = request(1, pb::Scheduler::Ddim, 5, 1);
-    bucket.output = Some(pb::OutputSpec { bucket: "b".into(), prefix: "../x".into(), ..Default::default() });
+    bucket.s().output =
+        Some(pb::OutputSpec { destination: "s3://b".into(), prefix: "../x".into(), ..Default::default() });
     let fields: Vec<String> = client
         .submit_job(bucket)
         .await
@@ -107,17 +118,19 @@ async fn submissions_are_checked_idempotent_and_listed() {
         .into_iter()
         .map(|v| v.field)
         .collect();
-    assert_eq!(fields, ["output.bucket", "output.prefix"]);
+    assert_eq!(fields, ["spec.output.prefix", "spec.output.destination"]);
 
     // The same request_id returns the same job (with the server-chosen seed); another request is refused.
     let mut req = request(2, pb::Scheduler::Ddim, 5, 1);
-    req.seed = None;
+    req.s().seed = None;
     req.request_id = "req-1".into();
-    req.labels.insert("team".into(), "a".into());
+    req.s().labels.insert("team".into(), "a".into());
     let first = client.submit_job(req.clone()).await.unwrap().into_inner().job.unwrap();
     let again = client.submit_job(req.clone()).await.unwrap().into_inner().job.unwrap();
-    assert_eq!((again.job_id.as_str(), again.seed), (first.job_id.as_str(), first.seed));
-    req.num_samples = 3;
+    let seed = |j: &pb::Job| j.spec.as_ref().and_then(|s| s.seed);
+    assert_eq!((again.job_id.as_str(), seed(&again)), (first.job_id.as_str(), seed(&first)));
+    assert_eq!(first.owner, "anonymous");
+    req.s().num_samples = 3;
     let conflict = client.submit_job(req).await.unwrap_err();
     assert_eq!(conflict.code(), Code::AlreadyExists, "{conflict:?}");
 
@@ -134,7 +147,7 @@ async fn submissions_are_checked_idempotent_and_listed() {
         pb::ListJobsRequest { labels: [("team".to_string(), "a".to_string())].into(), ..Default::default() };
     let jobs = client.list_jobs(team_a).await.unwrap().into_inner().jobs;
     assert_eq!(jobs.iter().map(|j| j.job_id.as_str()).collect::<Vec<_>>(), [first.job_id.as_str()]);
-    assert_eq!(jobs[0].request.as_ref().unwrap().request_id, "req-1", "listings show the request id");
+    assert_eq!(jobs[0].request_id, "req-1", "listings show the request id");
     let mut token = String::new();
     let mut seen = Vec::new();
     loop {
@@ -174,15 +187,25 @@ async fn cancelling_stops_a_running_job_between_steps() {
     let job =
         client.submit_job(request(64, pb::Scheduler::Ddpm, 1000, 4)).await.unwrap().into_inner().job.unwrap();
     wait_for(&mut client, &job.job_id, |j| j.state == RUNNING).await;
-    let cancelled =
-        client.cancel_job(pb::CancelJobRequest { job_id: job.job_id.clone() }).await.unwrap().into_inner();
+    let cancelled = client
+        .cancel_job(pb::CancelJobRequest { job_id: job.job_id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap();
     assert_eq!(cancelled.state, CANCELLED);
     assert!(cancelled.samples_done < 64);
     let events = watch(&mut client, &job.job_id).await;
     assert_eq!(events.last().unwrap().state, CANCELLED);
     // Cancelling again is a no-op; the worker is free for the next job, which succeeds quickly.
-    let again =
-        client.cancel_job(pb::CancelJobRequest { job_id: job.job_id.clone() }).await.unwrap().into_inner();
+    let again = client
+        .cancel_job(pb::CancelJobRequest { job_id: job.job_id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap();
     assert_eq!(again.state, CANCELLED);
     let next =
         client.submit_job(request(2, pb::Scheduler::Ddim, 5, 2)).await.unwrap().into_inner().job.unwrap();
@@ -195,7 +218,13 @@ async fn cancelling_stops_a_running_job_between_steps() {
     assert_eq!(done.samples_done, 2);
     let finished = client.cancel_job(pb::CancelJobRequest { job_id: next.job_id.clone() }).await.unwrap_err();
     assert_eq!(finished.code(), Code::FailedPrecondition);
-    let after = client.get_job(pb::GetJobRequest { job_id: job.job_id.clone() }).await.unwrap().into_inner();
+    let after = client
+        .get_job(pb::GetJobRequest { job_id: job.job_id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap();
     assert_eq!(
         (after.state, after.samples_done),
         (CANCELLED, cancelled.samples_done),
@@ -217,8 +246,8 @@ async fn a_shard_failing_on_every_attempt_fails_its_job_with_the_reason() {
     let job =
         client.submit_job(request(2, pb::Scheduler::Ddim, 3, 2)).await.unwrap().into_inner().job.unwrap();
     let failed = wait_for(&mut client, &job.job_id, |j| j.state == FAILED).await;
-    assert!(failed.error.contains("failed on every attempt"), "{}", failed.error);
-    assert!(failed.error.contains("not-a-dir"), "the cause is kept: {}", failed.error);
+    assert!(error_of(&failed).contains("failed on every attempt"), "{}", error_of(&failed));
+    assert!(error_of(&failed).contains("not-a-dir"), "the cause is kept: {}", error_of(&failed));
     // The server keeps serving.
     assert_eq!(
         server.health().await,
@@ -237,8 +266,12 @@ async fn an_upload_failure_is_reported_as_such_not_as_a_cancellation() {
         client.submit_job(request(32, pb::Scheduler::Ddpm, 50, 1)).await.unwrap().into_inner().job.unwrap();
     std::fs::create_dir_all(dir.path().join("jobs").join(&job.job_id).join("samples/00000000.png")).unwrap();
     let failed = wait_for(&mut client, &job.job_id, |j| j.state == FAILED).await;
-    assert!(failed.error.contains("Is a directory"), "the upload's error is the cause: {}", failed.error);
-    assert!(!failed.error.contains("cancelled"), "{}", failed.error);
+    assert!(
+        error_of(&failed).contains("Is a directory"),
+        "the upload's error is the cause: {}",
+        error_of(&failed)
+    );
+    assert!(!error_of(&failed).contains("cancelled"), "{}", error_of(&failed));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -247,7 +280,7 @@ async fn oversized_requests_are_refused_before_decoding() {
     let server = Server::start(dir.path(), &["--max-request-bytes", "4096"]).await;
     let mut client = server.client().await;
     let mut req = request(1, pb::Scheduler::Ddim, 3, 1);
-    req.labels.insert("blob".into(), "x".repeat(8192));
+    req.s().labels.insert("blob".into(), "x".repeat(8192));
     let status = client.submit_job(req).await.unwrap_err();
     // tonic reports a message over max_decoding_message_size as OUT_OF_RANGE.
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
@@ -268,36 +301,50 @@ async fn hostile_inputs_are_refused_with_the_field_named() {
         let v = status.get_details_bad_request().unwrap().field_violations;
         v.into_iter().map(|v| v.field).collect::<Vec<_>>()
     };
-    let with_output = |bucket: &str, prefix: &str| {
+    let with_output = |destination: &str, prefix: &str| {
         let mut req = request(1, pb::Scheduler::Ddim, 3, 1);
-        req.output =
-            Some(pb::OutputSpec { bucket: bucket.into(), prefix: prefix.into(), ..Default::default() });
+        req.s().output = Some(pb::OutputSpec {
+            destination: destination.into(),
+            prefix: prefix.into(),
+            ..Default::default()
+        });
         req
     };
-    for bucket in ["UPPER_case", "../x", &"b".repeat(300), "ab", "-dash", "a..b", "192.168.1.1", "xn--abc"] {
-        let status = client.submit_job(with_output(bucket, "")).await.unwrap_err();
-        assert_eq!(refused(status), ["output.bucket"], "{bucket}");
+    for bucket in ["UPPER_case", "..", &"b".repeat(300), "ab", "-dash", "a..b", "192.168.1.1", "xn--abc"] {
+        let status = client.submit_job(with_output(&format!("s3://{bucket}/x"), "")).await.unwrap_err();
+        assert_eq!(refused(status), ["spec.output.destination"], "{bucket}");
+    }
+    for destination in ["s3://ddpm-out/jobs/../x", "s3://ddpm-out//jobs", "file:relative", "gs://x/y", "/abs"]
+    {
+        let status = client.submit_job(with_output(destination, "")).await.unwrap_err();
+        assert_eq!(refused(status), ["spec.output.destination"], "{destination}");
     }
     let segment = "s".repeat(256);
     let long = format!("{}/x", "p/".repeat(520));
     for prefix in ["a\0b", "a\u{7}b", "a\\b", segment.as_str(), long.as_str(), "a/../b", ".ddpm-staging/x"] {
         let status = client.submit_job(with_output("", prefix)).await.unwrap_err();
-        assert_eq!(refused(status), ["output.prefix"], "{prefix:?}");
+        assert_eq!(refused(status), ["spec.output.prefix"], "{prefix:?}");
     }
-    client.submit_job(with_output("ok-bucket.name", "a/b-c/d_e")).await.map(drop).unwrap_or_else(|s| {
-        assert!(s.code() != Code::InvalidArgument, "a valid destination was refused: {s:?}");
-    });
+    // Well-formed destinations outside the allowed ones (here only the default) are denied, named.
+    for outside in ["s3://ok-bucket.name/jobs", "s3://ddpm-out", "s3://ddpm-out/jobsx", "file:/tmp"] {
+        let status = client.submit_job(with_output(outside, "")).await.unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied, "{outside}: {status:?}");
+        assert!(status.message().contains("output.destination"), "{status:?}");
+    }
+    let inside = client.submit_job(with_output("s3://ddpm-out/jobs/team", "a/b-c/d_e")).await.unwrap();
+    let spec = inside.into_inner().job.unwrap().spec.unwrap();
+    assert_eq!(spec.output.unwrap().destination, "s3://ddpm-out/jobs/team/a/b-c/d_e");
     // A huge value is named, not echoed whole (a trailer over 8 KiB turns into RESOURCE_EXHAUSTED).
     let mut huge = request(1, pb::Scheduler::Ddim, 3, 1);
-    huge.model = "m".repeat(60_000);
-    assert_eq!(refused(client.submit_job(huge).await.unwrap_err()), ["model"]);
+    huge.s().model = "m".repeat(60_000);
+    assert_eq!(refused(client.submit_job(huge).await.unwrap_err()), ["spec.model"]);
     let status = client.get_job(pb::GetJobRequest { job_id: "j".repeat(60_000) }).await.unwrap_err();
     assert_eq!(refused(status), ["job_id"]);
     // Priorities are a small documented range (each one is a consumer on a NATS queue).
     for priority in [11, -11, i32::MAX] {
         let mut req = request(1, pb::Scheduler::Ddim, 3, 1);
-        req.priority = priority;
-        assert_eq!(refused(client.submit_job(req).await.unwrap_err()), ["priority"]);
+        req.s().priority = priority;
+        assert_eq!(refused(client.submit_job(req).await.unwrap_err()), ["spec.priority"]);
     }
 }
 
@@ -310,7 +357,10 @@ async fn ten_million_samples_are_queued_in_a_bounded_number_of_shards() {
         client.submit_job(request(1, pb::Scheduler::Ddim, 3, 1)).await.unwrap().into_inner().job.unwrap();
     let mut other = server.client().await;
     let reader = tokio::spawn(async move {
-        other.get_job(pb::GetJobRequest { job_id: small.job_id }).await.map(|r| r.into_inner().job_id)
+        other
+            .get_job(pb::GetJobRequest { job_id: small.job_id })
+            .await
+            .map(|r| r.into_inner().job.unwrap_or_default().job_id)
     });
     let big = client
         .submit_job(request(10_000_000, pb::Scheduler::Ddim, 3, 1))
@@ -327,7 +377,7 @@ async fn ten_million_samples_are_queued_in_a_bounded_number_of_shards() {
     assert_eq!(big.samples_total, 10_000_000);
     reader.await.unwrap().unwrap();
     let cancelled = client.cancel_job(pb::CancelJobRequest { job_id: big.job_id.clone() }).await.unwrap();
-    assert_eq!(cancelled.into_inner().state, CANCELLED);
+    assert_eq!(cancelled.into_inner().job.unwrap().state, CANCELLED);
     let queue = std::fs::metadata(dir.path().join("queue.sqlite")).unwrap().len();
     assert!(queue < 64 << 20, "queue file of {queue} bytes");
 }
@@ -353,8 +403,8 @@ async fn a_failed_job_is_retried_without_resampling_its_finished_shards() {
 
     std::fs::remove_dir(&blocker).unwrap();
     let retried = client.retry_job(pb::RetryJobRequest { job_id: job.job_id.clone() }).await.unwrap();
-    let retried = retried.into_inner();
-    assert_eq!((retried.state, retried.error.as_str(), retried.shards_done), (RUNNING, "", 3));
+    let retried = retried.into_inner().job.unwrap();
+    assert_eq!((retried.state, error_of(&retried).as_str(), retried.shards_done), (RUNNING, "", 3));
     let done = wait_for(&mut client, &job.job_id, |j| j.state == SUCCEEDED).await;
     assert_eq!((done.samples_done, done.shards_done), (8, 4));
     assert_eq!(job_samples(&done).await.len(), 8);
@@ -384,7 +434,7 @@ async fn grayscale_models_make_grayscale_pngs() {
     let server = Server::start_with(dir.path(), &args, &[]).await;
     let mut client = server.client().await;
     let mut req = request(3, pb::Scheduler::Ddim, 5, 2);
-    req.model = "gray".into();
+    req.s().model = "gray".into();
     let job = client.submit_job(req).await.unwrap().into_inner().job.unwrap();
     let done = wait_for(&mut client, &job.job_id, |j| j.state == SUCCEEDED).await;
     for png in job_samples(&done).await {

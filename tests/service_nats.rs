@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::service::{Server, job_samples, manifest, request, tiny_model, wait_for};
+use common::service::{Server, SpecMut, job_samples, manifest, request, tiny_model, wait_for};
 use ddpm_worker::api::pb;
 
 const SUCCEEDED: i32 = pb::JobState::Succeeded as i32;
@@ -93,7 +93,7 @@ async fn a_twenty_thousand_shard_job_is_queued_in_bounded_batches_and_small_jobs
     assert_eq!(big.shards_total, 20_000);
     // A small job of higher priority runs while the big one is being queued and sampled.
     let mut small = request(2, pb::Scheduler::Ddim, 3, 2);
-    small.priority = 5;
+    small.s().priority = 5;
     let small = client.submit_job(small).await.unwrap().into_inner().job.unwrap();
     let done = tokio::time::timeout(
         Duration::from_secs(120),
@@ -109,7 +109,7 @@ async fn a_twenty_thousand_shard_job_is_queued_in_bounded_batches_and_small_jobs
     .await
     .expect("CancelJob answered")
     .unwrap();
-    assert_eq!(cancelled.into_inner().state, CANCELLED);
+    assert_eq!(cancelled.into_inner().job.unwrap().state, CANCELLED);
     // The server still drains and exits on SIGTERM.
     common::service::signal(server.pid(), "TERM");
     let status = server.wait_exit(Duration::from_secs(45)).await;
@@ -139,14 +139,25 @@ async fn a_cancel_on_one_worker_keeps_the_other_from_recording_shards() {
     let job =
         client.submit_job(request(16, pb::Scheduler::Ddpm, 200, 2)).await.unwrap().into_inner().job.unwrap();
     wait_for(&mut client, &job.job_id, |j| j.shards_done >= 2).await;
-    let cancelled =
-        client.cancel_job(pb::CancelJobRequest { job_id: job.job_id.clone() }).await.unwrap().into_inner();
+    let cancelled = client
+        .cancel_job(pb::CancelJobRequest { job_id: job.job_id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap();
     assert_eq!(cancelled.state, CANCELLED);
     // Long enough for both workers' running shards to finish sampling.
     tokio::time::sleep(Duration::from_secs(8)).await;
     let records =
         std::fs::read_dir(dir.path().join("jobs").join(&job.job_id).join("shards")).unwrap().count();
-    let after = client.get_job(pb::GetJobRequest { job_id: job.job_id.clone() }).await.unwrap().into_inner();
+    let after = client
+        .get_job(pb::GetJobRequest { job_id: job.job_id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap();
     assert_eq!(after.shards_done, cancelled.shards_done, "nothing counted after the cancel");
     assert_eq!(records as u32, cancelled.shards_done, "shard records written after the cancel");
     drop(b);

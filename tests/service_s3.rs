@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::service::{Server, request, tiny_model, wait_for};
+use common::service::{Server, SpecMut, error_of, request, tiny_model, wait_for};
 use ddpm_worker::api::pb;
 
 const SUCCEEDED: i32 = pb::JobState::Succeeded as i32;
@@ -34,12 +34,14 @@ async fn models_and_outputs_live_on_s3() {
         "--output".into(),
         format!("s3://{}/{prefix}/jobs", seaweed::BUCKET),
         "--s3-path-style".into(),
+        "--allow-output".into(),
+        format!("s3://{}/{prefix}/shared", seaweed::BUCKET),
     ];
     let env = seaweed::aws_env(s3.endpoint());
     let server = Server::start_with(&dir.path().join("data"), &args, &env).await;
     let mut grpc = server.client().await;
     let mut req = request(5, pb::Scheduler::Ddim, 4, 2);
-    req.grid = Some(pb::GridSpec { samples_per_grid: 2, columns: 2 });
+    req.s().grid = Some(pb::GridSpec { samples_per_grid: 2, columns: 2 });
     let job = grpc.submit_job(req.clone()).await.unwrap().into_inner().job.unwrap();
     let done = wait_for(&mut grpc, &job.job_id, |j| j.state == SUCCEEDED).await;
     let manifest_key = format!("{prefix}/jobs/{}/manifest.json", job.job_id);
@@ -62,13 +64,21 @@ async fn models_and_outputs_live_on_s3() {
     // Grids of 2: [0,2) and [2,4) lie in one shard each, [4,5) too; every grid is there.
     assert_eq!(m["grids"].as_array().unwrap().len(), 3);
 
-    // A job may pick its own prefix (and bucket) on an S3 server.
-    req.output = Some(pb::OutputSpec { prefix: format!("{prefix}/custom"), ..Default::default() });
+    // A job may pick a prefix under the default output, and a destination within an allowed one.
+    req.s().output = Some(pb::OutputSpec { prefix: "custom".into(), ..Default::default() });
+    let job = grpc.submit_job(req.clone()).await.unwrap().into_inner().job.unwrap();
+    let done = wait_for(&mut grpc, &job.job_id, |j| j.state == SUCCEEDED).await;
+    assert_eq!(
+        done.manifest_uri,
+        format!("s3://{}/{prefix}/jobs/custom/{}/manifest.json", seaweed::BUCKET, job.job_id)
+    );
+    let destination = format!("s3://{}/{prefix}/shared/team", seaweed::BUCKET);
+    req.s().output = Some(pb::OutputSpec { destination, ..Default::default() });
     let job = grpc.submit_job(req).await.unwrap().into_inner().job.unwrap();
     let done = wait_for(&mut grpc, &job.job_id, |j| j.state == SUCCEEDED).await;
     assert_eq!(
         done.manifest_uri,
-        format!("s3://{}/{prefix}/custom/{}/manifest.json", seaweed::BUCKET, job.job_id)
+        format!("s3://{}/{prefix}/shared/team/{}/manifest.json", seaweed::BUCKET, job.job_id)
     );
 }
 
@@ -102,11 +112,17 @@ async fn a_store_outage_postpones_shards_and_the_job_still_succeeds() {
     assert!(before.shards_done < 12, "the job finished before the outage: make it longer");
     proxy.cut();
     tokio::time::sleep(Duration::from_secs(20)).await;
-    let during = grpc.get_job(pb::GetJobRequest { job_id: job.job_id.clone() }).await.unwrap().into_inner();
-    assert_ne!(during.state, FAILED, "the outage failed the job: {}", during.error);
+    let during = grpc
+        .get_job(pb::GetJobRequest { job_id: job.job_id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap();
+    assert_ne!(during.state, FAILED, "the outage failed the job: {}", error_of(&during));
     proxy.restore();
     let done = wait_for(&mut grpc, &job.job_id, |j| j.state == SUCCEEDED || j.state == FAILED).await;
-    assert_eq!(done.state, SUCCEEDED, "{}", done.error);
+    assert_eq!(done.state, SUCCEEDED, "{}", error_of(&done));
 
     // Every listed object is there with its SHA-256, and nothing else is under the job's folder.
     let local = dir.path().join("job");

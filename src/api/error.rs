@@ -28,6 +28,13 @@ pub enum ServiceError {
     Queue(QueueError),
     #[error("the worker is shutting down")]
     ShuttingDown,
+    /// No credentials, or unknown ones (the token itself is never in the message).
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// Known caller, not allowed this (a role too low, another's job, a destination outside the
+    /// allow-list).
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
 }
 
 impl ServiceError {
@@ -71,6 +78,14 @@ impl From<ServiceError> for Status {
                 Status::internal(message)
             }
             ServiceError::Queue(_) | ServiceError::ShuttingDown => Status::unavailable(message),
+            ServiceError::Unauthenticated(_) => {
+                metrics::counter!("ddpm_auth_refused_total", "code" => "unauthenticated").increment(1);
+                Status::unauthenticated(message)
+            }
+            ServiceError::PermissionDenied(_) => {
+                metrics::counter!("ddpm_auth_refused_total", "code" => "permission_denied").increment(1);
+                Status::permission_denied(message)
+            }
         }
     }
 }

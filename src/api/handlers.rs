@@ -1,6 +1,6 @@
-//! The `ddpm.v1.Worker` handlers: thin, each converts its request at the boundary ([`convert`]), asks
-//! the worker (its queue, its outputs) and converts the answer back; errors become statuses in one
-//! place ([`ServiceError`]).
+//! The `ddpm.v1.WorkerService` handlers: thin, each checks the caller's role ([`auth`]), converts its
+//! request at the boundary ([`convert`]), asks the worker (its queue, its outputs) and converts the
+//! answer back; errors become statuses in one place ([`ServiceError`]).
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -11,6 +11,7 @@ use prost::Message;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use super::auth::{Caller, Role};
 use super::convert::{self, Catalog, Limits};
 use super::error::ServiceError;
 use super::pb;
@@ -25,17 +26,33 @@ const MAX_PAGE_SIZE: u32 = 1000;
 const DEFAULT_PAGE_SIZE: u32 = 100;
 const WATCH_POLL: Duration = Duration::from_millis(200);
 
+#[derive(Clone)]
 pub struct WorkerService {
     pub ctx: Arc<WorkerContext>,
     pub limits: Limits,
+    /// Whether requests must carry a caller (put there by the token interceptor): a request without
+    /// one is then refused rather than taken as anonymous.
+    pub authenticated: bool,
 }
 
 impl WorkerService {
-    /// Checks a submission against this worker's models and destination.
-    pub fn validate(&self, req: &pb::SubmitJobRequest) -> Result<JobSpec, ServiceError> {
-        let catalog =
-            Catalog { models: &self.ctx.models, accepts_buckets: self.ctx.outputs.accepts_buckets() };
-        convert::job_spec(req, &self.limits, &catalog)
+    /// Checks a submission against this worker's models and allowed destinations.
+    pub fn validate(&self, req: &pb::SubmitJobRequest, caller: &Caller) -> Result<JobSpec, ServiceError> {
+        let catalog = Catalog { models: &self.ctx.models, outputs: &self.ctx.outputs };
+        convert::job_spec(req, &self.limits, &catalog, &caller.name)
+    }
+
+    /// The caller of `request`, if it has `role`.
+    fn caller<T>(&self, request: &Request<T>, role: Role) -> Result<Caller, ServiceError> {
+        let caller = match request.extensions().get::<Caller>() {
+            Some(caller) => caller.clone(),
+            None if self.authenticated => {
+                return Err(ServiceError::Unauthenticated("no credentials".into()));
+            }
+            None => Caller::anonymous(),
+        };
+        caller.require(role)?;
+        Ok(caller)
     }
 
     async fn to_pb(&self, job: &JobRecord) -> pb::Job {
@@ -57,29 +74,31 @@ impl WorkerService {
     }
 }
 
-type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchJobResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
-impl pb::worker_server::Worker for WorkerService {
+impl pb::worker_service_server::WorkerService for WorkerService {
     async fn submit_job(
         &self,
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
         let started = std::time::Instant::now();
+        let caller = self.caller(&request, Role::Submit)?;
         let req = request.into_inner();
         if self.ctx.draining.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(ServiceError::ShuttingDown.into());
         }
-        let spec = self.validate(&req).inspect_err(|_| {
+        let spec = self.validate(&req, &caller).inspect_err(|_| {
             metrics::counter!("ddpm_jobs_submitted_total", "result" => "invalid").increment(1);
         })?;
-        // The request as the client sent it (before defaults), so a retry of a seedless request matches.
+        // The spec as the client sent it (before defaults, so a retry of a seedless request matches),
+        // and who sent it: another caller's request_id is another request.
         let key = (!req.request_id.is_empty()).then(|| {
-            let mut sent = req.clone();
-            sent.request_id.clear();
+            let mut sent = req.spec.clone().unwrap_or_default().encode_to_vec();
+            sent.extend_from_slice(caller.name.as_bytes());
             IdempotencyKey {
                 request_id: req.request_id.clone(),
-                request_hash: crate::digest::sha256_hex(&sent.encode_to_vec()),
+                request_hash: crate::digest::sha256_hex(&sent),
             }
         });
         let outcome = self
@@ -94,6 +113,7 @@ impl pb::worker_server::Worker for WorkerService {
         if outcome.created {
             tracing::info!(
                 job_id = outcome.job.id,
+                owner = caller.name,
                 model = spec.model,
                 num_samples = spec.num_samples,
                 shards = outcome.job.shards_total,
@@ -104,15 +124,20 @@ impl pb::worker_server::Worker for WorkerService {
         Ok(Response::new(pb::SubmitJobResponse { job: Some(self.to_pb(&outcome.job).await) }))
     }
 
-    async fn get_job(&self, request: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::GetJobResponse>, Status> {
+        self.caller(&request, Role::Read)?;
         let job = self.get(&request.into_inner().job_id).await?;
-        Ok(Response::new(self.to_pb(&job).await))
+        Ok(Response::new(pb::GetJobResponse { job: Some(self.to_pb(&job).await) }))
     }
 
     async fn list_jobs(
         &self,
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        self.caller(&request, Role::Read)?;
         let req = request.into_inner();
         let mut states = Vec::new();
         for s in &req.states {
@@ -151,8 +176,13 @@ impl pb::worker_server::Worker for WorkerService {
         Ok(Response::new(pb::ListJobsResponse { jobs: out, next_page_token }))
     }
 
-    async fn cancel_job(&self, request: Request<pb::CancelJobRequest>) -> Result<Response<pb::Job>, Status> {
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let caller = self.caller(&request, Role::Submit)?;
         let job = self.get(&request.into_inner().job_id).await?;
+        caller.require_owner_or_admin(&job.spec.owner)?;
         let job = match job.state {
             JobState::Succeeded | JobState::Failed => {
                 return Err(
@@ -171,16 +201,21 @@ impl pb::worker_server::Worker for WorkerService {
                 let job = finished.ok_or_else(|| ServiceError::NotFound(job.id.clone()))?;
                 if job.state == JobState::Cancelled {
                     metrics::counter!("ddpm_jobs_finished_total", "state" => "cancelled").increment(1);
-                    tracing::info!(job_id = job.id, "job cancelled");
+                    tracing::info!(job_id = job.id, by = caller.name, "job cancelled");
                 }
                 job
             }
         };
-        Ok(Response::new(self.to_pb(&job).await))
+        Ok(Response::new(pb::CancelJobResponse { job: Some(self.to_pb(&job).await) }))
     }
 
-    async fn retry_job(&self, request: Request<pb::RetryJobRequest>) -> Result<Response<pb::Job>, Status> {
+    async fn retry_job(
+        &self,
+        request: Request<pb::RetryJobRequest>,
+    ) -> Result<Response<pb::RetryJobResponse>, Status> {
+        let caller = self.caller(&request, Role::Submit)?;
         let job = self.get(&request.into_inner().job_id).await?;
+        caller.require_owner_or_admin(&job.spec.owner)?;
         if job.state != JobState::Failed {
             return Err(ServiceError::NotFailed { job_id: job.id, state: job.state.as_str() }.into());
         }
@@ -191,9 +226,9 @@ impl pb::worker_server::Worker for WorkerService {
             .await
             .map_err(ServiceError::from)?
             .ok_or_else(|| ServiceError::NotFound(job.id.clone()))?;
-        tracing::info!(job_id = job.id, "job retried");
+        tracing::info!(job_id = job.id, by = caller.name, "job retried");
         self.ctx.wake.notify_waiters();
-        Ok(Response::new(self.to_pb(&job).await))
+        Ok(Response::new(pb::RetryJobResponse { job: Some(self.to_pb(&job).await) }))
     }
 
     type WatchJobStream = WatchStream;
@@ -202,13 +237,14 @@ impl pb::worker_server::Worker for WorkerService {
         &self,
         request: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
+        self.caller(&request, Role::Read)?;
         let first = self.get(&request.into_inner().job_id).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let ctx = Arc::clone(&self.ctx);
-        let service = WorkerService { ctx: Arc::clone(&self.ctx), limits: self.limits.clone() };
+        let service = self.clone();
         tokio::spawn(async move {
             let mut last = first;
-            if tx.send(Ok(pb::JobEvent { job: Some(service.to_pb(&last).await) })).await.is_err() {
+            if tx.send(Ok(pb::WatchJobResponse { job: Some(service.to_pb(&last).await) })).await.is_err() {
                 return;
             }
             while !last.state.is_terminal() {
@@ -228,7 +264,11 @@ impl pb::worker_server::Worker for WorkerService {
                     }
                 };
                 if job != last {
-                    if tx.send(Ok(pb::JobEvent { job: Some(service.to_pb(&job).await) })).await.is_err() {
+                    if tx
+                        .send(Ok(pb::WatchJobResponse { job: Some(service.to_pb(&job).await) }))
+                        .await
+                        .is_err()
+                    {
                         return; // the client went away
                     }
                     last = job;

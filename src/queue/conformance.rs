@@ -27,6 +27,7 @@ pub async fn run_all<Q: Queue + Clone, F: Future<Output = Q>>(make: impl Fn() ->
 pub fn spec(num_samples: u64, batch_size: u32, priority: i32, labels: &[(&str, &str)]) -> JobSpec {
     JobSpec {
         request_id: String::new(),
+        owner: String::new(),
         model: "tiny".into(),
         scheduler: SchedulerKind::Ddim,
         steps: 10,

@@ -4,6 +4,7 @@
 //! until every device has loaded and warmed its models, and again from the first SIGTERM.
 
 pub mod config_file;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -28,11 +29,23 @@ use crate::worker::{WorkerConfig, WorkerContext, device};
 use tonic_health::ServingStatus;
 
 /// The gRPC service's name in the health service (readiness, like the overall status `""`).
-const WORKER_SERVICE: &str = "ddpm.v1.Worker";
+const WORKER_SERVICE: &str = "ddpm.v1.WorkerService";
+/// How often the token and TLS files are checked for changes (SIGHUP checks at once).
+const FILE_POLL: Duration = Duration::from_secs(5);
 /// The health service name of liveness.
 const LIVENESS_SERVICE: &str = "liveness";
-use crate::api::convert::Limits;
+use crate::api::auth::{self, Auth};
+use crate::api::convert::{DEFAULT_PRIORITIES, Limits, MAX_PRIORITY_VALUES};
 use crate::api::handlers::WorkerService;
+
+/// Who may call server reflection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReflectionAccess {
+    /// The same tokens as the API (any role).
+    Auth,
+    /// Anyone who reaches the port.
+    Public,
+}
 
 /// `serve`'s options; every flag can also come from its `DDPM_*` environment variable.
 #[derive(Debug, Clone, clap::Args)]
@@ -43,6 +56,33 @@ pub struct ServeArgs {
     /// gRPC address (port 0: any free port; the bound address is printed).
     #[arg(long, env = "DDPM_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Bearer tokens, one per line: `TOKEN [ROLE [NAME]]`, ROLE read, submit (default) or admin. Every
+    /// RPC but health then needs one. Read again when it changes and on SIGHUP. Without it, anyone who
+    /// reaches the port may do anything.
+    #[arg(long, env = "DDPM_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+    /// Who may use server reflection: `auth` (the API's tokens) or `public`.
+    #[arg(long, env = "DDPM_REFLECTION", value_enum, default_value = "auth")]
+    pub reflection: ReflectionAccess,
+    /// TLS certificate chain (PEM) of the gRPC port; read again when it changes and on SIGHUP.
+    #[arg(long, env = "DDPM_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "DDPM_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM): clients must then present a certificate one of them signed (mTLS).
+    #[arg(long, env = "DDPM_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// A destination jobs may write within besides --output: s3://BUCKET[/PREFIX] or file:DIR.
+    /// Repeatable; a job's output.destination must lie within one of them.
+    #[arg(long = "allow-output", env = "DDPM_ALLOW_OUTPUTS", value_delimiter = ',')]
+    pub allow_outputs: Vec<Destination>,
+    /// Lowest job priority accepted.
+    #[arg(long, env = "DDPM_MIN_PRIORITY", default_value_t = *DEFAULT_PRIORITIES.start(), allow_negative_numbers = true)]
+    pub min_priority: i32,
+    /// Highest job priority accepted (at most 101 distinct values: each is a NATS consumer).
+    #[arg(long, env = "DDPM_MAX_PRIORITY", default_value_t = *DEFAULT_PRIORITIES.end(), allow_negative_numbers = true)]
+    pub max_priority: i32,
     /// Prometheus metrics address (`/metrics`); none when unset.
     #[arg(long, env = "DDPM_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -140,6 +180,8 @@ struct Prepared {
     models: BTreeMap<String, Arc<ResolvedModel>>,
     queue: Arc<dyn Queue>,
     devices: Vec<(Device, Option<i32>)>,
+    auth: Option<Arc<Auth>>,
+    tls: Option<Arc<tls::Tls>>,
 }
 
 fn parse_devices(spec: &str, cpu_threads: Option<i32>) -> Result<Vec<(Device, Option<i32>)>, String> {
@@ -187,6 +229,36 @@ async fn prepare(args: &ServeArgs) -> Result<Prepared, ServeError> {
     if args.default_batch_size == 0 || args.default_batch_size > args.max_batch_size {
         return Err(config("--default-batch-size must be in 1..=--max-batch-size".into()));
     }
+    let span = i64::from(args.max_priority) - i64::from(args.min_priority) + 1;
+    if !(1..=MAX_PRIORITY_VALUES).contains(&span) {
+        return Err(config(format!(
+            "--min-priority {} and --max-priority {}: 1 to {MAX_PRIORITY_VALUES} values, min ≤ max",
+            args.min_priority, args.max_priority
+        )));
+    }
+    let auth = match &args.auth_token_file {
+        Some(path) => {
+            let auth = Auth::load(path).map_err(|e| config(format!("--auth-token-file {e}")))?;
+            if auth.is_empty() {
+                tracing::warn!(path = %path.display(), "the token file has no tokens: every call is refused");
+            }
+            Some(Arc::new(auth))
+        }
+        None => {
+            if !args.listen.ip().is_loopback() {
+                tracing::warn!(listen = %args.listen, "no --auth-token-file: anyone who reaches the port may submit and cancel jobs");
+            }
+            None
+        }
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let files =
+                tls::TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: args.tls_client_ca.clone() };
+            Some(Arc::new(tls::Tls::load(files).map_err(|e| config(format!("--tls-cert/--tls-key: {e}")))?))
+        }
+        _ => None,
+    };
     let devices =
         parse_devices(&args.devices, args.cpu_threads).map_err(|e| config(format!("--devices: {e}")))?;
     let mut models = BTreeMap::new();
@@ -233,7 +305,7 @@ async fn prepare(args: &ServeArgs) -> Result<Prepared, ServeError> {
         models.insert(m.name.clone(), Arc::new(resolved));
     }
     let queue = open_queue(args).await?;
-    Ok(Prepared { models, queue, devices })
+    Ok(Prepared { models, queue, devices, auth, tls })
 }
 
 /// `sqlite:PATH` (one process) or `nats://HOST:PORT[/NAMESPACE]` (any number of workers sharing it).
@@ -305,7 +377,7 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
     };
     let ctx = Arc::new(WorkerContext {
         queue: prepared.queue,
-        outputs: Arc::new(Outputs::new(args.output.clone(), args.s3_path_style)),
+        outputs: Arc::new(Outputs::new(args.output.clone(), &args.allow_outputs, args.s3_path_style)),
         models: Arc::new(prepared.models),
         config,
         active: Default::default(),
@@ -327,6 +399,7 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
         max_shards_per_job: args.max_shards_per_job,
         max_attempts: args.max_attempts,
         default_format: args.default_format,
+        priorities: args.min_priority..=args.max_priority,
     };
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -348,8 +421,34 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
         .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(|e| ServeError::Runtime(e.to_string()))?;
-    let worker = pb::worker_server::WorkerServer::new(WorkerService { ctx: Arc::clone(&ctx), limits })
+    let service = WorkerService { ctx: Arc::clone(&ctx), limits, authenticated: prepared.auth.is_some() };
+    let worker = pb::worker_service_server::WorkerServiceServer::new(service)
         .max_decoding_message_size(args.max_request_bytes);
+    // Health stays open (probes carry no token); the API, and reflection unless public, need a token.
+    use tonic::service::interceptor::InterceptedService;
+    let router = tonic::transport::Server::builder().add_service(health_service);
+    let router = match &prepared.auth {
+        Some(a) => {
+            let intercept = || auth::interceptor(Arc::clone(a));
+            let router = router.add_service(InterceptedService::new(worker, intercept()));
+            if args.reflection == ReflectionAccess::Public {
+                router.add_service(reflection_v1).add_service(reflection_v1alpha)
+            } else {
+                router
+                    .add_service(InterceptedService::new(reflection_v1, intercept()))
+                    .add_service(InterceptedService::new(reflection_v1alpha, intercept()))
+            }
+        }
+        None => router.add_service(worker).add_service(reflection_v1).add_service(reflection_v1alpha),
+    };
+    if let Some(a) = &prepared.auth {
+        let a = Arc::clone(a);
+        watch_file("token file", move || a.reload());
+    }
+    if let Some(t) = &prepared.tls {
+        let t = Arc::clone(t);
+        watch_file("TLS certificate", move || t.reload());
+    }
 
     // Device threads load and warm their models; the service is SERVING once all have.
     let pool = pool::start(&ctx, &prepared.devices)
@@ -414,13 +513,15 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
 
     on_listening(addr);
     tracing::info!(%addr, models = ?ctx.models.keys().collect::<Vec<_>>(), devices = ?prepared.devices.iter().map(|d| device_name(d.0)).collect::<Vec<_>>(), "listening");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let server = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(worker)
-        .serve_with_incoming_shutdown(incoming, shutdown);
+    let server: std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<(), tonic::transport::Error>> + Send>,
+    > = match prepared.tls.clone() {
+        Some(tls) => Box::pin(router.serve_with_incoming_shutdown(tls.incoming(listener), shutdown)),
+        None => {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            Box::pin(router.serve_with_incoming_shutdown(incoming, shutdown))
+        }
+    };
     tokio::select! {
         r = server => r.map_err(|e| ServeError::Runtime(e.to_string()))?,
         Ok(Some(e)) = &mut supervisor => return Err(ServeError::Runtime(e)),
@@ -428,6 +529,37 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
     reaper.abort();
     tracing::info!("drained; exiting");
     Ok(())
+}
+
+/// Calls `reload` every [`FILE_POLL`] and on SIGHUP, logging what came of it, for as long as the
+/// process runs. A reload that fails keeps what was loaded before.
+fn watch_file(what: &'static str, reload: impl Fn() -> Result<bool, String> + Send + 'static) {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        loop {
+            #[cfg(unix)]
+            {
+                let hangup = async {
+                    match hup.as_mut() {
+                        Some(h) => drop(h.recv().await),
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep(FILE_POLL) => {}
+                    _ = hangup => {}
+                }
+            }
+            #[cfg(not(unix))]
+            tokio::time::sleep(FILE_POLL).await;
+            match reload() {
+                Ok(true) => tracing::info!(what, "reloaded"),
+                Ok(false) => {}
+                Err(e) => tracing::error!(what, error = e, "not reloaded; the previous one stays in force"),
+            }
+        }
+    });
 }
 
 async fn shutdown_signal() {

@@ -126,17 +126,90 @@ pub fn check_key(key: &str) -> Result<(), StorageError> {
     if ok { Ok(()) } else { Err(StorageError::InvalidKey(key.to_string())) }
 }
 
+/// S3's bucket naming rules (general purpose buckets): 3–63 characters of lowercase letters, digits,
+/// '.' and '-', starting and ending with a letter or digit, no "..", not an IP address, and none of
+/// the reserved prefixes and suffixes.
+pub fn check_bucket(name: &str) -> Result<(), String> {
+    let chars_ok =
+        name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+    let ends_ok = name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && name.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric());
+    if !(3..=63).contains(&name.len()) || !chars_ok || !ends_ok {
+        return Err(
+            "3 to 63 lowercase letters, digits, '.' and '-', starting and ending with a letter or digit"
+                .into(),
+        );
+    }
+    if name.contains("..") || name.parse::<std::net::Ipv4Addr>().is_ok() {
+        return Err("no \"..\" and not an IP address".into());
+    }
+    let reserved = ["xn--", "sthree-", "amzn-s3-demo-"].iter().any(|p| name.starts_with(p))
+        || ["-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3"].iter().any(|s| name.ends_with(s));
+    if reserved {
+        return Err("uses a prefix or suffix S3 reserves".into());
+    }
+    Ok(())
+}
+
+/// An output prefix: a relative path of at most 1,024 bytes whose segments are 1–255 bytes, without
+/// '.' or '..' segments, backslashes, NUL or other control characters.
+pub fn check_prefix(prefix: &str) -> Result<(), String> {
+    if prefix.len() > 1024 {
+        return Err(format!("{} bytes; at most 1024", prefix.len()));
+    }
+    if prefix.chars().any(|c| c.is_control() || c == '\\') {
+        return Err("no control characters or backslashes".into());
+    }
+    if prefix.split('/').any(|seg| seg.len() > 255) {
+        return Err("a path segment is longer than 255 bytes".into());
+    }
+    if prefix.split('/').next() == Some(local::STAGING_DIR) {
+        return Err(format!("{} is reserved", local::STAGING_DIR));
+    }
+    check_key(prefix).map_err(|_| "not a relative path without empty, '.' or '..' segments".into())
+}
+
 /// Joins a prefix (possibly empty, with or without a trailing `/`) and a key.
 pub fn join_key(prefix: &str, key: &str) -> String {
     let prefix = prefix.trim_matches('/');
     if prefix.is_empty() { key.to_string() } else { format!("{prefix}/{key}") }
 }
 
-/// A configured output destination: `file:DIR` or `s3://BUCKET[/PREFIX]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// An output destination: `file:DIR` or `s3://BUCKET[/PREFIX]`. A job's resolved destination is kept
+/// in its spec (untagged, so a record reads back as the variant its fields name).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
 pub enum Destination {
     File { root: std::path::PathBuf, prefix: String },
     S3 { bucket: String, prefix: String },
+}
+
+impl Destination {
+    /// The prefix inside the bucket or root.
+    pub fn prefix(&self) -> &str {
+        match self {
+            Destination::File { prefix, .. } | Destination::S3 { prefix, .. } => prefix,
+        }
+    }
+
+    /// The same bucket or root with `prefix` in place of this one's.
+    pub fn with_prefix(&self, prefix: String) -> Destination {
+        match self {
+            Destination::File { root, .. } => Destination::File { root: root.clone(), prefix },
+            Destination::S3 { bucket, .. } => Destination::S3 { bucket: bucket.clone(), prefix },
+        }
+    }
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Destination::S3 { bucket, prefix } if prefix.is_empty() => write!(f, "s3://{bucket}"),
+            Destination::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+            Destination::File { root, prefix } if prefix.is_empty() => write!(f, "file:{}", root.display()),
+            Destination::File { root, prefix } => write!(f, "file:{}", root.join(prefix).display()),
+        }
+    }
 }
 
 impl std::str::FromStr for Destination {
@@ -192,6 +265,25 @@ mod tests {
         check_key("jobs/1/samples/00000001.png").unwrap();
         assert_eq!(join_key("", "a/b"), "a/b");
         assert_eq!(join_key("/p/q/", "a"), "p/q/a");
+    }
+
+    #[test]
+    fn buckets_and_prefixes_follow_the_rules() {
+        for ok in ["abc", "my-bucket.v2", "a1b2c3"] {
+            check_bucket(ok).unwrap();
+        }
+        let long = "a".repeat(64);
+        for bad in ["ab", "UPPER", "under_score", "-a", "a-", "a..b", "10.0.0.1", "xn--x", "x-s3alias", &long]
+        {
+            assert!(check_bucket(bad).is_err(), "{bad}");
+        }
+        for ok in ["a", "a/b/c", "x-y_z.w"] {
+            check_prefix(ok).unwrap();
+        }
+        let deep = "a/".repeat(513) + "a";
+        for bad in ["a\0b", "tab\tx", "a\\b", "../a", "a//b", ".ddpm-staging", &"s".repeat(256), &deep] {
+            assert!(check_prefix(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -24,29 +24,125 @@ use crate::dataset::{self, DataFormat, DatasetError, SampleContext, StoredFile};
 use crate::imaging;
 use crate::job::{JobRecord, JobSpec};
 use crate::models::ResolvedModel;
-use crate::storage::{Destination, ObjectStore, StorageError, join_key, write_once};
+use crate::storage::{
+    Destination, ObjectStore, StorageError, check_bucket, check_prefix, join_key, write_once,
+};
 
-/// Where jobs write: the server's default destination, or a bucket a job names (S3 only).
+/// Where jobs write: the server's default destination, or one within the destinations it allows.
 #[derive(Debug)]
 pub struct Outputs {
     default: Destination,
+    /// The default first; file roots absolute.
+    allowed: Vec<Destination>,
     path_style: bool,
-    /// One client per bucket, opened on first use.
+    /// One client per bucket or root, opened on first use.
     stores: tokio::sync::Mutex<BTreeMap<String, Arc<dyn ObjectStore>>>,
 }
 
+/// Why a job's destination was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not a destination (or not a prefix) at all: `(field, description)`.
+    Invalid(&'static str, String),
+    /// Well formed, but outside every allowed destination.
+    NotAllowed(String),
+}
+
 impl Outputs {
-    pub fn new(default: Destination, path_style: bool) -> Self {
-        Self { default, path_style, stores: Default::default() }
+    /// `allowed` adds to the default destination; relative file roots are taken from the working
+    /// directory.
+    pub fn new(default: Destination, allowed: &[Destination], path_style: bool) -> Self {
+        let absolute = |d: &Destination| match d {
+            Destination::File { root, prefix } => Destination::File {
+                root: std::path::absolute(root).unwrap_or_else(|_| root.clone()),
+                prefix: prefix.trim_matches('/').to_string(),
+            },
+            Destination::S3 { bucket, prefix } => {
+                Destination::S3 { bucket: bucket.clone(), prefix: prefix.trim_matches('/').to_string() }
+            }
+        };
+        let default = absolute(&default);
+        let mut all = vec![default.clone()];
+        for d in allowed.iter().map(absolute) {
+            if !all.contains(&d) {
+                all.push(d);
+            }
+        }
+        Self { default, allowed: all, path_style, stores: Default::default() }
     }
 
     pub fn default_destination(&self) -> &Destination {
         &self.default
     }
 
-    /// Whether a job may name its own bucket (a local-directory server has none to offer).
+    /// The destinations jobs may write within (the default first).
+    pub fn allowed(&self) -> &[Destination] {
+        &self.allowed
+    }
+
+    /// A job's destination: `destination` (`s3://BUCKET[/PREFIX]`, `file:/DIR`; empty for the default)
+    /// with `prefix` under it, if that lies within an allowed destination. A file destination keeps the
+    /// allowed root it lies in as its store's root, so the store's staging folder stays inside it.
+    pub fn resolve(&self, destination: &str, prefix: &str) -> Result<Destination, Refusal> {
+        let base =
+            if destination.is_empty() { self.default.clone() } else { self.within_allowed(destination)? };
+        let prefix = prefix.trim_end_matches('/');
+        if prefix.is_empty() {
+            return Ok(base);
+        }
+        check_prefix(prefix).map_err(|e| Refusal::Invalid("output.prefix", e))?;
+        Ok(base.with_prefix(join_key(base.prefix(), prefix)))
+    }
+
+    fn within_allowed(&self, uri: &str) -> Result<Destination, Refusal> {
+        let invalid = |e: String| Refusal::Invalid("output.destination", e);
+        let wanted = uri
+            .parse::<Destination>()
+            .map_err(|_| invalid("expected s3://BUCKET[/PREFIX] or file:/ABSOLUTE/DIR".into()))?;
+        let not_allowed = || {
+            let allowed: Vec<String> = self.allowed.iter().map(ToString::to_string).collect();
+            Refusal::NotAllowed(format!(
+                "output.destination: {uri} is not within an allowed destination ({})",
+                allowed.join(", ")
+            ))
+        };
+        match wanted {
+            Destination::S3 { bucket, prefix } => {
+                check_bucket(&bucket).map_err(|e| invalid(format!("bucket: {e}")))?;
+                if !prefix.is_empty() {
+                    check_prefix(&prefix).map_err(|e| invalid(format!("prefix: {e}")))?;
+                }
+                let inside = self.allowed.iter().any(|a| match a {
+                    Destination::S3 { bucket: b, prefix: p } => *b == bucket && is_under(&prefix, p),
+                    Destination::File { .. } => false,
+                });
+                if inside { Ok(Destination::S3 { bucket, prefix }) } else { Err(not_allowed()) }
+            }
+            Destination::File { root: path, .. } => {
+                let text = path.to_string_lossy();
+                let Some(relative) = text.strip_prefix('/') else {
+                    return Err(invalid("a file: destination is an absolute path".into()));
+                };
+                let relative = relative.trim_end_matches('/');
+                if !relative.is_empty() {
+                    check_prefix(relative).map_err(|e| invalid(format!("path: {e}")))?;
+                }
+                for a in &self.allowed {
+                    let Destination::File { root, prefix } = a else { continue };
+                    let Ok(rest) = path.strip_prefix(root) else { continue };
+                    let rest = rest.to_str().ok_or_else(|| invalid("not UTF-8".into()))?;
+                    if is_under(rest, prefix) {
+                        return Ok(Destination::File { root: root.clone(), prefix: rest.to_string() });
+                    }
+                }
+                Err(not_allowed())
+            }
+        }
+    }
+
+    /// Whether a job may name an S3 destination at all.
     pub fn accepts_buckets(&self) -> bool {
-        matches!(self.default, Destination::S3 { .. })
+        self.allowed.iter().any(|d| matches!(d, Destination::S3 { .. }))
     }
 
     /// The staging folders of the stores opened so far (see
@@ -57,27 +153,22 @@ impl Outputs {
 
     /// The store and folder of job `job_id`.
     pub async fn for_job(&self, job_id: &str, spec: &JobSpec) -> Result<JobOutputs, StorageError> {
-        let (dest, prefix) = match (&self.default, &spec.output) {
-            (Destination::S3 { bucket, prefix }, Some(o)) => {
-                let bucket = if o.bucket.is_empty() { bucket.clone() } else { o.bucket.clone() };
-                let prefix = if o.prefix.is_empty() && o.bucket.is_empty() {
-                    prefix.clone()
-                } else {
-                    o.prefix.clone()
-                };
-                (Destination::S3 { bucket, prefix: String::new() }, prefix)
+        let dest = match (&spec.output, &self.default) {
+            // Jobs queued before destinations were resolved at submission name a prefix, and a bucket
+            // where they chose one.
+            (Some(Destination::S3 { bucket, prefix }), Destination::File { .. }) if bucket.is_empty() => {
+                self.default.with_prefix(prefix.clone())
             }
-            (Destination::File { root, prefix }, Some(o)) => {
-                let prefix = if o.prefix.is_empty() { prefix.clone() } else { o.prefix.clone() };
-                (Destination::File { root: root.clone(), prefix: String::new() }, prefix)
+            (Some(Destination::S3 { bucket, prefix }), Destination::S3 { bucket: default, .. })
+                if bucket.is_empty() =>
+            {
+                Destination::S3 { bucket: default.clone(), prefix: prefix.clone() }
             }
-            (Destination::S3 { bucket, prefix }, None) => {
-                (Destination::S3 { bucket: bucket.clone(), prefix: String::new() }, prefix.clone())
-            }
-            (Destination::File { root, prefix }, None) => {
-                (Destination::File { root: root.clone(), prefix: String::new() }, prefix.clone())
-            }
+            (Some(dest), _) => dest.clone(),
+            (None, default) => default.clone(),
         };
+        let prefix = dest.prefix().to_string();
+        let dest = dest.with_prefix(String::new());
         let cache_key = format!("{dest:?}");
         let store = {
             let mut stores = self.stores.lock().await;
@@ -92,6 +183,13 @@ impl Outputs {
         };
         Ok(JobOutputs::new(store, &prefix, job_id))
     }
+}
+
+/// Whether `prefix` is `within` or below it, segment by segment (`a/bc` is not under `a/b`).
+fn is_under(prefix: &str, within: &str) -> bool {
+    within.is_empty()
+        || prefix == within
+        || prefix.strip_prefix(within).is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// The outputs of one job: a store and the job's folder in it.
@@ -417,6 +515,63 @@ async fn read_tiles(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jobs_write_only_within_the_allowed_destinations() {
+        let allowed: Vec<Destination> =
+            ["s3://data/team-a".parse().unwrap(), "file:/mnt/shared".parse().unwrap()].to_vec();
+        let outputs = Outputs::new("file:/srv/jobs".parse().unwrap(), &allowed, false);
+        let file = |root: &str, prefix: &str| Destination::File { root: root.into(), prefix: prefix.into() };
+        let s3 =
+            |bucket: &str, prefix: &str| Destination::S3 { bucket: bucket.into(), prefix: prefix.into() };
+        assert_eq!(outputs.resolve("", ""), Ok(file("/srv/jobs", "")));
+        assert_eq!(outputs.resolve("", "a/b/"), Ok(file("/srv/jobs", "a/b")));
+        assert_eq!(outputs.resolve("file:/srv/jobs/x", "y"), Ok(file("/srv/jobs", "x/y")));
+        assert_eq!(outputs.resolve("file:///mnt/shared/", ""), Ok(file("/mnt/shared", "")));
+        assert_eq!(outputs.resolve("s3://data/team-a", ""), Ok(s3("data", "team-a")));
+        assert_eq!(outputs.resolve("s3://data/team-a/run/", "p"), Ok(s3("data", "team-a/run/p")));
+        for outside in [
+            "s3://data",
+            "s3://data/team-ab",
+            "s3://data/team",
+            "s3://other/team-a",
+            "file:/srv",
+            "file:/srv/jobsx",
+            "file:/mnt",
+            "file:/etc/passwd",
+        ] {
+            assert!(matches!(outputs.resolve(outside, ""), Err(Refusal::NotAllowed(_))), "{outside}");
+        }
+        for malformed in [
+            "/srv/jobs",
+            "gs://data",
+            "s3://UPPER/x",
+            "s3://data/team-a/../team-b",
+            "s3://data/team-a//x",
+            "file:srv/jobs",
+            "file:/srv/jobs/../../etc",
+            "file:/srv/jobs/./x",
+            "file:/srv//jobs",
+            "file:/srv/jobs/a\nb",
+        ] {
+            assert!(
+                matches!(outputs.resolve(malformed, ""), Err(Refusal::Invalid("output.destination", _))),
+                "{malformed}: {:?}",
+                outputs.resolve(malformed, "")
+            );
+        }
+        for bad_prefix in ["../x", "/abs", "a//b", "a/./b", "a\\b", ".ddpm-staging/x"] {
+            assert!(
+                matches!(outputs.resolve("", bad_prefix), Err(Refusal::Invalid("output.prefix", _))),
+                "{bad_prefix}"
+            );
+        }
+        let display: Vec<String> = outputs.allowed().iter().map(ToString::to_string).collect();
+        assert_eq!(display, ["file:/srv/jobs", "s3://data/team-a", "file:/mnt/shared"]);
+        let only_default = Outputs::new("file:/srv/jobs".parse().unwrap(), &[], false);
+        assert!(!only_default.accepts_buckets());
+        assert!(matches!(only_default.resolve("s3://data/team-a", ""), Err(Refusal::NotAllowed(_))));
+    }
 
     #[test]
     fn grids_cover_the_samples_in_order() {

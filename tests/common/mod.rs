@@ -4,6 +4,7 @@
 
 pub mod nats;
 pub mod outage;
+pub mod pki;
 pub mod process;
 pub mod seaweed;
 pub mod service;

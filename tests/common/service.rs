@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ddpm_worker::api::pb;
-use ddpm_worker::api::pb::worker_client::WorkerClient;
+use ddpm_worker::api::pb::worker_service_client::WorkerServiceClient as WorkerClient;
 use tonic::transport::Channel;
 
 /// A random-weight tiny model folder under `dir`.
@@ -25,6 +25,8 @@ pub fn tiny_model(dir: &Path) -> PathBuf {
 pub struct Server {
     pub child: Child,
     pub url: String,
+    /// How clients reach a server on TLS (`None`: plaintext).
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Server {
@@ -45,12 +47,37 @@ impl Server {
     /// Starts `serve` with `args` (models, output…) and `env`; its queue is a SQLite file under `data`
     /// unless `args` name one.
     pub async fn start_with(data: &Path, args: &[String], env: &[(&str, String)]) -> Server {
+        Self::launch(data, args, env, None).await
+    }
+
+    /// As [`Server::start_with`], for a server on TLS (`args` name its certificate); `tls` is how the
+    /// tests' clients (and the health check) connect.
+    pub async fn start_tls(
+        data: &Path,
+        args: &[String],
+        env: &[(&str, String)],
+        tls: tonic::transport::ClientTlsConfig,
+    ) -> Server {
+        Self::launch(data, args, env, Some(tls)).await
+    }
+
+    async fn launch(
+        data: &Path,
+        args: &[String],
+        env: &[(&str, String)],
+        tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> Server {
         let mut queue = vec![];
         if !args.iter().any(|a| a == "--queue") {
             queue = vec!["--queue".to_string(), format!("sqlite:{}", data.join("queue.sqlite").display())];
         }
+        let listen: &[&str] = if args.iter().any(|a| a == "--listen") {
+            &["serve"]
+        } else {
+            &["serve", "--listen", "127.0.0.1:0"]
+        };
         let mut child = Command::new(super::bin())
-            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(listen)
             .args(queue)
             .args(args)
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
@@ -70,17 +97,31 @@ impl Server {
             }
         });
         let addr = rx.recv_timeout(Duration::from_secs(60)).expect("the server printed its address");
-        let server = Server { child, url: format!("http://{addr}") };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let server = Server { child, url: format!("{scheme}://{addr}"), tls };
         server.wait_serving(Duration::from_secs(60)).await;
         server
     }
 
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.url.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
+    pub async fn try_channel(&self) -> Result<Channel, tonic::transport::Error> {
+        let mut endpoint = tonic::transport::Endpoint::from_shared(self.url.clone())?;
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone())?;
+        }
+        endpoint.connect().await
+    }
+
     pub async fn client(&self) -> WorkerClient<Channel> {
-        WorkerClient::connect(self.url.clone()).await.unwrap()
+        WorkerClient::new(self.try_channel().await.unwrap())
     }
 
     pub async fn health(&self) -> Option<i32> {
-        let channel = tonic::transport::Endpoint::from_shared(self.url.clone()).ok()?.connect().await.ok()?;
+        let channel = self.try_channel().await.ok()?;
         let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
         let req = tonic_health::pb::HealthCheckRequest { service: String::new() };
         health.check(req).await.ok().map(|r| r.into_inner().status)
@@ -135,13 +176,32 @@ pub fn request(
     batch_size: u32,
 ) -> pb::SubmitJobRequest {
     pb::SubmitJobRequest {
-        model: "tiny".into(),
-        sampling: Some(pb::SamplingSpec { scheduler: scheduler as i32, steps, eta: None }),
-        num_samples,
-        seed: Some(1000),
-        batch_size,
-        ..Default::default()
+        request_id: String::new(),
+        spec: Some(pb::JobSpec {
+            model: "tiny".into(),
+            sampling: Some(pb::SamplingSpec { scheduler: scheduler as i32, steps, eta: None }),
+            num_samples,
+            seed: Some(1000),
+            batch_size,
+            ..Default::default()
+        }),
     }
+}
+
+/// The spec of a request, to change a field of it.
+pub trait SpecMut {
+    fn s(&mut self) -> &mut pb::JobSpec;
+}
+
+impl SpecMut for pb::SubmitJobRequest {
+    fn s(&mut self) -> &mut pb::JobSpec {
+        self.spec.get_or_insert_default()
+    }
+}
+
+/// A job's error message ("" when it has none).
+pub fn error_of(job: &pb::Job) -> String {
+    job.error.as_ref().map(|e| e.message.clone()).unwrap_or_default()
 }
 
 /// Follows WatchJob to the end and returns every event's job.
@@ -166,7 +226,13 @@ pub async fn wait_for(
 ) -> pb::Job {
     let start = Instant::now();
     loop {
-        let job = client.get_job(pb::GetJobRequest { job_id: job_id.into() }).await.unwrap().into_inner();
+        let job = client
+            .get_job(pb::GetJobRequest { job_id: job_id.into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .job
+            .unwrap();
         if done(&job) {
             return job;
         }

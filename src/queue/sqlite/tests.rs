@@ -108,6 +108,7 @@ fn key(id: &str, hash: &str) -> IdempotencyKey {
 fn spec(num_samples: u64, batch: u32) -> crate::job::JobSpec {
     crate::job::JobSpec {
         request_id: String::new(),
+        owner: String::new(),
         model: "cifar10".into(),
         scheduler: crate::schedulers::SchedulerKind::Ddim,
         steps: 50,
