@@ -28,22 +28,43 @@ SEED       ?= 0
 FORMAT     ?= files
 LISTEN     ?= 127.0.0.1:50051
 
-.PHONY: all setup build run stop generate test lint fixtures bench bench-service bench-datasets stress clean
+.PHONY: all setup build run stop generate test lint api-check fixtures bench bench-service bench-datasets stress clean
 
 all: build
 
 # Keyed by a hash of the pins (not file timestamps, which a fresh clone renews).
-VENV_KEY := $(shell cat scripts/requirements.txt scripts/requirements-services.txt scripts/requirements-readers.txt | sha256sum | cut -c1-16)
+VENV_KEY := $(shell cat scripts/requirements.txt scripts/requirements-services.txt scripts/requirements-readers.txt \
+	scripts/requirements-client.txt | sha256sum | cut -c1-16)
 
 $(VENV)/.installed-$(VENV_KEY):
 	$(BASE_PY) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -r scripts/requirements.txt -r scripts/requirements-services.txt \
-		-r scripts/requirements-readers.txt
+		-r scripts/requirements-readers.txt -r scripts/requirements-client.txt
 	rm -f $(VENV)/.installed*
 	touch $@
 
-setup: $(VENV)/.installed-$(VENV_KEY)
+# The Python client (clients/python), built from the proto and installed into the venv whenever either
+# changes.
+CLIENT_KEY := $(shell cat proto/ddpm/v1/worker.proto $$(git ls-files clients/python 2>/dev/null || find clients/python -type f) \
+	| sha256sum | cut -c1-16)
+$(VENV)/.client-$(CLIENT_KEY): $(VENV)/.installed-$(VENV_KEY)
+	$(VENV)/bin/pip install --quiet --no-deps --force-reinstall ./clients/python
+	rm -f $(VENV)/.client-*
+	touch $@
+
+setup: $(VENV)/.installed-$(VENV_KEY) $(VENV)/.client-$(CLIENT_KEY)
+
+# buf (from its npm package) lints the API and checks it against proto/breaking-baseline.binpb, the API
+# as first published: fields and RPCs may be added, never renumbered or removed.
+BUF_VERSION := 1.75.0
+BUF         := $(CACHE)/buf-$(BUF_VERSION)/node_modules/.bin/buf
+$(BUF):
+	npm install --silent --no-audit --no-fund --prefix $(CACHE)/buf-$(BUF_VERSION) @bufbuild/buf@$(BUF_VERSION)
+
+api-check: $(BUF)
+	$(BUF) lint
+	$(BUF) breaking --against proto/breaking-baseline.binpb
 
 build: setup
 	cargo build $(CARGO_FLAGS)
@@ -77,9 +98,9 @@ fixtures: $(FIXTURES)/manifest.json
 
 # libtorch runs its AVX2 kernels on both sides of the parity tests (the goldens are made that way too):
 # on an AVX-512 host its default kernels differ from them by ~1e-6, which chaotic random-weight cases amplify.
-test: build fixtures
+test: build fixtures api-check
 	ATEN_CPU_CAPABILITY=avx2 DDPM_FIXTURES=$(FIXTURES) DDPM_WEED=$(VENV)/bin/weed DDPM_NATS_SERVER=$(VENV)/bin/nats-server \
-		DDPM_PYTHON=$(PYTHON) cargo test $(CARGO_FLAGS) --features test-support
+		DDPM_PYTHON=$(PYTHON) DDPM_BUF=$(BUF) cargo test $(CARGO_FLAGS) --features test-support
 
 lint: setup
 	cargo fmt --all -- --check

@@ -219,6 +219,10 @@ impl ClientError {
                 Code::NotFound => 3,
                 Code::Unauthenticated | Code::PermissionDenied => 4,
                 Code::Unavailable | Code::DeadlineExceeded => 7,
+                // The connection broke or never carried a call (a TLS handshake the server refused);
+                // this client cancels nothing itself.
+                Code::Cancelled => 7,
+                Code::Unknown if status.message().contains("transport error") => 7,
                 _ => 1,
             },
         }

@@ -11,7 +11,7 @@ use prost::Message;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::auth::{Caller, Role};
+use super::auth::{ANONYMOUS, Caller, Role};
 use super::convert::{self, Catalog, Limits};
 use super::error::ServiceError;
 use super::pb;
@@ -96,17 +96,25 @@ impl pb::worker_service_server::WorkerService for WorkerService {
         let key = (!req.request_id.is_empty()).then(|| {
             let mut sent = req.spec.clone().unwrap_or_default().encode_to_vec();
             sent.extend_from_slice(caller.name.as_bytes());
-            IdempotencyKey {
-                request_id: req.request_id.clone(),
-                request_hash: crate::digest::sha256_hex(&sent),
-            }
+            // Each caller's request ids are its own (a token's name has no newline).
+            let request_id = if caller.name == ANONYMOUS {
+                req.request_id.clone()
+            } else {
+                format!("{}\n{}", caller.name, req.request_id)
+            };
+            IdempotencyKey { request_id, request_hash: crate::digest::sha256_hex(&sent) }
         });
         let outcome = self
             .ctx
             .queue
             .submit(&spec, key.as_ref(), self.limits.batches_per_shard(&spec), self.limits.max_attempts)
             .await
-            .map_err(ServiceError::from)?;
+            .map_err(|e| match ServiceError::from(e) {
+                ServiceError::IdempotencyConflict { job_id, .. } => {
+                    ServiceError::IdempotencyConflict { request_id: req.request_id.clone(), job_id }
+                }
+                other => other,
+            })?;
         let result = if outcome.created { "created" } else { "existing" };
         metrics::counter!("ddpm_jobs_submitted_total", "result" => result).increment(1);
         metrics::histogram!("ddpm_submit_duration_seconds").record(started.elapsed().as_secs_f64());
