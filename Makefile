@@ -50,6 +50,7 @@ CLIENT_KEY := $(shell cat proto/ddpm/v1/worker.proto $$(git ls-files clients/pyt
 	| sha256sum | cut -c1-16)
 $(VENV)/.client-$(CLIENT_KEY): $(VENV)/.installed-$(VENV_KEY)
 	$(VENV)/bin/pip install --quiet --no-deps --force-reinstall ./clients/python
+	rm -rf clients/python/build clients/python/src/*.egg-info
 	rm -f $(VENV)/.client-*
 	touch $@
 

@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
 # `make run`: starts `ddpm-worker serve` in the background on its embedded defaults (SQLite queue and
 # a local output directory under $OUT) with a generated small model, then runs a demo job through
-# `submit --wait`. The server keeps running for grpcurl and further submits; `make stop` ends it.
+# `submit --wait`. Calls need a bearer token: $OUT/token holds the demo's (an admin token, made on the
+# first run; $OUT/tokens is the server's token file). The server keeps running for grpcurl, the Python
+# client and further submits; `make stop` ends it.
 set -euo pipefail
 BIN=$1 OUT=$2 MODEL=$3 LISTEN=$4 SCHEDULER=$5 STEPS=$6 SAMPLES=$7 SEED=$8
 
 mkdir -p "$OUT"
+if [ ! -s "$OUT/token" ]; then
+    (umask 077; od -An -N24 -tx1 /dev/urandom | tr -d ' \n' >"$OUT/token")
+    (umask 077; echo "$(cat "$OUT/token") admin demo" >"$OUT/tokens")
+fi
 if [ -f "$OUT/serve.pid" ] && kill -0 "$(cat "$OUT/serve.pid")" 2>/dev/null; then
     echo "stopping the previous demo server (pid $(cat "$OUT/serve.pid"))"
     kill -TERM "$(cat "$OUT/serve.pid")"
     while kill -0 "$(cat "$OUT/serve.pid")" 2>/dev/null; do sleep 0.2; done
 fi
 "$BIN" serve --listen "$LISTEN" --model "demo=$MODEL" --queue "sqlite:$OUT/queue.sqlite" \
-    --output "file:$OUT/jobs" --metrics-listen 127.0.0.1:9464 >"$OUT/serve.out" 2>"$OUT/serve.log" &
+    --output "file:$OUT/jobs" --metrics-listen 127.0.0.1:9464 --auth-token-file "$OUT/tokens" \
+    >"$OUT/serve.out" 2>"$OUT/serve.log" &
 echo $! >"$OUT/serve.pid"
 for _ in $(seq 1 600); do
     grep -q '^listening on' "$OUT/serve.out" 2>/dev/null && break
@@ -20,6 +27,7 @@ for _ in $(seq 1 600); do
     sleep 0.1
 done
 echo "ddpm-worker serving on $LISTEN (pid $(cat "$OUT/serve.pid"); log: $OUT/serve.log; metrics: http://127.0.0.1:9464/metrics)"
+export DDPM_TOKEN_FILE="$OUT/token"
 "$BIN" submit --server "http://$LISTEN" --model demo --scheduler "$SCHEDULER" --steps "$STEPS" \
     --num-samples "$SAMPLES" --seed "$SEED" --request-id "demo-$SCHEDULER-$STEPS-$SAMPLES-$SEED" --wait
-echo "the server is still running: try \`$BIN list --server http://$LISTEN\`; stop it with \`make stop\`"
+echo "the server is still running: try \`$BIN list --server http://$LISTEN --token-file $OUT/token\`; stop it with \`make stop\`"

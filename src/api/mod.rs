@@ -7,6 +7,9 @@ pub mod convert;
 pub mod error;
 pub mod handlers;
 
+#[cfg(test)]
+mod fuzz;
+
 /// Generated messages, the `WorkerService` server trait and client.
 pub mod pb {
     tonic::include_proto!("ddpm.v1");
