@@ -32,7 +32,7 @@ ok() { echo "PASS  $1"; passed=$((passed + 1)); }
 ko() { echo "FAIL  $1"; failed=$((failed + 1)); [ -n "${2:-}" ] && sed 's/^/      /' "$2"; }
 
 # Value sets, as helm flags. Each one must lint, render and validate.
-CASES=(default generate generate-only s3-output full no-metrics stopped nats nats-minimal)
+CASES=(default generate generate-only s3-output full no-metrics stopped nats nats-minimal secure)
 case_args() {
   case $1 in
     default) A=() ;;
@@ -54,6 +54,12 @@ case_args() {
     nats) A=(--set serve.queue.type=nats --set serve.queue.nats.url=nats://nats.nats.svc:4222
              --set serve.queue.nats.namespace=ddpm-prod --set serve.queue.nats.replicas=3 --set serve.replicas=3) ;;
     nats-minimal) A=(--set serve.queue.type=nats --set serve.queue.nats.url=nats://nats:4222) ;;
+    # Non-default key names and health port, so the checks below see the values flow through.
+    secure) A=(--set serve.auth.existingSecret=ddpm-tokens --set serve.auth.key=api-tokens --set serve.auth.reflection=public
+               --set serve.tls.existingSecret=ddpm-tls --set serve.tls.clientCaSecret=ddpm-client-ca
+               --set serve.tls.clientCaKey=bundle.pem --set serve.tls.healthPort=8086
+               --set-json 'serve.allowOutputs=["s3://datasets/team-a","file:/data/out/shared"]'
+               --set serve.minPriority=0 --set serve.maxPriority=20) ;;
   esac
 }
 
@@ -84,10 +90,23 @@ d="$WORK/default.yaml"
 for want in 'type: Recreate' 'replicas: 1' '- --listen=0.0.0.0:50051' '- --metrics-listen=0.0.0.0:9464' \
             '- --queue=sqlite:/var/lib/ddpm-worker/queue/queue.sqlite' '- --output=file:/data/out' '- --log-json' \
             'nvidia.com/gpu: 1' 'medium: Memory' 'runAsNonRoot: true' '- ALL' 'claimName: ddpm-worker-queue' \
-            'terminationGracePeriodSeconds: 180' '- --grace-seconds=120' 'containerPort: 50051' 'containerPort: 9464'; do
+            'terminationGracePeriodSeconds: 180' '- --grace-seconds=120' 'containerPort: 50051' 'containerPort: 9464' \
+            '- --reflection=auth' '- --min-priority=-10' '- --max-priority=10' 'appProtocol: kubernetes.io/h2c'; do
   if grep -qF -- "$want" "$d"; then ok "default render has '$want'"; else ko "default render has '$want'"; fi
 done
 if [ "$(grep -c '^ *grpc:$' "$d")" = 3 ]; then ok "default render: 3 native grpc probes"; else ko "default render: 3 native grpc probes"; fi
+# The port of each native gRPC probe (the line after `grpc:`), one per line.
+probe_ports() { grep -A1 '^ *grpc:$' "$1" | sed -n 's/^ *port: //p'; }
+if [ "$(probe_ports "$d" | tr '\n' ' ')" = "50051 50051 50051 " ]; then
+  ok "default render: all 3 probes on the gRPC port 50051"
+else
+  ko "default render: all 3 probes on the gRPC port 50051 (got: $(probe_ports "$d" | tr '\n' ' '))"
+fi
+if grep -qE -- '--auth-token-file|--tls-|--health-listen|--allow-output|/etc/ddpm-worker/|name: health$' "$d"; then
+  ko "default render: no auth/TLS flags, health port, allowed outputs or secret mounts"
+else
+  ok "default render: no auth/TLS flags, health port, allowed outputs or secret mounts"
+fi
 if grep -q '^kind: Job' "$d"; then ko "default render has no generate Job"; else ok "default render has no generate Job"; fi
 if grep -q '^kind: ServiceMonitor' "$d"; then ko "default render has no ServiceMonitor"; else ok "default render has no ServiceMonitor"; fi
 if grep -qF -- '- --output=s3://datasets/ddpm/runs' "$WORK/s3-output.yaml" && grep -qF -- '- --s3-path-style' "$WORK/s3-output.yaml" \
@@ -101,6 +120,71 @@ if grep -qE -- 'RollingUpdate|--nats-replicas|--queue=nats' "$d"; then
   ko "default render: no RollingUpdate, no NATS flags"
 else
   ok "default render: no RollingUpdate, no NATS flags"
+fi
+
+# Auth, TLS with client certificates, allowed outputs and a narrowed priority range.
+# has_block FILE TEXT: TEXT (several lines, indentation included) occurs in FILE as it stands.
+has_block() { local f; f=$(cat "$1"); [[ $f == *"$2"* ]]; }
+t="$WORK/secure.yaml"
+for want in '- --auth-token-file=/etc/ddpm-worker/auth/api-tokens' '- --reflection=public' \
+            '- --tls-cert=/etc/ddpm-worker/tls/tls.crt' '- --tls-key=/etc/ddpm-worker/tls/tls.key' \
+            '- --tls-client-ca=/etc/ddpm-worker/client-ca/bundle.pem' '- --health-listen=0.0.0.0:8086' \
+            '--allow-output=s3://datasets/team-a' '--allow-output=file:/data/out/shared' \
+            '- --min-priority=0' '- --max-priority=20' '- --listen=0.0.0.0:50051'; do
+  if grep -qF -- "$want" "$t"; then ok "secure render has '$want'"; else ko "secure render has '$want'"; fi
+done
+if [ "$(grep -c -- '--allow-output=' "$t")" = 2 ]; then ok "secure render: 2 --allow-output flags"; else ko "secure render: 2 --allow-output flags"; fi
+# Each Secret is mounted as a directory: a subPath mount would never see a rotated token or certificate.
+for m in auth:/etc/ddpm-worker/auth tls:/etc/ddpm-worker/tls client-ca:/etc/ddpm-worker/client-ca; do
+  if has_block "$t" "            - name: ${m%%:*}
+              mountPath: ${m#*:}
+              readOnly: true"; then
+    ok "secure render: volume ${m%%:*} mounted read-only at ${m#*:}"
+  else
+    ko "secure render: volume ${m%%:*} mounted read-only at ${m#*:}"
+  fi
+done
+if grep -q 'subPath' "$t"; then ko "secure render: no subPath mounts"; else ok "secure render: no subPath mounts"; fi
+for v in auth:ddpm-tokens:api-tokens tls:ddpm-tls: client-ca:ddpm-client-ca:bundle.pem; do
+  IFS=: read -r vol secret key <<<"$v"
+  want="        - name: $vol
+          secret:
+            secretName: $secret"
+  [ -n "$key" ] && want+="
+            items:
+              - key: $key
+                path: $key"
+  if has_block "$t" "$want"; then
+    ok "secure render: volume $vol from Secret $secret${key:+ (key $key)}"
+  else
+    ko "secure render: volume $vol from Secret $secret${key:+ (key $key)}"
+  fi
+done
+if has_block "$t" "            - name: health
+              containerPort: 8086
+              protocol: TCP"; then
+  ok "secure render: container port health 8086"
+else
+  ko "secure render: container port health 8086"
+fi
+# The kubelet's gRPC probes are plaintext: with TLS on the gRPC port all three go to the health port.
+if [ "$(probe_ports "$t" | tr '\n' ' ')" = "8086 8086 8086 " ]; then
+  ok "secure render: all 3 probes on the plaintext health port 8086"
+else
+  ko "secure render: all 3 probes on the plaintext health port 8086 (got: $(probe_ports "$t" | tr '\n' ' '))"
+fi
+if sed -n '/^kind: Service$/,/^---/p' "$t" | grep -q 'kubernetes.io/h2c'; then
+  ko "secure render: Service does not announce cleartext h2c on the TLS port"
+else
+  ok "secure render: Service does not announce cleartext h2c on the TLS port"
+fi
+# The edge of the priority range: 101 values render.
+if "$HELM" template ddpm-worker "$CHART" --kube-version "$KUBE" --set serve.minPriority=-50 --set serve.maxPriority=50 \
+     >"$WORK/prio.yaml" 2>"$WORK/tpl.log" && grep -qF -- '- --min-priority=-50' "$WORK/prio.yaml" \
+   && grep -qF -- '- --max-priority=50' "$WORK/prio.yaml"; then
+  ok "priority range -50..50 (101 values) renders"
+else
+  ko "priority range -50..50 (101 values) renders" "$WORK/tpl.log"
 fi
 
 # The NATS queue: any number of replicas, no queue volume, one pod replaced at a time without a surge.
@@ -206,6 +290,19 @@ must_fail "schema: bad model name" "models.0.name.*does not match pattern" \
   --set-json 'serve.models=[{"name":"bad name","path":"/models/x"}]'
 must_fail "schema: empty model list" "serve.models.*(minItems|at least 1)" --set-json 'serve.models=[]'
 must_fail "schema: GPU count as a word" "nvidia.com~1gpu|nvidia.com/gpu" --set serve.resources.limits.nvidia\\.com/gpu=one
+must_fail "priority min > max" "min must not exceed max" --set serve.minPriority=5 --set serve.maxPriority=-5
+must_fail "priority range of 102 values" "at most 101 values" --set serve.minPriority=-50 --set serve.maxPriority=51
+must_fail "tls.clientCaSecret without tls.existingSecret" "mTLS needs the server's own certificate" \
+  --set serve.tls.clientCaSecret=ddpm-client-ca
+must_fail "tls.healthPort == grpcPort" "healthPort equals serve.grpcPort" \
+  --set serve.tls.existingSecret=ddpm-tls --set serve.tls.healthPort=50051
+must_fail "tls.healthPort == metrics.port" "healthPort equals serve.metrics.port" \
+  --set serve.tls.existingSecret=ddpm-tls --set serve.tls.healthPort=9464
+must_fail "schema: allowOutputs gs://x" "allowOutputs.0.*does not match pattern" --set-json 'serve.allowOutputs=["gs://x"]'
+must_fail "schema: allowOutputs entry with a comma (split by --allow-output)" "allowOutputs.0.*does not match pattern" \
+  --set-json 'serve.allowOutputs=["s3://datasets/a,file:/etc"]'
+must_fail "schema: reflection open" "serve.auth.reflection.*(must be one of|one of the following)" \
+  --set serve.auth.reflection=open
 
 echo "helm chart checks: $passed passed, $failed failed"
 [ "$failed" = 0 ]

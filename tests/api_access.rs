@@ -21,25 +21,25 @@ const ALICE: &str = "alice-token-77d2e41c0a";
 const BOB: &str = "bob-token-0c8e12f4a9d3";
 const ADMIN: &str = "admin-token-e3b9a6d0f1";
 
-type Authed = WorkerServiceClient<
-    InterceptedService<
-        Channel,
-        Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>,
-    >,
->;
+/// Sends `authorization: Bearer TOKEN` (nothing for `None`).
+#[derive(Clone)]
+struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            r.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(r)
+    }
+}
+
+type Authed = WorkerServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// A client of `server` that sends `token` (none for `None`).
 async fn client_with(server: &Server, token: Option<&str>) -> Authed {
-    let value: Option<tonic::metadata::MetadataValue<_>> =
-        token.map(|t| format!("Bearer {t}").parse().unwrap());
-    let add: Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send> =
-        Box::new(move |mut r: tonic::Request<()>| {
-            if let Some(v) = &value {
-                r.metadata_mut().insert("authorization", v.clone());
-            }
-            Ok(r)
-        });
-    WorkerServiceClient::with_interceptor(server.try_channel().await.unwrap(), add)
+    let value = token.map(|t| format!("Bearer {t}").parse().unwrap());
+    WorkerServiceClient::with_interceptor(server.try_channel().await.unwrap(), Bearer(value))
 }
 
 fn write_tokens(path: &Path, lines: &[&str]) {
@@ -416,6 +416,7 @@ async fn tls_serves_the_cli_and_buf_curl_and_reloads_its_certificate() {
 async fn mtls_refuses_clients_without_a_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let tls = tls_files(dir.path(), &Ca::new("ddpm test CA"));
+    let health_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let stranger_ca = Ca::new("someone else");
     let stranger = stranger_ca.issue(&tls.dir, "stranger", &["stranger.test"]);
     let args = serve_args(
@@ -427,9 +428,25 @@ async fn mtls_refuses_clients_without_a_certificate() {
             tls.server.key.display().to_string(),
             "--tls-client-ca".into(),
             tls.ca.display().to_string(),
+            "--health-listen".into(),
+            format!("127.0.0.1:{health_port}"),
         ],
     );
     let server = Server::start_tls(dir.path(), &args, &[], client_tls(&tls.ca, Some(&tls.client))).await;
+    // Probes that cannot speak TLS (the kubelet's) get plaintext health on the health port, and only that.
+    let plain = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{health_port}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(plain.clone());
+    let status = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
+    assert_eq!(
+        status.into_inner().status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let api = WorkerServiceClient::new(plain).list_jobs(pb::ListJobsRequest::default()).await.unwrap_err();
+    assert_eq!(api.code(), Code::Unimplemented, "the health port serves nothing else: {api:?}");
     let url = server.url.clone();
     let ca = tls.ca.to_str().unwrap();
     let (code, _, err) = cli(&["list", "--server", &url, "--ca", ca, "--timeout-seconds", "5"], &[]);
@@ -515,14 +532,7 @@ async fn the_python_client_and_waits_survive_a_restart() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut alice_client = {
-        let channel = server.try_channel().await.unwrap();
-        let value: tonic::metadata::MetadataValue<_> = format!("Bearer {ALICE}").parse().unwrap();
-        WorkerServiceClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
-            r.metadata_mut().insert("authorization", value.clone());
-            Ok(r)
-        })
-    };
+    let mut alice_client = client_with(&server, Some(ALICE)).await;
     let started = Instant::now();
     loop {
         let job = alice_client

@@ -83,6 +83,10 @@ pub struct ServeArgs {
     /// Highest job priority accepted (at most 101 distinct values: each is a NATS consumer).
     #[arg(long, env = "DDPM_MAX_PRIORITY", default_value_t = *DEFAULT_PRIORITIES.end(), allow_negative_numbers = true)]
     pub max_priority: i32,
+    /// A plaintext address that serves grpc.health.v1 only, for probes that cannot speak TLS (the
+    /// kubelet's gRPC probes) when the gRPC port does; none when unset.
+    #[arg(long, env = "DDPM_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
     /// Prometheus metrics address (`/metrics`); none when unset.
     #[arg(long, env = "DDPM_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -355,6 +359,14 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
         .await
         .map_err(|e| ServeError::Config(format!("--listen {}: {e}", args.listen)))?;
     let addr = listener.local_addr().map_err(|e| ServeError::Runtime(e.to_string()))?;
+    let health_listener = match args.health_listen {
+        Some(h) => Some(
+            tokio::net::TcpListener::bind(h)
+                .await
+                .map_err(|e| ServeError::Config(format!("--health-listen {h}: {e}")))?,
+        ),
+        None => None,
+    };
     if let Some(m) = args.metrics_listen {
         install_metrics(m)?;
     }
@@ -426,6 +438,11 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
         .max_decoding_message_size(args.max_request_bytes);
     // Health stays open (probes carry no token); the API, and reflection unless public, need a token.
     use tonic::service::interceptor::InterceptedService;
+    let health_only = health_listener.map(|listener| {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let server = tonic::transport::Server::builder().add_service(health_service.clone());
+        tokio::spawn(server.serve_with_incoming(incoming))
+    });
     let router = tonic::transport::Server::builder().add_service(health_service);
     let router = match &prepared.auth {
         Some(a) => {
@@ -527,6 +544,9 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
         Ok(Some(e)) = &mut supervisor => return Err(ServeError::Runtime(e)),
     }
     reaper.abort();
+    if let Some(h) = health_only {
+        h.abort();
+    }
     tracing::info!("drained; exiting");
     Ok(())
 }

@@ -109,8 +109,11 @@ impl Outputs {
         match wanted {
             Destination::S3 { bucket, prefix } => {
                 check_bucket(&bucket).map_err(|e| invalid(format!("bucket: {e}")))?;
-                if !prefix.is_empty() {
-                    check_prefix(&prefix).map_err(|e| invalid(format!("prefix: {e}")))?;
+                // The prefix as written (parsing trims its slashes): "s3://b//x" has an empty segment.
+                let written = uri["s3://".len()..].split_once('/').map_or("", |(_, p)| p);
+                let written = written.strip_suffix('/').unwrap_or(written);
+                if !written.is_empty() {
+                    check_prefix(written).map_err(|e| invalid(format!("prefix: {e}")))?;
                 }
                 let inside = self.allowed.iter().any(|a| match a {
                     Destination::S3 { bucket: b, prefix: p } => *b == bucket && is_under(&prefix, p),
@@ -548,6 +551,8 @@ mod tests {
             "s3://UPPER/x",
             "s3://data/team-a/../team-b",
             "s3://data/team-a//x",
+            "s3://data//team-a",
+            "s3://data/team-a//",
             "file:srv/jobs",
             "file:/srv/jobs/../../etc",
             "file:/srv/jobs/./x",

@@ -105,6 +105,19 @@ message that says what to change.
 {{- if not $s.models }}
 {{- fail "serve.models is empty: list at least one {name, path} model to serve." }}
 {{- end }}
+{{- if or (gt (int $s.minPriority) (int $s.maxPriority)) (gt (sub (int $s.maxPriority) (int $s.minPriority)) 100) }}
+{{- fail (printf "serve.minPriority (%v) and serve.maxPriority (%v): min must not exceed max, and the range holds at most 101 values (each is a NATS consumer)." $s.minPriority $s.maxPriority) }}
+{{- end }}
+{{- if and $s.tls.clientCaSecret (not $s.tls.existingSecret) }}
+{{- fail "serve.tls.clientCaSecret is set but serve.tls.existingSecret is empty: mTLS needs the server's own certificate too." }}
+{{- end }}
+{{- if and $s.tls.existingSecret (eq (int $s.tls.healthPort) (int $s.grpcPort)) }}
+{{- fail "serve.tls.healthPort equals serve.grpcPort: the plaintext health port must be another port." }}
+{{- end }}
+{{- /* Two listeners on one port: the second bind fails and the pod crash-loops. */}}
+{{- if and $s.tls.existingSecret $s.metrics.enabled (eq (int $s.tls.healthPort) (int $s.metrics.port)) }}
+{{- fail "serve.tls.healthPort equals serve.metrics.port: the plaintext health port must be another port." }}
+{{- end }}
 {{- end }}
 
 {{/* Pod-level fields shared by the serve pod and the generate Job. */}}
