@@ -123,13 +123,13 @@ async fn reflection_health_and_metrics_describe_the_service() {
         panic!("no service list")
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for name in ["ddpm.v1.Worker", "grpc.health.v1.Health"] {
+    for name in ["ddpm.v1.WorkerService", "grpc.health.v1.Health"] {
         assert!(names.iter().any(|n| n == name), "{name} not in {names:?}");
     }
     let mut alpha = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
     let req = v1alpha::ServerReflectionRequest {
         message_request: Some(v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
-            "ddpm.v1.Worker".into(),
+            "ddpm.v1.WorkerService".into(),
         )),
         ..Default::default()
     };
