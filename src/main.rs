@@ -33,14 +33,19 @@ enum Command {
     /// Run the batch-job service: gRPC API, durable queue and one sampling thread per device.
     Serve(Box<ddpm_worker::service::ServeArgs>),
     /// Submit a job to a running service (prints its id; --wait follows it to the end).
+    #[command(after_help = EXIT_CODES)]
     Submit(Box<client::SubmitArgs>),
     /// Show a job (--wait follows it to the end).
+    #[command(after_help = EXIT_CODES)]
     Status(client::JobArgs),
     /// List jobs, newest first.
+    #[command(after_help = EXIT_CODES)]
     List(client::ListArgs),
     /// Cancel a job; its running shards stop between denoising steps.
+    #[command(after_help = EXIT_CODES)]
     Cancel(client::JobArgs),
     /// Run a FAILED job again: failed shards get fresh attempts, finished ones are kept.
+    #[command(after_help = EXIT_CODES)]
     Retry(client::JobArgs),
     /// Time UNet forwards (used by bench/); prints one JSON line.
     #[command(hide = true)]

@@ -131,7 +131,13 @@ async fn every_rpc_needs_a_token_and_roles_decide_the_rest() {
 
     // The owner cancels its own job; admin cancels anyone's.
     let cancelled = alice.cancel_job(pb::CancelJobRequest { job_id: job.job_id.clone() }).await.unwrap();
-    assert_eq!(cancelled.into_inner().job.unwrap().state, pb::JobState::Cancelled as i32);
+    let cancelled = cancelled.into_inner().job.unwrap();
+    assert_eq!(cancelled.state, pb::JobState::Cancelled as i32);
+    assert_eq!(cancelled.error.unwrap().code, Code::Cancelled as i32);
+    // Scripts tell a CANCELLED job by the exit code of `status --wait` (6).
+    let (code, _, err) =
+        cli(&["status", &job.job_id, "--wait", "--server", &server.url], &[("DDPM_TOKEN", READER)]);
+    assert_eq!(code, 6, "{err}");
     let mut admin = client_with(&server, Some(ADMIN)).await;
     let cancelled = admin.cancel_job(pb::CancelJobRequest { job_id: bobs.job_id.clone() }).await.unwrap();
     assert_eq!(cancelled.into_inner().job.unwrap().state, pb::JobState::Cancelled as i32);

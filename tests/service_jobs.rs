@@ -248,6 +248,14 @@ async fn a_shard_failing_on_every_attempt_fails_its_job_with_the_reason() {
     let failed = wait_for(&mut client, &job.job_id, |j| j.state == FAILED).await;
     assert!(error_of(&failed).contains("failed on every attempt"), "{}", error_of(&failed));
     assert!(error_of(&failed).contains("not-a-dir"), "the cause is kept: {}", error_of(&failed));
+    let error = failed.error.as_ref().unwrap();
+    assert_eq!(error.code, Code::Internal as i32, "a failed job's error is a google.rpc.Status");
+    // Scripts tell a FAILED job by the exit code of `status --wait` (5).
+    let out = Command::new(common::bin())
+        .args(["status", &job.job_id, "--wait", "--server", &server.url])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
     // The server keeps serving.
     assert_eq!(
         server.health().await,
