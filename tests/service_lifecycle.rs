@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::service::{Server, job_samples, manifest, request, tiny_model, wait_for};
+use common::service::{Server, job_samples, manifest, request, signal, tiny_model, wait_for};
 use ddpm_worker::api::pb;
 use tonic::Code;
 
@@ -251,4 +251,62 @@ fn models_that_cannot_work_are_refused_before_listening() {
         assert!(!out.contains("listening on"), "{case}: no port was bound:\n{out}");
         assert!(out.contains(named), "{case}: the message names {named}:\n{out}");
     }
+}
+
+const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+const NOT_SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+
+/// Waits until health service `service` reports `status`, at most `limit`.
+async fn wait_health(server: &Server, service: &str, status: i32, limit: Duration) {
+    let started = std::time::Instant::now();
+    while server.health_of(service).await != Some(status) {
+        assert!(started.elapsed() < limit, "{service:?} did not turn {status} within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_while_warming_up_turns_liveness_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let fault = [("DDPM_TEST_FAULT", "warmup-panic".to_string())];
+    let mut server = Server::start_listening(dir.path(), &[], &fault).await;
+    wait_health(&server, "liveness", NOT_SERVING, Duration::from_secs(30)).await;
+    assert_eq!(server.health().await, Some(NOT_SERVING), "not ready either");
+    let mut client = server.client().await;
+    let refused = client.submit_job(request(2, pb::Scheduler::Ddim, 3, 2)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("lost a device"), "{refused:?}");
+    // The orchestrator's SIGTERM: it drains and says it failed.
+    signal(server.pid(), "TERM");
+    let status = server.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_stops_computing_gives_its_shard_back_and_turns_liveness_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let fault = [("DDPM_TEST_FAULT", "device-lost".to_string())];
+    // One attempt per shard: had the lost device spent it, the job would be FAILED.
+    let mut server = Server::start_listening(dir.path(), &["--max-attempts", "1"], &fault).await;
+    wait_health(&server, "", SERVING, Duration::from_secs(60)).await;
+    assert_eq!(server.health_of("liveness").await, Some(SERVING));
+    let mut client = server.client().await;
+    let job =
+        client.submit_job(request(4, pb::Scheduler::Ddim, 3, 2)).await.unwrap().into_inner().job.unwrap();
+    wait_health(&server, "liveness", NOT_SERVING, Duration::from_secs(10)).await;
+    let after = client.get_job(pb::GetJobRequest { job_id: job.job_id.clone() }).await.unwrap();
+    let after = after.into_inner().job.unwrap();
+    assert_ne!(after.state, pb::JobState::Failed as i32, "the device's fault is not the job's: {after:?}");
+    assert_eq!(after.shards_done, 0);
+    signal(server.pid(), "TERM");
+    assert_eq!(server.wait_exit(Duration::from_secs(30)).await.code(), Some(1));
+    drop(server);
+    // Restarted on a working device, the job finishes: no attempt was spent on the lost device.
+    let server = Server::start(dir.path(), &[]).await;
+    let mut client = server.client().await;
+    let done = wait_for(&mut client, &job.job_id, |j| {
+        j.state != pb::JobState::Queued as i32 && j.state != pb::JobState::Running as i32
+    })
+    .await;
+    assert_eq!(done.state, pb::JobState::Succeeded as i32, "{done:?}");
 }

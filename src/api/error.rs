@@ -28,6 +28,9 @@ pub enum ServiceError {
     Queue(QueueError),
     #[error("the worker is shutting down")]
     ShuttingDown,
+    /// This worker lost a device and waits to be restarted; another worker can take the job.
+    #[error("this worker lost a device and takes no new jobs: {0}")]
+    Unhealthy(String),
     /// No credentials, or unknown ones (the token itself is never in the message).
     #[error("unauthenticated: {0}")]
     Unauthenticated(String),
@@ -77,7 +80,9 @@ impl From<ServiceError> for Status {
                 tracing::error!(error = message, "queue store");
                 Status::internal(message)
             }
-            ServiceError::Queue(_) | ServiceError::ShuttingDown => Status::unavailable(message),
+            ServiceError::Queue(_) | ServiceError::ShuttingDown | ServiceError::Unhealthy(_) => {
+                Status::unavailable(message)
+            }
             ServiceError::Unauthenticated(_) => {
                 metrics::counter!("ddpm_auth_refused_total", "code" => "unauthenticated").increment(1);
                 Status::unauthenticated(message)

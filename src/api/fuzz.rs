@@ -70,6 +70,7 @@ fn service(dir: &std::path::Path, rt: &tokio::runtime::Runtime) -> (WorkerServic
         store_outage: Default::default(),
         queue_outage: Default::default(),
         queue_reachable: std::sync::atomic::AtomicBool::new(true),
+        device_failure: Default::default(),
         runtime: rt.handle().clone(),
     });
     let limits = Limits {

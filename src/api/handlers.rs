@@ -88,6 +88,9 @@ impl pb::worker_service_server::WorkerService for WorkerService {
         if self.ctx.draining.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(ServiceError::ShuttingDown.into());
         }
+        if let Some(failure) = self.ctx.device_failure.get() {
+            return Err(ServiceError::Unhealthy(failure.clone()).into());
+        }
         let spec = self.validate(&req, &caller).inspect_err(|_| {
             metrics::counter!("ddpm_jobs_submitted_total", "result" => "invalid").increment(1);
         })?;

@@ -399,6 +399,7 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
         store_outage: Default::default(),
         queue_outage: Default::default(),
         queue_reachable: std::sync::atomic::AtomicBool::new(true),
+        device_failure: Default::default(),
         runtime: tokio::runtime::Handle::current(),
     });
     let limits = Limits {
@@ -417,8 +418,8 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status(WORKER_SERVICE, ServingStatus::NotServing).await;
     health.set_service_status("", ServingStatus::NotServing).await;
-    // Liveness apart from readiness: the process answers (a dead device thread ends it), whatever the
-    // queue does; a restart would not bring the queue back.
+    // Liveness apart from readiness: SERVING until a device is lost (a restart may bring it back),
+    // whatever the queue does (a restart would not bring the queue back).
     health.set_service_status(LIVENESS_SERVICE, ServingStatus::Serving).await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -511,10 +512,28 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
         }
     };
 
-    // Health follows the pool's readiness; a dead device thread ends the process (exit 1).
+    // Health follows the pool: readiness (warm, queue reachable, not draining) and liveness (no device
+    // lost; when one is, the orchestrator restarts the worker).
     let (ready_tx, mut ready_rx) = tokio::sync::watch::channel(false);
-    let mut supervisor =
-        tokio::spawn(pool::supervise(Arc::clone(&ctx), device_events, prepared.devices.len(), ready_tx));
+    let (live_tx, mut live_rx) = tokio::sync::watch::channel(true);
+    let supervisor = tokio::spawn(pool::supervise(
+        Arc::clone(&ctx),
+        device_events,
+        prepared.devices.len(),
+        ready_tx,
+        live_tx,
+    ));
+    {
+        let health = health.clone();
+        tokio::spawn(async move {
+            while live_rx.changed().await.is_ok() {
+                let live = *live_rx.borrow_and_update();
+                let status = if live { ServingStatus::Serving } else { ServingStatus::NotServing };
+                health.set_service_status(LIVENESS_SERVICE, status).await;
+                tracing::info!(live, "liveness changed");
+            }
+        });
+    }
     {
         let health = health.clone();
         tokio::spawn(async move {
@@ -539,13 +558,14 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
             Box::pin(router.serve_with_incoming_shutdown(incoming, shutdown))
         }
     };
-    tokio::select! {
-        r = server => r.map_err(|e| ServeError::Runtime(e.to_string()))?,
-        Ok(Some(e)) = &mut supervisor => return Err(ServeError::Runtime(e)),
-    }
+    server.await.map_err(|e| ServeError::Runtime(e.to_string()))?;
+    let _ = supervisor.await;
     reaper.abort();
     if let Some(h) = health_only {
         h.abort();
+    }
+    if let Some(failure) = ctx.device_failure.get() {
+        return Err(ServeError::Runtime(format!("drained after losing a device: {failure}")));
     }
     tracing::info!("drained; exiting");
     Ok(())

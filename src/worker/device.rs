@@ -38,7 +38,8 @@ pub struct DeviceModels {
 impl DeviceModels {
     /// Loads every model on `device` and runs one forward pass each, so the first shard does not pay
     /// for allocator and kernel warm-up. It runs inside the device thread's `catch_unwind`
-    /// ([`super::pool`]): a libtorch panic here (out of memory, a kernel error) ends the process.
+    /// ([`super::pool`]): a libtorch panic here (out of memory, a kernel error) loses the device, and
+    /// the worker is no longer live.
     pub fn load(ctx: &WorkerContext, device: Device) -> Result<Self, ModelError> {
         let mut unets = BTreeMap::new();
         let _guard = tch::no_grad_guard();
@@ -48,6 +49,9 @@ impl DeviceModels {
             let (h, w) = unet.config.sample_hw()?;
             let x = tch::Tensor::f_zeros([1, unet.config.in_channels, h, w], (ctx.config.kind, device))?;
             let _ = unet.forward(&x, 0);
+            if super::fault::injected("warmup-panic") {
+                panic!("injected fault: warm-up of {name} on {}", device_name(device));
+            }
             unets.insert(name.clone(), unet);
         }
         Ok(Self { device, unets })
@@ -107,8 +111,27 @@ enum Ended {
     Released,
 }
 
-/// The device thread's loop: lease, sample, hand off, until the worker drains.
-pub fn run(ctx: Arc<WorkerContext>, models: DeviceModels, threads: Option<i32>) {
+/// Whether `device` still computes: a tiny kernel and a copy back. A CUDA context poisoned by an
+/// illegal access or a device-side assert fails every later call, this one included.
+fn device_usable(device: tch::Device) -> Result<(), String> {
+    if super::fault::injected("device-lost") {
+        return Err("injected fault: CUDA error: an illegal memory access was encountered".into());
+    }
+    std::panic::catch_unwind(|| -> Result<(), tch::TchError> {
+        let x = tch::Tensor::f_ones([16], (tch::Kind::Float, device))?;
+        let sum = x.f_sum(tch::Kind::Float)?.f_to_device(tch::Device::Cpu)?.f_double_value(&[])?;
+        if let tch::Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+        if sum == 16.0 { Ok(()) } else { Err(tch::TchError::Torch(format!("1 × 16 summed to {sum}"))) }
+    })
+    .map_err(|panic| panic_message(&panic))?
+    .map_err(|e| e.to_string())
+}
+
+/// The device thread's loop: lease, sample, hand off, until the worker drains. `Err` when the device
+/// became unusable (the shard that found out was given back untried).
+pub fn run(ctx: Arc<WorkerContext>, models: DeviceModels, threads: Option<i32>) -> Result<(), String> {
     if let Some(n) = threads {
         tch::set_num_threads(n);
     }
@@ -150,10 +173,14 @@ pub fn run(ctx: Arc<WorkerContext>, models: DeviceModels, threads: Option<i32>) 
             device
         );
         let _enter = span.enter();
-        run_shard(&ctx, &models, &device, lease, permit);
+        if let Err(lost) = run_shard(&ctx, &models, &device, lease, permit) {
+            let _ = ctx.runtime.block_on(in_flight.acquire_many(IN_FLIGHT_SHARDS as u32));
+            return Err(format!("{device}: the device is unusable: {lost}"));
+        }
     }
     // Wait for this device's shards to finish their uploads before the thread ends.
     let _ = ctx.runtime.block_on(in_flight.acquire_many(IN_FLIGHT_SHARDS as u32));
+    Ok(())
 }
 
 /// Waits up to `limit`, or until work may be available or the worker drains.
@@ -162,28 +189,36 @@ fn idle(ctx: &WorkerContext, limit: Duration) {
     let _ = ctx.runtime.block_on(async { tokio::time::timeout(limit, wait).await });
 }
 
-/// Samples one leased shard and hands its outputs to a finishing task.
+/// Samples one leased shard and hands its outputs to a finishing task. `Err` when sampling failed
+/// because the device no longer works: the shard is then given back without spending an attempt.
 fn run_shard(
     ctx: &Arc<WorkerContext>,
     models: &DeviceModels,
     device: &str,
     lease: Lease,
     permit: tokio::sync::OwnedSemaphorePermit,
-) {
+) -> Result<(), String> {
     let rt = &ctx.runtime;
     let (job, payload, out) = match rt.block_on(prepare(ctx, &lease)) {
         Ok(Some(p)) => p,
-        Ok(None) => return, // nothing to sample: already done or the job is over
-        Err(e) => return rt.block_on(give_back(ctx, &lease, e)),
+        Ok(None) => return Ok(()), // nothing to sample: already done or the job is over
+        Err(e) => {
+            rt.block_on(give_back(ctx, &lease, e));
+            return Ok(());
+        }
     };
     let Some(unet) = models.unets.get(&job.spec.model) else {
         let error = format!("model {:?} is not served by this worker", job.spec.model);
-        return rt.block_on(give_back(ctx, &lease, ShardError::Failed(error)));
+        rt.block_on(give_back(ctx, &lease, ShardError::Failed(error)));
+        return Ok(());
     };
-    let Some(model) = ctx.models.get(&job.spec.model) else { return };
+    let Some(model) = ctx.models.get(&job.spec.model) else { return Ok(()) };
     let scheduler = match model.scheduler(job.spec.scheduler) {
         Ok(s) => s,
-        Err(e) => return rt.block_on(give_back(ctx, &lease, ShardError::Fatal(e.to_string()))),
+        Err(e) => {
+            rt.block_on(give_back(ctx, &lease, ShardError::Fatal(e.to_string())));
+            return Ok(());
+        }
     };
 
     let stop = ctx.active.register(&job.id);
@@ -221,6 +256,11 @@ fn run_shard(
                 eta: job.spec.eta.unwrap_or(0.0),
             };
             let mut last = Instant::now();
+            if super::fault::injected("device-lost") {
+                return Err(SampleError::Torch(tch::TchError::Torch(
+                    "injected fault: CUDA error: an illegal memory access was encountered".into(),
+                )));
+            }
             let x0 = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 sampler::sample_batch(unet, &scheduler, &req, place, |_| {
                     metrics::histogram!("ddpm_step_duration_seconds").record(last.elapsed().as_secs_f64());
@@ -245,7 +285,14 @@ fn run_shard(
     })();
     drop(tx);
     let sampling_seconds = started.elapsed().as_secs_f64();
+    // A failed batch may be the device's fault rather than the shard's: if the device no longer
+    // computes, the shard goes back untried and this thread ends.
+    let lost = match &result {
+        Err(SampleError::Cancelled) | Ok(()) => None,
+        Err(_) => device_usable(models.device).err(),
+    };
 
+    let device_lost = lost.is_some();
     let ctx = Arc::clone(ctx);
     let device = device.to_string();
     // The uploads and bookkeeping run on the runtime, in the shard's span.
@@ -273,6 +320,11 @@ fn run_shard(
                     release(&ctx, &lease).await;
                     Ok(Ended::Released)
                 }
+                (Err(e), _) if device_lost => {
+                    tracing::error!(error = %e, "the device failed the shard; giving it back untried");
+                    release(&ctx, &lease).await;
+                    Ok(Ended::Released)
+                }
                 // Cancelled job or lost lease: the queue already knows; nothing to record.
                 (Err(SampleError::Cancelled), _) if stopped => Ok(Ended::Stopped),
                 // The uploader's failure stopped the sampling: it is the cause.
@@ -295,6 +347,10 @@ fn run_shard(
         },
         span,
     ));
+    match lost {
+        Some(reason) => Err(reason),
+        None => Ok(()),
+    }
 }
 
 type Prepared = (JobRecord, ShardPayload, JobOutputs);

@@ -2,6 +2,7 @@
 //! ([`device`]) lease from the queue and sample independently; their outputs go through [`outputs`].
 
 pub mod device;
+pub mod fault;
 pub mod outputs;
 pub mod pool;
 
@@ -131,6 +132,9 @@ pub struct WorkerContext {
     pub queue_outage: Outage,
     /// Whether the last reaper pass reached the queue (readiness follows it).
     pub queue_reachable: AtomicBool,
+    /// Why a device thread died or its device became unusable (the first such reason): the worker is
+    /// then no longer live, and its orchestrator should restart it.
+    pub device_failure: std::sync::OnceLock<String>,
     pub runtime: tokio::runtime::Handle,
 }
 

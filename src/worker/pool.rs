@@ -1,9 +1,10 @@
 //! The device pool: one OS thread per device, each loading and warming its models and then pulling
-//! shards ([`device::run`]). Threads report on one channel: ready, or dead (a load error, or a panic
-//! anywhere outside the per-batch guard). [`supervise`] turns the reports and the worker's state into
-//! readiness, published on a `watch` (SERVING while every device is warm, the queue answers and no
-//! drain has begun). A dead device thread is fatal to the process: a worker that can no longer sample
-//! must not stay up taking jobs.
+//! shards ([`device::run`]). Threads report on one channel: ready, or dead (a load error, a panic
+//! anywhere outside the per-batch guard, or a device that stopped computing, as a poisoned CUDA
+//! context does). [`supervise`] turns the reports and the worker's state into readiness (SERVING while
+//! every device is warm, the queue answers and no drain has begun) and liveness (SERVING until a device
+//! thread dies), each published on a `watch`. A worker that lost a device is not live: its orchestrator
+//! restarts it (SIGTERM, a drain of the other devices, exit 1), and it refuses new jobs meanwhile.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -46,8 +47,7 @@ pub fn start(ctx: &Arc<WorkerContext>, devices: &[(Device, Option<i32>)]) -> std
                 let models = device::DeviceModels::load(&ctx, dev)
                     .map_err(|e| format!("{name}: loading models: {e}"))?;
                 let _ = tx.send(DeviceEvent::Ready(name.clone()));
-                device::run(Arc::clone(&ctx), models, cpu_threads);
-                Ok::<(), String>(())
+                device::run(Arc::clone(&ctx), models, cpu_threads)
             }));
             let died = match lived {
                 Ok(Ok(())) => return,
@@ -66,14 +66,15 @@ pub fn start(ctx: &Arc<WorkerContext>, devices: &[(Device, Option<i32>)]) -> std
 /// flag change without an event).
 const READINESS_TICK: Duration = Duration::from_millis(250);
 
-/// Follows the device threads' reports and publishes readiness on `ready`. Returns why a device
-/// thread died, or `None` once a drain has ended every thread (deaths while draining are logged).
+/// Follows the device threads' reports and publishes readiness on `ready` and liveness on `live`,
+/// until a drain has ended every thread. A death is recorded in `ctx.device_failure`.
 pub async fn supervise(
     ctx: Arc<WorkerContext>,
     mut events: tokio::sync::mpsc::UnboundedReceiver<DeviceEvent>,
     devices: usize,
     ready: tokio::sync::watch::Sender<bool>,
-) -> Option<String> {
+    live: tokio::sync::watch::Sender<bool>,
+) {
     let mut warm = 0;
     let mut open = true;
     let mut tick = tokio::time::interval(READINESS_TICK);
@@ -84,13 +85,21 @@ pub async fn supervise(
                     warm += 1;
                     tracing::info!(device = name, "models loaded and warm");
                 }
-                Some(DeviceEvent::Died(e)) => return Some(e),
+                Some(DeviceEvent::Died(e)) => {
+                    tracing::error!(error = e, "a device is lost: this worker is no longer live");
+                    metrics::counter!("ddpm_device_failures_total").increment(1);
+                    let _ = ctx.device_failure.set(e);
+                    live.send_if_modified(|was| std::mem::replace(was, false));
+                }
                 None => open = false,
             },
             _ = tick.tick() => {}
         }
         let draining = ctx.draining.load(Ordering::Relaxed);
-        let now = warm == devices && !draining && ctx.queue_reachable.load(Ordering::Relaxed);
+        let now = warm == devices
+            && !draining
+            && ctx.device_failure.get().is_none()
+            && ctx.queue_reachable.load(Ordering::Relaxed);
         ready.send_if_modified(|was| std::mem::replace(was, now) != now);
         if draining {
             // Device threads end one by one while draining; that is no death.
@@ -99,7 +108,7 @@ pub async fn supervise(
                     tracing::warn!(error = e, "device thread failed while draining");
                 }
             }
-            return None;
+            return;
         }
     }
 }

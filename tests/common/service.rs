@@ -61,7 +61,31 @@ impl Server {
         Self::launch(data, args, env, Some(tls)).await
     }
 
+    /// As [`Server::start`] with `env`, returning as soon as it listens (SERVING or not).
+    pub async fn start_listening(data: &Path, extra: &[&str], env: &[(&str, String)]) -> Server {
+        let model = tiny_model(data);
+        let mut args = vec![
+            "--model".to_string(),
+            format!("tiny={}", model.display()),
+            "--output".into(),
+            format!("file:{}", data.join("jobs").display()),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::spawn(data, &args, env, None)
+    }
+
     async fn launch(
+        data: &Path,
+        args: &[String],
+        env: &[(&str, String)],
+        tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> Server {
+        let server = Self::spawn(data, args, env, tls);
+        server.wait_serving(Duration::from_secs(60)).await;
+        server
+    }
+
+    fn spawn(
         data: &Path,
         args: &[String],
         env: &[(&str, String)],
@@ -98,9 +122,7 @@ impl Server {
         });
         let addr = rx.recv_timeout(Duration::from_secs(60)).expect("the server printed its address");
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let server = Server { child, url: format!("{scheme}://{addr}"), tls };
-        server.wait_serving(Duration::from_secs(60)).await;
-        server
+        Server { child, url: format!("{scheme}://{addr}"), tls }
     }
 
     /// The port it listens on.
@@ -121,9 +143,14 @@ impl Server {
     }
 
     pub async fn health(&self) -> Option<i32> {
+        self.health_of("").await
+    }
+
+    /// The status of health service `service` ("" readiness, "liveness").
+    pub async fn health_of(&self, service: &str) -> Option<i32> {
         let channel = self.try_channel().await.ok()?;
         let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-        let req = tonic_health::pb::HealthCheckRequest { service: String::new() };
+        let req = tonic_health::pb::HealthCheckRequest { service: service.into() };
         health.check(req).await.ok().map(|r| r.into_inner().status)
     }
 
