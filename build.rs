@@ -3,7 +3,9 @@
 //!   file descriptor set is kept in OUT_DIR for server reflection. `google.rpc.Status` is tonic-types'.
 //! - An rpath to the directory torch-sys linked against (the project venv's `torch/lib`), so binaries run
 //!   without `LD_LIBRARY_PATH`, and libtorch_cuda kept as a dependency so CUDA is found at run time (the
-//!   linker would drop it as unused otherwise).
+//!   linker would drop it as unused otherwise). `DDPM_RPATH` replaces that build-machine path with one
+//!   of the install, e.g. `$ORIGIN/../lib/ddpm-worker` for a container image that ships libtorch beside
+//!   the binary.
 
 use std::path::PathBuf;
 
@@ -21,8 +23,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .extern_path(".google.rpc.Status", "::tonic_types::Status")
         .compile_fds(descriptors)?;
 
+    println!("cargo:rerun-if-env-changed=DDPM_RPATH");
     if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
+        let rpath = std::env::var("DDPM_RPATH").unwrap_or_else(|_| lib.clone());
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{rpath}");
         if std::path::Path::new(&lib).join("libtorch_cuda.so").exists() {
             println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
         }
