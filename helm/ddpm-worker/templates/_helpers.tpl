@@ -27,6 +27,25 @@ app.kubernetes.io/name: {{ include "ddpm-worker.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{/* The serve pods' selector labels, as a YAML map (for selectors built as data). */}}
+{{- define "ddpm-worker.serveSelector" -}}
+{{- $l := fromYaml (include "ddpm-worker.selectorLabels" .) }}
+{{- $_ := set $l "app.kubernetes.io/component" "serve" }}
+{{- toYaml $l }}
+{{- end }}
+
+{{/*
+Pod template labels, from (list context component extraLabels): the selector labels and component
+(which win), then extraLabels, then commonLabels. No chart version, so upgrading the chart alone does
+not replace the pods.
+*/}}
+{{- define "ddpm-worker.podLabels" -}}
+{{- $ctx := index . 0 }}
+{{- $l := fromYaml (include "ddpm-worker.selectorLabels" $ctx) }}
+{{- $_ := set $l "app.kubernetes.io/component" (index . 1) }}
+{{- toYaml (merge $l (deepCopy (index . 2 | default dict)) (deepCopy ($ctx.Values.commonLabels | default dict))) }}
+{{- end }}
+
 {{- define "ddpm-worker.labels" -}}
 helm.sh/chart: {{ include "ddpm-worker.chart" . }}
 {{ include "ddpm-worker.selectorLabels" . }}
@@ -66,6 +85,48 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- .Values.serve.queue.sqlite.persistence.existingClaim | default (printf "%s-queue" (include "ddpm-worker.fullname" .)) }}
 {{- end }}
 
+{{/* True ("true") when a serve model is a Hugging Face hub id: org/name, as ddpm-worker tells them apart. */}}
+{{- define "ddpm-worker.hubModels" -}}
+{{- range .Values.serve.models }}
+{{- if regexMatch "^[A-Za-z0-9_-][A-Za-z0-9._-]*/[A-Za-z0-9_-][A-Za-z0-9._-]*$" (toString .path) }}true{{ end }}
+{{- end }}
+{{- end }}
+
+{{/* True ("true") when models.hfHomeVolume is mounted writable at models.hfHome in the serve pod. */}}
+{{- define "ddpm-worker.hfHomeVolume" -}}
+{{- if and .Values.models.hfHome .Values.models.hfHomeVolume (include "ddpm-worker.hubModels" .) }}true{{ end }}
+{{- end }}
+
+{{/* models.volume, with readOnly: true on a ReadOnlyMany claim (some drivers attach it to several nodes
+only read-only). */}}
+{{- define "ddpm-worker.modelsVolume" -}}
+{{- $v := deepCopy .Values.models.volume }}
+{{- if and (hasKey $v "persistentVolumeClaim") (eq .Values.models.accessMode "ReadOnlyMany") }}
+{{- $_ := set $v.persistentVolumeClaim "readOnly" true }}
+{{- end }}
+{{- toYaml $v }}
+{{- end }}
+
+{{/*
+Chart-wide render-time checks (the labels on every object). Included by serve-deployment.yaml,
+generate-job.yaml and serviceaccount.yaml, so that any render with objects of its own runs them.
+*/}}
+{{- define "ddpm-worker.validate" -}}
+{{- /* A chart key in commonLabels would be a duplicate key in every object's labels, and in a pod template
+it would break the Deployment's selector. */}}
+{{- $own := list "app.kubernetes.io/name" "app.kubernetes.io/instance" "app.kubernetes.io/component" "app.kubernetes.io/version" "app.kubernetes.io/managed-by" "helm.sh/chart" }}
+{{- range $k, $_ := .Values.commonLabels }}
+{{- if has $k $own }}
+{{- fail (printf "commonLabels sets %q, a label the chart manages itself (it selects the pods or names the release): remove it." $k) }}
+{{- end }}
+{{- end }}
+{{- range $k, $_ := .Values.serve.podLabels }}
+{{- if has $k $own }}
+{{- fail (printf "serve.podLabels sets %q, a label the chart manages itself (it selects the pods or names the release): remove it." $k) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/*
 Render-time checks of the serve values that the JSON schema cannot express. Fails the render with a
 message that says what to change.
@@ -86,6 +147,38 @@ message that says what to change.
 {{- end }}
 {{- if and (include "ddpm-worker.sqliteQueue" .) (gt (int $s.replicas) 1) }}
 {{- fail (printf "serve.replicas is %d, but serve.queue.type is \"sqlite\": the SQLite queue is one file on a ReadWriteOnce PersistentVolumeClaim and supports exactly ONE serving process. Set serve.replicas to 1 (or 0 to stop the service)." (int $s.replicas)) }}
+{{- end }}
+{{- /* Several replicas land on several nodes (one GPU node each, as a rule), and every one mounts the models
+and, with a "file" output, the output volume. The chart cannot read an existing claim's access mode, so
+the values declare it (models.accessMode, output.accessMode). */}}
+{{- if gt (int $s.replicas) 1 }}
+{{- $mv := .Values.models.volume }}
+{{- if and (hasKey $mv "persistentVolumeClaim") (not (has .Values.models.accessMode (list "ReadOnlyMany" "ReadWriteMany"))) }}
+{{- fail (printf "serve.replicas is %d: every replica mounts models.volume (claim %q), on its own node. A %s claim attaches to one node only, so pods on other nodes would hang in ContainerCreating (Multi-Attach error). If the claim is ReadOnlyMany or ReadWriteMany, declare it with models.accessMode (the chart cannot read an existing claim's access mode); otherwise set serve.replicas to 1, or load the models from s3:// or hub ids with a models.volume that is not a claim." (int $s.replicas) (toString $mv.persistentVolumeClaim.claimName) (toString .Values.models.accessMode)) }}
+{{- end }}
+{{- if eq $s.output.type "file" }}
+{{- $ov := .Values.output.volume }}
+{{- range list "emptyDir" "ephemeral" "hostPath" }}
+{{- if hasKey $ov . }}
+{{- fail (printf "serve.replicas is %d with serve.output.type \"file\", but output.volume is %s: each pod (emptyDir, ephemeral) or node (hostPath) would get its own output directory, while the shards of one job run on any replica and one of them finishes the job from all its parts. Use a ReadWriteMany claim (with output.accessMode=ReadWriteMany) or an nfs volume, serve.output.type=s3, or serve.replicas=1." (int $s.replicas) .) }}
+{{- end }}
+{{- end }}
+{{- if and (hasKey $ov "persistentVolumeClaim") (ne .Values.output.accessMode "ReadWriteMany") }}
+{{- fail (printf "serve.replicas is %d with serve.output.type \"file\": every replica writes to output.volume (claim %q), on its own node, and needs it ReadWriteMany; a %s claim attaches to one node only, so pods on other nodes would hang in ContainerCreating (Multi-Attach error). If the claim is ReadWriteMany (NFS, CephFS, EFS, Filestore, ...), declare it with output.accessMode=ReadWriteMany (the chart cannot read an existing claim's access mode); otherwise use serve.output.type=s3 or serve.replicas=1." (int $s.replicas) (toString $ov.persistentVolumeClaim.claimName) (toString .Values.output.accessMode)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- /* A writable mount inside the read-only models mount hides what the models volume holds there, and
+cannot even be created when that folder is missing (the container fails to start). */}}
+{{- if include "ddpm-worker.hfHomeVolume" . }}
+{{- $home := trimSuffix "/" .Values.models.hfHome }}
+{{- $mp := trimSuffix "/" .Values.models.mountPath }}
+{{- if or (eq $home $mp) (hasPrefix (printf "%s/" $mp) $home) }}
+{{- fail (printf "models.hfHome (%s) lies inside models.mountPath (%s), which is mounted read-only: the writable models.hfHomeVolume mounted there would hide what the models volume holds at that path. Choose an hfHome outside it (e.g. /var/cache/huggingface), or set models.hfHomeVolume to null to use a cache fetched into the models volume beforehand." .Values.models.hfHome .Values.models.mountPath) }}
+{{- end }}
+{{- end }}
+{{- if and $s.networkPolicy.enabled (not $s.networkPolicy.from) }}
+{{- fail "serve.networkPolicy.enabled is true but serve.networkPolicy.from is empty: an ingress rule without peers admits every source, so the policy would restrict nothing on the API port. List the peers that may call it (podSelector, namespaceSelector, ipBlock entries; [{namespaceSelector: {}}] for every pod in the cluster)." }}
 {{- end }}
 {{- $limits := $s.resources.limits | default dict }}
 {{- $requests := $s.resources.requests | default dict }}
@@ -175,7 +268,7 @@ securityContext:
     {{- end }}
 {{- end }}
 
-{{/* The serve container's environment: HF cache, S3 endpoint and credentials, extra env. */}}
+{{/* The serve container's environment: HF cache and token, S3 endpoint and credentials, extra env. */}}
 {{- define "ddpm-worker.env" -}}
 {{- $aws := .Values.aws }}
 {{- $env := list }}
@@ -187,6 +280,9 @@ securityContext:
 {{- end }}
 {{- with $aws.region }}
 {{- $env = append $env (dict "name" "AWS_REGION" "value" .) }}
+{{- end }}
+{{- with .Values.hfToken.existingSecret }}
+{{- $env = append $env (dict "name" "HF_TOKEN" "valueFrom" (dict "secretKeyRef" (dict "name" . "key" $.Values.hfToken.key))) }}
 {{- end }}
 {{- with $aws.existingSecret }}
 {{- $env = append $env (dict "name" "AWS_ACCESS_KEY_ID" "valueFrom" (dict "secretKeyRef" (dict "name" . "key" $aws.accessKeyIdKey))) }}
