@@ -145,13 +145,7 @@ async fn survives_kill_9(format: pb::OutputFormat) {
         assert!(Instant::now() < deadline, "no shard was recorded");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let partial = client
-        .get_job(pb::GetJobRequest { job_id: job.job_id.clone() })
-        .await
-        .unwrap()
-        .into_inner()
-        .job
-        .unwrap();
+    let partial = common::service::get_job(&mut client, &job.job_id).await;
     assert!(partial.shards_done < 4, "the job finished before the kill: make it longer");
     server.kill9();
 

@@ -187,25 +187,13 @@ async fn cancelling_stops_a_running_job_between_steps() {
     let job =
         client.submit_job(request(64, pb::Scheduler::Ddpm, 1000, 4)).await.unwrap().into_inner().job.unwrap();
     wait_for(&mut client, &job.job_id, |j| j.state == RUNNING).await;
-    let cancelled = client
-        .cancel_job(pb::CancelJobRequest { job_id: job.job_id.clone() })
-        .await
-        .unwrap()
-        .into_inner()
-        .job
-        .unwrap();
+    let cancelled = common::service::cancel_job(&mut client, &job.job_id).await;
     assert_eq!(cancelled.state, CANCELLED);
     assert!(cancelled.samples_done < 64);
     let events = watch(&mut client, &job.job_id).await;
     assert_eq!(events.last().unwrap().state, CANCELLED);
     // Cancelling again is a no-op; the worker is free for the next job, which succeeds quickly.
-    let again = client
-        .cancel_job(pb::CancelJobRequest { job_id: job.job_id.clone() })
-        .await
-        .unwrap()
-        .into_inner()
-        .job
-        .unwrap();
+    let again = common::service::cancel_job(&mut client, &job.job_id).await;
     assert_eq!(again.state, CANCELLED);
     let next =
         client.submit_job(request(2, pb::Scheduler::Ddim, 5, 2)).await.unwrap().into_inner().job.unwrap();
@@ -218,13 +206,7 @@ async fn cancelling_stops_a_running_job_between_steps() {
     assert_eq!(done.samples_done, 2);
     let finished = client.cancel_job(pb::CancelJobRequest { job_id: next.job_id.clone() }).await.unwrap_err();
     assert_eq!(finished.code(), Code::FailedPrecondition);
-    let after = client
-        .get_job(pb::GetJobRequest { job_id: job.job_id.clone() })
-        .await
-        .unwrap()
-        .into_inner()
-        .job
-        .unwrap();
+    let after = common::service::get_job(&mut client, &job.job_id).await;
     assert_eq!(
         (after.state, after.samples_done),
         (CANCELLED, cancelled.samples_done),

@@ -139,25 +139,13 @@ async fn a_cancel_on_one_worker_keeps_the_other_from_recording_shards() {
     let job =
         client.submit_job(request(16, pb::Scheduler::Ddpm, 200, 2)).await.unwrap().into_inner().job.unwrap();
     wait_for(&mut client, &job.job_id, |j| j.shards_done >= 2).await;
-    let cancelled = client
-        .cancel_job(pb::CancelJobRequest { job_id: job.job_id.clone() })
-        .await
-        .unwrap()
-        .into_inner()
-        .job
-        .unwrap();
+    let cancelled = common::service::cancel_job(&mut client, &job.job_id).await;
     assert_eq!(cancelled.state, CANCELLED);
     // Long enough for both workers' running shards to finish sampling.
     tokio::time::sleep(Duration::from_secs(8)).await;
     let records =
         std::fs::read_dir(dir.path().join("jobs").join(&job.job_id).join("shards")).unwrap().count();
-    let after = client
-        .get_job(pb::GetJobRequest { job_id: job.job_id.clone() })
-        .await
-        .unwrap()
-        .into_inner()
-        .job
-        .unwrap();
+    let after = common::service::get_job(&mut client, &job.job_id).await;
     assert_eq!(after.shards_done, cancelled.shards_done, "nothing counted after the cancel");
     assert_eq!(records as u32, cancelled.shards_done, "shard records written after the cancel");
     drop(b);

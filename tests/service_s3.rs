@@ -112,13 +112,7 @@ async fn a_store_outage_postpones_shards_and_the_job_still_succeeds() {
     assert!(before.shards_done < 12, "the job finished before the outage: make it longer");
     proxy.cut();
     tokio::time::sleep(Duration::from_secs(20)).await;
-    let during = grpc
-        .get_job(pb::GetJobRequest { job_id: job.job_id.clone() })
-        .await
-        .unwrap()
-        .into_inner()
-        .job
-        .unwrap();
+    let during = common::service::get_job(&mut grpc, &job.job_id).await;
     assert_ne!(during.state, FAILED, "the outage failed the job: {}", error_of(&during));
     proxy.restore();
     let done = wait_for(&mut grpc, &job.job_id, |j| j.state == SUCCEEDED || j.state == FAILED).await;

@@ -463,10 +463,11 @@ pub fn decode_cursor(token: &str) -> Option<PageCursor> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn catalog_model() -> BTreeMap<String, Arc<ResolvedModel>> {
+    /// A served model `tiny` (DDPM scheduler config, no files), for request checks without a server.
+    pub(crate) fn catalog_model() -> BTreeMap<String, Arc<ResolvedModel>> {
         let path = std::path::PathBuf::from("/nonexistent");
         let model = ResolvedModel {
             name: "tiny".into(),

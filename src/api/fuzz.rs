@@ -19,7 +19,6 @@ use super::handlers::WorkerService;
 use super::pb;
 use super::pb::worker_service_server::WorkerService as _;
 use crate::dataset::DataFormat;
-use crate::models::ResolvedModel;
 use crate::queue::SqliteQueue;
 use crate::queue::sqlite::SqliteStore;
 use crate::storage::Destination;
@@ -30,27 +29,13 @@ use crate::worker::{WorkerConfig, WorkerContext};
 const CASES: u32 = 100_000;
 
 fn service(dir: &std::path::Path, rt: &tokio::runtime::Runtime) -> (WorkerService, WorkerService) {
-    let path = std::path::PathBuf::from("/nonexistent");
-    let model = ResolvedModel {
-        name: "tiny".into(),
-        source: "test".into(),
-        files: crate::model::ModelFiles {
-            root: path.clone(),
-            unet_config: path.clone(),
-            weights: path.clone(),
-            scheduler_config: path,
-        },
-        weights_sha256: String::new(),
-        unet_config: crate::model::UNet2DConfig::default(),
-        scheduler_text: r#"{"_class_name": "DDPMScheduler", "num_train_timesteps": 1000}"#.into(),
-    };
     let queue = SqliteQueue::new(SqliteStore::open(&dir.join("queue.sqlite")).expect("queue"));
     let default = Destination::File { root: dir.join("jobs"), prefix: String::new() };
     let allowed = ["s3://datasets/team-a".parse().expect("destination")];
     let ctx = Arc::new(WorkerContext {
         queue: Arc::new(queue),
         outputs: Arc::new(Outputs::new(default, &allowed, true)),
-        models: Arc::new([("tiny".to_string(), Arc::new(model))].into()),
+        models: Arc::new(super::convert::tests::catalog_model()),
         config: WorkerConfig {
             worker_id: "fuzz".into(),
             lease_ttl: Duration::from_secs(60),

@@ -245,6 +245,16 @@ pub async fn watch(client: &mut WorkerClient<Channel>, job_id: &str) -> Vec<pb::
     events
 }
 
+/// GetJob's job.
+pub async fn get_job(client: &mut WorkerClient<Channel>, job_id: &str) -> pb::Job {
+    client.get_job(pb::GetJobRequest { job_id: job_id.into() }).await.unwrap().into_inner().job.unwrap()
+}
+
+/// CancelJob's job.
+pub async fn cancel_job(client: &mut WorkerClient<Channel>, job_id: &str) -> pb::Job {
+    client.cancel_job(pb::CancelJobRequest { job_id: job_id.into() }).await.unwrap().into_inner().job.unwrap()
+}
+
 /// Polls GetJob until `done(job)` holds.
 pub async fn wait_for(
     client: &mut WorkerClient<Channel>,
@@ -253,13 +263,7 @@ pub async fn wait_for(
 ) -> pb::Job {
     let start = Instant::now();
     loop {
-        let job = client
-            .get_job(pb::GetJobRequest { job_id: job_id.into() })
-            .await
-            .unwrap()
-            .into_inner()
-            .job
-            .unwrap();
+        let job = get_job(client, job_id).await;
         if done(&job) {
             return job;
         }
