@@ -29,7 +29,7 @@ FORMAT     ?= files
 LISTEN     ?= 127.0.0.1:50051
 
 .PHONY: all setup build run stop generate test lint api-check helm-tools helm-check fixtures bench bench-service bench-datasets \
-	stress clean
+	stress image test-image clean
 
 all: build
 
@@ -166,6 +166,22 @@ stress: build
 # Each layout on a 100,000-sample tiny job, and finalize at 10k/100k/1M samples (bench/datasets.py).
 bench-datasets: build
 	$(PYTHON) bench/datasets.py --bin $(BIN)
+
+# The container image (Dockerfile), built with podman without a daemon. Where no registry is reachable,
+# scripts/image/bases.sh first makes the Dockerfile's base images from Debian packages.
+VERSION  := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+REVISION := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)$(shell git diff --quiet HEAD 2>/dev/null || echo -dirty)
+IMAGE    ?= ddpm-worker:$(VERSION)
+PODMAN   ?= podman
+
+image:
+	scripts/image/bases.sh
+	$(PODMAN) build --isolation chroot --layers -t $(IMAGE) --build-arg VERSION=$(VERSION) \
+		--build-arg REVISION=$(REVISION) .
+
+# Checks the image without running a container (see scripts/image/test.sh).
+test-image: image build
+	scripts/image/test.sh $(IMAGE) $(BIN) $(PYTHON)
 
 clean: stop
 	rm -rf $(OUT)
