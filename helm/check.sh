@@ -36,7 +36,7 @@ ko() { echo "FAIL  $1"; failed=$((failed + 1)); [ -n "${2:-}" ] && sed 's/^/    
 
 # Value sets, as helm flags. Each one must lint, render and validate.
 CASES=(default generate generate-only s3-output full no-metrics stopped nats nats-minimal secure nats-s3-nfs nats-nfs-output
-       hub-prefetched labels-spread netpol netpol-minimal)
+       hub-prefetched labels-spread netpol netpol-minimal generate-indexed generate-s3 generate-hub)
 case_args() {
   case $1 in
     default) A=() ;;
@@ -86,6 +86,20 @@ case_args() {
                --set-json 'serve.networkPolicy.egress=[{"ports":[{"port":53,"protocol":"UDP"},{"port":53,"protocol":"TCP"}]},{"to":[{"ipBlock":{"cidr":"10.0.0.0/8"}}]}]') ;;
     netpol-minimal) A=(--set serve.networkPolicy.enabled=true --set serve.metrics.enabled=false
                        --set-json 'serve.networkPolicy.from=[{"namespaceSelector":{}}]') ;;
+    # The generate Job split over 4 pods, 2 at a time, into the local output (claims declared multi-node).
+    generate-indexed) A=(--set generate.enabled=true --set generate.parts=4 --set generate.parallelism=2
+                         --set generate.backoffLimitPerIndex=1 --set models.accessMode=ReadOnlyMany
+                         --set output.accessMode=ReadWriteMany) ;;
+    # ... from an S3 model to S3, every part at once, with the shared environment and its own extra env.
+    generate-s3) A=(--set serve.enabled=false --set generate.enabled=true --set generate.parts=3
+                    --set generate.model=s3://models/church --set generate.output=s3://datasets/church/run-1
+                    --set generate.s3PathStyle=true --set aws.endpointUrl=http://minio.minio.svc:9000
+                    --set aws.region=us-east-1 --set aws.existingSecret=ddpm-s3 --set hfToken.existingSecret=hf-token
+                    --set-json 'generate.extraEnv=[{"name":"RUST_LOG","value":"debug"}]'
+                    --set-json 'generate.extraArgs=["--format=webdataset"]') ;;
+    # ... from a hub model, downloaded into a writable HF cache.
+    generate-hub) A=(--set serve.enabled=false --set generate.enabled=true --set generate.model=google/ddpm-cifar10-32
+                     --set models.hfHome=/var/cache/huggingface) ;;
   esac
 }
 
@@ -400,6 +414,88 @@ for ttl in 0 null; do
   fi
 done
 
+# The generate Job: one pod unless split; an Indexed Job of generate.parts pods, each running its part.
+job_of() { sed -n '/^kind: Job$/,/^---/p' "$1"; }
+job_of "$WORK/generate.yaml" >"$WORK/job.yaml"
+if grep -qE 'completionMode|completions:|parallelism:|--part|backoffLimitPerIndex' "$WORK/job.yaml" \
+   && ! grep -qx '  backoffLimit: 2' "$WORK/job.yaml"; then
+  ko "generate render: one pod (no Indexed mode, no --part-count), backoffLimit 2" "$WORK/job.yaml"
+elif grep -qF -- '- --out=/data/out/ddpm-worker' "$WORK/job.yaml" && has_block "$WORK/job.yaml" "            - name: output
+              mountPath: /data/out" && ! grep -q 'env:' "$WORK/job.yaml"; then
+  ok "generate render: one pod, backoffLimit 2, --out=/data/out/ddpm-worker on the output volume, no env"
+else
+  ko "generate render: one pod, backoffLimit 2, --out=/data/out/ddpm-worker on the output volume, no env" "$WORK/job.yaml"
+fi
+job_of "$WORK/generate-indexed.yaml" >"$WORK/job.yaml"
+if has_block "$WORK/job.yaml" "spec:
+  # Pod i samples part i of the run (whole batches) into the same output, as JOB_COMPLETION_INDEX tells it.
+  completionMode: Indexed
+  completions: 4
+  parallelism: 2
+  backoffLimitPerIndex: 1
+  ttlSecondsAfterFinished: 86400" && grep -qF -- '- --part-count=4' "$WORK/job.yaml" \
+   && ! grep -q 'backoffLimit:' "$WORK/job.yaml" && grep -qF -- '- --out=/data/out/ddpm-worker' "$WORK/job.yaml"; then
+  ok "generate-indexed render: Indexed, 4 completions, parallelism 2, backoffLimitPerIndex 1 (no backoffLimit), --part-count=4"
+else
+  ko "generate-indexed render: Indexed, 4 completions, parallelism 2, backoffLimitPerIndex 1 (no backoffLimit), --part-count=4" "$WORK/job.yaml"
+fi
+job_of "$WORK/generate-s3.yaml" >"$WORK/job.yaml"
+for want in '  completions: 3' '  parallelism: 3' '  backoffLimit: 2' '- --part-count=3' '- --model=s3://models/church' \
+            '- --model-cache=/var/cache/ddpm-worker/models' '- "--out=s3://datasets/church/run-1"' '- --s3-path-style' \
+            '- "--format=webdataset"'; do
+  if grep -qF -- "$want" "$WORK/job.yaml"; then ok "generate-s3 render has '$want'"; else ko "generate-s3 render has '$want'"; fi
+done
+if has_block "$WORK/job.yaml" "          env:
+            - name: AWS_ENDPOINT_URL
+              value: http://minio.minio.svc:9000
+            - name: AWS_REGION
+              value: us-east-1
+            - name: HF_TOKEN
+              valueFrom:
+                secretKeyRef:
+                  key: HF_TOKEN
+                  name: hf-token
+            - name: AWS_ACCESS_KEY_ID
+              valueFrom:
+                secretKeyRef:
+                  key: AWS_ACCESS_KEY_ID
+                  name: ddpm-s3
+            - name: AWS_SECRET_ACCESS_KEY
+              valueFrom:
+                secretKeyRef:
+                  key: AWS_SECRET_ACCESS_KEY
+                  name: ddpm-s3
+            - name: RUST_LOG
+              value: debug"; then
+  ok "generate-s3 render: the Job has serve's S3 and HF environment, then generate.extraEnv"
+else
+  ko "generate-s3 render: the Job has serve's S3 and HF environment, then generate.extraEnv" "$WORK/job.yaml"
+fi
+if grep -qE 'name: (output|models)$|claimName' "$WORK/job.yaml" || ! has_block "$WORK/job.yaml" "        - name: model-cache
+          emptyDir:
+            sizeLimit: 20Gi"; then
+  ko "generate-s3 render: model-cache emptyDir, no output or models volume" "$WORK/job.yaml"
+else
+  ok "generate-s3 render: model-cache emptyDir, no output or models volume"
+fi
+job_of "$WORK/generate-hub.yaml" >"$WORK/job.yaml"
+if has_block "$WORK/job.yaml" "            - name: HF_HOME
+              value: /var/cache/huggingface" && has_block "$WORK/job.yaml" "            - name: hf-home
+              mountPath: /var/cache/huggingface" && grep -qF -- '- --model=google/ddpm-cifar10-32' "$WORK/job.yaml" \
+   && ! grep -q 'model-cache' "$WORK/job.yaml"; then
+  ok "generate-hub render: HF_HOME and a writable hf-home volume in the Job"
+else
+  ko "generate-hub render: HF_HOME and a writable hf-home volume in the Job" "$WORK/job.yaml"
+fi
+# Parts one at a time need no multi-node volumes.
+if "$HELM" template ddpm-worker "$CHART" --kube-version "$KUBE" --set generate.enabled=true --set generate.parts=3 \
+     --set generate.parallelism=1 >"$WORK/serial.yaml" 2>"$WORK/tpl.log" && grep -qx '  parallelism: 1' "$WORK/serial.yaml" \
+   && "$KV" --strict --quiet -k "$KUBE" "$WORK/serial.yaml" >"$WORK/kv.log" 2>&1 && ! grep -q WARN "$WORK/kv.log"; then
+  ok "generate: 3 parts one at a time on ReadWriteOnce claims render and validate"
+else
+  ko "generate: 3 parts one at a time on ReadWriteOnce claims render and validate" "$WORK/tpl.log"
+fi
+
 # NetworkPolicy: the API and health port from `from`, metrics from `from` + `metricsFrom`, egress as given.
 np_of() { sed -n '/^kind: NetworkPolicy$/,/^---/p' "$1"; }
 np_of "$WORK/netpol.yaml" >"$WORK/np.yaml"
@@ -546,6 +642,21 @@ must_fail "schema: topologySpreadConstraint without topologyKey" "topologySpread
 must_fail "schema: ttlSecondsAfterFinished -1" "ttlSecondsAfterFinished.*(minimum|greater than or equal)" \
   --set generate.ttlSecondsAfterFinished=-1
 must_fail "schema: hfToken.key with a slash" "hfToken.key.*does not match pattern" --set hfToken.key=a/b
+gen=(--set serve.enabled=false --set generate.enabled=true)
+must_fail "generate: more parts than batches" "generate.parts is 4, but the run has only 3 batches" \
+  "${gen[@]}" --set generate.numSamples=10 --set generate.batchSize=4 --set generate.parts=4
+must_fail "generate: backoffLimitPerIndex without parts" "backoffLimitPerIndex is set but generate.parts is 1" \
+  "${gen[@]}" --set generate.backoffLimitPerIndex=1
+must_fail "generate: parallel parts, local output on a ReadWriteOnce claim" "generate.parts is 3 with 3 pods at once: every pod writes to output.volume" \
+  "${gen[@]}" --set generate.parts=3 --set models.accessMode=ReadOnlyMany
+must_fail "generate: parallel parts, models on a ReadWriteOnce claim" "generate.parts is 3 with 2 pods at once: every pod mounts models.volume" \
+  "${gen[@]}" --set generate.parts=3 --set generate.parallelism=2 --set output.accessMode=ReadWriteMany
+must_fail "generate: parallel parts, local output on an emptyDir" "output.volume, which is emptyDir" \
+  "${gen[@]}" --set generate.parts=2 --set generate.model=s3://models/church --set-json 'output.volume={"persistentVolumeClaim":null,"emptyDir":{}}'
+must_fail "generate: writable hfHome inside the read-only models mount" "generate Job's hub model \\(google/ddpm-cifar10-32\\)" \
+  "${gen[@]}" --set generate.model=google/ddpm-cifar10-32 --set models.hfHome=/models/hf
+must_fail "schema: generate.output gs://x" "generate.output.*does not match pattern" "${gen[@]}" --set generate.output=gs://x
+must_fail "schema: generate.parts 0" "generate.parts.*(minimum|greater than or equal)" "${gen[@]}" --set generate.parts=0
 
 echo "helm chart checks: $passed passed, $failed failed"
 [ "$failed" = 0 ]

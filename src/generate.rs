@@ -1,8 +1,15 @@
-//! `ddpm-worker generate`: one local run from a diffusers model folder to PNGs, a grid and a manifest.
-//! The service's workers call the same [`crate::sampler::sample_batch`] for their shards.
+//! `ddpm-worker generate`: one run from a diffusers model to a folder or an S3 prefix of samples, a grid
+//! and a manifest. The service's workers call the same [`crate::sampler::sample_batch`] for their shards.
+//!
+//! A run may be split into parts ([`Part`]) that separate processes (the pods of an Indexed Job) sample
+//! into the same destination: each part takes a contiguous run of whole batches, so every sample is
+//! computed in the same batch as in the unsplit run, and writes its samples under their run-wide
+//! indices, its index part `index/part-<part:06>.parquet`, and its own manifest and grid
+//! (`manifest.part-<part:05>-of-<count:05>.json`, `grid.part-….png`).
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -16,11 +23,11 @@ use crate::dataset::{DataFormat, DatasetError, DatasetOptions, Encoding, SampleC
 use crate::digest::{sha256_file, sha256_hex};
 use crate::imaging::{self, ImageError};
 use crate::model::{Layout, LoadedUNet, ModelError, ModelFiles};
+use crate::models::{FetchError, ModelLocation};
 use crate::placement::{DType, device_name};
 use crate::sampler::{self, BatchRequest, Placement, SampleError};
 use crate::schedulers::{SchedulerConfig, SchedulerError, SchedulerKind};
-use crate::storage::ObjectStore;
-use crate::storage::local::LocalStore;
+use crate::storage::{Destination, ObjectStore, StorageError};
 
 /// Most samples drawn into `grid.png`.
 pub const GRID_MAX: usize = 64;
@@ -42,6 +49,12 @@ pub enum GenerateError {
     Io { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Dataset(#[from] DatasetError),
+    #[error("--model: {0}")]
+    Fetch(#[from] FetchError),
+    #[error("starting the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
 }
 
 impl GenerateError {
@@ -60,14 +73,73 @@ impl GenerateError {
                 | GenerateError::Scheduler(
                     SchedulerError::Config(_) | SchedulerError::Unsupported(_) | SchedulerError::Steps { .. }
                 )
+                | GenerateError::Fetch(
+                    FetchError::NoHfCache
+                        | FetchError::Hub { .. }
+                        | FetchError::Model(ModelError::Config(_) | ModelError::Io { .. })
+                )
+                | GenerateError::Storage(StorageError::InvalidKey(_) | StorageError::InvalidDestination(_))
         )
     }
+}
+
+/// Part `index` (from 0) of a run split into `count` parts, written `INDEX/COUNT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Part {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl FromStr for Part {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parsed = s.split_once('/').and_then(|(i, n)| Some((i.parse().ok()?, n.parse().ok()?)));
+        let (index, count) =
+            parsed.ok_or_else(|| format!("{s:?}: expected INDEX/COUNT, e.g. 0/4 (INDEX from 0)"))?;
+        Ok(Part { index, count })
+    }
+}
+
+impl std::fmt::Display for Part {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+impl Part {
+    /// Batches `first..end` of a run of `batches`: contiguous, the parts' sizes differ by at most one.
+    pub fn batches(&self, batches: usize) -> (usize, usize) {
+        let at = |i: usize| (i as u128 * batches as u128 / self.count as u128) as usize;
+        (at(self.index), at(self.index + 1))
+    }
+
+    /// What this part's manifest and grid are called: `STEM.part-00003-of-00008.EXT`.
+    fn file(&self, stem: &str, ext: &str) -> String {
+        format!("{stem}.part-{:05}-of-{:05}.{ext}", self.index, self.count)
+    }
+}
+
+/// The samples a part of a run covered, in its manifest.
+#[derive(Debug, Clone, Serialize)]
+pub struct PartRecord {
+    pub index: usize,
+    pub count: usize,
+    /// Samples `first..end` (run-wide indices).
+    pub first: u64,
+    pub end: u64,
 }
 
 /// A validated `generate` request.
 #[derive(Debug, Clone)]
 pub struct GenerateSpec {
-    pub model: PathBuf,
+    /// A folder, `s3://bucket/prefix` or a hub id, as `serve --model` takes.
+    pub model: ModelLocation,
+    /// Where an S3 model is copied (under `<bucket>/<prefix>`); `None`: a temporary folder, removed
+    /// after the run.
+    pub model_cache: Option<PathBuf>,
+    /// Path-style S3 addressing, for an S3 model and an S3 output.
+    pub s3_path_style: bool,
     pub scheduler: SchedulerKind,
     pub steps: usize,
     pub eta: Option<f32>,
@@ -80,7 +152,10 @@ pub struct GenerateSpec {
     pub layout: Layout,
     /// Batches sampled concurrently, each on its own thread with a share of the CPU threads (CPU only).
     pub lanes: usize,
-    pub out: PathBuf,
+    /// A folder (`Destination::File` without prefix) or an S3 prefix.
+    pub out: Destination,
+    /// Only this part of the run's batches; `None`: all.
+    pub part: Option<Part>,
     /// Layout and encoding of the samples.
     pub format: DataFormat,
     pub encoding: Encoding,
@@ -95,6 +170,9 @@ pub struct FileRecord {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelRecord {
+    /// The model as given: its folder, `s3://…` or `hf://org/name`.
+    pub source: String,
+    /// The local folder it was loaded from.
     pub path: String,
     pub weights: String,
     pub sha256: String,
@@ -120,8 +198,11 @@ pub struct Manifest {
     pub steps: usize,
     pub eta: f32,
     pub seed: u64,
+    /// The whole run's samples (a part samples a slice of them: see `part`).
     pub num_samples: usize,
     pub batch_size: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub part: Option<PartRecord>,
     pub dtype: DType,
     pub layout: Layout,
     pub lanes: usize,
@@ -135,14 +216,40 @@ pub struct Manifest {
     pub timings: Timings,
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename, so no reader sees half a file.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), GenerateError> {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, bytes).map_err(GenerateError::io(&tmp))?;
-    fs::rename(&tmp, path).map_err(GenerateError::io(path))
+/// What a run wrote, for the command's summary.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub manifest: Manifest,
+    pub manifest_uri: String,
+    pub grid_uri: String,
 }
 
 impl GenerateSpec {
+    /// Batches of the whole run.
+    fn batch_count(&self) -> usize {
+        self.num_samples.div_ceil(self.batch_size.max(1))
+    }
+
+    /// The shard (the part's number, 0 for a whole run) and the samples `first..end` this run samples.
+    fn range(&self) -> (u64, u64, u64) {
+        match self.part {
+            None => (0, 0, self.num_samples as u64),
+            Some(p) => {
+                let (first, end) = p.batches(self.batch_count());
+                let bs = self.batch_size as u64;
+                (p.index as u64, first as u64 * bs, (end as u64 * bs).min(self.num_samples as u64))
+            }
+        }
+    }
+
+    fn manifest_key(&self) -> String {
+        self.part.map_or_else(|| "manifest.json".into(), |p| p.file("manifest", "json"))
+    }
+
+    fn grid_key(&self) -> String {
+        self.part.map_or_else(|| "grid.png".into(), |p| p.file("grid", "png"))
+    }
+
     fn validate(&self) -> Result<(), GenerateError> {
         let invalid = |field, message: String| Err(GenerateError::InvalidArgument { field, message });
         if self.num_samples == 0 {
@@ -182,11 +289,36 @@ impl GenerateSpec {
         if self.encoding.png_level > 9 {
             return invalid("png_level", format!("{} must be in 1..=9", self.encoding.png_level));
         }
-        if self.out.join("manifest.json").exists() {
-            return invalid(
-                "out",
-                format!("{} already holds a run (manifest.json); choose another folder", self.out.display()),
-            );
+        if let Destination::S3 { bucket, prefix } = &self.out {
+            crate::storage::check_bucket(bucket).map_err(|e| GenerateError::InvalidArgument {
+                field: "out",
+                message: format!("bucket {bucket:?}: {e}"),
+            })?;
+            if !prefix.is_empty() {
+                crate::storage::check_prefix(prefix).map_err(|e| GenerateError::InvalidArgument {
+                    field: "out",
+                    message: format!("prefix {prefix:?}: {e}"),
+                })?;
+            }
+        }
+        if let Some(p) = self.part {
+            if p.count == 0 {
+                return invalid("part", "COUNT must be at least 1".into());
+            }
+            if p.index >= p.count {
+                return invalid("part", format!("{p}: INDEX counts from 0 and must be less than COUNT"));
+            }
+            let batches = self.batch_count();
+            if p.count > batches {
+                return invalid(
+                    "part",
+                    format!(
+                        "{p}: {} parts, but the run has only {batches} batch(es) ({} samples in batches of {}); \
+                         a part is whole batches, so use at most {batches} parts",
+                        p.count, self.num_samples, self.batch_size
+                    ),
+                );
+            }
         }
         if self.dtype != DType::Fp32 && !self.device.is_cuda() {
             return invalid("dtype", format!("{:?} needs a CUDA device; use fp32 on the CPU", self.dtype));
@@ -201,11 +333,23 @@ impl GenerateSpec {
     }
 }
 
-/// Runs the whole job; `progress` shows a bar on a terminal.
-pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Manifest, GenerateError> {
+/// Runs the whole job, or its part; `progress` shows a bar on a terminal.
+pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Report, GenerateError> {
     let started = Instant::now();
     spec.validate()?;
-    let files = ModelFiles::locate(&spec.model)?;
+    // Encoding and writing overlap the next batch's sampling, as a service shard's do.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(GenerateError::Runtime)?;
+    let store = runtime.block_on(crate::storage::open_store(&spec.out, spec.s3_path_style))?;
+    let (shard, first, end) = spec.range();
+    runtime.block_on(check_fresh(spec, store.as_ref(), shard, (first, end)))?;
+
+    let (s3_copy, _temporary) = spec.s3_copy_dir()?;
+    let model_dir = runtime.block_on(spec.model.fetch(&s3_copy, spec.s3_path_style))?;
+    let files = ModelFiles::locate(&model_dir)?;
     let scheduler_text =
         fs::read_to_string(&files.scheduler_config).map_err(GenerateError::io(&files.scheduler_config))?;
     let scheduler = SchedulerConfig::from_json(spec.scheduler, &scheduler_text)?;
@@ -216,10 +360,9 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Manifest, GenerateErro
     let mut unet = LoadedUNet::load(&files, spec.device, spec.dtype.kind())?;
     unet.set_layout(spec.layout);
     let load_seconds = started.elapsed().as_secs_f64();
-    // Only once the model is known to load, so a refused run leaves no output folder behind.
-    fs::create_dir_all(&spec.out).map_err(GenerateError::io(&spec.out))?;
 
-    let batches: Vec<Vec<u64>> = (0..spec.num_samples as u64)
+    // `first` is a batch boundary of the whole run, so these are the run's own batches.
+    let batches: Vec<Vec<u64>> = (first..end)
         .map(|i| spec.seed + i)
         .collect::<Vec<_>>()
         .chunks(spec.batch_size)
@@ -227,14 +370,6 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Manifest, GenerateErro
         .collect();
     let bar = progress_bar(progress, (batches.len() * steps_per_batch) as u64);
 
-    // Encoding and writing overlap the next batch's sampling, as a service shard's do.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .map_err(GenerateError::io(&spec.out))?;
-    let store: Arc<dyn ObjectStore> =
-        Arc::new(LocalStore::new(&spec.out).map_err(|e| GenerateError::Dataset(e.into()))?);
     let (h, w) = unet.config.sample_hw()?;
     let shape = (unet.config.in_channels as u64, h as u64, w as u64);
     let dataset = DatasetOptions::new(
@@ -244,36 +379,38 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Manifest, GenerateErro
         shape,
         spec.batch_size as u64,
     );
+    let source = spec.model.source();
     let target = ShardTarget {
-        store,
+        store: Arc::clone(&store),
         base: String::new(),
         options: dataset,
         context: SampleContext {
-            model: files.root.display().to_string(),
+            model: source.clone(),
             model_sha256: weights_sha.clone(),
             scheduler: spec.scheduler.as_str().into(),
             steps: spec.steps as u32,
             eta,
             seed: spec.seed,
         },
-        shard: 0,
-        start: 0,
-        end: spec.num_samples as u64,
-        writer: crate::dataset::index::Writer { shard: 0, worker: "generate".into(), attempt: 1 },
+        shard,
+        start: first,
+        end,
+        writer: crate::dataset::index::Writer { shard, worker: "generate".into(), attempt: 1 },
         mtime: time::OffsetDateTime::now_utc().unix_timestamp().max(0) as u64,
-        scratch: spec.out.clone(),
+        // Data file parts are spooled here on their way to S3 (a folder output has its own staging folder).
+        scratch: std::env::temp_dir(),
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<(u64, DynamicImage)>(spec.batch_size * 2);
     let (tile_tx, tile_rx) = std::sync::mpsc::channel::<(u64, DynamicImage)>();
     let writer = runtime.spawn(write_shard(target, rx, move |i, img| {
-        if i < GRID_MAX as u64 {
+        if i - first < GRID_MAX as u64 {
             let _ = tile_tx.send((i, img.clone()));
         }
     }));
 
     let sampling_started = Instant::now();
     let place = Placement { device: spec.device, kind: spec.dtype.kind() };
-    let job = BatchJob { batches: &batches, spec, scheduler: &scheduler, eta, place, bar: &bar };
+    let job = BatchJob { batches: &batches, first, spec, scheduler: &scheduler, eta, place, bar: &bar };
     let lanes = spec.lanes.clamp(1, batches.len().max(1));
     let sampled = if lanes == 1 {
         job.run_lane(&unet, 0, 1, &tx, &AtomicBool::new(false))
@@ -316,12 +453,15 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Manifest, GenerateErro
 
     let grid = imaging::make_grid(&grid_tiles, imaging::grid_columns(grid_tiles.len()));
     let grid_png = imaging::encode_png(&grid)?;
-    write_atomic(&spec.out.join("grid.png"), &grid_png)?;
+    let grid_sha256 = sha256_hex(&grid_png);
+    let grid_key = spec.grid_key();
+    let grid_put = runtime.block_on(store.put(&grid_key, grid_png.into(), "image/png"))?;
 
     let manifest = Manifest {
         version: format!("ddpm-worker {}", env!("CARGO_PKG_VERSION")),
         created_at: now_rfc3339(),
         model: ModelRecord {
+            source,
             path: files.root.display().to_string(),
             weights: files.weights.display().to_string(),
             sha256: weights_sha,
@@ -334,6 +474,7 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Manifest, GenerateErro
         seed: spec.seed,
         num_samples: spec.num_samples,
         batch_size: spec.batch_size,
+        part: spec.part.map(|p| PartRecord { index: p.index, count: p.count, first, end }),
         dtype: spec.dtype,
         layout: spec.layout,
         lanes,
@@ -341,24 +482,110 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Manifest, GenerateErro
         dataset,
         index: written.index,
         files: written.files,
-        grid: FileRecord { file: "grid.png".into(), sha256: sha256_hex(&grid_png) },
+        grid: FileRecord { file: grid_key, sha256: grid_sha256 },
         timings: Timings {
             load_seconds,
             sampling_seconds,
             total_seconds: started.elapsed().as_secs_f64(),
-            images_per_second: spec.num_samples as f64 / sampling_seconds.max(1e-9),
+            images_per_second: (end - first) as f64 / sampling_seconds.max(1e-9),
         },
     };
     let json = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
-    write_atomic(&spec.out.join("manifest.json"), &json)?;
-    // The writer's staging folder, empty now.
-    let _ = fs::remove_dir(spec.out.join(crate::storage::local::STAGING_DIR));
-    Ok(manifest)
+    let manifest_put = runtime.block_on(store.put(&spec.manifest_key(), json.into(), "application/json"))?;
+    if let Destination::File { root, prefix } = &spec.out {
+        // The writer's staging folder, empty now.
+        let _ = fs::remove_dir(root.join(prefix).join(crate::storage::local::STAGING_DIR));
+    }
+    Ok(Report { manifest, manifest_uri: manifest_put.uri, grid_uri: grid_put.uri })
+}
+
+/// `spec.out` as the user wrote it: the folder, or `s3://bucket/prefix`.
+pub fn out_display(out: &Destination) -> String {
+    match out {
+        Destination::File { root, prefix } if prefix.is_empty() => root.display().to_string(),
+        Destination::File { root, prefix } => root.join(prefix).display().to_string(),
+        Destination::S3 { .. } => out.to_string(),
+    }
+}
+
+/// Refuses a destination that holds this run or part already (its manifest), a whole run where a part
+/// would go, or an index part for this part's number that lists other samples (a run split another way,
+/// or with another seed). An index part that lists this part's samples is from an attempt that died
+/// before its manifest (a retried pod): what it stored is kept.
+async fn check_fresh(
+    spec: &GenerateSpec,
+    store: &dyn ObjectStore,
+    shard: u64,
+    (first, end): (u64, u64),
+) -> Result<(), GenerateError> {
+    let shown = out_display(&spec.out);
+    let refuse = |message| Err(GenerateError::InvalidArgument { field: "out", message });
+    let mut runs = vec![spec.manifest_key()];
+    if spec.part.is_some() {
+        runs.push("manifest.json".into());
+    }
+    for key in runs {
+        if store.get(&key).await?.is_some() {
+            return refuse(format!("{shown} already holds a run ({key}); choose another folder"));
+        }
+    }
+    let index_key = crate::dataset::index_path(shard);
+    if let Some(bytes) = store.get(&index_key).await? {
+        let rows = crate::dataset::index::read(bytes)?;
+        let same = rows.iter().map(|r| (r.index, r.seed)).eq((first..end).map(|i| (i, spec.seed + i)));
+        if !same {
+            let listed = match (rows.first(), rows.last()) {
+                (Some(a), Some(b)) => format!("samples {}..{} from seed {}", a.index, b.index + 1, a.seed),
+                _ => "no samples".into(),
+            };
+            return refuse(format!(
+                "{shown} holds {index_key} with {listed}, not samples {first}..{end} from seed {}: \
+                 a run with other settings or split another way wrote there; choose another folder",
+                spec.seed + first
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A folder removed when dropped.
+struct TempFolder(PathBuf);
+
+impl Drop for TempFolder {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+impl GenerateSpec {
+    /// Where an S3 model is copied: under `model_cache`, or a temporary folder removed when the guard
+    /// is dropped.
+    fn s3_copy_dir(&self) -> Result<(PathBuf, Option<TempFolder>), GenerateError> {
+        let ModelLocation::S3 { bucket, prefix } = &self.model else { return Ok((PathBuf::new(), None)) };
+        Ok(match &self.model_cache {
+            Some(cache) => {
+                let dir = cache.join(bucket);
+                if prefix.is_empty() {
+                    (dir, None)
+                } else {
+                    crate::storage::check_key(prefix)?;
+                    (dir.join(prefix), None)
+                }
+            }
+            None => {
+                let dir =
+                    std::env::temp_dir().join(format!("ddpm-worker-model-{}", uuid::Uuid::new_v4().simple()));
+                (dir.clone(), Some(TempFolder(dir)))
+            }
+        })
+    }
 }
 
 /// What every sampling lane shares.
 struct BatchJob<'a> {
     batches: &'a [Vec<u64>],
+    /// The run-wide index of the first batch's first sample.
+    first: u64,
     spec: &'a GenerateSpec,
     scheduler: &'a SchedulerConfig,
     eta: f32,
@@ -387,7 +614,7 @@ impl BatchJob<'_> {
                 self.bar.inc(1);
                 !stop.load(Ordering::Relaxed)
             })?;
-            let first = (b * self.spec.batch_size) as u64;
+            let first = self.first + (b * self.spec.batch_size) as u64;
             for (k, img) in imaging::to_images(&x0)?.into_iter().enumerate() {
                 if tx.blocking_send((first + k as u64, img)).is_err() {
                     return Ok(()); // the writer failed; its error is reported by the caller
@@ -413,4 +640,34 @@ fn progress_bar(show: bool, total: u64) -> indicatif::ProgressBar {
 
 fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_take_every_batch_once_in_order_in_near_equal_runs() {
+        for batches in 1..40 {
+            for count in 1..=batches {
+                let mut next = 0;
+                for index in 0..count {
+                    let (first, end) = Part { index, count }.batches(batches);
+                    assert_eq!(first, next, "{index}/{count} of {batches}");
+                    let len = end - first;
+                    assert!(
+                        len == batches / count || len == batches / count + 1,
+                        "{index}/{count} of {batches}"
+                    );
+                    next = end;
+                }
+                assert_eq!(next, batches);
+            }
+        }
+        assert_eq!("2/8".parse::<Part>(), Ok(Part { index: 2, count: 8 }));
+        for bad in ["2", "2/", "/8", "a/8", "-1/8", "2/8/1"] {
+            assert!(bad.parse::<Part>().is_err(), "{bad}");
+        }
+        assert_eq!(Part { index: 3, count: 8 }.file("manifest", "json"), "manifest.part-00003-of-00008.json");
+    }
 }

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use ddpm_worker::benchmark;
 use ddpm_worker::client;
-use ddpm_worker::generate::{self, GenerateSpec};
+use ddpm_worker::generate::{self, GenerateSpec, Part};
 use ddpm_worker::init_model::{self, Preset};
 use ddpm_worker::model::Layout;
 use ddpm_worker::placement::{self, DType};
@@ -26,7 +26,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Sample images from a diffusers model folder into PNGs, a grid and a manifest.
+    /// Sample images from a diffusers model into PNGs (or data files), a grid and a manifest, in a
+    /// folder or on S3; or one part of such a run.
     Generate(GenerateArgs),
     /// Write a diffusers model folder with random weights (for demos and tests; no network needed).
     InitModel(InitModelArgs),
@@ -139,9 +140,15 @@ struct PlacementArgs {
 
 #[derive(clap::Args)]
 struct GenerateArgs {
-    /// A diffusers model folder (flat, as google/ddpm-*, or with unet/ and scheduler/ subfolders).
+    /// A diffusers model: a folder (flat, as google/ddpm-*, or with unet/ and scheduler/ subfolders),
+    /// s3://BUCKET/PREFIX (copied locally first), or a Hugging Face hub id org/name (from the HF cache,
+    /// downloaded into it when missing; HF_HOME, HF_HUB_CACHE, HF_ENDPOINT and HF_TOKEN apply).
     #[arg(long)]
-    model: PathBuf,
+    model: ddpm_worker::models::ModelLocation,
+    /// Where an s3:// model is copied (under BUCKET/PREFIX) [default: a temporary folder, removed
+    /// after the run].
+    #[arg(long)]
+    model_cache: Option<PathBuf>,
     /// The sampler; its options come from the folder's scheduler_config.json as diffusers' from_config.
     #[arg(long, value_enum, default_value = "ddpm")]
     scheduler: SchedulerKind,
@@ -170,12 +177,49 @@ struct GenerateArgs {
     /// (`--layout channels-last` on CUDA): throughput first, diffusers parity within tolerance.
     #[arg(long)]
     fast: bool,
-    /// Output directory (new, or without a manifest.json): the samples in --format's layout, their
-    /// index (index/part-000000.parquet), grid.png, manifest.json.
-    #[arg(long)]
-    out: PathBuf,
+    /// Output folder, or s3://BUCKET[/PREFIX] (endpoint and credentials from AWS_*, as for `serve`),
+    /// without a run in it: the samples in --format's layout, their index (index/part-000000.parquet),
+    /// grid.png, manifest.json. A part writes index/part-<INDEX:06>.parquet,
+    /// manifest.part-<INDEX:05>-of-<COUNT:05>.json and grid.part-….png, and its samples under their
+    /// run-wide indices: all parts of a run go to the same --out.
+    #[arg(long, value_parser = parse_out)]
+    out: ddpm_worker::storage::Destination,
+    /// Path-style S3 addressing (MinIO, SeaweedFS, Ceph), for an s3:// --out and --model.
+    #[arg(long, env = "DDPM_S3_PATH_STYLE")]
+    s3_path_style: bool,
+    /// Sample only part INDEX (from 0) of the run split into COUNT parts of whole batches, e.g. 2/8:
+    /// each sample comes out as in the whole run (same seed, same batch).
+    #[arg(long, value_name = "INDEX/COUNT", conflicts_with = "part_count")]
+    part: Option<Part>,
+    /// Like --part JOB_COMPLETION_INDEX/COUNT, reading the index Kubernetes gives each pod of an
+    /// Indexed Job.
+    #[arg(long, value_name = "COUNT")]
+    part_count: Option<usize>,
     #[command(flatten)]
     dataset: DatasetArgs,
+}
+
+/// `s3://BUCKET[/PREFIX]`, or a local folder.
+fn parse_out(s: &str) -> Result<ddpm_worker::storage::Destination, String> {
+    if s.starts_with("s3://") {
+        return s.parse().map_err(|e: ddpm_worker::storage::StorageError| e.to_string());
+    }
+    if s.is_empty() {
+        return Err("empty; give a folder or s3://BUCKET[/PREFIX]".into());
+    }
+    Ok(ddpm_worker::storage::Destination::File { root: s.into(), prefix: String::new() })
+}
+
+/// The part a pod of a Kubernetes Indexed Job samples: `JOB_COMPLETION_INDEX` of `count`.
+fn indexed_job_part(count: usize) -> Result<Part, String> {
+    let index = std::env::var("JOB_COMPLETION_INDEX").map_err(|_| {
+        "--part-count needs JOB_COMPLETION_INDEX, which Kubernetes sets in the pods of an Indexed Job; \
+         elsewhere use --part INDEX/COUNT"
+            .to_string()
+    })?;
+    let index =
+        index.trim().parse().map_err(|_| format!("JOB_COMPLETION_INDEX={index:?} is not an index"))?;
+    Ok(Part { index, count })
 }
 
 /// How samples are stored (as `submit` asks a server for).
@@ -342,8 +386,21 @@ fn main() -> ExitCode {
         Command::Cancel(a) => run_client(client::cancel(a)),
         Command::Retry(a) => run_client(client::retry(a, progress)),
         Command::Generate(a) => {
+            let part = match (a.part, a.part_count) {
+                (Some(p), _) => Some(p),
+                (None, Some(count)) => match indexed_job_part(count) {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+                (None, None) => None,
+            };
             let spec = GenerateSpec {
                 model: a.model,
+                model_cache: a.model_cache,
+                s3_path_style: a.s3_path_style,
                 scheduler: a.scheduler,
                 steps: a.steps,
                 eta: a.eta,
@@ -355,6 +412,7 @@ fn main() -> ExitCode {
                 layout: if a.fast { Layout::ChannelsLast } else { a.place.layout.into() },
                 lanes: if a.fast && !a.place.device.is_cuda() { physical_cores() } else { a.lanes },
                 out: a.out,
+                part,
                 format: a.dataset.format,
                 encoding: ddpm_worker::dataset::Encoding {
                     image: a.dataset.image_format,
@@ -364,13 +422,17 @@ fn main() -> ExitCode {
                 target_file_bytes: a.dataset.target_file_bytes,
             };
             match generate::run(&spec, std::io::stderr().is_terminal()) {
-                Ok(m) => {
+                Ok(r) => {
+                    let m = &r.manifest;
+                    let what = match &m.part {
+                        Some(p) => format!("samples {}..{} (part {}/{})", p.first, p.end, p.index, p.count),
+                        None => format!("{} samples", m.num_samples),
+                    };
                     println!(
-                        "wrote {} samples to {} (grid: {}, manifest: {}) at {:.2} images/s",
-                        m.num_samples,
-                        spec.out.display(),
-                        spec.out.join("grid.png").display(),
-                        spec.out.join("manifest.json").display(),
+                        "wrote {what} to {} (grid: {}, manifest: {}) at {:.2} images/s",
+                        generate::out_display(&spec.out),
+                        r.grid_uri,
+                        r.manifest_uri,
                         m.timings.images_per_second
                     );
                     ExitCode::SUCCESS

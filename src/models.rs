@@ -39,7 +39,20 @@ impl FromStr for ModelArg {
         if !valid_name {
             return Err(format!("model name {name:?}: use letters, digits, '-', '_' and '.'"));
         }
-        let location = if let Some(rest) = location.strip_prefix("s3://") {
+        if location.is_empty() {
+            return Err(format!("{s:?}: empty location"));
+        }
+        Ok(ModelArg { name: name.into(), location: location.parse()? })
+    }
+}
+
+impl FromStr for ModelLocation {
+    type Err = String;
+
+    /// `s3://bucket/prefix`, a hub id `org/name` (unless a folder of that relative path exists), or a
+    /// folder.
+    fn from_str(location: &str) -> Result<Self, String> {
+        Ok(if let Some(rest) = location.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             if bucket.is_empty() {
                 return Err(format!("{location:?}: no bucket"));
@@ -48,12 +61,62 @@ impl FromStr for ModelArg {
         } else if is_hub_id(location) && !Path::new(location).exists() {
             ModelLocation::Hub(location.into())
         } else if location.is_empty() {
-            return Err(format!("{s:?}: empty location"));
+            return Err("empty location".into());
         } else {
             ModelLocation::Dir(location.into())
-        };
-        Ok(ModelArg { name: name.into(), location })
+        })
     }
+}
+
+impl ModelLocation {
+    /// The location as configured, as manifests record it: the folder, `s3://bucket/prefix` or
+    /// `hf://org/name`.
+    pub fn source(&self) -> String {
+        match self {
+            ModelLocation::Dir(d) => d.display().to_string(),
+            ModelLocation::S3 { bucket, prefix } => format!("s3://{bucket}/{prefix}"),
+            ModelLocation::Hub(id) => format!("hf://{id}"),
+        }
+    }
+
+    /// The model's folder on this machine: a folder as it is; a hub id's snapshot in the Hugging Face
+    /// cache, downloaded into it first when it is not complete there (where a network exists); an S3
+    /// folder copied into `s3_copy` (with `s3_path_style` addressing).
+    pub async fn fetch(&self, s3_copy: &Path, s3_path_style: bool) -> Result<PathBuf, FetchError> {
+        match self {
+            ModelLocation::Dir(d) => Ok(d.clone()),
+            ModelLocation::Hub(id) => {
+                let cache = hf_hub_cache().ok_or(FetchError::NoHfCache)?;
+                let cached =
+                    hub_snapshot(&cache, id).ok().filter(|dir| crate::model::ModelFiles::locate(dir).is_ok());
+                match cached {
+                    Some(dir) => Ok(dir),
+                    None => download_hub_model(&cache, id)
+                        .await
+                        .map_err(|source| FetchError::Hub { cache, source }),
+                }
+            }
+            ModelLocation::S3 { bucket, prefix } => {
+                let dest = crate::storage::Destination::S3 { bucket: bucket.clone(), prefix: prefix.clone() };
+                let store = crate::storage::open_store(&dest, s3_path_style).await?;
+                fetch_model_folder(store.as_ref(), s3_copy).await?;
+                Ok(s3_copy.to_path_buf())
+            }
+        }
+    }
+}
+
+/// Why a model's folder could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("no HOME, HF_HOME or HF_HUB_CACHE to find the Hugging Face cache")]
+    NoHfCache,
+    #[error("not in the Hugging Face cache at {}, and {source}", cache.display())]
+    Hub { cache: PathBuf, source: ModelError },
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
 }
 
 /// `org/name`: two segments of hub-legal characters.

@@ -1,5 +1,6 @@
-//! `ddpm-worker generate` and `init-model` as a user runs them: outputs, manifest, shard invariance,
-//! and clear errors with exit code 2 for bad arguments.
+//! `ddpm-worker generate` and `init-model` as a user runs them: outputs, manifest, shard invariance, runs
+//! split into parts, models from S3 and the hub cache, S3 outputs, and clear errors with exit code 2 for
+//! bad arguments.
 
 mod common;
 
@@ -9,7 +10,7 @@ use std::process::{Command, Output};
 use common::{bin, fraction_within};
 
 fn run(args: &[&str]) -> Output {
-    Command::new(bin()).args(args).output().expect("running ddpm-worker")
+    run_with_env(args, &[])
 }
 
 fn tiny_model(dir: &Path) -> PathBuf {
@@ -263,4 +264,256 @@ fn every_layout_of_a_run_opens_in_the_dataset_readers() {
     .concat());
     assert_eq!(again.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&again.stderr).contains("already holds a run"));
+}
+
+/// Runs the binary with `env` added and without JOB_COMPLETION_INDEX (a test may run in a pod).
+fn run_with_env(args: &[&str], env: &[(&str, String)]) -> Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(args).env_remove("JOB_COMPLETION_INDEX");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("running ddpm-worker")
+}
+
+/// A run's or a part's manifest, read from `dir`.
+fn read_json(path: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+/// The rows of every index part in `dir/index`, in sample order.
+fn all_index_rows(dir: &Path) -> Vec<ddpm_worker::dataset::index::IndexRow> {
+    let mut rows = Vec::new();
+    for entry in std::fs::read_dir(dir.join("index")).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        rows.extend(ddpm_worker::dataset::index::read(bytes.into()).unwrap());
+    }
+    rows.sort_by_key(|r| r.index);
+    rows
+}
+
+/// Ten samples in five batches of two, split into three parts of 1, 2 and 2 batches.
+const SPLIT_RUN: [&str; 10] =
+    ["--scheduler", "ddpm", "--steps", "20", "--seed", "7", "--num-samples", "10", "--batch-size", "2"];
+
+#[test]
+fn parts_of_a_run_write_its_samples_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let m = model.to_str().unwrap();
+    let full = dir.path().join("full");
+    generate(&model, &full, &SPLIT_RUN);
+
+    let split = dir.path().join("split");
+    let s = split.to_str().unwrap();
+    let base = [&["generate", "--model", m, "--out", s][..], &SPLIT_RUN].concat();
+    // Parts run in any order; the middle one as a pod of an Indexed Job gets its index.
+    for (args, env) in [
+        (vec!["--part", "2/3"], vec![]),
+        (vec!["--part-count", "3"], vec![("JOB_COMPLETION_INDEX", "1".to_string())]),
+        (vec!["--part", "0/3"], vec![]),
+    ] {
+        let o = run_with_env(&[&base[..], &args].concat(), &env);
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert!(!split.join("manifest.json").exists(), "parts write no whole-run manifest");
+
+    // Each part: whole batches, its own manifest, grid and index part.
+    let mut covered = Vec::new();
+    for (k, (first, end)) in [(0, 2), (2, 6), (6, 10)].into_iter().enumerate() {
+        let pm = read_json(&split.join(format!("manifest.part-{k:05}-of-00003.json")));
+        assert_eq!(pm["part"], serde_json::json!({"index": k, "count": 3, "first": first, "end": end}));
+        assert_eq!(pm["num_samples"], 10);
+        assert_eq!(pm["seed"], 7);
+        assert_eq!(pm["index"]["path"], format!("index/part-{k:06}.parquet"));
+        assert_eq!((pm["index"]["first"].as_u64(), pm["index"]["end"].as_u64()), (Some(first), Some(end)));
+        let grid = format!("grid.part-{k:05}-of-00003.png");
+        assert_eq!(pm["grid"]["file"], grid.as_str());
+        let grid = std::fs::read(split.join(&grid)).unwrap();
+        assert_eq!(pm["grid"]["sha256"], ddpm_worker::digest::sha256_hex(&grid));
+        let index = std::fs::read(split.join(pm["index"]["path"].as_str().unwrap())).unwrap();
+        let rows = ddpm_worker::dataset::index::read(index.into()).unwrap();
+        covered.extend(rows.iter().map(|r| r.index));
+        assert_eq!(rows.iter().map(|r| r.index).collect::<Vec<_>>(), (first..end).collect::<Vec<_>>());
+    }
+    covered.sort();
+    assert_eq!(covered, (0..10).collect::<Vec<_>>(), "the parts cover every sample exactly once");
+
+    // Every sample is the whole run's, byte for byte, and nothing else was written.
+    let listing = |d: &Path| {
+        let mut names: Vec<_> =
+            std::fs::read_dir(d.join("samples")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        names
+    };
+    assert_eq!(listing(&split), listing(&full));
+    for i in 0..10 {
+        assert_eq!(sample_png(&split, i), sample_png(&full, i), "sample {i}");
+    }
+    let whole = index_rows(&full, &read_json(&full.join("manifest.json")));
+    let parts = all_index_rows(&split);
+    let key = |r: &ddpm_worker::dataset::index::IndexRow| (r.index, r.seed, r.sha256.clone(), r.file.clone());
+    assert_eq!(parts.iter().map(key).collect::<Vec<_>>(), whole.iter().map(key).collect::<Vec<_>>());
+
+    // A part is not run twice, and a split of another shape is refused where one was written.
+    let again = run(&[&base[..], &["--part", "1/3"]].concat());
+    assert_eq!(again.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(stderr.contains("already holds a run (manifest.part-00001-of-00003.json)"), "{stderr}");
+    let other = run(&[&base[..], &["--part", "1/2"]].concat());
+    assert_eq!(other.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&other.stderr);
+    assert!(stderr.contains("index/part-000001.parquet with samples 2..6"), "{stderr}");
+    assert!(!split.join("manifest.part-00001-of-00002.json").exists());
+    // A whole run is refused where its parts went, and parts where a whole run went.
+    let whole_there = run(&base);
+    assert_eq!(whole_there.status.code(), Some(2), "{}", String::from_utf8_lossy(&whole_there.stderr));
+    let f = full.to_str().unwrap();
+    let part_there =
+        run(&[&["generate", "--model", m, "--out", f][..], &SPLIT_RUN, &["--part", "1/3"]].concat());
+    assert_eq!(part_there.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&part_there.stderr).contains("already holds a run (manifest.json)"));
+}
+
+#[test]
+fn bad_parts_exit_2_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let out = dir.path().join("o");
+    let base = ["generate", "--model", model.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    let base = [&base[..], &SPLIT_RUN].concat();
+    let with = |extra: &[&'static str]| [&base[..], extra].concat();
+    assert_usage_error(&with(&["--part", "3/3"]), "INDEX counts from 0 and must be less than COUNT");
+    assert_usage_error(&with(&["--part", "0/0"]), "COUNT must be at least 1");
+    assert_usage_error(&with(&["--part", "0/6"]), "6 parts, but the run has only 5 batch(es)");
+    assert_usage_error(&with(&["--part", "2"]), "expected INDEX/COUNT");
+    assert_usage_error(&with(&["--part=-1/3"]), "expected INDEX/COUNT");
+    assert_usage_error(&with(&["--part", "0/2", "--part-count", "2"]), "cannot be used with");
+    // Outside an Indexed Job's pod (the tests clear JOB_COMPLETION_INDEX).
+    assert_usage_error(&with(&["--part-count", "3"]), "--part-count needs JOB_COMPLETION_INDEX");
+    let o = run_with_env(&with(&["--part-count", "3"]), &[("JOB_COMPLETION_INDEX", "x".into())]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("JOB_COMPLETION_INDEX=\"x\" is not an index"));
+    let o = run_with_env(&with(&["--part-count", "3"]), &[("JOB_COMPLETION_INDEX", "3".into())]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("3/3: INDEX counts from 0"));
+    assert!(!out.exists(), "a refused run writes nothing");
+}
+
+#[test]
+fn a_hub_id_is_read_from_the_hugging_face_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    // The layout huggingface_hub leaves: refs/main names the snapshot folder.
+    let cache = dir.path().join("hf");
+    let repo = cache.join("models--ddpm-test--tiny");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    let snapshot = repo.join("snapshots/0123abcd");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    for entry in std::fs::read_dir(&model).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, snapshot.join(path.file_name().unwrap())).unwrap();
+    }
+    let args = ["--scheduler", "ddim", "--steps", "4", "--num-samples", "2"];
+    let from_folder = dir.path().join("folder");
+    generate(&model, &from_folder, &args);
+    let from_hub = dir.path().join("hub");
+    let hub_args = ["generate", "--model", "ddpm-test/tiny", "--out", from_hub.to_str().unwrap()];
+    // A closed port as the hub: the cached snapshot is used without asking it.
+    let env = [("HF_HUB_CACHE", cache.display().to_string()), ("HF_ENDPOINT", "http://127.0.0.1:9".into())];
+    let o = run_with_env(&[&hub_args[..], &args].concat(), &env);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m = read_json(&from_hub.join("manifest.json"));
+    assert_eq!(m["model"]["source"], "hf://ddpm-test/tiny");
+    assert_eq!(m["model"]["path"], snapshot.display().to_string());
+    for i in 0..2 {
+        assert_eq!(sample_png(&from_hub, i), sample_png(&from_folder, i));
+    }
+    // Not in the cache, and the hub out of reach: a clear error naming both.
+    let x = dir.path().join("x");
+    let missing = ["generate", "--model", "ddpm-test/absent", "--out", x.to_str().unwrap()];
+    let o = run_with_env(&[&missing[..], &args].concat(), &env);
+    assert_eq!(o.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("not in the Hugging Face cache at") && stderr.contains("ddpm-test/absent"),
+        "{stderr}"
+    );
+}
+
+/// A model from S3 and parts written to S3 (a real SeaweedFS), in the WebDataset layout: the samples are
+/// the local whole run's, and the temporary model copy and spool files are gone afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parts_read_an_s3_model_and_write_to_s3() {
+    use common::seaweed::{self, SeaweedFs};
+    use ddpm_worker::storage::ObjectStore;
+    let s3 = SeaweedFs::shared().await;
+    let client = s3.client();
+    let prefix = seaweed::unique_prefix("generate");
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    for entry in std::fs::read_dir(&model).unwrap() {
+        let path = entry.unwrap().path();
+        let key = format!("{prefix}/models/tiny/{}", path.file_name().unwrap().to_string_lossy());
+        let body = aws_sdk_s3::primitives::ByteStream::from(std::fs::read(&path).unwrap());
+        client.put_object().bucket(seaweed::BUCKET).key(key).body(body).send().await.unwrap();
+    }
+    let full = dir.path().join("full");
+    generate(&model, &full, &SPLIT_RUN);
+
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut env: Vec<(&str, String)> = seaweed::aws_env(s3.endpoint()).into_iter().collect();
+    env.push(("TMPDIR", tmp.display().to_string()));
+    let s3_model = format!("s3://{}/{prefix}/models/tiny", seaweed::BUCKET);
+    let out = format!("s3://{}/{prefix}/run", seaweed::BUCKET);
+    let base =
+        [&["generate", "--model", &s3_model, "--out", &out, "--s3-path-style"][..], &SPLIT_RUN].concat();
+    // 64 KiB files hold 14 samples of 16×16 (7 batches of 2): one tar per part.
+    let layout = ["--format", "webdataset", "--target-file-bytes", "65536"];
+    for part in ["0/2", "1/2"] {
+        let o = run_with_env(&[&base[..], &layout, &["--part", part]].concat(), &env);
+        assert!(o.status.success(), "part {part}: {}", String::from_utf8_lossy(&o.stderr));
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(stdout.contains(&format!("manifest: {out}/manifest.part-0000")), "{stdout}");
+    }
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "the model copy and spools are removed");
+
+    let local = dir.path().join("downloaded");
+    let keys = seaweed::download(&client, &format!("{prefix}/run"), &local).await;
+    assert_eq!(
+        keys,
+        [
+            "data/000000.tar",
+            "data/000001.tar",
+            "grid.part-00000-of-00002.png",
+            "grid.part-00001-of-00002.png",
+            "index/part-000000.parquet",
+            "index/part-000001.parquet",
+            "manifest.part-00000-of-00002.json",
+            "manifest.part-00001-of-00002.json",
+        ]
+    );
+    let m0 = read_json(&local.join("manifest.part-00000-of-00002.json"));
+    assert_eq!(m0["model"]["source"], s3_model);
+    assert_eq!(m0["part"]["end"], 4, "5 batches split 2 + 3");
+    let store: std::sync::Arc<dyn ObjectStore> =
+        std::sync::Arc::new(ddpm_worker::storage::local::LocalStore::new(&local).unwrap());
+    let rows = all_index_rows(&local);
+    assert_eq!(rows.iter().map(|r| r.index).collect::<Vec<_>>(), (0..10).collect::<Vec<_>>());
+    for row in rows {
+        let size = |p: &str| std::fs::metadata(local.join(p)).ok().map(|m| m.len());
+        let bytes = ddpm_worker::dataset::sink::read_sample(&store, "", &row, size).await.unwrap();
+        assert_eq!(bytes.as_ref(), sample_png(&full, row.index as usize), "sample {}", row.index);
+    }
+
+    // The same part again: refused, its manifest is there.
+    let o = run_with_env(&[&base[..], &layout, &["--part", "1/2"]].concat(), &env);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("already holds a run (manifest.part-00001-of-00002.json)")
+    );
 }

@@ -17,7 +17,7 @@ use tch::Device;
 
 use crate::api::{FILE_DESCRIPTOR_SET, pb};
 use crate::model::Layout;
-use crate::models::{ModelArg, ModelLocation, ResolvedModel};
+use crate::models::{ModelArg, ResolvedModel};
 use crate::placement::{DType, device_name, parse_device};
 use crate::queue::nats::{NatsOptions, NatsQueue};
 use crate::queue::sqlite::SqliteStore;
@@ -270,40 +270,13 @@ async fn prepare(args: &ServeArgs) -> Result<Prepared, ServeError> {
         if models.contains_key(&m.name) {
             return Err(config(format!("--model {}: named twice", m.name)));
         }
-        let (dir, source) = match &m.location {
-            ModelLocation::Dir(d) => (d.clone(), d.display().to_string()),
-            ModelLocation::Hub(id) => {
-                let cache = crate::models::hf_hub_cache().ok_or_else(|| {
-                    config("no HOME, HF_HOME or HF_HUB_CACHE to find the Hugging Face cache".into())
-                })?;
-                // The cached snapshot when it is complete; otherwise a download (where a network exists).
-                let cached = crate::models::hub_snapshot(&cache, id)
-                    .ok()
-                    .filter(|dir| crate::model::ModelFiles::locate(dir).is_ok());
-                let dir = match cached {
-                    Some(dir) => dir,
-                    None => crate::models::download_hub_model(&cache, id).await.map_err(|e| {
-                        config(format!(
-                            "--model {}: not in the Hugging Face cache at {}, and {e}",
-                            m.name,
-                            cache.display()
-                        ))
-                    })?,
-                };
-                (dir, format!("hf://{id}"))
-            }
-            ModelLocation::S3 { bucket, prefix } => {
-                let dest = Destination::S3 { bucket: bucket.clone(), prefix: prefix.clone() };
-                let store = crate::storage::open_store(&dest, args.s3_path_style)
-                    .await
-                    .map_err(|e| config(format!("--model {}: {e}", m.name)))?;
-                let dir = args.model_cache.join(&m.name);
-                crate::models::fetch_model_folder(store.as_ref(), &dir)
-                    .await
-                    .map_err(|e| config(format!("--model {}: {e}", m.name)))?;
-                (dir, format!("s3://{bucket}/{prefix}"))
-            }
-        };
+        // An S3 model is copied to the model cache under its name.
+        let dir = m
+            .location
+            .fetch(&args.model_cache.join(&m.name), args.s3_path_style)
+            .await
+            .map_err(|e| config(format!("--model {}: {e}", m.name)))?;
+        let source = m.location.source();
         let resolved = ResolvedModel::from_dir(&m.name, source, &dir)
             .map_err(|e| config(format!("--model {}: {e}", m.name)))?;
         models.insert(m.name.clone(), Arc::new(resolved));

@@ -268,8 +268,11 @@ securityContext:
     {{- end }}
 {{- end }}
 
-{{/* The serve container's environment: HF cache and token, S3 endpoint and credentials, extra env. */}}
-{{- define "ddpm-worker.env" -}}
+{{/*
+The environment the serve pods and the generate Job share: HF cache and token, S3 endpoint and
+credentials. A YAML list ("[]" when empty).
+*/}}
+{{- define "ddpm-worker.sharedEnv" -}}
 {{- $aws := .Values.aws }}
 {{- $env := list }}
 {{- with .Values.models.hfHome }}
@@ -291,9 +294,79 @@ securityContext:
 {{- $env = append $env (dict "name" "AWS_SESSION_TOKEN" "valueFrom" (dict "secretKeyRef" (dict "name" . "key" $aws.sessionTokenKey))) }}
 {{- end }}
 {{- end }}
-{{- $env = concat $env .Values.serve.extraEnv }}
+{{- toYaml $env }}
+{{- end }}
+
+{{/* A container's `env:` from (list context extraEnv): the shared environment, then extraEnv. */}}
+{{- define "ddpm-worker.containerEnv" -}}
+{{- $env := concat (include "ddpm-worker.sharedEnv" (index . 0) | fromYamlArray) (index . 1 | default list) }}
 {{- if $env }}
 env:
   {{- toYaml $env | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* The serve container's environment: the shared one and serve.extraEnv. */}}
+{{- define "ddpm-worker.env" -}}
+{{- include "ddpm-worker.containerEnv" (list . .Values.serve.extraEnv) }}
+{{- end }}
+
+{{/* True ("true") when the string is a Hugging Face hub id, org/name, as ddpm-worker tells them apart. */}}
+{{- define "ddpm-worker.isHubId" -}}
+{{- if regexMatch "^[A-Za-z0-9_-][A-Za-z0-9._-]*/[A-Za-z0-9_-][A-Za-z0-9._-]*$" (toString .) }}true{{ end }}
+{{- end }}
+
+{{/* True ("true") when models.hfHomeVolume is mounted writable at models.hfHome in the generate Job. */}}
+{{- define "ddpm-worker.generateHfHomeVolume" -}}
+{{- if and .Values.models.hfHome .Values.models.hfHomeVolume (include "ddpm-worker.isHubId" .Values.generate.model) }}true{{ end }}
+{{- end }}
+
+{{/* The generate Job's batches: numSamples / batchSize, rounded up. */}}
+{{- define "ddpm-worker.generateBatches" -}}
+{{- $g := .Values.generate }}
+{{- div (sub (add (int64 $g.numSamples) (int64 $g.batchSize)) 1) (int64 $g.batchSize) }}
+{{- end }}
+
+{{/*
+Render-time checks of the generate values that the JSON schema cannot express. Fails the render with a
+message that says what to change.
+*/}}
+{{- define "ddpm-worker.validateGenerate" -}}
+{{- $g := .Values.generate }}
+{{- $batches := include "ddpm-worker.generateBatches" . | int64 }}
+{{- if gt (int64 $g.parts) $batches }}
+{{- fail (printf "generate.parts is %d, but the run has only %d batches (numSamples %d in batches of %d): each part samples whole batches, so that every sample comes out as in one unsplit run. Use at most %d parts, or a smaller generate.batchSize." (int64 $g.parts) $batches (int64 $g.numSamples) (int64 $g.batchSize) $batches) }}
+{{- end }}
+{{- /* Parallel pods land on several nodes (one GPU node each, as a rule), as serve's replicas do. */}}
+{{- $parallel := 1 }}
+{{- if gt (int64 $g.parts) 1 }}
+{{- $parallel = $g.parallelism | default $g.parts | int64 }}
+{{- end }}
+{{- if gt $parallel 1 }}
+{{- $mv := .Values.models.volume }}
+{{- if and (not (hasPrefix "s3://" (toString $g.model))) (hasKey $mv "persistentVolumeClaim") (not (has .Values.models.accessMode (list "ReadOnlyMany" "ReadWriteMany"))) }}
+{{- fail (printf "generate.parts is %d with %d pods at once: every pod mounts models.volume (claim %q), on its own node. A %s claim attaches to one node only, so pods on other nodes would hang in ContainerCreating (Multi-Attach error). If the claim is ReadOnlyMany or ReadWriteMany, declare it with models.accessMode (the chart cannot read an existing claim's access mode); otherwise set generate.parallelism to 1, or load the model from s3://." (int64 $g.parts) $parallel (toString $mv.persistentVolumeClaim.claimName) (toString .Values.models.accessMode)) }}
+{{- end }}
+{{- if not (hasPrefix "s3://" (toString $g.output)) }}
+{{- $ov := .Values.output.volume }}
+{{- range list "emptyDir" "ephemeral" "hostPath" }}
+{{- if hasKey $ov . }}
+{{- fail (printf "generate.parts is %d with %d pods at once, writing to output.volume, which is %s: each pod (emptyDir, ephemeral) or node (hostPath) would get its own output folder, and the parts of the run must land in one. Use a ReadWriteMany claim (with output.accessMode=ReadWriteMany) or an nfs volume, generate.output=s3://..., or generate.parallelism=1." (int64 $g.parts) $parallel .) }}
+{{- end }}
+{{- end }}
+{{- if and (hasKey $ov "persistentVolumeClaim") (ne .Values.output.accessMode "ReadWriteMany") }}
+{{- fail (printf "generate.parts is %d with %d pods at once: every pod writes to output.volume (claim %q), on its own node, and needs it ReadWriteMany; a %s claim attaches to one node only, so pods on other nodes would hang in ContainerCreating (Multi-Attach error). If the claim is ReadWriteMany (NFS, CephFS, EFS, Filestore, ...), declare it with output.accessMode=ReadWriteMany (the chart cannot read an existing claim's access mode); otherwise use generate.output=s3://... or generate.parallelism=1." (int64 $g.parts) $parallel (toString $ov.persistentVolumeClaim.claimName) (toString .Values.output.accessMode)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and (ne $g.backoffLimitPerIndex nil) (le (int64 $g.parts) 1) }}
+{{- fail "generate.backoffLimitPerIndex is set but generate.parts is 1: retries per index apply to an Indexed Job only (generate.parts > 1). Use generate.backoffLimit instead." }}
+{{- end }}
+{{- if include "ddpm-worker.generateHfHomeVolume" . }}
+{{- $home := trimSuffix "/" .Values.models.hfHome }}
+{{- $mp := trimSuffix "/" .Values.models.mountPath }}
+{{- if or (eq $home $mp) (hasPrefix (printf "%s/" $mp) $home) }}
+{{- fail (printf "models.hfHome (%s) lies inside models.mountPath (%s), which is mounted read-only: the writable models.hfHomeVolume that the generate Job's hub model (%s) needs there would hide what the models volume holds at that path. Choose an hfHome outside it (e.g. /var/cache/huggingface), or set models.hfHomeVolume to null to use a cache fetched into the models volume beforehand." .Values.models.hfHome .Values.models.mountPath $g.model) }}
+{{- end }}
 {{- end }}
 {{- end }}
