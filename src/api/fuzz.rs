@@ -47,6 +47,7 @@ fn service(dir: &std::path::Path, rt: &tokio::runtime::Runtime) -> (WorkerServic
             reap_interval: Duration::from_secs(1),
             idle_poll: Duration::from_secs(1),
             scratch_dir: dir.join("scratch"),
+            queue_name: "sqlite".into(),
         },
         active: Default::default(),
         draining: Default::default(),

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use super::{IdempotencyKey, JobFilter, PageCursor, Queue, QueueError};
+use super::{IdempotencyKey, JobFilter, PageCursor, Queue, QueueError, ShardCounts};
 use crate::job::{JobSpec, JobState, ShardPayload};
 use crate::schedulers::SchedulerKind;
 
@@ -22,6 +22,7 @@ pub async fn run_all<Q: Queue + Clone, F: Future<Output = Q>>(make: impl Fn() ->
     finishing_a_job_retires_its_shards(make().await).await;
     listing_filters_and_pages(make().await).await;
     finished_shards_make_a_job_ready_to_finalize(make().await).await;
+    shards_are_counted_by_state(make().await).await;
 }
 
 pub fn spec(num_samples: u64, batch_size: u32, priority: i32, labels: &[(&str, &str)]) -> JobSpec {
@@ -239,4 +240,36 @@ pub async fn finished_shards_make_a_job_ready_to_finalize(q: impl Queue) {
     assert_eq!(q.jobs_to_finalize(Duration::from_millis(1)).await.unwrap(), std::slice::from_ref(&id));
     q.finish_job(&id, JobState::Succeeded, None, Some("file:///m.json")).await.unwrap();
     assert!(q.jobs_to_finalize(Duration::ZERO).await.unwrap().is_empty());
+}
+
+/// The queue's counts of unfinished shards (what autoscaling reads): a lease moves a shard from
+/// queued to leased, a retry (even one still waiting out its delay) back; completed and dead-lettered
+/// shards leave the counts, and so do a cancelled job's.
+pub async fn shards_are_counted_by_state(q: impl Queue) {
+    let counts = |queued, leased| ShardCounts { queued, leased };
+    assert_eq!(q.shard_counts().await.unwrap(), counts(0, 0));
+    // Job a: 3 shards of one attempt each; job b: 2 shards of 3 attempts. Leases come oldest first.
+    let a = q.submit(&spec(6, 2, 0, &[]), None, 1, 1).await.unwrap().job.id;
+    let b = q.submit(&spec(4, 2, 0, &[]), None, 1, 3).await.unwrap().job.id;
+    assert_eq!(q.shard_counts().await.unwrap(), counts(5, 0));
+    let l1 = q.lease("w1", LONG).await.unwrap().unwrap();
+    let l2 = q.lease("w2", LONG).await.unwrap().unwrap();
+    assert_eq!((l1.job_id.as_str(), l2.job_id.as_str()), (a.as_str(), a.as_str()));
+    assert_eq!(q.shard_counts().await.unwrap(), counts(3, 2));
+    assert_eq!(q.depth().await.unwrap(), 5);
+    q.complete_shard(&l1, 2).await.unwrap();
+    assert_eq!(q.shard_counts().await.unwrap(), counts(3, 1));
+    q.retry_later(&l2, Duration::ZERO, "boom").await.unwrap();
+    assert_eq!(q.shard_counts().await.unwrap(), counts(3, 0), "a dead-lettered shard is not counted");
+    let l3 = q.lease("w1", LONG).await.unwrap().unwrap();
+    q.complete_shard(&l3, 2).await.unwrap();
+    let l4 = q.lease("w1", LONG).await.unwrap().unwrap();
+    assert_eq!(l4.job_id, b);
+    assert_eq!(q.shard_counts().await.unwrap(), counts(1, 1));
+    q.retry_later(&l4, LONG, "boom").await.unwrap();
+    assert_eq!(q.shard_counts().await.unwrap(), counts(2, 0), "a delayed retry counts as queued");
+    for id in [&a, &b] {
+        q.finish_job(id, JobState::Cancelled, None, None).await.unwrap();
+    }
+    assert_eq!(q.shard_counts().await.unwrap(), counts(0, 0));
 }

@@ -47,8 +47,21 @@ pub trait TaskQueue: Send + Sync + 'static {
     async fn dead_letter(&self, lease: &Lease, error: &str) -> Result<(), QueueError>;
     /// Requeues expired leases; dead-letters the tasks among them that used their attempts.
     async fn reap(&self) -> Result<ReapReport, QueueError>;
+    /// Unfinished tasks of the whole queue (every worker sees the same counts), by state.
+    async fn shard_counts(&self) -> Result<ShardCounts, QueueError>;
     /// Tasks queued or leased.
-    async fn depth(&self) -> Result<u64, QueueError>;
+    async fn depth(&self) -> Result<u64, QueueError> {
+        let counts = self.shard_counts().await?;
+        Ok(counts.queued + counts.leased)
+    }
+}
+
+/// Unfinished shard tasks: `queued` wait for a worker (retries waiting out their delay included),
+/// `leased` are being run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ShardCounts {
+    pub queued: u64,
+    pub leased: u64,
 }
 
 /// Jobs, their progress and idempotency keys.

@@ -40,6 +40,8 @@ pub struct WorkerConfig {
     /// Where data file parts are spooled before they go to S3 (a local directory store spools in its
     /// own staging folder instead).
     pub scratch_dir: std::path::PathBuf,
+    /// The queue's name in metrics (`queue` label): the NATS namespace, or `sqlite`.
+    pub queue_name: String,
 }
 
 /// Stop flags of the shards running in this process, by job, so CancelJob stops them between steps
@@ -220,8 +222,15 @@ impl WorkerContext {
             spools.iter().map(|d| crate::storage::local::sweep_abandoned(d)).sum::<usize>()
         })
         .await;
-        if let Ok(depth) = self.queue.depth().await {
-            metrics::gauge!("ddpm_queue_depth").set(depth as f64);
+        // The whole queue's counts, the same on every worker: an autoscaler takes max() over the
+        // workers, not the sum.
+        if let Ok(counts) = self.queue.shard_counts().await {
+            metrics::gauge!("ddpm_queue_depth").set((counts.queued + counts.leased) as f64);
+            let queue = self.config.queue_name.clone();
+            metrics::gauge!("ddpm_queue_shards", "queue" => queue.clone(), "state" => "queued")
+                .set(counts.queued as f64);
+            metrics::gauge!("ddpm_queue_shards", "queue" => queue, "state" => "leased")
+                .set(counts.leased as f64);
         }
         if let Ok(counts) = self.queue.job_counts().await {
             for state in [

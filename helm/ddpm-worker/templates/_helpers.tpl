@@ -138,33 +138,47 @@ message that says what to change.
 {{- end }}
 {{- if eq $s.queue.type "nats" }}
 {{- $n := $s.queue.nats | default dict }}
-{{- if not (regexMatch "^nats://[^/@,\\s]+$" (toString $n.url)) }}
-{{- fail (printf "serve.queue.type is \"nats\" but serve.queue.nats.url is %q: set it to nats://HOST[:PORT] of a JetStream-enabled NATS server (no path, no credentials), e.g. nats://nats.nats.svc:4222." (toString $n.url)) }}
+{{- if not (regexMatch "^(nats|tls)://[^/@,\\s]+$" (toString $n.url)) }}
+{{- fail (printf "serve.queue.type is \"nats\" but serve.queue.nats.url is %q: set it to nats://HOST[:PORT] or tls://HOST[:PORT] of a JetStream-enabled NATS server (no path, no credentials: see serve.queue.nats.auth), e.g. nats://nats.nats.svc:4222." (toString $n.url)) }}
+{{- end }}
+{{- $auth := $n.auth | default dict }}
+{{- $given := list }}
+{{- range $k := list "credsSecret" "userSecret" "tokenSecret" }}
+{{- if index $auth $k }}{{ $given = append $given $k }}{{ end }}
+{{- end }}
+{{- if gt (len $given) 1 }}
+{{- fail (printf "serve.queue.nats.auth sets %s: a NATS connection uses one kind of credentials (a .creds file, a user and password, or a token). Keep one." (join " and " $given)) }}
 {{- end }}
 {{- if not (regexMatch "^[A-Za-z0-9_-]+$" (toString $n.namespace)) }}
 {{- fail (printf "serve.queue.nats.namespace is %q: it must match [A-Za-z0-9_-]+." (toString $n.namespace)) }}
 {{- end }}
 {{- end }}
+{{- include "ddpm-worker.validateAutoscaling" . }}
 {{- if and (include "ddpm-worker.sqliteQueue" .) (gt (int $s.replicas) 1) }}
 {{- fail (printf "serve.replicas is %d, but serve.queue.type is \"sqlite\": the SQLite queue is one file on a ReadWriteOnce PersistentVolumeClaim and supports exactly ONE serving process. Set serve.replicas to 1 (or 0 to stop the service)." (int $s.replicas)) }}
 {{- end }}
 {{- /* Several replicas land on several nodes (one GPU node each, as a rule), and every one mounts the models
 and, with a "file" output, the output volume. The chart cannot read an existing claim's access mode, so
 the values declare it (models.accessMode, output.accessMode). */}}
-{{- if gt (int $s.replicas) 1 }}
+{{- $pods := int (include "ddpm-worker.servePods" .) }}
+{{- if gt $pods 1 }}
+{{- $podsText := printf "serve.replicas is %d" (int $s.replicas) }}
+{{- if and $s.autoscaling $s.autoscaling.enabled }}
+{{- $podsText = printf "serve runs up to %d pods (serve.autoscaling.maxReplicaCount %d, and the api pods)" $pods (int $s.autoscaling.maxReplicaCount) }}
+{{- end }}
 {{- $mv := .Values.models.volume }}
 {{- if and (hasKey $mv "persistentVolumeClaim") (not (has .Values.models.accessMode (list "ReadOnlyMany" "ReadWriteMany"))) }}
-{{- fail (printf "serve.replicas is %d: every replica mounts models.volume (claim %q), on its own node. A %s claim attaches to one node only, so pods on other nodes would hang in ContainerCreating (Multi-Attach error). If the claim is ReadOnlyMany or ReadWriteMany, declare it with models.accessMode (the chart cannot read an existing claim's access mode); otherwise set serve.replicas to 1, or load the models from s3:// or hub ids with a models.volume that is not a claim." (int $s.replicas) (toString $mv.persistentVolumeClaim.claimName) (toString .Values.models.accessMode)) }}
+{{- fail (printf "%s: every serve pod mounts models.volume (claim %q), on its own node. A %s claim attaches to one node only, so pods on other nodes would hang in ContainerCreating (Multi-Attach error). If the claim is ReadOnlyMany or ReadWriteMany, declare it with models.accessMode (the chart cannot read an existing claim's access mode); otherwise set serve.replicas to 1, or load the models from s3:// or hub ids with a models.volume that is not a claim." $podsText (toString $mv.persistentVolumeClaim.claimName) (toString .Values.models.accessMode)) }}
 {{- end }}
 {{- if eq $s.output.type "file" }}
 {{- $ov := .Values.output.volume }}
 {{- range list "emptyDir" "ephemeral" "hostPath" }}
 {{- if hasKey $ov . }}
-{{- fail (printf "serve.replicas is %d with serve.output.type \"file\", but output.volume is %s: each pod (emptyDir, ephemeral) or node (hostPath) would get its own output directory, while the shards of one job run on any replica and one of them finishes the job from all its parts. Use a ReadWriteMany claim (with output.accessMode=ReadWriteMany) or an nfs volume, serve.output.type=s3, or serve.replicas=1." (int $s.replicas) .) }}
+{{- fail (printf "%s with serve.output.type \"file\", but output.volume is %s: each pod (emptyDir, ephemeral) or node (hostPath) would get its own output directory, while the shards of one job run on any replica and one of them finishes the job from all its parts. Use a ReadWriteMany claim (with output.accessMode=ReadWriteMany) or an nfs volume, serve.output.type=s3, or serve.replicas=1." $podsText .) }}
 {{- end }}
 {{- end }}
 {{- if and (hasKey $ov "persistentVolumeClaim") (ne .Values.output.accessMode "ReadWriteMany") }}
-{{- fail (printf "serve.replicas is %d with serve.output.type \"file\": every replica writes to output.volume (claim %q), on its own node, and needs it ReadWriteMany; a %s claim attaches to one node only, so pods on other nodes would hang in ContainerCreating (Multi-Attach error). If the claim is ReadWriteMany (NFS, CephFS, EFS, Filestore, ...), declare it with output.accessMode=ReadWriteMany (the chart cannot read an existing claim's access mode); otherwise use serve.output.type=s3 or serve.replicas=1." (int $s.replicas) (toString $ov.persistentVolumeClaim.claimName) (toString .Values.output.accessMode)) }}
+{{- fail (printf "%s with serve.output.type \"file\": every serve pod writes to output.volume (claim %q), on its own node, and needs it ReadWriteMany; a %s claim attaches to one node only, so pods on other nodes would hang in ContainerCreating (Multi-Attach error). If the claim is ReadWriteMany (NFS, CephFS, EFS, Filestore, ...), declare it with output.accessMode=ReadWriteMany (the chart cannot read an existing claim's access mode); otherwise use serve.output.type=s3 or serve.replicas=1." $podsText (toString $ov.persistentVolumeClaim.claimName) (toString .Values.output.accessMode)) }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -306,9 +320,14 @@ env:
 {{- end }}
 {{- end }}
 
-{{/* The serve container's environment: the shared one and serve.extraEnv. */}}
+{{/* The serve container's environment: the shared one, the NATS user name, and serve.extraEnv. */}}
 {{- define "ddpm-worker.env" -}}
-{{- include "ddpm-worker.containerEnv" (list . .Values.serve.extraEnv) }}
+{{- $own := list }}
+{{- $nats := .Values.serve.queue.nats | default dict }}
+{{- if and (eq .Values.serve.queue.type "nats") ($nats.auth | default dict).userSecret }}
+{{- $own = append $own (dict "name" "DDPM_NATS_USER" "valueFrom" (dict "secretKeyRef" (dict "name" $nats.auth.userSecret "key" $nats.auth.userKey))) }}
+{{- end }}
+{{- include "ddpm-worker.containerEnv" (list . (concat $own (.Values.serve.extraEnv | default list))) }}
 {{- end }}
 
 {{/* True ("true") when the string is a Hugging Face hub id, org/name, as ddpm-worker tells them apart. */}}
@@ -367,6 +386,147 @@ message that says what to change.
 {{- $mp := trimSuffix "/" .Values.models.mountPath }}
 {{- if or (eq $home $mp) (hasPrefix (printf "%s/" $mp) $home) }}
 {{- fail (printf "models.hfHome (%s) lies inside models.mountPath (%s), which is mounted read-only: the writable models.hfHomeVolume that the generate Job's hub model (%s) needs there would hide what the models volume holds at that path. Choose an hfHome outside it (e.g. /var/cache/huggingface), or set models.hfHomeVolume to null to use a cache fetched into the models volume beforehand." .Values.models.hfHome .Values.models.mountPath $g.model) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* True ("true") when the serve workers are scaled by KEDA and the device-less api pods front them. */}}
+{{- define "ddpm-worker.apiPods" -}}
+{{- $a := .Values.serve.autoscaling | default dict }}
+{{- if and $a.enabled ($a.api | default dict).enabled }}true{{ end -}}
+{{- end }}
+
+{{/* The most serve pods (workers and api pods) that can run at once: what the volumes must allow. */}}
+{{- define "ddpm-worker.servePods" -}}
+{{- $s := .Values.serve }}
+{{- $a := $s.autoscaling | default dict }}
+{{- if $a.enabled }}
+{{- add (int $a.maxReplicaCount) (ternary (int $a.api.replicas) 0 (not (empty (include "ddpm-worker.apiPods" .)))) }}
+{{- else }}
+{{- int $s.replicas }}
+{{- end }}
+{{- end }}
+
+{{/* A NATS priority as its consumer's name: p + the priority with its sign bit flipped, 8 hex digits
+(as ddpm-worker names them; p80000000 for priority 0). */}}
+{{- define "ddpm-worker.priorityConsumer" -}}
+{{- printf "p%08x" (add (int64 .) 2147483648) }}
+{{- end }}
+
+{{/* host:port of the NATS monitoring endpoint that KEDA reads. */}}
+{{- define "ddpm-worker.natsMonitoring" -}}
+{{- $n := .Values.serve.queue.nats }}
+{{- $a := .Values.serve.autoscaling.nats }}
+{{- if $a.monitoringEndpoint }}
+{{- $a.monitoringEndpoint }}
+{{- else }}
+{{- $hostPort := regexReplaceAll "^[a-z]+://" (toString $n.url) "" }}
+{{- $host := regexReplaceAll ":[0-9]+$" $hostPort "" }}
+{{- printf "%s:8222" $host }}
+{{- end }}
+{{- end }}
+
+{{/*
+Render-time checks of serve.autoscaling: KEDA needs the shared NATS queue, owns the worker count, and a
+prometheus trigger must have something that reports the queue while the workers are at zero. (Without
+KEDA's CRDs in the cluster, installing the ScaledObject fails with helm's own "no matches for kind".)
+*/}}
+{{- define "ddpm-worker.validateAutoscaling" -}}
+{{- $s := .Values.serve }}
+{{- $a := $s.autoscaling | default dict }}
+{{- if $a.enabled }}
+{{- if ne $s.queue.type "nats" }}
+{{- fail (printf "serve.autoscaling.enabled is true but serve.queue.type is %q: the SQLite queue is one file that exactly one serve pod may open, so there is nothing to scale. Use serve.queue.type=nats, or turn autoscaling off." (toString $s.queue.type)) }}
+{{- end }}
+{{- if ne (int $s.replicas) 1 }}
+{{- fail (printf "serve.replicas is %d but serve.autoscaling.enabled is true: KEDA sets the number of workers (serve.autoscaling.minReplicaCount to maxReplicaCount) and the Deployment carries no replica count. Leave serve.replicas at 1 (unused), or turn autoscaling off (to stop the service: serve.enabled=false, or KEDA's autoscaling.keda.sh/paused-replicas annotation)." (int $s.replicas)) }}
+{{- end }}
+{{- if gt (int $a.minReplicaCount) (int $a.maxReplicaCount) }}
+{{- fail (printf "serve.autoscaling.minReplicaCount (%d) is greater than maxReplicaCount (%d)." (int $a.minReplicaCount) (int $a.maxReplicaCount)) }}
+{{- end }}
+{{- if eq $a.trigger "prometheus" }}
+{{- if not $a.prometheus.serverAddress }}
+{{- fail "serve.autoscaling.trigger is \"prometheus\" but serve.autoscaling.prometheus.serverAddress is empty: set the Prometheus URL KEDA queries, e.g. http://prometheus-operated.monitoring.svc:9090." }}
+{{- end }}
+{{- if not $s.metrics.enabled }}
+{{- fail "serve.autoscaling.trigger is \"prometheus\" but serve.metrics.enabled is false: nothing would report ddpm_queue_shards." }}
+{{- end }}
+{{- /* The query reads ddpm_queue_shards from running serve pods. With no api pods and no workers nobody
+reports it: the queue looks empty forever, and the workers never wake. */}}
+{{- if and (eq (int $a.minReplicaCount) 0) (not (include "ddpm-worker.apiPods" .)) }}
+{{- fail "serve.autoscaling.trigger is \"prometheus\" with minReplicaCount 0 and serve.autoscaling.api.enabled false: at zero workers no pod reports ddpm_queue_shards, so Prometheus cannot see queued work and the workers would never be woken. Enable the api pods (they report the queue), set minReplicaCount to 1 or more, or use trigger \"nats\" (read from the NATS server itself)." }}
+{{- end }}
+{{- else }}
+{{- $lo := int $s.minPriority }}
+{{- $hi := int $s.maxPriority }}
+{{- range $a.nats.priorities }}
+{{- if or (lt (int .) $lo) (gt (int .) $hi) }}
+{{- fail (printf "serve.autoscaling.nats.priorities has %v, outside serve.minPriority..serve.maxPriority (%d..%d): no job can have it." . $lo $hi) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The serve flags of the NATS connection's TLS and credentials (files mounted by natsVolumeMounts). */}}
+{{- define "ddpm-worker.natsArgs" -}}
+{{- $n := .Values.serve.queue.nats }}
+{{- $auth := $n.auth | default dict }}
+{{- $tls := $n.tls | default dict }}
+{{- with $auth.credsSecret }}
+- --nats-creds=/etc/ddpm-worker/nats-creds/{{ $auth.credsKey }}
+{{- end }}
+{{- with $auth.userSecret }}
+- --nats-password-file=/etc/ddpm-worker/nats-password/{{ $auth.passwordKey }}
+{{- end }}
+{{- with $auth.tokenSecret }}
+- --nats-token-file=/etc/ddpm-worker/nats-token/{{ $auth.tokenKey }}
+{{- end }}
+{{- with $tls.caSecret }}
+- --nats-ca=/etc/ddpm-worker/nats-ca/{{ $tls.caKey }}
+{{- end }}
+{{- with $tls.clientCertSecret }}
+- --nats-cert=/etc/ddpm-worker/nats-client/tls.crt
+- --nats-key=/etc/ddpm-worker/nats-client/tls.key
+{{- end }}
+{{- end }}
+
+{{/* (name, mount path, Secret, key or "" for the whole Secret) of each NATS Secret in use, as YAML. */}}
+{{- define "ddpm-worker.natsSecrets" -}}
+{{- $n := .Values.serve.queue.nats }}
+{{- $auth := $n.auth | default dict }}
+{{- $tls := $n.tls | default dict }}
+{{- $out := list }}
+{{- with $auth.credsSecret }}{{ $out = append $out (list "nats-creds" . $auth.credsKey) }}{{ end }}
+{{- with $auth.userSecret }}{{ $out = append $out (list "nats-password" . $auth.passwordKey) }}{{ end }}
+{{- with $auth.tokenSecret }}{{ $out = append $out (list "nats-token" . $auth.tokenKey) }}{{ end }}
+{{- with $tls.caSecret }}{{ $out = append $out (list "nats-ca" . $tls.caKey) }}{{ end }}
+{{- with $tls.clientCertSecret }}{{ $out = append $out (list "nats-client" . "") }}{{ end }}
+{{- toYaml $out }}
+{{- end }}
+
+{{/* Read-only directory mounts of the NATS Secrets (no subPath: a rotated Secret reaches the pod). */}}
+{{- define "ddpm-worker.natsVolumeMounts" -}}
+{{- if eq .Values.serve.queue.type "nats" }}
+{{- range fromYamlArray (include "ddpm-worker.natsSecrets" .) }}
+- name: {{ index . 0 }}
+  mountPath: /etc/ddpm-worker/{{ index . 0 }}
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "ddpm-worker.natsVolumes" -}}
+{{- if eq .Values.serve.queue.type "nats" }}
+{{- range fromYamlArray (include "ddpm-worker.natsSecrets" .) }}
+- name: {{ index . 0 }}
+  secret:
+    secretName: {{ index . 1 }}
+    {{- with index . 2 }}
+    items:
+      - key: {{ . }}
+        path: {{ . }}
+    {{- end }}
 {{- end }}
 {{- end }}
 {{- end }}

@@ -13,7 +13,7 @@ use super::kv::Edit;
 use super::records::{ShardState, StoredJob, StoredShard, Ticket, ms_duration, shard_key};
 use super::{MAX_PULLS_PER_LEASE, NatsQueue, nats_err};
 use crate::job::JobState;
-use crate::queue::{Lease, QueueError, ReapReport, TaskQueue, now_ms};
+use crate::queue::{Lease, QueueError, ReapReport, ShardCounts, TaskQueue, now_ms};
 
 /// What to tell the server about a delivery.
 #[derive(Debug, Clone, Copy)]
@@ -375,9 +375,15 @@ impl TaskQueue for NatsQueue {
         Ok(report)
     }
 
-    async fn depth(&self) -> Result<u64, QueueError> {
-        let shards = self.scan::<StoredShard>(&self.shards).await?;
-        Ok(shards.iter().filter(|s| matches!(s.state, ShardState::Queued | ShardState::Leased)).count()
-            as u64)
+    async fn shard_counts(&self) -> Result<ShardCounts, QueueError> {
+        let mut counts = ShardCounts::default();
+        for shard in self.scan::<StoredShard>(&self.shards).await? {
+            match shard.state {
+                ShardState::Queued => counts.queued += 1,
+                ShardState::Leased => counts.leased += 1,
+                ShardState::Done | ShardState::Dead => {}
+            }
+        }
+        Ok(counts)
     }
 }

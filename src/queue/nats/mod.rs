@@ -3,13 +3,15 @@
 //!
 //! # Mapping onto JetStream
 //!
+//! [`NatsQueue::connect_with`] connects with TLS and credentials ([`NatsClientOptions`]).
+//!
 //! Every queue lives in a *namespace* (`[A-Za-z0-9_-]+`), so several deployments (or test cases) share
 //! one server without seeing each other's data:
 //!
 //! | What | JetStream object | Notes |
 //! |---|---|---|
 //! | shard tasks | stream `DDPM_<ns>_TASKS`, work-queue retention, file storage, subjects `ddpm.<ns>.task.<prio>` | one message per shard, published with `Nats-Msg-Id = <job>.<shard>` (publish dedup) |
-//! | delivery | one durable pull consumer per priority subject, explicit ack, `AckWait` ([`NatsOptions::ack_wait`]), `MaxDeliver` unlimited | a leased task is an unacknowledged delivery |
+//! | delivery | one durable pull consumer per priority subject, named `p<prio>` (`p80000000` for priority 0), explicit ack, `AckWait` ([`NatsOptions::ack_wait`]), `MaxDeliver` unlimited | a leased task is an unacknowledged delivery; the served priorities' consumers are created when the queue opens ([`NatsOptions::priorities`]) |
 //! | job records | KV bucket `ddpm_<ns>_jobs`, key = job id | every update is a compare-and-swap on the revision |
 //! | idempotency keys | KV bucket `ddpm_<ns>_idem`, key = sha256(request id) | create-only: the first submitter wins |
 //! | shard state | KV bucket `ddpm_<ns>_shards`, key = `<job>.<shard>` | state, owner, attempt, expiry, last error, the delivery's ack subject; CAS updates |
@@ -69,6 +71,7 @@
 //! - Clocks: lease expiry compares the writer's wall clock with the expiry another process wrote, as
 //!   with a shared SQLite file; hosts need synchronised clocks (skew shortens or lengthens leases).
 
+pub mod connect;
 mod delivery;
 mod kv;
 mod reconcile;
@@ -83,9 +86,12 @@ use futures_util::{StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
+pub use self::connect::{ConnectError, NatsAuth, NatsClientOptions, NatsFile, Secret, TlsFault};
 use self::delivery::Signal;
 use self::kv::{Edit, open_bucket};
-use self::records::{ShardSet, ShardState, StoredJob, StoredKey, StoredShard, shard_key, valid_id};
+use self::records::{
+    ShardSet, ShardState, StoredJob, StoredKey, StoredShard, priority_token, shard_key, valid_id,
+};
 use super::{
     IdempotencyKey, JobFilter, JobStore, Lease, PageCursor, QueueError, SubmitOutcome, TaskState, now_ms,
 };
@@ -103,12 +109,21 @@ pub struct NatsOptions {
     /// How long a concurrent resubmission waits for the job the first submitter is writing before it
     /// writes the job itself.
     pub submit_wait: Duration,
+    /// Priorities whose consumers are created when the queue is opened, rather than when a worker
+    /// first pulls from them, so that monitoring (an autoscaler reading a consumer's pending count)
+    /// sees work queued while no worker runs.
+    pub priorities: Option<std::ops::RangeInclusive<i32>>,
 }
 
 impl Default for NatsOptions {
     fn default() -> Self {
         // AckWait 60 s as recommended (reference §1.4): short enough for fast takeover with +WPI.
-        Self { ack_wait: Duration::from_secs(60), replicas: 1, submit_wait: Duration::from_secs(5) }
+        Self {
+            ack_wait: Duration::from_secs(60),
+            replicas: 1,
+            submit_wait: Duration::from_secs(5),
+            priorities: None,
+        }
     }
 }
 
@@ -149,6 +164,15 @@ const INLINE_SHARDS: usize = 64;
 /// Shard records updated at once when a job is retired or retried.
 const UPDATE_WINDOW: usize = 64;
 
+/// Why [`NatsQueue::connect_with`] failed: the connection, or opening the namespace on it.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}
+
 fn nats_err(context: &str, e: impl std::fmt::Display) -> QueueError {
     QueueError::Nats(format!("{context}: {e}"))
 }
@@ -188,14 +212,24 @@ impl NatsQueue {
             .await
     }
 
-    /// Connects to `url` and opens (creating if needed) the stream and buckets of `namespace`.
+    /// Connects to `url` without credentials and opens (creating if needed) the stream and buckets of
+    /// `namespace`.
     pub async fn connect(url: &str, namespace: &str, options: NatsOptions) -> Result<Self, QueueError> {
-        let client = async_nats::ConnectOptions::new()
-            .request_timeout(Some(REQUEST_TIMEOUT))
-            .connect(url)
+        let client = connect::connect(url, &NatsClientOptions::default(), REQUEST_TIMEOUT)
             .await
             .map_err(|e| nats_err(&format!("connecting to {url}"), e))?;
         Self::open(client, namespace, options).await
+    }
+
+    /// Connects to `url` with the TLS settings and credentials of `client`; see [`Self::connect`].
+    pub async fn connect_with(
+        url: &str,
+        client: &NatsClientOptions,
+        namespace: &str,
+        options: NatsOptions,
+    ) -> Result<Self, OpenError> {
+        let client = connect::connect(url, client, REQUEST_TIMEOUT).await?;
+        Ok(Self::open(client, namespace, options).await?)
     }
 
     /// Opens (creating if needed) the stream and buckets of `namespace` on an existing connection.
@@ -233,7 +267,7 @@ impl NatsQueue {
         let jobs = open_bucket(&js, bucket("jobs", 5)).await?;
         let idem = open_bucket(&js, bucket("idem", 1)).await?;
         let shards = open_bucket(&js, bucket("shards", 1)).await?;
-        Ok(Self {
+        let queue = Self {
             client,
             js,
             tasks,
@@ -244,7 +278,11 @@ impl NatsQueue {
             stream_name,
             options,
             consumers: Default::default(),
-        })
+        };
+        for priority in queue.options.priorities.clone().into_iter().flatten() {
+            queue.consumer(&priority_token(priority)).await?;
+        }
+        Ok(queue)
     }
 
     /// Deletes the namespace's stream and buckets (tests, and tearing a deployment down).

@@ -11,8 +11,8 @@ use async_trait::async_trait;
 pub use store::SqliteStore;
 
 use super::{
-    IdempotencyKey, JobFilter, JobStore, Lease, PageCursor, QueueError, ReapReport, SubmitOutcome, TaskQueue,
-    ms, now_ms,
+    IdempotencyKey, JobFilter, JobStore, Lease, PageCursor, QueueError, ReapReport, ShardCounts,
+    SubmitOutcome, TaskQueue, ms, now_ms,
 };
 use crate::job::{JobRecord, JobSpec, JobState};
 
@@ -74,8 +74,8 @@ impl TaskQueue for SqliteQueue {
         self.run(|s| s.reap(now_ms())).await
     }
 
-    async fn depth(&self) -> Result<u64, QueueError> {
-        self.run(|s| s.queue_depth()).await
+    async fn shard_counts(&self) -> Result<ShardCounts, QueueError> {
+        self.run(|s| s.shard_counts()).await
     }
 }
 

@@ -15,8 +15,8 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use crate::job::{JobRecord, JobSpec, JobState, ShardPayload};
 use crate::queue::plan::plan_shards;
 use crate::queue::{
-    EnqueueOutcome, IdempotencyKey, JobFilter, Lease, PageCursor, QueueError, ReapReport, SubmitOutcome,
-    TaskSpec, TaskState,
+    EnqueueOutcome, IdempotencyKey, JobFilter, Lease, PageCursor, QueueError, ReapReport, ShardCounts,
+    SubmitOutcome, TaskSpec, TaskState,
 };
 
 const SCHEMA: &str = "
@@ -479,14 +479,15 @@ impl SqliteStore {
         .collect()
     }
 
-    /// Unfinished tasks of all jobs (queued or leased): the queue depth.
-    pub fn queue_depth(&self) -> Result<u64, QueueError> {
-        let n: i64 = self.conn().query_row(
-            "SELECT COUNT(*) FROM tasks WHERE state IN ('queued', 'leased')",
+    /// Unfinished tasks of all jobs, queued and leased.
+    pub fn shard_counts(&self) -> Result<ShardCounts, QueueError> {
+        let (queued, leased): (i64, i64) = self.conn().query_row(
+            "SELECT COALESCE(SUM(state = 'queued'), 0), COALESCE(SUM(state = 'leased'), 0)
+               FROM tasks WHERE state IN ('queued', 'leased')",
             [],
-            |r| r.get(0),
+            |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
-        Ok(n as u64)
+        Ok(ShardCounts { queued: queued as u64, leased: leased as u64 })
     }
 }
 
