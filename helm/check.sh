@@ -43,10 +43,12 @@ ko() { echo "FAIL  $1"; failed=$((failed + 1)); [ -n "${2:-}" ] && sed 's/^/    
 # Value sets, as helm flags. Each one must lint, render and validate.
 CASES=(default generate generate-only s3-output full no-metrics stopped nats nats-minimal secure nats-s3-nfs nats-nfs-output
        hub-prefetched labels-spread netpol netpol-minimal generate-indexed generate-s3 generate-hub
-       nats-creds nats-user-tls nats-token keda-nats keda-prometheus)
+       nats-creds nats-user-tls nats-token keda-nats keda-prometheus example-gpu2-keda-s3)
 case_args() {
   case $1 in
     default) A=() ;;
+    # The operator's example values file: 2 GPUs per worker, KEDA on NATS, models and outputs on S3.
+    example-gpu2-keda-s3) A=(-f "$HERE/examples/gpu2-keda-s3.yaml") ;;
     generate) A=(--set generate.enabled=true) ;;
     generate-only) A=(--set serve.enabled=false --set generate.enabled=true) ;;
     s3-output) A=(--set serve.output.type=s3 --set serve.output.s3.bucket=datasets --set serve.output.s3.prefix=ddpm/runs

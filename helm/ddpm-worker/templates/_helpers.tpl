@@ -167,7 +167,7 @@ the values declare it (models.accessMode, output.accessMode). */}}
 {{- $podsText = printf "serve runs up to %d pods (serve.autoscaling.maxReplicaCount %d, and the api pods)" $pods (int $s.autoscaling.maxReplicaCount) }}
 {{- end }}
 {{- $mv := .Values.models.volume }}
-{{- if and (hasKey $mv "persistentVolumeClaim") (not (has .Values.models.accessMode (list "ReadOnlyMany" "ReadWriteMany"))) }}
+{{- if and (include "ddpm-worker.serveModelsVolume" .) (hasKey $mv "persistentVolumeClaim") (not (has .Values.models.accessMode (list "ReadOnlyMany" "ReadWriteMany"))) }}
 {{- fail (printf "%s: every serve pod mounts models.volume (claim %q), on its own node. A %s claim attaches to one node only, so pods on other nodes would hang in ContainerCreating (Multi-Attach error). If the claim is ReadOnlyMany or ReadWriteMany, declare it with models.accessMode (the chart cannot read an existing claim's access mode); otherwise set serve.replicas to 1, or load the models from s3:// or hub ids with a models.volume that is not a claim." $podsText (toString $mv.persistentVolumeClaim.claimName) (toString .Values.models.accessMode)) }}
 {{- end }}
 {{- if eq $s.output.type "file" }}
@@ -328,6 +328,22 @@ env:
 {{- $own = append $own (dict "name" "DDPM_NATS_USER" "valueFrom" (dict "secretKeyRef" (dict "name" $nats.auth.userSecret "key" $nats.auth.userKey))) }}
 {{- end }}
 {{- include "ddpm-worker.containerEnv" (list . (concat $own (.Values.serve.extraEnv | default list))) }}
+{{- end }}
+
+{{/* True ("true") when serve needs models.volume: a model is a folder path, or a hub id read from a cache
+in that volume (no writable models.hfHomeVolume). Models all on s3:// or hub ids downloaded into
+hfHomeVolume need no models volume, nor its access mode. */}}
+{{- define "ddpm-worker.serveModelsVolume" -}}
+{{- $need := false }}
+{{- range .Values.serve.models }}
+{{- if hasPrefix "s3://" (toString .path) }}
+{{- else if include "ddpm-worker.isHubId" .path }}
+{{- if not (and $.Values.models.hfHome $.Values.models.hfHomeVolume) }}{{ $need = true }}{{ end }}
+{{- else }}
+{{- $need = true }}
+{{- end }}
+{{- end }}
+{{- if $need }}true{{ end }}
 {{- end }}
 
 {{/* True ("true") when the string is a Hugging Face hub id, org/name, as ddpm-worker tells them apart. */}}
