@@ -268,7 +268,7 @@ securityContext:
     {{- end }}
 {{- end }}
 
-{{/* The serve container's environment: HF cache and token, S3 endpoint and credentials, extra env. */}}
+{{/* The serve container's environment: HF cache and token, S3 endpoint and credentials, tracing, extra env. */}}
 {{- define "ddpm-worker.env" -}}
 {{- $aws := .Values.aws }}
 {{- $env := list }}
@@ -291,6 +291,7 @@ securityContext:
 {{- $env = append $env (dict "name" "AWS_SESSION_TOKEN" "valueFrom" (dict "secretKeyRef" (dict "name" . "key" $aws.sessionTokenKey))) }}
 {{- end }}
 {{- end }}
+{{- $env = concat $env (include "ddpm-worker.tracingEnv" . | fromYamlArray) }}
 {{- $env = concat $env .Values.serve.extraEnv }}
 {{- if $env }}
 env:
