@@ -44,6 +44,7 @@ ko() { echo "FAIL  $1"; failed=$((failed + 1)); [ -n "${2:-}" ] && sed 's/^/    
 CASES=(default generate generate-only s3-output full no-metrics stopped nats nats-minimal secure nats-s3-nfs nats-nfs-output
        hub-prefetched labels-spread netpol netpol-minimal generate-indexed generate-s3 generate-hub
        nats-creds nats-user-tls nats-token keda-nats keda-prometheus example-gpu2-keda-s3)
+CASES+=(tracing)
 case_args() {
   case $1 in
     default) A=() ;;
@@ -51,6 +52,8 @@ case_args() {
     example-gpu2-keda-s3) A=(-f "$HERE/examples/gpu2-keda-s3.yaml") ;;
     generate) A=(--set generate.enabled=true) ;;
     generate-only) A=(--set serve.enabled=false --set generate.enabled=true) ;;
+    tracing) A=(--set tracing.otlpEndpoint=http://otel-collector.observability.svc:4317 --set tracing.serviceName=ddpm-prod
+                --set tracing.samplerRatio=0.25) ;;
     s3-output) A=(--set serve.output.type=s3 --set serve.output.s3.bucket=datasets --set serve.output.s3.prefix=ddpm/runs
                   --set serve.output.s3.pathStyle=true --set aws.endpointUrl=http://minio.minio.svc:9000
                   --set aws.region=us-east-1 --set aws.existingSecret=ddpm-s3 --set aws.sessionTokenKey=AWS_SESSION_TOKEN) ;;
@@ -757,6 +760,42 @@ must_fail() {
     ko "must fail: $what (wrong message; wanted /$msg/)" "$WORK/err.log"
   fi
 }
+# Tracing: the OTEL_* variables on serve with tracing.otlpEndpoint, none without it.
+tr="$WORK/tracing.yaml"
+if has_block "$tr" "            - name: OTEL_EXPORTER_OTLP_ENDPOINT
+              value: http://otel-collector.observability.svc:4317
+            - name: OTEL_SERVICE_NAME
+              value: ddpm-prod
+            - name: OTEL_TRACES_SAMPLER
+              value: parentbased_traceidratio
+            - name: OTEL_TRACES_SAMPLER_ARG
+              value: \"0.25\""; then
+  ok "tracing render: OTLP endpoint, service name and sampler ratio on serve"
+else
+  ko "tracing render: OTLP endpoint, service name and sampler ratio on serve"
+fi
+if grep -q OTEL_ "$d"; then ko "default render: no OTEL_* variables (tracing off)"; else ok "default render: no OTEL_* variables (tracing off)"; fi
+if "$HELM" template ddpm-worker "$CHART" --kube-version "$KUBE" --set tracing.otlpEndpoint=https://collector:4317 \
+     >"$WORK/tr-min.yaml" 2>"$WORK/tpl.log" && grep -qF 'value: https://collector:4317' "$WORK/tr-min.yaml" \
+   && [ "$(grep -c 'name: OTEL_' "$WORK/tr-min.yaml")" = 1 ]; then
+  ok "tracing with an endpoint only: OTEL_EXPORTER_OTLP_ENDPOINT alone (default service name, every trace)"
+else
+  ko "tracing with an endpoint only: OTEL_EXPORTER_OTLP_ENDPOINT alone (default service name, every trace)" "$WORK/tpl.log"
+fi
+if "$HELM" template ddpm-worker "$CHART" --kube-version "$KUBE" --set tracing.serviceName=x --set tracing.samplerRatio=0.5 \
+     >"$WORK/tr-off.yaml" 2>"$WORK/tpl.log" && ! grep -q OTEL_ "$WORK/tr-off.yaml"; then
+  ok "tracing without an endpoint: no OTEL_* variables, whatever else is set"
+else
+  ko "tracing without an endpoint: no OTEL_* variables, whatever else is set" "$WORK/tpl.log"
+fi
+must_fail "schema: tracing endpoint without a scheme" "tracing.otlpEndpoint.*does not match pattern" \
+  --set tracing.otlpEndpoint=otel-collector:4317
+must_fail "schema: tracing sampler ratio 2" "tracing.samplerRatio.*(maximum|less than or equal|anyOf|any of)" \
+  --set tracing.samplerRatio=2
+must_fail "schema: tracing sampler ratio 1.5 (as --set gives it, a string)" "tracing.samplerRatio.*(anyOf|any of)" \
+  --set tracing.samplerRatio=1.5
+must_fail "schema: misspelt tracing.endpoint" "additional propert.*endpoint.*not allowed" --set tracing.endpoint=http://c:4317
+
 must_fail "replicas 2 with the sqlite queue" "supports exactly ONE serving process" --set serve.replicas=2
 must_fail "terminationGracePeriodSeconds <= graceSeconds + preStop" "must be greater than serve.graceSeconds" \
   --set serve.graceSeconds=300

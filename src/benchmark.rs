@@ -244,6 +244,7 @@ fn synthetic_job(
             priority: 0,
             labels: Default::default(),
             dataset,
+            trace_context: Default::default(),
         },
         state: crate::job::JobState::Running,
         samples_done: samples,

@@ -37,6 +37,10 @@ pub struct JobSpec {
     /// Layout and encoding of the samples (jobs queued before formats existed get `files` of PNGs).
     #[serde(default)]
     pub dataset: DatasetOptions,
+    /// The submitter's W3C trace context (`traceparent`, `tracestate`), so that the job's spans on any
+    /// worker join its trace ([`crate::telemetry`]); empty when it came without one.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub trace_context: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,4 +96,24 @@ pub struct JobRecord {
 pub struct ShardPayload {
     pub start: u64,
     pub end: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_stored_before_trace_context_still_load_and_new_ones_keep_it() {
+        // A spec as the SQLite and NATS stores wrote it before jobs carried a trace context.
+        let old = r#"{"model":"tiny","scheduler":"ddim","steps":3,"eta":null,"num_samples":4,"seed":1,
+            "batch_size":2,"samples_per_grid":4,"grid_columns":2,"output":null,"priority":0,"labels":{}}"#;
+        let mut spec: JobSpec = serde_json::from_str(old).unwrap();
+        assert!(spec.trace_context.is_empty());
+        // Without one, nothing is written: records stay as they were.
+        assert!(!serde_json::to_string(&spec).unwrap().contains("trace_context"));
+        spec.trace_context
+            .insert("traceparent".into(), "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+        let back: JobSpec = serde_json::from_str(&serde_json::to_string(&spec).unwrap()).unwrap();
+        assert_eq!(back, spec);
+    }
 }

@@ -21,4 +21,5 @@ pub mod sampler;
 pub mod schedulers;
 pub mod service;
 pub mod storage;
+pub mod telemetry;
 pub mod worker;

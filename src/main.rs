@@ -277,14 +277,24 @@ fn physical_cores() -> usize {
     tch::get_num_threads().max(1) as usize
 }
 
-fn init_logs(json: bool) {
+/// Logs to stderr (as JSON lines with `json`), filtered by RUST_LOG (default `info`); with `traces`,
+/// this crate's spans (info and above, whatever RUST_LOG says) also go to its OTLP exporter.
+fn init_logs(json: bool, traces: Option<&opentelemetry_sdk::trace::SdkTracerProvider>) {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if json {
-        logs.json().with_current_span(true).with_span_list(false).init();
-    } else {
-        logs.init();
-    }
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs =
+        if json { logs.json().with_current_span(true).with_span_list(false).boxed() } else { logs.boxed() };
+    let otel = traces.map(|provider| {
+        let exported = tracing_subscriber::filter::filter_fn(|meta| {
+            *meta.level() <= tracing::Level::INFO && ddpm_worker::telemetry::exported(meta.target())
+        });
+        tracing_opentelemetry::layer().with_tracer(provider.tracer("ddpm-worker")).with_filter(exported)
+    });
+    tracing_subscriber::registry().with(logs.with_filter(filter)).with(otel).init();
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, std::io::Error> {
@@ -325,7 +335,6 @@ fn run_client(f: impl std::future::Future<Output = Result<(), client::ClientErro
 }
 
 fn serve(args: ddpm_worker::service::ServeArgs) -> ExitCode {
-    init_logs(args.log_json);
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -333,12 +342,38 @@ fn serve(args: ddpm_worker::service::ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The OTLP exporter's gRPC channel lives on this runtime.
+    let traces = {
+        let _runtime = rt.enter();
+        ddpm_worker::telemetry::otlp_from_env()
+    };
+    let traces = match traces {
+        Ok(traces) => traces,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logs(args.log_json, traces.as_ref().map(|t| &t.0));
+    if let Some((_, settings)) = &traces {
+        tracing::info!(
+            endpoint = settings.endpoint,
+            service = settings.service_name,
+            "exporting traces over OTLP/gRPC"
+        );
+    }
     let result = rt.block_on(ddpm_worker::service::serve(args, |addr| {
         // Scripts and tests read the bound address (useful with port 0) from this line.
         println!("listening on {addr}");
         use std::io::Write;
         let _ = std::io::stdout().flush();
     }));
+    // The spans still buffered go out before the runtime their channel runs on.
+    if let Some((traces, _)) = traces
+        && let Err(e) = traces.shutdown_with_timeout(std::time::Duration::from_secs(10))
+    {
+        eprintln!("warning: exporting the last spans: {e}");
+    }
     // Device threads may still sit in a blocking call; do not wait for them on the way out.
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
@@ -376,7 +411,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let progress = std::io::stderr().is_terminal();
     if !matches!(cli.command, Command::Serve(_)) {
-        init_logs(false);
+        init_logs(false, None);
     }
     match cli.command {
         Command::Serve(a) => serve(*a),

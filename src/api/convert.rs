@@ -258,6 +258,8 @@ pub fn job_spec(
         priority: req.priority,
         labels: req.labels.clone().into_iter().collect(),
         dataset,
+        // The handler adds the caller's, from the request's metadata.
+        trace_context: BTreeMap::new(),
     })
 }
 

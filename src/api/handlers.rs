@@ -10,6 +10,8 @@ use std::time::Duration;
 use prost::Message;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::auth::{ANONYMOUS, Caller, Role};
 use super::convert::{self, Catalog, Limits};
@@ -72,15 +74,12 @@ impl WorkerService {
         let job_id = convert::job_id(job_id)?;
         self.ctx.queue.job(job_id).await?.ok_or_else(|| ServiceError::NotFound(job_id.to_string()))
     }
-}
 
-type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchJobResponse, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl pb::worker_service_server::WorkerService for WorkerService {
-    async fn submit_job(
+    /// SubmitJob, in its span (see [`pb::worker_service_server::WorkerService::submit_job`]).
+    async fn submit(
         &self,
         request: Request<pb::SubmitJobRequest>,
+        parent: &opentelemetry::Context,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
         let started = std::time::Instant::now();
         let caller = self.caller(&request, Role::Submit)?;
@@ -91,9 +90,10 @@ impl pb::worker_service_server::WorkerService for WorkerService {
         if let Some(failure) = self.ctx.device_failure.get() {
             return Err(ServiceError::Unhealthy(failure.clone()).into());
         }
-        let spec = self.validate(&req, &caller).inspect_err(|_| {
+        let mut spec = self.validate(&req, &caller).inspect_err(|_| {
             metrics::counter!("ddpm_jobs_submitted_total", "result" => "invalid").increment(1);
         })?;
+        spec.trace_context = crate::telemetry::job_trace_context(&tracing::Span::current(), parent);
         // The spec as the client sent it (before defaults, so a retry of a seedless request matches),
         // and who sent it: another caller's request_id is another request.
         let key = (!req.request_id.is_empty()).then(|| {
@@ -118,6 +118,7 @@ impl pb::worker_service_server::WorkerService for WorkerService {
                 }
                 other => other,
             })?;
+        tracing::Span::current().record("job_id", outcome.job.id.as_str());
         let result = if outcome.created { "created" } else { "existing" };
         metrics::counter!("ddpm_jobs_submitted_total", "result" => result).increment(1);
         metrics::histogram!("ddpm_submit_duration_seconds").record(started.elapsed().as_secs_f64());
@@ -133,6 +134,40 @@ impl pb::worker_service_server::WorkerService for WorkerService {
             self.ctx.wake.notify_waiters();
         }
         Ok(Response::new(pb::SubmitJobResponse { job: Some(self.to_pb(&outcome.job).await) }))
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchJobResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::worker_service_server::WorkerService for WorkerService {
+    async fn submit_job(
+        &self,
+        request: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        // The caller's W3C trace context: this span's parent, and (as this span) the job's.
+        let parent = crate::telemetry::extract_grpc(request.metadata());
+        let span = tracing::info_span!(
+            "ddpm.v1.WorkerService/SubmitJob",
+            otel.kind = "server",
+            job_id = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        crate::telemetry::set_parent_context(&span, &parent);
+        // Trace-only attributes, kept out of the log lines.
+        span.set_attribute("rpc.system", "grpc");
+        span.set_attribute("rpc.service", "ddpm.v1.WorkerService");
+        span.set_attribute("rpc.method", "SubmitJob");
+        let result = self.submit(request, &parent).instrument(span.clone()).await;
+        let code = match &result {
+            Ok(_) => tonic::Code::Ok,
+            Err(status) => status.code(),
+        };
+        span.set_attribute("rpc.grpc.status_code", code as i64);
+        if code != tonic::Code::Ok {
+            span.record("otel.status_code", "ERROR");
+        }
+        result
     }
 
     async fn get_job(

@@ -42,6 +42,10 @@ pub fn spec(num_samples: u64, batch_size: u32, priority: i32, labels: &[(&str, &
         priority,
         labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
         dataset: Default::default(),
+        trace_context: BTreeMap::from([
+            ("traceparent".into(), "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+            ("tracestate".into(), "congo=t61rcWkgMzE".into()),
+        ]),
     }
 }
 
@@ -55,6 +59,8 @@ pub async fn submit_is_atomic_and_idempotent(q: impl Queue) {
     let first = q.submit(&spec(10, 2, 0, &[]), Some(&key("r1", "h1")), 2, 3).await.unwrap();
     assert!(first.created);
     assert_eq!((first.job.state, first.job.shards_total, first.job.samples_done), (JobState::Queued, 3, 0));
+    // The whole spec is stored, the submitter's trace context with it (workers elsewhere read it back).
+    assert_eq!(q.job(&first.job.id).await.unwrap().unwrap().spec, spec(10, 2, 0, &[]));
     let again = q.submit(&spec(99, 2, 0, &[]), Some(&key("r1", "h1")), 2, 3).await.unwrap();
     assert!(!again.created);
     assert_eq!((again.job.id.as_str(), again.job.spec.num_samples), (first.job.id.as_str(), 10));

@@ -25,6 +25,7 @@ use crate::model::{LoadedUNet, ModelError};
 use crate::placement::device_name;
 use crate::queue::{Lease, QueueError};
 use crate::sampler::{self, BatchRequest, Placement, SampleError};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// Shards of one device whose outputs may still be uploading while it samples the next.
 const IN_FLIGHT_SHARDS: usize = 2;
@@ -165,15 +166,24 @@ pub fn run(ctx: Arc<WorkerContext>, models: DeviceModels, threads: Option<i32>) 
             }
         };
         metrics::counter!("ddpm_tasks_leased_total").increment(1);
+        // The job first: its trace context is the shard span's parent, set before the span starts.
+        let job = ctx.runtime.block_on(ctx.queue.job(&lease.job_id));
+        // Numbers as i64: tracing-opentelemetry exports other integer types as text.
         let span = tracing::info_span!(
             "shard",
             job_id = lease.job_id,
-            shard = lease.shard,
-            attempt = lease.attempt,
-            device
+            shard = lease.shard as i64,
+            attempt = i64::from(lease.attempt),
+            device,
         );
+        // Trace-only attributes, kept out of every log line of the shard.
+        span.set_attribute("worker", ctx.config.worker_id.clone());
+        if let Ok(Some(job)) = &job {
+            crate::telemetry::set_parent(&span, &job.spec.trace_context);
+            span.set_attribute("model", job.spec.model.clone());
+        }
         let _enter = span.enter();
-        if let Err(lost) = run_shard(&ctx, &models, &device, lease, permit) {
+        if let Err(lost) = run_shard(&ctx, &models, &device, lease, job, permit) {
             let _ = ctx.runtime.block_on(in_flight.acquire_many(IN_FLIGHT_SHARDS as u32));
             return Err(format!("{device}: the device is unusable: {lost}"));
         }
@@ -196,10 +206,11 @@ fn run_shard(
     models: &DeviceModels,
     device: &str,
     lease: Lease,
+    job: Result<Option<JobRecord>, QueueError>,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<(), String> {
     let rt = &ctx.runtime;
-    let (job, payload, out) = match rt.block_on(prepare(ctx, &lease)) {
+    let (job, payload, out) = match rt.block_on(prepare(ctx, &lease, job)) {
         Ok(Some(p)) => p,
         Ok(None) => return Ok(()), // nothing to sample: already done or the job is over
         Err(e) => {
@@ -255,6 +266,14 @@ fn run_shard(
                 steps: job.spec.steps as usize,
                 eta: job.spec.eta.unwrap_or(0.0),
             };
+            // One span per batch (UNet passes are too many to trace one by one).
+            let _batch = tracing::info_span!(
+                "batch",
+                first = first as i64,
+                rows = seeds.len() as i64,
+                steps = req.steps as i64
+            )
+            .entered();
             let mut last = Instant::now();
             if super::fault::injected("device-lost") {
                 return Err(SampleError::Torch(tch::TchError::Torch(
@@ -355,10 +374,15 @@ fn run_shard(
 
 type Prepared = (JobRecord, ShardPayload, JobOutputs);
 
-/// The job, sample range and output folder of a lease; `None` when there is nothing to sample because
-/// the job is over or an earlier attempt already recorded the shard (then it is completed here).
-async fn prepare(ctx: &WorkerContext, lease: &Lease) -> Result<Option<Prepared>, ShardError> {
-    let Some(job) = ctx.queue.job(&lease.job_id).await? else {
+/// The job (as read for the lease), sample range and output folder of a lease; `None` when there is
+/// nothing to sample because the job is over or an earlier attempt already recorded the shard (then it
+/// is completed here).
+async fn prepare(
+    ctx: &WorkerContext,
+    lease: &Lease,
+    job: Result<Option<JobRecord>, QueueError>,
+) -> Result<Option<Prepared>, ShardError> {
+    let Some(job) = job? else {
         return Err(ShardError::Fatal("job record missing".into()));
     };
     if job.state.is_terminal() {
@@ -366,6 +390,7 @@ async fn prepare(ctx: &WorkerContext, lease: &Lease) -> Result<Option<Prepared>,
     }
     let payload: ShardPayload = serde_json::from_str(&lease.payload)
         .map_err(|e| ShardError::Fatal(format!("unreadable shard payload: {e}")))?;
+    tracing::Span::current().set_attribute("samples", (payload.end - payload.start) as i64);
     let out = ctx.outputs.for_job(&job.id, &job.spec).await?;
     if let Some(record) = out.shard_record(lease.shard).await?
         && (record.run.start, record.run.end) == (payload.start, payload.end)

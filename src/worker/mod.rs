@@ -13,10 +13,10 @@ use std::time::Duration;
 
 use tch::{Device, Kind};
 
-use crate::job::JobState;
+use crate::job::{JobRecord, JobState};
 use crate::model::Layout;
 use crate::models::ResolvedModel;
-use crate::queue::Queue;
+use crate::queue::{Queue, QueueError};
 use outputs::Outputs;
 
 /// How workers run shards.
@@ -145,11 +145,20 @@ impl WorkerContext {
     /// its outputs are inconsistent). A job already terminal is left alone.
     pub async fn finalize(&self, job_id: &str) {
         use tracing::Instrument;
-        self.finalize_job(job_id).instrument(tracing::info_span!("finalize", job_id)).await
+        let job = self.queue.job(job_id).await;
+        let span = tracing::info_span!("finalize", job_id);
+        // In a shard's span (its last shard finished here) the span is that shard's child; from the
+        // reaper, it joins the job's trace.
+        if tracing::Span::current().is_none()
+            && let Ok(Some(job)) = &job
+        {
+            crate::telemetry::set_parent(&span, &job.spec.trace_context);
+        }
+        self.finalize_job(job_id, job).instrument(span).await
     }
 
-    async fn finalize_job(&self, job_id: &str) {
-        let job = match self.queue.job(job_id).await {
+    async fn finalize_job(&self, job_id: &str, job: Result<Option<JobRecord>, QueueError>) {
+        let job = match job {
             Ok(Some(job)) if !job.state.is_terminal() && job.shards_done >= job.shards_total => job,
             Ok(_) => return,
             Err(e) => return tracing::warn!(error = %e, "reading the job to finalize"),

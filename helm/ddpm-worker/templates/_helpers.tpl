@@ -320,13 +320,14 @@ env:
 {{- end }}
 {{- end }}
 
-{{/* The serve container's environment: the shared one, the NATS user name, and serve.extraEnv. */}}
+{{/* The serve container's environment: the shared one, the NATS user name, tracing, and serve.extraEnv. */}}
 {{- define "ddpm-worker.env" -}}
 {{- $own := list }}
 {{- $nats := .Values.serve.queue.nats | default dict }}
 {{- if and (eq .Values.serve.queue.type "nats") ($nats.auth | default dict).userSecret }}
 {{- $own = append $own (dict "name" "DDPM_NATS_USER" "valueFrom" (dict "secretKeyRef" (dict "name" $nats.auth.userSecret "key" $nats.auth.userKey))) }}
 {{- end }}
+{{- $own = concat $own (include "ddpm-worker.tracingEnv" . | fromYamlArray) }}
 {{- include "ddpm-worker.containerEnv" (list . (concat $own (.Values.serve.extraEnv | default list))) }}
 {{- end }}
 
