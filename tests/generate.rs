@@ -454,12 +454,7 @@ async fn parts_read_an_s3_model_and_write_to_s3() {
     let prefix = seaweed::unique_prefix("generate");
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path());
-    for entry in std::fs::read_dir(&model).unwrap() {
-        let path = entry.unwrap().path();
-        let key = format!("{prefix}/models/tiny/{}", path.file_name().unwrap().to_string_lossy());
-        let body = aws_sdk_s3::primitives::ByteStream::from(std::fs::read(&path).unwrap());
-        client.put_object().bucket(seaweed::BUCKET).key(key).body(body).send().await.unwrap();
-    }
+    seaweed::upload(&client, &model, &format!("{prefix}/models/tiny")).await;
     let full = dir.path().join("full");
     generate(&model, &full, &SPLIT_RUN);
 

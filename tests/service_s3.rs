@@ -20,12 +20,7 @@ async fn models_and_outputs_live_on_s3() {
     // The tiny model, uploaded as a diffusers folder.
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path());
-    for entry in std::fs::read_dir(&model).unwrap() {
-        let path = entry.unwrap().path();
-        let key = format!("{prefix}/models/tiny/{}", path.file_name().unwrap().to_string_lossy());
-        let body = aws_sdk_s3::primitives::ByteStream::from(std::fs::read(&path).unwrap());
-        client.put_object().bucket(seaweed::BUCKET).key(key).body(body).send().await.unwrap();
-    }
+    seaweed::upload(&client, &model, &format!("{prefix}/models/tiny")).await;
     let args = [
         "--model".to_string(),
         format!("tiny=s3://{}/{prefix}/models/tiny", seaweed::BUCKET),

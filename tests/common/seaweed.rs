@@ -166,6 +166,16 @@ impl Drop for SeaweedFs {
     }
 }
 
+/// Uploads the files of `dir` (not recursive) under `prefix/` in [`BUCKET`], as a model folder is kept.
+pub async fn upload(client: &aws_sdk_s3::Client, dir: &std::path::Path, prefix: &str) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let key = format!("{prefix}/{}", path.file_name().unwrap().to_string_lossy());
+        let body = aws_sdk_s3::primitives::ByteStream::from(std::fs::read(&path).unwrap());
+        client.put_object().bucket(BUCKET).key(key).body(body).send().await.unwrap();
+    }
+}
+
 /// Copies every object under `prefix/` into `dir` (keys relative to the prefix become paths), so a job's
 /// S3 output can be opened by local readers byte for byte; returns the relative keys.
 pub async fn download(client: &aws_sdk_s3::Client, prefix: &str, dir: &std::path::Path) -> Vec<String> {
