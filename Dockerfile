@@ -18,11 +18,12 @@ RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ python3 python3-venv \
     && rm -rf /var/lib/apt/lists/*
 
-# libtorch as tch builds against it: the pinned torch wheel (with its nvidia-* CUDA wheels).
+# libtorch as tch builds against it: the pinned torch wheel (with its nvidia-* CUDA wheels), and the CUDA
+# headers that the CUDA graph shim (src/cuda/shim.cpp) needs beside it.
 COPY scripts/requirements.txt /tmp/requirements.txt
 RUN --mount=type=cache,target=/root/.cache/pip \
     python3 -m venv /opt/torch \
-    && /opt/torch/bin/pip install --quiet "$(grep -E '^torch==' /tmp/requirements.txt)"
+    && /opt/torch/bin/pip install --quiet $(grep -E '^(torch|nvidia-cuda-crt)==' /tmp/requirements.txt)
 
 # The shared libraries the image ships: libtorch (less its Python bindings) and the CUDA libraries,
 # without headers, static archives or Python files.

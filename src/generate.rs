@@ -150,8 +150,11 @@ pub struct GenerateSpec {
     pub dtype: DType,
     /// Activation and weight layout of the UNet.
     pub layout: Layout,
-    /// Batches sampled concurrently, each on its own thread with a share of the CPU threads (CPU only).
+    /// Batches sampled concurrently, each on its own thread with its own UNet replica (on the CPU with a
+    /// share of the CPU threads; on a GPU, several threads keep it busy between one's kernel launches).
     pub lanes: usize,
+    /// Replay the UNet from a CUDA graph per batch shape (CUDA only).
+    pub cuda_graphs: bool,
     /// A folder (`Destination::File` without prefix) or an S3 prefix.
     pub out: Destination,
     /// Only this part of the run's batches; `None`: all.
@@ -206,6 +209,7 @@ pub struct Manifest {
     pub dtype: DType,
     pub layout: Layout,
     pub lanes: usize,
+    pub cuda_graphs: bool,
     pub device: String,
     pub dataset: DatasetOptions,
     /// The per-sample listing (index, seed, SHA-256 and place of each encoded image).
@@ -257,9 +261,6 @@ impl GenerateSpec {
         }
         if self.lanes == 0 {
             return invalid("lanes", "must be at least 1".into());
-        }
-        if self.lanes > 1 && self.device.is_cuda() {
-            return invalid("lanes", "applies to the CPU; a CUDA device runs one batch at a time".into());
         }
         if self.batch_size == 0 {
             return invalid("batch_size", "must be at least 1".into());
@@ -320,6 +321,16 @@ impl GenerateSpec {
                 );
             }
         }
+        if self.cuda_graphs && !self.device.is_cuda() {
+            return invalid("cuda_graphs", "needs a CUDA device".into());
+        }
+        if self.cuda_graphs && !crate::cuda::GRAPHS_BUILT {
+            return invalid(
+                "cuda_graphs",
+                "this build has no CUDA graph support (built without a CUDA libtorch and CUDA headers)"
+                    .into(),
+            );
+        }
         if self.dtype != DType::Fp32 && !self.device.is_cuda() {
             return invalid("dtype", format!("{:?} needs a CUDA device; use fp32 on the CPU", self.dtype));
         }
@@ -357,8 +368,15 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Report, GenerateError>
     let steps_per_batch = scheduler.build(spec.steps, eta)?.timesteps().len();
 
     let weights_sha = sha256_file(&files.weights).map_err(GenerateError::io(&files.weights))?;
+    if spec.device.is_cuda() {
+        // cuDNN's autotuner only in the fast layout: its choices may differ between processes.
+        tch::Cuda::cudnn_set_benchmark(spec.layout == Layout::ChannelsLast);
+    }
     let mut unet = LoadedUNet::load(&files, spec.device, spec.dtype.kind())?;
     unet.set_layout(spec.layout);
+    if spec.cuda_graphs {
+        unet.set_graphs(Some(crate::model::graphs::GraphMode::Cuda));
+    }
     let load_seconds = started.elapsed().as_secs_f64();
 
     // `first` is a batch boundary of the whole run, so these are the run's own batches.
@@ -415,15 +433,21 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Report, GenerateError>
     let sampled = if lanes == 1 {
         job.run_lane(&unet, 0, 1, &tx, &AtomicBool::new(false))
     } else {
-        // Each lane samples every `lanes`-th batch on its own thread and share of the CPU threads.
-        let threads = (tch::get_num_threads() / lanes as i32).max(1);
+        // Each lane samples every `lanes`-th batch on its own thread and (CPU) share of the CPU threads.
+        let threads = (!spec.device.is_cuda()).then(|| (tch::get_num_threads() / lanes as i32).max(1));
         let failed = AtomicBool::new(false);
         let results: Vec<Result<(), GenerateError>> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..lanes)
                 .map(|lane| {
-                    let (replica, tx, job, failed) = (unet.replica(), tx.clone(), &job, &failed);
+                    let mut replica = unet.replica();
+                    if spec.cuda_graphs {
+                        replica.set_graphs(Some(crate::model::graphs::GraphMode::Cuda));
+                    }
+                    let (tx, job, failed) = (tx.clone(), &job, &failed);
                     scope.spawn(move || {
-                        tch::set_num_threads(threads);
+                        if let Some(n) = threads {
+                            tch::set_num_threads(n);
+                        }
                         let result = job.run_lane(&replica, lane, lanes, &tx, failed);
                         if result.is_err() {
                             failed.store(true, Ordering::Relaxed);
@@ -478,6 +502,7 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Report, GenerateError>
         dtype: spec.dtype,
         layout: spec.layout,
         lanes,
+        cuda_graphs: spec.cuda_graphs,
         device: device_name(spec.device),
         dataset,
         index: written.index,

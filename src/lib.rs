@@ -6,6 +6,7 @@
 pub mod api;
 pub mod benchmark;
 pub mod client;
+pub mod cuda;
 pub mod dataset;
 pub mod digest;
 pub mod generate;

@@ -51,6 +51,10 @@ enum Command {
     /// Time UNet forwards (used by bench/); prints one JSON line.
     #[command(hide = true)]
     BenchUnet(BenchUnetArgs),
+    /// One UNet call on an input read from a safetensors file (tensor `sample`), its output written to
+    /// another (tensor `output`, f32): for comparing against diffusers on the same device (bench/).
+    #[command(hide = true)]
+    UnetOutput(UnetOutputArgs),
     /// Time SubmitJob under concurrent clients (used by bench/); prints one JSON line.
     #[command(hide = true)]
     BenchSubmit(BenchSubmitArgs),
@@ -109,6 +113,30 @@ struct BenchUnetArgs {
     warmup: usize,
     #[command(flatten)]
     place: PlacementArgs,
+    /// Forwards run at once, each on its own thread with a replica and a share of the CPU threads.
+    #[arg(long, default_value_t = 1)]
+    lanes: usize,
+    /// `--layout channels-last --lanes <CPU cores>` on the CPU, as `generate --fast`.
+    #[arg(long)]
+    fast: bool,
+    /// Also time the model's 3×3 convolution shapes alone, run the same way (the peak the UNet is
+    /// measured against).
+    #[arg(long)]
+    conv_peak: bool,
+}
+
+#[derive(clap::Args)]
+struct UnetOutputArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    input: PathBuf,
+    #[arg(long)]
+    output: PathBuf,
+    #[arg(long)]
+    timestep: i64,
+    #[command(flatten)]
+    place: PlacementArgs,
 }
 
 #[derive(clap::Args)]
@@ -136,6 +164,9 @@ struct PlacementArgs {
     /// CPUs and GPUs and agrees with diffusers to ~1e-5.
     #[arg(long, value_enum, default_value = "diffusers")]
     layout: CliLayout,
+    /// Replay the UNet from a CUDA graph captured once per batch shape (CUDA only).
+    #[arg(long)]
+    cuda_graphs: bool,
 }
 
 #[derive(clap::Args)]
@@ -169,8 +200,9 @@ struct GenerateArgs {
     batch_size: Option<usize>,
     #[command(flatten)]
     place: PlacementArgs,
-    /// CPU only: sample this many batches at once, each on its own thread with a share of the cores.
-    /// More throughput than one batch on all cores; per-thread kernels change the last float bits.
+    /// Sample this many batches at once, each on its own thread with its own UNet replica. On the CPU each
+    /// gets a share of the cores: more throughput than one batch on all cores, and per-thread kernels
+    /// change the last float bits. On a GPU, threads share the device; images stay the same.
     #[arg(long, default_value_t = 1)]
     lanes: usize,
     /// Shorthand for `--layout channels-last --lanes <CPU cores>` on the CPU
@@ -446,6 +478,7 @@ fn main() -> ExitCode {
                 dtype: a.place.dtype,
                 layout: if a.fast { Layout::ChannelsLast } else { a.place.layout.into() },
                 lanes: if a.fast && !a.place.device.is_cuda() { physical_cores() } else { a.lanes },
+                cuda_graphs: a.place.cuda_graphs,
                 out: a.out,
                 part,
                 format: a.dataset.format,
@@ -491,15 +524,28 @@ fn main() -> ExitCode {
                 &a.dir, &a.model, a.samples, a.shards, a.format, a.side, a.prepare,
             ))
         })),
-        Command::BenchUnet(a) => print_json(benchmark::time_unet(
-            &a.model,
-            a.batch_size,
-            a.iterations,
-            a.warmup,
-            a.place.device,
-            a.place.dtype.kind(),
-            a.place.layout.into(),
-        )),
+        Command::BenchUnet(a) => print_json(benchmark::time_unet(&benchmark::UNetBench {
+            model: &a.model,
+            batch_size: a.batch_size,
+            iterations: a.iterations,
+            warmup: a.warmup,
+            device: a.place.device,
+            kind: a.place.dtype.kind(),
+            layout: if a.fast { Layout::ChannelsLast } else { a.place.layout.into() },
+            lanes: if a.fast && !a.place.device.is_cuda() { physical_cores() } else { a.lanes },
+            conv_peak: a.conv_peak,
+            cuda_graphs: a.place.cuda_graphs,
+        })),
+        Command::UnetOutput(a) => print_json(benchmark::unet_output(&benchmark::UNetOutput {
+            model: &a.model,
+            input: &a.input,
+            output: &a.output,
+            timestep: a.timestep,
+            device: a.place.device,
+            kind: a.place.dtype.kind(),
+            layout: a.place.layout.into(),
+            cuda_graphs: a.place.cuda_graphs,
+        })),
         Command::InitModel(a) => match init_model::write_model(a.preset, a.grayscale, &a.out, a.seed) {
             Ok(unet) => {
                 let name = a.preset.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default();

@@ -118,7 +118,7 @@ pub fn sample_batch(
 
     let mut sample = noise.next().to_device(place.device);
     for (i, &t) in timesteps.iter().enumerate() {
-        let model_output = unet.forward(&sample.to_kind(place.kind), t).to_kind(Kind::Float);
+        let model_output = unet.denoise(&sample.to_kind(place.kind), t)?.to_kind(Kind::Float);
         let z = sched.needs_noise(i).then(|| noise.next().to_device(place.device));
         sample = sched.step(i, &model_output, &sample, z.as_ref());
         if !on_step(i) {

@@ -43,6 +43,8 @@ fn service(dir: &std::path::Path, rt: &tokio::runtime::Runtime) -> (WorkerServic
             outage_backoff: Duration::from_secs(1),
             kind: tch::Kind::Float,
             layout: crate::model::Layout::Diffusers,
+            cuda_graphs: false,
+            max_batch_size: 16,
             finalize_after: Duration::from_secs(60),
             reap_interval: Duration::from_secs(1),
             idle_poll: Duration::from_secs(1),

@@ -18,6 +18,8 @@ pub struct SpatialAttention {
     to_out: nn::Linear,
     heads: i64,
     rescale_output_factor: f64,
+    /// `to_q`, `to_k` and `to_v` stacked (`[3C, C]` and `[3C]`) for the fast path's single product.
+    qkv: Option<(Tensor, Tensor)>,
 }
 
 pub struct AttentionConfig {
@@ -39,12 +41,30 @@ impl SpatialAttention {
             to_out: nn::linear(&vs / "to_out" / 0, channels, channels, Default::default()),
             heads: c.heads,
             rescale_output_factor: c.rescale_output_factor,
+            qkv: None,
         }
+    }
+
+    /// Stacks the projection weights for [`Self::forward`]'s fast path; again after they change.
+    pub fn prepare_fast(&mut self, on: bool) {
+        self.qkv = on.then(|| {
+            let weight = Tensor::cat(&[&self.to_q.ws, &self.to_k.ws, &self.to_v.ws], 0);
+            let bias =
+                [&self.to_q.bs, &self.to_k.bs, &self.to_v.bs].map(|b| b.as_ref().map(Tensor::shallow_clone));
+            let bias = match bias {
+                [Some(q), Some(k), Some(v)] => Tensor::cat(&[q, k, v], 0),
+                _ => Tensor::zeros([weight.size()[0]], (weight.kind(), weight.device())),
+            };
+            (weight, bias)
+        });
     }
 }
 
-impl Module for SpatialAttention {
-    fn forward(&self, xs: &Tensor) -> Tensor {
+impl SpatialAttention {
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        if let Some((weight, bias)) = &self.qkv {
+            return self.forward_fast(xs, weight, bias);
+        }
         let (b, c, h, w) = xs.size4().unwrap_or((0, 0, 0, 0));
         // [B, C, H, W] -> [B, HW, C], normalised over channel groups first (same op order as diffusers).
         let flat = xs.view([b, c, h * w]);
@@ -63,5 +83,38 @@ impl Module for SpatialAttention {
         let o = self.to_out.forward(&o);
         let o = o.transpose(-1, -2).reshape([b, c, h, w]) + xs;
         if self.rescale_output_factor == 1.0 { o } else { o / self.rescale_output_factor }
+    }
+
+    /// The same attention on channels-last activations: the norm keeps NHWC, whose memory already is the
+    /// `[B, HW, C]` token matrix, so no transposing copies; one product makes Q, K and V, and the
+    /// residual is added in place.
+    fn forward_fast(&self, xs: &Tensor, weight: &Tensor, bias: &Tensor) -> Tensor {
+        let (b, c, h, w) = xs.size4().unwrap_or((0, 0, 0, 0));
+        let normed = match &self.group_norm {
+            Some(norm) => norm.forward(xs),
+            None => xs.shallow_clone(),
+        };
+        let tokens = normed.permute([0, 2, 3, 1]).reshape([b, h * w, c]);
+        let qkv = tokens.linear(weight, Some(bias));
+        let head_dim = c / self.heads;
+        let split = |t: &Tensor| t.view([b, h * w, self.heads, head_dim]).transpose(1, 2);
+        let parts = qkv.split(c, -1);
+        let o = Tensor::scaled_dot_product_attention(
+            &split(&parts[0]),
+            &split(&parts[1]),
+            &split(&parts[2]),
+            None::<&Tensor>,
+            0.0,
+            false,
+            None,
+            false,
+        );
+        let o = o.transpose(1, 2).reshape([b, h * w, c]);
+        let mut o = self.to_out.forward(&o);
+        let _ = o.g_add_(&xs.permute([0, 2, 3, 1]).reshape([b, h * w, c]));
+        if self.rescale_output_factor != 1.0 {
+            let _ = o.g_div_scalar_(self.rescale_output_factor);
+        }
+        o.view([b, h, w, c]).permute([0, 3, 1, 2])
     }
 }

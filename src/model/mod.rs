@@ -6,6 +6,8 @@
 pub mod attention;
 pub mod config;
 pub mod embeddings;
+pub mod flops;
+pub mod graphs;
 pub mod resnet;
 pub mod unet_2d;
 pub mod unet_2d_blocks;
@@ -128,6 +130,8 @@ pub struct LoadedUNet {
     pub model: UNet2DModel,
     pub config: UNet2DConfig,
     pub layout: Layout,
+    /// Graphs by batch shape, when calls replay them ([`Self::denoise`]).
+    graphs: Option<std::cell::RefCell<graphs::GraphCache>>,
 }
 
 impl LoadedUNet {
@@ -139,13 +143,15 @@ impl LoadedUNet {
         let tensors = read_checkpoint(&files.weights)?;
         copy_weights(&mut vs, tensors, &files.weights)?;
         vs.set_kind(kind);
-        Ok(Self { vs, model, config, layout: Layout::Diffusers })
+        Ok(Self { vs, model, config, layout: Layout::Diffusers, graphs: None })
     }
 
     /// Re-lays the convolution weights out for `layout` (inputs follow in [`Self::forward`]).
+    /// The channels-last layout also switches the network to its fast path (fused Q/K/V, in-place
+    /// element-wise ops, 1×1 convolutions as matrix products).
     pub fn set_layout(&mut self, layout: Layout) {
+        let _guard = tch::no_grad_guard();
         if layout == Layout::ChannelsLast {
-            let _guard = tch::no_grad_guard();
             for (_, mut var) in self.vs.variables() {
                 if var.dim() == 4 {
                     let relaid = channels_last(&var);
@@ -153,6 +159,7 @@ impl LoadedUNet {
                 }
             }
         }
+        self.model.prepare_fast(layout == Layout::ChannelsLast);
         self.layout = layout;
     }
 
@@ -167,7 +174,9 @@ impl LoadedUNet {
             let src = source.get(&name).expect("a replica has the same variables. This is a bug.");
             var.set_data(src);
         }
-        Self { vs, model, config: self.config.clone(), layout: self.layout }
+        let mut model = model;
+        model.prepare_fast(self.layout == Layout::ChannelsLast);
+        Self { vs, model, config: self.config.clone(), layout: self.layout, graphs: None }
     }
 
     /// A randomly initialised network (tch's default initialisers seeded by `seed`).
@@ -176,7 +185,7 @@ impl LoadedUNet {
         tch::manual_seed(seed);
         let vs = nn::VarStore::new(Device::Cpu);
         let model = UNet2DModel::new(vs.root(), &config);
-        Ok(Self { vs, model, config, layout: Layout::Diffusers })
+        Ok(Self { vs, model, config, layout: Layout::Diffusers, graphs: None })
     }
 
     pub fn num_parameters(&self) -> i64 {
@@ -184,9 +193,15 @@ impl LoadedUNet {
     }
 
     pub fn forward(&self, sample: &Tensor, timestep: i64) -> Tensor {
+        let timesteps = Tensor::from_slice(&[timestep]).to_device(sample.device());
+        self.forward_t(sample, &timesteps)
+    }
+
+    /// [`Self::forward`] with the timestep as a tensor on the sample's device (`[1]` or `[B]`).
+    pub fn forward_t(&self, sample: &Tensor, timesteps: &Tensor) -> Tensor {
         match self.layout {
-            Layout::Diffusers => self.model.forward(sample, timestep),
-            Layout::ChannelsLast => self.model.forward(&channels_last(sample), timestep),
+            Layout::Diffusers => self.model.forward(sample, timesteps),
+            Layout::ChannelsLast => self.model.forward(&channels_last(sample), timesteps),
         }
     }
 

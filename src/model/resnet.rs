@@ -59,9 +59,14 @@ impl ResnetBlock2D {
         }
     }
 
-    pub fn forward(&self, xs: &Tensor, temb: &Tensor) -> Tensor {
+    /// `temb` is the time embedding after its SiLU (shared by every block: diffusers applies the same
+    /// `nonlinearity(temb)` in each one).
+    pub fn forward(&self, xs: &Tensor, temb: &Tensor, fast: bool) -> Tensor {
+        if fast {
+            return self.forward_fast(xs, temb);
+        }
         let h = self.conv1.forward(&self.norm1.forward(xs).silu());
-        let temb = self.time_emb_proj.forward(&temb.silu()).unsqueeze(-1).unsqueeze(-1);
+        let temb = self.time_emb_proj.forward(temb).unsqueeze(-1).unsqueeze(-1);
         let h = match self.time_embedding_norm {
             TimeEmbeddingNorm::Default => self.norm2.forward(&(h + temb)),
             TimeEmbeddingNorm::ScaleShift => {
@@ -80,6 +85,63 @@ impl ResnetBlock2D {
         let out = shortcut + h;
         if self.output_scale_factor == 1.0 { out } else { out / self.output_scale_factor }
     }
+
+    /// The same block for channels-last activations, in place wherever a fresh tensor allows it (each
+    /// SiLU, the time-embedding and residual adds) and with the 1×1 shortcut as one matrix product.
+    /// Same operations in the same order; only kernels differ (last-bit differences).
+    fn forward_fast(&self, xs: &Tensor, temb: &Tensor) -> Tensor {
+        let mut h = self.norm1.forward(xs);
+        let _ = h.silu_();
+        let mut h = self.conv1.forward(&h);
+        let temb = self.time_emb_proj.forward(temb).unsqueeze(-1).unsqueeze(-1);
+        let mut h = match self.time_embedding_norm {
+            TimeEmbeddingNorm::Default => {
+                let _ = h.g_add_(&temb);
+                self.norm2.forward(&h)
+            }
+            TimeEmbeddingNorm::ScaleShift => {
+                let parts = temb.chunk(2, 1);
+                let mut n = self.norm2.forward(&h);
+                let _ = n.g_mul_(&(&parts[0] + 1.0)).g_add_(&parts[1]);
+                n
+            }
+        };
+        let _ = h.silu_();
+        let mut out = self.conv2.forward(&h);
+        let _ = match &self.conv_shortcut {
+            Some(conv) => out.g_add_(&pointwise_conv(conv, xs)),
+            None => out.g_add_(xs),
+        };
+        if self.output_scale_factor != 1.0 {
+            let _ = out.g_div_scalar_(self.output_scale_factor);
+        }
+        out
+    }
+}
+
+/// A 1×1 convolution of a channels-last input as one `[B·H·W, C_in] × [C_in, C_out]` product on the
+/// NHWC memory it already has (oneDNN and the im2col path both copy first); other inputs take the conv.
+pub fn pointwise_conv(conv: &nn::Conv2D, xs: &Tensor) -> Tensor {
+    let (shape, weight) = (xs.size4(), conv.ws.size());
+    let (Ok((b, c, h, w)), &[cout, cin, 1, 1]) = (shape, weight.as_slice()) else {
+        return conv.forward(xs);
+    };
+    if !is_channels_last(xs) || cin != c {
+        return conv.forward(xs);
+    }
+    let nhwc = xs.permute([0, 2, 3, 1]);
+    let weight = conv.ws.reshape([cout, cin]);
+    nhwc.linear(&weight, conv.bs.as_ref()).view([b, h, w, cout]).permute([0, 3, 1, 2])
+}
+
+/// Whether `x` (4-D) is laid out NHWC in memory, densely.
+pub fn is_channels_last(x: &Tensor) -> bool {
+    let (Ok((_, c, _, w)), stride) = (x.size4(), x.stride()) else { return false };
+    stride.len() == 4
+        && stride[1] == 1
+        && stride[3] == c
+        && stride[2] == w * c
+        && stride[0] == stride[2] * x.size()[2]
 }
 
 /// `Downsample2D(use_conv=True)`. With `padding == 0` the original TF code's "SAME" stride-2 conv is
@@ -96,8 +158,8 @@ impl Downsample2D {
     }
 }
 
-impl Module for Downsample2D {
-    fn forward(&self, xs: &Tensor) -> Tensor {
+impl Downsample2D {
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
         if self.pad_asymmetric {
             self.conv.forward(&xs.constant_pad_nd([0, 1, 0, 1]))
         } else {
@@ -118,8 +180,13 @@ impl Upsample2D {
     }
 }
 
-impl Module for Upsample2D {
-    fn forward(&self, xs: &Tensor) -> Tensor {
+impl Upsample2D {
+    /// `fast`: the input is channels-last throughout, so no contiguity rule applies.
+    pub fn forward(&self, xs: &Tensor, fast: bool) -> Tensor {
+        if fast {
+            let up = xs.upsample_nearest2d_vec(None::<&[i64]>, [2.0, 2.0].as_slice());
+            return self.conv.forward(&up);
+        }
         // Activations after an attention block are channels-last views (its output is a transposed
         // reshape) and the layout selects the conv kernel, so contiguity follows diffusers exactly:
         // only large batches and huge tensors are made contiguous (issues #984, #2306).

@@ -2,7 +2,7 @@
 //! (Appendix B): conv_in, down blocks collecting skips, a mid block, up blocks consuming them, and a
 //! GroupNorm-SiLU-conv head.
 
-use tch::{Kind, Tensor, nn, nn::Module};
+use tch::{Tensor, nn, nn::Module};
 
 use super::attention::AttentionConfig;
 use super::config::{BlockKind, UNet2DConfig};
@@ -21,6 +21,7 @@ pub struct UNet2DModel {
     up_blocks: Vec<UpBlock2D>,
     conv_norm_out: nn::GroupNorm,
     conv_out: nn::Conv2D,
+    fast: bool,
 }
 
 impl UNet2DModel {
@@ -121,29 +122,47 @@ impl UNet2DModel {
             up_blocks,
             conv_norm_out: group_norm(&vs / "conv_norm_out", groups, boc[0], eps),
             conv_out: conv2d(&vs / "conv_out", boc[0], config.out_channels, 3, 1, 1),
+            fast: false,
         }
     }
 
     /// ε̂(x_t, t) for a batch `sample` `[B, C, H, W]` at one integer timestep.
-    pub fn forward(&self, sample: &Tensor, timestep: i64) -> Tensor {
+    /// Switches the fast (channels-last, fused) path on or off; again after the weights change.
+    pub fn prepare_fast(&mut self, on: bool) {
+        self.fast = on;
+        self.down_blocks.iter_mut().for_each(|b| b.prepare_fast(on));
+        if let Some(mid) = &mut self.mid_block {
+            mid.prepare_fast(on);
+        }
+        self.up_blocks.iter_mut().for_each(|b| b.prepare_fast(on));
+    }
+
+    /// ε for `sample` `[B, C, H, W]` at `timesteps` (`[B]` or `[1]`, integer or float, on the sample's
+    /// device): a tensor rather than a number so that a captured CUDA graph can replay every step.
+    pub fn forward(&self, sample: &Tensor, timesteps: &Tensor) -> Tensor {
         let batch = sample.size()[0];
+        let fast = self.fast;
         let sample = if self.center_input_sample { sample * 2.0 - 1.0 } else { sample.shallow_clone() };
-        let timesteps = Tensor::full([batch], timestep, (Kind::Int64, sample.device()));
+        let timesteps = timesteps.expand([batch], false);
         let t_emb = self.time_proj.forward(&timesteps).to_kind(sample.kind());
         let emb = self.time_embedding.forward(&t_emb);
+        // Every resnet block applies the same SiLU to the embedding before its projection.
+        let emb = emb.silu();
 
         let mut h = self.conv_in.forward(&sample);
         let mut skips = vec![h.shallow_clone()];
         for block in &self.down_blocks {
-            h = block.forward(&h, &emb, &mut skips);
+            h = block.forward(&h, &emb, &mut skips, fast);
         }
         if let Some(mid) = &self.mid_block {
-            h = mid.forward(&h, &emb);
+            h = mid.forward(&h, &emb, fast);
         }
         for block in &self.up_blocks {
             debug_assert!(skips.len() >= block.num_skips());
-            h = block.forward(&h, &emb, &mut skips);
+            h = block.forward(&h, &emb, &mut skips, fast);
         }
-        self.conv_out.forward(&self.conv_norm_out.forward(&h).silu())
+        let mut h = self.conv_norm_out.forward(&h);
+        let _ = h.silu_();
+        self.conv_out.forward(&h)
     }
 }

@@ -1,7 +1,7 @@
 //! The down, mid and up blocks of `UNet2DModel` (`diffusers/models/unets/unet_2d_blocks.py`:
 //! `DownBlock2D`, `AttnDownBlock2D`, `UNetMidBlock2D`, `UpBlock2D`, `AttnUpBlock2D`).
 
-use tch::{Tensor, nn, nn::Module};
+use tch::{Tensor, nn};
 
 use super::attention::{AttentionConfig, SpatialAttention};
 use super::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
@@ -41,11 +41,15 @@ impl DownBlock2D {
         Self { resnets, attentions, downsampler }
     }
 
+    pub fn prepare_fast(&mut self, on: bool) {
+        self.attentions.iter_mut().for_each(|a| a.prepare_fast(on));
+    }
+
     /// Returns the block output and appends every skip connection it makes to `skips`.
-    pub fn forward(&self, xs: &Tensor, temb: &Tensor, skips: &mut Vec<Tensor>) -> Tensor {
+    pub fn forward(&self, xs: &Tensor, temb: &Tensor, skips: &mut Vec<Tensor>, fast: bool) -> Tensor {
         let mut h = xs.shallow_clone();
         for (j, resnet) in self.resnets.iter().enumerate() {
-            h = resnet.forward(&h, temb);
+            h = resnet.forward(&h, temb, fast);
             if let Some(attn) = self.attentions.get(j) {
                 h = attn.forward(&h);
             }
@@ -82,12 +86,18 @@ impl UNetMidBlock2D {
         }
     }
 
-    pub fn forward(&self, xs: &Tensor, temb: &Tensor) -> Tensor {
-        let mut h = self.resnets[0].forward(xs, temb);
+    pub fn prepare_fast(&mut self, on: bool) {
+        if let Some(a) = &mut self.attention {
+            a.prepare_fast(on);
+        }
+    }
+
+    pub fn forward(&self, xs: &Tensor, temb: &Tensor, fast: bool) -> Tensor {
+        let mut h = self.resnets[0].forward(xs, temb, fast);
         if let Some(attn) = &self.attention {
             h = attn.forward(&h);
         }
-        self.resnets[1].forward(&h, temb)
+        self.resnets[1].forward(&h, temb, fast)
     }
 }
 
@@ -126,22 +136,26 @@ impl UpBlock2D {
         Self { resnets, attentions, upsampler }
     }
 
+    pub fn prepare_fast(&mut self, on: bool) {
+        self.attentions.iter_mut().for_each(|a| a.prepare_fast(on));
+    }
+
     pub fn num_skips(&self) -> usize {
         self.resnets.len()
     }
 
     /// `skips` are popped from the end, one per resnet.
-    pub fn forward(&self, xs: &Tensor, temb: &Tensor, skips: &mut Vec<Tensor>) -> Tensor {
+    pub fn forward(&self, xs: &Tensor, temb: &Tensor, skips: &mut Vec<Tensor>, fast: bool) -> Tensor {
         let mut h = xs.shallow_clone();
         for (j, resnet) in self.resnets.iter().enumerate() {
             let skip = skips.pop().expect("the UNet builds one skip per up-block resnet. This is a bug.");
-            h = resnet.forward(&Tensor::cat(&[h, skip], 1), temb);
+            h = resnet.forward(&Tensor::cat(&[h, skip], 1), temb, fast);
             if let Some(attn) = self.attentions.get(j) {
                 h = attn.forward(&h);
             }
         }
         match &self.upsampler {
-            Some(up) => up.forward(&h),
+            Some(up) => up.forward(&h, fast),
             None => h,
         }
     }

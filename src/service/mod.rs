@@ -153,9 +153,15 @@ pub struct ServeArgs {
     /// Channels-last UNet layout: faster, agrees with diffusers to ~1e-5 instead of bit for bit.
     #[arg(long, env = "DDPM_CHANNELS_LAST")]
     pub channels_last: bool,
+    /// Replay each CUDA device's UNet calls from a graph captured per batch shape (CUDA devices only).
+    #[arg(long, env = "DDPM_CUDA_GRAPHS")]
+    pub cuda_graphs: bool,
     /// Batch size of jobs that give none.
     #[arg(long, env = "DDPM_DEFAULT_BATCH_SIZE", default_value_t = 16)]
     pub default_batch_size: u32,
+    /// The largest batch size a job may ask for. At warm-up each CUDA device runs a forward of this
+    /// size; where it does not fit, the device takes the largest power of two below it that does and
+    /// gives back shards of larger batches (another device may take them).
     #[arg(long, env = "DDPM_MAX_BATCH_SIZE", default_value_t = 512)]
     pub max_batch_size: u32,
     /// Batches per shard (the unit of leasing, retry and progress).
@@ -562,6 +568,8 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
         outage_backoff: Duration::from_secs_f64(args.outage_backoff_seconds),
         kind: args.dtype.kind(),
         layout: if args.channels_last { Layout::ChannelsLast } else { Layout::Diffusers },
+        cuda_graphs: args.cuda_graphs,
+        max_batch_size: args.max_batch_size as usize,
         finalize_after: Duration::from_secs_f64(args.lease_seconds),
         reap_interval: Duration::from_secs_f64((args.lease_seconds / 4.0).clamp(0.25, 5.0)),
         idle_poll: device::DEFAULT_IDLE_POLL,

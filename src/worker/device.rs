@@ -34,6 +34,53 @@ const IN_FLIGHT_SHARDS: usize = 2;
 pub struct DeviceModels {
     device: Device,
     unets: BTreeMap<String, LoadedUNet>,
+    /// CUDA: the largest batch of each model whose forward fits in the device's memory (the API's limit
+    /// when it fits, else the largest power of two below it that does), found at warm-up.
+    max_batch: BTreeMap<String, usize>,
+}
+
+/// The largest batch size `b ≤ limit` for which `fits(b)`, trying `limit` first and then powers of two
+/// downwards; `None` when not even 1 fits. `fits` errors other than running out of memory stop the
+/// search.
+pub fn largest_fitting<E>(
+    limit: usize,
+    mut fits: impl FnMut(usize) -> Result<bool, E>,
+) -> Result<Option<usize>, E> {
+    let mut b = limit.max(1);
+    loop {
+        if fits(b)? {
+            return Ok(Some(b));
+        }
+        if b == 1 {
+            return Ok(None);
+        }
+        // The largest power of two below b.
+        b = 1 << (usize::BITS - 1 - (b - 1).leading_zeros());
+    }
+}
+
+/// Whether a forward of `batch` rows runs on the UNet's device: `Ok(false)` when it ran out of memory.
+fn forward_fits(unet: &LoadedUNet, kind: tch::Kind, batch: usize) -> Result<bool, ModelError> {
+    let device = unet.vs.device();
+    let (h, w) = unet.config.sample_hw()?;
+    let run = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<(), tch::TchError> {
+        let x = tch::Tensor::f_zeros([batch as i64, unet.config.in_channels, h, w], (kind, device))?;
+        let _ = unet.forward(&x, 0);
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+        Ok(())
+    }));
+    let message = match run {
+        Ok(Ok(())) => return Ok(true),
+        Ok(Err(e)) => e.to_string(),
+        Err(panic) => panic_message(&panic),
+    };
+    if message.contains("out of memory") {
+        Ok(false)
+    } else {
+        Err(ModelError::Torch(tch::TchError::Torch(message)))
+    }
 }
 
 impl DeviceModels {
@@ -43,19 +90,52 @@ impl DeviceModels {
     /// the worker is no longer live.
     pub fn load(ctx: &WorkerContext, device: Device) -> Result<Self, ModelError> {
         let mut unets = BTreeMap::new();
+        let mut max_batch = BTreeMap::new();
         let _guard = tch::no_grad_guard();
+        if device.is_cuda() {
+            // cuDNN's autotuner picks the fastest kernels, which may differ between processes in the
+            // last bits; the exact layout keeps fixed, deterministic kernels.
+            let fast = ctx.config.layout == crate::model::Layout::ChannelsLast;
+            tch::Cuda::cudnn_set_benchmark(fast);
+        }
         for (name, model) in ctx.models.iter() {
             let mut unet = LoadedUNet::load(&model.files, device, ctx.config.kind)?;
             unet.set_layout(ctx.config.layout);
+            if ctx.config.cuda_graphs && device.is_cuda() {
+                unet.set_graphs(Some(crate::model::graphs::GraphMode::Cuda));
+            }
             let (h, w) = unet.config.sample_hw()?;
             let x = tch::Tensor::f_zeros([1, unet.config.in_channels, h, w], (ctx.config.kind, device))?;
             let _ = unet.forward(&x, 0);
             if super::fault::injected("warmup-panic") {
                 panic!("injected fault: warm-up of {name} on {}", device_name(device));
             }
+            if device.is_cuda() {
+                // Found here, not by a job failing half-way: the API's largest batch, or what fits.
+                let limit = ctx.config.max_batch_size;
+                let fits = largest_fitting(limit, |b| forward_fits(&unet, ctx.config.kind, b))?;
+                let Some(fits) = fits else {
+                    return Err(ModelError::Unsupported(format!(
+                        "{name} does not fit in {}'s memory even at batch size 1",
+                        device_name(device)
+                    )));
+                };
+                if fits < limit {
+                    tracing::warn!(
+                        model = name,
+                        device = device_name(device),
+                        max_batch_size = fits,
+                        api_limit = limit,
+                        "jobs of this model with a larger batch size will be refused by this device"
+                    );
+                }
+                metrics::gauge!("ddpm_device_max_batch_size", "device" => device_name(device), "model" => name.clone())
+                    .set(fits as f64);
+                max_batch.insert(name.clone(), fits);
+            }
             unets.insert(name.clone(), unet);
         }
-        Ok(Self { device, unets })
+        Ok(Self { device, unets, max_batch })
     }
 }
 
@@ -224,6 +304,18 @@ fn run_shard(
         return Ok(());
     };
     let Some(model) = ctx.models.get(&job.spec.model) else { return Ok(()) };
+    if let Some(&fits) = models.max_batch.get(&job.spec.model)
+        && job.spec.batch_size as usize > fits
+    {
+        // Another worker's device may be larger: the shard is retried there, and fails the job once its
+        // attempts are spent.
+        let error = format!(
+            "batch size {} of model {:?} does not fit in {device}'s memory (at most {fits} fits)",
+            job.spec.batch_size, job.spec.model
+        );
+        rt.block_on(give_back(ctx, &lease, ShardError::Failed(error)));
+        return Ok(());
+    }
     let scheduler = match model.scheduler(job.spec.scheduler) {
         Ok(s) => s,
         Err(e) => {
@@ -573,6 +665,24 @@ pub const DEFAULT_IDLE_POLL: Duration = Duration::from_millis(500);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_largest_fitting_batch_is_the_limit_or_a_power_of_two() {
+        let search = |limit, max_fit: usize| {
+            let mut tried = Vec::new();
+            let found = largest_fitting(limit, |b| {
+                tried.push(b);
+                Ok::<_, ()>(b <= max_fit)
+            });
+            (found.unwrap(), tried)
+        };
+        assert_eq!(search(512, 1000), (Some(512), vec![512]));
+        assert_eq!(search(512, 100), (Some(64), vec![512, 256, 128, 64]));
+        assert_eq!(search(100, 70), (Some(64), vec![100, 64]));
+        assert_eq!(search(100, 0), (None, vec![100, 64, 32, 16, 8, 4, 2, 1]));
+        assert_eq!(search(1, 1), (Some(1), vec![1]));
+        assert_eq!(largest_fitting(8, |b| if b == 4 { Err("kernel") } else { Ok(false) }), Err("kernel"));
+    }
 
     #[test]
     fn retries_back_off_exponentially_up_to_five_minutes() {

@@ -32,6 +32,10 @@ pub struct WorkerConfig {
     pub outage_backoff: Duration,
     pub kind: Kind,
     pub layout: Layout,
+    /// CUDA devices replay their UNet calls from captured graphs.
+    pub cuda_graphs: bool,
+    /// The API's largest batch size: each CUDA device checks at warm-up that it fits.
+    pub max_batch_size: usize,
     /// How long a job whose shards are all done may wait for its manifest before the reaper writes it.
     pub finalize_after: Duration,
     pub reap_interval: Duration,

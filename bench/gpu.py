@@ -1,0 +1,238 @@
+"""GPU checks and benchmarks, side by side with diffusers on the same device, in one command.
+
+    python bench/gpu.py --bin target/release/ddpm-worker [--device cuda] [--batch-sizes 32 64] [--steps 10]
+                        [--json FILE]
+
+On the 256-family architecture (google/ddpm-ema-*-256, random weights from `init-model --preset ddpm-256`)
+unless --model is given:
+  1. peak: a bf16 8192³ matrix product's TFLOP/s on this device, measured first (the "% of bf16 peak" below);
+  2. UNet forward at each batch size, images/s and TFLOP/s (FLOPs as torch.utils.flop_counter counts them):
+     diffusers fp16 eager (NCHW, as users run it), diffusers fp16 channels-last under torch.compile, and
+     ddpm-worker fp16 / bf16 channels-last, eager and replaying CUDA graphs (`bench-unet`);
+  3. end to end (DDIM, --steps, writing PNGs): diffusers fp16 eager pipeline vs `generate --fast` in fp16
+     and bf16 with CUDA graphs, one thread and two threads (`--lanes 2`) sharing the GPU;
+  4. parity: one UNet call in fp32 (`unet-output`) vs diffusers' on the same input and device (max |Δ|,
+     target ≤ 1e-4); fp16 and bf16 images vs fp32 images of `generate` (share of pixel values within
+     2/255, target ≥ 99 %); images of one lane and two lanes byte-identical;
+then the targets: ≥ 1.5× diffusers fp16 eager images/s, ≥ 50 % of bf16 peak in the UNet, two threads
+within 5 % of linear.
+
+`--device cpu` with a small `--model` runs the same steps on the CPU (fp32 only), to check this script
+where no GPU is.
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bf16_peak_tflops(device):
+    if not device.startswith("cuda"):
+        return None
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    sync(device)
+    return 10 * 2 * n**3 / (time.perf_counter() - start) / 1e12
+
+
+def flops(unet, batch, device):
+    from torch.utils.flop_counter import FlopCounterMode
+    size = unet.config.sample_size
+    x = torch.randn(batch, unet.config.in_channels, size, size, device=device, dtype=unet.dtype)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(x, 500)
+    return counter.get_total_flops()
+
+
+def time_diffusers_unet(unet, batch, device, iterations, channels_last=False):
+    size = unet.config.sample_size
+    x = torch.randn(batch, unet.config.in_channels, size, size, device=device, dtype=unet.dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for i in range(3):
+            unet(x, 500 - i)
+        sync(device)
+        start = time.perf_counter()
+        for i in range(iterations):
+            unet(x, 500 - i)
+        sync(device)
+    return (time.perf_counter() - start) / iterations
+
+
+def ours_unet(args, model, batch, *flags):
+    out = subprocess.run([args.bin, "bench-unet", "--model", str(model), "--device", args.device,
+                          "--batch-size", str(batch), "--iterations", str(args.iterations), "--warmup", "3",
+                          *flags], check=True, capture_output=True, text=True).stdout
+    t = json.loads(out.strip().splitlines()[-1])
+    return t["mean_ms"] / 1e3, t
+
+
+def generate(args, model, out, batch, *flags, samples=None):
+    cmd = [args.bin, "generate", "--model", str(model), "--device", args.device, "--scheduler", "ddim",
+           "--steps", str(args.steps), "--num-samples", str(samples or args.num_samples), "--seed", "0",
+           "--batch-size", str(batch), "--out", str(out), *flags]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return json.loads((out / "manifest.json").read_text())["timings"]["images_per_second"]
+
+
+def diffusers_end_to_end(unet, scheduler, args, batch, out: Path):
+    pipe = DDIMPipeline(unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    pipe(batch_size=batch, num_inference_steps=2, generator=torch.Generator().manual_seed(0))  # warm-up
+    sync(args.device)
+    start = time.perf_counter()
+    for first in range(0, args.num_samples, batch):
+        generators = [torch.Generator().manual_seed(s) for s in range(first, min(first + batch, args.num_samples))]
+        images = pipe(batch_size=len(generators), generator=generators, num_inference_steps=args.steps).images
+        for i, image in enumerate(images):
+            image.save(out / "samples" / f"{first + i:08}.png")
+    return args.num_samples / (time.perf_counter() - start)
+
+
+def pngs(folder: Path, n):
+    return [np.asarray(Image.open(folder / "samples" / f"{i:08}.png"), dtype=int) for i in range(n)]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bin", required=True)
+    p.add_argument("--model", type=Path)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--num-samples", type=int, default=64)
+    p.add_argument("--iterations", type=int, default=10)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    torch.set_grad_enabled(False)
+    gpu = args.device.startswith("cuda")
+    half = ["fp16", "bf16"] if gpu else []
+    result = {"device": torch.cuda.get_device_name() if gpu else "cpu"}
+    checks = []
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = args.model
+        if model is None:
+            model = tmp / "model"
+            subprocess.run([args.bin, "init-model", "--preset", "ddpm-256", "--out", str(model)], check=True,
+                           capture_output=True)
+        peak = bf16_peak_tflops(args.device)
+        result["bf16_peak_tflops"] = peak
+        print(f"device {result['device']}; bf16 matmul peak {peak and round(peak, 1)} TFLOP/s", flush=True)
+
+        unet32 = UNet2DModel.from_pretrained(model).to(args.device).eval()
+        scheduler = DDIMScheduler.from_pretrained(model)
+        unet16 = UNet2DModel.from_pretrained(model, torch_dtype=torch.float16).to(args.device).eval() if gpu else None
+
+        # 2. UNet forward.
+        for batch in args.batch_sizes:
+            f = flops(unet32, batch, args.device)
+            rows = {}
+            base_model = unet16 if gpu else unet32
+            rows["diffusers eager"] = time_diffusers_unet(base_model, batch, args.device, args.iterations)
+            if gpu:
+                compiled = UNet2DModel.from_pretrained(model, torch_dtype=torch.float16).to(args.device).eval()
+                compiled = compiled.to(memory_format=torch.channels_last)
+                compiled = torch.compile(compiled, mode="max-autotune")
+                rows["diffusers channels-last compiled"] = time_diffusers_unet(
+                    compiled, batch, args.device, args.iterations, channels_last=True)
+            for dtype in half or ["fp32"]:
+                for graphs in ([False, True] if gpu else [False]):
+                    flags = ["--dtype", dtype, "--fast"] + (["--cuda-graphs"] if graphs else [])
+                    rows[f"ours {dtype}{' graphs' if graphs else ''}"] = ours_unet(args, model, batch, *flags)[0]
+            print(f"UNet forward, batch {batch} ({f / 1e12:.2f} TFLOP):", flush=True)
+            base = rows["diffusers eager"]
+            for name, seconds in rows.items():
+                tflops = f / seconds / 1e12
+                share = f", {tflops / peak * 100:.1f} % of bf16 peak" if peak else ""
+                print(f"  {name:34} {seconds * 1e3:8.2f} ms  {batch / seconds:8.1f} images/s  {tflops:7.2f} TFLOP/s"
+                      f"{share}  {base / seconds:.2f}x diffusers eager", flush=True)
+                result[f"unet/{batch}/{name}"] = {"seconds": seconds, "tflops": tflops}
+            if peak:
+                best = max(f / s / 1e12 for n, s in rows.items() if n.startswith("ours"))
+                checks.append((f"UNet >= 50 % of bf16 peak at batch {batch}", best >= 0.5 * peak,
+                               f"{best / peak * 100:.1f} %"))
+
+        # 3. End to end, and 4. images: fp32 exact, each half precision, one and two lanes.
+        batch = args.batch_sizes[0]
+        py = diffusers_end_to_end(unet16 if gpu else unet32, scheduler, args, batch, tmp / "py")
+        print(f"end to end, DDIM {args.steps} steps, {args.num_samples} samples, batch {batch}: "
+              f"diffusers {'fp16 ' if gpu else ''}eager {py:.2f} images/s", flush=True)
+        result["e2e/diffusers"] = py
+        fp32 = tmp / "fp32"
+        generate(args, model, fp32, batch)
+        runs = {}
+        for dtype in half or ["fp32"]:
+            for lanes in (1, 2):
+                flags = ["--dtype", dtype, "--fast", "--lanes", str(lanes)] + (["--cuda-graphs"] if gpu else [])
+                out = tmp / f"{dtype}-{lanes}"
+                runs[(dtype, lanes)] = generate(args, model, out, batch, *flags)
+                print(f"  ours {dtype} fast{' graphs' if gpu else ''}, {lanes} lane(s): "
+                      f"{runs[(dtype, lanes)]:.2f} images/s = {runs[(dtype, lanes)] / py:.2f}x diffusers", flush=True)
+                result[f"e2e/{dtype}/{lanes}"] = runs[(dtype, lanes)]
+            one, two = pngs(tmp / f"{dtype}-1", args.num_samples), pngs(tmp / f"{dtype}-2", args.num_samples)
+            same = sum(np.array_equal(a, b) for a, b in zip(one, two))
+            checks.append((f"{dtype}: one lane and two lanes give the same images", same == args.num_samples,
+                           f"{same}/{args.num_samples}"))
+            ratio = runs[(dtype, 2)] / runs[(dtype, 1)]
+            checks.append((f"{dtype}: two lanes on one GPU >= 0.95x one lane", ratio >= 0.95, f"{ratio:.3f}x"))
+            if gpu:
+                ref = pngs(fp32, args.num_samples)
+                within = np.mean([np.mean(np.abs(a - b) <= 2) for a, b in zip(one, ref)])
+                checks.append((f"{dtype} pixel values within 2/255 of fp32 >= 99 %", within >= 0.99,
+                               f"{within * 100:.3f} %"))
+        best = max(runs.values())
+        checks.append(("end to end >= 1.5x diffusers fp16 eager" if gpu else "end to end >= 1.5x diffusers",
+                       best / py >= 1.5, f"{best / py:.2f}x"))
+
+        # fp32 parity of one UNet call on the same input and device.
+        size = unet32.config.sample_size
+        x = torch.randn(2, unet32.config.in_channels, size, size, generator=torch.Generator().manual_seed(1))
+        save_file({"sample": x}, tmp / "in.safetensors")
+        for layout, limit in (("diffusers", 1e-4), ("channels-last", 1e-3)):
+            subprocess.run([args.bin, "unet-output", "--model", str(model), "--device", args.device, "--input",
+                            str(tmp / "in.safetensors"), "--output", str(tmp / "out.safetensors"), "--timestep", "500",
+                            "--layout", layout], check=True, capture_output=True)
+            ours = load_file(tmp / "out.safetensors")["output"]
+            theirs = unet32(x.to(args.device), 500).sample.float().cpu()
+            delta = (ours - theirs).abs().max().item()
+            result[f"parity/fp32/{layout}"] = delta
+            checks.append((f"fp32 {layout} UNet output within {limit:g} of diffusers", delta <= limit, f"{delta:.3g}"))
+
+    print("\ntargets:")
+    for name, ok, value in checks:
+        print(f"  {'met ' if ok else 'MISS'} {name}: {value}")
+    result["checks"] = [{"check": n, "met": ok, "value": v} for n, ok, v in checks]
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0 if all(ok for _, ok, _ in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
