@@ -13,17 +13,26 @@ use std::process::Command;
 
 use common::{bin, load};
 
-/// Mean top-class probability the 64 samples must reach. Measured 0.XXX with the committed checkpoint
-/// (DPM-Solver++, 25 steps, seeds 0..63); real digits score 0.929 on the same classifier. The margin
-/// below the measurement absorbs nothing random (the run is deterministic): it is there so a kernel
-/// change of a few ULPs that flips a borderline sample does not fail the build, while a sampler or
-/// model regression (noise, blobs, a wrong scheduler: ~0.2-0.5) does.
-const MIN_MEAN_TOP_PROB: f64 = 0.0;
-/// Of the 10 digits, how many must be some sample's most likely class (measured: X).
+// Thresholds on the score of 64 samples (DPM-Solver++, 25 steps, seeds 0..63) of the committed model.
+// The run is deterministic (bit-identical to diffusers, AVX2 kernels under `make test`), so the margins
+// below the measurements are for deliberate changes (a retrained checkpoint, a kernel change that flips a
+// borderline sample), not for chance. A random-weight model of the same shape
+// (`random_weights_fail_the_quality_check`) measured mean top-class 0.746, 9 digits, in-distribution 0,
+// Fréchet 56.1; saturated noise from a model trained for 20 steps even reaches 0.802 and 9 digits (a
+// linear classifier is most confident far from its data). So the first two checks alone would not catch
+// a broken model or sampler; the last two do.
+
+/// Mean top-class probability: measured 0.805; real digits score 0.929 on the same classifier. The
+/// issue's target, kept although the margin is small.
+const MIN_MEAN_TOP_PROB: f64 = 0.80;
+/// Digits that are some sample's most likely class: measured 10 of 10.
 const MIN_CLASSES: u64 = 9;
-/// Fréchet distance to the real digits in the classifier's decision space, measured X; random 64-digit
-/// subsets of the real ones give ~5-10. Loose: a regression signal, failing only on a collapse.
-const MAX_FRECHET: f64 = 0.0;
+/// Share of samples near the real digits in pixel space (PCA residual within the real digits' 99th
+/// percentile): measured 0.969 (62 of 64); real digits 1.0, noise 0.
+const MIN_IN_DISTRIBUTION: f64 = 0.90;
+/// Fréchet distance to the real digits in the classifier's decision space: measured 4.96; random
+/// 64-digit subsets of the real digits give 5.3 (median) to 9.6 (max of 20); noise 52.6.
+const MAX_FRECHET: f64 = 10.0;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -53,12 +62,12 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// `ddpm-worker generate` of the demo model into `out` (on the CPU, the diffusers layout: the defaults).
-fn generate(out: &Path, scheduler: &str, steps: usize, samples: usize, batch: usize) {
+/// `ddpm-worker generate` of `model` into `out` (on the CPU, the diffusers layout: the defaults).
+fn generate(model: &Path, out: &Path, scheduler: &str, steps: usize, samples: usize, batch: usize) {
     run(Command::new(bin()).args([
         "generate",
         "--model",
-        demo_model().to_str().unwrap(),
+        model.to_str().unwrap(),
         "--scheduler",
         scheduler,
         "--steps",
@@ -78,7 +87,12 @@ fn generate(out: &Path, scheduler: &str, steps: usize, samples: usize, batch: us
 fn sample_pixels(out: &Path, index: usize) -> Vec<u8> {
     let path = out.join(format!("samples/{index:08}.png"));
     let image = image::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert_eq!(image.color(), image::ColorType::L8, "{}: a one-channel model gives grayscale PNGs", path.display());
+    assert_eq!(
+        image.color(),
+        image::ColorType::L8,
+        "{}: a one-channel model gives grayscale PNGs",
+        path.display()
+    );
     assert_eq!((image.width(), image.height()), (16, 16));
     image.into_bytes()
 }
@@ -99,25 +113,73 @@ fn checkpoint_matches_its_sha256sums() {
     }
 }
 
-#[test]
-fn samples_are_recognisable_digits() {
+/// 64 samples of `model` (DPM-Solver++, 25 steps, seeds 0..63, batches of 8) through `generate`, scored
+/// by scripts/demo/score_digits.py.
+fn score_64(model: &Path) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    generate(&out, "dpmsolver", 25, 64, 8);
+    generate(model, &out, "dpmsolver", 25, 64, 8);
     for i in 0..64 {
         sample_pixels(&out, i);
     }
     let script = repo().join("scripts/demo/score_digits.py");
     let stdout = run(Command::new(python()).arg(script).arg(out.join("samples")));
     let score: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    println!("score of 64 DPM-Solver++ 25-step samples: {score}");
     assert_eq!(score["count"], 64);
+    score
+}
+
+/// The thresholds `score` misses, one line each.
+fn shortfalls(score: &serde_json::Value) -> Vec<String> {
     let mean_top = score["mean_top_prob"].as_f64().unwrap();
     let classes = score["classes_covered"].as_u64().unwrap();
+    let in_distribution = score["in_distribution"].as_f64().unwrap();
     let frechet = score["frechet_distance"].as_f64().unwrap();
-    assert!(mean_top >= MIN_MEAN_TOP_PROB, "mean top-class probability {mean_top:.3} < {MIN_MEAN_TOP_PROB}");
-    assert!(classes >= MIN_CLASSES, "{classes} of 10 digits covered, want ≥ {MIN_CLASSES}");
-    assert!(frechet <= MAX_FRECHET, "Fréchet distance {frechet:.2} > {MAX_FRECHET}");
+    let mut missed = Vec::new();
+    if mean_top < MIN_MEAN_TOP_PROB {
+        missed.push(format!("mean top-class probability {mean_top:.3} < {MIN_MEAN_TOP_PROB}"));
+    }
+    if classes < MIN_CLASSES {
+        missed.push(format!("{classes} of 10 digits covered < {MIN_CLASSES}"));
+    }
+    if in_distribution < MIN_IN_DISTRIBUTION {
+        missed.push(format!("in-distribution share {in_distribution:.3} < {MIN_IN_DISTRIBUTION}"));
+    }
+    if frechet > MAX_FRECHET {
+        missed.push(format!("Fréchet distance {frechet:.2} > {MAX_FRECHET}"));
+    }
+    missed
+}
+
+#[test]
+fn samples_are_recognisable_digits() {
+    let score = score_64(&demo_model());
+    println!("demo/digits-16, 64 DPM-Solver++ 25-step samples: {score}");
+    let missed = shortfalls(&score);
+    assert!(missed.is_empty(), "demo/digits-16 misses: {missed:?}");
+}
+
+/// The same check on a random-weight model of the same shape (`init-model --preset tiny --grayscale`,
+/// 16×16, one channel): it must fail, and on the checks that tell digits from noise.
+#[test]
+fn random_weights_fail_the_quality_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("random");
+    run(Command::new(bin()).args([
+        "init-model",
+        "--preset",
+        "tiny",
+        "--grayscale",
+        "--seed",
+        "0",
+        "--out",
+        model.to_str().unwrap(),
+    ]));
+    let score = score_64(&model);
+    println!("random weights, 64 DPM-Solver++ 25-step samples: {score}");
+    let missed = shortfalls(&score);
+    assert!(missed.iter().any(|m| m.starts_with("in-distribution")), "{missed:?}");
+    assert!(missed.iter().any(|m| m.starts_with("Fréchet")), "{missed:?}");
 }
 
 /// The committed model's samples through `generate` equal diffusers' pipelines byte for byte: DDPM
@@ -147,10 +209,11 @@ fn generate_equals_diffusers_on_the_demo_model() {
         }
         assert_eq!(case["mode"], "L", "{name}: diffusers' PIL images of a one-channel model");
         let out = dir.path().join(name);
-        generate(&out, scheduler, steps, seeds.len(), seeds.len());
+        generate(&demo_model(), &out, scheduler, steps, seeds.len(), seeds.len());
         let ours: Vec<u8> = (0..seeds.len()).flat_map(|i| sample_pixels(&out, i)).collect();
-        let want = Vec::<u8>::try_from(load(goldens.join(format!("{name}.safetensors")))["uint8"].reshape([-1]))
-            .unwrap();
+        let want =
+            Vec::<u8>::try_from(load(goldens.join(format!("{name}.safetensors")))["uint8"].reshape([-1]))
+                .unwrap();
         let identical = ours.iter().zip(&want).filter(|(a, b)| a == b).count();
         println!("{name}: {identical}/{} pixel values identical", want.len());
         assert_eq!(ours.len(), want.len(), "{name}: pixel count");
