@@ -19,11 +19,13 @@ FIXTURES_KEY := $(shell cat tests/fixtures/gen_fixtures.py scripts/requirements.
 FIXTURES     := $(CACHE)/fixtures/$(FIXTURES_KEY)
 
 # `make run` settings (override on the command line, e.g. `make run MODEL=/path/to/ddpm-cifar10-32`).
+# The default model is demo/digits-16, the committed digits model (demo/digits-16/README.md);
+# `make run MODEL=$(OUT)/demo-model` serves a random-weight cifar10-32 model made by init-model instead.
 OUT        ?= out
-MODEL      ?= $(OUT)/demo-model
+MODEL      ?= demo/digits-16
 SCHEDULER  ?= dpmsolver
 STEPS      ?= 25
-SAMPLES    ?= 8
+SAMPLES    ?= 16
 SEED       ?= 0
 FORMAT     ?= files
 LISTEN     ?= 127.0.0.1:50051
@@ -35,13 +37,13 @@ all: build
 
 # Keyed by a hash of the pins (not file timestamps, which a fresh clone renews).
 VENV_KEY := $(shell cat scripts/requirements.txt scripts/requirements-services.txt scripts/requirements-readers.txt \
-	scripts/requirements-client.txt | sha256sum | cut -c1-16)
+	scripts/requirements-client.txt scripts/requirements-demo.txt | sha256sum | cut -c1-16)
 
 $(VENV)/.installed-$(VENV_KEY):
 	$(BASE_PY) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -r scripts/requirements.txt -r scripts/requirements-services.txt \
-		-r scripts/requirements-readers.txt -r scripts/requirements-client.txt
+		-r scripts/requirements-readers.txt -r scripts/requirements-client.txt -r scripts/requirements-demo.txt
 	rm -f $(VENV)/.installed*
 	touch $@
 

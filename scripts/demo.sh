@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `make run`: starts `ddpm-worker serve` in the background on its embedded defaults (SQLite queue and
-# a local output directory under $OUT) with a generated small model, then runs a demo job through
-# `submit --wait`. Calls need a bearer token: $OUT/token holds the demo's (an admin token, made on the
-# first run; $OUT/tokens is the server's token file). The server keeps running for grpcurl, the Python
+# a local output directory under $OUT) with MODEL (by default demo/digits-16, a small committed model of
+# handwritten digits), then runs a demo job through `submit --wait` and prints where its grid PNG is.
+# Calls need a bearer token: $OUT/token holds the demo's (an admin token, made on the first run;
+# $OUT/tokens is the server's token file). The server keeps running for grpcurl, the Python
 # client and further submits; `make stop` ends it.
 set -euo pipefail
 BIN=$1 OUT=$2 MODEL=$3 LISTEN=$4 SCHEDULER=$5 STEPS=$6 SAMPLES=$7 SEED=$8
@@ -29,5 +30,10 @@ done
 echo "ddpm-worker serving on $LISTEN (pid $(cat "$OUT/serve.pid"); log: $OUT/serve.log; metrics: http://127.0.0.1:9464/metrics)"
 export DDPM_TOKEN_FILE="$OUT/token"
 "$BIN" submit --server "http://$LISTEN" --model demo --scheduler "$SCHEDULER" --steps "$STEPS" \
-    --num-samples "$SAMPLES" --seed "$SEED" --request-id "demo-$SCHEDULER-$STEPS-$SAMPLES-$SEED" --wait
+    --num-samples "$SAMPLES" --seed "$SEED" --request-id "demo-$SCHEDULER-$STEPS-$SAMPLES-$SEED" --wait \
+    | tee "$OUT/demo-job.txt"
+# `submit` prints the grid's URI (file:///… for the local output directory); give it as a path to open.
+grid=$(sed -n 's|^grid: ||p' "$OUT/demo-job.txt" | head -n 1)
+[ -n "$grid" ] || { echo "the demo job printed no grid" >&2; exit 1; }
+echo "the demo's grid: ${grid#file://}"
 echo "the server is still running: try \`$BIN list --server http://$LISTEN --token-file $OUT/token\`; stop it with \`make stop\`"
