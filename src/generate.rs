@@ -331,8 +331,10 @@ impl GenerateSpec {
                     .into(),
             );
         }
-        if self.dtype != DType::Fp32 && !self.device.is_cuda() {
-            return invalid("dtype", format!("{:?} needs a CUDA device; use fp32 on the CPU", self.dtype));
+        // bf16 runs on the CPU (oneDNN's AVX512-BF16/AMX kernels, where the CPU has them); fp16 has no
+        // fast CPU kernels.
+        if self.dtype == DType::Fp16 && !self.device.is_cuda() {
+            return invalid("dtype", "fp16 needs a CUDA device; use fp32 or bf16 on the CPU".into());
         }
         if let Device::Cuda(i) = self.device {
             let count = tch::Cuda::device_count() as usize;

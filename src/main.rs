@@ -157,7 +157,8 @@ struct PlacementArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu", value_parser = placement::parse_device)]
     device: tch::Device,
-    /// UNet precision (fp16/bf16 on CUDA only); the scheduler always runs in f32.
+    /// UNet precision: fp16 on CUDA only; bf16 also on CPUs (fast with AVX512-BF16 or AMX). The
+    /// scheduler always runs in f32.
     #[arg(long, value_enum, default_value = "fp32")]
     dtype: DType,
     /// UNet memory layout: `diffusers` reproduces diffusers bit for bit; `channels-last` is faster on

@@ -45,6 +45,7 @@ fn service(dir: &std::path::Path, rt: &tokio::runtime::Runtime) -> (WorkerServic
             layout: crate::model::Layout::Diffusers,
             cuda_graphs: false,
             max_batch_size: 16,
+            co_batch: true,
             finalize_after: Duration::from_secs(60),
             reap_interval: Duration::from_secs(1),
             idle_poll: Duration::from_secs(1),

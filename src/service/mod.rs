@@ -147,7 +147,7 @@ pub struct ServeArgs {
     /// Intra-op threads of each CPU device thread (default: the cores shared among them).
     #[arg(long, env = "DDPM_CPU_THREADS")]
     pub cpu_threads: Option<i32>,
-    /// UNet precision (fp16/bf16 need CUDA).
+    /// UNet precision: fp16 needs CUDA; bf16 also runs on CPUs (fast with AVX512-BF16 or AMX).
     #[arg(long, env = "DDPM_DTYPE", value_enum, default_value = "fp32")]
     pub dtype: DType,
     /// Channels-last UNet layout: faster, agrees with diffusers to ~1e-5 instead of bit for bit.
@@ -156,6 +156,11 @@ pub struct ServeArgs {
     /// Replay each CUDA device's UNet calls from a graph captured per batch shape (CUDA devices only).
     #[arg(long, env = "DDPM_CUDA_GRAPHS")]
     pub cuda_graphs: bool,
+    /// Fill the padding rows of a shard's short last batch with the samples of queued shards of other
+    /// jobs with the same model, scheduler, steps, η and batch size: each image stays the one its job
+    /// gets alone at that batch size (every row has its own seed), with fewer UNet calls.
+    #[arg(long, env = "DDPM_CO_BATCH", default_value_t = true, action = clap::ArgAction::Set)]
+    pub co_batch: bool,
     /// Batch size of jobs that give none.
     #[arg(long, env = "DDPM_DEFAULT_BATCH_SIZE", default_value_t = 16)]
     pub default_batch_size: u32,
@@ -252,12 +257,12 @@ fn parse_devices(spec: &str, cpu_threads: Option<i32>) -> Result<Vec<(Device, Op
 async fn prepare(args: &ServeArgs) -> Result<Prepared, ServeError> {
     let config = ServeError::Config;
     // A front end without devices (--devices none) runs no model, whatever its precision.
-    if args.dtype != DType::Fp32
+    if args.dtype == DType::Fp16
         && args.devices != "none"
         && !args.devices.contains("cuda")
         && tch::Cuda::device_count() == 0
     {
-        return Err(config(format!("--dtype {:?} needs a CUDA device", args.dtype)));
+        return Err(config("--dtype fp16 needs a CUDA device (fp32 and bf16 run on the CPU)".into()));
     }
     if !(args.retry_seconds >= 0.0 && args.retry_seconds.is_finite()) {
         return Err(config("--retry-seconds must be a finite number ≥ 0".into()));
@@ -570,6 +575,7 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
         layout: if args.channels_last { Layout::ChannelsLast } else { Layout::Diffusers },
         cuda_graphs: args.cuda_graphs,
         max_batch_size: args.max_batch_size as usize,
+        co_batch: args.co_batch,
         finalize_after: Duration::from_secs_f64(args.lease_seconds),
         reap_interval: Duration::from_secs_f64((args.lease_seconds / 4.0).clamp(0.25, 5.0)),
         idle_poll: device::DEFAULT_IDLE_POLL,

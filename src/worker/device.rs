@@ -25,6 +25,7 @@ use crate::model::{LoadedUNet, ModelError};
 use crate::placement::device_name;
 use crate::queue::{Lease, QueueError};
 use crate::sampler::{self, BatchRequest, Placement, SampleError};
+use crate::schedulers::SchedulerConfig;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// Shards of one device whose outputs may still be uploading while it samples the next.
@@ -211,7 +212,13 @@ fn device_usable(device: tch::Device) -> Result<(), String> {
 }
 
 /// The device thread's loop: lease, sample, hand off, until the worker drains. `Err` when the device
-/// became unusable (the shard that found out was given back untried).
+/// became unusable (the shards that found out were given back untried).
+///
+/// Co-batching: when a shard's last batch is short, the thread leases further shards and fills that
+/// batch's padding rows with the samples of shards of the same model, scheduler, steps, η and batch
+/// size. Every row has its own seed and the UNet always runs at the batch size, so each image is the
+/// one its job gets alone at that batch size; only fewer UNet calls are made. A leased shard that does
+/// not fit goes straight back to the queue, attempt unspent.
 pub fn run(ctx: Arc<WorkerContext>, models: DeviceModels, threads: Option<i32>) -> Result<(), String> {
     if let Some(n) = threads {
         tch::set_num_threads(n);
@@ -229,41 +236,19 @@ pub fn run(ctx: Arc<WorkerContext>, models: DeviceModels, threads: Option<i32>) 
             Ok(p) => p,
             Err(_) => break,
         };
-        let leased = ctx.runtime.block_on(ctx.queue.lease(&owner, ctx.config.lease_ttl));
-        if leased.is_ok() {
-            ctx.queue_outage.recovered();
-        }
-        let lease = match leased {
-            Ok(Some(lease)) => lease,
-            Ok(None) => {
+        let first = match lease_member(&ctx, &models, &device, &owner, &|_, _| true) {
+            Leased::Member(m) => *m,
+            Leased::Nothing | Leased::Declined => continue,
+            Leased::Empty => {
                 idle(&ctx, ctx.config.idle_poll);
                 continue;
             }
-            Err(e) => {
-                let pause = ctx.queue_outage.failed(ctx.config.outage_backoff);
-                tracing::warn!(error = %e, pause_seconds = pause.as_secs_f64(), "leasing a shard");
-                continue;
-            }
         };
-        metrics::counter!("ddpm_tasks_leased_total").increment(1);
-        // The job first: its trace context is the shard span's parent, set before the span starts.
-        let job = ctx.runtime.block_on(ctx.queue.job(&lease.job_id));
-        // Numbers as i64: tracing-opentelemetry exports other integer types as text.
-        let span = tracing::info_span!(
-            "shard",
-            job_id = lease.job_id,
-            shard = lease.shard as i64,
-            attempt = i64::from(lease.attempt),
-            device,
-        );
-        // Trace-only attributes, kept out of every log line of the shard.
-        span.set_attribute("worker", ctx.config.worker_id.clone());
-        if let Ok(Some(job)) = &job {
-            crate::telemetry::set_parent(&span, &job.spec.trace_context);
-            span.set_attribute("model", job.spec.model.clone());
+        let mut group = vec![first];
+        if ctx.config.co_batch {
+            fill_batch(&ctx, &models, &device, &owner, &mut group);
         }
-        let _enter = span.enter();
-        if let Err(lost) = run_shard(&ctx, &models, &device, lease, job, permit) {
+        if let Err(lost) = run_group(&ctx, &models, &device, group, permit) {
             let _ = ctx.runtime.block_on(in_flight.acquire_many(IN_FLIGHT_SHARDS as u32));
             return Err(format!("{device}: the device is unusable: {lost}"));
         }
@@ -279,31 +264,117 @@ fn idle(ctx: &WorkerContext, limit: Duration) {
     let _ = ctx.runtime.block_on(async { tokio::time::timeout(limit, wait).await });
 }
 
-/// Samples one leased shard and hands its outputs to a finishing task. `Err` when sampling failed
-/// because the device no longer works: the shard is then given back without spending an attempt.
-fn run_shard(
+/// A leased shard ready to sample: its lease is kept alive, and its samples go to its uploader as they
+/// come.
+struct Member {
+    lease: Lease,
+    job: JobRecord,
+    payload: ShardPayload,
+    out: JobOutputs,
+    scheduler: SchedulerConfig,
+    stop: Arc<AtomicBool>,
+    heartbeat: tokio::task::JoinHandle<()>,
+    tx: Option<tokio::sync::mpsc::Sender<(u64, DynamicImage)>>,
+    uploads: tokio::task::JoinHandle<Result<Uploaded, OutputError>>,
+    span: tracing::Span,
+}
+
+impl Member {
+    fn rows(&self) -> u64 {
+        self.payload.end - self.payload.start
+    }
+}
+
+enum Leased {
+    Member(Box<Member>),
+    /// A shard was leased, but there is nothing to sample (done already, or given back).
+    Nothing,
+    /// A shard was leased, `accept` declined it, and it went back to the queue.
+    Declined,
+    /// The queue had no shard (or could not be reached).
+    Empty,
+}
+
+/// Leases one shard and, if `accept` takes its job and sample range, makes it a [`Member`].
+fn lease_member(
+    ctx: &Arc<WorkerContext>,
+    models: &DeviceModels,
+    device: &str,
+    owner: &str,
+    accept: &dyn Fn(&JobRecord, &ShardPayload) -> bool,
+) -> Leased {
+    let leased = ctx.runtime.block_on(ctx.queue.lease(owner, ctx.config.lease_ttl));
+    if leased.is_ok() {
+        ctx.queue_outage.recovered();
+    }
+    let lease = match leased {
+        Ok(Some(lease)) => lease,
+        Ok(None) => return Leased::Empty,
+        Err(e) => {
+            let pause = ctx.queue_outage.failed(ctx.config.outage_backoff);
+            tracing::warn!(error = %e, pause_seconds = pause.as_secs_f64(), "leasing a shard");
+            return Leased::Empty;
+        }
+    };
+    metrics::counter!("ddpm_tasks_leased_total").increment(1);
+    // The job first: its trace context is the shard span's parent, set before the span starts.
+    let job = ctx.runtime.block_on(ctx.queue.job(&lease.job_id));
+    // Numbers as i64: tracing-opentelemetry exports other integer types as text.
+    let span = tracing::info_span!(
+        parent: None,
+        "shard",
+        job_id = lease.job_id,
+        shard = lease.shard as i64,
+        attempt = i64::from(lease.attempt),
+        device,
+    );
+    // Trace-only attributes, kept out of every log line of the shard.
+    span.set_attribute("worker", ctx.config.worker_id.clone());
+    if let Ok(Some(job)) = &job {
+        crate::telemetry::set_parent(&span, &job.spec.trace_context);
+        span.set_attribute("model", job.spec.model.clone());
+        if let Ok(payload) = serde_json::from_str::<ShardPayload>(&lease.payload)
+            && !accept(job, &payload)
+        {
+            let given = ctx.runtime.block_on(ctx.queue.release(&lease, Duration::ZERO, "not co-batched"));
+            if let Err(e) = given {
+                tracing::warn!(parent: &span, error = %e, "giving back a shard not co-batched");
+            }
+            return Leased::Declined;
+        }
+    }
+    match admit(ctx, models, device, lease, job, span) {
+        Some(m) => Leased::Member(Box::new(m)),
+        None => Leased::Nothing,
+    }
+}
+
+/// Checks a leased shard can run here and starts its heartbeat and uploader; `None` when there is
+/// nothing to sample or it was given back.
+fn admit(
     ctx: &Arc<WorkerContext>,
     models: &DeviceModels,
     device: &str,
     lease: Lease,
     job: Result<Option<JobRecord>, QueueError>,
-    permit: tokio::sync::OwnedSemaphorePermit,
-) -> Result<(), String> {
+    span: tracing::Span,
+) -> Option<Member> {
+    let _enter = span.enter();
     let rt = &ctx.runtime;
     let (job, payload, out) = match rt.block_on(prepare(ctx, &lease, job)) {
         Ok(Some(p)) => p,
-        Ok(None) => return Ok(()), // nothing to sample: already done or the job is over
+        Ok(None) => return None, // nothing to sample: already done or the job is over
         Err(e) => {
             rt.block_on(give_back(ctx, &lease, e));
-            return Ok(());
+            return None;
         }
     };
-    let Some(unet) = models.unets.get(&job.spec.model) else {
+    if !models.unets.contains_key(&job.spec.model) {
         let error = format!("model {:?} is not served by this worker", job.spec.model);
         rt.block_on(give_back(ctx, &lease, ShardError::Failed(error)));
-        return Ok(());
-    };
-    let Some(model) = ctx.models.get(&job.spec.model) else { return Ok(()) };
+        return None;
+    }
+    let model = ctx.models.get(&job.spec.model)?;
     if let Some(&fits) = models.max_batch.get(&job.spec.model)
         && job.spec.batch_size as usize > fits
     {
@@ -314,13 +385,13 @@ fn run_shard(
             job.spec.batch_size, job.spec.model
         );
         rt.block_on(give_back(ctx, &lease, ShardError::Failed(error)));
-        return Ok(());
+        return None;
     }
     let scheduler = match model.scheduler(job.spec.scheduler) {
         Ok(s) => s,
         Err(e) => {
             rt.block_on(give_back(ctx, &lease, ShardError::Fatal(e.to_string())));
-            return Ok(());
+            return None;
         }
     };
 
@@ -344,77 +415,236 @@ fn run_shard(
         scratch: ctx.config.scratch_dir.clone(),
     };
     let uploads = rt.spawn(upload_shard(out.clone(), job.spec.clone(), target, rx));
+    drop(_enter);
+    Some(Member { lease, job, payload, out, scheduler, stop, heartbeat, tx: Some(tx), uploads, span })
+}
+
+/// Leases shards into `group` while its last batch has padding rows that a compatible shard fills
+/// whole; the first leased shard that does not goes back to the queue, and the search ends.
+fn fill_batch(
+    ctx: &Arc<WorkerContext>,
+    models: &DeviceModels,
+    device: &str,
+    owner: &str,
+    group: &mut Vec<Member>,
+) {
+    let batch_size = u64::from(group[0].job.spec.batch_size);
+    let rows: u64 = group.iter().map(Member::rows).sum();
+    let mut padding = rows.div_ceil(batch_size) * batch_size - rows;
+    // A leased shard with nothing to sample is skipped; the bound keeps a queue of finished shards
+    // from holding the device.
+    for _ in 0..batch_size {
+        if padding == 0 || ctx.draining.load(Ordering::Relaxed) {
+            return;
+        }
+        let lead = &group[0].job.spec;
+        let fits = |job: &JobRecord, p: &ShardPayload| {
+            let s = &job.spec;
+            (&s.model, s.scheduler, s.steps, s.eta.map(f32::to_bits), s.batch_size)
+                == (&lead.model, lead.scheduler, lead.steps, lead.eta.map(f32::to_bits), lead.batch_size)
+                && p.end - p.start <= padding
+        };
+        match lease_member(ctx, models, device, owner, &fits) {
+            Leased::Member(m) => {
+                padding -= m.rows();
+                group.push(*m);
+            }
+            Leased::Nothing => continue,
+            Leased::Declined | Leased::Empty => return,
+        }
+    }
+}
+
+/// How a member's sampling ended.
+enum Sampled {
+    Done,
+    Cancelled,
+    Failed(String),
+}
+
+/// Samples a group of shards in shared batches and hands each shard's outputs to its own finishing
+/// task. `Err` when sampling failed because the device no longer works: the shards are then given back
+/// without spending an attempt.
+fn run_group(
+    ctx: &Arc<WorkerContext>,
+    models: &DeviceModels,
+    device: &str,
+    mut group: Vec<Member>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> Result<(), String> {
+    let permit = Arc::new(permit);
+    let lead = &group[0];
+    let Some(unet) = models.unets.get(&lead.job.spec.model) else {
+        // Checked when each shard was admitted; should it happen, the shards fail, not the device.
+        for member in group {
+            let sampled = Sampled::Failed("the model is not loaded on this device".into());
+            let done = Done { sampled, sampling_seconds: 0.0, device_lost: false, batched_with: Vec::new() };
+            finish(ctx, member, done, device, Arc::clone(&permit));
+        }
+        return Ok(());
+    };
+    let _enter = lead.span.clone().entered();
+    if group.len() > 1 {
+        tracing::info!(
+            shards = group.len(),
+            samples = group.iter().map(Member::rows).sum::<u64>(),
+            "co-batching shards of {} jobs",
+            group.iter().map(|m| &m.job.id).collect::<std::collections::BTreeSet<_>>().len()
+        );
+        metrics::counter!("ddpm_co_batched_shards_total").increment(group.len() as u64 - 1);
+    }
+    let spec = &lead.job.spec;
+    let batch_size = spec.batch_size as usize;
+    let scheduler = lead.scheduler.clone();
+    let (steps, eta) = (spec.steps as usize, spec.eta.unwrap_or(0.0));
+    // Every row of the group: (member, sample index, seed), in shard order.
+    let rows: Vec<(usize, u64, u64)> = group
+        .iter()
+        .enumerate()
+        .flat_map(|(m, member)| {
+            let seed = member.job.spec.seed;
+            (member.payload.start..member.payload.end).map(move |i| (m, i, seed + i))
+        })
+        .collect();
+    // The last row of each member: its channel closes once that row is handed over.
+    let last: Vec<usize> =
+        (0..group.len()).map(|m| rows.iter().rposition(|r| r.0 == m).unwrap_or(0)).collect();
+    let mut outcome: Vec<Option<Sampled>> = (0..group.len()).map(|_| None).collect();
 
     let started = Instant::now();
-    let batch_size = job.spec.batch_size as u64;
     let place = Placement { device: models.device, kind: ctx.config.kind };
-    let result = (|| -> Result<(), SampleError> {
-        for first in (payload.start..payload.end).step_by(batch_size as usize) {
-            let seeds: Vec<u64> =
-                (first..(first + batch_size).min(payload.end)).map(|i| job.spec.seed + i).collect();
-            let req = BatchRequest {
-                seeds: &seeds,
-                batch_size: batch_size as usize,
-                steps: job.spec.steps as usize,
-                eta: job.spec.eta.unwrap_or(0.0),
-            };
-            // One span per batch (UNet passes are too many to trace one by one).
-            let _batch = tracing::info_span!(
-                "batch",
-                first = first as i64,
-                rows = seeds.len() as i64,
-                steps = req.steps as i64
-            )
-            .entered();
-            let mut last = Instant::now();
-            if super::fault::injected("device-lost") {
-                return Err(SampleError::Torch(tch::TchError::Torch(
-                    "injected fault: CUDA error: an illegal memory access was encountered".into(),
-                )));
+    let stopped = |group: &[Member]| group.iter().all(|m| m.stop.load(Ordering::Relaxed));
+    let mut failure: Option<SampleError> = None;
+    for (b, batch) in rows.chunks(batch_size).enumerate() {
+        // Shards stopped (cancelled, lease lost) stop receiving; the batch runs for the others.
+        for (m, member) in group.iter_mut().enumerate() {
+            if member.stop.load(Ordering::Relaxed) && outcome[m].is_none() {
+                member.tx = None;
+                outcome[m] = Some(Sampled::Cancelled);
             }
-            let x0 = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        }
+        if batch.iter().all(|r| outcome[r.0].is_some()) {
+            continue;
+        }
+        let seeds: Vec<u64> = batch.iter().map(|r| r.2).collect();
+        let req = BatchRequest { seeds: &seeds, batch_size, steps, eta };
+        // One span per batch (UNet passes are too many to trace one by one).
+        let _batch = tracing::info_span!(
+            "batch",
+            first = batch[0].1 as i64,
+            rows = seeds.len() as i64,
+            steps = steps as i64
+        )
+        .entered();
+        let mut last_step = Instant::now();
+        let sampled = if super::fault::injected("device-lost") {
+            Err(SampleError::Torch(tch::TchError::Torch(
+                "injected fault: CUDA error: an illegal memory access was encountered".into(),
+            )))
+        } else {
+            std::panic::catch_unwind(AssertUnwindSafe(|| {
                 sampler::sample_batch(unet, &scheduler, &req, place, |_| {
-                    metrics::histogram!("ddpm_step_duration_seconds").record(last.elapsed().as_secs_f64());
-                    last = Instant::now();
-                    !stop.load(Ordering::Relaxed) && !ctx.abort.load(Ordering::Relaxed)
+                    metrics::histogram!("ddpm_step_duration_seconds")
+                        .record(last_step.elapsed().as_secs_f64());
+                    last_step = Instant::now();
+                    !stopped(&group) && !ctx.abort.load(Ordering::Relaxed)
                 })
             }))
-            .map_err(|panic| SampleError::Torch(tch::TchError::Torch(panic_message(&panic))))??;
-            for (k, img) in imaging::to_images(&x0)
-                .map_err(|e| SampleError::Torch(tch::TchError::Convert(e.to_string())))?
-                .into_iter()
-                .enumerate()
-            {
-                let index = first + k as u64;
-                if tx.blocking_send((index, img)).is_err() {
-                    return Err(SampleError::Cancelled); // the uploader failed; its error is reported below
-                }
+            .unwrap_or_else(|panic| Err(SampleError::Torch(tch::TchError::Torch(panic_message(&panic)))))
+        };
+        let images = sampled.and_then(|x0| {
+            imaging::to_images(&x0).map_err(|e| SampleError::Torch(tch::TchError::Convert(e.to_string())))
+        });
+        let images = match images {
+            Ok(images) => images,
+            Err(e) => {
+                failure = Some(e);
+                break;
             }
-            metrics::counter!("ddpm_images_generated_total").increment(seeds.len() as u64);
+        };
+        for (k, (img, &(m, index, _))) in images.into_iter().zip(batch).enumerate() {
+            let member = &mut group[m];
+            if let Some(tx) = &member.tx
+                && tx.blocking_send((index, img)).is_err()
+            {
+                // The uploader failed; its error is reported by the finishing task.
+                member.tx = None;
+                outcome[m] = Some(Sampled::Failed("the uploader stopped".into()));
+            }
+            if b * batch_size + k == last[m] && outcome[m].is_none() {
+                member.tx = None;
+                outcome[m] = Some(Sampled::Done);
+            }
         }
-        Ok(())
-    })();
-    drop(tx);
+        metrics::counter!("ddpm_images_generated_total").increment(seeds.len() as u64);
+    }
     let sampling_seconds = started.elapsed().as_secs_f64();
-    // A failed batch may be the device's fault rather than the shard's: if the device no longer
-    // computes, the shard goes back untried and this thread ends.
-    let lost = match &result {
-        Err(SampleError::Cancelled) | Ok(()) => None,
-        Err(_) => device_usable(models.device).err(),
+    // A failed batch may be the device's fault rather than the shards': if the device no longer
+    // computes, the shards go back untried and this thread ends.
+    let lost = match &failure {
+        None | Some(SampleError::Cancelled) => None,
+        Some(_) => device_usable(models.device).err(),
     };
+    let failure = failure.map(|e| match e {
+        SampleError::Cancelled => Sampled::Cancelled,
+        e => Sampled::Failed(e.to_string()),
+    });
+    let failure_text = match &failure {
+        Some(Sampled::Failed(e)) => Some(e.clone()),
+        _ => None,
+    };
+    drop(_enter);
+    // Every shard after the first fits in the first's last batch: all of them shared that batch.
+    let ids: Vec<String> = group.iter().map(|m| format!("{}/{}", m.job.id, m.lease.shard)).collect();
+    for (m, member) in group.into_iter().enumerate() {
+        let batched_with =
+            ids.iter().enumerate().filter(|(i, _)| *i != m).map(|(_, id)| id.clone()).collect();
+        let sampled = match outcome[m].take() {
+            Some(s) => s,
+            None => match &failure_text {
+                Some(e) => Sampled::Failed(e.clone()),
+                None => Sampled::Cancelled,
+            },
+        };
+        let done = Done { sampled, sampling_seconds, device_lost: lost.is_some(), batched_with };
+        finish(ctx, member, done, device, Arc::clone(&permit));
+    }
+    match lost {
+        Some(reason) => Err(reason),
+        None => Ok(()),
+    }
+}
 
-    let device_lost = lost.is_some();
+/// How a shard's sampling went, for its finishing task.
+struct Done {
+    sampled: Sampled,
+    sampling_seconds: f64,
+    device_lost: bool,
+    batched_with: Vec<String>,
+}
+
+/// Waits for a shard's uploads, then records it, or tells the queue why not, on the runtime and in the
+/// shard's span. The group's permit is released once every shard of the group is through.
+fn finish(
+    ctx: &Arc<WorkerContext>,
+    member: Member,
+    done: Done,
+    device: &str,
+    permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+) {
+    let Done { sampled, sampling_seconds, device_lost, batched_with } = done;
+    let runtime = ctx.runtime.clone();
     let ctx = Arc::clone(ctx);
     let device = device.to_string();
-    // The uploads and bookkeeping run on the runtime, in the shard's span.
-    let span = tracing::Span::current();
-    rt.spawn(tracing::Instrument::instrument(
+    let Member { lease, payload, out, stop, heartbeat, tx, uploads, span, .. } = member;
+    drop(tx);
+    runtime.spawn(tracing::Instrument::instrument(
         async move {
             let _permit = permit;
             let uploaded = uploads.await.map_err(|e| OutputError::Internal(e.to_string())).and_then(|r| r);
             let stopped = stop.load(Ordering::Relaxed);
-            let outcome = match (result, uploaded) {
-                (Ok(()), Ok((files, index, grids, adopted))) => {
+            let outcome = match (sampled, uploaded) {
+                (Sampled::Done, Ok((files, index, grids, adopted))) => {
                     let run = ShardRun {
                         shard: lease.shard,
                         start: payload.start,
@@ -424,23 +654,25 @@ fn run_shard(
                         attempt: lease.attempt,
                         sampling_seconds,
                         adopted,
+                        batched_with,
                     };
                     record_shard(&ctx, &lease, &out, &ShardRecord { run, files, index, grids }).await
                 }
-                (Err(SampleError::Cancelled), _) if ctx.abort.load(Ordering::Relaxed) => {
+                (Sampled::Cancelled, _) if ctx.abort.load(Ordering::Relaxed) => {
                     release(&ctx, &lease).await;
                     Ok(Ended::Released)
                 }
-                (Err(e), _) if device_lost => {
-                    tracing::error!(error = %e, "the device failed the shard; giving it back untried");
+                (Sampled::Failed(e), _) if device_lost => {
+                    tracing::error!(error = e, "the device failed the shard; giving it back untried");
                     release(&ctx, &lease).await;
                     Ok(Ended::Released)
                 }
                 // Cancelled job or lost lease: the queue already knows; nothing to record.
-                (Err(SampleError::Cancelled), _) if stopped => Ok(Ended::Stopped),
+                (Sampled::Cancelled, _) if stopped => Ok(Ended::Stopped),
                 // The uploader's failure stopped the sampling: it is the cause.
                 (_, Err(e)) => Err(ShardError::from(e)),
-                (Err(e), Ok(_)) => Err(ShardError::Failed(e.to_string())),
+                (Sampled::Failed(e), Ok(_)) => Err(ShardError::Failed(e)),
+                (Sampled::Cancelled, Ok(_)) => Err(ShardError::Failed("sampling stopped".into())),
             };
             heartbeat.abort();
             ctx.active.unregister(&lease.job_id, &stop);
@@ -458,12 +690,7 @@ fn run_shard(
         },
         span,
     ));
-    match lost {
-        Some(reason) => Err(reason),
-        None => Ok(()),
-    }
 }
-
 type Prepared = (JobRecord, ShardPayload, JobOutputs);
 
 /// The job (as read for the lease), sample range and output folder of a lease; `None` when there is

@@ -36,6 +36,8 @@ pub struct WorkerConfig {
     pub cuda_graphs: bool,
     /// The API's largest batch size: each CUDA device checks at warm-up that it fits.
     pub max_batch_size: usize,
+    /// Fill a short last batch with compatible shards of other jobs ([`device::run`]).
+    pub co_batch: bool,
     /// How long a job whose shards are all done may wait for its manifest before the reaper writes it.
     pub finalize_after: Duration,
     pub reap_interval: Duration,

@@ -378,6 +378,9 @@ pub struct ShardRun {
     /// their stored SHA-256).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub adopted: u64,
+    /// Other shards whose samples ran in the same UNet batches (co-batching), as `JOB_ID/SHARD`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub batched_with: Vec<String>,
 }
 
 fn is_zero(n: &u64) -> bool {
