@@ -3,8 +3,9 @@
     python bench/bench.py --bin target/release/ddpm-worker [--model DIR] [--schedulers ddpm ddim pndm dpmsolver]
                           [--steps 20] [--num-samples 16] [--batch-size 8] [--rounds 3] [--json FILE]
 
-(`make bench` runs it with the project venv.) Prints, as ratios ddpm-worker / diffusers, for both of ddpm-worker's
-modes (exact: bit-identical to diffusers; fast: `--fast`, channels-last, fused and on the CPU one batch per core):
+(`make bench` runs it with the project venv.) Prints, as ratios ddpm-worker / diffusers, for ddpm-worker's modes
+(exact: bit-identical to diffusers; fast: `--fast`, channels-last, fused and on the CPU one batch per core;
+fast-bf16: the same with a bfloat16 UNet):
   * UNet forward throughput at the batch size (diffusers: `UNet2DModel.__call__`; ddpm-worker: `bench-unet`),
     and each side's GFLOP/s against the 3×3-convolution peak measured in the same run on the model's own
     convolution shapes, run the way that side runs them (`bench-unet --conv-peak`; FLOPs as
@@ -13,7 +14,7 @@ modes (exact: bit-identical to diffusers; fast: `--fast`, channels-last, fused a
     the pipeline with one `torch.Generator` per sample, PIL `save`; ddpm-worker: `generate`, its manifest's
     sampling time),
 and the targets: fast ≥ 1.5× diffusers end to end, exact ≥ 1.0× on every scheduler, the fast UNet ≥ 90 % of
-the convolution peak.
+the (fp32) convolution peak.
 Model loading is excluded on both sides. The two sides alternate, round after round, on the same machine,
 and the medians are compared: on a shared machine only such side-by-side ratios mean anything.
 Without --model, a random-weight google/ddpm-cifar10-32 architecture is made with `init-model`.
@@ -109,9 +110,11 @@ def diffusers_end_to_end(pipe, args, scheduler, out: Path):
     return args.num_samples / (time.perf_counter() - start)
 
 
-# The two ways ddpm-worker runs: bit-identical to diffusers, and throughput first (channels-last
-# layout and fused kernels; on the CPU also one batch per core, each on its own thread).
-MODES = {"exact": [], "fast": ["--fast"]}
+# The ways ddpm-worker runs: bit-identical to diffusers; throughput first (channels-last layout and
+# fused kernels; on the CPU also one batch per core, each on its own thread); and that in bfloat16
+# (oneDNN's AVX512-BF16/AMX kernels: twice the FLOP rate where the CPU has them, images within a few
+# levels of fp32's).
+MODES = {"exact": [], "fast": ["--fast"], "fast-bf16": ["--fast", "--dtype", "bf16"]}
 
 
 def worker_unet(args, model, mode, conv_peak=False):
@@ -173,7 +176,7 @@ def main():
 
         # FLOPs: ours must count what torch counts, or the GFLOP/s below compare different things.
         torch_flops = diffusers_flops(unet_model, args.batch_size)
-        peaks = {mode: worker_unet(args, model, mode, conv_peak=True) for mode in MODES}
+        peaks = {mode: worker_unet(args, model, mode, conv_peak=True) for mode in ("exact", "fast")}
         our_flops = peaks["exact"]["flops"]
         # torch's counter has no formula for the CPU attention kernel: compare without those products.
         without = our_flops - peaks["exact"]["attention_flops"]
@@ -187,8 +190,8 @@ def main():
                   f"{cp['gflops_per_second']:.1f} GFLOP/s at {cp['shape']} (GFLOP/s by [Cin, Cout, H, W]: {shapes})",
                   flush=True)
 
-        unet = {"diffusers": [], "exact": [], "fast": []}
-        e2e = {(side, s): [] for s in args.schedulers for side in ("diffusers", "exact", "fast")}
+        unet = {"diffusers": [], **{mode: [] for mode in MODES}}
+        e2e = {(side, s): [] for s in args.schedulers for side in ("diffusers", *MODES)}
         for r in range(args.rounds):
             for mode in MODES:
                 t = worker_unet(args, model, mode)
@@ -212,21 +215,24 @@ def main():
                   "images_per_second": {f"{s}/{side}": m(v) for (side, s), v in e2e.items()}}
         print(f"\nmedians of {args.rounds} rounds, batch {args.batch_size}:")
         # diffusers runs as exact mode does (NCHW, all threads in one forward): its peak is exact's.
-        for side, peak_of in (("diffusers", "exact"), ("exact", "exact"), ("fast", "fast")):
+        for side, peak_of in (("diffusers", "exact"), ("exact", "exact"), ("fast", "fast"), ("fast-bf16", "fast")):
             peak = result["conv_peak_gflops_per_second"][peak_of]
             g = result["unet_gflops_per_second"][side]
-            print(f"  UNet {side:9}: {g:6.1f} GFLOP/s = {g / peak * 100:5.1f} % of the conv peak as it runs "
+            print(f"  UNet {side:9}: {g:6.1f} GFLOP/s = {g / peak * 100:5.1f} % of the fp32 conv peak as fast runs "
+                  f"({peak:.1f}); {g / result['unet_gflops_per_second']['diffusers']:.3f}x diffusers"
+                  if side == "fast-bf16" else
+                  f"  UNet {side:9}: {g:6.1f} GFLOP/s = {g / peak * 100:5.1f} % of the conv peak as it runs "
                   f"({peak:.1f}); {g / result['unet_gflops_per_second']['diffusers']:.3f}x diffusers")
         fraction = result["unet_gflops_per_second"]["fast"] / result["conv_peak_gflops_per_second"]["fast"]
         result["fast_unet_fraction_of_peak"] = fraction
         checks = [("fast UNet >= 90 % of the conv peak", fraction >= 0.9, f"{fraction * 100:.1f} %")]
         for sched in args.schedulers:
             base = m(e2e[("diffusers", sched)])
-            for mode, target in (("exact", 1.0), ("fast", 1.5)):
+            for mode, target in (("exact", 1.0), ("fast", 1.5), ("fast-bf16", 1.5)):
                 ratio = m(e2e[(mode, sched)]) / base
                 result[f"ratio/{sched}/{mode}"] = ratio
                 same, within = compare_pngs(tmp / f"{mode}-{sched}-0", tmp / f"py-{sched}-0", args.num_samples)
-                print(f"  {sched:9} {mode:5}: {m(e2e[(mode, sched)]):.3f} vs diffusers {base:.3f} images/s -> "
+                print(f"  {sched:9} {mode:9}: {m(e2e[(mode, sched)]):.3f} vs diffusers {base:.3f} images/s -> "
                       f"{ratio:.3f}x; PNGs identical to diffusers' {same}/{args.num_samples}, "
                       f"pixel values within 1/255: {within * 100:.2f}%")
                 checks.append((f"{sched} {mode} >= {target}x diffusers", ratio >= target, f"{ratio:.3f}x"))
