@@ -259,7 +259,8 @@ pub fn unet_output(a: &UNetOutput) -> Result<UNetOutputReport, ModelError> {
     let x = sample.f_to_device(a.device)?.f_to_kind(a.kind)?;
     // Twice, so a graph is captured and then replayed: the replay's output is the one written.
     let _ = unet.denoise(&x, a.timestep)?;
-    let out = unet.denoise(&x, a.timestep)?.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?;
+    let out =
+        unet.denoise(&x, a.timestep)?.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?.f_contiguous()?;
     Tensor::write_safetensors(&[("output", &out)], a.output)?;
     Ok(UNetOutputReport { shape: out.size(), output: a.output.display().to_string() })
 }
