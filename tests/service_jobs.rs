@@ -510,6 +510,45 @@ async fn small_jobs_share_batches_and_keep_their_images() {
     }
 }
 
+/// Cancelling one job of a co-batched group stops only that job: the others finish with the images
+/// they get alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_one_job_of_a_shared_batch_leaves_the_others_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--devices", "cpu", "--cpu-threads", "1"]).await;
+    let mut client = server.client().await;
+    let blocker = client.submit_job(request(4, pb::Scheduler::Ddim, 400, 4)).await.unwrap().into_inner();
+    // 1000 DDPM steps: still sampling when the cancel comes.
+    let mut ids = Vec::new();
+    for seed in [11u64, 21] {
+        let mut req = request(2, pb::Scheduler::Ddpm, 1000, 4);
+        req.s().seed = Some(seed);
+        ids.push(client.submit_job(req).await.unwrap().into_inner().job.unwrap().job_id);
+    }
+    wait_for(&mut client, &blocker.job.unwrap().job_id, |j| j.state == SUCCEEDED).await;
+    wait_for(&mut client, &ids[1], |j| j.state == RUNNING).await;
+    let cancelled = common::service::cancel_job(&mut client, &ids[0]).await;
+    assert_eq!(cancelled.state, CANCELLED);
+    let done = wait_for(&mut client, &ids[1], |j| j.state == SUCCEEDED).await;
+    let shard = &manifest(&done)["shards"][0];
+    assert_eq!(shard["batched_with"][0], format!("{}/0", ids[0]), "the two jobs shared a batch");
+    assert_eq!(common::service::get_job(&mut client, &ids[0]).await.state, CANCELLED);
+
+    let model = tiny_model(dir.path());
+    let out = dir.path().join("generate");
+    let status = Command::new(common::bin())
+        .args(["generate", "--model", model.to_str().unwrap(), "--scheduler", "ddpm", "--steps", "1000"])
+        .args(["--num-samples", "2", "--seed", "21", "--batch-size", "4", "--out", out.to_str().unwrap()])
+        .env("OMP_NUM_THREADS", "1")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for (i, bytes) in job_samples(&done).await.iter().enumerate() {
+        let alone = std::fs::read(out.join(format!("samples/{i:08}.png"))).unwrap();
+        assert!(&alone == bytes, "sample {i} differs from generate's");
+    }
+}
+
 #[test]
 fn client_calls_have_a_deadline() {
     // A server that accepts connections and never answers.
