@@ -74,6 +74,16 @@ fn in_lanes<S, T: Send>(
     prepare: impl Fn(usize) -> S + Sync,
     work: impl Fn(usize, S) -> T + Sync,
 ) -> (f64, Vec<T>) {
+    if lanes == 1 {
+        // One lane runs on the calling thread, as `generate` runs one lane: its OpenMP team is the
+        // process's main one.
+        tch::set_num_threads(threads);
+        let _guard = tch::no_grad_guard();
+        let prepared = prepare(0);
+        let start = Instant::now();
+        let result = work(0, prepared);
+        return (start.elapsed().as_secs_f64(), vec![result]);
+    }
     let barrier = std::sync::Barrier::new(lanes + 1);
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..lanes)
