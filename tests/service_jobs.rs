@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -60,16 +61,10 @@ async fn jobs_run_to_success_and_match_generate_on_one_or_two_device_threads() {
     // `generate` at the same batch size, with one intra-op thread as each device thread had.
     let out = dir.path().join("generate");
     let model = tiny_model(&dir.path().join("cpu"));
-    let status = Command::new(common::bin())
-        .args(["generate", "--model", model.to_str().unwrap(), "--scheduler", "ddim", "--steps", "12"])
-        .args(["--num-samples", "7", "--seed", "1000", "--batch-size", "2", "--out", out.to_str().unwrap()])
-        .env("OMP_NUM_THREADS", "1")
-        .status()
-        .unwrap();
-    assert!(status.success());
-    for (i, bytes) in runs[0].iter().enumerate() {
-        let generated = std::fs::read(out.join(format!("samples/{i:08}.png"))).unwrap();
-        assert!(&generated == bytes, "sample {i} differs from generate's");
+    let generated = generate_alone(&model, &out, "ddim", 12, 7, 1000, 2);
+    assert_eq!(runs[0].len(), generated.len());
+    for (i, (bytes, alone)) in runs[0].iter().zip(&generated).enumerate() {
+        assert!(alone == bytes, "sample {i} differs from generate's");
     }
 }
 
@@ -495,17 +490,10 @@ async fn small_jobs_share_batches_and_keep_their_images() {
     let model = tiny_model(&dir.path().join("co-batch-true"));
     for (k, (samples, seed)) in small.iter().enumerate() {
         let out = dir.path().join(format!("generate-{k}"));
-        let status = Command::new(common::bin())
-            .args(["generate", "--model", model.to_str().unwrap(), "--scheduler", "ddim", "--steps", "12"])
-            .args(["--num-samples", &samples.to_string(), "--seed", &seed.to_string(), "--batch-size", "4"])
-            .args(["--out", out.to_str().unwrap()])
-            .env("OMP_NUM_THREADS", "1")
-            .status()
-            .unwrap();
-        assert!(status.success());
-        for (i, bytes) in by_setting[0][k].iter().enumerate() {
-            let alone = std::fs::read(out.join(format!("samples/{i:08}.png"))).unwrap();
-            assert!(&alone == bytes, "job {k} sample {i} differs from generate's");
+        let generated = generate_alone(&model, &out, "ddim", 12, *samples, *seed, 4);
+        assert_eq!(generated.len(), by_setting[0][k].len());
+        for (i, (bytes, alone)) in by_setting[0][k].iter().zip(&generated).enumerate() {
+            assert!(alone == bytes, "job {k} sample {i} differs from generate's");
         }
     }
 }
@@ -536,16 +524,11 @@ async fn cancelling_one_job_of_a_shared_batch_leaves_the_others_intact() {
 
     let model = tiny_model(dir.path());
     let out = dir.path().join("generate");
-    let status = Command::new(common::bin())
-        .args(["generate", "--model", model.to_str().unwrap(), "--scheduler", "ddpm", "--steps", "1000"])
-        .args(["--num-samples", "2", "--seed", "21", "--batch-size", "4", "--out", out.to_str().unwrap()])
-        .env("OMP_NUM_THREADS", "1")
-        .status()
-        .unwrap();
-    assert!(status.success());
-    for (i, bytes) in job_samples(&done).await.iter().enumerate() {
-        let alone = std::fs::read(out.join(format!("samples/{i:08}.png"))).unwrap();
-        assert!(&alone == bytes, "sample {i} differs from generate's");
+    let generated = generate_alone(&model, &out, "ddpm", 1000, 2, 21, 4);
+    let samples = job_samples(&done).await;
+    assert_eq!(samples.len(), generated.len());
+    for (i, (bytes, alone)) in samples.iter().zip(&generated).enumerate() {
+        assert!(alone == bytes, "sample {i} differs from generate's");
     }
 }
 
@@ -565,4 +548,33 @@ fn client_calls_have_a_deadline() {
     let status = status.expect("submit gave up within its deadline");
     assert!(!status.success());
     drop(silent);
+}
+
+/// The PNGs `generate` writes for `samples` samples from `seed` at batch size `batch` on the tiny
+/// `model`, with one intra-op thread as a `--cpu-threads 1` device thread has.
+fn generate_alone(
+    model: &Path,
+    out: &Path,
+    scheduler: &str,
+    steps: u32,
+    samples: u64,
+    seed: u64,
+    batch: u32,
+) -> Vec<Vec<u8>> {
+    let status = Command::new(common::bin())
+        .args(["generate", "--model", model.to_str().unwrap(), "--scheduler", scheduler])
+        .args([
+            "--steps",
+            &steps.to_string(),
+            "--num-samples",
+            &samples.to_string(),
+            "--seed",
+            &seed.to_string(),
+        ])
+        .args(["--batch-size", &batch.to_string(), "--out", out.to_str().unwrap()])
+        .env("OMP_NUM_THREADS", "1")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    (0..samples).map(|i| std::fs::read(out.join(format!("samples/{i:08}.png"))).unwrap()).collect()
 }
