@@ -111,16 +111,13 @@ fn in_lanes<S, T: Send>(
 /// Times `iterations` forwards at timesteps 500, 499, … after `warmup` calls, in every lane at once.
 pub fn time_unet(b: &UNetBench) -> Result<UNetTiming, ModelError> {
     let files = ModelFiles::locate(b.model)?;
-    let mut unet = LoadedUNet::load(&files, b.device, b.kind)?;
-    unet.set_layout(b.layout);
+    // Graphs go on each lane's replica below.
+    let unet = LoadedUNet::prepare(&files, b.device, b.kind, b.layout, false)?;
     let (h, w) = unet.config.sample_hw()?;
     let counted = flops::unet_forward(&unet.config, b.batch_size as i64)?;
     let flops = counted.total;
     let lanes = b.lanes.max(1);
     let threads = (tch::get_num_threads() / lanes as i32).max(1);
-    if b.device.is_cuda() {
-        tch::Cuda::cudnn_set_benchmark(b.layout == Layout::ChannelsLast);
-    }
     // One replica per lane, each taken by its thread (a replica with graphs is not shareable).
     let replicas: Vec<std::sync::Mutex<Option<LoadedUNet>>> = (0..lanes)
         .map(|_| {
@@ -252,14 +249,7 @@ pub struct UNetOutputReport {
 /// tensor; writes `output` as f32 on the CPU.
 pub fn unet_output(a: &UNetOutput) -> Result<UNetOutputReport, ModelError> {
     let files = ModelFiles::locate(a.model)?;
-    if a.device.is_cuda() {
-        tch::Cuda::cudnn_set_benchmark(a.layout == Layout::ChannelsLast);
-    }
-    let mut unet = LoadedUNet::load(&files, a.device, a.kind)?;
-    unet.set_layout(a.layout);
-    if a.cuda_graphs {
-        unet.set_graphs(Some(crate::model::graphs::GraphMode::Cuda));
-    }
+    let unet = LoadedUNet::prepare(&files, a.device, a.kind, a.layout, a.cuda_graphs)?;
     let _guard = tch::no_grad_guard();
     let tensors = Tensor::read_safetensors(a.input)
         .map_err(|e| ModelError::Io { path: a.input.to_path_buf(), message: e.to_string() })?;

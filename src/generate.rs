@@ -370,15 +370,7 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Report, GenerateError>
     let steps_per_batch = scheduler.build(spec.steps, eta)?.timesteps().len();
 
     let weights_sha = sha256_file(&files.weights).map_err(GenerateError::io(&files.weights))?;
-    if spec.device.is_cuda() {
-        // cuDNN's autotuner only in the fast layout: its choices may differ between processes.
-        tch::Cuda::cudnn_set_benchmark(spec.layout == Layout::ChannelsLast);
-    }
-    let mut unet = LoadedUNet::load(&files, spec.device, spec.dtype.kind())?;
-    unet.set_layout(spec.layout);
-    if spec.cuda_graphs {
-        unet.set_graphs(Some(crate::model::graphs::GraphMode::Cuda));
-    }
+    let unet = LoadedUNet::prepare(&files, spec.device, spec.dtype.kind(), spec.layout, spec.cuda_graphs)?;
     let load_seconds = started.elapsed().as_secs_f64();
 
     // `first` is a batch boundary of the whole run, so these are the run's own batches.

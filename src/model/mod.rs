@@ -146,6 +146,27 @@ impl LoadedUNet {
         Ok(Self { vs, model, config, layout: Layout::Diffusers, graphs: None })
     }
 
+    /// [`Self::load`], laid out for `layout`, replaying CUDA graphs if `cuda_graphs`. On CUDA, cuDNN's
+    /// autotuner is on in the fast layout only: its choices may differ between processes in the last
+    /// bits, and the exact layout keeps fixed kernels.
+    pub fn prepare(
+        files: &ModelFiles,
+        device: Device,
+        kind: Kind,
+        layout: Layout,
+        cuda_graphs: bool,
+    ) -> Result<Self, ModelError> {
+        if device.is_cuda() {
+            tch::Cuda::cudnn_set_benchmark(layout == Layout::ChannelsLast);
+        }
+        let mut unet = Self::load(files, device, kind)?;
+        unet.set_layout(layout);
+        if cuda_graphs {
+            unet.set_graphs(Some(graphs::GraphMode::Cuda));
+        }
+        Ok(unet)
+    }
+
     /// Re-lays the convolution weights out for `layout` (inputs follow in [`Self::forward`]).
     /// The channels-last layout also switches the network to its fast path (fused Q/K/V, in-place
     /// element-wise ops, 1×1 convolutions as matrix products).

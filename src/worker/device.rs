@@ -93,18 +93,9 @@ impl DeviceModels {
         let mut unets = BTreeMap::new();
         let mut max_batch = BTreeMap::new();
         let _guard = tch::no_grad_guard();
-        if device.is_cuda() {
-            // cuDNN's autotuner picks the fastest kernels, which may differ between processes in the
-            // last bits; the exact layout keeps fixed, deterministic kernels.
-            let fast = ctx.config.layout == crate::model::Layout::ChannelsLast;
-            tch::Cuda::cudnn_set_benchmark(fast);
-        }
         for (name, model) in ctx.models.iter() {
-            let mut unet = LoadedUNet::load(&model.files, device, ctx.config.kind)?;
-            unet.set_layout(ctx.config.layout);
-            if ctx.config.cuda_graphs && device.is_cuda() {
-                unet.set_graphs(Some(crate::model::graphs::GraphMode::Cuda));
-            }
+            let graphs = ctx.config.cuda_graphs && device.is_cuda();
+            let unet = LoadedUNet::prepare(&model.files, device, ctx.config.kind, ctx.config.layout, graphs)?;
             let (h, w) = unet.config.sample_hw()?;
             let x = tch::Tensor::f_zeros([1, unet.config.in_channels, h, w], (ctx.config.kind, device))?;
             let _ = unet.forward(&x, 0);
