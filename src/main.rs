@@ -168,6 +168,10 @@ struct PlacementArgs {
     /// Replay the UNet from a CUDA graph captured once per batch shape (CUDA only).
     #[arg(long)]
     cuda_graphs: bool,
+    /// Let cuDNN time its kernels and keep the fastest (CUDA, channels-last): faster, but the picks,
+    /// and so the images' last bits, can differ from one process or GPU to the next.
+    #[arg(long)]
+    cudnn_benchmark: bool,
 }
 
 #[derive(clap::Args)]
@@ -454,6 +458,7 @@ fn main() -> ExitCode {
         Command::Cancel(a) => run_client(client::cancel(a)),
         Command::Retry(a) => run_client(client::retry(a, progress)),
         Command::Generate(a) => {
+            ddpm_worker::model::set_cudnn_benchmark(a.place.cudnn_benchmark);
             let part = match (a.part, a.part_count) {
                 (Some(p), _) => Some(p),
                 (None, Some(count)) => match indexed_job_part(count) {
@@ -525,28 +530,34 @@ fn main() -> ExitCode {
                 &a.dir, &a.model, a.samples, a.shards, a.format, a.side, a.prepare,
             ))
         })),
-        Command::BenchUnet(a) => print_json(benchmark::time_unet(&benchmark::UNetBench {
-            model: &a.model,
-            batch_size: a.batch_size,
-            iterations: a.iterations,
-            warmup: a.warmup,
-            device: a.place.device,
-            kind: a.place.dtype.kind(),
-            layout: if a.fast { Layout::ChannelsLast } else { a.place.layout.into() },
-            lanes: if a.fast && !a.place.device.is_cuda() { physical_cores() } else { a.lanes },
-            conv_peak: a.conv_peak,
-            cuda_graphs: a.place.cuda_graphs,
-        })),
-        Command::UnetOutput(a) => print_json(benchmark::unet_output(&benchmark::UNetOutput {
-            model: &a.model,
-            input: &a.input,
-            output: &a.output,
-            timestep: a.timestep,
-            device: a.place.device,
-            kind: a.place.dtype.kind(),
-            layout: a.place.layout.into(),
-            cuda_graphs: a.place.cuda_graphs,
-        })),
+        Command::BenchUnet(a) => print_json({
+            ddpm_worker::model::set_cudnn_benchmark(a.place.cudnn_benchmark);
+            benchmark::time_unet(&benchmark::UNetBench {
+                model: &a.model,
+                batch_size: a.batch_size,
+                iterations: a.iterations,
+                warmup: a.warmup,
+                device: a.place.device,
+                kind: a.place.dtype.kind(),
+                layout: if a.fast { Layout::ChannelsLast } else { a.place.layout.into() },
+                lanes: if a.fast && !a.place.device.is_cuda() { physical_cores() } else { a.lanes },
+                conv_peak: a.conv_peak,
+                cuda_graphs: a.place.cuda_graphs,
+            })
+        }),
+        Command::UnetOutput(a) => print_json({
+            ddpm_worker::model::set_cudnn_benchmark(a.place.cudnn_benchmark);
+            benchmark::unet_output(&benchmark::UNetOutput {
+                model: &a.model,
+                input: &a.input,
+                output: &a.output,
+                timestep: a.timestep,
+                device: a.place.device,
+                kind: a.place.dtype.kind(),
+                layout: a.place.layout.into(),
+                cuda_graphs: a.place.cuda_graphs,
+            })
+        }),
         Command::InitModel(a) => match init_model::write_model(a.preset, a.grayscale, &a.out, a.seed) {
             Ok(unet) => {
                 let name = a.preset.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default();

@@ -84,7 +84,9 @@ int ddpm_graph_capture_begin(ddpm_graph* graph, char** error) {
         c10::cuda::device_synchronize();
         graph->enter();
         try {
-            graph->graph.capture_begin();
+            // Thread-local capture: other threads sharing the GPU (lanes, device threads) keep making
+            // calls that a global capture would forbid them (allocations, synchronous copies).
+            graph->graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
         } catch (...) {
             graph->leave();
             throw;

@@ -7,11 +7,11 @@
 
 use tch::{Tensor, nn, nn::Module};
 
-use super::resnet::group_norm;
+use super::resnet::{GroupNorm, group_norm};
 
 #[derive(Debug)]
 pub struct SpatialAttention {
-    group_norm: Option<nn::GroupNorm>,
+    group_norm: Option<GroupNorm>,
     to_q: nn::Linear,
     to_k: nn::Linear,
     to_v: nn::Linear,
@@ -91,7 +91,7 @@ impl SpatialAttention {
     fn forward_fast(&self, xs: &Tensor, weight: &Tensor, bias: &Tensor) -> Tensor {
         let (b, c, h, w) = xs.size4().unwrap_or((0, 0, 0, 0));
         let normed = match &self.group_norm {
-            Some(norm) => norm.forward(xs),
+            Some(norm) => norm.forward_fast(xs),
             None => xs.shallow_clone(),
         };
         let tokens = normed.permute([0, 2, 3, 1]).reshape([b, h * w, c]);

@@ -5,6 +5,7 @@
 //! calling the network on the static buffers, so it is tested where no GPU is.
 
 use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use tch::{Device, Tensor};
 
@@ -50,6 +51,23 @@ impl GraphCache {
     }
 }
 
+/// One lock per CUDA device, held while a replica runs a batch shape for the first time (its eager
+/// warm-up calls and its capture): cuDNN's autotuner tries algorithms with workspaces as large as the
+/// free memory, which runs a second thread on the same GPU out of memory, and a capture is safest with
+/// no other first calls beside it. Threads sharing a GPU thus take their first steps of a shape one at a
+/// time (the autotuner's choices are cached per process, so the second is quick); later calls do not lock.
+static FIRST_CALLS: [Mutex<()>; 16] = [const { Mutex::new(()) }; 16];
+
+/// The lock of [`FIRST_CALLS`] for `device`; none off CUDA.
+pub fn first_call_lock(device: Device) -> Option<MutexGuard<'static, ()>> {
+    match device {
+        Device::Cuda(i) => {
+            Some(FIRST_CALLS[i % FIRST_CALLS.len()].lock().unwrap_or_else(PoisonError::into_inner))
+        }
+        _ => None,
+    }
+}
+
 /// A copy of `t` in new memory, with its layout.
 fn copied(t: &Tensor) -> Result<Tensor, tch::TchError> {
     let mut out = t.f_empty_like()?;
@@ -67,10 +85,17 @@ impl LoadedUNet {
     /// Captures one graph per batch shape on first use, replaying it afterwards; an eager call when
     /// graphs are off.
     pub fn denoise(&self, sample: &Tensor, timestep: i64) -> Result<Tensor, ModelError> {
-        let Some(cache) = &self.graphs else { return Ok(self.forward(sample, timestep)) };
-        let mut cache = cache.borrow_mut();
         let key = sample.size();
+        let Some(cache) = &self.graphs else {
+            let _first = match self.eager_shapes.borrow_mut().insert(key) {
+                true => first_call_lock(sample.device()),
+                false => None,
+            };
+            return Ok(self.forward(sample, timestep));
+        };
+        let mut cache = cache.borrow_mut();
         if !cache.by_shape.contains_key(&key) {
+            let _first = first_call_lock(sample.device());
             let captured = self.capture(sample, timestep, cache.mode)?;
             cache.by_shape.insert(key.clone(), captured);
             cache.captures += 1;

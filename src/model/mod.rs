@@ -119,6 +119,17 @@ pub enum Layout {
     ChannelsLast,
 }
 
+static CUDNN_BENCHMARK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// cuDNN's autotuner (`torch.backends.cudnn.benchmark`) for the UNets this process prepares in the
+/// channels-last layout from now on. It times the candidate kernels of each convolution and keeps the
+/// fastest, so its picks, and with them the last bits of every image, can differ from one process (or
+/// worker, or GPU) to the next; off, cuDNN's heuristics pick the same kernels every time, and a job's
+/// images are the same bytes whichever GPU ran them. Off by default.
+pub fn set_cudnn_benchmark(on: bool) {
+    CUDNN_BENCHMARK.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// `x` with channels-last strides (`x.contiguous(memory_format=torch.channels_last)`, which tch lacks).
 pub fn channels_last(x: &Tensor) -> Tensor {
     x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
@@ -132,6 +143,8 @@ pub struct LoadedUNet {
     pub layout: Layout,
     /// Graphs by batch shape, when calls replay them ([`Self::denoise`]).
     graphs: Option<std::cell::RefCell<graphs::GraphCache>>,
+    /// Batch shapes this replica has run eagerly (see [`graphs::first_call_lock`]).
+    eager_shapes: std::cell::RefCell<std::collections::BTreeSet<Vec<i64>>>,
 }
 
 impl LoadedUNet {
@@ -143,12 +156,18 @@ impl LoadedUNet {
         let tensors = read_checkpoint(&files.weights)?;
         copy_weights(&mut vs, tensors, &files.weights)?;
         vs.set_kind(kind);
-        Ok(Self { vs, model, config, layout: Layout::Diffusers, graphs: None })
+        Ok(Self {
+            vs,
+            model,
+            config,
+            layout: Layout::Diffusers,
+            graphs: None,
+            eager_shapes: Default::default(),
+        })
     }
 
     /// [`Self::load`], laid out for `layout`, replaying CUDA graphs if `cuda_graphs`. On CUDA, cuDNN's
-    /// autotuner is on in the fast layout only: its choices may differ between processes in the last
-    /// bits, and the exact layout keeps fixed kernels.
+    /// autotuner runs only where [`set_cudnn_benchmark`] asked for it, and in the fast layout only.
     pub fn prepare(
         files: &ModelFiles,
         device: Device,
@@ -157,7 +176,8 @@ impl LoadedUNet {
         cuda_graphs: bool,
     ) -> Result<Self, ModelError> {
         if device.is_cuda() {
-            tch::Cuda::cudnn_set_benchmark(layout == Layout::ChannelsLast);
+            let benchmark = CUDNN_BENCHMARK.load(std::sync::atomic::Ordering::Relaxed);
+            tch::Cuda::cudnn_set_benchmark(benchmark && layout == Layout::ChannelsLast);
         }
         let mut unet = Self::load(files, device, kind)?;
         unet.set_layout(layout);
@@ -197,7 +217,14 @@ impl LoadedUNet {
         }
         let mut model = model;
         model.prepare_fast(self.layout == Layout::ChannelsLast);
-        Self { vs, model, config: self.config.clone(), layout: self.layout, graphs: None }
+        Self {
+            vs,
+            model,
+            config: self.config.clone(),
+            layout: self.layout,
+            graphs: None,
+            eager_shapes: Default::default(),
+        }
     }
 
     /// A randomly initialised network (tch's default initialisers seeded by `seed`).
@@ -206,7 +233,14 @@ impl LoadedUNet {
         tch::manual_seed(seed);
         let vs = nn::VarStore::new(Device::Cpu);
         let model = UNet2DModel::new(vs.root(), &config);
-        Ok(Self { vs, model, config, layout: Layout::Diffusers, graphs: None })
+        Ok(Self {
+            vs,
+            model,
+            config,
+            layout: Layout::Diffusers,
+            graphs: None,
+            eager_shapes: Default::default(),
+        })
     }
 
     pub fn num_parameters(&self) -> i64 {

@@ -4,8 +4,65 @@
 
 use tch::{Tensor, nn, nn::Module};
 
-pub fn group_norm(vs: nn::Path, groups: i64, channels: i64, eps: f64) -> nn::GroupNorm {
-    nn::group_norm(vs, groups, channels, nn::GroupNormConfig { eps, ..Default::default() })
+pub fn group_norm(vs: nn::Path, groups: i64, channels: i64, eps: f64) -> GroupNorm {
+    GroupNorm {
+        inner: nn::group_norm(vs, groups, channels, nn::GroupNormConfig { eps, ..Default::default() }),
+        eps,
+    }
+}
+
+/// `nn.GroupNorm`, with a channels-last form for CUDA.
+#[derive(Debug)]
+pub struct GroupNorm {
+    inner: nn::GroupNorm,
+    eps: f64,
+}
+
+impl GroupNorm {
+    /// libtorch's `group_norm`, as diffusers calls it.
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        self.inner.forward(xs)
+    }
+
+    /// The norm of the channels-last layout. On CUDA, libtorch's `group_norm` makes its input contiguous
+    /// (NCHW) and returns NCHW (only the CPU kernel keeps channels-last: `aten/src/ATen/native/group_norm.cpp`),
+    /// so each norm between two NHWC convolutions would cost two layout copies; there it runs on the NHWC
+    /// memory instead ([`group_norm_nhwc`]). Elsewhere, and for inputs of other layouts, libtorch's.
+    pub fn forward_fast(&self, xs: &Tensor) -> Tensor {
+        match (&self.inner.ws, &self.inner.bs) {
+            (Some(weight), Some(bias)) if xs.device().is_cuda() && is_channels_last(xs) => {
+                group_norm_nhwc(xs, self.inner.num_groups, weight, bias, self.eps)
+            }
+            _ => self.inner.forward(xs),
+        }
+    }
+}
+
+/// Group norm of a channels-last `[B, C, H, W]` input, channels-last out: the statistics by one Welford
+/// reduction over the NHWC memory viewed as `[B, HW, G, C/G]` (biased variance, as GroupNorm), the
+/// normalisation and affine folded into one per-(sample, channel) scale and shift in float32 and applied
+/// by one fused multiply-add, `y = x·(γ/σ) + (β − μ·γ/σ)` (Wu & He 2018, eq. 1).
+pub fn group_norm_nhwc(xs: &Tensor, groups: i64, weight: &Tensor, bias: &Tensor, eps: f64) -> Tensor {
+    let Ok((b, c, h, w)) = xs.size4() else { return xs.shallow_clone() };
+    let per_group = c / groups;
+    let grouped = xs.permute([0, 2, 3, 1]).view([b, h * w, groups, per_group]);
+    let float = tch::Kind::Float;
+    let dims = Some([1i64, 3].as_slice());
+    let (var, mean) = if xs.kind() == tch::Kind::Half {
+        // fp16 ends at 65504, so a group's variance would overflow once its standard deviation passes
+        // 256: accumulate and return the moments in float32 instead (two reductions, no float copy).
+        let n = (h * w * per_group) as f64;
+        let mean = grouped.sum_dim_intlist(dims, true, float) / n;
+        let mean_square = grouped.norm_scalaropt_dim_dtype(2, [1i64, 3].as_slice(), true, float).square() / n;
+        ((mean_square - mean.square()).clamp_min(0.0), mean)
+    } else {
+        grouped.var_mean_correction(dims, 0, true)
+    };
+    let rstd = (var.to_kind(float) + eps).rsqrt(); // [B, 1, G, 1]
+    let scale = rstd * weight.to_kind(float).view([1, 1, groups, per_group]); // [B, 1, G, C/G]
+    let shift = bias.to_kind(float).view([1, 1, groups, per_group]) - mean.to_kind(float) * &scale;
+    let as_bc11 = |t: Tensor| t.view([b, c, 1, 1]).to_kind(xs.kind());
+    as_bc11(shift).addcmul(xs, &as_bc11(scale))
 }
 
 pub fn conv2d(vs: nn::Path, cin: i64, cout: i64, k: i64, stride: i64, padding: i64) -> nn::Conv2D {
@@ -23,10 +80,10 @@ pub enum TimeEmbeddingNorm {
 
 #[derive(Debug)]
 pub struct ResnetBlock2D {
-    norm1: nn::GroupNorm,
+    norm1: GroupNorm,
     conv1: nn::Conv2D,
     time_emb_proj: nn::Linear,
-    norm2: nn::GroupNorm,
+    norm2: GroupNorm,
     conv2: nn::Conv2D,
     conv_shortcut: Option<nn::Conv2D>,
     time_embedding_norm: TimeEmbeddingNorm,
@@ -90,18 +147,18 @@ impl ResnetBlock2D {
     /// SiLU, the time-embedding and residual adds) and with the 1×1 shortcut as one matrix product.
     /// Same operations in the same order; only kernels differ (last-bit differences).
     fn forward_fast(&self, xs: &Tensor, temb: &Tensor) -> Tensor {
-        let mut h = self.norm1.forward(xs);
+        let mut h = self.norm1.forward_fast(xs);
         let _ = h.silu_();
         let mut h = self.conv1.forward(&h);
         let temb = self.time_emb_proj.forward(temb).unsqueeze(-1).unsqueeze(-1);
         let mut h = match self.time_embedding_norm {
             TimeEmbeddingNorm::Default => {
                 let _ = h.g_add_(&temb);
-                self.norm2.forward(&h)
+                self.norm2.forward_fast(&h)
             }
             TimeEmbeddingNorm::ScaleShift => {
                 let parts = temb.chunk(2, 1);
-                let mut n = self.norm2.forward(&h);
+                let mut n = self.norm2.forward_fast(&h);
                 let _ = n.g_mul_(&(&parts[0] + 1.0)).g_add_(&parts[1]);
                 n
             }
@@ -197,5 +254,39 @@ impl Upsample2D {
         // channels-last (the sized overload returns NCHW).
         let up = xs.upsample_nearest2d_vec(None::<&[i64]>, [2.0, 2.0].as_slice());
         self.conv.forward(&up)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    /// The channels-last norm equals libtorch's (to float32 rounding) and keeps the layout; checked
+    /// on the CPU, where its kernels are the same TensorIterator reduction and pointwise ops.
+    #[test]
+    fn group_norm_nhwc_matches_libtorchs_and_stays_channels_last() {
+        tch::manual_seed(0);
+        let xs = crate::model::channels_last(
+            &(Tensor::randn([3, 64, 5, 7], (Kind::Float, Device::Cpu)) * 3.0 + 1.5),
+        );
+        let weight = Tensor::randn([64], (Kind::Float, Device::Cpu));
+        let bias = Tensor::randn([64], (Kind::Float, Device::Cpu));
+        let ours = group_norm_nhwc(&xs, 32, &weight, &bias, 1e-6);
+        let theirs = xs.contiguous().group_norm(32, Some(&weight), Some(&bias), 1e-6, false);
+        assert!(is_channels_last(&ours));
+        let delta = (&ours - &theirs).abs().max().double_value(&[]);
+        assert!(delta < 1e-5, "max |Δ| {delta}");
+        // fp16 with a standard deviation past 256 (its variance is past fp16's range).
+        let big = &xs * 1000.0;
+        let theirs_big = big.contiguous().group_norm(32, Some(&weight), Some(&bias), 1e-6, false);
+        let half = group_norm_nhwc(&big.to_kind(Kind::Half), 32, &weight, &bias, 1e-6);
+        let delta = (half.to_kind(Kind::Float) - &theirs_big).abs().max().double_value(&[]);
+        assert!(delta < 0.05, "max |Δ| {delta}");
+        // bf16 in, bf16 out.
+        let half = group_norm_nhwc(&xs.to_kind(Kind::BFloat16), 32, &weight, &bias, 1e-6);
+        assert_eq!(half.kind(), Kind::BFloat16);
+        let delta = (half.to_kind(Kind::Float) - &theirs).abs().max().double_value(&[]);
+        assert!(delta < 0.1, "max |Δ| {delta}");
     }
 }

@@ -7,7 +7,7 @@ use tch::{Tensor, nn, nn::Module};
 use super::attention::AttentionConfig;
 use super::config::{BlockKind, UNet2DConfig};
 use super::embeddings::{TimestepEmbedding, Timesteps};
-use super::resnet::{ResnetConfig, TimeEmbeddingNorm, conv2d, group_norm};
+use super::resnet::{GroupNorm, ResnetConfig, TimeEmbeddingNorm, conv2d, group_norm};
 use super::unet_2d_blocks::{DownBlock2D, DownBlockConfig, UNetMidBlock2D, UpBlock2D, UpBlockConfig};
 
 #[derive(Debug)]
@@ -19,7 +19,7 @@ pub struct UNet2DModel {
     down_blocks: Vec<DownBlock2D>,
     mid_block: Option<UNetMidBlock2D>,
     up_blocks: Vec<UpBlock2D>,
-    conv_norm_out: nn::GroupNorm,
+    conv_norm_out: GroupNorm,
     conv_out: nn::Conv2D,
     fast: bool,
 }
@@ -161,7 +161,7 @@ impl UNet2DModel {
             debug_assert!(skips.len() >= block.num_skips());
             h = block.forward(&h, &emb, &mut skips, fast);
         }
-        let mut h = self.conv_norm_out.forward(&h);
+        let mut h = if fast { self.conv_norm_out.forward_fast(&h) } else { self.conv_norm_out.forward(&h) };
         let _ = h.silu_();
         self.conv_out.forward(&h)
     }

@@ -156,6 +156,11 @@ pub struct ServeArgs {
     /// Replay each CUDA device's UNet calls from a graph captured per batch shape (CUDA devices only).
     #[arg(long, env = "DDPM_CUDA_GRAPHS")]
     pub cuda_graphs: bool,
+    /// Let cuDNN time its kernels and keep the fastest (CUDA, channels-last): faster, but the picks,
+    /// and so the images' last bits, can differ between workers; off, every worker writes the same
+    /// bytes for a job.
+    #[arg(long, env = "DDPM_CUDNN_BENCHMARK")]
+    pub cudnn_benchmark: bool,
     /// Fill the padding rows of a shard's short last batch with the samples of queued shards of other
     /// jobs with the same model, scheduler, steps, η and batch size: each image stays the one its job
     /// gets alone at that batch size (every row has its own seed), with fewer UNet calls.
@@ -545,6 +550,7 @@ fn install_metrics(addr: SocketAddr) -> Result<(), ServeError> {
 
 /// Runs the service until SIGTERM or SIGINT, then drains. `on_listening` gets the bound address.
 pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Result<(), ServeError> {
+    crate::model::set_cudnn_benchmark(args.cudnn_benchmark);
     let prepared = prepare(&args).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

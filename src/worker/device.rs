@@ -60,10 +60,31 @@ pub fn largest_fitting<E>(
     }
 }
 
+thread_local! {
+    /// Set while a probe expects libtorch's out-of-memory panics, which are then not printed.
+    static PROBING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Wraps the panic hook (once) so that panics of a probing thread are not printed; every other panic
+/// goes to the hook as before.
+fn quiet_probe_panics() {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !PROBING.with(std::cell::Cell::get) {
+                previous(info)
+            }
+        }));
+    });
+}
+
 /// Whether a forward of `batch` rows runs on the UNet's device: `Ok(false)` when it ran out of memory.
 fn forward_fits(unet: &LoadedUNet, kind: tch::Kind, batch: usize) -> Result<bool, ModelError> {
     let device = unet.vs.device();
     let (h, w) = unet.config.sample_hw()?;
+    quiet_probe_panics();
+    PROBING.with(|p| p.set(true));
     let run = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<(), tch::TchError> {
         let x = tch::Tensor::f_zeros([batch as i64, unet.config.in_channels, h, w], (kind, device))?;
         let _ = unet.forward(&x, 0);
@@ -72,6 +93,7 @@ fn forward_fits(unet: &LoadedUNet, kind: tch::Kind, batch: usize) -> Result<bool
         }
         Ok(())
     }));
+    PROBING.with(|p| p.set(false));
     let message = match run {
         Ok(Ok(())) => return Ok(true),
         Ok(Err(e)) => e.to_string(),
@@ -97,6 +119,9 @@ impl DeviceModels {
             let graphs = ctx.config.cuda_graphs && device.is_cuda();
             let unet = LoadedUNet::prepare(&model.files, device, ctx.config.kind, ctx.config.layout, graphs)?;
             let (h, w) = unet.config.sample_hw()?;
+            // Threads sharing a GPU warm up and probe one at a time, or each would see the other's
+            // memory in use and settle on a smaller batch.
+            let _first = crate::model::graphs::first_call_lock(device);
             let x = tch::Tensor::f_zeros([1, unet.config.in_channels, h, w], (ctx.config.kind, device))?;
             let _ = unet.forward(&x, 0);
             if super::fault::injected("warmup-panic") {
