@@ -7,18 +7,23 @@ On the 256-family architecture (google/ddpm-ema-*-256, random weights from `init
 unless --model is given:
   1. peak: a bf16 8192³ matrix product's TFLOP/s on this device, measured first (the "% of bf16 peak" below);
   2. UNet forward at each batch size, images/s and TFLOP/s (FLOPs as torch.utils.flop_counter counts them):
-     diffusers fp16 eager (NCHW, as users run it), diffusers fp16 channels-last under torch.compile, and
-     ddpm-worker fp16 / bf16 channels-last, eager and replaying CUDA graphs (`bench-unet`);
-  3. end to end (DDIM, --steps, writing PNGs): diffusers fp16 eager pipeline vs `generate --fast` in fp16
-     and bf16 with CUDA graphs, one thread and two threads (`--lanes 2`) sharing the GPU;
-  4. parity: one UNet call in fp32 (`unet-output`) vs diffusers' on the same input and device (max |Δ|,
-     target ≤ 1e-4); fp16 and bf16 images vs fp32 images of `generate` (share of pixel values within
-     2/255, target ≥ 99 %); images of one lane and two lanes byte-identical;
+     diffusers fp16 eager (NCHW, as users run it); ddpm-worker fp16 in the diffusers layout, and fp16 / bf16
+     `--fast` (channels-last), eager, replaying CUDA graphs, and with cuDNN's autotuner (`bench-unet`);
+  3. end to end (DDIM, --steps, writing PNGs): diffusers fp16 eager pipeline vs `generate` in fp32 (exact)
+     and `--fast` fp16 and bf16 with CUDA graphs, one thread and two threads (`--lanes 2`) sharing the GPU;
+     images of one lane and two lanes byte-identical;
+  4. fp16 and bf16 images of a trained model (--quality-model, the demo digits) vs its fp32 images (share of
+     pixel values within 2/255, target ≥ 99 %; random weights amplify rounding through sampling, so their
+     share is only reported);
+  5. parity: one UNet call in fp32 (`unet-output`) vs diffusers' on the same input and device (max |Δ|,
+     target ≤ 1e-4);
+  6. last, as compiling is slow: diffusers fp16 channels-last under torch.compile (--compile-mode);
 then the targets: ≥ 1.5× diffusers fp16 eager images/s, ≥ 50 % of bf16 peak in the UNet, two threads
 within 5 % of linear.
 
-`--device cpu` with a small `--model` runs the same steps on the CPU (fp32 only), to check this script
-where no GPU is.
+`--device cpu` with a small `--model` runs the same steps on the CPU (fp32, and bf16 for step 4), to check
+this script where no GPU is. The JSON (--json) is written after every step. Where the GPU machine has
+another torch than 2.13, build the binary against it with bench/build-other-torch.sh.
 """
 
 import argparse

@@ -322,7 +322,10 @@ fn init_logs(json: bool, traces: Option<&opentelemetry_sdk::trace::SdkTracerProv
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only on a terminal: a pod's log collector or a redirected file would keep the escapes.
+    let logs = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let logs =
         if json { logs.json().with_current_span(true).with_span_list(false).boxed() } else { logs.boxed() };
     let otel = traces.map(|provider| {
