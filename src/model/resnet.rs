@@ -39,7 +39,8 @@ impl GroupNorm {
 }
 
 /// Group norm of a channels-last `[B, C, H, W]` input, channels-last out: the statistics by one Welford
-/// reduction over the NHWC memory viewed as `[B, HW, G, C/G]` (biased variance, as GroupNorm), the
+/// reduction over the NHWC memory viewed as `[B, HW, G, C/G]` (fp16: two float32 reductions; biased
+/// variance, as GroupNorm), the
 /// normalisation and affine folded into one per-(sample, channel) scale and shift in float32 and applied
 /// by one fused multiply-add, `y = x·(γ/σ) + (β − μ·γ/σ)` (Wu & He 2018, eq. 1).
 pub fn group_norm_nhwc(xs: &Tensor, groups: i64, weight: &Tensor, bias: &Tensor, eps: f64) -> Tensor {
@@ -47,16 +48,16 @@ pub fn group_norm_nhwc(xs: &Tensor, groups: i64, weight: &Tensor, bias: &Tensor,
     let per_group = c / groups;
     let grouped = xs.permute([0, 2, 3, 1]).view([b, h * w, groups, per_group]);
     let float = tch::Kind::Float;
-    let dims = Some([1i64, 3].as_slice());
+    let axes = [1i64, 3];
     let (var, mean) = if xs.kind() == tch::Kind::Half {
         // fp16 ends at 65504, so a group's variance would overflow once its standard deviation passes
         // 256: accumulate and return the moments in float32 instead (two reductions, no float copy).
         let n = (h * w * per_group) as f64;
-        let mean = grouped.sum_dim_intlist(dims, true, float) / n;
-        let mean_square = grouped.norm_scalaropt_dim_dtype(2, [1i64, 3].as_slice(), true, float).square() / n;
+        let mean = grouped.sum_dim_intlist(axes.as_slice(), true, float) / n;
+        let mean_square = grouped.norm_scalaropt_dim_dtype(2, axes.as_slice(), true, float).square() / n;
         ((mean_square - mean.square()).clamp_min(0.0), mean)
     } else {
-        grouped.var_mean_correction(dims, 0, true)
+        grouped.var_mean_correction(axes.as_slice(), 0, true)
     };
     let rstd = (var.to_kind(float) + eps).rsqrt(); // [B, 1, G, 1]
     let scale = rstd * weight.to_kind(float).view([1, 1, groups, per_group]); // [B, 1, G, C/G]
