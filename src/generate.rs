@@ -210,6 +210,10 @@ pub struct Manifest {
     pub layout: Layout,
     pub lanes: usize,
     pub cuda_graphs: bool,
+    /// Whether cuDNN's autotuner picked the convolution kernels (its picks can differ between
+    /// processes, and the images' last bits with them).
+    #[serde(default)]
+    pub cudnn_benchmark: bool,
     pub device: String,
     pub dataset: DatasetOptions,
     /// The per-sample listing (index, seed, SHA-256 and place of each encoded image).
@@ -497,6 +501,7 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Report, GenerateError>
         layout: spec.layout,
         lanes,
         cuda_graphs: spec.cuda_graphs,
+        cudnn_benchmark: crate::model::cudnn_benchmark_applies(spec.device, spec.layout),
         device: device_name(spec.device),
         dataset,
         index: written.index,

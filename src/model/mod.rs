@@ -130,6 +130,13 @@ pub fn set_cudnn_benchmark(on: bool) {
     CUDNN_BENCHMARK.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Whether [`LoadedUNet::prepare`] turns cuDNN's autotuner on for a UNet on `device` in `layout`.
+pub fn cudnn_benchmark_applies(device: Device, layout: Layout) -> bool {
+    device.is_cuda()
+        && layout == Layout::ChannelsLast
+        && CUDNN_BENCHMARK.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// `x` with channels-last strides (`x.contiguous(memory_format=torch.channels_last)`, which tch lacks).
 pub fn channels_last(x: &Tensor) -> Tensor {
     x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
@@ -176,8 +183,7 @@ impl LoadedUNet {
         cuda_graphs: bool,
     ) -> Result<Self, ModelError> {
         if device.is_cuda() {
-            let benchmark = CUDNN_BENCHMARK.load(std::sync::atomic::Ordering::Relaxed);
-            tch::Cuda::cudnn_set_benchmark(benchmark && layout == Layout::ChannelsLast);
+            tch::Cuda::cudnn_set_benchmark(cudnn_benchmark_applies(device, layout));
         }
         let mut unet = Self::load(files, device, kind)?;
         unet.set_layout(layout);
