@@ -163,14 +163,7 @@ impl LoadedUNet {
         let tensors = read_checkpoint(&files.weights)?;
         copy_weights(&mut vs, tensors, &files.weights)?;
         vs.set_kind(kind);
-        Ok(Self {
-            vs,
-            model,
-            config,
-            layout: Layout::Diffusers,
-            graphs: None,
-            eager_shapes: Default::default(),
-        })
+        Ok(Self::assemble(vs, model, config, Layout::Diffusers))
     }
 
     /// [`Self::load`], laid out for `layout`, replaying CUDA graphs if `cuda_graphs`. On CUDA, cuDNN's
@@ -210,6 +203,11 @@ impl LoadedUNet {
         self.layout = layout;
     }
 
+    /// A UNet of these parts, running eagerly (no graphs, no shapes seen yet).
+    fn assemble(vs: nn::VarStore, model: UNet2DModel, config: UNet2DConfig, layout: Layout) -> Self {
+        Self { vs, model, config, layout, graphs: None, eager_shapes: Default::default() }
+    }
+
     /// Another handle on the same weights (no copy), to move to another thread: tch tensors are `Send`
     /// but not `Sync`, and libtorch allows concurrent reads of one storage.
     pub fn replica(&self) -> Self {
@@ -223,14 +221,7 @@ impl LoadedUNet {
         }
         let mut model = model;
         model.prepare_fast(self.layout == Layout::ChannelsLast);
-        Self {
-            vs,
-            model,
-            config: self.config.clone(),
-            layout: self.layout,
-            graphs: None,
-            eager_shapes: Default::default(),
-        }
+        Self::assemble(vs, model, self.config.clone(), self.layout)
     }
 
     /// A randomly initialised network (tch's default initialisers seeded by `seed`).
@@ -239,14 +230,7 @@ impl LoadedUNet {
         tch::manual_seed(seed);
         let vs = nn::VarStore::new(Device::Cpu);
         let model = UNet2DModel::new(vs.root(), &config);
-        Ok(Self {
-            vs,
-            model,
-            config,
-            layout: Layout::Diffusers,
-            graphs: None,
-            eager_shapes: Default::default(),
-        })
+        Ok(Self::assemble(vs, model, config, Layout::Diffusers))
     }
 
     pub fn num_parameters(&self) -> i64 {
