@@ -18,12 +18,13 @@ RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ python3 python3-venv \
     && rm -rf /var/lib/apt/lists/*
 
-# libtorch as tch builds against it: the pinned torch wheel (with its nvidia-* CUDA wheels), and the CUDA
-# headers that the CUDA graph shim (src/cuda/shim.cpp) needs beside it.
+# libtorch as tch builds against it: the pinned torch wheel (with its nvidia-* CUDA wheels), the CUDA
+# headers that the CUDA graph shim (src/cuda/shim.cpp) needs beside it, and nvcc for the fused
+# group-norm kernels (src/cuda/group_norm.cu).
 COPY scripts/requirements.txt /tmp/requirements.txt
 RUN --mount=type=cache,target=/root/.cache/pip \
     python3 -m venv /opt/torch \
-    && /opt/torch/bin/pip install --quiet $(grep -E '^(torch|nvidia-cuda-crt)==' /tmp/requirements.txt)
+    && /opt/torch/bin/pip install --quiet $(grep -E '^(torch|nvidia-cuda-crt|nvidia-cuda-nvcc|nvidia-nvvm|nvidia-cuda-cccl)==' /tmp/requirements.txt)
 
 # The shared libraries the image ships: libtorch (less its Python bindings) and the CUDA libraries,
 # without headers, static archives or Python files.
@@ -39,11 +40,11 @@ RUN set -eu; \
         name=$(basename "$pkg"); mkdir -p "$dest/nvidia/$name"; cp -a "$pkg/lib" "$dest/nvidia/$name/lib"; \
     done; \
     find "$dest" \( -name '*.a' -o -name '*.bc' -o -name '*.py' -o -name '__pycache__' -o -name '*.h' \) -prune -exec rm -rf {} +; \
-    # Not loaded by libtorch: multi-GPU cuSOLVER, the BLAS/FFTW shims, nvrtc's alternative build, and the
+    # Not loaded by libtorch: nvcc's NVVM, multi-GPU cuSOLVER, the BLAS/FFTW shims, nvrtc's alternative build, and the
     # GPUDirect-RDMA and multi-node NVSHMEM plugins (they need MPI, PMIx, UCX, libfabric or Mellanox
     # libraries, which a single-pod worker does not have).
     cd "$dest/nvidia"; \
-    rm -f cu13/lib/libcusolverMg.so.* cu13/lib/libcufftw.so.* cu13/lib/libnvblas.so.* cu13/lib/libcufile_rdma.so.* \
+    rm -f cu13/lib/libnvvm.so* cu13/lib/libcusolverMg.so.* cu13/lib/libcufftw.so.* cu13/lib/libnvblas.so.* cu13/lib/libcufile_rdma.so.* \
         cu13/lib/*.alt.so* nvshmem/lib/nvshmem_bootstrap_mpi.so.* nvshmem/lib/nvshmem_bootstrap_pmix.so.* \
         nvshmem/lib/nvshmem_bootstrap_shmem.so.* nvshmem/lib/nvshmem_transport_ucx.so.* \
         nvshmem/lib/nvshmem_transport_libfabric.so.* nvshmem/lib/nvshmem_transport_ibgda.so.* \

@@ -7,8 +7,10 @@ On the 256-family architecture (google/ddpm-ema-*-256, random weights from `init
 unless --model is given:
   1. peak: a bf16 8192³ matrix product's TFLOP/s on this device, measured first (the "% of bf16 peak" below);
   2. UNet forward at each batch size, images/s and TFLOP/s (FLOPs as torch.utils.flop_counter counts them):
-     diffusers fp16 eager (NCHW, as users run it); ddpm-worker fp16 in the diffusers layout, and fp16 / bf16
-     `--fast` (channels-last), eager, replaying CUDA graphs, and with cuDNN's autotuner (`bench-unet`);
+     diffusers fp16 eager (NCHW, as users run it); ddpm-worker fp16 in the diffusers layout, fp16 `--fast`
+     with the channels-last norm as libtorch ops (DDPM_FUSED_GROUP_NORM=0), and fp16 / bf16 `--fast`
+     (channels-last, fused group norm), eager, replaying CUDA graphs, and with cuDNN's autotuner
+     (`bench-unet`);
   3. end to end (DDIM, --steps, writing PNGs): diffusers fp16 eager pipeline vs `generate` in fp32 (exact)
      and `--fast` fp16 and bf16 with CUDA graphs, one thread and two threads (`--lanes 2`) sharing the GPU;
      images of one lane and two lanes byte-identical;
@@ -28,6 +30,7 @@ another torch than 2.13, build the binary against it with bench/build-other-torc
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -88,18 +91,18 @@ def time_diffusers_unet(unet, batch, device, iterations, channels_last=False):
     return (time.perf_counter() - start) / iterations
 
 
-def run(cmd):
+def run(cmd, env=None):
     """Runs one of our commands; on failure its stderr's end is shown before the error."""
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env and {**os.environ, **env})
     if done.returncode != 0:
         print(f"FAILED ({done.returncode}): {' '.join(cmd)}\n{done.stderr[-3000:]}", flush=True)
         done.check_returncode()
     return done.stdout
 
 
-def ours_unet(args, model, batch, *flags):
+def ours_unet(args, model, batch, *flags, env=None):
     out = run([args.bin, "bench-unet", "--model", str(model), "--device", args.device,
-               "--batch-size", str(batch), "--iterations", str(args.iterations), "--warmup", "3", *flags])
+               "--batch-size", str(batch), "--iterations", str(args.iterations), "--warmup", "3", *flags], env=env)
     t = json.loads(out.strip().splitlines()[-1])
     return t["mean_ms"] / 1e3, t
 
@@ -109,7 +112,20 @@ def generate(args, model, out, batch, *flags, samples=None):
            "--steps", str(args.steps), "--num-samples", str(samples or args.num_samples), "--seed", "0",
            "--batch-size", str(batch), "--out", str(out), *flags]
     run(cmd)
-    return json.loads((out / "manifest.json").read_text())["timings"]["images_per_second"]
+    timings = json.loads((out / "manifest.json").read_text())["timings"]
+    generate.last = timings
+    return timings["images_per_second"]
+
+
+def batch_summary(timings):
+    """Where `generate`'s sampling time went: the first batch (kernel selection, graph capture) and the rest."""
+    batches = timings.get("batches", [])
+    if len(batches) < 2:
+        return ""
+    rest = batches[1:]
+    return (f" [batch 0 {batches[0]['sampling_seconds']:.2f} s; others: sampling "
+            f"{statistics.median(b['sampling_seconds'] for b in rest):.3f} s, handoff "
+            f"{statistics.median(b['handoff_seconds'] for b in rest):.3f} s (medians)]")
 
 
 def diffusers_end_to_end(unet, scheduler, args, batch, out: Path):
@@ -184,6 +200,10 @@ def main():
             if gpu:
                 # The diffusers layout (NCHW, no fused paths), as diffusers eager runs.
                 rows["ours fp16 NCHW"] = ours_unet(args, model, batch, "--dtype", "fp16")[0]
+            if gpu:
+                # The channels-last norm as libtorch ops instead of the fused kernels (src/cuda/group_norm.cu).
+                rows["ours fp16 ops group norm"] = ours_unet(args, model, batch, "--dtype", "fp16", "--fast",
+                                                             env={"DDPM_FUSED_GROUP_NORM": "0"})[0]
             for dtype in half or ["fp32"]:
                 for graphs in ([False, True] if gpu else [False]):
                     flags = ["--dtype", dtype, "--fast"] + (["--cuda-graphs"] if graphs else [])
@@ -215,7 +235,8 @@ def main():
         result["e2e/diffusers"] = py
         fp32 = tmp / "fp32"
         fp32_rate = generate(args, model, fp32, batch)
-        print(f"  ours fp32 exact: {fp32_rate:.2f} images/s = {fp32_rate / py:.2f}x diffusers", flush=True)
+        print(f"  ours fp32 exact: {fp32_rate:.2f} images/s = {fp32_rate / py:.2f}x diffusers"
+              f"{batch_summary(generate.last)}", flush=True)
         result["e2e/fp32/exact"] = fp32_rate
         runs = {}
         for dtype in half or ["fp32"]:
@@ -228,7 +249,8 @@ def main():
                     checks.append((f"{dtype} fast, {lanes} lane(s) runs", False, "failed"))
                     continue
                 print(f"  ours {dtype} fast{' graphs' if gpu else ''}, {lanes} lane(s): "
-                      f"{runs[(dtype, lanes)]:.2f} images/s = {runs[(dtype, lanes)] / py:.2f}x diffusers", flush=True)
+                      f"{runs[(dtype, lanes)]:.2f} images/s = {runs[(dtype, lanes)] / py:.2f}x diffusers"
+                      f"{batch_summary(generate.last)}", flush=True)
                 result[f"e2e/{dtype}/{lanes}"] = runs[(dtype, lanes)]
             if (dtype, 1) not in runs:
                 continue

@@ -189,6 +189,19 @@ pub struct Timings {
     pub sampling_seconds: f64,
     pub total_seconds: f64,
     pub images_per_second: f64,
+    /// Each batch, in order: where the sampling time went (the first batch of a lane on CUDA also pays
+    /// for kernel selection and graph capture).
+    pub batches: Vec<BatchTiming>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchTiming {
+    pub batch: usize,
+    pub lane: usize,
+    /// The reverse process, from the first noise draw to x_0 on the host.
+    pub sampling_seconds: f64,
+    /// Turning x_0 into images and handing them to the encoders (waiting while they are behind).
+    pub handoff_seconds: f64,
 }
 
 /// `manifest.json`: everything needed to reproduce or audit the run.
@@ -426,7 +439,17 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Report, GenerateError>
 
     let sampling_started = Instant::now();
     let place = Placement { device: spec.device, kind: spec.dtype.kind() };
-    let job = BatchJob { batches: &batches, first, spec, scheduler: &scheduler, eta, place, bar: &bar };
+    let batch_timings = std::sync::Mutex::new(Vec::with_capacity(batches.len()));
+    let job = BatchJob {
+        batches: &batches,
+        first,
+        spec,
+        scheduler: &scheduler,
+        eta,
+        place,
+        bar: &bar,
+        timings: &batch_timings,
+    };
     let lanes = spec.lanes.clamp(1, batches.len().max(1));
     let sampled = if lanes == 1 {
         job.run_lane(&unet, 0, 1, &tx, &AtomicBool::new(false))
@@ -471,6 +494,8 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Report, GenerateError>
     let grid_tiles: Vec<DynamicImage> =
         tile_rx.try_iter().collect::<std::collections::BTreeMap<_, _>>().into_values().collect();
     let sampling_seconds = sampling_started.elapsed().as_secs_f64();
+    let mut batch_times = batch_timings.into_inner().unwrap_or_default();
+    batch_times.sort_by_key(|t| t.batch);
     bar.finish_and_clear();
 
     let grid = imaging::make_grid(&grid_tiles, imaging::grid_columns(grid_tiles.len()));
@@ -512,6 +537,7 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Report, GenerateError>
             sampling_seconds,
             total_seconds: started.elapsed().as_secs_f64(),
             images_per_second: (end - first) as f64 / sampling_seconds.max(1e-9),
+            batches: batch_times,
         },
     };
     let json = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
@@ -615,6 +641,7 @@ struct BatchJob<'a> {
     eta: f32,
     place: Placement,
     bar: &'a indicatif::ProgressBar,
+    timings: &'a std::sync::Mutex<Vec<BatchTiming>>,
 }
 
 impl BatchJob<'_> {
@@ -634,15 +661,26 @@ impl BatchJob<'_> {
                 steps: self.spec.steps,
                 eta: self.eta,
             };
+            let started = Instant::now();
             let x0 = sampler::sample_batch(unet, self.scheduler, &req, self.place, |_| {
                 self.bar.inc(1);
                 !stop.load(Ordering::Relaxed)
             })?;
+            let sampled = Instant::now();
             let first = self.first + (b * self.spec.batch_size) as u64;
             for (k, img) in imaging::to_images(&x0)?.into_iter().enumerate() {
                 if tx.blocking_send((first + k as u64, img)).is_err() {
                     return Ok(()); // the writer failed; its error is reported by the caller
                 }
+            }
+            let timing = BatchTiming {
+                batch: b,
+                lane,
+                sampling_seconds: (sampled - started).as_secs_f64(),
+                handoff_seconds: sampled.elapsed().as_secs_f64(),
+            };
+            if let Ok(mut timings) = self.timings.lock() {
+                timings.push(timing);
             }
         }
         Ok(())

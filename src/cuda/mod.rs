@@ -2,12 +2,15 @@
 //! step, so the CPU issues one launch per step instead of hundreds of kernels. libtorch has the graph
 //! type but tch does not bind it; `shim.cpp` does, when build.rs found a CUDA libtorch and the CUDA
 //! runtime headers (`cfg(ddpm_cuda_graphs)`). Elsewhere [`CudaGraph::new`] says why not.
+//!
+//! Also the fused channels-last group norm ([`group_norm_nhwc`], `group_norm.cu`), where build.rs found
+//! nvcc as well (`cfg(ddpm_cuda_kernels)`).
 
 #[derive(Debug, thiserror::Error)]
-pub enum GraphError {
-    #[error("CUDA graphs are unavailable: {0}")]
+pub enum CudaError {
+    #[error("unavailable: {0}")]
     Unavailable(&'static str),
-    #[error("CUDA graph {op}: {message}")]
+    #[error("CUDA {op}: {message}")]
     Cuda { op: &'static str, message: String },
 }
 
@@ -27,6 +30,19 @@ mod ffi {
         pub fn ddpm_graph_replay(graph: *mut Graph, error: *mut *mut c_char) -> c_int;
         pub fn ddpm_graph_free(graph: *mut Graph);
         pub fn ddpm_free_message(message: *mut c_char);
+        #[cfg(ddpm_cuda_kernels)]
+        pub fn ddpm_group_norm_nhwc(
+            x: *const torch_sys::C_tensor,
+            weight: *const torch_sys::C_tensor,
+            bias: *const torch_sys::C_tensor,
+            addend: *const torch_sys::C_tensor,
+            groups: i64,
+            eps: f64,
+            silu: c_int,
+            fatbin: *const std::ffi::c_void,
+            out: *mut *mut torch_sys::C_tensor,
+            error: *mut *mut c_char,
+        ) -> c_int;
     }
 }
 
@@ -45,7 +61,7 @@ unsafe impl Send for CudaGraph {}
 fn call(
     op: &'static str,
     f: impl FnOnce(*mut *mut std::ffi::c_char) -> std::ffi::c_int,
-) -> Result<(), GraphError> {
+) -> Result<(), CudaError> {
     let mut error: *mut std::ffi::c_char = std::ptr::null_mut();
     if f(&mut error) == 0 {
         return Ok(());
@@ -58,36 +74,36 @@ fn call(
         unsafe { ffi::ddpm_free_message(error) };
         text
     };
-    Err(GraphError::Cuda { op, message })
+    Err(CudaError::Cuda { op, message })
 }
 
 #[cfg(ddpm_cuda_graphs)]
 impl CudaGraph {
-    pub fn new(device: usize) -> Result<Self, GraphError> {
+    pub fn new(device: usize) -> Result<Self, CudaError> {
         let mut raw = std::ptr::null_mut();
         // SAFETY: the shim writes either a graph or an error message.
-        call("create", |e| {
+        call("graph create", |e| {
             raw = unsafe { ffi::ddpm_graph_new(device as std::ffi::c_int, e) };
             i32::from(raw.is_null())
         })?;
         std::ptr::NonNull::new(raw)
             .map(|ptr| Self { ptr })
-            .ok_or(GraphError::Cuda { op: "create", message: "no graph returned".into() })
+            .ok_or(CudaError::Cuda { op: "graph create", message: "no graph returned".into() })
     }
 
     /// Records what `work` issues on this thread instead of running it. `work` must use only tensors
     /// that outlive the graph at fixed addresses, and no host synchronisation.
-    pub fn capture<T>(&mut self, work: impl FnOnce() -> T) -> Result<T, GraphError> {
+    pub fn capture<T>(&mut self, work: impl FnOnce() -> T) -> Result<T, CudaError> {
         // SAFETY: `self.ptr` is a live graph owned by `self`.
-        call("capture begin", |e| unsafe { ffi::ddpm_graph_capture_begin(self.ptr.as_ptr(), e) })?;
+        call("graph capture begin", |e| unsafe { ffi::ddpm_graph_capture_begin(self.ptr.as_ptr(), e) })?;
         let out = work();
-        call("capture end", |e| unsafe { ffi::ddpm_graph_capture_end(self.ptr.as_ptr(), e) })?;
+        call("graph capture end", |e| unsafe { ffi::ddpm_graph_capture_end(self.ptr.as_ptr(), e) })?;
         Ok(out)
     }
 
-    pub fn replay(&mut self) -> Result<(), GraphError> {
+    pub fn replay(&mut self) -> Result<(), CudaError> {
         // SAFETY: as above.
-        call("replay", |e| unsafe { ffi::ddpm_graph_replay(self.ptr.as_ptr(), e) })
+        call("graph replay", |e| unsafe { ffi::ddpm_graph_replay(self.ptr.as_ptr(), e) })
     }
 }
 
@@ -107,17 +123,79 @@ pub struct CudaGraph {
 
 #[cfg(not(ddpm_cuda_graphs))]
 impl CudaGraph {
-    pub fn new(_device: usize) -> Result<Self, GraphError> {
-        Err(GraphError::Unavailable("built without a CUDA libtorch and CUDA runtime headers"))
+    pub fn new(_device: usize) -> Result<Self, CudaError> {
+        Err(CudaError::Unavailable("CUDA graphs: built without a CUDA libtorch and CUDA runtime headers"))
     }
 
-    pub fn capture<T>(&mut self, _work: impl FnOnce() -> T) -> Result<T, GraphError> {
-        Err(GraphError::Unavailable("built without a CUDA libtorch and CUDA runtime headers"))
+    pub fn capture<T>(&mut self, _work: impl FnOnce() -> T) -> Result<T, CudaError> {
+        Err(CudaError::Unavailable("CUDA graphs: built without a CUDA libtorch and CUDA runtime headers"))
     }
 
-    pub fn replay(&mut self) -> Result<(), GraphError> {
-        Err(GraphError::Unavailable("built without a CUDA libtorch and CUDA runtime headers"))
+    pub fn replay(&mut self) -> Result<(), CudaError> {
+        Err(CudaError::Unavailable("CUDA graphs: built without a CUDA libtorch and CUDA runtime headers"))
     }
+}
+
+/// The kernels of `group_norm.cu`, as nvcc compiled them at build time.
+#[cfg(ddpm_cuda_kernels)]
+static GROUP_NORM_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/group_norm.fatbin"));
+
+/// Whether this build has the fused group-norm kernels (the device must also be CUDA).
+pub const KERNELS_BUILT: bool = cfg!(ddpm_cuda_kernels);
+
+/// `silu?(group_norm(x + addend))` for a channels-last CUDA `x` `[B, C, H, W]` in float32, float16 or
+/// bfloat16, in three kernels (`group_norm.cu`): statistics in float32 over the NHWC memory, one scale
+/// and shift per (sample, channel) with the addend folded in, and one pass that applies them (and the
+/// SiLU), channels-last out. `addend` is `[B, C]` (the ResNet block's time embedding); `weight` and
+/// `bias` are `[C]`, all of `x`'s dtype. Shapes the kernels do not take (channels not a multiple of
+/// 16 bytes, say) are an error, for the caller to run libtorch's ops instead.
+#[cfg(ddpm_cuda_kernels)]
+pub fn group_norm_nhwc(
+    x: &tch::Tensor,
+    weight: &tch::Tensor,
+    bias: &tch::Tensor,
+    addend: Option<&tch::Tensor>,
+    groups: i64,
+    eps: f64,
+    silu: bool,
+) -> Result<tch::Tensor, CudaError> {
+    let mut out: *mut torch_sys::C_tensor = std::ptr::null_mut();
+    let addend = addend.map_or(std::ptr::null(), |a| a.as_ptr());
+    call("group norm", |e| {
+        // SAFETY: the tensors are live for the call; the shim writes either a new tensor or an error.
+        unsafe {
+            ffi::ddpm_group_norm_nhwc(
+                x.as_ptr(),
+                weight.as_ptr(),
+                bias.as_ptr(),
+                addend,
+                groups,
+                eps,
+                std::ffi::c_int::from(silu),
+                GROUP_NORM_FATBIN.as_ptr().cast(),
+                &mut out,
+                e,
+            )
+        }
+    })?;
+    if out.is_null() {
+        return Err(CudaError::Cuda { op: "group norm", message: "no tensor returned".into() });
+    }
+    // SAFETY: a tensor allocated by the shim for us, owned from here on.
+    Ok(unsafe { tch::Tensor::from_ptr(out) })
+}
+
+#[cfg(not(ddpm_cuda_kernels))]
+pub fn group_norm_nhwc(
+    _x: &tch::Tensor,
+    _weight: &tch::Tensor,
+    _bias: &tch::Tensor,
+    _addend: Option<&tch::Tensor>,
+    _groups: i64,
+    _eps: f64,
+    _silu: bool,
+) -> Result<tch::Tensor, CudaError> {
+    Err(CudaError::Unavailable("built without nvcc: no fused group-norm kernels"))
 }
 
 /// Whether this build can capture graphs at all (the device must also be CUDA).

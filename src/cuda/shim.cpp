@@ -7,37 +7,9 @@
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <cstdlib>
-#include <cstring>
-#include <exception>
+#include "common.h"
+
 #include <optional>
-#include <string>
-
-namespace {
-
-char* copy_message(const char* message) {
-    size_t n = std::strlen(message) + 1;
-    char* out = static_cast<char*>(std::malloc(n));
-    if (out != nullptr) {
-        std::memcpy(out, message, n);
-    }
-    return out;
-}
-
-template <typename F>
-int guarded(char** error, F&& f) {
-    try {
-        f();
-        return 0;
-    } catch (const std::exception& e) {
-        *error = copy_message(e.what());
-    } catch (...) {
-        *error = copy_message("unknown C++ exception");
-    }
-    return 1;
-}
-
-}  // namespace
 
 struct ddpm_graph {
     at::cuda::CUDAGraph graph;

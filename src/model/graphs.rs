@@ -10,7 +10,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use tch::{Device, Tensor};
 
 use super::{LoadedUNet, ModelError};
-use crate::cuda::{CudaGraph, GraphError};
+use crate::cuda::{CudaError, CudaGraph};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GraphMode {
@@ -75,8 +75,8 @@ fn copied(t: &Tensor) -> Result<Tensor, tch::TchError> {
     Ok(out)
 }
 
-impl From<GraphError> for ModelError {
-    fn from(e: GraphError) -> Self {
+impl From<CudaError> for ModelError {
+    fn from(e: CudaError) -> Self {
         ModelError::Unsupported(e.to_string())
     }
 }

@@ -27,8 +27,12 @@ impl GroupNorm {
     /// The norm of the channels-last layout. On CUDA, libtorch's `group_norm` makes its input contiguous
     /// (NCHW) and returns NCHW (only the CPU kernel keeps channels-last: `aten/src/ATen/native/group_norm.cpp`),
     /// so each norm between two NHWC convolutions would cost two layout copies; there it runs on the NHWC
-    /// memory instead ([`group_norm_nhwc`]). Elsewhere, and for inputs of other layouts, libtorch's.
+    /// memory instead: the fused kernels ([`GroupNorm::fused`]) where built, else [`group_norm_nhwc`].
+    /// Elsewhere, and for inputs of other layouts, libtorch's.
     pub fn forward_fast(&self, xs: &Tensor) -> Tensor {
+        if let Some(out) = self.fused(xs, None, false) {
+            return out;
+        }
         match (&self.inner.ws, &self.inner.bs) {
             (Some(weight), Some(bias)) if xs.device().is_cuda() && is_channels_last(xs) => {
                 group_norm_nhwc(xs, self.inner.num_groups, weight, bias, self.eps)
@@ -36,6 +40,41 @@ impl GroupNorm {
             _ => self.inner.forward(xs),
         }
     }
+
+    /// `silu?(norm(xs + addend))` by the fused CUDA kernels (`src/cuda/group_norm.cu`; `addend` is
+    /// `[B, C]`): statistics and one pass over the activations, where the ops take five passes. `None`
+    /// where they do not apply (not CUDA, not channels-last, a build without them, switched off by
+    /// `DDPM_FUSED_GROUP_NORM=0`, a shape they do not take): the caller then runs the ops.
+    pub fn fused(&self, xs: &Tensor, addend: Option<&Tensor>, silu: bool) -> Option<Tensor> {
+        let (Some(weight), Some(bias)) = (&self.inner.ws, &self.inner.bs) else { return None };
+        if !(fused_group_norm_enabled() && xs.device().is_cuda() && is_channels_last(xs)) {
+            return None;
+        }
+        match crate::cuda::group_norm_nhwc(xs, weight, bias, addend, self.inner.num_groups, self.eps, silu) {
+            Ok(out) => Some(out),
+            Err(e) => {
+                // Out of memory is the caller's to meet (the ops will raise it too, and the warm-up's batch
+                // search expects it); anything else is worth one line.
+                let message = e.to_string();
+                if !message.contains("out of memory") {
+                    static WARNED: std::sync::Once = std::sync::Once::new();
+                    WARNED.call_once(
+                        || tracing::warn!(error = %message, "fused group norm failed; using libtorch ops"),
+                    );
+                }
+                None
+            }
+        }
+    }
+}
+
+/// The fused group-norm kernels are used where built, unless `DDPM_FUSED_GROUP_NORM=0` (read once): the
+/// switch for side-by-side benchmarks and for ruling them out when a result looks wrong.
+pub fn fused_group_norm_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        crate::cuda::KERNELS_BUILT && std::env::var("DDPM_FUSED_GROUP_NORM").map_or(true, |v| v != "0")
+    })
 }
 
 /// Group norm of a channels-last `[B, C, H, W]` input, channels-last out: the statistics by one Welford
@@ -146,25 +185,39 @@ impl ResnetBlock2D {
 
     /// The same block for channels-last activations, in place wherever a fresh tensor allows it (each
     /// SiLU, the time-embedding and residual adds) and with the 1×1 shortcut as one matrix product.
-    /// Same operations in the same order; only kernels differ (last-bit differences).
+    /// Same operations in the same order; only kernels differ (last-bit differences). On CUDA each norm,
+    /// the SiLU after it and the time-embedding add before `norm2` are one fused call where built
+    /// ([`GroupNorm::fused`]; the sum `h + temb` then stays in float32 instead of being rounded to the
+    /// activations' dtype first).
     fn forward_fast(&self, xs: &Tensor, temb: &Tensor) -> Tensor {
-        let mut h = self.norm1.forward_fast(xs);
-        let _ = h.silu_();
+        let h = self.norm1.fused(xs, None, true).unwrap_or_else(|| {
+            let mut h = self.norm1.forward_fast(xs);
+            let _ = h.silu_();
+            h
+        });
         let mut h = self.conv1.forward(&h);
-        let temb = self.time_emb_proj.forward(temb).unsqueeze(-1).unsqueeze(-1);
-        let mut h = match self.time_embedding_norm {
-            TimeEmbeddingNorm::Default => {
-                let _ = h.g_add_(&temb);
-                self.norm2.forward_fast(&h)
-            }
-            TimeEmbeddingNorm::ScaleShift => {
-                let parts = temb.chunk(2, 1);
-                let mut n = self.norm2.forward_fast(&h);
-                let _ = n.g_mul_(&(&parts[0] + 1.0)).g_add_(&parts[1]);
-                n
-            }
+        let temb = self.time_emb_proj.forward(temb);
+        let fused = match self.time_embedding_norm {
+            TimeEmbeddingNorm::Default => self.norm2.fused(&h, Some(&temb), true),
+            TimeEmbeddingNorm::ScaleShift => None,
         };
-        let _ = h.silu_();
+        let h = fused.unwrap_or_else(|| {
+            let temb = temb.unsqueeze(-1).unsqueeze(-1);
+            let mut h = match self.time_embedding_norm {
+                TimeEmbeddingNorm::Default => {
+                    let _ = h.g_add_(&temb);
+                    self.norm2.forward_fast(&h)
+                }
+                TimeEmbeddingNorm::ScaleShift => {
+                    let parts = temb.chunk(2, 1);
+                    let mut n = self.norm2.forward_fast(&h);
+                    let _ = n.g_mul_(&(&parts[0] + 1.0)).g_add_(&parts[1]);
+                    n
+                }
+            };
+            let _ = h.silu_();
+            h
+        });
         let mut out = self.conv2.forward(&h);
         let _ = match &self.conv_shortcut {
             Some(conv) => out.g_add_(&pointwise_conv(conv, xs)),
@@ -289,5 +342,97 @@ mod tests {
         assert_eq!(half.kind(), Kind::BFloat16);
         let delta = (half.to_kind(Kind::Float) - &theirs).abs().max().double_value(&[]);
         assert!(delta < 0.1, "max |Δ| {delta}");
+    }
+
+    /// The fused kernels against libtorch's ops in float32, `silu?(group_norm(x + addend))`, over shapes
+    /// with odd sizes, several chunks, channel counts of the UNet (concatenations included) and one
+    /// group per 4 to 16 channels; also bit-identical on a rerun and whatever else is in the batch. It
+    /// needs a CUDA device: `cargo test --release --lib -- --ignored fused_group_norm`.
+    #[test]
+    #[ignore = "needs a CUDA device and a build with the fused kernels"]
+    fn fused_group_norm_matches_libtorch_on_cuda() {
+        assert!(crate::cuda::KERNELS_BUILT, "built without the kernels");
+        assert!(tch::Cuda::is_available(), "no CUDA device");
+        let device = Device::Cuda(0);
+        let float = (Kind::Float, device);
+        tch::manual_seed(0);
+        let shapes = [
+            (1, 128, 1, 1),
+            (3, 128, 7, 9),
+            (2, 384, 16, 16),
+            (32, 512, 16, 16),
+            (2, 256, 33, 17),
+            (4, 128, 64, 64),
+        ];
+        for (b, c, h, w) in shapes {
+            let xs = crate::model::channels_last(&(Tensor::randn([b, c, h, w], float) * 3.0 + 1.5));
+            let weight = Tensor::randn([c], float);
+            let bias = Tensor::randn([c], float);
+            let addend = Tensor::randn([b, c], float) * 2.0;
+            for kind in [Kind::Float, Kind::Half, Kind::BFloat16] {
+                let (x, wk, bk, ak) =
+                    (xs.to_kind(kind), weight.to_kind(kind), bias.to_kind(kind), addend.to_kind(kind));
+                for (add, silu) in [(false, false), (false, true), (true, true)] {
+                    let input = if add {
+                        x.to_kind(Kind::Float) + ak.to_kind(Kind::Float).view([b, c, 1, 1])
+                    } else {
+                        x.to_kind(Kind::Float)
+                    };
+                    let mut reference = input.contiguous().group_norm(
+                        32,
+                        Some(&wk.to_kind(Kind::Float)),
+                        Some(&bk.to_kind(Kind::Float)),
+                        1e-6,
+                        false,
+                    );
+                    if silu {
+                        reference = reference.silu();
+                    }
+                    let run =
+                        || crate::cuda::group_norm_nhwc(&x, &wk, &bk, add.then_some(&ak), 32, 1e-6, silu);
+                    let ours = run().expect("fused group norm");
+                    assert!(is_channels_last(&ours) && ours.kind() == kind, "{b}x{c}x{h}x{w} {kind:?}");
+                    let scale = reference.abs().max().double_value(&[]);
+                    let delta = (ours.to_kind(Kind::Float) - &reference).abs().max().double_value(&[]);
+                    let tolerance = match kind {
+                        Kind::Float => 1e-5,
+                        Kind::Half => 2e-3,
+                        _ => 1.6e-2,
+                    };
+                    assert!(
+                        delta <= tolerance * scale,
+                        "{b}x{c}x{h}x{w} {kind:?} add {add} silu {silu}: max |Δ| {delta} of {scale}"
+                    );
+                    assert!(ours.equal(&run().expect("rerun")), "not repeatable: {b}x{c}x{h}x{w} {kind:?}");
+                    // The first sample alone gives the same bits as in its batch.
+                    let alone = crate::cuda::group_norm_nhwc(
+                        &crate::model::channels_last(&x.narrow(0, 0, 1)),
+                        &wk,
+                        &bk,
+                        add.then(|| ak.narrow(0, 0, 1)).as_ref(),
+                        32,
+                        1e-6,
+                        silu,
+                    )
+                    .expect("one sample");
+                    assert!(alone.equal(&ours.narrow(0, 0, 1)), "batch-dependent: {b}x{c}x{h}x{w} {kind:?}");
+                }
+            }
+        }
+        // fp16 with a standard deviation past 256: moments in float32 stay finite.
+        let big =
+            crate::model::channels_last(&(Tensor::randn([2, 128, 8, 8], float) * 3000.0)).to_kind(Kind::Half);
+        let (w16, b16) =
+            (Tensor::ones([128], (Kind::Half, device)), Tensor::zeros([128], (Kind::Half, device)));
+        let out = crate::cuda::group_norm_nhwc(&big, &w16, &b16, None, 32, 1e-6, false).expect("fp16");
+        let reference = big.to_kind(Kind::Float).contiguous().group_norm(
+            32,
+            None::<&Tensor>,
+            None::<&Tensor>,
+            1e-6,
+            false,
+        );
+        let delta = (out.to_kind(Kind::Float) - reference).abs().max().double_value(&[]);
+        assert!(delta < 0.01, "fp16 large: max |Δ| {delta}");
     }
 }

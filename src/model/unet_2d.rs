@@ -161,8 +161,13 @@ impl UNet2DModel {
             debug_assert!(skips.len() >= block.num_skips());
             h = block.forward(&h, &emb, &mut skips, fast);
         }
-        let mut h = if fast { self.conv_norm_out.forward_fast(&h) } else { self.conv_norm_out.forward(&h) };
-        let _ = h.silu_();
+        let fused = if fast { self.conv_norm_out.fused(&h, None, true) } else { None };
+        let h = fused.unwrap_or_else(|| {
+            let mut h =
+                if fast { self.conv_norm_out.forward_fast(&h) } else { self.conv_norm_out.forward(&h) };
+            let _ = h.silu_();
+            h
+        });
         self.conv_out.forward(&h)
     }
 }
