@@ -645,6 +645,10 @@ struct BatchJob<'a> {
 }
 
 impl BatchJob<'_> {
+    fn request<'s>(&self, seeds: &'s [u64]) -> BatchRequest<'s> {
+        BatchRequest { seeds, batch_size: self.spec.batch_size, steps: self.spec.steps, eta: self.eta }
+    }
+
     /// Samples batches `lane`, `lane + lanes`, … and hands their images to the writer.
     fn run_lane(
         &self,
@@ -654,18 +658,22 @@ impl BatchJob<'_> {
         tx: &tokio::sync::mpsc::Sender<(u64, DynamicImage)>,
         stop: &AtomicBool,
     ) -> Result<(), GenerateError> {
-        for (b, seeds) in self.batches.iter().enumerate().skip(lane).step_by(lanes) {
-            let req = BatchRequest {
-                seeds,
-                batch_size: self.spec.batch_size,
-                steps: self.spec.steps,
-                eta: self.eta,
-            };
+        let mine: Vec<(usize, &Vec<u64>)> =
+            self.batches.iter().enumerate().skip(lane).step_by(lanes).collect();
+        let mut ahead = None;
+        for (j, &(b, seeds)) in mine.iter().enumerate() {
+            let req = self.request(seeds);
             let started = Instant::now();
-            let x0 = sampler::sample_batch(unet, self.scheduler, &req, self.place, |_| {
+            // The next batch's noise is drawn while this one samples.
+            let next = match mine.get(j + 1) {
+                Some(&(_, next)) => Some(sampler::noise_ahead(unet, self.scheduler, &self.request(next))?),
+                None => None,
+            };
+            let x0 = sampler::sample_batch(unet, self.scheduler, &req, self.place, ahead.take(), |_| {
                 self.bar.inc(1);
                 !stop.load(Ordering::Relaxed)
             })?;
+            ahead = next;
             let sampled = Instant::now();
             let first = self.first + (b * self.spec.batch_size) as u64;
             for (k, img) in imaging::to_images(&x0)?.into_iter().enumerate() {

@@ -94,13 +94,48 @@ impl Drop for NoiseProducer {
     }
 }
 
+/// A batch's noise, already being drawn on its own thread: made for the next batch while this one
+/// samples, so that its initial draw (the largest: every pixel of every sample) is not waited for.
+pub struct NoiseAhead {
+    seeds: Vec<u64>,
+    batch_size: usize,
+    draws: usize,
+    producer: NoiseProducer,
+}
+
+/// The shape of one sample and the number of `[B, C, H, W]` draws that `req` consumes.
+fn noise_plan(
+    unet: &LoadedUNet,
+    scheduler: &SchedulerConfig,
+    req: &BatchRequest,
+) -> Result<([i64; 3], usize), SampleError> {
+    let sched: Box<dyn Scheduler> = scheduler.build(req.steps, req.eta)?;
+    let (h, w) = unet.config.sample_hw()?;
+    let draws = 1 + (0..sched.timesteps().len()).filter(|&i| sched.needs_noise(i)).count();
+    Ok(([unet.config.in_channels, h, w], draws))
+}
+
+/// Starts drawing `req`'s noise now, for a later [`sample_batch`] of the same request.
+pub fn noise_ahead(
+    unet: &LoadedUNet,
+    scheduler: &SchedulerConfig,
+    req: &BatchRequest,
+) -> Result<NoiseAhead, SampleError> {
+    let (shape, draws) = noise_plan(unet, scheduler, req)?;
+    let producer = NoiseProducer::spawn(req.seeds, req.batch_size, shape, draws)?;
+    Ok(NoiseAhead { seeds: req.seeds.to_vec(), batch_size: req.batch_size, draws, producer })
+}
+
 /// Runs the full reverse process for `req.seeds` and returns x_0 as `[seeds.len(), C, H, W]` f32 on CPU.
-/// `on_step` is called after every step; returning `false` cancels between steps.
+/// `ahead`: noise started earlier by [`noise_ahead`]; used only if it was made for this very request
+/// (same seeds, batch size and number of draws), else this batch draws its own. `on_step` is called
+/// after every step; returning `false` cancels between steps.
 pub fn sample_batch(
     unet: &LoadedUNet,
     scheduler: &SchedulerConfig,
     req: &BatchRequest,
     place: Placement,
+    ahead: Option<NoiseAhead>,
     mut on_step: impl FnMut(usize) -> bool,
 ) -> Result<Tensor, SampleError> {
     let n = req.seeds.len();
@@ -109,12 +144,14 @@ pub fn sample_batch(
     }
     let _guard = tch::no_grad_guard();
     let mut sched: Box<dyn Scheduler> = scheduler.build(req.steps, req.eta)?;
-    let config = &unet.config;
-    let (h, w) = config.sample_hw()?;
-    let shape = [config.in_channels, h, w];
+    let (shape, draws) = noise_plan(unet, scheduler, req)?;
     let timesteps = sched.timesteps().to_vec();
-    let draws = 1 + (0..timesteps.len()).filter(|&i| sched.needs_noise(i)).count();
-    let noise = NoiseProducer::spawn(req.seeds, req.batch_size, shape, draws)?;
+    // Noise made for another request is dropped here (its thread stops), not kept until the end.
+    let ahead = ahead.filter(|a| a.seeds == req.seeds && a.batch_size == req.batch_size && a.draws == draws);
+    let noise = match ahead {
+        Some(a) => a.producer,
+        None => NoiseProducer::spawn(req.seeds, req.batch_size, shape, draws)?,
+    };
 
     let mut sample = noise.next().to_device(place.device);
     for (i, &t) in timesteps.iter().enumerate() {

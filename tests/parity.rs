@@ -121,7 +121,7 @@ fn run_pipeline(case: &serde_json::Value, layout: Layout) -> (Tensor, Vec<u8>) {
         eta: case["eta"].as_f64().unwrap_or(0.0) as f32,
     };
     let place = Placement { device: Device::Cpu, kind: Kind::Float };
-    let x0 = sampler::sample_batch(&unet, &config, &req, place, |_| true).unwrap();
+    let x0 = sampler::sample_batch(&unet, &config, &req, place, None, |_| true).unwrap();
     let pixels = imaging::to_images(&x0).unwrap().iter().flat_map(|i| i.as_bytes().to_vec()).collect();
     (x0, pixels)
 }
@@ -176,7 +176,7 @@ fn resolved_scheduler_configs_match_from_config() {
 }
 
 #[test]
-fn sample_x0_is_finite_for_padded_batches() {
+fn padded_batches_and_noise_drawn_ahead_give_the_same_samples() {
     // A short batch padded with zero rows gives the same rows as a full one (bit-identical at a fixed size).
     let files = ModelFiles::locate(&fixtures().join("models").join("tiny-google")).unwrap();
     let unet = LoadedUNet::load(&files, Device::Cpu, Kind::Float).unwrap();
@@ -188,6 +188,7 @@ fn sample_x0_is_finite_for_padded_batches() {
             &config,
             &BatchRequest { seeds, batch_size: 4, steps: 10, eta: 0.0 },
             place,
+            None,
             |_| true,
         )
         .unwrap()
@@ -196,6 +197,18 @@ fn sample_x0_is_finite_for_padded_batches() {
     let short = run(&[7]);
     assert!(bool::try_from(full.isfinite().all()).unwrap());
     assert!(Tensor::equal(&full.get(2), &short.get(0)), "sample 7 differs between a full and a padded batch");
+
+    // Noise drawn ahead (as the next batch's is while one samples) gives the same bits, DDPM drawing at
+    // every step; noise drawn ahead for other seeds is not used.
+    fn request(seeds: &[u64]) -> BatchRequest<'_> {
+        BatchRequest { seeds, batch_size: 4, steps: 10, eta: 0.0 }
+    }
+    let with = |ahead_seeds: &[u64]| {
+        let ahead = sampler::noise_ahead(&unet, &config, &request(ahead_seeds)).unwrap();
+        sampler::sample_batch(&unet, &config, &request(&[5, 6, 7, 8]), place, Some(ahead), |_| true).unwrap()
+    };
+    assert!(Tensor::equal(&with(&[5, 6, 7, 8]), &full), "noise drawn ahead changed the samples");
+    assert!(Tensor::equal(&with(&[1, 2, 3, 4]), &full), "noise drawn ahead for other seeds was used");
 }
 
 /// The fast layout agrees with diffusers within the parity tolerances: the UNet everywhere, and whole

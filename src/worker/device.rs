@@ -531,7 +531,9 @@ fn run_group(
     let place = Placement { device: models.device, kind: ctx.config.kind };
     let stopped = |group: &[Member]| group.iter().all(|m| m.stop.load(Ordering::Relaxed));
     let mut failure: Option<SampleError> = None;
-    for (b, batch) in rows.chunks(batch_size).enumerate() {
+    let chunks: Vec<&[(usize, u64, u64)]> = rows.chunks(batch_size).collect();
+    let mut ahead = None;
+    for (b, &batch) in chunks.iter().enumerate() {
         // Shards stopped (cancelled, lease lost) stop receiving; the batch runs for the others.
         for (m, member) in group.iter_mut().enumerate() {
             if member.stop.load(Ordering::Relaxed) && outcome[m].is_none() {
@@ -544,6 +546,11 @@ fn run_group(
         }
         let seeds: Vec<u64> = batch.iter().map(|r| r.2).collect();
         let req = BatchRequest { seeds: &seeds, batch_size, steps, eta };
+        // The next batch's noise is drawn while this one samples (unused if its shards stop meanwhile).
+        let next_seeds: Option<Vec<u64>> = chunks.get(b + 1).map(|next| next.iter().map(|r| r.2).collect());
+        let next = next_seeds.as_deref().and_then(|seeds| {
+            sampler::noise_ahead(unet, &scheduler, &BatchRequest { seeds, batch_size, steps, eta }).ok()
+        });
         // One span per batch (UNet passes are too many to trace one by one).
         let _batch = tracing::info_span!(
             "batch",
@@ -559,7 +566,7 @@ fn run_group(
             )))
         } else {
             std::panic::catch_unwind(AssertUnwindSafe(|| {
-                sampler::sample_batch(unet, &scheduler, &req, place, |_| {
+                sampler::sample_batch(unet, &scheduler, &req, place, ahead.take(), |_| {
                     metrics::histogram!("ddpm_step_duration_seconds")
                         .record(last_step.elapsed().as_secs_f64());
                     last_step = Instant::now();
@@ -568,6 +575,7 @@ fn run_group(
             }))
             .unwrap_or_else(|panic| Err(SampleError::Torch(tch::TchError::Torch(panic_message(&panic)))))
         };
+        ahead = next;
         let images = sampled.and_then(|x0| {
             imaging::to_images(&x0).map_err(|e| SampleError::Torch(tch::TchError::Convert(e.to_string())))
         });
