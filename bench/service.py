@@ -2,6 +2,7 @@
 
     python bench/service.py --bin target/release/ddpm-worker [--model DIR] [--scheduler ddim] [--steps 20]
                             [--num-samples 32] [--batch-size 8] [--rounds 3] [--clients 200] [--per-client 10]
+                            [--device cuda:0 [--half fp16|bf16]]
 
 (`make bench-service` runs it.) Two measurements:
   * images/s of one job run by `generate` and by a warm `serve` (one CPU device thread with every core, as
@@ -11,7 +12,8 @@
     the service's cost; the target is ≥ 0.97.
   * SubmitJob latency with `--clients` concurrent gRPC clients each submitting `--per-client` one-sample
     jobs (the hidden `bench-submit` command), against a fresh server with its SQLite queue on local disk.
-Without --model, a random-weight google/ddpm-cifar10-32 architecture is made with `init-model`.
+Without --model, a random-weight google/ddpm-cifar10-32 architecture is made with `init-model`. On a GPU
+(`--device cuda:0`), `--half` runs both in that precision, channels-last, with CUDA graphs.
 """
 
 import argparse
@@ -27,7 +29,8 @@ from pathlib import Path
 def start_server(args, model: Path, data: Path, extra=()):
     proc = subprocess.Popen(
         [args.bin, "serve", "--listen", "127.0.0.1:0", "--model", f"bench={model}",
-         "--queue", f"sqlite:{data}/queue.sqlite", "--output", f"file:{data}/jobs", "--devices", "cpu", *extra],
+         "--queue", f"sqlite:{data}/queue.sqlite", "--output", f"file:{data}/jobs", "--devices", args.device,
+         *serve_flags(args), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
     line = proc.stdout.readline()
@@ -37,10 +40,15 @@ def start_server(args, model: Path, data: Path, extra=()):
     return proc, "http://" + line.split()[-1]
 
 
+def serve_flags(args):
+    return ["--dtype", args.half, "--channels-last", "--cuda-graphs"] if args.half else []
+
+
 def generate_rate(args, model: Path, out: Path) -> float:
+    half = ["--dtype", args.half, "--fast", "--cuda-graphs"] if args.half else []
     cmd = [args.bin, "generate", "--model", str(model), "--scheduler", args.scheduler, "--steps", str(args.steps),
            "--num-samples", str(args.num_samples), "--seed", "0", "--batch-size", str(args.batch_size),
-           "--out", str(out)]
+           "--device", args.device, "--out", str(out), *half]
     subprocess.run(cmd, check=True, capture_output=True)
     return json.loads((out / "manifest.json").read_text())["timings"]["images_per_second"]
 
@@ -69,6 +77,8 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--clients", type=int, default=200)
     p.add_argument("--per-client", type=int, default=10)
+    p.add_argument("--device", default="cpu", help="cpu, or one CUDA device such as cuda:0")
+    p.add_argument("--half", choices=["fp16", "bf16"], help="on CUDA: this precision, channels-last, CUDA graphs")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
