@@ -50,6 +50,16 @@ impl GroupNorm {
         if !(fused_group_norm_enabled() && xs.device().is_cuda() && is_channels_last(xs)) {
             return None;
         }
+        // The kernels read 16-byte vectors of channels (kernels.cpp checks the same and more).
+        let width = match xs.kind() {
+            tch::Kind::Float => 4,
+            tch::Kind::Half | tch::Kind::BFloat16 => 8,
+            _ => return None,
+        };
+        let channels = xs.size().get(1).copied().unwrap_or(0);
+        if channels % width != 0 || channels / width > 1024 {
+            return None;
+        }
         match crate::cuda::group_norm_nhwc(xs, weight, bias, addend, self.inner.num_groups, self.eps, silu) {
             Ok(out) => Some(out),
             Err(e) => {
