@@ -103,13 +103,8 @@ pub struct NoiseAhead {
     producer: NoiseProducer,
 }
 
-/// The shape of one sample and the number of `[B, C, H, W]` draws that `req` consumes.
-fn noise_plan(
-    unet: &LoadedUNet,
-    scheduler: &SchedulerConfig,
-    req: &BatchRequest,
-) -> Result<([i64; 3], usize), SampleError> {
-    let sched: Box<dyn Scheduler> = scheduler.build(req.steps, req.eta)?;
+/// The shape of one sample and the number of `[B, C, H, W]` draws that sampling with `sched` consumes.
+fn noise_plan(unet: &LoadedUNet, sched: &dyn Scheduler) -> Result<([i64; 3], usize), SampleError> {
     let (h, w) = unet.config.sample_hw()?;
     let draws = 1 + (0..sched.timesteps().len()).filter(|&i| sched.needs_noise(i)).count();
     Ok(([unet.config.in_channels, h, w], draws))
@@ -121,7 +116,7 @@ pub fn noise_ahead(
     scheduler: &SchedulerConfig,
     req: &BatchRequest,
 ) -> Result<NoiseAhead, SampleError> {
-    let (shape, draws) = noise_plan(unet, scheduler, req)?;
+    let (shape, draws) = noise_plan(unet, scheduler.build(req.steps, req.eta)?.as_ref())?;
     let producer = NoiseProducer::spawn(req.seeds, req.batch_size, shape, draws)?;
     Ok(NoiseAhead { seeds: req.seeds.to_vec(), batch_size: req.batch_size, draws, producer })
 }
@@ -144,7 +139,7 @@ pub fn sample_batch(
     }
     let _guard = tch::no_grad_guard();
     let mut sched: Box<dyn Scheduler> = scheduler.build(req.steps, req.eta)?;
-    let (shape, draws) = noise_plan(unet, scheduler, req)?;
+    let (shape, draws) = noise_plan(unet, sched.as_ref())?;
     let timesteps = sched.timesteps().to_vec();
     // Noise made for another request is dropped here (its thread stops), not kept until the end.
     let ahead = ahead.filter(|a| a.seeds == req.seeds && a.batch_size == req.batch_size && a.draws == draws);
