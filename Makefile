@@ -30,7 +30,7 @@ SEED       ?= 0
 FORMAT     ?= files
 LISTEN     ?= 127.0.0.1:50051
 
-.PHONY: all setup build run stop generate test lint api-check helm-tools helm-check fixtures bench bench-service bench-datasets \
+.PHONY: all setup build run stop generate test lint api-check helm-tools helm-check fixtures bench bench-service bench-pipeline bench-datasets \
 	stress image test-image clean
 
 all: build
@@ -161,6 +161,10 @@ bench: build
 
 bench-service: build
 	$(PYTHON) bench/service.py --bin $(BIN)
+
+# The same job through the service and through generate, alternating, in the files and webdataset layouts.
+bench-pipeline: build
+	$(PYTHON) bench/pipeline.py --bin $(BIN)
 
 # 20,000-shard jobs on SQLite and NATS, and a 60 s S3 outage during a job (bench/stress.py).
 stress: build

@@ -301,16 +301,8 @@ pub async fn submit(args: SubmitArgs, progress: bool) -> Result<(), ClientError>
         samples_per_grid: args.samples_per_grid.unwrap_or(64),
         columns: args.grid_columns.unwrap_or(0),
     });
-    let image_format = args.image_format.map(|f| match f {
-        crate::dataset::ImageFormat::Png => pb::ImageFormat::Png,
-        crate::dataset::ImageFormat::Webp => pb::ImageFormat::Webp,
-        crate::dataset::ImageFormat::Jpeg => pb::ImageFormat::Jpeg,
-    });
-    let format = args.format.map(|f| match f {
-        crate::dataset::DataFormat::Files => pb::OutputFormat::Files,
-        crate::dataset::DataFormat::Webdataset => pb::OutputFormat::Webdataset,
-        crate::dataset::DataFormat::Parquet => pb::OutputFormat::Parquet,
-    });
+    let image_format = args.image_format.map(crate::api::convert::image_to_pb);
+    let format = args.format.map(crate::api::convert::format_to_pb);
     let output = Some(pb::OutputSpec {
         destination: args.destination.clone().unwrap_or_default(),
         prefix: args.prefix.clone().unwrap_or_default(),

@@ -1,5 +1,6 @@
 //! `ddpm-worker generate`: one run from a diffusers model to a folder or an S3 prefix of samples, a grid
-//! and a manifest. The service's workers call the same [`crate::sampler::sample_batch`] for their shards.
+//! and a manifest. The run is one shard on the service's device loop ([`crate::worker::device`]): a
+//! batcher per lane hands it batches with their noise drawn ahead, and the shard's writer stores them.
 //!
 //! A run may be split into parts ([`Part`]) that separate processes (the pods of an Indexed Job) sample
 //! into the same destination: each part takes a contiguous run of whole batches, so every sample is
@@ -11,7 +12,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use image::DynamicImage;
@@ -19,7 +20,7 @@ use serde::Serialize;
 use tch::Device;
 
 use crate::dataset::sink::{ShardTarget, write_shard};
-use crate::dataset::{DataFormat, DatasetError, DatasetOptions, Encoding, SampleContext, StoredFile};
+use crate::dataset::{DatasetError, DatasetOptions, SampleContext, StoredFile};
 use crate::digest::{sha256_file, sha256_hex};
 use crate::imaging::{self, ImageError};
 use crate::model::{Layout, LoadedUNet, ModelError, ModelFiles};
@@ -28,6 +29,8 @@ use crate::placement::{DType, device_name};
 use crate::sampler::{self, BatchRequest, Placement, SampleError};
 use crate::schedulers::{SchedulerConfig, SchedulerError, SchedulerKind};
 use crate::storage::{Destination, ObjectStore, StorageError};
+use crate::validation::{self, StorageRequest, Violations};
+use crate::worker::device::{self, Lane, ReadyBatch, Row, Sample, Sampled, ShardHandle};
 
 /// Most samples drawn into `grid.png`.
 pub const GRID_MAX: usize = 64;
@@ -43,6 +46,9 @@ pub enum GenerateError {
     Scheduler(#[from] SchedulerError),
     #[error(transparent)]
     Sample(#[from] SampleError),
+    /// A batch failed on the device (its error as the device loop reported it).
+    #[error("sampling: {0}")]
+    Sampling(String),
     #[error(transparent)]
     Image(#[from] ImageError),
     #[error("{path}: {source}")]
@@ -159,10 +165,8 @@ pub struct GenerateSpec {
     pub out: Destination,
     /// Only this part of the run's batches; `None`: all.
     pub part: Option<Part>,
-    /// Layout and encoding of the samples.
-    pub format: DataFormat,
-    pub encoding: Encoding,
-    pub target_file_bytes: u64,
+    /// Layout and encoding of the samples, as asked (checked by [`validation::storage`]).
+    pub storage: StorageRequest,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -282,30 +286,13 @@ impl GenerateSpec {
         if self.batch_size == 0 {
             return invalid("batch_size", "must be at least 1".into());
         }
-        if self.seed.checked_add(self.num_samples as u64 - 1).is_none() {
-            return invalid("seed", "seed + num_samples overflows u64".into());
-        }
-        if let Some(eta) = self.eta {
-            if self.scheduler != SchedulerKind::Ddim {
-                return invalid("eta", "applies to the ddim scheduler only".into());
-            }
-            if !(eta.is_finite() && eta >= 0.0) {
-                return invalid("eta", format!("{eta} must be a finite number ≥ 0"));
-            }
-        }
-        if !crate::dataset::TARGET_FILE_BYTES.contains(&self.target_file_bytes) {
-            let (lo, hi) =
-                (crate::dataset::TARGET_FILE_BYTES.start(), crate::dataset::TARGET_FILE_BYTES.end());
-            return invalid(
-                "target_file_bytes",
-                format!("{} must be in {lo}..={hi}", self.target_file_bytes),
-            );
-        }
-        if !(1..=100).contains(&self.encoding.quality) {
-            return invalid("quality", format!("{} must be in 1..=100", self.encoding.quality));
-        }
-        if self.encoding.png_level > 9 {
-            return invalid("png_level", format!("{} must be in 1..=9", self.encoding.png_level));
+        // The rules every job is held to, as the API holds a SubmitJob (the first broken one is reported).
+        let mut bad = Violations::default();
+        validation::eta(Some(self.scheduler), self.eta, &mut bad);
+        validation::seeds(self.seed, self.num_samples as u64, &mut bad);
+        validation::storage(self.storage, (3, 32, 32), self.batch_size as u64, &mut bad);
+        if let Some(v) = bad.0.into_iter().next() {
+            return invalid(v.field.flag(), v.message);
         }
         if let Destination::S3 { bucket, prefix } = &self.out {
             crate::storage::check_bucket(bucket).map_err(|e| GenerateError::InvalidArgument {
@@ -401,13 +388,7 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Report, GenerateError>
 
     let (h, w) = unet.config.sample_hw()?;
     let shape = (unet.config.in_channels as u64, h as u64, w as u64);
-    let dataset = DatasetOptions::new(
-        spec.format,
-        spec.encoding,
-        spec.target_file_bytes,
-        shape,
-        spec.batch_size as u64,
-    );
+    let dataset = validation::storage(spec.storage, shape, spec.batch_size as u64, &mut Violations::default());
     let source = spec.model.source();
     let target = ShardTarget {
         store: Arc::clone(&store),
@@ -429,67 +410,85 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Report, GenerateError>
         // Data file parts are spooled here on their way to S3 (a folder output has its own staging folder).
         scratch: std::env::temp_dir(),
     };
-    let (tx, rx) = tokio::sync::mpsc::channel::<(u64, DynamicImage)>(spec.batch_size * 2);
-    let (tile_tx, tile_rx) = std::sync::mpsc::channel::<(u64, DynamicImage)>();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Sample>(spec.batch_size * 2);
+    let (tile_tx, tile_rx) = std::sync::mpsc::channel::<Sample>();
     let writer = runtime.spawn(write_shard(target, rx, move |i, img| {
         if i - first < GRID_MAX as u64 {
             let _ = tile_tx.send((i, img.clone()));
         }
     }));
 
+    // The run is one shard on the device loop, as a service shard is: its lanes' batchers hand batches
+    // over, each lane's device loop samples them, and the writer above stores the images.
     let sampling_started = Instant::now();
-    let place = Placement { device: spec.device, kind: spec.dtype.kind() };
-    let batch_timings = std::sync::Mutex::new(Vec::with_capacity(batches.len()));
-    let job = BatchJob {
-        batches: &batches,
-        first,
-        spec,
-        scheduler: &scheduler,
-        eta,
-        place,
-        bar: &bar,
-        timings: &batch_timings,
-    };
+    let (run_shard, sampled) = ShardHandle::new(end - first, Arc::new(AtomicBool::new(false)), tx);
     let lanes = spec.lanes.clamp(1, batches.len().max(1));
-    let sampled = if lanes == 1 {
-        job.run_lane(&unet, 0, 1, &tx, &AtomicBool::new(false))
+    let place = Placement { device: spec.device, kind: spec.dtype.kind() };
+    let feeder = LaneSource { spec, scheduler: Arc::new(scheduler.clone()), shape: sampler::sample_shape(&unet.config)? };
+    let batch_timings = std::sync::Mutex::new(Vec::with_capacity(batches.len()));
+    let abort = AtomicBool::new(false);
+    // A lane: its batcher on the runtime, its device loop on the thread that calls this.
+    let run_lane = |lane: usize, unet: &LoadedUNet| -> Result<(), String> {
+        let (ready_tx, ready) = tokio::sync::mpsc::channel(1);
+        let mine: Vec<(usize, Vec<u64>)> = batches.iter().cloned().enumerate().skip(lane).step_by(lanes).collect();
+        runtime.spawn(feeder.feed(mine, Arc::clone(&run_shard), ready_tx));
+        let unets = std::collections::BTreeMap::from([(MODEL, unet)]);
+        let on_step = || bar.inc(1);
+        let device = Lane { name: "generate", unets, place, abort: &abort, on_step: &on_step };
+        device::run(&device, ready, |r| {
+            if let Ok(mut timings) = batch_timings.lock() {
+                timings.push(BatchTiming {
+                    batch: r.number,
+                    lane,
+                    sampling_seconds: r.sampling.as_secs_f64(),
+                    handoff_seconds: r.handoff.as_secs_f64(),
+                });
+            }
+        })
+    };
+    let lost: Vec<Result<(), String>> = if lanes == 1 {
+        // One lane runs on the calling thread (its OpenMP team is the process's).
+        vec![run_lane(0, &unet)]
     } else {
-        // Each lane samples every `lanes`-th batch on its own thread and (CPU) share of the CPU threads.
+        // Each lane samples every `lanes`-th batch on its own thread with its own replica and (CPU)
+        // share of the CPU threads.
         let threads = (!spec.device.is_cuda()).then(|| (tch::get_num_threads() / lanes as i32).max(1));
-        let failed = AtomicBool::new(false);
-        let results: Vec<Result<(), GenerateError>> = std::thread::scope(|scope| {
+        std::thread::scope(|scope| {
             let handles: Vec<_> = (0..lanes)
                 .map(|lane| {
                     let mut replica = unet.replica();
                     if spec.cuda_graphs {
                         replica.set_graphs(Some(crate::model::graphs::GraphMode::Cuda));
                     }
-                    let (tx, job, failed) = (tx.clone(), &job, &failed);
+                    let run_lane = &run_lane;
                     scope.spawn(move || {
                         if let Some(n) = threads {
                             tch::set_num_threads(n);
                         }
-                        let result = job.run_lane(&replica, lane, lanes, &tx, failed);
-                        if result.is_err() {
-                            failed.store(true, Ordering::Relaxed);
-                        }
-                        result
+                        run_lane(lane, &replica)
                     })
                 })
                 .collect();
-            handles.into_iter().map(|h| h.join().expect("a sampling lane panicked. This is a bug.")).collect()
-        });
-        // Report the lane that failed, not the ones it stopped.
-        let cancelled =
-            |r: &Result<(), GenerateError>| matches!(r, Err(GenerateError::Sample(SampleError::Cancelled)));
-        let first_error = results.iter().position(|r| r.is_err() && !cancelled(r));
-        let first_error = first_error.or_else(|| results.iter().position(Result::is_err));
-        first_error.map_or(Ok(()), |i| results.into_iter().nth(i).unwrap_or(Ok(())))
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|p| Err(crate::worker::warmup::panic_message(&p)))).collect()
+        })
     };
-    drop(tx);
+    drop(run_shard);
+    let sampled = runtime.block_on(sampled);
     let written =
         runtime.block_on(writer).map_err(|e| GenerateError::Dataset(DatasetError::Corrupt(e.to_string())))?;
-    sampled?;
+    match sampled {
+        Ok(Sampled::Done { .. }) => {}
+        Ok(Sampled::WriterStopped) => {
+            written?;
+            return Err(GenerateError::Sampling("the writer stopped".into()));
+        }
+        Ok(Sampled::Failed { error, .. }) => return Err(GenerateError::Sampling(error)),
+        Ok(Sampled::Cancelled) => return Err(GenerateError::Sample(SampleError::Cancelled)),
+        Err(_) => {
+            let error = lost.into_iter().find_map(Result::err).unwrap_or_else(|| "a lane stopped".into());
+            return Err(GenerateError::Sampling(error));
+        }
+    }
     let written = written?;
     let grid_tiles: Vec<DynamicImage> =
         tile_rx.try_iter().collect::<std::collections::BTreeMap<_, _>>().into_values().collect();
@@ -631,67 +630,50 @@ impl GenerateSpec {
     }
 }
 
-/// What every sampling lane shares.
-struct BatchJob<'a> {
-    batches: &'a [Vec<u64>],
-    /// The run-wide index of the first batch's first sample.
-    first: u64,
+/// The model's name in a lane's map (a run has one model).
+const MODEL: &str = "model";
+
+/// What a run's lane batchers share.
+struct LaneSource<'a> {
     spec: &'a GenerateSpec,
-    scheduler: &'a SchedulerConfig,
-    eta: f32,
-    place: Placement,
-    bar: &'a indicatif::ProgressBar,
-    timings: &'a std::sync::Mutex<Vec<BatchTiming>>,
+    scheduler: Arc<SchedulerConfig>,
+    shape: [i64; 3],
 }
 
-impl BatchJob<'_> {
-    fn request<'s>(&self, seeds: &'s [u64]) -> BatchRequest<'s> {
-        BatchRequest { seeds, batch_size: self.spec.batch_size, steps: self.spec.steps, eta: self.eta }
-    }
-
-    /// Samples batches `lane`, `lane + lanes`, … and hands their images to the writer.
-    fn run_lane(
+impl LaneSource<'_> {
+    /// Hands a lane its batches (`(number, seeds)`) one at a time, each batch's noise drawn while the
+    /// one before it samples.
+    fn feed(
         &self,
-        unet: &LoadedUNet,
-        lane: usize,
-        lanes: usize,
-        tx: &tokio::sync::mpsc::Sender<(u64, DynamicImage)>,
-        stop: &AtomicBool,
-    ) -> Result<(), GenerateError> {
-        let mine: Vec<(usize, &Vec<u64>)> =
-            self.batches.iter().enumerate().skip(lane).step_by(lanes).collect();
-        let mut ahead = None;
-        for (j, &(b, seeds)) in mine.iter().enumerate() {
-            let req = self.request(seeds);
-            let started = Instant::now();
-            // The next batch's noise is drawn while this one samples.
-            let next = match mine.get(j + 1) {
-                Some(&(_, next)) => Some(sampler::noise_ahead(unet, self.scheduler, &self.request(next))?),
-                None => None,
-            };
-            let x0 = sampler::sample_batch(unet, self.scheduler, &req, self.place, ahead.take(), |_| {
-                self.bar.inc(1);
-                !stop.load(Ordering::Relaxed)
-            })?;
-            ahead = next;
-            let sampled = Instant::now();
-            let first = self.first + (b * self.spec.batch_size) as u64;
-            for (k, img) in imaging::to_images(&x0)?.into_iter().enumerate() {
-                if tx.blocking_send((first + k as u64, img)).is_err() {
-                    return Ok(()); // the writer failed; its error is reported by the caller
-                }
-            }
-            let timing = BatchTiming {
-                batch: b,
-                lane,
-                sampling_seconds: (sampled - started).as_secs_f64(),
-                handoff_seconds: sampled.elapsed().as_secs_f64(),
-            };
-            if let Ok(mut timings) = self.timings.lock() {
-                timings.push(timing);
+        batches: Vec<(usize, Vec<u64>)>,
+        shard: Arc<ShardHandle>,
+        lane: tokio::sync::mpsc::Sender<ReadyBatch>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let (scheduler, shape, seed) = (Arc::clone(&self.scheduler), self.shape, self.spec.seed);
+        let (batch_size, steps, eta) = (self.spec.batch_size, self.spec.steps, self.spec.eta.unwrap_or(0.0));
+        async move {
+            for (number, seeds) in batches {
+                let Ok(slot) = lane.reserve().await else { return };
+                let req = BatchRequest { seeds: &seeds, batch_size, steps, eta };
+                let noise = sampler::noise_ahead(shape, &scheduler, &req).ok();
+                let rows = seeds
+                    .iter()
+                    .map(|&s| Row { shard: Arc::clone(&shard), index: s - seed, seed: s })
+                    .collect();
+                slot.send(ReadyBatch {
+                    model: MODEL.into(),
+                    scheduler: Arc::clone(&scheduler),
+                    batch_size,
+                    steps,
+                    eta,
+                    rows,
+                    noise,
+                    number,
+                    fed: true,
+                    span: tracing::Span::current(),
+                });
             }
         }
-        Ok(())
     }
 }
 

@@ -269,15 +269,15 @@ struct DatasetArgs {
     /// Encoding of each sample (webp is lossless).
     #[arg(long, value_enum, default_value = "png")]
     image_format: ddpm_worker::dataset::ImageFormat,
-    /// JPEG quality, 1 to 100.
-    #[arg(long, default_value_t = ddpm_worker::dataset::DEFAULT_JPEG_QUALITY)]
-    quality: u8,
-    /// PNG deflate level, 1 to 9 (0: fast).
-    #[arg(long, default_value_t = 0)]
-    png_level: u8,
-    /// Size a WebDataset or Parquet data file stays under, in bytes.
-    #[arg(long, default_value_t = ddpm_worker::dataset::DEFAULT_TARGET_FILE_BYTES)]
-    target_file_bytes: u64,
+    /// JPEG quality, 1 to 100 (default 95; JPEG only).
+    #[arg(long)]
+    quality: Option<u32>,
+    /// PNG deflate level, 1 to 9 (0, the default: fast; PNG only).
+    #[arg(long)]
+    png_level: Option<u32>,
+    /// Size a WebDataset or Parquet data file stays under, in bytes (default 256 MiB).
+    #[arg(long)]
+    target_file_bytes: Option<u64>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -490,13 +490,13 @@ fn main() -> ExitCode {
                 cuda_graphs: a.place.cuda_graphs,
                 out: a.out,
                 part,
-                format: a.dataset.format,
-                encoding: ddpm_worker::dataset::Encoding {
+                storage: ddpm_worker::validation::StorageRequest {
+                    format: a.dataset.format,
                     image: a.dataset.image_format,
-                    png_level: a.dataset.png_level,
-                    quality: a.dataset.quality,
+                    jpeg_quality: a.dataset.quality,
+                    png_level: a.dataset.png_level.filter(|&l| l != 0),
+                    target_file_bytes: a.dataset.target_file_bytes,
                 },
-                target_file_bytes: a.dataset.target_file_bytes,
             };
             match generate::run(&spec, std::io::stderr().is_terminal()) {
                 Ok(r) => {

@@ -11,7 +11,7 @@ use std::sync::mpsc;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::model::LoadedUNet;
+use crate::model::{LoadedUNet, UNet2DConfig};
 use crate::rng::TorchGenerator;
 use crate::schedulers::{Scheduler, SchedulerConfig, SchedulerError};
 
@@ -103,20 +103,25 @@ pub struct NoiseAhead {
     producer: NoiseProducer,
 }
 
-/// The shape of one sample and the number of `[B, C, H, W]` draws that sampling with `sched` consumes.
-fn noise_plan(unet: &LoadedUNet, sched: &dyn Scheduler) -> Result<([i64; 3], usize), SampleError> {
-    let (h, w) = unet.config.sample_hw()?;
-    let draws = 1 + (0..sched.timesteps().len()).filter(|&i| sched.needs_noise(i)).count();
-    Ok(([unet.config.in_channels, h, w], draws))
+/// The shape of one sample of a UNet, `[C, H, W]`.
+pub fn sample_shape(config: &UNet2DConfig) -> Result<[i64; 3], SampleError> {
+    let (h, w) = config.sample_hw()?;
+    Ok([config.in_channels, h, w])
 }
 
-/// Starts drawing `req`'s noise now, for a later [`sample_batch`] of the same request.
+/// The number of `[B, C, H, W]` draws that sampling with `sched` consumes.
+fn noise_draws(sched: &dyn Scheduler) -> usize {
+    1 + (0..sched.timesteps().len()).filter(|&i| sched.needs_noise(i)).count()
+}
+
+/// Starts drawing `req`'s noise now, for a later [`sample_batch`] of the same request on a UNet whose
+/// samples have `shape` ([`sample_shape`]).
 pub fn noise_ahead(
-    unet: &LoadedUNet,
+    shape: [i64; 3],
     scheduler: &SchedulerConfig,
     req: &BatchRequest,
 ) -> Result<NoiseAhead, SampleError> {
-    let (shape, draws) = noise_plan(unet, scheduler.build(req.steps, req.eta)?.as_ref())?;
+    let draws = noise_draws(scheduler.build(req.steps, req.eta)?.as_ref());
     let producer = NoiseProducer::spawn(req.seeds, req.batch_size, shape, draws)?;
     Ok(NoiseAhead { seeds: req.seeds.to_vec(), batch_size: req.batch_size, draws, producer })
 }
@@ -139,7 +144,7 @@ pub fn sample_batch(
     }
     let _guard = tch::no_grad_guard();
     let mut sched: Box<dyn Scheduler> = scheduler.build(req.steps, req.eta)?;
-    let (shape, draws) = noise_plan(unet, sched.as_ref())?;
+    let (shape, draws) = (sample_shape(&unet.config)?, noise_draws(sched.as_ref()));
     let timesteps = sched.timesteps().to_vec();
     // Noise made for another request is dropped here (its thread stops), not kept until the end.
     let ahead = ahead.filter(|a| a.seeds == req.seeds && a.batch_size == req.batch_size && a.draws == draws);

@@ -204,7 +204,8 @@ fn padded_batches_and_noise_drawn_ahead_give_the_same_samples() {
         BatchRequest { seeds, batch_size: 4, steps: 10, eta: 0.0 }
     }
     let with = |ahead_seeds: &[u64]| {
-        let ahead = sampler::noise_ahead(&unet, &config, &request(ahead_seeds)).unwrap();
+        let shape = sampler::sample_shape(&unet.config).unwrap();
+        let ahead = sampler::noise_ahead(shape, &config, &request(ahead_seeds)).unwrap();
         sampler::sample_batch(&unet, &config, &request(&[5, 6, 7, 8]), place, Some(ahead), |_| true).unwrap()
     };
     assert!(Tensor::equal(&with(&[5, 6, 7, 8]), &full), "noise drawn ahead changed the samples");

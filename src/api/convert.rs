@@ -8,11 +8,12 @@ use std::sync::Arc;
 use super::auth::ANONYMOUS;
 use super::error::{FieldViolation, ServiceError};
 use super::pb;
-use crate::dataset::{self, DataFormat, DatasetOptions, Encoding, ImageFormat};
+use crate::dataset::{DataFormat, DatasetOptions, ImageFormat};
 use crate::job::{JobRecord, JobSpec, JobState};
 use crate::models::ResolvedModel;
 use crate::queue::PageCursor;
 use crate::schedulers::{SchedulerError, SchedulerKind};
+use crate::validation::{self, StorageRequest, Violations};
 use crate::worker::outputs::{Outputs, Refusal};
 
 /// Limits on what one request may ask for.
@@ -128,13 +129,8 @@ pub fn job_spec(
     if sampling.steps == 0 || sampling.steps > limits.max_steps {
         violation("sampling.steps", format!("{} must be in 1..={}", sampling.steps, limits.max_steps));
     }
-    if let Some(eta) = sampling.eta {
-        if scheduler.is_some_and(|s| s != SchedulerKind::Ddim) {
-            violation("sampling.eta", "applies to the DDIM scheduler only".into());
-        } else if !(eta.is_finite() && eta >= 0.0) {
-            violation("sampling.eta", format!("{eta} must be a finite number ≥ 0"));
-        }
-    }
+    let mut rules = Violations::default();
+    validation::eta(scheduler, sampling.eta, &mut rules);
     // The model's own scheduler config decides which step counts work (e.g. DDPM ≤ its training steps).
     if let (Some(model), Some(kind)) = (model, scheduler)
         && (1..=limits.max_steps).contains(&sampling.steps)
@@ -155,9 +151,7 @@ pub fn job_spec(
     }
     // A server-chosen seed stays below 2^53 so it survives JSON tooling exactly.
     let seed = req.seed.unwrap_or_else(|| uuid::Uuid::new_v4().as_u64_pair().0 >> 11);
-    if seed.checked_add(req.num_samples.saturating_sub(1)).is_none() {
-        violation("seed", "seed + num_samples overflows u64".into());
-    }
+    validation::seeds(seed, req.num_samples, &mut rules);
     let batch_size = match req.batch_size {
         0 => limits.default_batch_size.min(req.num_samples.clamp(1, u64::from(u32::MAX)) as u32),
         b if b > limits.max_batch_size => {
@@ -216,8 +210,14 @@ pub fn job_spec(
             None
         }
     };
-    let dataset =
-        dataset_options(req.output.as_ref(), limits, model.map(|m| m.as_ref()), batch_size, &mut violation);
+    let dataset = dataset_options(
+        req.output.as_ref(),
+        limits,
+        model.map(|m| m.as_ref()),
+        batch_size,
+        &mut rules,
+        &mut violation,
+    );
     if req.labels.len() > 64 {
         violation("labels", "at most 64 labels".into());
     }
@@ -236,6 +236,8 @@ pub fn job_spec(
         let (lo, hi) = (limits.priorities.start(), limits.priorities.end());
         violation("priority", format!("{} must be in {lo}..={hi}", req.priority));
     }
+    // The shared rules' violations, in the order of the request's fields.
+    bad.extend(rules.0.into_iter().map(|v| FieldViolation { field: v.field.api_path().into(), description: v.message }));
     if !bad.is_empty() {
         return Err(ServiceError::InvalidArgument(bad));
     }
@@ -263,13 +265,14 @@ pub fn job_spec(
     })
 }
 
-/// The layout and encoding a request asks for, with the server's defaults; data files are sized from
-/// the model's sample shape and hold whole batches.
+/// The layout and encoding a request asks for, with the server's defaults (the rules themselves are
+/// [`validation::storage`]'s); data files are sized from the model's sample shape.
 fn dataset_options(
     output: Option<&pb::OutputSpec>,
     limits: &Limits,
     model: Option<&ResolvedModel>,
     batch_size: u32,
+    rules: &mut Violations,
     violation: &mut impl FnMut(&str, String),
 ) -> DatasetOptions {
     let o = output.cloned().unwrap_or_default();
@@ -292,49 +295,20 @@ fn dataset_options(
             ImageFormat::Png
         }
     };
-    let quality = match o.jpeg_quality {
-        0 => dataset::DEFAULT_JPEG_QUALITY,
-        q @ 1..=100 if image == ImageFormat::Jpeg => q as u8,
-        q if image != ImageFormat::Jpeg => {
-            violation("output.jpeg_quality", format!("{q}: applies to JPEG only"));
-            dataset::DEFAULT_JPEG_QUALITY
-        }
-        q => {
-            violation("output.jpeg_quality", format!("{q} must be in 1..=100"));
-            dataset::DEFAULT_JPEG_QUALITY
-        }
-    };
-    let png_level = match o.png_level {
-        0 => dataset::DEFAULT_PNG_LEVEL,
-        l @ 1..=9 if image == ImageFormat::Png => l as u8,
-        l if image != ImageFormat::Png => {
-            violation("output.png_level", format!("{l}: applies to PNG only"));
-            dataset::DEFAULT_PNG_LEVEL
-        }
-        l => {
-            violation("output.png_level", format!("{l} must be in 1..=9"));
-            dataset::DEFAULT_PNG_LEVEL
-        }
-    };
-    let target = match o.target_file_bytes {
-        0 => dataset::DEFAULT_TARGET_FILE_BYTES,
-        t if !dataset::TARGET_FILE_BYTES.contains(&t) => {
-            let (lo, hi) = (dataset::TARGET_FILE_BYTES.start(), dataset::TARGET_FILE_BYTES.end());
-            violation("output.target_file_bytes", format!("{t} must be in {lo}..={hi}"));
-            dataset::DEFAULT_TARGET_FILE_BYTES
-        }
-        t if format == DataFormat::Files => {
-            violation("output.target_file_bytes", format!("{t}: applies to WEBDATASET and PARQUET only"));
-            dataset::DEFAULT_TARGET_FILE_BYTES
-        }
-        t => t,
+    let given = |v: u32| (v != 0).then_some(v);
+    let request = StorageRequest {
+        format,
+        image,
+        jpeg_quality: given(o.jpeg_quality),
+        png_level: given(o.png_level),
+        target_file_bytes: (o.target_file_bytes != 0).then_some(o.target_file_bytes),
     };
     let shape = model.map_or((3, 32, 32), |m| m.sample_shape());
-    let encoding = Encoding { image, png_level, quality };
-    DatasetOptions::new(format, encoding, target, shape, u64::from(batch_size))
+    validation::storage(request, shape, u64::from(batch_size), rules)
 }
 
-fn format_to_pb(format: DataFormat) -> pb::OutputFormat {
+/// The wire value of a layout.
+pub fn format_to_pb(format: DataFormat) -> pb::OutputFormat {
     match format {
         DataFormat::Files => pb::OutputFormat::Files,
         DataFormat::Webdataset => pb::OutputFormat::Webdataset,
@@ -342,7 +316,8 @@ fn format_to_pb(format: DataFormat) -> pb::OutputFormat {
     }
 }
 
-fn image_to_pb(image: ImageFormat) -> pb::ImageFormat {
+/// The wire value of an image encoding.
+pub fn image_to_pb(image: ImageFormat) -> pb::ImageFormat {
     match image {
         ImageFormat::Png => pb::ImageFormat::Png,
         ImageFormat::Webp => pb::ImageFormat::Webp,

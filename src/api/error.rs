@@ -76,7 +76,7 @@ impl From<ServiceError> for Status {
             ServiceError::AlreadyFinished { .. } | ServiceError::NotFailed { .. } => {
                 Status::failed_precondition(message)
             }
-            ServiceError::Queue(QueueError::Corrupt(_)) => {
+            ServiceError::Queue(QueueError::Corrupt(_) | QueueError::Invalid(_)) => {
                 tracing::error!(error = message, "queue store");
                 Status::internal(message)
             }

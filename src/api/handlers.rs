@@ -64,7 +64,7 @@ impl WorkerService {
         {
             grid_uris = outputs::grid_ranges(&job.spec)
                 .take(MAX_GRID_URIS as usize)
-                .map(|g| out.uri(&out.grid_key(g.0)))
+                .map(|g| out.uri(&out.grid_key(g.number)))
                 .collect();
         }
         convert::job_to_pb(job, grid_uris)

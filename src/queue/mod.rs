@@ -188,13 +188,22 @@ pub enum QueueError {
     /// The idempotency key was used before for a different request.
     #[error("request_id {request_id:?} was already used for a different request (job {job_id})")]
     IdempotencyConflict { request_id: String, job_id: String },
-    #[error("queue store: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    /// The queue could not be reached or could not answer now (a server down or busy, a database
+    /// locked or out of space). Callers back off and try again; the service maps it to UNAVAILABLE.
+    #[error("queue unavailable: {0}")]
+    Unavailable(String),
+    /// What the queue holds cannot be read: not a passing state, and never retried.
     #[error("queue store is corrupt: {0}")]
     Corrupt(String),
-    /// The NATS server could not be reached or refused a request (the service maps it to UNAVAILABLE).
-    #[error("queue server: {0}")]
-    Nats(String),
+    /// The queue was configured wrongly (a malformed namespace): fix the configuration.
+    #[error("queue configuration: {0}")]
+    Invalid(String),
+}
+
+impl From<rusqlite::Error> for QueueError {
+    fn from(e: rusqlite::Error) -> Self {
+        QueueError::Unavailable(format!("sqlite: {e}"))
+    }
 }
 
 /// Which jobs a listing returns: any of `states` (all when empty) carrying every label in `labels`.

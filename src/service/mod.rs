@@ -27,7 +27,7 @@ use crate::queue::{Queue, SqliteQueue};
 use crate::storage::Destination;
 use crate::worker::outputs::Outputs;
 use crate::worker::pool;
-use crate::worker::{WorkerConfig, WorkerContext, device};
+use crate::worker::{WorkerConfig, WorkerContext};
 use tonic_health::ServingStatus;
 
 /// The gRPC service's name in the health service (readiness, like the overall status `""`).
@@ -584,7 +584,7 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
         co_batch: args.co_batch,
         finalize_after: Duration::from_secs_f64(args.lease_seconds),
         reap_interval: Duration::from_secs_f64((args.lease_seconds / 4.0).clamp(0.25, 5.0)),
-        idle_poll: device::DEFAULT_IDLE_POLL,
+        idle_poll: crate::worker::DEFAULT_IDLE_POLL,
         scratch_dir: args.scratch_dir.clone(),
         queue_name: queue_name(&args.queue),
     };

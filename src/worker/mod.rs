@@ -1,10 +1,22 @@
-//! The batch worker: a job's samples split into shards ([`crate::queue::plan`]) that device threads
-//! ([`device`]) lease from the queue and sample independently; their outputs go through [`outputs`].
+//! The batch worker: a job's samples split into shards ([`crate::queue::plan`]) that each device
+//! samples in three stages: its [`batcher`] leases shards and makes batches ready, its [`device`] loop
+//! samples them, and each shard's [`finisher`] stores its outputs ([`outputs`]) and records it.
+//!
+//! ```text
+//!  queue ──lease──▶ batcher (async, per device) ──ReadyBatch──▶ device loop (OS thread)
+//!    ▲               job read once, co-batching,     channel      sample, x_0 → images
+//!    │               output targets, noise ahead       of 1            │ images
+//!    │                                                                 ▼
+//!    └──record, complete, give back── finisher (async, per shard): encode, upload, grids, heartbeat
+//! ```
 
+pub mod batcher;
 pub mod device;
 pub mod fault;
+pub mod finisher;
 pub mod outputs;
 pub mod pool;
+pub mod warmup;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +29,9 @@ use crate::job::{JobRecord, JobState};
 use crate::model::Layout;
 use crate::models::ResolvedModel;
 use crate::queue::{Queue, QueueError};
+
+/// How long an idle device's batcher waits between polls of the queue (new submissions wake it at once).
+pub const DEFAULT_IDLE_POLL: Duration = Duration::from_millis(500);
 use outputs::Outputs;
 
 /// How workers run shards.
@@ -36,7 +51,7 @@ pub struct WorkerConfig {
     pub cuda_graphs: bool,
     /// The API's largest batch size: each CUDA device checks at warm-up that it fits.
     pub max_batch_size: usize,
-    /// Fill a short last batch with compatible shards of other jobs ([`device::run`]).
+    /// Fill a short last batch with compatible shards of other jobs ([`batcher`]).
     pub co_batch: bool,
     /// How long a job whose shards are all done may wait for its manifest before the reaper writes it.
     pub finalize_after: Duration,

@@ -261,11 +261,19 @@ pub struct ShardRecord {
     pub grids: Vec<GridEntry>,
 }
 
+/// Grid `number` of a job: it shows samples `first..end`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GridRange {
+    pub number: u64,
+    pub first: u64,
+    pub end: u64,
+}
+
 /// The grids of a job: grid `n` shows samples `n * per_grid .. min((n + 1) * per_grid, num_samples)`.
-pub fn grid_ranges(spec: &JobSpec) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
+pub fn grid_ranges(spec: &JobSpec) -> impl Iterator<Item = GridRange> + '_ {
     let per = u64::from(spec.samples_per_grid);
     let count = if per == 0 { 0 } else { spec.num_samples.div_ceil(per) };
-    (0..count).map(move |n| (n, n * per, ((n + 1) * per).min(spec.num_samples)))
+    (0..count).map(move |n| GridRange { number: n, first: n * per, end: ((n + 1) * per).min(spec.num_samples) })
 }
 
 /// What every sample of `spec` shares besides its seed (its WebDataset JSON and Parquet columns).
@@ -284,7 +292,7 @@ pub fn sample_context(spec: &JobSpec, model: &ResolvedModel) -> SampleContext {
 pub async fn put_grid(
     out: &JobOutputs,
     spec: &JobSpec,
-    (n, first, end): (u64, u64, u64),
+    GridRange { number: n, first, end }: GridRange,
     tiles: Vec<DynamicImage>,
 ) -> Result<GridEntry, OutputError> {
     let columns = spec.grid_columns.max(1) as usize;
@@ -444,8 +452,8 @@ pub async fn finalize(
         check_tiling("data files", &files, spec.num_samples)?;
     }
     for range in grid_ranges(spec) {
-        if let std::collections::btree_map::Entry::Vacant(slot) = grids.entry(range.0) {
-            let tiles = read_tiles(out, &index, &files, range.1..range.2).await?;
+        if let std::collections::btree_map::Entry::Vacant(slot) = grids.entry(range.number) {
+            let tiles = read_tiles(out, &index, &files, range.first..range.end).await?;
             slot.insert(put_grid(out, spec, range, tiles).await?);
         }
     }
@@ -585,7 +593,8 @@ mod tests {
     fn grids_cover_the_samples_in_order() {
         let mut spec = crate::queue::conformance::spec(10, 2, 0, &[]);
         spec.samples_per_grid = 4;
-        assert_eq!(grid_ranges(&spec).collect::<Vec<_>>(), [(0, 0, 4), (1, 4, 8), (2, 8, 10)]);
+        let ranges: Vec<_> = grid_ranges(&spec).map(|g| (g.number, g.first, g.end)).collect();
+        assert_eq!(ranges, [(0, 0, 4), (1, 4, 8), (2, 8, 10)]);
         spec.samples_per_grid = 0;
         assert_eq!(grid_ranges(&spec).count(), 0);
     }

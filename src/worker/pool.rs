@@ -1,5 +1,5 @@
-//! The device pool: one OS thread per device, each loading and warming its models and then pulling
-//! shards ([`device::run`]). Threads report on one channel: ready, or dead (a load error, a panic
+//! The device pool: per device, one OS thread that loads and warms its models and then runs the device
+//! loop ([`device::run`]), fed by its batcher task ([`batcher::run`]). Threads report on one channel: ready, or dead (a load error, a panic
 //! anywhere outside the per-batch guard, or a device that stopped computing, as a poisoned CUDA
 //! context does). [`supervise`] turns the reports and the worker's state into readiness (SERVING while
 //! every device is warm, the queue answers and no drain has begun) and liveness (SERVING until a device
@@ -14,7 +14,9 @@ use std::time::Duration;
 use tch::Device;
 
 use super::WorkerContext;
-use super::device;
+use super::batcher::{self, DeviceSlot};
+use super::device::{self, Lane};
+use super::warmup::{DeviceModels, panic_message};
 use crate::placement::device_name;
 
 /// What a device thread reports.
@@ -44,15 +46,15 @@ pub fn start(ctx: &Arc<WorkerContext>, devices: &[(Device, Option<i32>)]) -> std
                 if let Some(n) = cpu_threads {
                     tch::set_num_threads(n);
                 }
-                let models = device::DeviceModels::load(&ctx, dev)
-                    .map_err(|e| format!("{name}: loading models: {e}"))?;
+                let models =
+                    DeviceModels::load(&ctx, dev).map_err(|e| format!("{name}: loading models: {e}"))?;
                 let _ = tx.send(DeviceEvent::Ready(name.clone()));
-                device::run(Arc::clone(&ctx), models, cpu_threads)
+                run_device(&ctx, &models)
             }));
             let died = match lived {
                 Ok(Ok(())) => return,
                 Ok(Err(e)) => e,
-                Err(panic) => format!("{name}: panicked: {}", device::panic_message(&panic)),
+                Err(panic) => format!("{name}: panicked: {}", panic_message(&panic)),
             };
             tracing::error!(error = died, "device thread died");
             let _ = tx.send(DeviceEvent::Died(died));
@@ -60,6 +62,30 @@ pub fn start(ctx: &Arc<WorkerContext>, devices: &[(Device, Option<i32>)]) -> std
         threads.push(handle);
     }
     Ok(DevicePool { threads, events })
+}
+
+/// Runs a device's batcher on the runtime and its device loop on this thread until the worker drains
+/// (`Ok`) or the device stops computing (`Err`); returns once the batcher and its shards' output stages
+/// are through.
+fn run_device(ctx: &Arc<WorkerContext>, models: &DeviceModels) -> Result<(), String> {
+    let name = device_name(models.device);
+    let slot = DeviceSlot {
+        name: name.clone(),
+        models: models.unets.keys().map(|m| (m.clone(), models.max_batch.get(m).copied())).collect(),
+    };
+    // One batch waits while one samples; the batcher builds the next as soon as the device takes one.
+    let (batches, ready) = tokio::sync::mpsc::channel(1);
+    let batcher = ctx.runtime.spawn(batcher::run(Arc::clone(ctx), slot, batches));
+    let lane = Lane {
+        name: &name,
+        unets: models.unets.iter().map(|(name, unet)| (name.as_str(), unet)).collect(),
+        place: crate::sampler::Placement { device: models.device, kind: ctx.config.kind },
+        abort: &ctx.abort,
+        on_step: &|| {},
+    };
+    let ran = device::run(&lane, ready, |_| {});
+    let _ = ctx.runtime.block_on(batcher);
+    ran.map_err(|lost| format!("{name}: the device is unusable: {lost}"))
 }
 
 /// How often readiness is recomputed from the worker's state (the queue's reachability and the drain

@@ -68,7 +68,7 @@ impl NatsQueue {
                 }
             }
         }
-        Err(QueueError::Nats(format!("{key}: too much contention ({MAX_CAS_TRIES} tries)")))
+        Err(QueueError::Unavailable(format!("{key}: too much contention ({MAX_CAS_TRIES} tries)")))
     }
 
     /// The latest value of every key in `store`.
@@ -90,7 +90,7 @@ impl NatsQueue {
         loop {
             let next = tokio::time::timeout(REQUEST_TIMEOUT, watch.next())
                 .await
-                .map_err(|_| QueueError::Nats(format!("scanning {}: timed out", store.name)))?;
+                .map_err(|_| QueueError::Unavailable(format!("scanning {}: timed out", store.name)))?;
             let Some(entry) = next else { break };
             let entry = entry.map_err(|e| nats_err(&format!("scanning {}", store.name), e))?;
             if entry.operation == kv::Operation::Put {

@@ -174,7 +174,7 @@ pub enum OpenError {
 }
 
 fn nats_err(context: &str, e: impl std::fmt::Display) -> QueueError {
-    QueueError::Nats(format!("{context}: {e}"))
+    QueueError::Unavailable(format!("nats: {context}: {e}"))
 }
 
 fn corrupt(context: &str, e: impl std::fmt::Display) -> QueueError {
@@ -239,7 +239,7 @@ impl NatsQueue {
         options: NatsOptions,
     ) -> Result<Self, QueueError> {
         if !valid_id(namespace) {
-            return Err(QueueError::Nats(format!("namespace {namespace:?} must match [A-Za-z0-9_-]+")));
+            return Err(QueueError::Invalid(format!("namespace {namespace:?} must match [A-Za-z0-9_-]+")));
         }
         let js = jetstream::new(client.clone());
         let subject_prefix = format!("ddpm.{namespace}.task");
