@@ -434,7 +434,7 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Report, GenerateError>
         runtime.spawn(feeder.feed(mine, Arc::clone(&run_shard), ready_tx));
         let unets = std::collections::BTreeMap::from([(MODEL, unet)]);
         let on_step = || bar.inc(1);
-        let device = Lane { name: "generate", unets, place, abort: &abort, on_step: &on_step };
+        let device = Lane { name: "generate", unets, place, abort: &abort, on_step: &on_step, demand: None };
         device::run(&device, ready, |r| {
             if let Ok(mut timings) = batch_timings.lock() {
                 timings.push(BatchTiming {

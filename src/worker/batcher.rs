@@ -19,7 +19,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::WorkerContext;
-use super::device::{ReadyBatch, Row, Sample, ShardHandle};
+use super::device::{Demand, ReadyBatch, Row, Sample, ShardHandle};
 use super::finisher::{self, ShardError, ShardOutput};
 use super::outputs::{self, JobOutputs};
 use crate::dataset::sink::ShardTarget;
@@ -37,6 +37,8 @@ pub struct DeviceSlot {
     pub name: String,
     /// Models loaded on the device, with the largest batch each fits (`None`: no limit found).
     pub models: BTreeMap<String, Option<usize>>,
+    /// Whether the device waits for a batch.
+    pub demand: Arc<Demand>,
 }
 
 /// Leases, groups and hands over batches until the worker drains or the device's channel closes; then
@@ -63,11 +65,7 @@ pub async fn run(ctx: Arc<WorkerContext>, device: DeviceSlot, batches: mpsc::Sen
                 continue;
             }
         };
-        let mut group = vec![first];
-        if ctx.config.co_batch {
-            fill_batch(&ctx, &device, &owner, &mut group).await;
-        }
-        if dispatch(&ctx, &device.name, group, permit, &batches, !starved).await.is_err() {
+        if dispatch(&ctx, &device, &owner, first, permit, &batches, !starved).await.is_err() {
             break;
         }
         starved = false;
@@ -237,15 +235,14 @@ async fn fill_batch(ctx: &Arc<WorkerContext>, device: &DeviceSlot, owner: &str, 
     let batch_size = u64::from(group[0].job.spec.batch_size);
     let rows: u64 = group.iter().map(Member::rows).sum();
     let mut padding = rows.div_ceil(batch_size) * batch_size - rows;
+    let key = |s: &crate::job::JobSpec| (s.model.clone(), s.scheduler, s.steps, s.eta.map(f32::to_bits), s.batch_size);
+    let wanted = key(&group[0].job.spec);
     // A leased shard with nothing to sample is skipped; the bound keeps a queue of finished shards
     // from holding the device.
     for _ in 0..batch_size {
         if padding == 0 || ctx.draining.load(Ordering::Relaxed) {
             return;
         }
-        let lead = &group[0].job.spec;
-        let key = |s: &crate::job::JobSpec| (s.model.clone(), s.scheduler, s.steps, s.eta.map(f32::to_bits), s.batch_size);
-        let wanted = key(lead);
         let fits = |job: &JobRecord, p: &ShardPayload| key(&job.spec) == wanted && p.end - p.start <= padding;
         match lease_member(ctx, device, owner, &fits).await {
             Leased::Member(m) => {
@@ -258,19 +255,78 @@ async fn fill_batch(ctx: &Arc<WorkerContext>, device: &DeviceSlot, owner: &str, 
     }
 }
 
-/// Starts the group's finishers, cuts its rows into batches and hands them to the device one at a
-/// time, each batch's noise drawn while the batch before it samples. `Err` when the device's channel
-/// closed (the shards not handed over are then given back untried by their finishers).
+/// How often a batch with padding rows looks for shards to fill them while the device is busy.
+const FILL_TRIES: usize = 16;
+
+/// A group's rows, in shard order, as their shards' handles are made.
+struct Rows {
+    rows: std::collections::VecDeque<Row>,
+    /// Each member's sampling outcome, for its finisher.
+    heard: Vec<tokio::sync::oneshot::Receiver<super::device::Sampled>>,
+}
+
+impl Rows {
+    fn take(&mut self, member: &Member) -> Arc<ShardHandle> {
+        let (handle, heard) = ShardHandle::new(member.rows(), Arc::clone(&member.output.stop), member.samples.clone());
+        let (start, end, seed) = (member.output.payload.start, member.output.payload.end, member.job.spec.seed);
+        self.rows.extend((start..end).map(|index| Row { shard: Arc::clone(&handle), index, seed: seed + index }));
+        self.heard.push(heard);
+        handle
+    }
+}
+
+/// Hands a group's batches to the device one at a time, each batch's noise drawn while the one before
+/// it samples; the group is `lead` and, when its last batch is short, the shards that fill it
+/// (co-batching), looked for up to the moment the device asks for that batch. Then starts the group's
+/// finishers. `Err` when the device's channel closed (the shards not handed over are then given back
+/// untried by their finishers).
 async fn dispatch(
     ctx: &Arc<WorkerContext>,
-    device: &str,
-    group: Vec<Member>,
+    device: &DeviceSlot,
+    owner: &str,
+    lead: Member,
     permit: tokio::sync::OwnedSemaphorePermit,
     batches: &mpsc::Sender<ReadyBatch>,
-    mut fed: bool,
+    fed: bool,
 ) -> Result<(), ()> {
-    let spec = group[0].job.spec.clone();
-    let span = group[0].output.span.clone();
+    let spec = lead.job.spec.clone();
+    let span = lead.output.span.clone();
+    let batch_size = spec.batch_size as usize;
+    let shape = ctx.models.get(&spec.model).and_then(|m| sampler::sample_shape(&m.unet_config).ok());
+    let mut hand = Hand {
+        template: BatchTemplate {
+            model: spec.model.clone(),
+            scheduler: Arc::new(lead.scheduler.clone()),
+            batch_size,
+            steps: spec.steps as usize,
+            eta: spec.eta.unwrap_or(0.0),
+            shape,
+            span: span.clone(),
+        },
+        number: 0,
+        fed,
+    };
+    let mut rows = Rows { rows: Default::default(), heard: Vec::new() };
+    rows.take(&lead);
+    let mut group = vec![lead];
+    let mut sent = Ok(());
+    while rows.rows.len() >= batch_size && sent.is_ok() {
+        let batch: Vec<Row> = rows.rows.drain(..batch_size).collect();
+        sent = hand.send(batches, batch).await;
+    }
+    if !rows.rows.is_empty() && sent.is_ok() {
+        sent = match batches.reserve().await {
+            Ok(slot) => {
+                if ctx.config.co_batch {
+                    fill_late(ctx, device, owner, &mut group, &mut rows).await;
+                }
+                let batch: Vec<Row> = rows.rows.drain(..).collect();
+                hand.send_reserved(slot, batch);
+                Ok(())
+            }
+            Err(_) => Err(()),
+        };
+    }
     if group.len() > 1 {
         let jobs: std::collections::BTreeSet<_> = group.iter().map(|m| &m.job.id).collect();
         tracing::info!(
@@ -282,45 +338,87 @@ async fn dispatch(
         );
         metrics::counter!("ddpm_co_batched_shards_total").increment(group.len() as u64 - 1);
     }
-    let scheduler = Arc::new(group[0].scheduler.clone());
-    let shape = ctx.models.get(&spec.model).and_then(|m| sampler::sample_shape(&m.unet_config).ok());
     // Every shard after the first fits in the first's last batch: all of them shared that batch.
     let ids: Vec<String> = group.iter().map(|m| format!("{}/{}", m.job.id, m.output.lease.shard)).collect();
     let permit = Arc::new(permit);
-    let mut rows = Vec::new();
-    for (m, member) in group.into_iter().enumerate() {
-        let Member { output, job, samples, .. } = member;
-        let (handle, sampled) = ShardHandle::new(output.rows(), Arc::clone(&output.stop), samples);
-        let (start, end, seed) = (output.payload.start, output.payload.end, job.spec.seed);
-        rows.extend((start..end).map(|index| Row { shard: Arc::clone(&handle), index, seed: seed + index }));
+    for (m, (member, heard)) in group.into_iter().zip(rows.heard).enumerate() {
         let batched_with = ids.iter().enumerate().filter(|(i, _)| *i != m).map(|(_, id)| id.clone()).collect();
-        let finish = finisher::finish(Arc::clone(ctx), output, sampled, device.to_string(), batched_with, Arc::clone(&permit));
-        tokio::spawn(finish);
+        let name = device.name.clone();
+        tokio::spawn(finisher::finish(Arc::clone(ctx), member.output, heard, name, batched_with, Arc::clone(&permit)));
     }
-    let batch_size = spec.batch_size as usize;
-    let (steps, eta) = (spec.steps as usize, spec.eta.unwrap_or(0.0));
-    let mut rows = rows.into_iter().peekable();
-    let mut number = 0;
-    while rows.peek().is_some() {
+    sent
+}
+
+/// Fills the padding rows of a group's last batch with compatible shards, trying again whenever work
+/// may have arrived, until they are full or the device waits for the batch.
+async fn fill_late(
+    ctx: &Arc<WorkerContext>,
+    device: &DeviceSlot,
+    owner: &str,
+    group: &mut Vec<Member>,
+    rows: &mut Rows,
+) {
+    for _ in 0..FILL_TRIES {
+        let before = group.len();
+        fill_batch(ctx, device, owner, group).await;
+        for member in &group[before..] {
+            rows.take(member);
+        }
+        let padding = group[0].job.spec.batch_size as usize - rows.rows.len();
+        if padding == 0 || device.demand.is_waiting() || ctx.draining.load(Ordering::Relaxed) {
+            return;
+        }
+        tokio::select! {
+            _ = device.demand.asked() => {}
+            _ = ctx.wake.notified() => {}
+            _ = tokio::time::sleep(ctx.config.idle_poll) => {}
+        }
+    }
+}
+
+/// What every batch of a group shares.
+struct BatchTemplate {
+    model: String,
+    scheduler: Arc<SchedulerConfig>,
+    batch_size: usize,
+    steps: usize,
+    eta: f32,
+    shape: Option<[i64; 3]>,
+    span: tracing::Span,
+}
+
+/// Hands a group's batches over, numbered, their noise started as each is sent.
+struct Hand {
+    template: BatchTemplate,
+    number: usize,
+    fed: bool,
+}
+
+impl Hand {
+    async fn send(&mut self, batches: &mpsc::Sender<ReadyBatch>, rows: Vec<Row>) -> Result<(), ()> {
         let slot = batches.reserve().await.map_err(|_| ())?;
-        let rows: Vec<Row> = rows.by_ref().take(batch_size).collect();
+        self.send_reserved(slot, rows);
+        Ok(())
+    }
+
+    fn send_reserved(&mut self, slot: mpsc::Permit<'_, ReadyBatch>, rows: Vec<Row>) {
+        let t = &self.template;
         let seeds: Vec<u64> = rows.iter().map(|r| r.seed).collect();
-        let req = BatchRequest { seeds: &seeds, batch_size, steps, eta };
-        let noise = shape.and_then(|shape| sampler::noise_ahead(shape, &scheduler, &req).ok());
+        let req = BatchRequest { seeds: &seeds, batch_size: t.batch_size, steps: t.steps, eta: t.eta };
+        let noise = t.shape.and_then(|shape| sampler::noise_ahead(shape, &t.scheduler, &req).ok());
         slot.send(ReadyBatch {
-            model: spec.model.clone(),
-            scheduler: Arc::clone(&scheduler),
-            batch_size,
-            steps,
-            eta,
+            model: t.model.clone(),
+            scheduler: Arc::clone(&t.scheduler),
+            batch_size: t.batch_size,
+            steps: t.steps,
+            eta: t.eta,
             rows,
             noise,
-            number,
-            fed,
-            span: span.clone(),
+            number: self.number,
+            fed: self.fed,
+            span: t.span.clone(),
         });
-        number += 1;
-        fed = true;
+        self.number += 1;
+        self.fed = true;
     }
-    Ok(())
 }

@@ -122,6 +122,32 @@ pub struct ReadyBatch {
     pub span: tracing::Span,
 }
 
+/// Whether the device waits for its next batch: a batcher holding a batch with padding rows keeps filling
+/// it with shards of other jobs until the device asks.
+#[derive(Debug, Default)]
+pub struct Demand {
+    waiting: AtomicBool,
+    asked: tokio::sync::Notify,
+}
+
+impl Demand {
+    pub fn is_waiting(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Until the device next starts to wait (at once if it asked since the last call).
+    pub async fn asked(&self) {
+        self.asked.notified().await
+    }
+
+    fn set_waiting(&self, waiting: bool) {
+        self.waiting.store(waiting, Ordering::Relaxed);
+        if waiting {
+            self.asked.notify_one();
+        }
+    }
+}
+
 /// What the device loop needs besides its batches.
 pub struct Lane<'a> {
     /// The device's name in metrics and logs.
@@ -132,6 +158,8 @@ pub struct Lane<'a> {
     pub abort: &'a AtomicBool,
     /// Called after every denoising step (a progress bar).
     pub on_step: &'a (dyn Fn() + Sync),
+    /// Told whenever the loop waits for a batch.
+    pub demand: Option<&'a Demand>,
 }
 
 /// Where one batch's time went.
@@ -157,7 +185,15 @@ pub fn run(
     let busy = metrics::histogram!("ddpm_device_busy_seconds", "device" => lane.name.to_string());
     let idle = metrics::histogram!("ddpm_device_idle_seconds", "device" => lane.name.to_string());
     let mut previous_end: Option<Instant> = None;
-    while let Some(batch) = batches.blocking_recv() {
+    loop {
+        if let Some(d) = lane.demand {
+            d.set_waiting(true);
+        }
+        let batch = batches.blocking_recv();
+        if let Some(d) = lane.demand {
+            d.set_waiting(false);
+        }
+        let Some(batch) = batch else { break };
         let started = Instant::now();
         let waited = previous_end.filter(|_| batch.fed).map(|end| started - end);
         if let Some(w) = waited {

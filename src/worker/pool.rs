@@ -15,7 +15,7 @@ use tch::Device;
 
 use super::WorkerContext;
 use super::batcher::{self, DeviceSlot};
-use super::device::{self, Lane};
+use super::device::{self, Demand, Lane};
 use super::warmup::{DeviceModels, panic_message};
 use crate::placement::device_name;
 
@@ -69,9 +69,11 @@ pub fn start(ctx: &Arc<WorkerContext>, devices: &[(Device, Option<i32>)]) -> std
 /// are through.
 fn run_device(ctx: &Arc<WorkerContext>, models: &DeviceModels) -> Result<(), String> {
     let name = device_name(models.device);
+    let demand = Arc::new(Demand::default());
     let slot = DeviceSlot {
         name: name.clone(),
         models: models.unets.keys().map(|m| (m.clone(), models.max_batch.get(m).copied())).collect(),
+        demand: Arc::clone(&demand),
     };
     // One batch waits while one samples; the batcher builds the next as soon as the device takes one.
     let (batches, ready) = tokio::sync::mpsc::channel(1);
@@ -82,6 +84,7 @@ fn run_device(ctx: &Arc<WorkerContext>, models: &DeviceModels) -> Result<(), Str
         place: crate::sampler::Placement { device: models.device, kind: ctx.config.kind },
         abort: &ctx.abort,
         on_step: &|| {},
+        demand: Some(&demand),
     };
     let ran = device::run(&lane, ready, |_| {});
     let _ = ctx.runtime.block_on(batcher);
