@@ -363,19 +363,7 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Report, GenerateError>
     let store = runtime.block_on(crate::storage::open_store(&spec.out, spec.s3_path_style))?;
     let (shard, first, end) = spec.range();
     runtime.block_on(check_fresh(spec, store.as_ref(), shard, (first, end)))?;
-
-    let (s3_copy, _temporary) = spec.s3_copy_dir()?;
-    let model_dir = runtime.block_on(spec.model.fetch(&s3_copy, spec.s3_path_style))?;
-    let files = ModelFiles::locate(&model_dir)?;
-    let scheduler_text =
-        fs::read_to_string(&files.scheduler_config).map_err(GenerateError::io(&files.scheduler_config))?;
-    let scheduler = SchedulerConfig::from_json(spec.scheduler, &scheduler_text)?;
-    let eta = spec.eta.unwrap_or(0.0);
-    let steps_per_batch = scheduler.build(spec.steps, eta)?.timesteps().len();
-
-    let weights_sha = sha256_file(&files.weights).map_err(GenerateError::io(&files.weights))?;
-    let unet = LoadedUNet::prepare(&files, spec.device, spec.dtype.kind(), spec.layout, spec.cuda_graphs)?;
-    let load_seconds = started.elapsed().as_secs_f64();
+    let loaded = Loaded::load(spec, &runtime, started)?;
 
     // `first` is a batch boundary of the whole run, so these are the run's own batches.
     let batches: Vec<Vec<u64>> = (first..end)
@@ -384,22 +372,21 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Report, GenerateError>
         .chunks(spec.batch_size)
         .map(<[u64]>::to_vec)
         .collect();
-    let bar = progress_bar(progress, (batches.len() * steps_per_batch) as u64);
-
-    let (h, w) = unet.config.sample_hw()?;
-    let shape = (unet.config.in_channels as u64, h as u64, w as u64);
-    let dataset = validation::storage(spec.storage, shape, spec.batch_size as u64, &mut Violations::default());
-    let source = spec.model.source();
+    let bar = progress_bar(progress, (batches.len() * loaded.steps_per_batch) as u64);
+    let shape = loaded.sample_shape()?;
+    let shape = (shape[0] as u64, shape[1] as u64, shape[2] as u64);
+    let dataset =
+        validation::storage(spec.storage, shape, spec.batch_size as u64, &mut Violations::default());
     let target = ShardTarget {
         store: Arc::clone(&store),
         base: String::new(),
         options: dataset,
         context: SampleContext {
-            model: source.clone(),
-            model_sha256: weights_sha.clone(),
+            model: spec.model.source(),
+            model_sha256: loaded.weights_sha.clone(),
             scheduler: spec.scheduler.as_str().into(),
             steps: spec.steps as u32,
-            eta,
+            eta: spec.eta.unwrap_or(0.0),
             seed: spec.seed,
         },
         shard,
@@ -418,19 +405,156 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Report, GenerateError>
         }
     }));
 
-    // The run is one shard on the device loop, as a service shard is: its lanes' batchers hand batches
-    // over, each lane's device loop samples them, and the writer above stores the images.
     let sampling_started = Instant::now();
-    let (run_shard, sampled) = ShardHandle::new(end - first, Arc::new(AtomicBool::new(false)), tx);
+    let sampled = sample_lanes(spec, &runtime, &loaded, &batches, end - first, tx, &bar);
+    let written =
+        runtime.block_on(writer).map_err(|e| GenerateError::Dataset(DatasetError::Corrupt(e.to_string())))?;
+    let (lanes, mut batch_times) = match sampled {
+        Ok(done) => done,
+        // The writer's own error says why it stopped taking samples.
+        Err(LanesFailed::WriterStopped) => {
+            written?;
+            return Err(GenerateError::Sampling("the writer stopped".into()));
+        }
+        Err(LanesFailed::Sampling(e)) => return Err(e),
+    };
+    let written = written?;
+    let grid_tiles: Vec<DynamicImage> =
+        tile_rx.try_iter().collect::<std::collections::BTreeMap<_, _>>().into_values().collect();
+    let sampling_seconds = sampling_started.elapsed().as_secs_f64();
+    batch_times.sort_by_key(|t| t.batch);
+    bar.finish_and_clear();
+
+    let grid = imaging::make_grid(&grid_tiles, imaging::grid_columns(grid_tiles.len()));
+    let grid_png = imaging::encode_png(&grid)?;
+    let grid = FileRecord { file: spec.grid_key(), sha256: sha256_hex(&grid_png) };
+    let grid_put = runtime.block_on(store.put(&grid.file, grid_png.into(), "image/png"))?;
+    let timings = Timings {
+        load_seconds: loaded.load_seconds,
+        sampling_seconds,
+        total_seconds: started.elapsed().as_secs_f64(),
+        images_per_second: (end - first) as f64 / sampling_seconds.max(1e-9),
+        batches: batch_times,
+    };
+    let manifest = loaded.manifest(spec, (first, end), lanes, dataset, written, grid, timings);
+    let json = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
+    let manifest_put = runtime.block_on(store.put(&spec.manifest_key(), json.into(), "application/json"))?;
+    if let Destination::File { root, prefix } = &spec.out {
+        // The writer's staging folder, empty now.
+        let _ = fs::remove_dir(root.join(prefix).join(crate::storage::local::STAGING_DIR));
+    }
+    Ok(Report { manifest, manifest_uri: manifest_put.uri, grid_uri: grid_put.uri })
+}
+
+/// The model and scheduler of a run, loaded.
+struct Loaded {
+    files: ModelFiles,
+    scheduler: SchedulerConfig,
+    steps_per_batch: usize,
+    weights_sha: String,
+    unet: LoadedUNet,
+    load_seconds: f64,
+}
+
+impl Loaded {
+    fn load(
+        spec: &GenerateSpec,
+        runtime: &tokio::runtime::Runtime,
+        started: Instant,
+    ) -> Result<Self, GenerateError> {
+        let (s3_copy, _temporary) = spec.s3_copy_dir()?;
+        let model_dir = runtime.block_on(spec.model.fetch(&s3_copy, spec.s3_path_style))?;
+        let files = ModelFiles::locate(&model_dir)?;
+        let scheduler_text = fs::read_to_string(&files.scheduler_config)
+            .map_err(GenerateError::io(&files.scheduler_config))?;
+        let scheduler = SchedulerConfig::from_json(spec.scheduler, &scheduler_text)?;
+        let steps_per_batch = scheduler.build(spec.steps, spec.eta.unwrap_or(0.0))?.timesteps().len();
+        let weights_sha = sha256_file(&files.weights).map_err(GenerateError::io(&files.weights))?;
+        let unet =
+            LoadedUNet::prepare(&files, spec.device, spec.dtype.kind(), spec.layout, spec.cuda_graphs)?;
+        let load_seconds = started.elapsed().as_secs_f64();
+        Ok(Self { files, scheduler, steps_per_batch, weights_sha, unet, load_seconds })
+    }
+
+    fn sample_shape(&self) -> Result<[i64; 3], SampleError> {
+        sampler::sample_shape(&self.unet.config)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn manifest(
+        &self,
+        spec: &GenerateSpec,
+        (first, end): (u64, u64),
+        lanes: usize,
+        dataset: DatasetOptions,
+        written: crate::dataset::sink::ShardOutput,
+        grid: FileRecord,
+        timings: Timings,
+    ) -> Manifest {
+        Manifest {
+            version: format!("ddpm-worker {}", env!("CARGO_PKG_VERSION")),
+            created_at: now_rfc3339(),
+            model: ModelRecord {
+                source: spec.model.source(),
+                path: self.files.root.display().to_string(),
+                weights: self.files.weights.display().to_string(),
+                sha256: self.weights_sha.clone(),
+                parameters: self.unet.num_parameters(),
+                config: serde_json::to_value(&self.unet.config).unwrap_or_default(),
+            },
+            scheduler: self.scheduler.to_json(),
+            steps: spec.steps,
+            eta: spec.eta.unwrap_or(0.0),
+            seed: spec.seed,
+            num_samples: spec.num_samples,
+            batch_size: spec.batch_size,
+            part: spec.part.map(|p| PartRecord { index: p.index, count: p.count, first, end }),
+            dtype: spec.dtype,
+            layout: spec.layout,
+            lanes,
+            cuda_graphs: spec.cuda_graphs,
+            cudnn_benchmark: crate::model::cudnn_benchmark_applies(spec.device, spec.layout),
+            device: device_name(spec.device),
+            dataset,
+            index: written.index,
+            files: written.files,
+            grid,
+            timings,
+        }
+    }
+}
+
+/// Why a run's lanes did not sample every batch.
+enum LanesFailed {
+    /// The writer stopped taking samples (its own error says why).
+    WriterStopped,
+    Sampling(GenerateError),
+}
+
+/// Samples a run's batches: the run is one shard on the device loop, as a service shard is. Each lane's
+/// batcher hands it every `lanes`-th batch, its device loop samples them, and their images go to `tx`
+/// (the run's writer). Returns the lanes used and each batch's timing.
+fn sample_lanes(
+    spec: &GenerateSpec,
+    runtime: &tokio::runtime::Runtime,
+    loaded: &Loaded,
+    batches: &[Vec<u64>],
+    rows: u64,
+    tx: tokio::sync::mpsc::Sender<Sample>,
+    bar: &indicatif::ProgressBar,
+) -> Result<(usize, Vec<BatchTiming>), LanesFailed> {
+    let (run_shard, sampled) = ShardHandle::new(rows, Arc::new(AtomicBool::new(false)), tx);
     let lanes = spec.lanes.clamp(1, batches.len().max(1));
     let place = Placement { device: spec.device, kind: spec.dtype.kind() };
-    let feeder = LaneSource { spec, scheduler: Arc::new(scheduler.clone()), shape: sampler::sample_shape(&unet.config)? };
+    let shape = loaded.sample_shape().map_err(|e| LanesFailed::Sampling(e.into()))?;
+    let feeder = LaneSource { spec, scheduler: Arc::new(loaded.scheduler.clone()), shape };
     let batch_timings = std::sync::Mutex::new(Vec::with_capacity(batches.len()));
     let abort = AtomicBool::new(false);
     // A lane: its batcher on the runtime, its device loop on the thread that calls this.
     let run_lane = |lane: usize, unet: &LoadedUNet| -> Result<(), String> {
         let (ready_tx, ready) = tokio::sync::mpsc::channel(1);
-        let mine: Vec<(usize, Vec<u64>)> = batches.iter().cloned().enumerate().skip(lane).step_by(lanes).collect();
+        let mine: Vec<(usize, Vec<u64>)> =
+            batches.iter().cloned().enumerate().skip(lane).step_by(lanes).collect();
         runtime.spawn(feeder.feed(mine, Arc::clone(&run_shard), ready_tx));
         let unets = std::collections::BTreeMap::from([(MODEL, unet)]);
         let on_step = || bar.inc(1);
@@ -448,15 +572,14 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Report, GenerateError>
     };
     let lost: Vec<Result<(), String>> = if lanes == 1 {
         // One lane runs on the calling thread (its OpenMP team is the process's).
-        vec![run_lane(0, &unet)]
+        vec![run_lane(0, &loaded.unet)]
     } else {
-        // Each lane samples every `lanes`-th batch on its own thread with its own replica and (CPU)
-        // share of the CPU threads.
+        // Each lane samples on its own thread with its own replica and (CPU) share of the CPU threads.
         let threads = (!spec.device.is_cuda()).then(|| (tch::get_num_threads() / lanes as i32).max(1));
         std::thread::scope(|scope| {
             let handles: Vec<_> = (0..lanes)
                 .map(|lane| {
-                    let mut replica = unet.replica();
+                    let mut replica = loaded.unet.replica();
                     if spec.cuda_graphs {
                         replica.set_graphs(Some(crate::model::graphs::GraphMode::Cuda));
                     }
@@ -469,83 +592,19 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Report, GenerateError>
                     })
                 })
                 .collect();
-            handles.into_iter().map(|h| h.join().unwrap_or_else(|p| Err(crate::worker::warmup::panic_message(&p)))).collect()
+            let joined = handles.into_iter().map(|h| h.join());
+            joined.map(|j| j.unwrap_or_else(|p| Err(crate::worker::warmup::panic_message(&p)))).collect()
         })
     };
     drop(run_shard);
-    let sampled = runtime.block_on(sampled);
-    let written =
-        runtime.block_on(writer).map_err(|e| GenerateError::Dataset(DatasetError::Corrupt(e.to_string())))?;
-    match sampled {
-        Ok(Sampled::Done { .. }) => {}
-        Ok(Sampled::WriterStopped) => {
-            written?;
-            return Err(GenerateError::Sampling("the writer stopped".into()));
-        }
-        Ok(Sampled::Failed { error, .. }) => return Err(GenerateError::Sampling(error)),
-        Ok(Sampled::Cancelled) => return Err(GenerateError::Sample(SampleError::Cancelled)),
-        Err(_) => {
-            let error = lost.into_iter().find_map(Result::err).unwrap_or_else(|| "a lane stopped".into());
-            return Err(GenerateError::Sampling(error));
-        }
+    let failed = |e: String| Err(LanesFailed::Sampling(GenerateError::Sampling(e)));
+    match runtime.block_on(sampled) {
+        Ok(Sampled::Done { .. }) => Ok((lanes, batch_timings.into_inner().unwrap_or_default())),
+        Ok(Sampled::WriterStopped) => Err(LanesFailed::WriterStopped),
+        Ok(Sampled::Failed { error, .. }) => failed(error),
+        Ok(Sampled::Cancelled) => Err(LanesFailed::Sampling(GenerateError::Sample(SampleError::Cancelled))),
+        Err(_) => failed(lost.into_iter().find_map(Result::err).unwrap_or_else(|| "a lane stopped".into())),
     }
-    let written = written?;
-    let grid_tiles: Vec<DynamicImage> =
-        tile_rx.try_iter().collect::<std::collections::BTreeMap<_, _>>().into_values().collect();
-    let sampling_seconds = sampling_started.elapsed().as_secs_f64();
-    let mut batch_times = batch_timings.into_inner().unwrap_or_default();
-    batch_times.sort_by_key(|t| t.batch);
-    bar.finish_and_clear();
-
-    let grid = imaging::make_grid(&grid_tiles, imaging::grid_columns(grid_tiles.len()));
-    let grid_png = imaging::encode_png(&grid)?;
-    let grid_sha256 = sha256_hex(&grid_png);
-    let grid_key = spec.grid_key();
-    let grid_put = runtime.block_on(store.put(&grid_key, grid_png.into(), "image/png"))?;
-
-    let manifest = Manifest {
-        version: format!("ddpm-worker {}", env!("CARGO_PKG_VERSION")),
-        created_at: now_rfc3339(),
-        model: ModelRecord {
-            source,
-            path: files.root.display().to_string(),
-            weights: files.weights.display().to_string(),
-            sha256: weights_sha,
-            parameters: unet.num_parameters(),
-            config: serde_json::to_value(&unet.config).unwrap_or_default(),
-        },
-        scheduler: scheduler.to_json(),
-        steps: spec.steps,
-        eta,
-        seed: spec.seed,
-        num_samples: spec.num_samples,
-        batch_size: spec.batch_size,
-        part: spec.part.map(|p| PartRecord { index: p.index, count: p.count, first, end }),
-        dtype: spec.dtype,
-        layout: spec.layout,
-        lanes,
-        cuda_graphs: spec.cuda_graphs,
-        cudnn_benchmark: crate::model::cudnn_benchmark_applies(spec.device, spec.layout),
-        device: device_name(spec.device),
-        dataset,
-        index: written.index,
-        files: written.files,
-        grid: FileRecord { file: grid_key, sha256: grid_sha256 },
-        timings: Timings {
-            load_seconds,
-            sampling_seconds,
-            total_seconds: started.elapsed().as_secs_f64(),
-            images_per_second: (end - first) as f64 / sampling_seconds.max(1e-9),
-            batches: batch_times,
-        },
-    };
-    let json = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
-    let manifest_put = runtime.block_on(store.put(&spec.manifest_key(), json.into(), "application/json"))?;
-    if let Destination::File { root, prefix } = &spec.out {
-        // The writer's staging folder, empty now.
-        let _ = fs::remove_dir(root.join(prefix).join(crate::storage::local::STAGING_DIR));
-    }
-    Ok(Report { manifest, manifest_uri: manifest_put.uri, grid_uri: grid_put.uri })
 }
 
 /// `spec.out` as the user wrote it: the folder, or `s3://bucket/prefix`.

@@ -460,66 +460,7 @@ fn main() -> ExitCode {
         Command::List(a) => run_client(client::list(a)),
         Command::Cancel(a) => run_client(client::cancel(a)),
         Command::Retry(a) => run_client(client::retry(a, progress)),
-        Command::Generate(a) => {
-            ddpm_worker::model::set_cudnn_benchmark(a.place.cudnn_benchmark);
-            let part = match (a.part, a.part_count) {
-                (Some(p), _) => Some(p),
-                (None, Some(count)) => match indexed_job_part(count) {
-                    Ok(p) => Some(p),
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        return ExitCode::from(2);
-                    }
-                },
-                (None, None) => None,
-            };
-            let spec = GenerateSpec {
-                model: a.model,
-                model_cache: a.model_cache,
-                s3_path_style: a.s3_path_style,
-                scheduler: a.scheduler,
-                steps: a.steps,
-                eta: a.eta,
-                num_samples: a.num_samples,
-                seed: a.seed,
-                batch_size: a.batch_size.unwrap_or(a.num_samples.clamp(1, 8)),
-                device: a.place.device,
-                dtype: a.place.dtype,
-                layout: if a.fast { Layout::ChannelsLast } else { a.place.layout.into() },
-                lanes: if a.fast && !a.place.device.is_cuda() { physical_cores() } else { a.lanes },
-                cuda_graphs: a.place.cuda_graphs,
-                out: a.out,
-                part,
-                storage: ddpm_worker::validation::StorageRequest {
-                    format: a.dataset.format,
-                    image: a.dataset.image_format,
-                    jpeg_quality: a.dataset.quality,
-                    png_level: a.dataset.png_level.filter(|&l| l != 0),
-                    target_file_bytes: a.dataset.target_file_bytes,
-                },
-            };
-            match generate::run(&spec, std::io::stderr().is_terminal()) {
-                Ok(r) => {
-                    let m = &r.manifest;
-                    let what = match &m.part {
-                        Some(p) => format!("samples {}..{} (part {}/{})", p.first, p.end, p.index, p.count),
-                        None => format!("{} samples", m.num_samples),
-                    };
-                    println!(
-                        "wrote {what} to {} (grid: {}, manifest: {}) at {:.2} images/s",
-                        generate::out_display(&spec.out),
-                        r.grid_uri,
-                        r.manifest_uri,
-                        m.timings.images_per_second
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(if e.is_invalid_input() { 2 } else { 1 })
-                }
-            }
-        }
+        Command::Generate(a) => generate(a),
         Command::BenchSubmit(a) => print_json(runtime().map_err(|e| e.to_string()).and_then(|rt| {
             rt.block_on(benchmark::time_submits(&a.server, &a.model, a.clients, a.per_client))
                 .map_err(|e| e.to_string())
@@ -576,5 +517,67 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// `generate`: one run (or its part) into a folder or an S3 prefix.
+fn generate(a: GenerateArgs) -> ExitCode {
+    ddpm_worker::model::set_cudnn_benchmark(a.place.cudnn_benchmark);
+    let part = match (a.part, a.part_count) {
+        (Some(p), _) => Some(p),
+        (None, Some(count)) => match indexed_job_part(count) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        (None, None) => None,
+    };
+    let spec = GenerateSpec {
+        model: a.model,
+        model_cache: a.model_cache,
+        s3_path_style: a.s3_path_style,
+        scheduler: a.scheduler,
+        steps: a.steps,
+        eta: a.eta,
+        num_samples: a.num_samples,
+        seed: a.seed,
+        batch_size: a.batch_size.unwrap_or(a.num_samples.clamp(1, 8)),
+        device: a.place.device,
+        dtype: a.place.dtype,
+        layout: if a.fast { Layout::ChannelsLast } else { a.place.layout.into() },
+        lanes: if a.fast && !a.place.device.is_cuda() { physical_cores() } else { a.lanes },
+        cuda_graphs: a.place.cuda_graphs,
+        out: a.out,
+        part,
+        storage: ddpm_worker::validation::StorageRequest {
+            format: a.dataset.format,
+            image: a.dataset.image_format,
+            jpeg_quality: a.dataset.quality,
+            png_level: a.dataset.png_level.filter(|&l| l != 0),
+            target_file_bytes: a.dataset.target_file_bytes,
+        },
+    };
+    match generate::run(&spec, std::io::stderr().is_terminal()) {
+        Ok(r) => {
+            let m = &r.manifest;
+            let what = match &m.part {
+                Some(p) => format!("samples {}..{} (part {}/{})", p.first, p.end, p.index, p.count),
+                None => format!("{} samples", m.num_samples),
+            };
+            println!(
+                "wrote {what} to {} (grid: {}, manifest: {}) at {:.2} images/s",
+                generate::out_display(&spec.out),
+                r.grid_uri,
+                r.manifest_uri,
+                m.timings.images_per_second
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(if e.is_invalid_input() { 2 } else { 1 })
+        }
     }
 }

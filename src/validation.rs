@@ -95,7 +95,12 @@ pub struct StorageRequest {
 /// The layout and encoding a request asks for, with the defaults filled in; data files are sized from
 /// the sample shape `(C, H, W)` and hold whole batches. Settings that do not apply to the chosen format
 /// are refused rather than ignored.
-pub fn storage(req: StorageRequest, shape: (u64, u64, u64), batch_size: u64, bad: &mut Violations) -> DatasetOptions {
+pub fn storage(
+    req: StorageRequest,
+    shape: (u64, u64, u64),
+    batch_size: u64,
+    bad: &mut Violations,
+) -> DatasetOptions {
     let quality = match req.jpeg_quality {
         None => dataset::DEFAULT_JPEG_QUALITY,
         Some(q) if req.image != ImageFormat::Jpeg => {
@@ -166,7 +171,10 @@ mod tests {
         assert_eq!(fields(StorageRequest { png_level: Some(3), ..jpeg }), [Field::PngLevel]);
         assert_eq!(fields(StorageRequest { jpeg_quality: Some(0), ..jpeg }), [Field::JpegQuality]);
         assert!(fields(StorageRequest { jpeg_quality: Some(100), ..jpeg }).is_empty());
-        assert_eq!(fields(StorageRequest { target_file_bytes: Some(1 << 20), ..png }), [Field::TargetFileBytes]);
+        assert_eq!(
+            fields(StorageRequest { target_file_bytes: Some(1 << 20), ..png }),
+            [Field::TargetFileBytes]
+        );
         let tars = StorageRequest { format: DataFormat::Webdataset, ..png };
         assert!(fields(StorageRequest { target_file_bytes: Some(1 << 20), ..tars }).is_empty());
         assert_eq!(fields(StorageRequest { target_file_bytes: Some(1), ..tars }), [Field::TargetFileBytes]);

@@ -83,6 +83,26 @@ pub struct Catalog<'a> {
     pub outputs: &'a Outputs,
 }
 
+/// The bad fields of a request, by their paths.
+#[derive(Default)]
+struct Bad(Vec<FieldViolation>);
+
+impl Bad {
+    /// A field of the request's spec (`sampling.steps` is `spec.sampling.steps`).
+    fn spec(&mut self, field: &str, description: String) {
+        self.0.push(FieldViolation { field: format!("spec.{field}"), description });
+    }
+
+    /// What the shared rules ([`validation`]) found.
+    fn rules(&mut self, rules: Violations) {
+        let named = rules
+            .0
+            .into_iter()
+            .map(|v| FieldViolation { field: v.field.api_path().into(), description: v.message });
+        self.0.extend(named);
+    }
+}
+
 /// Checks a submission and resolves its defaults (seed, batch size, grid, destination), naming every
 /// bad field by its path in the request (`spec.sampling.steps`). A well-formed destination outside the
 /// allowed ones is PERMISSION_DENIED, once nothing else is wrong.
@@ -92,154 +112,38 @@ pub fn job_spec(
     catalog: &Catalog<'_>,
     owner: &str,
 ) -> Result<JobSpec, ServiceError> {
-    let mut bad = Vec::new();
+    let mut bad = Bad::default();
     if submit.request_id.len() > 128 {
-        bad.push(FieldViolation { field: "request_id".into(), description: "at most 128 bytes".into() });
+        bad.0.push(FieldViolation { field: "request_id".into(), description: "at most 128 bytes".into() });
     }
-    let mut violation = |field: &str, description: String| {
-        bad.push(FieldViolation { field: format!("spec.{field}"), description })
-    };
     let Some(req) = submit.spec.as_ref() else {
-        violation("model", "required (the spec is missing)".into());
-        return Err(ServiceError::InvalidArgument(bad));
+        bad.spec("model", "required (the spec is missing)".into());
+        return Err(ServiceError::InvalidArgument(bad.0));
     };
-    let mut denied = None;
-    let model = catalog.models.get(&req.model);
-    if req.model.is_empty() {
-        violation("model", "required".into());
-    } else if model.is_none() {
-        let served: Vec<&str> = catalog.models.keys().map(String::as_str).collect();
-        violation(
-            "model",
-            format!("unknown model {}; this worker serves {}", shown(&req.model), served.join(", ")),
-        );
-    }
-    let sampling = req.sampling.unwrap_or_default();
-    let scheduler = match pb::Scheduler::try_from(sampling.scheduler) {
-        Ok(pb::Scheduler::Unspecified) => {
-            violation("sampling.scheduler", "required (DDPM, DDIM, PNDM or DPMSOLVER)".into());
-            None
-        }
-        Ok(known) => Some(scheduler_from_pb(known)),
-        Err(_) => {
-            violation("sampling.scheduler", format!("unknown scheduler {}", sampling.scheduler));
-            None
-        }
-    };
-    if sampling.steps == 0 || sampling.steps > limits.max_steps {
-        violation("sampling.steps", format!("{} must be in 1..={}", sampling.steps, limits.max_steps));
-    }
-    let mut rules = Violations::default();
-    validation::eta(scheduler, sampling.eta, &mut rules);
-    // The model's own scheduler config decides which step counts work (e.g. DDPM ≤ its training steps).
-    if let (Some(model), Some(kind)) = (model, scheduler)
-        && (1..=limits.max_steps).contains(&sampling.steps)
-    {
-        match model
-            .scheduler(kind)
-            .and_then(|s| s.build(sampling.steps as usize, sampling.eta.unwrap_or(0.0)))
-        {
-            Ok(_) => {}
-            Err(SchedulerError::Steps { max, .. }) => {
-                violation("sampling.steps", format!("{} must be in 1..={max} for this model", sampling.steps))
-            }
-            Err(e) => violation("sampling.scheduler", e.to_string()),
-        }
-    }
+    let (model, scheduler, sampling) = sampling(req, limits, catalog, &mut bad);
     if req.num_samples == 0 || req.num_samples > limits.max_samples {
-        violation("num_samples", format!("{} must be in 1..={}", req.num_samples, limits.max_samples));
+        bad.spec("num_samples", format!("{} must be in 1..={}", req.num_samples, limits.max_samples));
     }
     // A server-chosen seed stays below 2^53 so it survives JSON tooling exactly.
     let seed = req.seed.unwrap_or_else(|| uuid::Uuid::new_v4().as_u64_pair().0 >> 11);
+    let mut rules = Violations::default();
     validation::seeds(seed, req.num_samples, &mut rules);
+    bad.rules(rules);
     let batch_size = match req.batch_size {
         0 => limits.default_batch_size.min(req.num_samples.clamp(1, u64::from(u32::MAX)) as u32),
         b if b > limits.max_batch_size => {
-            violation("batch_size", format!("{b} exceeds the limit of {}", limits.max_batch_size));
+            bad.spec("batch_size", format!("{b} exceeds the limit of {}", limits.max_batch_size));
             1
         }
         b => b,
     };
-    let (samples_per_grid, grid_columns) = match &req.grid {
-        None => {
-            let n = req.num_samples.min(64) as u32;
-            (n, crate::imaging::grid_columns(n as usize) as u32)
-        }
-        Some(g) if g.samples_per_grid > limits.max_samples_per_grid => {
-            violation(
-                "grid.samples_per_grid",
-                format!("{} exceeds the limit of {}", g.samples_per_grid, limits.max_samples_per_grid),
-            );
-            (0, 0)
-        }
-        Some(g) if g.samples_per_grid > 0 && g.columns > g.samples_per_grid => {
-            violation("grid.columns", format!("{} is more than samples_per_grid", g.columns));
-            (0, 0)
-        }
-        Some(g) => {
-            let cols = if g.columns == 0 {
-                crate::imaging::grid_columns(g.samples_per_grid as usize) as u32
-            } else {
-                g.columns
-            };
-            (g.samples_per_grid, cols)
-        }
-    };
-    let (destination, prefix) =
-        req.output.as_ref().map_or(("", ""), |o| (o.destination.as_str(), o.prefix.as_str()));
-    // The prefix is checked on its own first, so that a bad destination and a bad prefix are both named.
-    let prefix = match prefix.trim_end_matches('/') {
-        "" => "",
-        p => match crate::storage::check_prefix(p) {
-            Ok(()) => prefix,
-            Err(e) => {
-                violation("output.prefix", format!("{}: {e}", shown(prefix)));
-                ""
-            }
-        },
-    };
-    let output = match catalog.outputs.resolve(destination, prefix) {
-        Ok(dest) => Some(dest),
-        Err(Refusal::Invalid(field, e)) => {
-            let value = if field == "output.prefix" { prefix } else { destination };
-            violation(field, format!("{}: {e}", shown(value)));
-            None
-        }
-        Err(Refusal::NotAllowed(e)) => {
-            denied = Some(e);
-            None
-        }
-    };
-    let dataset = dataset_options(
-        req.output.as_ref(),
-        limits,
-        model.map(|m| m.as_ref()),
-        batch_size,
-        &mut rules,
-        &mut violation,
-    );
-    if req.labels.len() > 64 {
-        violation("labels", "at most 64 labels".into());
-    }
-    for (k, v) in &req.labels {
-        let key_ok = !k.is_empty()
-            && k.len() <= 63
-            && k.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
-        if !key_ok {
-            violation("labels", format!("key {}: 1 to 63 of letters, digits, '-', '_', '.', '/'", shown(k)));
-        }
-        if v.len() > 256 {
-            violation("labels", format!("value of {}: at most 256 bytes", shown(k)));
-        }
-    }
-    if !limits.priorities.contains(&req.priority) {
-        let (lo, hi) = (limits.priorities.start(), limits.priorities.end());
-        violation("priority", format!("{} must be in {lo}..={hi}", req.priority));
-    }
-    // The shared rules' violations, in the order of the request's fields.
-    bad.extend(rules.0.into_iter().map(|v| FieldViolation { field: v.field.api_path().into(), description: v.message }));
-    if !bad.is_empty() {
-        return Err(ServiceError::InvalidArgument(bad));
+    let (samples_per_grid, grid_columns) = grid(req, limits, &mut bad);
+    let (output, denied) = destination(req, catalog, &mut bad);
+    let dataset =
+        dataset_options(req.output.as_ref(), limits, model.map(|m| m.as_ref()), batch_size, &mut bad);
+    placement(req, limits, &mut bad);
+    if !bad.0.is_empty() {
+        return Err(ServiceError::InvalidArgument(bad.0));
     }
     if let Some(denied) = denied {
         return Err(ServiceError::PermissionDenied(denied));
@@ -265,6 +169,132 @@ pub fn job_spec(
     })
 }
 
+/// The model a request names, its scheduler and the sampling settings, checked (the model's own
+/// scheduler config decides which step counts work, e.g. DDPM at most its training steps).
+fn sampling<'a>(
+    req: &pb::JobSpec,
+    limits: &Limits,
+    catalog: &Catalog<'a>,
+    bad: &mut Bad,
+) -> (Option<&'a Arc<ResolvedModel>>, Option<SchedulerKind>, pb::SamplingSpec) {
+    let model = catalog.models.get(&req.model);
+    if req.model.is_empty() {
+        bad.spec("model", "required".into());
+    } else if model.is_none() {
+        let served: Vec<&str> = catalog.models.keys().map(String::as_str).collect();
+        let message =
+            format!("unknown model {}; this worker serves {}", shown(&req.model), served.join(", "));
+        bad.spec("model", message);
+    }
+    let sampling = req.sampling.unwrap_or_default();
+    let scheduler = match pb::Scheduler::try_from(sampling.scheduler) {
+        Ok(pb::Scheduler::Unspecified) => {
+            bad.spec("sampling.scheduler", "required (DDPM, DDIM, PNDM or DPMSOLVER)".into());
+            None
+        }
+        Ok(known) => Some(scheduler_from_pb(known)),
+        Err(_) => {
+            bad.spec("sampling.scheduler", format!("unknown scheduler {}", sampling.scheduler));
+            None
+        }
+    };
+    if sampling.steps == 0 || sampling.steps > limits.max_steps {
+        bad.spec("sampling.steps", format!("{} must be in 1..={}", sampling.steps, limits.max_steps));
+    }
+    let mut rules = Violations::default();
+    validation::eta(scheduler, sampling.eta, &mut rules);
+    bad.rules(rules);
+    if let (Some(model), Some(kind)) = (model, scheduler)
+        && (1..=limits.max_steps).contains(&sampling.steps)
+    {
+        let steps = sampling.steps as usize;
+        match model.scheduler(kind).and_then(|s| s.build(steps, sampling.eta.unwrap_or(0.0))) {
+            Ok(_) => {}
+            Err(SchedulerError::Steps { max, .. }) => {
+                bad.spec("sampling.steps", format!("{steps} must be in 1..={max} for this model"))
+            }
+            Err(e) => bad.spec("sampling.scheduler", e.to_string()),
+        }
+    }
+    (model, scheduler, sampling)
+}
+
+/// Samples per grid and its columns: 64 (or all) by default.
+fn grid(req: &pb::JobSpec, limits: &Limits, bad: &mut Bad) -> (u32, u32) {
+    match &req.grid {
+        None => {
+            let n = req.num_samples.min(64) as u32;
+            (n, crate::imaging::grid_columns(n as usize) as u32)
+        }
+        Some(g) if g.samples_per_grid > limits.max_samples_per_grid => {
+            let (n, max) = (g.samples_per_grid, limits.max_samples_per_grid);
+            bad.spec("grid.samples_per_grid", format!("{n} exceeds the limit of {max}"));
+            (0, 0)
+        }
+        Some(g) if g.samples_per_grid > 0 && g.columns > g.samples_per_grid => {
+            bad.spec("grid.columns", format!("{} is more than samples_per_grid", g.columns));
+            (0, 0)
+        }
+        Some(g) if g.columns == 0 => {
+            (g.samples_per_grid, crate::imaging::grid_columns(g.samples_per_grid as usize) as u32)
+        }
+        Some(g) => (g.samples_per_grid, g.columns),
+    }
+}
+
+/// Where the job writes, and why it may not write where it asks (PERMISSION_DENIED once nothing else is
+/// wrong). The prefix is checked on its own first, so that a bad destination and a bad prefix are both
+/// named.
+fn destination(
+    req: &pb::JobSpec,
+    catalog: &Catalog<'_>,
+    bad: &mut Bad,
+) -> (Option<crate::storage::Destination>, Option<String>) {
+    let (destination, prefix) =
+        req.output.as_ref().map_or(("", ""), |o| (o.destination.as_str(), o.prefix.as_str()));
+    let prefix = match prefix.trim_end_matches('/') {
+        "" => "",
+        p => match crate::storage::check_prefix(p) {
+            Ok(()) => prefix,
+            Err(e) => {
+                bad.spec("output.prefix", format!("{}: {e}", shown(prefix)));
+                ""
+            }
+        },
+    };
+    match catalog.outputs.resolve(destination, prefix) {
+        Ok(dest) => (Some(dest), None),
+        Err(Refusal::Invalid(field, e)) => {
+            let value = if field == "output.prefix" { prefix } else { destination };
+            bad.spec(field, format!("{}: {e}", shown(value)));
+            (None, None)
+        }
+        Err(Refusal::NotAllowed(e)) => (None, Some(e)),
+    }
+}
+
+/// Labels (as Kubernetes' keys, with short values) and the priority.
+fn placement(req: &pb::JobSpec, limits: &Limits, bad: &mut Bad) {
+    if req.labels.len() > 64 {
+        bad.spec("labels", "at most 64 labels".into());
+    }
+    for (k, v) in &req.labels {
+        let key_ok = !k.is_empty()
+            && k.len() <= 63
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
+        if !key_ok {
+            bad.spec("labels", format!("key {}: 1 to 63 of letters, digits, '-', '_', '.', '/'", shown(k)));
+        }
+        if v.len() > 256 {
+            bad.spec("labels", format!("value of {}: at most 256 bytes", shown(k)));
+        }
+    }
+    if !limits.priorities.contains(&req.priority) {
+        let (lo, hi) = (limits.priorities.start(), limits.priorities.end());
+        bad.spec("priority", format!("{} must be in {lo}..={hi}", req.priority));
+    }
+}
+
 /// The layout and encoding a request asks for, with the server's defaults (the rules themselves are
 /// [`validation::storage`]'s); data files are sized from the model's sample shape.
 fn dataset_options(
@@ -272,8 +302,7 @@ fn dataset_options(
     limits: &Limits,
     model: Option<&ResolvedModel>,
     batch_size: u32,
-    rules: &mut Violations,
-    violation: &mut impl FnMut(&str, String),
+    bad: &mut Bad,
 ) -> DatasetOptions {
     let o = output.cloned().unwrap_or_default();
     let format = match pb::OutputFormat::try_from(o.format) {
@@ -282,7 +311,7 @@ fn dataset_options(
         Ok(pb::OutputFormat::Webdataset) => DataFormat::Webdataset,
         Ok(pb::OutputFormat::Parquet) => DataFormat::Parquet,
         Err(_) => {
-            violation("output.format", format!("unknown format {}", o.format));
+            bad.spec("output.format", format!("unknown format {}", o.format));
             DataFormat::Files
         }
     };
@@ -291,7 +320,7 @@ fn dataset_options(
         Ok(pb::ImageFormat::Webp) => ImageFormat::Webp,
         Ok(pb::ImageFormat::Jpeg) => ImageFormat::Jpeg,
         Err(_) => {
-            violation("output.image_format", format!("unknown image format {}", o.image_format));
+            bad.spec("output.image_format", format!("unknown image format {}", o.image_format));
             ImageFormat::Png
         }
     };
@@ -304,7 +333,10 @@ fn dataset_options(
         target_file_bytes: (o.target_file_bytes != 0).then_some(o.target_file_bytes),
     };
     let shape = model.map_or((3, 32, 32), |m| m.sample_shape());
-    validation::storage(request, shape, u64::from(batch_size), rules)
+    let mut rules = Violations::default();
+    let options = validation::storage(request, shape, u64::from(batch_size), &mut rules);
+    bad.rules(rules);
+    options
 }
 
 /// The wire value of a layout.

@@ -171,6 +171,12 @@ impl UNet2DConfig {
 
     /// Every option that would change the network from what `model::unet_2d` builds is an error here.
     pub fn validate(&self) -> Result<(), ModelError> {
+        self.check_supported()?;
+        self.check_shapes()
+    }
+
+    /// Block types and options we build, with as many blocks as widths.
+    fn check_supported(&self) -> Result<(), ModelError> {
         let unsupported = |key: &str, value: &dyn std::fmt::Debug| {
             Err(ModelError::Unsupported(format!("{key} = {value:?} is not supported")))
         };
@@ -219,6 +225,15 @@ impl UNet2DConfig {
         if !matches!(self.resnet_time_scale_shift.as_str(), "default" | "scale_shift") {
             return unsupported("resnet_time_scale_shift", &self.resnet_time_scale_shift);
         }
+        Ok(())
+    }
+
+    /// Widths, groups, heads and sizes that fit together.
+    fn check_shapes(&self) -> Result<(), ModelError> {
+        let unsupported = |key: &str, value: &dyn std::fmt::Debug| {
+            Err(ModelError::Unsupported(format!("{key} = {value:?} is not supported")))
+        };
+        let n = self.block_out_channels.len();
         let groups = self.groups();
         for (i, &c) in self.block_out_channels.iter().enumerate() {
             if c <= 0 || groups <= 0 || c % groups != 0 {

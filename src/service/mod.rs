@@ -567,32 +567,11 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
     if let Some(m) = args.metrics_listen {
         install_metrics(m)?;
     }
-
-    let config = WorkerConfig {
-        worker_id: format!(
-            "{}-{}",
-            std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into()),
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        ),
-        lease_ttl: Duration::from_secs_f64(args.lease_seconds),
-        retry_delay: Duration::from_secs_f64(args.retry_seconds),
-        outage_backoff: Duration::from_secs_f64(args.outage_backoff_seconds),
-        kind: args.dtype.kind(),
-        layout: if args.channels_last { Layout::ChannelsLast } else { Layout::Diffusers },
-        cuda_graphs: args.cuda_graphs,
-        max_batch_size: args.max_batch_size as usize,
-        co_batch: args.co_batch,
-        finalize_after: Duration::from_secs_f64(args.lease_seconds),
-        reap_interval: Duration::from_secs_f64((args.lease_seconds / 4.0).clamp(0.25, 5.0)),
-        idle_poll: crate::worker::DEFAULT_IDLE_POLL,
-        scratch_dir: args.scratch_dir.clone(),
-        queue_name: queue_name(&args.queue),
-    };
     let ctx = Arc::new(WorkerContext {
-        queue: prepared.queue,
+        queue: Arc::clone(&prepared.queue),
         outputs: Arc::new(Outputs::new(args.output.clone(), &args.allow_outputs, args.s3_path_style)),
-        models: Arc::new(prepared.models),
-        config,
+        models: Arc::new(prepared.models.clone()),
+        config: worker_config(&args),
         active: Default::default(),
         draining: Default::default(),
         abort: Default::default(),
@@ -603,18 +582,6 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
         device_failure: Default::default(),
         runtime: tokio::runtime::Handle::current(),
     });
-    let limits = Limits {
-        max_samples: args.max_samples,
-        max_steps: args.max_steps,
-        max_batch_size: args.max_batch_size,
-        default_batch_size: args.default_batch_size,
-        max_samples_per_grid: 1024,
-        batches_per_shard: args.batches_per_shard,
-        max_shards_per_job: args.max_shards_per_job,
-        max_attempts: args.max_attempts,
-        default_format: args.default_format,
-        priorities: args.min_priority..=args.max_priority,
-    };
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status(WORKER_SERVICE, ServingStatus::NotServing).await;
@@ -622,59 +589,16 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
     // Liveness apart from readiness: SERVING until a device is lost (a restart may bring it back),
     // whatever the queue does (a restart would not bring the queue back).
     health.set_service_status(LIVENESS_SERVICE, ServingStatus::Serving).await;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| ServeError::Runtime(e.to_string()))?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        // google.rpc error details, so reflection clients (grpcurl) can decode BadRequest.
-        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .map_err(|e| ServeError::Runtime(e.to_string()))?;
-    let service = WorkerService { ctx: Arc::clone(&ctx), limits, authenticated: prepared.auth.is_some() };
-    let worker = pb::worker_service_server::WorkerServiceServer::new(service)
-        .max_decoding_message_size(args.max_request_bytes);
-    // Health stays open (probes carry no token); the API, and reflection unless public, need a token.
-    use tonic::service::interceptor::InterceptedService;
     let health_only = health_listener.map(|listener| {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let server = tonic::transport::Server::builder().add_service(health_service.clone());
         tokio::spawn(server.serve_with_incoming(incoming))
     });
-    let router = tonic::transport::Server::builder().add_service(health_service);
-    let router = match &prepared.auth {
-        Some(a) => {
-            let intercept = || auth::interceptor(Arc::clone(a));
-            let router = router.add_service(InterceptedService::new(worker, intercept()));
-            if args.reflection == ReflectionAccess::Public {
-                router.add_service(reflection_v1).add_service(reflection_v1alpha)
-            } else {
-                router
-                    .add_service(InterceptedService::new(reflection_v1, intercept()))
-                    .add_service(InterceptedService::new(reflection_v1alpha, intercept()))
-            }
-        }
-        None => router.add_service(worker).add_service(reflection_v1).add_service(reflection_v1alpha),
-    };
-    if let Some(a) = &prepared.auth {
-        let a = Arc::clone(a);
-        watch_file("token file", move || a.reload());
-    }
-    if let Some(t) = &prepared.tls {
-        let t = Arc::clone(t);
-        watch_file("TLS certificate", move || t.reload());
-    }
+    let router = api_router(&args, &prepared, &ctx, health_service)?;
 
     // Device threads load and warm their models; the service is SERVING once all have.
     let pool = pool::start(&ctx, &prepared.devices)
         .map_err(|e| ServeError::Runtime(format!("starting a device thread: {e}")))?;
-    let threads = pool.threads;
-    let device_events = pool.events;
-
     let reaper = {
         let ctx = Arc::clone(&ctx);
         tokio::spawn(async move {
@@ -684,69 +608,9 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
             }
         })
     };
-
-    let shutdown = {
-        let (ctx, health) = (Arc::clone(&ctx), health.clone());
-        let grace = Duration::from_secs_f64(args.grace_seconds.max(0.0));
-        async move {
-            shutdown_signal().await;
-            tracing::info!(grace_seconds = grace.as_secs_f64(), "draining: no new shards");
-            ctx.draining.store(true, Ordering::Relaxed);
-            health.set_service_status(WORKER_SERVICE, ServingStatus::NotServing).await;
-            health.set_service_status("", ServingStatus::NotServing).await;
-            ctx.wake.notify_waiters();
-            let drained = {
-                let ctx = Arc::clone(&ctx);
-                tokio::task::spawn_blocking(move || {
-                    for t in threads {
-                        let _ = t.join();
-                    }
-                    drop(ctx);
-                })
-            };
-            tokio::pin!(drained);
-            if tokio::time::timeout(grace, &mut drained).await.is_err() {
-                tracing::info!("grace period over: giving running shards back");
-                ctx.abort.store(true, Ordering::Relaxed);
-                let _ = drained.await;
-            }
-        }
-    };
-
-    // Health follows the pool: readiness (warm, queue reachable, not draining) and liveness (no device
-    // lost; when one is, the orchestrator restarts the worker).
-    let (ready_tx, mut ready_rx) = tokio::sync::watch::channel(false);
-    let (live_tx, mut live_rx) = tokio::sync::watch::channel(true);
-    let supervisor = tokio::spawn(pool::supervise(
-        Arc::clone(&ctx),
-        device_events,
-        prepared.devices.len(),
-        ready_tx,
-        live_tx,
-    ));
-    {
-        let health = health.clone();
-        tokio::spawn(async move {
-            while live_rx.changed().await.is_ok() {
-                let live = *live_rx.borrow_and_update();
-                let status = if live { ServingStatus::Serving } else { ServingStatus::NotServing };
-                health.set_service_status(LIVENESS_SERVICE, status).await;
-                tracing::info!(live, "liveness changed");
-            }
-        });
-    }
-    {
-        let health = health.clone();
-        tokio::spawn(async move {
-            while ready_rx.changed().await.is_ok() {
-                let ready = *ready_rx.borrow_and_update();
-                let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
-                health.set_service_status("", status).await;
-                health.set_service_status(WORKER_SERVICE, status).await;
-                tracing::info!(ready, "readiness changed");
-            }
-        });
-    }
+    let grace = Duration::from_secs_f64(args.grace_seconds.max(0.0));
+    let shutdown = drain(Arc::clone(&ctx), health.clone(), pool.threads, grace);
+    let supervisor = follow_devices(&ctx, health, pool.events, prepared.devices.len());
 
     on_listening(addr);
     tracing::info!(%addr, models = ?ctx.models.keys().collect::<Vec<_>>(), devices = ?prepared.devices.iter().map(|d| device_name(d.0)).collect::<Vec<_>>(), "listening");
@@ -770,6 +634,166 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
     }
     tracing::info!("drained; exiting");
     Ok(())
+}
+
+/// How this process's workers run shards, from its flags.
+fn worker_config(args: &ServeArgs) -> WorkerConfig {
+    WorkerConfig {
+        worker_id: format!(
+            "{}-{}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into()),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        ),
+        lease_ttl: Duration::from_secs_f64(args.lease_seconds),
+        retry_delay: Duration::from_secs_f64(args.retry_seconds),
+        outage_backoff: Duration::from_secs_f64(args.outage_backoff_seconds),
+        kind: args.dtype.kind(),
+        layout: if args.channels_last { Layout::ChannelsLast } else { Layout::Diffusers },
+        cuda_graphs: args.cuda_graphs,
+        max_batch_size: args.max_batch_size as usize,
+        co_batch: args.co_batch,
+        finalize_after: Duration::from_secs_f64(args.lease_seconds),
+        reap_interval: Duration::from_secs_f64((args.lease_seconds / 4.0).clamp(0.25, 5.0)),
+        idle_poll: crate::worker::DEFAULT_IDLE_POLL,
+        scratch_dir: args.scratch_dir.clone(),
+        queue_name: queue_name(&args.queue),
+    }
+}
+
+/// What one request may ask for, from the flags.
+fn limits(args: &ServeArgs) -> Limits {
+    Limits {
+        max_samples: args.max_samples,
+        max_steps: args.max_steps,
+        max_batch_size: args.max_batch_size,
+        default_batch_size: args.default_batch_size,
+        max_samples_per_grid: 1024,
+        batches_per_shard: args.batches_per_shard,
+        max_shards_per_job: args.max_shards_per_job,
+        max_attempts: args.max_attempts,
+        default_format: args.default_format,
+        priorities: args.min_priority..=args.max_priority,
+    }
+}
+
+/// The gRPC services: health (open: probes carry no token), the API and reflection (behind the tokens
+/// when there are any, reflection unless it is public); tokens and certificates reload as their files
+/// change.
+fn api_router(
+    args: &ServeArgs,
+    prepared: &Prepared,
+    ctx: &Arc<WorkerContext>,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> Result<tonic::transport::server::Router, ServeError> {
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Runtime(e.to_string()))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // google.rpc error details, so reflection clients (grpcurl) can decode BadRequest.
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| ServeError::Runtime(e.to_string()))?;
+    let service =
+        WorkerService { ctx: Arc::clone(ctx), limits: limits(args), authenticated: prepared.auth.is_some() };
+    let worker = pb::worker_service_server::WorkerServiceServer::new(service)
+        .max_decoding_message_size(args.max_request_bytes);
+    use tonic::service::interceptor::InterceptedService;
+    let router = tonic::transport::Server::builder().add_service(health_service);
+    let router = match &prepared.auth {
+        Some(a) => {
+            let intercept = || auth::interceptor(Arc::clone(a));
+            let router = router.add_service(InterceptedService::new(worker, intercept()));
+            if args.reflection == ReflectionAccess::Public {
+                router.add_service(reflection_v1).add_service(reflection_v1alpha)
+            } else {
+                router
+                    .add_service(InterceptedService::new(reflection_v1, intercept()))
+                    .add_service(InterceptedService::new(reflection_v1alpha, intercept()))
+            }
+        }
+        None => router.add_service(worker).add_service(reflection_v1).add_service(reflection_v1alpha),
+    };
+    if let Some(a) = &prepared.auth {
+        let a = Arc::clone(a);
+        watch_file("token file", move || a.reload());
+    }
+    if let Some(t) = &prepared.tls {
+        let t = Arc::clone(t);
+        watch_file("TLS certificate", move || t.reload());
+    }
+    Ok(router)
+}
+
+/// The server's shutdown: on SIGTERM or SIGINT, take no new shards and report NOT_SERVING, then wait for
+/// the device threads; after `grace`, running shards are given back untried.
+async fn drain(
+    ctx: Arc<WorkerContext>,
+    health: tonic_health::server::HealthReporter,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    grace: Duration,
+) {
+    shutdown_signal().await;
+    tracing::info!(grace_seconds = grace.as_secs_f64(), "draining: no new shards");
+    ctx.draining.store(true, Ordering::Relaxed);
+    health.set_service_status(WORKER_SERVICE, ServingStatus::NotServing).await;
+    health.set_service_status("", ServingStatus::NotServing).await;
+    ctx.wake.notify_waiters();
+    let drained = {
+        let ctx = Arc::clone(&ctx);
+        tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+            drop(ctx);
+        })
+    };
+    tokio::pin!(drained);
+    if tokio::time::timeout(grace, &mut drained).await.is_err() {
+        tracing::info!("grace period over: giving running shards back");
+        ctx.abort.store(true, Ordering::Relaxed);
+        let _ = drained.await;
+    }
+}
+
+/// Health follows the device pool: readiness (warm, queue reachable, not draining) and liveness (no
+/// device lost; when one is, the orchestrator restarts the worker). Returns the pool's supervisor.
+fn follow_devices(
+    ctx: &Arc<WorkerContext>,
+    health: tonic_health::server::HealthReporter,
+    events: tokio::sync::mpsc::UnboundedReceiver<pool::DeviceEvent>,
+    devices: usize,
+) -> tokio::task::JoinHandle<()> {
+    let (ready_tx, mut ready_rx) = tokio::sync::watch::channel(false);
+    let (live_tx, mut live_rx) = tokio::sync::watch::channel(true);
+    let supervisor = tokio::spawn(pool::supervise(Arc::clone(ctx), events, devices, ready_tx, live_tx));
+    {
+        let health = health.clone();
+        tokio::spawn(async move {
+            while live_rx.changed().await.is_ok() {
+                let live = *live_rx.borrow_and_update();
+                let status = if live { ServingStatus::Serving } else { ServingStatus::NotServing };
+                health.set_service_status(LIVENESS_SERVICE, status).await;
+                tracing::info!(live, "liveness changed");
+            }
+        });
+    }
+    tokio::spawn(async move {
+        while ready_rx.changed().await.is_ok() {
+            let ready = *ready_rx.borrow_and_update();
+            let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
+            health.set_service_status("", status).await;
+            health.set_service_status(WORKER_SERVICE, status).await;
+            tracing::info!(ready, "readiness changed");
+        }
+    });
+    supervisor
 }
 
 /// Calls `reload` every [`FILE_POLL`] and on SIGHUP, logging what came of it, for as long as the

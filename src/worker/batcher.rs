@@ -152,7 +152,8 @@ async fn lease_member(
             return Leased::Declined;
         }
     }
-    let admitted = tracing::Instrument::instrument(admit(ctx, device, &lease, job, payload), span.clone()).await;
+    let admitted =
+        tracing::Instrument::instrument(admit(ctx, device, &lease, job, payload), span.clone()).await;
     match admitted {
         Ok(Some(admitted)) => {
             let (job, payload, out, scheduler, target) = admitted;
@@ -235,7 +236,9 @@ async fn fill_batch(ctx: &Arc<WorkerContext>, device: &DeviceSlot, owner: &str, 
     let batch_size = u64::from(group[0].job.spec.batch_size);
     let rows: u64 = group.iter().map(Member::rows).sum();
     let mut padding = rows.div_ceil(batch_size) * batch_size - rows;
-    let key = |s: &crate::job::JobSpec| (s.model.clone(), s.scheduler, s.steps, s.eta.map(f32::to_bits), s.batch_size);
+    let key = |s: &crate::job::JobSpec| {
+        (s.model.clone(), s.scheduler, s.steps, s.eta.map(f32::to_bits), s.batch_size)
+    };
     let wanted = key(&group[0].job.spec);
     // A leased shard with nothing to sample is skipped; the bound keeps a queue of finished shards
     // from holding the device.
@@ -267,9 +270,15 @@ struct Rows {
 
 impl Rows {
     fn take(&mut self, member: &Member) -> Arc<ShardHandle> {
-        let (handle, heard) = ShardHandle::new(member.rows(), Arc::clone(&member.output.stop), member.samples.clone());
-        let (start, end, seed) = (member.output.payload.start, member.output.payload.end, member.job.spec.seed);
-        self.rows.extend((start..end).map(|index| Row { shard: Arc::clone(&handle), index, seed: seed + index }));
+        let (handle, heard) =
+            ShardHandle::new(member.rows(), Arc::clone(&member.output.stop), member.samples.clone());
+        let (start, end, seed) =
+            (member.output.payload.start, member.output.payload.end, member.job.spec.seed);
+        self.rows.extend((start..end).map(|index| Row {
+            shard: Arc::clone(&handle),
+            index,
+            seed: seed + index,
+        }));
         self.heard.push(heard);
         handle
     }
@@ -342,9 +351,17 @@ async fn dispatch(
     let ids: Vec<String> = group.iter().map(|m| format!("{}/{}", m.job.id, m.output.lease.shard)).collect();
     let permit = Arc::new(permit);
     for (m, (member, heard)) in group.into_iter().zip(rows.heard).enumerate() {
-        let batched_with = ids.iter().enumerate().filter(|(i, _)| *i != m).map(|(_, id)| id.clone()).collect();
+        let batched_with =
+            ids.iter().enumerate().filter(|(i, _)| *i != m).map(|(_, id)| id.clone()).collect();
         let name = device.name.clone();
-        tokio::spawn(finisher::finish(Arc::clone(ctx), member.output, heard, name, batched_with, Arc::clone(&permit)));
+        tokio::spawn(finisher::finish(
+            Arc::clone(ctx),
+            member.output,
+            heard,
+            name,
+            batched_with,
+            Arc::clone(&permit),
+        ));
     }
     sent
 }

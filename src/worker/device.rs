@@ -280,7 +280,9 @@ fn sample_batch(lane: &Lane, batch: ReadyBatch) -> Result<Option<(Duration, Dura
             // computes, the shards go back untried and the loop ends.
             let lost = super::warmup::device_usable(lane.place.device).err();
             let error = e.to_string();
-            shards.iter().for_each(|s| s.end(Sampled::Failed { error: error.clone(), device_lost: lost.is_some() }));
+            shards
+                .iter()
+                .for_each(|s| s.end(Sampled::Failed { error: error.clone(), device_lost: lost.is_some() }));
             return match lost {
                 Some(reason) => Err(reason),
                 None => Ok(Some((sampling, Duration::ZERO))),

@@ -273,7 +273,11 @@ pub struct GridRange {
 pub fn grid_ranges(spec: &JobSpec) -> impl Iterator<Item = GridRange> + '_ {
     let per = u64::from(spec.samples_per_grid);
     let count = if per == 0 { 0 } else { spec.num_samples.div_ceil(per) };
-    (0..count).map(move |n| GridRange { number: n, first: n * per, end: ((n + 1) * per).min(spec.num_samples) })
+    (0..count).map(move |n| GridRange {
+        number: n,
+        first: n * per,
+        end: ((n + 1) * per).min(spec.num_samples),
+    })
 }
 
 /// What every sample of `spec` shares besides its seed (its WebDataset JSON and Parquet columns).
