@@ -85,7 +85,11 @@ struct Member {
     output: ShardOutput,
     job: JobRecord,
     scheduler: SchedulerConfig,
-    samples: mpsc::Sender<Sample>,
+    /// Where its images go: moved into its [`ShardHandle`] when its rows are made, so that the writer's
+    /// channel closes with the handle.
+    samples: Option<mpsc::Sender<Sample>>,
+    /// How its sampling ended, once its rows are made: for its finisher.
+    heard: Option<tokio::sync::oneshot::Receiver<super::device::Sampled>>,
 }
 
 impl Member {
@@ -158,7 +162,7 @@ async fn lease_member(
         Ok(Some(admitted)) => {
             let (job, payload, out, scheduler, target) = admitted;
             let (output, samples) = ShardOutput::start(ctx, lease, payload, out, &job.spec, target, span);
-            Leased::Member(Box::new(Member { output, job, scheduler, samples }))
+            Leased::Member(Box::new(Member { output, job, scheduler, samples: Some(samples), heard: None }))
         }
         Ok(None) => Leased::Nothing,
         Err(e) => {
@@ -264,14 +268,13 @@ const FILL_TRIES: usize = 16;
 /// A group's rows, in shard order, as their shards' handles are made.
 struct Rows {
     rows: std::collections::VecDeque<Row>,
-    /// Each member's sampling outcome, for its finisher.
-    heard: Vec<tokio::sync::oneshot::Receiver<super::device::Sampled>>,
 }
 
 impl Rows {
-    fn take(&mut self, member: &Member) -> Arc<ShardHandle> {
-        let (handle, heard) =
-            ShardHandle::new(member.rows(), Arc::clone(&member.output.stop), member.samples.clone());
+    /// Makes `member`'s handle and appends its rows (once per member).
+    fn take(&mut self, member: &mut Member) {
+        let Some(samples) = member.samples.take() else { return };
+        let (handle, heard) = ShardHandle::new(member.rows(), Arc::clone(&member.output.stop), samples);
         let (start, end, seed) =
             (member.output.payload.start, member.output.payload.end, member.job.spec.seed);
         self.rows.extend((start..end).map(|index| Row {
@@ -279,8 +282,7 @@ impl Rows {
             index,
             seed: seed + index,
         }));
-        self.heard.push(heard);
-        handle
+        member.heard = Some(heard);
     }
 }
 
@@ -315,8 +317,9 @@ async fn dispatch(
         number: 0,
         fed,
     };
-    let mut rows = Rows { rows: Default::default(), heard: Vec::new() };
-    rows.take(&lead);
+    let mut rows = Rows { rows: Default::default() };
+    let mut lead = lead;
+    rows.take(&mut lead);
     let mut group = vec![lead];
     let mut sent = Ok(());
     while rows.rows.len() >= batch_size && sent.is_ok() {
@@ -350,10 +353,12 @@ async fn dispatch(
     // Every shard after the first fits in the first's last batch: all of them shared that batch.
     let ids: Vec<String> = group.iter().map(|m| format!("{}/{}", m.job.id, m.output.lease.shard)).collect();
     let permit = Arc::new(permit);
-    for (m, (member, heard)) in group.into_iter().zip(rows.heard).enumerate() {
+    for (m, member) in group.into_iter().enumerate() {
         let batched_with =
             ids.iter().enumerate().filter(|(i, _)| *i != m).map(|(_, id)| id.clone()).collect();
         let name = device.name.clone();
+        // A member whose rows were never made hears nothing, and its shard goes back untried.
+        let heard = member.heard.unwrap_or_else(|| tokio::sync::oneshot::channel().1);
         tokio::spawn(finisher::finish(
             Arc::clone(ctx),
             member.output,
@@ -378,7 +383,7 @@ async fn fill_late(
     for _ in 0..FILL_TRIES {
         let before = group.len();
         fill_batch(ctx, device, owner, group).await;
-        for member in &group[before..] {
+        for member in &mut group[before..] {
             rows.take(member);
         }
         let padding = group[0].job.spec.batch_size as usize - rows.rows.len();
