@@ -231,6 +231,9 @@ pub struct Manifest {
     /// processes, and the images' last bits with them).
     #[serde(default)]
     pub cudnn_benchmark: bool,
+    /// Which group-norm path ran ([`crate::model::resnet::group_norm_path`]): `fused`,
+    /// `fused-with-fallbacks` or `libtorch`.
+    pub group_norm: String,
     pub device: String,
     pub dataset: DatasetOptions,
     /// The per-sample listing (index, seed, SHA-256 and place of each encoded image).
@@ -514,6 +517,7 @@ impl Loaded {
             lanes,
             cuda_graphs: spec.cuda_graphs,
             cudnn_benchmark: crate::model::cudnn_benchmark_applies(spec.device, spec.layout),
+            group_norm: crate::model::resnet::group_norm_path().into(),
             device: device_name(spec.device),
             dataset,
             index: written.index,

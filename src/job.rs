@@ -98,6 +98,18 @@ pub struct ShardPayload {
     pub end: u64,
 }
 
+impl ShardPayload {
+    /// The payload as every queue backend stores it (JSON).
+    pub fn encode(&self) -> String {
+        format!("{{\"start\":{},\"end\":{}}}", self.start, self.end)
+    }
+
+    /// A stored payload; `None` when it is not one.
+    pub fn decode(payload: &str) -> Option<Self> {
+        serde_json::from_str(payload).ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,5 +127,13 @@ mod tests {
             .insert("traceparent".into(), "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
         let back: JobSpec = serde_json::from_str(&serde_json::to_string(&spec).unwrap()).unwrap();
         assert_eq!(back, spec);
+    }
+
+    #[test]
+    fn shard_payloads_round_trip_as_the_queues_store_them() {
+        let p = ShardPayload { start: 8, end: 4096 };
+        assert_eq!(p.encode(), serde_json::to_string(&p).unwrap());
+        assert_eq!(ShardPayload::decode(&p.encode()), Some(p));
+        assert_eq!(ShardPayload::decode("{\"shard\":1}"), None);
     }
 }

@@ -42,9 +42,9 @@ impl Limits {
     pub fn batches_per_shard(&self, spec: &JobSpec) -> u64 {
         let batch = u64::from(spec.batch_size.max(1));
         let batches = spec.num_samples.div_ceil(batch);
-        let wanted = match spec.dataset.format {
-            DataFormat::Files => self.batches_per_shard,
-            _ => (spec.dataset.samples_per_file / batch).max(1),
+        let wanted = match spec.dataset.format.parts() {
+            None => self.batches_per_shard,
+            Some(_) => (spec.dataset.samples_per_file / batch).max(1),
         };
         wanted.max(batches.div_ceil(self.max_shards_per_job.max(1)))
     }

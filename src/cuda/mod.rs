@@ -96,9 +96,17 @@ impl CudaGraph {
     pub fn capture<T>(&mut self, work: impl FnOnce() -> T) -> Result<T, CudaError> {
         // SAFETY: `self.ptr` is a live graph owned by `self`.
         call("graph capture begin", |e| unsafe { ffi::ddpm_graph_capture_begin(self.ptr.as_ptr(), e) })?;
-        let out = work();
-        call("graph capture end", |e| unsafe { ffi::ddpm_graph_capture_end(self.ptr.as_ptr(), e) })?;
-        Ok(out)
+        // The stream leaves capture mode whatever `work` does: a panic inside it (a libtorch error
+        // surfaces as one) ends the capture before unwinding further, or the stream would stay capturing
+        // and every later call on it fail, losing the device.
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+        // SAFETY: as above.
+        let ended =
+            call("graph capture end", |e| unsafe { ffi::ddpm_graph_capture_end(self.ptr.as_ptr(), e) });
+        match out {
+            Ok(out) => ended.map(|()| out),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
     }
 
     pub fn replay(&mut self) -> Result<(), CudaError> {
@@ -136,9 +144,16 @@ impl CudaGraph {
     }
 }
 
+/// Bytes at a 16-byte boundary: `include_bytes!` only guarantees byte alignment, and the driver reads a
+/// fatbin's headers as 8-byte words.
+#[cfg(ddpm_cuda_kernels)]
+#[repr(C, align(16))]
+struct Aligned<B: ?Sized>(B);
+
 /// The kernels of `group_norm.cu`, as nvcc compiled them at build time.
 #[cfg(ddpm_cuda_kernels)]
-static GROUP_NORM_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/group_norm.fatbin"));
+static GROUP_NORM_FATBIN: &Aligned<[u8]> =
+    &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/group_norm.fatbin")));
 
 /// Whether this build has the fused group-norm kernels (the device must also be CUDA).
 pub const KERNELS_BUILT: bool = cfg!(ddpm_cuda_kernels);
@@ -172,7 +187,7 @@ pub fn group_norm_nhwc(
                 groups,
                 eps,
                 std::ffi::c_int::from(silu),
-                GROUP_NORM_FATBIN.as_ptr().cast(),
+                GROUP_NORM_FATBIN.0.as_ptr().cast(),
                 &mut out,
                 e,
             )
@@ -200,3 +215,12 @@ pub fn group_norm_nhwc(
 
 /// Whether this build can capture graphs at all (the device must also be CUDA).
 pub const GRAPHS_BUILT: bool = cfg!(ddpm_cuda_graphs);
+
+#[cfg(all(test, ddpm_cuda_kernels))]
+mod tests {
+    #[test]
+    fn the_embedded_fatbin_starts_on_a_16_byte_boundary() {
+        assert_eq!(super::GROUP_NORM_FATBIN.0.as_ptr() as usize % 16, 0);
+        assert!(!super::GROUP_NORM_FATBIN.0.is_empty());
+    }
+}

@@ -40,7 +40,37 @@ impl DataFormat {
             DataFormat::Parquet => "parquet",
         }
     }
+
+    /// The kind of data file a layout packs its samples into; `None` for one object per sample.
+    pub fn parts(self) -> Option<PartKind> {
+        match self {
+            DataFormat::Files => None,
+            DataFormat::Webdataset => Some(PartKind::Tar),
+            DataFormat::Parquet => Some(PartKind::Parquet),
+        }
+    }
 }
+
+/// A data file kind: how its parts are written ([`sink`]), typed and read back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartKind {
+    /// A WebDataset tar ([`tar`]).
+    Tar,
+    /// A Hugging Face image Parquet file ([`parquet`]).
+    Parquet,
+}
+
+impl PartKind {
+    pub fn content_type(self) -> &'static str {
+        match self {
+            PartKind::Tar => "application/x-tar",
+            PartKind::Parquet => PARQUET_CONTENT_TYPE,
+        }
+    }
+}
+
+/// Parquet files' media type (data parts and index parts).
+pub const PARQUET_CONTENT_TYPE: &str = "application/vnd.apache.parquet";
 
 /// How each sample's pixels are encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use super::index::{self, IndexRow};
 use super::parquet::ParquetPart;
 use super::tar::TarPart;
-use super::{DataFormat, DatasetError, DatasetOptions, Encoded, SampleContext, StoredFile};
+use super::{DatasetError, DatasetOptions, Encoded, PartKind, SampleContext, StoredFile};
 use crate::storage::{ObjectStore, join_key, write_once};
 
 /// Encodes and uploads in flight at once (per shard).
@@ -118,7 +118,7 @@ pub async fn write_shard(
     Ok(ShardOutput { files, index, adopted })
 }
 
-const PARQUET_TYPE: &str = "application/vnd.apache.parquet";
+const PARQUET_TYPE: &str = super::PARQUET_CONTENT_TYPE;
 
 fn join_error(e: tokio::task::JoinError) -> DatasetError {
     DatasetError::Corrupt(format!("an encoding task failed: {e}"))
@@ -142,14 +142,14 @@ enum Sink {
 impl Sink {
     fn start(target: &ShardTarget) -> Self {
         let target = Arc::new(target.clone());
-        match target.options.format {
-            DataFormat::Files => {
+        match target.options.format.parts() {
+            None => {
                 Sink::Files { target, uploads: tokio::task::JoinSet::new(), rows: Vec::new(), adopted: 0 }
             }
-            DataFormat::Webdataset | DataFormat::Parquet => {
+            Some(kind) => {
                 let (tx, rx) = mpsc::channel(IN_FLIGHT * 4);
                 let runtime = tokio::runtime::Handle::current();
-                let writer = tokio::task::spawn_blocking(move || write_parts(&target, rx, &runtime));
+                let writer = tokio::task::spawn_blocking(move || write_parts(&target, kind, rx, &runtime));
                 Sink::Parts { tx: Some(tx), writer: Some(writer) }
             }
         }
@@ -233,15 +233,58 @@ async fn put_sample(target: &ShardTarget, sample: Encoded) -> Result<(IndexRow, 
     Ok((row, written.adopted))
 }
 
-/// An open data file part.
-enum Open {
-    Tar(Box<TarPart>),
-    Parquet(Box<ParquetPart>),
+/// A data file part being written to its spool file: samples in order, then its index rows, SHA-256 and
+/// size.
+trait PartWriter {
+    fn push(&mut self, sample: Encoded, ctx: &SampleContext) -> Result<(), DatasetError>;
+    fn finish(self: Box<Self>, ctx: &SampleContext) -> Result<super::tar::Finished, DatasetError>;
+}
+
+/// A tar part and the spool file it is written to (named in I/O errors).
+struct TarWriter(TarPart, PathBuf);
+
+impl PartWriter for TarWriter {
+    fn push(&mut self, sample: Encoded, ctx: &SampleContext) -> Result<(), DatasetError> {
+        self.0.push(&sample, ctx).map_err(io(&self.1))
+    }
+
+    fn finish(self: Box<Self>, _ctx: &SampleContext) -> Result<super::tar::Finished, DatasetError> {
+        let TarWriter(part, spool) = *self;
+        part.finish().map_err(io(&spool))
+    }
+}
+
+impl PartWriter for ParquetPart {
+    fn push(&mut self, sample: Encoded, ctx: &SampleContext) -> Result<(), DatasetError> {
+        ParquetPart::push(self, sample, ctx)
+    }
+
+    fn finish(self: Box<Self>, ctx: &SampleContext) -> Result<super::tar::Finished, DatasetError> {
+        ParquetPart::finish(*self, ctx)
+    }
+}
+
+/// Opens a part of `kind` at `spool`, to be stored as `path`.
+fn open_part(
+    kind: PartKind,
+    spool: &Path,
+    path: String,
+    target: &ShardTarget,
+) -> Result<Box<dyn PartWriter>, DatasetError> {
+    let image = target.options.encoding.image;
+    Ok(match kind {
+        PartKind::Tar => {
+            let part = TarPart::create(spool, path, image, target.mtime).map_err(io(spool))?;
+            Box::new(TarWriter(part, spool.to_path_buf()))
+        }
+        PartKind::Parquet => Box::new(ParquetPart::create(spool, path, image)?),
+    })
 }
 
 /// Writes a shard's parts from the samples on `rx` (in order); runs on a blocking thread.
 fn write_parts(
     target: &ShardTarget,
+    kind: PartKind,
     mut rx: mpsc::Receiver<Encoded>,
     runtime: &tokio::runtime::Handle,
 ) -> Result<(Vec<StoredFile>, Vec<IndexRow>, u64), DatasetError> {
@@ -252,32 +295,24 @@ fn write_parts(
     for &(part, first, end) in &parts {
         let path = target.options.data_path(target.shard, part, parts.len());
         let spool = Spool::create(spool_dir.join(format!("{}.part", uuid::Uuid::new_v4().simple())))?;
-        let mut open = match target.options.format {
-            DataFormat::Webdataset => Open::Tar(Box::new(
-                TarPart::create(&spool.0, path.clone(), target.options.encoding.image, target.mtime)
-                    .map_err(io(&spool.0))?,
-            )),
-            _ => Open::Parquet(Box::new(ParquetPart::create(
-                &spool.0,
-                path.clone(),
-                target.options.encoding.image,
-            )?)),
-        };
+        let mut open = open_part(kind, &spool.0, path.clone(), target)?;
         for _ in first..end {
             let Some(sample) = rx.blocking_recv() else {
                 return Err(DatasetError::Corrupt(format!("shard {} ended early", target.shard)));
             };
-            match &mut open {
-                Open::Tar(t) => t.push(&sample, &target.context).map_err(io(&spool.0))?,
-                Open::Parquet(p) => p.push(sample, &target.context)?,
-            }
+            open.push(sample, &target.context)?;
         }
-        let (part_rows, sha256, size) = match open {
-            Open::Tar(t) => t.finish().map_err(io(&spool.0))?,
-            Open::Parquet(p) => p.finish(&target.context)?,
-        };
-        let stored =
-            runtime.block_on(store_part(target, &path, &spool, (first, end), part_rows, sha256, size))?;
+        let (part_rows, sha256, size) = open.finish(&target.context)?;
+        let stored = runtime.block_on(store_part(
+            target,
+            kind,
+            &path,
+            &spool,
+            (first, end),
+            part_rows,
+            sha256,
+            size,
+        ))?;
         adopted += stored.2;
         rows.extend(stored.1);
         files.push(stored.0);
@@ -311,8 +346,10 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> DatasetError + '_ {
 }
 
 /// Uploads a finished part create-only; when one is stored already, keeps it and indexes it as stored.
+#[allow(clippy::too_many_arguments)]
 async fn store_part(
     target: &ShardTarget,
+    kind: PartKind,
     path: &str,
     spool: &Spool,
     (first, end): (u64, u64),
@@ -321,11 +358,7 @@ async fn store_part(
     size: u64,
 ) -> Result<(StoredFile, Vec<IndexRow>, u64), DatasetError> {
     let key = join_key(&target.base, path);
-    let content_type = match target.options.format {
-        DataFormat::Webdataset => "application/x-tar",
-        _ => PARQUET_TYPE,
-    };
-    if target.store.put_file_new(&key, &spool.0, &sha256, size, content_type).await?.is_some() {
+    if target.store.put_file_new(&key, &spool.0, &sha256, size, kind.content_type()).await?.is_some() {
         return Ok((StoredFile { path: path.into(), sha256, bytes: size, first, end }, rows, 0));
     }
     // Already stored: fetch it and compare.
@@ -350,11 +383,11 @@ async fn store_part(
         return Ok((file, rows, count));
     }
     tracing::warn!(path, "an earlier attempt stored this part with other bytes; indexing what is stored");
-    let (image, seed, format) = (target.options.encoding.image, target.context.seed, target.options.format);
+    let (image, seed) = (target.options.encoding.image, target.context.seed);
     let (local, path_owned) = (copy.0.clone(), path.to_string());
-    let stored_rows = tokio::task::spawn_blocking(move || match format {
-        DataFormat::Webdataset => super::tar::read_rows(&local, &path_owned, image, seed, (first, end)),
-        _ => super::parquet::read_rows(&local, &path_owned, seed, (first, end)),
+    let stored_rows = tokio::task::spawn_blocking(move || match kind {
+        PartKind::Tar => super::tar::read_rows(&local, &path_owned, image, seed, (first, end)),
+        PartKind::Parquet => super::parquet::read_rows(&local, &path_owned, seed, (first, end)),
     })
     .await
     .map_err(join_error)??;
@@ -384,7 +417,7 @@ pub async fn read_sample(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataset::{Encoding, index};
+    use crate::dataset::{DataFormat, Encoding, index};
     use crate::storage::local::LocalStore;
 
     fn target(store: &Arc<dyn ObjectStore>, format: DataFormat, scratch: &Path) -> ShardTarget {

@@ -61,8 +61,12 @@ impl GroupNorm {
             return None;
         }
         match crate::cuda::group_norm_nhwc(xs, weight, bias, addend, self.inner.num_groups, self.eps, silu) {
-            Ok(out) => Some(out),
+            Ok(out) => {
+                NORMS.fused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Some(out)
+            }
             Err(e) => {
+                NORMS.failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 // Out of memory is the caller's to meet (the ops will raise it too, and the warm-up's batch
                 // search expects it); anything else is worth one line.
                 let message = e.to_string();
@@ -75,6 +79,29 @@ impl GroupNorm {
                 None
             }
         }
+    }
+}
+
+/// Group norms of this process that ran as the fused kernels, and those where the kernels failed and
+/// libtorch's ops ran instead.
+struct NormCounts {
+    fused: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicU64,
+}
+
+static NORMS: NormCounts =
+    NormCounts { fused: std::sync::atomic::AtomicU64::new(0), failed: std::sync::atomic::AtomicU64::new(0) };
+
+/// Which group-norm path this process's UNets have taken so far, for manifests and shard records:
+/// `fused` (the CUDA kernels every time), `fused-with-fallbacks` (the kernels failed at least once and
+/// libtorch's ops ran there), or `libtorch` (never the kernels: the CPU, a build without them, another
+/// layout, or `DDPM_FUSED_GROUP_NORM=0`).
+pub fn group_norm_path() -> &'static str {
+    use std::sync::atomic::Ordering::Relaxed;
+    match (NORMS.fused.load(Relaxed), NORMS.failed.load(Relaxed)) {
+        (_, 1..) => "fused-with-fallbacks",
+        (1.., 0) => "fused",
+        (0, 0) => "libtorch",
     }
 }
 

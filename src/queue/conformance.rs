@@ -69,7 +69,7 @@ pub async fn submit_is_atomic_and_idempotent(q: impl Queue) {
     // Every shard is queued, batch-aligned, exactly once.
     let mut ranges = Vec::new();
     while let Some(l) = q.lease("w", LONG).await.unwrap() {
-        let p: ShardPayload = serde_json::from_str(&l.payload).unwrap();
+        let p: ShardPayload = l.range().unwrap();
         ranges.push((l.shard, p.start, p.end));
     }
     ranges.sort();

@@ -130,6 +130,15 @@ pub struct Lease {
     pub expires_at: i64,
 }
 
+impl Lease {
+    /// The shard's sample range, from its payload (corrupt when the payload is not one).
+    pub fn range(&self) -> Result<crate::job::ShardPayload, QueueError> {
+        crate::job::ShardPayload::decode(&self.payload).ok_or_else(|| {
+            QueueError::Corrupt(format!("task {}: unreadable shard payload {:?}", self.task_id, self.payload))
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EnqueueOutcome {
     Created,

@@ -142,7 +142,7 @@ async fn lease_member(
     );
     // Trace-only attributes, kept out of every log line of the shard.
     span.set_attribute("worker", ctx.config.worker_id.clone());
-    let payload = serde_json::from_str::<ShardPayload>(&lease.payload);
+    let payload = lease.range();
     if let Ok(Some(job)) = &job {
         crate::telemetry::set_parent(&span, &job.spec.trace_context);
         span.set_attribute("model", job.spec.model.clone());
@@ -182,7 +182,7 @@ async fn admit(
     device: &DeviceSlot,
     lease: &Lease,
     job: Result<Option<JobRecord>, QueueError>,
-    payload: Result<ShardPayload, serde_json::Error>,
+    payload: Result<ShardPayload, QueueError>,
 ) -> Result<Option<Admitted>, ShardError> {
     let Some(job) = job? else {
         return Err(ShardError::Fatal("job record missing".into()));
@@ -190,7 +190,7 @@ async fn admit(
     if job.state.is_terminal() {
         return Ok(None);
     }
-    let payload = payload.map_err(|e| ShardError::Fatal(format!("unreadable shard payload: {e}")))?;
+    let payload = payload.map_err(|e| ShardError::Fatal(e.to_string()))?;
     tracing::Span::current().set_attribute("samples", (payload.end - payload.start) as i64);
     let name = &job.spec.model;
     let (Some(fits), Some(model)) = (device.models.get(name), ctx.models.get(name)) else {

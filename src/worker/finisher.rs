@@ -167,6 +167,7 @@ async fn settle(
                 sampling_seconds,
                 adopted: up.adopted,
                 batched_with,
+                group_norm: crate::model::resnet::group_norm_path().into(),
             };
             let record = ShardRecord { run, files: up.files, index: up.index, grids: up.grids };
             record_shard(&ctx, &lease, &out, &record).await

@@ -20,7 +20,7 @@ use futures_util::StreamExt;
 use image::DynamicImage;
 use serde::{Deserialize, Serialize};
 
-use crate::dataset::{self, DataFormat, DatasetError, SampleContext, StoredFile};
+use crate::dataset::{self, DatasetError, SampleContext, StoredFile};
 use crate::imaging;
 use crate::job::{JobRecord, JobSpec};
 use crate::models::ResolvedModel;
@@ -393,6 +393,10 @@ pub struct ShardRun {
     /// Other shards whose samples ran in the same UNet batches (co-batching), as `JOB_ID/SHARD`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub batched_with: Vec<String>,
+    /// The group-norm path the worker's UNets had taken when the shard was recorded
+    /// ([`crate::model::resnet::group_norm_path`]); empty in records written before it was kept.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub group_norm: String,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -452,7 +456,7 @@ pub async fn finalize(
         runs.push(record.run);
     }
     check_tiling("index parts", &index, spec.num_samples)?;
-    if spec.dataset.format != DataFormat::Files {
+    if spec.dataset.format.parts().is_some() {
         check_tiling("data files", &files, spec.num_samples)?;
     }
     for range in grid_ranges(spec) {

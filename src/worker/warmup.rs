@@ -67,10 +67,9 @@ fn forward_fits(unet: &LoadedUNet, kind: tch::Kind, batch: usize) -> Result<bool
     PROBING.with(|p| p.set(true));
     let run = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<(), tch::TchError> {
         let x = tch::Tensor::f_zeros([batch as i64, unet.config.in_channels, h, w], (kind, device))?;
-        let _ = unet.forward(&x, 0);
-        if let Device::Cuda(i) = device {
-            tch::Cuda::synchronize(i as i64);
-        }
+        // Waiting for the result's copy to the host waits for this thread's stream only: a device-wide
+        // synchronisation would touch the streams of other threads, which may be capturing a graph.
+        let _ = unet.forward(&x, 0).f_sum(tch::Kind::Float)?.f_to_device(Device::Cpu)?;
         Ok(())
     }));
     PROBING.with(|p| p.set(false));
@@ -144,10 +143,9 @@ pub fn device_usable(device: tch::Device) -> Result<(), String> {
     }
     std::panic::catch_unwind(|| -> Result<(), tch::TchError> {
         let x = tch::Tensor::f_ones([16], (tch::Kind::Float, device))?;
+        // The copy to the host waits for this thread's stream (not the whole device: another thread's
+        // stream may be capturing a graph) and fails if the context is poisoned.
         let sum = x.f_sum(tch::Kind::Float)?.f_to_device(tch::Device::Cpu)?.f_double_value(&[])?;
-        if let tch::Device::Cuda(i) = device {
-            tch::Cuda::synchronize(i as i64);
-        }
         if sum == 16.0 { Ok(()) } else { Err(tch::TchError::Torch(format!("1 × 16 summed to {sum}"))) }
     })
     .map_err(|panic| panic_message(&panic))?

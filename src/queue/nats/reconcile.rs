@@ -9,7 +9,7 @@ use futures_util::{StreamExt, TryStreamExt};
 
 use super::kv::Edit;
 use super::records::{ShardState, StoredJob, StoredShard, Ticket, encode, priority_token, shard_key};
-use super::{INLINE_SHARDS, NatsQueue, PUBLISH_WINDOW, corrupt, nats_err};
+use super::{INLINE_SHARDS, NatsQueue, PUBLISH_WINDOW, nats_err};
 use crate::job::ShardPayload;
 use crate::queue::plan::{Shard, plan_shards};
 use crate::queue::{QueueError, now_ms};
@@ -29,8 +29,7 @@ impl NatsQueue {
         let now = now_ms();
         let queue_one = |shard: Shard| {
             async move {
-                let payload = serde_json::to_string(&ShardPayload { start: shard.start, end: shard.end })
-                    .map_err(|e| corrupt("shard payload", e))?;
+                let payload = ShardPayload { start: shard.start, end: shard.end }.encode();
                 let record = StoredShard {
                     job_id: job.id.clone(),
                     shard: shard.index,

@@ -307,8 +307,7 @@ impl SqliteStore {
             )?;
         }
         for shard in &shards {
-            let payload = serde_json::to_string(&ShardPayload { start: shard.start, end: shard.end })
-                .map_err(|e| QueueError::Corrupt(e.to_string()))?;
+            let payload = ShardPayload { start: shard.start, end: shard.end }.encode();
             tx.execute(
                 "INSERT INTO tasks (job_id, shard, priority, payload, state, available_at, max_attempts)
                  VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6)",
