@@ -11,8 +11,8 @@ fast-bf16: the same with a bfloat16 UNet):
     convolution shapes, run the way that side runs them (`bench-unet --conv-peak`; FLOPs as
     `torch.utils.flop_counter` counts them, checked against diffusers' count),
   * end-to-end images/s for every scheduler: sampling plus writing one PNG per sample and a grid (diffusers:
-    the pipeline with one `torch.Generator` per sample, PIL `save`; ddpm-worker: `generate`, its manifest's
-    sampling time),
+    the pipeline with one `torch.Generator` per sample, PIL `save`; ddpm-worker: `generate`, its shard
+    record's sampling time),
 and the targets: fast ≥ 1.5× diffusers end to end, exact ≥ 1.0× on every scheduler, the fast UNet ≥ 90 % of
 the (fp32) convolution peak.
 Model loading is excluded on both sides. The two sides alternate, round after round, on the same machine,
@@ -106,7 +106,8 @@ def diffusers_end_to_end(pipe, args, scheduler, out: Path):
     cols = int(np.ceil(np.sqrt(len(grid))))
     rows = int(np.ceil(len(grid) / cols))
     grid += [grid[0].copy() for _ in range(rows * cols - len(grid))]
-    make_image_grid(grid, rows=rows, cols=cols).save(out / "grid.png")
+    (out / "grids").mkdir(exist_ok=True)
+    make_image_grid(grid, rows=rows, cols=cols).save(out / "grids" / "00000.png")
     return args.num_samples / (time.perf_counter() - start)
 
 
@@ -127,6 +128,11 @@ def worker_unet(args, model, mode, conv_peak=False):
     return json.loads(out.strip().splitlines()[-1])
 
 
+def run_record(out: Path) -> dict:
+    """The shard record of a whole `generate` run (shard 0): its device, layout and timings."""
+    return json.loads((out / "shards" / "000000.json").read_text())
+
+
 def worker_end_to_end(args, model, out: Path, mode, scheduler):
     cmd = [args.bin, "generate", "--model", str(model), "--scheduler", scheduler, "--steps", str(args.steps),
            "--num-samples", str(args.num_samples), "--seed", str(args.seed), "--batch-size", str(args.batch_size),
@@ -134,8 +140,7 @@ def worker_end_to_end(args, model, out: Path, mode, scheduler):
     if scheduler == "ddim":
         cmd += ["--eta", str(args.eta)]
     subprocess.run(cmd, check=True, capture_output=True)
-    manifest = json.loads((out / "manifest.json").read_text())
-    return manifest["timings"]["images_per_second"]
+    return run_record(out)["timings"]["images_per_second"]
 
 
 def compare_pngs(a: Path, b: Path, n):

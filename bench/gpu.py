@@ -107,12 +107,17 @@ def ours_unet(args, model, batch, *flags, env=None):
     return t["mean_ms"] / 1e3, t
 
 
+def run_record(out: Path) -> dict:
+    """The shard record of a whole `generate` run (shard 0): its device, layout and timings."""
+    return json.loads((out / "shards" / "000000.json").read_text())
+
+
 def generate(args, model, out, batch, *flags, samples=None):
     cmd = [args.bin, "generate", "--model", str(model), "--device", args.device, "--scheduler", "ddim",
            "--steps", str(args.steps), "--num-samples", str(samples or args.num_samples), "--seed", "0",
            "--batch-size", str(batch), "--out", str(out), *flags]
     run(cmd)
-    timings = json.loads((out / "manifest.json").read_text())["timings"]
+    timings = run_record(out)["timings"]
     generate.last = timings
     return timings["images_per_second"]
 

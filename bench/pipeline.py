@@ -6,8 +6,8 @@
 (`make bench-pipeline` runs it with these defaults: the job of issue 20.) Per round and layout, `generate`
 runs the job, then the service runs it (one device thread with every core, as `generate` has; SQLite queue,
 local folder). Both figures are images/s over the job's samples:
-  * generate: its manifest's `timings.images_per_second` (first noise draw to the last sample stored;
-    model load, grid and manifest excluded);
+  * generate: its shard record's (`shards/000000.json`) `timings.images_per_second` (first noise draw to
+    the last sample stored; model load, grids and manifest excluded);
   * service: the job's manifest, `num_samples / (finalized_at - started_at)`: first lease to the manifest
     (sampling, storing, shard records, grids and manifest included).
 The device's own view comes from the service's /metrics: `ddpm_device_busy_seconds` (each batch) and
@@ -58,6 +58,11 @@ def start_server(args, model: Path, data: Path):
     return proc, url
 
 
+def run_record(out: Path) -> dict:
+    """The shard record of a whole `generate` run (shard 0): its device, layout and timings."""
+    return json.loads((out / "shards" / "000000.json").read_text())
+
+
 def run_generate(args, model: Path, out: Path, fmt: str) -> dict:
     subprocess.run(
         [args.bin, "generate", "--model", str(model), "--scheduler", args.scheduler, "--steps", str(args.steps),
@@ -65,9 +70,9 @@ def run_generate(args, model: Path, out: Path, fmt: str) -> dict:
          "--format", fmt, "--out", str(out)],
         check=True, capture_output=True,
     )
-    m = json.loads((out / "manifest.json").read_text())
-    return {"images_per_second": m["timings"]["images_per_second"],
-            "seconds": m["timings"]["sampling_seconds"]}
+    r = run_record(out)
+    return {"images_per_second": r["timings"]["images_per_second"],
+            "seconds": r["sampling_seconds"]}
 
 
 def run_service(args, url: str, fmt: str, tag: str) -> dict:

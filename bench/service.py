@@ -6,9 +6,9 @@
 
 (`make bench-service` runs it.) Two measurements:
   * images/s of one job run by `generate` and by a warm `serve` (one CPU device thread with every core, as
-    `generate` has), alternating round after round; `generate`'s figure is its manifest's sampling time
+    `generate` has), alternating round after round; `generate`'s figure is its shard record's sampling time
     (sampling and PNG writes, model load excluded), the service's is the job's manifest from its first lease
-    to its manifest (sampling, PNG writes, shard records, grid and manifest). The ratio of the medians is
+    to its manifest (sampling, PNG writes, shard records, grids and manifest). The ratio of the medians is
     the service's cost; the target is ≥ 0.97.
   * SubmitJob latency with `--clients` concurrent gRPC clients each submitting `--per-client` one-sample
     jobs (the hidden `bench-submit` command), against a fresh server with its SQLite queue on local disk.
@@ -44,13 +44,18 @@ def serve_flags(args):
     return ["--dtype", args.half, "--channels-last", "--cuda-graphs"] if args.half else []
 
 
+def run_record(out: Path) -> dict:
+    """The shard record of a whole `generate` run (shard 0): its device, layout and timings."""
+    return json.loads((out / "shards" / "000000.json").read_text())
+
+
 def generate_rate(args, model: Path, out: Path) -> float:
     half = ["--dtype", args.half, "--fast", "--cuda-graphs"] if args.half else []
     cmd = [args.bin, "generate", "--model", str(model), "--scheduler", args.scheduler, "--steps", str(args.steps),
            "--num-samples", str(args.num_samples), "--seed", "0", "--batch-size", str(args.batch_size),
            "--device", args.device, "--out", str(out), *half]
     subprocess.run(cmd, check=True, capture_output=True)
-    return json.loads((out / "manifest.json").read_text())["timings"]["images_per_second"]
+    return run_record(out)["timings"]["images_per_second"]
 
 
 def service_rate(args, url: str, data: Path, round_: int) -> float:

@@ -540,8 +540,7 @@ pub async fn time_finalize(
                 attempt: 1,
                 sampling_seconds: 0.0,
                 adopted: written.adopted,
-                batched_with: Vec::new(),
-                group_norm: String::new(),
+                ..Default::default()
             };
             let record = ShardRecord { run, files: written.files, index: written.index, grids: Vec::new() };
             let json = serde_json::to_vec(&record).map_err(|e| e.to_string())?;

@@ -1,12 +1,15 @@
-//! `ddpm-worker generate`: one run from a diffusers model to a folder or an S3 prefix of samples, a grid
-//! and a manifest. The run is one shard on the service's device loop ([`crate::worker::device`]): a
-//! batcher per lane hands it batches with their noise drawn ahead, and the shard's writer stores them.
+//! `ddpm-worker generate`: one run from a diffusers model to a folder or an S3 prefix, in the layout of
+//! a service job's folder: the samples in the job's dataset layout, the index, `grids/`, a shard
+//! record and `manifest.json` ([`crate::worker::outputs`]). The run is one shard on the service's
+//! device loop ([`crate::worker::device`]): a batcher per lane hands it batches with their noise drawn
+//! ahead, and the service's shard writer ([`crate::worker::finisher::upload_shard`]) stores them.
 //!
 //! A run may be split into parts ([`Part`]) that separate processes (the pods of an Indexed Job) sample
 //! into the same destination: each part takes a contiguous run of whole batches, so every sample is
-//! computed in the same batch as in the unsplit run, and writes its samples under their run-wide
-//! indices, its index part `index/part-<part:06>.parquet`, and its own manifest and grid
-//! (`manifest.part-<part:05>-of-<count:05>.json`, `grid.part-….png`).
+//! computed in the same batch as in the unsplit run. Part `i` is shard `i` of the run: it writes its
+//! samples under their run-wide indices, `index/part-<i:06>.parquet`, the grids that lie within it and
+//! its record `shards/<i:06>.json`; the part that finds every part's record there writes the grids that
+//! straddle parts and `manifest.json`, as a service job's last shard does.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -15,25 +18,21 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use image::DynamicImage;
-use serde::Serialize;
 use tch::Device;
 
-use crate::dataset::sink::{ShardTarget, write_shard};
-use crate::dataset::{DatasetError, DatasetOptions, SampleContext, StoredFile};
+use crate::dataset::{DatasetError, DatasetOptions};
 use crate::digest::{sha256_file, sha256_hex};
 use crate::imaging::{self, ImageError};
+use crate::job::{JobRecord, JobSpec, JobState};
 use crate::model::{Layout, LoadedUNet, ModelError, ModelFiles};
-use crate::models::{FetchError, ModelLocation};
+use crate::models::{FetchError, ModelLocation, ResolvedModel};
 use crate::placement::{DType, device_name};
 use crate::sampler::{self, BatchRequest, Placement, SampleError};
 use crate::schedulers::{SchedulerConfig, SchedulerError, SchedulerKind};
-use crate::storage::{Destination, ObjectStore, StorageError};
+use crate::storage::{Destination, StorageError, write_once};
 use crate::validation::{self, StorageRequest, Violations};
 use crate::worker::device::{self, Lane, ReadyBatch, Row, Sample, Sampled, ShardHandle};
-
-/// Most samples drawn into `grid.png`.
-pub const GRID_MAX: usize = 64;
+use crate::worker::outputs::{self, BatchTiming, JobOutputs, OutputError, RunTimings, ShardRecord, ShardRun};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {
@@ -61,6 +60,8 @@ pub enum GenerateError {
     Runtime(std::io::Error),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error(transparent)]
+    Output(#[from] OutputError),
 }
 
 impl GenerateError {
@@ -119,21 +120,6 @@ impl Part {
         let at = |i: usize| (i as u128 * batches as u128 / self.count as u128) as usize;
         (at(self.index), at(self.index + 1))
     }
-
-    /// What this part's manifest and grid are called: `STEM.part-00003-of-00008.EXT`.
-    fn file(&self, stem: &str, ext: &str) -> String {
-        format!("{stem}.part-{:05}-of-{:05}.{ext}", self.index, self.count)
-    }
-}
-
-/// The samples a part of a run covered, in its manifest.
-#[derive(Debug, Clone, Serialize)]
-pub struct PartRecord {
-    pub index: usize,
-    pub count: usize,
-    /// Samples `first..end` (run-wide indices).
-    pub first: u64,
-    pub end: u64,
 }
 
 /// A validated `generate` request.
@@ -167,89 +153,20 @@ pub struct GenerateSpec {
     pub part: Option<Part>,
     /// Layout and encoding of the samples, as asked (checked by [`validation::storage`]).
     pub storage: StorageRequest,
+    /// Samples per grid (`grids/<n:05>.png` shows samples `n·S .. (n+1)·S`); 0: no grids.
+    pub samples_per_grid: u32,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct FileRecord {
-    pub file: String,
-    pub sha256: String,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct ModelRecord {
-    /// The model as given: its folder, `s3://…` or `hf://org/name`.
-    pub source: String,
-    /// The local folder it was loaded from.
-    pub path: String,
-    pub weights: String,
-    pub sha256: String,
-    pub parameters: i64,
-    pub config: serde_json::Value,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Timings {
-    pub load_seconds: f64,
-    pub sampling_seconds: f64,
-    pub total_seconds: f64,
-    pub images_per_second: f64,
-    /// Each batch, in order: where the sampling time went (the first batch of a lane on CUDA also pays
-    /// for kernel selection and graph capture).
-    pub batches: Vec<BatchTiming>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct BatchTiming {
-    pub batch: usize,
-    pub lane: usize,
-    /// The reverse process, from the first noise draw to x_0 on the host.
-    pub sampling_seconds: f64,
-    /// Turning x_0 into images and handing them to the encoders (waiting while they are behind).
-    pub handoff_seconds: f64,
-}
-
-/// `manifest.json`: everything needed to reproduce or audit the run.
-#[derive(Debug, Clone, Serialize)]
-pub struct Manifest {
-    pub version: String,
-    pub created_at: String,
-    pub model: ModelRecord,
-    pub scheduler: serde_json::Value,
-    pub steps: usize,
-    pub eta: f32,
-    pub seed: u64,
-    /// The whole run's samples (a part samples a slice of them: see `part`).
-    pub num_samples: usize,
-    pub batch_size: usize,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub part: Option<PartRecord>,
-    pub dtype: DType,
-    pub layout: Layout,
-    pub lanes: usize,
-    pub cuda_graphs: bool,
-    /// Whether cuDNN's autotuner picked the convolution kernels (its picks can differ between
-    /// processes, and the images' last bits with them).
-    #[serde(default)]
-    pub cudnn_benchmark: bool,
-    /// Which group-norm path ran ([`crate::model::resnet::group_norm_path`]): `fused`,
-    /// `fused-with-fallbacks` or `libtorch`.
-    pub group_norm: String,
-    pub device: String,
-    pub dataset: DatasetOptions,
-    /// The per-sample listing (index, seed, SHA-256 and place of each encoded image).
-    pub index: StoredFile,
-    /// Data files (`webdataset`, `parquet`).
-    pub files: Vec<StoredFile>,
-    pub grid: FileRecord,
-    pub timings: Timings,
-}
-
-/// What a run wrote, for the command's summary.
+/// What a run (or part) wrote, for the command's summary.
 #[derive(Debug, Clone)]
 pub struct Report {
-    pub manifest: Manifest,
-    pub manifest_uri: String,
-    pub grid_uri: String,
+    /// The run's (or part's) shard record: its samples, files, grids and timings.
+    pub record: ShardRecord,
+    pub record_uri: String,
+    /// The run's manifest, once every part is recorded (always for a whole run).
+    pub manifest_uri: Option<String>,
+    /// The first grid this run or part wrote, if any.
+    pub grid_uri: Option<String>,
 }
 
 impl GenerateSpec {
@@ -270,12 +187,32 @@ impl GenerateSpec {
         }
     }
 
-    fn manifest_key(&self) -> String {
-        self.part.map_or_else(|| "manifest.json".into(), |p| p.file("manifest", "json"))
+    /// Parts of the run: its shards.
+    fn parts(&self) -> u64 {
+        self.part.map_or(1, |p| p.count as u64)
     }
 
-    fn grid_key(&self) -> String {
-        self.part.map_or_else(|| "grid.png".into(), |p| p.file("grid", "png"))
+    /// The run as a job spec: what its manifest records, the same for every part of it.
+    fn job_spec(&self, model: &str, dataset: DatasetOptions) -> JobSpec {
+        let per_grid = (self.samples_per_grid as usize).min(self.num_samples);
+        JobSpec {
+            request_id: String::new(),
+            owner: String::new(),
+            model: model.to_string(),
+            scheduler: self.scheduler,
+            steps: self.steps as u32,
+            eta: self.eta,
+            num_samples: self.num_samples as u64,
+            seed: self.seed,
+            batch_size: self.batch_size as u32,
+            samples_per_grid: per_grid as u32,
+            grid_columns: imaging::grid_columns(per_grid) as u32,
+            output: Some(self.out.clone()),
+            priority: 0,
+            labels: Default::default(),
+            dataset,
+            trace_context: Default::default(),
+        }
     }
 
     fn validate(&self) -> Result<(), GenerateError> {
@@ -293,6 +230,7 @@ impl GenerateSpec {
         let mut bad = Violations::default();
         validation::eta(Some(self.scheduler), self.eta, &mut bad);
         validation::seeds(self.seed, self.num_samples as u64, &mut bad);
+        validation::samples_per_grid(self.samples_per_grid, &mut bad);
         validation::storage(self.storage, (3, 32, 32), self.batch_size as u64, &mut bad);
         if let Some(v) = bad.0.into_iter().next() {
             return invalid(v.field.flag(), v.message);
@@ -364,9 +302,15 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Report, GenerateError>
         .build()
         .map_err(GenerateError::Runtime)?;
     let store = runtime.block_on(crate::storage::open_store(&spec.out, spec.s3_path_style))?;
+    let out = JobOutputs::at(store, "");
     let (shard, first, end) = spec.range();
-    runtime.block_on(check_fresh(spec, store.as_ref(), shard, (first, end)))?;
+    runtime.block_on(check_fresh(spec, &out, shard, (first, end)))?;
     let loaded = Loaded::load(spec, &runtime, started)?;
+    let model = loaded.resolved(spec);
+    let shape = model.sample_shape();
+    let dataset =
+        validation::storage(spec.storage, shape, spec.batch_size as u64, &mut Violations::default());
+    let job_spec = spec.job_spec(&model.name, dataset);
 
     // `first` is a batch boundary of the whole run, so these are the run's own batches.
     let batches: Vec<Vec<u64>> = (first..end)
@@ -376,82 +320,116 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Report, GenerateError>
         .map(<[u64]>::to_vec)
         .collect();
     let bar = progress_bar(progress, (batches.len() * loaded.steps_per_batch) as u64);
-    let shape = loaded.sample_shape()?;
-    let shape = (shape[0] as u64, shape[1] as u64, shape[2] as u64);
-    let dataset =
-        validation::storage(spec.storage, shape, spec.batch_size as u64, &mut Violations::default());
-    let target = ShardTarget {
-        store: Arc::clone(&store),
-        base: String::new(),
-        options: dataset,
-        context: SampleContext {
-            model: spec.model.source(),
-            model_sha256: loaded.weights_sha.clone(),
-            scheduler: spec.scheduler.as_str().into(),
-            steps: spec.steps as u32,
-            eta: spec.eta.unwrap_or(0.0),
-            seed: spec.seed,
-        },
-        shard,
-        start: first,
-        end,
-        writer: crate::dataset::index::Writer { shard, worker: "generate".into(), attempt: 1 },
-        mtime: time::OffsetDateTime::now_utc().unix_timestamp().max(0) as u64,
-        // Data file parts are spooled here on their way to S3 (a folder output has its own staging folder).
-        scratch: std::env::temp_dir(),
-    };
+    let writer = crate::dataset::index::Writer { shard, worker: "generate".into(), attempt: 1 };
+    let mtime = time::OffsetDateTime::now_utc().unix_timestamp().max(0) as u64;
+    // Data file parts are spooled here on their way to S3 (a folder output has its own staging folder).
+    let target =
+        out.shard_target(&job_spec, &model, (shard, first, end), writer, mtime, std::env::temp_dir());
     let (tx, rx) = tokio::sync::mpsc::channel::<Sample>(spec.batch_size * 2);
-    let (tile_tx, tile_rx) = std::sync::mpsc::channel::<Sample>();
-    let writer = runtime.spawn(write_shard(target, rx, move |i, img| {
-        if i - first < GRID_MAX as u64 {
-            let _ = tile_tx.send((i, img.clone()));
-        }
-    }));
+    let uploads =
+        runtime.spawn(crate::worker::finisher::upload_shard(out.clone(), job_spec.clone(), target, rx));
 
     let sampling_started = Instant::now();
     let sampled = sample_lanes(spec, &runtime, &loaded, &batches, end - first, tx, &bar);
-    let written =
-        runtime.block_on(writer).map_err(|e| GenerateError::Dataset(DatasetError::Corrupt(e.to_string())))?;
+    let uploaded =
+        runtime.block_on(uploads).map_err(|e| GenerateError::Dataset(DatasetError::Corrupt(e.to_string())));
+    let uploaded = uploaded.and_then(|u| u.map_err(GenerateError::from));
     let (lanes, mut batch_times) = match sampled {
         Ok(done) => done,
         // The writer's own error says why it stopped taking samples.
         Err(LanesFailed::WriterStopped) => {
-            written?;
+            uploaded?;
             return Err(GenerateError::Sampling("the writer stopped".into()));
         }
         Err(LanesFailed::Sampling(e)) => return Err(e),
     };
-    let written = written?;
-    let grid_tiles: Vec<DynamicImage> =
-        tile_rx.try_iter().collect::<std::collections::BTreeMap<_, _>>().into_values().collect();
+    let uploaded = uploaded?;
     let sampling_seconds = sampling_started.elapsed().as_secs_f64();
     batch_times.sort_by_key(|t| t.batch);
     bar.finish_and_clear();
 
-    let grid = imaging::make_grid(&grid_tiles, imaging::grid_columns(grid_tiles.len()));
-    let grid_png = imaging::encode_png(&grid)?;
-    let grid = FileRecord { file: spec.grid_key(), sha256: sha256_hex(&grid_png) };
-    let grid_put = runtime.block_on(store.put(&grid.file, grid_png.into(), "image/png"))?;
-    let timings = Timings {
-        load_seconds: loaded.load_seconds,
+    let run = ShardRun {
+        shard,
+        start: first,
+        end,
+        worker: "generate".into(),
+        device: device_name(spec.device),
+        attempt: 1,
         sampling_seconds,
-        total_seconds: started.elapsed().as_secs_f64(),
-        images_per_second: (end - first) as f64 / sampling_seconds.max(1e-9),
-        batches: batch_times,
+        adopted: uploaded.adopted,
+        batched_with: Vec::new(),
+        group_norm: crate::model::resnet::group_norm_path().into(),
+        dtype: Some(spec.dtype),
+        layout: Some(spec.layout),
+        cuda_graphs: Some(spec.cuda_graphs),
+        cudnn_benchmark: Some(crate::model::cudnn_benchmark_applies(spec.device, spec.layout)),
+        lanes: Some(lanes),
+        timings: Some(RunTimings {
+            load_seconds: loaded.load_seconds,
+            total_seconds: started.elapsed().as_secs_f64(),
+            images_per_second: (end - first) as f64 / sampling_seconds.max(1e-9),
+            batches: batch_times,
+        }),
     };
-    let manifest = loaded.manifest(spec, (first, end), lanes, dataset, written, grid, timings);
-    let json = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
-    let manifest_put = runtime.block_on(store.put(&spec.manifest_key(), json.into(), "application/json"))?;
+    let grid_uri = uploaded.grids.first().map(|g| out.uri(&out.key(&g.path)));
+    let record = ShardRecord { run, files: uploaded.files, index: uploaded.index, grids: uploaded.grids };
+    let json = serde_json::to_vec_pretty(&record)
+        .map_err(|e| GenerateError::Dataset(DatasetError::Corrupt(e.to_string())))?;
+    let key = out.shard_key(shard);
+    let record_uri =
+        runtime.block_on(write_once(out.store.as_ref(), &key, json.into(), "application/json"))?.uri;
+    let manifest_uri = runtime.block_on(finalize_if_complete(spec, &out, &job_spec, &model, started))?;
     if let Destination::File { root, prefix } = &spec.out {
         // The writer's staging folder, empty now.
         let _ = fs::remove_dir(root.join(prefix).join(crate::storage::local::STAGING_DIR));
     }
-    Ok(Report { manifest, manifest_uri: manifest_put.uri, grid_uri: grid_put.uri })
+    Ok(Report { record, record_uri, manifest_uri, grid_uri })
+}
+
+/// Writes the run's manifest (and the grids that straddle parts) once every part's record is there, as
+/// a service job's last shard does; `None` while parts are missing. Two parts finishing together may
+/// both finalize: every object is written create-only, so the first one's stays.
+async fn finalize_if_complete(
+    spec: &GenerateSpec,
+    out: &JobOutputs,
+    job_spec: &JobSpec,
+    model: &ResolvedModel,
+    started: Instant,
+) -> Result<Option<String>, GenerateError> {
+    let parts = spec.parts();
+    for shard in 0..parts {
+        if out.shard_record(shard).await?.is_none() {
+            return Ok(None);
+        }
+    }
+    let now = crate::queue::now_ms();
+    let started_ms = now - started.elapsed().as_millis() as i64;
+    let job = JobRecord {
+        id: run_id(job_spec),
+        spec: job_spec.clone(),
+        state: JobState::Running,
+        samples_done: spec.num_samples as u64,
+        shards_done: parts,
+        shards_total: parts,
+        created_at_ms: started_ms,
+        started_at_ms: Some(started_ms),
+        finished_at_ms: None,
+        error: None,
+        manifest_uri: None,
+    };
+    Ok(Some(outputs::finalize(out, &job, model, now).await?))
+}
+
+/// The id a run's manifest carries: a digest of its spec, so every part of a run names the same one.
+fn run_id(spec: &JobSpec) -> String {
+    let text = serde_json::to_string(spec).unwrap_or_default();
+    format!("generate-{}", &sha256_hex(text.as_bytes())[..16])
 }
 
 /// The model and scheduler of a run, loaded.
 struct Loaded {
     files: ModelFiles,
+    scheduler_text: String,
     scheduler: SchedulerConfig,
     steps_per_batch: usize,
     weights_sha: String,
@@ -476,54 +454,22 @@ impl Loaded {
         let unet =
             LoadedUNet::prepare(&files, spec.device, spec.dtype.kind(), spec.layout, spec.cuda_graphs)?;
         let load_seconds = started.elapsed().as_secs_f64();
-        Ok(Self { files, scheduler, steps_per_batch, weights_sha, unet, load_seconds })
+        Ok(Self { files, scheduler_text, scheduler, steps_per_batch, weights_sha, unet, load_seconds })
     }
 
     fn sample_shape(&self) -> Result<[i64; 3], SampleError> {
         sampler::sample_shape(&self.unet.config)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn manifest(
-        &self,
-        spec: &GenerateSpec,
-        (first, end): (u64, u64),
-        lanes: usize,
-        dataset: DatasetOptions,
-        written: crate::dataset::sink::ShardOutput,
-        grid: FileRecord,
-        timings: Timings,
-    ) -> Manifest {
-        Manifest {
-            version: format!("ddpm-worker {}", env!("CARGO_PKG_VERSION")),
-            created_at: now_rfc3339(),
-            model: ModelRecord {
-                source: spec.model.source(),
-                path: self.files.root.display().to_string(),
-                weights: self.files.weights.display().to_string(),
-                sha256: self.weights_sha.clone(),
-                parameters: self.unet.num_parameters(),
-                config: serde_json::to_value(&self.unet.config).unwrap_or_default(),
-            },
-            scheduler: self.scheduler.to_json(),
-            steps: spec.steps,
-            eta: spec.eta.unwrap_or(0.0),
-            seed: spec.seed,
-            num_samples: spec.num_samples,
-            batch_size: spec.batch_size,
-            part: spec.part.map(|p| PartRecord { index: p.index, count: p.count, first, end }),
-            dtype: spec.dtype,
-            layout: spec.layout,
-            lanes,
-            cuda_graphs: spec.cuda_graphs,
-            cudnn_benchmark: crate::model::cudnn_benchmark_applies(spec.device, spec.layout),
-            group_norm: crate::model::resnet::group_norm_path().into(),
-            device: device_name(spec.device),
-            dataset,
-            index: written.index,
-            files: written.files,
-            grid,
-            timings,
+    /// The model as a service resolves one: named by where it came from (`--model` as given).
+    fn resolved(&self, spec: &GenerateSpec) -> ResolvedModel {
+        ResolvedModel {
+            name: spec.model.source(),
+            source: spec.model.source(),
+            files: self.files.clone(),
+            weights_sha256: self.weights_sha.clone(),
+            unet_config: self.unet.config.clone(),
+            scheduler_text: self.scheduler_text.clone(),
         }
     }
 }
@@ -620,29 +566,35 @@ pub fn out_display(out: &Destination) -> String {
     }
 }
 
-/// Refuses a destination that holds this run or part already (its manifest), a whole run where a part
-/// would go, or an index part for this part's number that lists other samples (a run split another way,
-/// or with another seed). An index part that lists this part's samples is from an attempt that died
-/// before its manifest (a retried pod): what it stored is kept.
+/// Refuses a destination that holds a finished run (its `manifest.json`) or this part already (its
+/// shard record), or an index part for this part's number that lists other samples (a run split
+/// another way, or with another seed). An index part that lists this part's samples is from an attempt
+/// that died before its record (a retried pod): what it stored is kept.
 async fn check_fresh(
     spec: &GenerateSpec,
-    store: &dyn ObjectStore,
+    out: &JobOutputs,
     shard: u64,
     (first, end): (u64, u64),
 ) -> Result<(), GenerateError> {
     let shown = out_display(&spec.out);
     let refuse = |message| Err(GenerateError::InvalidArgument { field: "out", message });
-    let mut runs = vec![spec.manifest_key()];
-    if spec.part.is_some() {
-        runs.push("manifest.json".into());
+    let manifest = out.manifest_key();
+    if out.store.get(&manifest).await?.is_some() {
+        return refuse(format!("{shown} already holds a run ({manifest}); choose another folder"));
     }
-    for key in runs {
-        if store.get(&key).await?.is_some() {
-            return refuse(format!("{shown} already holds a run ({key}); choose another folder"));
+    if let Some(record) = out.shard_record(shard).await? {
+        let key = out.shard_key(shard);
+        let (start, stop) = (record.run.start, record.run.end);
+        if (start, stop) == (first, end) {
+            return refuse(format!("{shown} already holds this part ({key}); choose another folder"));
         }
+        return refuse(format!(
+            "{shown} holds {key} with samples {start}..{stop}, not samples {first}..{end}: a run split \
+             another way wrote there; choose another folder"
+        ));
     }
-    let index_key = crate::dataset::index_path(shard);
-    if let Some(bytes) = store.get(&index_key).await? {
+    let index_key = out.key(&crate::dataset::index_path(shard));
+    if let Some(bytes) = out.store.get(&index_key).await? {
         let rows = crate::dataset::index::read(bytes)?;
         let same = rows.iter().map(|r| (r.index, r.seed)).eq((first..end).map(|i| (i, spec.seed + i)));
         if !same {
@@ -753,10 +705,6 @@ fn progress_bar(show: bool, total: u64) -> indicatif::ProgressBar {
     bar
 }
 
-fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -783,6 +731,5 @@ mod tests {
         for bad in ["2", "2/", "/8", "a/8", "-1/8", "2/8/1"] {
             assert!(bad.parse::<Part>().is_err(), "{bad}");
         }
-        assert_eq!(Part { index: 3, count: 8 }.file("manifest", "json"), "manifest.part-00003-of-00008.json");
     }
 }

@@ -215,10 +215,11 @@ struct GenerateArgs {
     #[arg(long)]
     fast: bool,
     /// Output folder, or s3://BUCKET[/PREFIX] (endpoint and credentials from AWS_*, as for `serve`),
-    /// without a run in it: the samples in --format's layout, their index (index/part-000000.parquet),
-    /// grid.png, manifest.json. A part writes index/part-<INDEX:06>.parquet,
-    /// manifest.part-<INDEX:05>-of-<COUNT:05>.json and grid.part-….png, and its samples under their
-    /// run-wide indices: all parts of a run go to the same --out.
+    /// without a run in it. It gets what a service job's folder holds: the samples in --format's layout,
+    /// their index (index/part-000000.parquet), grids/<n:05>.png, the run's record (shards/000000.json,
+    /// with its timings) and manifest.json. A part writes its samples under their run-wide indices,
+    /// index/part-<INDEX:06>.parquet and shards/<INDEX:06>.json; the part that finds every part's record
+    /// there writes manifest.json. All parts of a run go to the same --out.
     #[arg(long, value_parser = parse_out)]
     out: ddpm_worker::storage::Destination,
     /// Path-style S3 addressing (MinIO, SeaweedFS, Ceph), for an s3:// --out and --model.
@@ -234,6 +235,9 @@ struct GenerateArgs {
     part_count: Option<usize>,
     #[command(flatten)]
     dataset: DatasetArgs,
+    /// Samples per grid: grids/<n:05>.png shows samples n·S to (n+1)·S (0: no grids).
+    #[arg(long, default_value_t = 64)]
+    samples_per_grid: u32,
 }
 
 /// `s3://BUCKET[/PREFIX]`, or a local folder.
@@ -558,21 +562,25 @@ fn generate(a: GenerateArgs) -> ExitCode {
             png_level: a.dataset.png_level.filter(|&l| l != 0),
             target_file_bytes: a.dataset.target_file_bytes,
         },
+        samples_per_grid: a.samples_per_grid,
     };
     match generate::run(&spec, std::io::stderr().is_terminal()) {
         Ok(r) => {
-            let m = &r.manifest;
-            let what = match &m.part {
-                Some(p) => format!("samples {}..{} (part {}/{})", p.first, p.end, p.index, p.count),
-                None => format!("{} samples", m.num_samples),
+            let run = &r.record.run;
+            let what = match spec.part {
+                Some(p) => format!("samples {}..{} (part {p})", run.start, run.end),
+                None => format!("{} samples", run.end - run.start),
             };
-            println!(
-                "wrote {what} to {} (grid: {}, manifest: {}) at {:.2} images/s",
-                generate::out_display(&spec.out),
-                r.grid_uri,
-                r.manifest_uri,
-                m.timings.images_per_second
-            );
+            let rate = run.timings.as_ref().map_or(0.0, |t| t.images_per_second);
+            println!("wrote {what} to {} at {rate:.2} images/s", generate::out_display(&spec.out));
+            println!("record: {}", r.record_uri);
+            if let Some(grid) = &r.grid_uri {
+                println!("grid: {grid}");
+            }
+            match &r.manifest_uri {
+                Some(manifest) => println!("manifest: {manifest}"),
+                None => println!("manifest: written by the part that completes the run"),
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -1,11 +1,11 @@
 //! Where and in what precision a UNet runs: devices by name (`cpu`, `cuda`, `cuda:N`) and the UNet's
 //! dtype (the scheduler always works in f32).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tch::{Device, Kind};
 
 /// Precision of the UNet; the scheduler always runs in f32.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum DType {
     Fp32,

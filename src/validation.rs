@@ -16,6 +16,7 @@ pub enum Field {
     JpegQuality,
     PngLevel,
     TargetFileBytes,
+    SamplesPerGrid,
 }
 
 impl Field {
@@ -30,6 +31,7 @@ impl Field {
             Field::JpegQuality => "spec.output.jpeg_quality",
             Field::PngLevel => "spec.output.png_level",
             Field::TargetFileBytes => "spec.output.target_file_bytes",
+            Field::SamplesPerGrid => "spec.grid.samples_per_grid",
         }
     }
 
@@ -44,6 +46,7 @@ impl Field {
             Field::JpegQuality => "quality",
             Field::PngLevel => "png_level",
             Field::TargetFileBytes => "target_file_bytes",
+            Field::SamplesPerGrid => "samples_per_grid",
         }
     }
 }
@@ -79,6 +82,16 @@ pub fn eta(scheduler: Option<SchedulerKind>, eta: Option<f32>, bad: &mut Violati
 pub fn seeds(seed: u64, num_samples: u64, bad: &mut Violations) {
     if seed.checked_add(num_samples.saturating_sub(1)).is_none() {
         bad.add(Field::Seed, "seed + num_samples overflows u64");
+    }
+}
+
+/// The most samples one grid shows (a grid is one PNG, composed in memory).
+pub const MAX_SAMPLES_PER_GRID: u32 = 1024;
+
+/// Samples per grid: at most [`MAX_SAMPLES_PER_GRID`] (0: no grids).
+pub fn samples_per_grid(n: u32, bad: &mut Violations) {
+    if n > MAX_SAMPLES_PER_GRID {
+        bad.add(Field::SamplesPerGrid, format!("{n} exceeds the limit of {MAX_SAMPLES_PER_GRID}"));
     }
 }
 

@@ -28,11 +28,15 @@ fn generate(model: &Path, out: &Path, extra: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap()
 }
 
-/// The run's index (one part), checked against the manifest.
+/// The run's index (every part, in order), checked against the manifest.
 fn index_rows(out: &Path, m: &serde_json::Value) -> Vec<ddpm_worker::dataset::index::IndexRow> {
-    let bytes = std::fs::read(out.join(m["index"]["path"].as_str().unwrap())).unwrap();
-    assert_eq!(ddpm_worker::digest::sha256_hex(&bytes), m["index"]["sha256"].as_str().unwrap());
-    ddpm_worker::dataset::index::read(bytes.into()).unwrap()
+    let mut rows = Vec::new();
+    for part in m["index"].as_array().unwrap() {
+        let bytes = std::fs::read(out.join(part["path"].as_str().unwrap())).unwrap();
+        assert_eq!(ddpm_worker::digest::sha256_hex(&bytes), part["sha256"].as_str().unwrap());
+        rows.extend(ddpm_worker::dataset::index::read(bytes.into()).unwrap());
+    }
+    rows
 }
 
 fn sample_png(out: &Path, index: usize) -> Vec<u8> {
@@ -54,11 +58,21 @@ fn outputs_and_manifest_describe_the_run() {
         &["--scheduler", "ddim", "--steps", "10", "--eta", "0.5", "--num-samples", "3", "--seed", "40"],
     );
 
-    assert_eq!(m["steps"], 10);
-    assert_eq!(m["eta"], 0.5);
-    assert_eq!(m["batch_size"], 3);
-    assert_eq!(m["dtype"], "fp32");
-    assert_eq!(m["device"], "cpu");
+    // A service job's manifest: the spec, the resolved scheduler, the model, one shard (the run).
+    assert_eq!(m["spec"]["steps"], 10);
+    assert_eq!(m["spec"]["eta"], 0.5);
+    assert_eq!(m["spec"]["batch_size"], 3);
+    assert_eq!(m["spec"]["seed"], 40);
+    assert!(m["job_id"].as_str().unwrap().starts_with("generate-"));
+    let run = &m["shards"][0];
+    assert_eq!((run["start"].as_u64(), run["end"].as_u64()), (Some(0), Some(3)));
+    assert_eq!(run["dtype"], "fp32");
+    assert_eq!(run["layout"], "diffusers");
+    assert_eq!(run["device"], "cpu");
+    assert_eq!(run["worker"], "generate");
+    assert_eq!(run["group_norm"], "libtorch");
+    assert_eq!(m["shards"].as_array().unwrap().len(), 1);
+    assert_eq!(m["totals"]["samples"], 3);
     assert_eq!(m["scheduler"]["_class_name"], "DDIMScheduler");
     assert_eq!(m["scheduler"]["set_alpha_to_one"], true);
     let weights = model.join("diffusion_pytorch_model.safetensors");
@@ -75,11 +89,16 @@ fn outputs_and_manifest_describe_the_run() {
         assert_eq!((img.width(), img.height()), (16, 16));
         assert_eq!(img.color(), image::ColorType::Rgb8);
     }
-    let grid = std::fs::read(out.join("grid.png")).unwrap();
-    assert_eq!(m["grid"]["sha256"], ddpm_worker::digest::sha256_hex(&grid));
+    let grid = std::fs::read(out.join("grids/00000.png")).unwrap();
+    assert_eq!(m["grids"][0]["path"], "grids/00000.png");
+    assert_eq!(m["grids"][0]["sha256"], ddpm_worker::digest::sha256_hex(&grid));
     let grid = image::load_from_memory(&grid).unwrap();
     assert_eq!((grid.width(), grid.height()), (32, 32)); // 3 tiles in a 2x2 grid
-    assert!(m["timings"]["images_per_second"].as_f64().unwrap() > 0.0);
+    // The run's record carries its timings; the manifest lists it as its one shard.
+    let record = read_json(&out.join("shards/000000.json"));
+    assert!(record["timings"]["images_per_second"].as_f64().unwrap() > 0.0);
+    assert_eq!(record["timings"]["batches"].as_array().unwrap().len(), 1);
+    assert_eq!(record["index"], m["index"][0]);
 }
 
 #[test]
@@ -173,6 +192,27 @@ fn bad_arguments_exit_2_with_a_clear_message() {
         &["generate", "--model", m, "--out", o, "--scheduler", "pndm", "--steps", "3"],
         "at least 4 steps",
     );
+    // The service's rules: a setting that does not apply to the layout or encoding is refused.
+    assert_usage_error(
+        &["generate", "--model", m, "--out", o, "--quality", "80"],
+        "quality: 80: applies to JPEG only",
+    );
+    assert_usage_error(
+        &["generate", "--model", m, "--out", o, "--png-level", "10"],
+        "png_level: 10 must be in 1..=9",
+    );
+    assert_usage_error(
+        &["generate", "--model", m, "--out", o, "--image-format", "jpeg", "--png-level", "3"],
+        "applies to PNG only",
+    );
+    assert_usage_error(
+        &["generate", "--model", m, "--out", o, "--target-file-bytes", "65536"],
+        "target_file_bytes: 65536: applies to WEBDATASET and PARQUET only",
+    );
+    assert_usage_error(
+        &["generate", "--model", m, "--out", o, "--samples-per-grid", "1025"],
+        "samples_per_grid: 1025 exceeds the limit of 1024",
+    );
     assert!(!out.join("manifest.json").exists());
 }
 
@@ -208,8 +248,8 @@ fn fast_mode_writes_every_sample_once_within_tolerance() {
     generate(&model, &exact, &args);
     // Two lanes on the CPU whatever its core count, so the multi-lane path is exercised.
     let m = generate(&model, &fast, &[&args[..], &["--layout", "channels-last", "--lanes", "2"]].concat());
-    assert_eq!(m["layout"], "channels-last");
-    assert_eq!(m["lanes"], 2);
+    assert_eq!(m["shards"][0]["layout"], "channels-last");
+    assert_eq!(m["shards"][0]["lanes"], 2);
     let samples = index_rows(&fast, &m);
     assert_eq!(samples.len(), 7);
     for (i, s) in samples.iter().enumerate() {
@@ -237,7 +277,7 @@ fn every_layout_of_a_run_opens_in_the_dataset_readers() {
             &[&args[..], &["--format", format, "--image-format", image, "--target-file-bytes", "65536"]]
                 .concat(),
         );
-        assert_eq!(m["dataset"]["format"], format);
+        assert_eq!(m["spec"]["dataset"]["format"], format);
         assert_eq!(m["files"].as_array().unwrap().len(), 1);
         let reference = (image != "jpeg").then_some(files.as_path());
         let python = std::env::var("DDPM_PYTHON").unwrap_or_else(|_| "python3".into());
@@ -309,36 +349,64 @@ fn parts_of_a_run_write_its_samples_byte_for_byte() {
     let s = split.to_str().unwrap();
     let base = [&["generate", "--model", m, "--out", s][..], &SPLIT_RUN].concat();
     // Parts run in any order; the middle one as a pod of an Indexed Job gets its index.
-    for (args, env) in [
-        (vec!["--part", "2/3"], vec![]),
-        (vec!["--part-count", "3"], vec![("JOB_COMPLETION_INDEX", "1".to_string())]),
-        (vec!["--part", "0/3"], vec![]),
-    ] {
+    let part = |args: Vec<&str>, env: Vec<(&str, String)>| {
         let o = run_with_env(&[&base[..], &args].concat(), &env);
         assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
-    }
-    assert!(!split.join("manifest.json").exists(), "parts write no whole-run manifest");
+    };
+    part(vec!["--part", "2/3"], vec![]);
+    part(vec!["--part-count", "3"], vec![("JOB_COMPLETION_INDEX", "1".to_string())]);
+    assert!(!split.join("manifest.json").exists(), "no manifest while a part is missing");
 
-    // Each part: whole batches, its own manifest, grid and index part.
+    // A part is not run twice, and a split of another shape is refused where one was written.
+    let again = run(&[&base[..], &["--part", "1/3"]].concat());
+    assert_eq!(again.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(stderr.contains("already holds this part (shards/000001.json)"), "{stderr}");
+    let other = run(&[&base[..], &["--part", "1/2"]].concat());
+    assert_eq!(other.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&other.stderr);
+    assert!(stderr.contains("shards/000001.json with samples 2..6, not samples 4..10"), "{stderr}");
+    // A part that died before its record (a pod killed mid-run): a split of another shape is still refused
+    // by the index part it left, and the part itself runs again, keeping what it stored.
+    std::fs::remove_file(split.join("shards/000001.json")).unwrap();
+    let other = run(&[&base[..], &["--part", "1/2"]].concat());
+    assert_eq!(other.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&other.stderr);
+    assert!(stderr.contains("index/part-000001.parquet with samples 2..6"), "{stderr}");
+    part(vec!["--part", "1/3"], vec![]);
+    assert!(!split.join("manifest.json").exists(), "no manifest while a part is missing");
+
+    // The last part finds every record there and writes the run's manifest, as a job's last shard does.
+    part(vec!["--part", "0/3"], vec![]);
+    let manifest = read_json(&split.join("manifest.json"));
+    assert_eq!(manifest["totals"]["shards"], 3);
+    // The same run as the whole one, but for where it was written.
+    let (mut split_spec, mut full_spec) =
+        (manifest["spec"].clone(), read_json(&full.join("manifest.json"))["spec"].clone());
+    assert_ne!(split_spec["output"], full_spec["output"]);
+    split_spec["output"] = serde_json::Value::Null;
+    full_spec["output"] = serde_json::Value::Null;
+    assert_eq!(split_spec, full_spec);
+    // Each part: whole batches, its own record and index part; the grid spans parts, so the last part
+    // drew it.
     let mut covered = Vec::new();
     for (k, (first, end)) in [(0, 2), (2, 6), (6, 10)].into_iter().enumerate() {
-        let pm = read_json(&split.join(format!("manifest.part-{k:05}-of-00003.json")));
-        assert_eq!(pm["part"], serde_json::json!({"index": k, "count": 3, "first": first, "end": end}));
-        assert_eq!(pm["num_samples"], 10);
-        assert_eq!(pm["seed"], 7);
-        assert_eq!(pm["index"]["path"], format!("index/part-{k:06}.parquet"));
-        assert_eq!((pm["index"]["first"].as_u64(), pm["index"]["end"].as_u64()), (Some(first), Some(end)));
-        let grid = format!("grid.part-{k:05}-of-00003.png");
-        assert_eq!(pm["grid"]["file"], grid.as_str());
-        let grid = std::fs::read(split.join(&grid)).unwrap();
-        assert_eq!(pm["grid"]["sha256"], ddpm_worker::digest::sha256_hex(&grid));
-        let index = std::fs::read(split.join(pm["index"]["path"].as_str().unwrap())).unwrap();
+        let record = read_json(&split.join(format!("shards/{k:06}.json")));
+        assert_eq!((record["start"].as_u64(), record["end"].as_u64()), (Some(first), Some(end)));
+        assert_eq!(record["index"]["path"], format!("index/part-{k:06}.parquet"));
+        assert_eq!(manifest["index"][k], record["index"]);
+        assert_eq!(manifest["shards"][k]["start"], record["start"]);
+        assert!(record["grids"].as_array().unwrap().is_empty(), "grid 0 (samples 0..10) spans parts");
+        let index = std::fs::read(split.join(record["index"]["path"].as_str().unwrap())).unwrap();
         let rows = ddpm_worker::dataset::index::read(index.into()).unwrap();
         covered.extend(rows.iter().map(|r| r.index));
         assert_eq!(rows.iter().map(|r| r.index).collect::<Vec<_>>(), (first..end).collect::<Vec<_>>());
     }
     covered.sort();
     assert_eq!(covered, (0..10).collect::<Vec<_>>(), "the parts cover every sample exactly once");
+    let grid = std::fs::read(split.join("grids/00000.png")).unwrap();
+    assert_eq!(manifest["grids"][0]["sha256"], ddpm_worker::digest::sha256_hex(&grid));
+    assert_eq!(grid, std::fs::read(full.join("grids/00000.png")).unwrap(), "the whole run's grid");
 
     // Every sample is the whole run's, byte for byte, and nothing else was written.
     let listing = |d: &Path| {
@@ -353,19 +421,10 @@ fn parts_of_a_run_write_its_samples_byte_for_byte() {
     }
     let whole = index_rows(&full, &read_json(&full.join("manifest.json")));
     let parts = all_index_rows(&split);
+    assert_eq!(index_rows(&split, &manifest).len(), 10);
     let key = |r: &ddpm_worker::dataset::index::IndexRow| (r.index, r.seed, r.sha256.clone(), r.file.clone());
     assert_eq!(parts.iter().map(key).collect::<Vec<_>>(), whole.iter().map(key).collect::<Vec<_>>());
 
-    // A part is not run twice, and a split of another shape is refused where one was written.
-    let again = run(&[&base[..], &["--part", "1/3"]].concat());
-    assert_eq!(again.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&again.stderr);
-    assert!(stderr.contains("already holds a run (manifest.part-00001-of-00003.json)"), "{stderr}");
-    let other = run(&[&base[..], &["--part", "1/2"]].concat());
-    assert_eq!(other.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&other.stderr);
-    assert!(stderr.contains("index/part-000001.parquet with samples 2..6"), "{stderr}");
-    assert!(!split.join("manifest.part-00001-of-00002.json").exists());
     // A whole run is refused where its parts went, and parts where a whole run went.
     let whole_there = run(&base);
     assert_eq!(whole_there.status.code(), Some(2), "{}", String::from_utf8_lossy(&whole_there.stderr));
@@ -427,7 +486,7 @@ fn a_hub_id_is_read_from_the_hugging_face_cache() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let m = read_json(&from_hub.join("manifest.json"));
     assert_eq!(m["model"]["source"], "hf://ddpm-test/tiny");
-    assert_eq!(m["model"]["path"], snapshot.display().to_string());
+    assert_eq!(m["spec"]["model"], "hf://ddpm-test/tiny");
     for i in 0..2 {
         assert_eq!(sample_png(&from_hub, i), sample_png(&from_folder, i));
     }
@@ -468,11 +527,14 @@ async fn parts_read_an_s3_model_and_write_to_s3() {
         [&["generate", "--model", &s3_model, "--out", &out, "--s3-path-style"][..], &SPLIT_RUN].concat();
     // 64 KiB files hold 14 samples of 16×16 (7 batches of 2): one tar per part.
     let layout = ["--format", "webdataset", "--target-file-bytes", "65536"];
-    for part in ["0/2", "1/2"] {
+    for (part, last) in [("0/2", false), ("1/2", true)] {
         let o = run_with_env(&[&base[..], &layout, &["--part", part]].concat(), &env);
         assert!(o.status.success(), "part {part}: {}", String::from_utf8_lossy(&o.stderr));
         let stdout = String::from_utf8_lossy(&o.stdout);
-        assert!(stdout.contains(&format!("manifest: {out}/manifest.part-0000")), "{stdout}");
+        let shard = &part[..1];
+        assert!(stdout.contains(&format!("record: {out}/shards/00000{shard}.json")), "{stdout}");
+        // The second part finds both records and writes the run's manifest.
+        assert_eq!(stdout.contains(&format!("manifest: {out}/manifest.json")), last, "{stdout}");
     }
     assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "the model copy and spools are removed");
 
@@ -483,17 +545,18 @@ async fn parts_read_an_s3_model_and_write_to_s3() {
         [
             "data/000000.tar",
             "data/000001.tar",
-            "grid.part-00000-of-00002.png",
-            "grid.part-00001-of-00002.png",
+            "grids/00000.png",
             "index/part-000000.parquet",
             "index/part-000001.parquet",
-            "manifest.part-00000-of-00002.json",
-            "manifest.part-00001-of-00002.json",
+            "manifest.json",
+            "shards/000000.json",
+            "shards/000001.json",
         ]
     );
-    let m0 = read_json(&local.join("manifest.part-00000-of-00002.json"));
-    assert_eq!(m0["model"]["source"], s3_model);
-    assert_eq!(m0["part"]["end"], 4, "5 batches split 2 + 3");
+    let m = read_json(&local.join("manifest.json"));
+    assert_eq!(m["model"]["source"], s3_model);
+    assert_eq!(m["shards"][0]["end"], 4, "5 batches split 2 + 3");
+    assert_eq!(m["totals"]["data_files"], 2);
     let store: std::sync::Arc<dyn ObjectStore> =
         std::sync::Arc::new(ddpm_worker::storage::local::LocalStore::new(&local).unwrap());
     let rows = all_index_rows(&local);
@@ -504,11 +567,8 @@ async fn parts_read_an_s3_model_and_write_to_s3() {
         assert_eq!(bytes.as_ref(), sample_png(&full, row.index as usize), "sample {}", row.index);
     }
 
-    // The same part again: refused, its manifest is there.
+    // The same part again: refused, the run's manifest is there.
     let o = run_with_env(&[&base[..], &layout, &["--part", "1/2"]].concat(), &env);
     assert_eq!(o.status.code(), Some(2));
-    assert!(
-        String::from_utf8_lossy(&o.stderr)
-            .contains("already holds a run (manifest.part-00001-of-00002.json)")
-    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already holds a run (manifest.json)"));
 }

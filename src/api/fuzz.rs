@@ -32,36 +32,25 @@ fn service(dir: &std::path::Path, rt: &tokio::runtime::Runtime) -> (WorkerServic
     let queue = SqliteQueue::new(SqliteStore::open(&dir.join("queue.sqlite")).expect("queue"));
     let default = Destination::File { root: dir.join("jobs"), prefix: String::new() };
     let allowed = ["s3://datasets/team-a".parse().expect("destination")];
-    let ctx = Arc::new(WorkerContext {
-        queue: Arc::new(queue),
-        outputs: Arc::new(Outputs::new(default, &allowed, true)),
-        models: Arc::new(super::convert::tests::catalog_model()),
-        config: WorkerConfig {
-            worker_id: "fuzz".into(),
-            lease_ttl: Duration::from_secs(60),
-            retry_delay: Duration::from_secs(1),
-            outage_backoff: Duration::from_secs(1),
-            kind: tch::Kind::Float,
-            layout: crate::model::Layout::Diffusers,
-            cuda_graphs: false,
-            max_batch_size: 16,
-            co_batch: true,
-            finalize_after: Duration::from_secs(60),
-            reap_interval: Duration::from_secs(1),
-            idle_poll: Duration::from_secs(1),
-            scratch_dir: dir.join("scratch"),
-            queue_name: "sqlite".into(),
-        },
-        active: Default::default(),
-        draining: Default::default(),
-        abort: Default::default(),
-        wake: Default::default(),
-        store_outage: Default::default(),
-        queue_outage: Default::default(),
-        queue_reachable: std::sync::atomic::AtomicBool::new(true),
-        device_failure: Default::default(),
-        runtime: rt.handle().clone(),
-    });
+    let config = WorkerConfig {
+        worker_id: "fuzz".into(),
+        lease_ttl: Duration::from_secs(60),
+        retry_delay: Duration::from_secs(1),
+        outage_backoff: Duration::from_secs(1),
+        dtype: crate::placement::DType::Fp32,
+        layout: crate::model::Layout::Diffusers,
+        cuda_graphs: false,
+        max_batch_size: 16,
+        co_batch: true,
+        finalize_after: Duration::from_secs(60),
+        reap_interval: Duration::from_secs(1),
+        idle_poll: Duration::from_secs(1),
+        scratch_dir: dir.join("scratch"),
+        queue_name: "sqlite".into(),
+    };
+    let outputs = Outputs::new(default, &allowed, true);
+    let models = super::convert::tests::catalog_model();
+    let ctx = Arc::new(WorkerContext::new(Arc::new(queue), outputs, models, config, rt.handle().clone()));
     let limits = Limits {
         max_samples: 64,
         max_steps: 1000,

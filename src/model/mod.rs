@@ -106,7 +106,7 @@ impl ModelFiles {
 }
 
 /// Memory layout of the UNet's activations and convolution weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Layout {
     /// diffusers' default: NCHW weights and input. Activations after attention blocks become

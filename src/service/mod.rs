@@ -567,21 +567,14 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
     if let Some(m) = args.metrics_listen {
         install_metrics(m)?;
     }
-    let ctx = Arc::new(WorkerContext {
-        queue: Arc::clone(&prepared.queue),
-        outputs: Arc::new(Outputs::new(args.output.clone(), &args.allow_outputs, args.s3_path_style)),
-        models: Arc::new(prepared.models.clone()),
-        config: worker_config(&args),
-        active: Default::default(),
-        draining: Default::default(),
-        abort: Default::default(),
-        wake: Default::default(),
-        store_outage: Default::default(),
-        queue_outage: Default::default(),
-        queue_reachable: std::sync::atomic::AtomicBool::new(true),
-        device_failure: Default::default(),
-        runtime: tokio::runtime::Handle::current(),
-    });
+    let outputs = Outputs::new(args.output.clone(), &args.allow_outputs, args.s3_path_style);
+    let ctx = Arc::new(WorkerContext::new(
+        Arc::clone(&prepared.queue),
+        outputs,
+        prepared.models.clone(),
+        worker_config(&args),
+        tokio::runtime::Handle::current(),
+    ));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status(WORKER_SERVICE, ServingStatus::NotServing).await;
@@ -647,7 +640,7 @@ fn worker_config(args: &ServeArgs) -> WorkerConfig {
         lease_ttl: Duration::from_secs_f64(args.lease_seconds),
         retry_delay: Duration::from_secs_f64(args.retry_seconds),
         outage_backoff: Duration::from_secs_f64(args.outage_backoff_seconds),
-        kind: args.dtype.kind(),
+        dtype: args.dtype,
         layout: if args.channels_last { Layout::ChannelsLast } else { Layout::Diffusers },
         cuda_graphs: args.cuda_graphs,
         max_batch_size: args.max_batch_size as usize,
@@ -667,7 +660,7 @@ fn limits(args: &ServeArgs) -> Limits {
         max_steps: args.max_steps,
         max_batch_size: args.max_batch_size,
         default_batch_size: args.default_batch_size,
-        max_samples_per_grid: 1024,
+        max_samples_per_grid: crate::validation::MAX_SAMPLES_PER_GRID,
         batches_per_shard: args.batches_per_shard,
         max_shards_per_job: args.max_shards_per_job,
         max_attempts: args.max_attempts,

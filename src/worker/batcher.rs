@@ -20,8 +20,8 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::WorkerContext;
 use super::device::{Demand, ReadyBatch, Row, Sample, ShardHandle};
-use super::finisher::{self, ShardError, ShardOutput};
-use super::outputs::{self, JobOutputs};
+use super::finisher::{self, RanOn, ShardError, ShardOutput};
+use super::outputs::JobOutputs;
 use crate::dataset::sink::ShardTarget;
 use crate::job::{JobRecord, ShardPayload};
 use crate::queue::{Lease, QueueError};
@@ -39,6 +39,8 @@ pub struct DeviceSlot {
     pub models: BTreeMap<String, Option<usize>>,
     /// Whether the device waits for a batch.
     pub demand: Arc<Demand>,
+    /// How it computes, for its shards' records.
+    pub ran_on: RanOn,
 }
 
 /// Leases, groups and hands over batches until the worker drains or the device's channel closes; then
@@ -215,22 +217,14 @@ async fn admit(
         finisher::complete(ctx, lease, record.run.end - record.run.start).await;
         return Ok(None);
     }
-    let target = ShardTarget {
-        store: Arc::clone(&out.store),
-        base: out.base.clone(),
-        options: job.spec.dataset,
-        context: outputs::sample_context(&job.spec, model),
+    let writer = crate::dataset::index::Writer {
         shard: lease.shard,
-        start: payload.start,
-        end: payload.end,
-        writer: crate::dataset::index::Writer {
-            shard: lease.shard,
-            worker: ctx.config.worker_id.clone(),
-            attempt: lease.attempt,
-        },
-        mtime: (job.created_at_ms.max(0) / 1000) as u64,
-        scratch: ctx.config.scratch_dir.clone(),
+        worker: ctx.config.worker_id.clone(),
+        attempt: lease.attempt,
     };
+    let mtime = (job.created_at_ms.max(0) / 1000) as u64;
+    let range = (lease.shard, payload.start, payload.end);
+    let target = out.shard_target(&job.spec, model, range, writer, mtime, ctx.config.scratch_dir.clone());
     Ok(Some((job, payload, out, scheduler, target)))
 }
 
@@ -356,14 +350,14 @@ async fn dispatch(
     for (m, member) in group.into_iter().enumerate() {
         let batched_with =
             ids.iter().enumerate().filter(|(i, _)| *i != m).map(|(_, id)| id.clone()).collect();
-        let name = device.name.clone();
+        let ran_on = device.ran_on.clone();
         // A member whose rows were never made hears nothing, and its shard goes back untried.
         let heard = member.heard.unwrap_or_else(|| tokio::sync::oneshot::channel().1);
         tokio::spawn(finisher::finish(
             Arc::clone(ctx),
             member.output,
             heard,
-            name,
+            ran_on,
             batched_with,
             Arc::clone(&permit),
         ));

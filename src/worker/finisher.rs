@@ -122,18 +122,27 @@ impl ShardOutput {
     }
 }
 
+/// The device a shard ran on and how, as its record tells.
+#[derive(Debug, Clone)]
+pub struct RanOn {
+    /// Its name (`cuda:0`).
+    pub device: String,
+    pub cuda_graphs: bool,
+    pub cudnn_benchmark: bool,
+}
+
 /// Waits for the device's word on the shard and for its writer, then records the shard or tells the
 /// queue why not, in the shard's span. `permit` (the group's in-flight slot) is held until then.
 pub async fn finish<P: Send + Sync + 'static>(
     ctx: Arc<WorkerContext>,
     shard: ShardOutput,
     sampled: oneshot::Receiver<Sampled>,
-    device: String,
+    ran_on: RanOn,
     batched_with: Vec<String>,
     permit: Arc<P>,
 ) {
     let span = shard.span.clone();
-    tracing::Instrument::instrument(settle(ctx, shard, sampled, device, batched_with), span).await;
+    tracing::Instrument::instrument(settle(ctx, shard, sampled, ran_on, batched_with), span).await;
     drop(permit);
 }
 
@@ -141,7 +150,7 @@ async fn settle(
     ctx: Arc<WorkerContext>,
     shard: ShardOutput,
     sampled: oneshot::Receiver<Sampled>,
-    device: String,
+    ran_on: RanOn,
     batched_with: Vec<String>,
 ) {
     // A shard whose batches never reached the device (it ended first) goes back untried.
@@ -162,12 +171,18 @@ async fn settle(
                 start: payload.start,
                 end: payload.end,
                 worker: ctx.config.worker_id.clone(),
-                device,
+                device: ran_on.device,
                 attempt: lease.attempt,
                 sampling_seconds,
                 adopted: up.adopted,
                 batched_with,
                 group_norm: crate::model::resnet::group_norm_path().into(),
+                dtype: Some(ctx.config.dtype),
+                layout: Some(ctx.config.layout),
+                cuda_graphs: Some(ran_on.cuda_graphs),
+                cudnn_benchmark: Some(ran_on.cudnn_benchmark),
+                lanes: None,
+                timings: None,
             };
             let record = ShardRecord { run, files: up.files, index: up.index, grids: up.grids };
             record_shard(&ctx, &lease, &out, &record).await
@@ -252,7 +267,7 @@ pub async fn complete(ctx: &WorkerContext, lease: &Lease, samples: u64) {
 
 /// Stores a shard's samples as they arrive, in the job's layout, and the grids that lie wholly inside
 /// it, each as soon as its samples are in (so a shard holds the images of its unfinished grids only).
-async fn upload_shard(
+pub async fn upload_shard(
     out: JobOutputs,
     spec: JobSpec,
     target: ShardTarget,

@@ -23,11 +23,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tch::{Device, Kind};
+use tch::Device;
 
 use crate::job::{JobRecord, JobState};
 use crate::model::Layout;
 use crate::models::ResolvedModel;
+use crate::placement::DType;
 use crate::queue::{Queue, QueueError};
 
 /// How long an idle device's batcher waits between polls of the queue (new submissions wake it at once).
@@ -45,7 +46,8 @@ pub struct WorkerConfig {
     /// First pause after the store or the queue was found unavailable; it doubles with each further
     /// failure, up to [`MAX_OUTAGE_PAUSE`].
     pub outage_backoff: Duration,
-    pub kind: Kind,
+    /// The UNet's precision.
+    pub dtype: DType,
     pub layout: Layout,
     /// CUDA devices replay their UNet calls from captured graphs.
     pub cuda_graphs: bool,
@@ -162,6 +164,31 @@ pub struct WorkerContext {
 }
 
 impl WorkerContext {
+    /// A worker that has not started draining, with every outage flag clear.
+    pub fn new(
+        queue: Arc<dyn Queue>,
+        outputs: Outputs,
+        models: BTreeMap<String, Arc<ResolvedModel>>,
+        config: WorkerConfig,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
+        Self {
+            queue,
+            outputs: Arc::new(outputs),
+            models: Arc::new(models),
+            config,
+            active: Default::default(),
+            draining: Default::default(),
+            abort: Default::default(),
+            wake: Default::default(),
+            store_outage: Default::default(),
+            queue_outage: Default::default(),
+            queue_reachable: AtomicBool::new(true),
+            device_failure: Default::default(),
+            runtime,
+        }
+    }
+
     /// Writes the manifest of a job whose shards are all done and marks it SUCCEEDED (or FAILED when
     /// its outputs are inconsistent). A job already terminal is left alone.
     pub async fn finalize(&self, job_id: &str) {

@@ -23,7 +23,9 @@ use serde::{Deserialize, Serialize};
 use crate::dataset::{self, DatasetError, SampleContext, StoredFile};
 use crate::imaging;
 use crate::job::{JobRecord, JobSpec};
+use crate::model::Layout;
 use crate::models::ResolvedModel;
+use crate::placement::DType;
 use crate::storage::{
     Destination, ObjectStore, StorageError, check_bucket, check_prefix, join_key, write_once,
 };
@@ -207,6 +209,36 @@ impl JobOutputs {
         Self { store, base: join_key(prefix, job_id) }
     }
 
+    /// The outputs of a run written straight into `base` of `store` (`generate`'s folder).
+    pub fn at(store: Arc<dyn ObjectStore>, base: &str) -> Self {
+        Self { store, base: base.trim_matches('/').to_string() }
+    }
+
+    /// Where shard `shard` of `spec` (samples `start..end`) stores its samples, as `writer` attempt:
+    /// the one place a shard's output target is made.
+    pub fn shard_target(
+        &self,
+        spec: &JobSpec,
+        model: &ResolvedModel,
+        (shard, start, end): (u64, u64, u64),
+        writer: dataset::index::Writer,
+        mtime: u64,
+        scratch: std::path::PathBuf,
+    ) -> dataset::sink::ShardTarget {
+        dataset::sink::ShardTarget {
+            store: Arc::clone(&self.store),
+            base: self.base.clone(),
+            options: spec.dataset,
+            context: sample_context(spec, model),
+            shard,
+            start,
+            end,
+            writer,
+            mtime,
+            scratch,
+        }
+    }
+
     pub fn key(&self, relative: &str) -> String {
         join_key(&self.base, relative)
     }
@@ -377,7 +409,7 @@ pub struct ManifestModel {
 }
 
 /// Which samples a shard covered and where and how it ran (in its record and in the manifest).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ShardRun {
     pub shard: u64,
     pub start: u64,
@@ -397,6 +429,45 @@ pub struct ShardRun {
     /// ([`crate::model::resnet::group_norm_path`]); empty in records written before it was kept.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub group_norm: String,
+    /// The UNet's precision and layout, and whether CUDA graphs and cuDNN's autotuner ran (absent from
+    /// records written before they were kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<DType>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<Layout>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuda_graphs: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cudnn_benchmark: Option<bool>,
+    /// `generate`: threads that sampled the shard's batches, and where its time went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lanes: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timings: Option<RunTimings>,
+}
+
+/// Where a `generate` run's time went.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunTimings {
+    /// Fetching, checking, hashing and loading the model.
+    pub load_seconds: f64,
+    /// From the start of the command to the shard's record.
+    pub total_seconds: f64,
+    /// The shard's samples over its sampling time (first noise draw to the last sample stored).
+    pub images_per_second: f64,
+    /// Each batch, in order (the first batch of a lane on CUDA also pays for kernel selection and
+    /// graph capture).
+    pub batches: Vec<BatchTiming>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchTiming {
+    pub batch: usize,
+    pub lane: usize,
+    /// The reverse process, from the first noise draw to x_0 on the host.
+    pub sampling_seconds: f64,
+    /// Turning x_0 into images and handing them to the writer (waiting while it is behind).
+    pub handoff_seconds: f64,
 }
 
 fn is_zero(n: &u64) -> bool {

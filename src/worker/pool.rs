@@ -74,6 +74,11 @@ fn run_device(ctx: &Arc<WorkerContext>, models: &DeviceModels) -> Result<(), Str
         name: name.clone(),
         models: models.unets.keys().map(|m| (m.clone(), models.max_batch.get(m).copied())).collect(),
         demand: Arc::clone(&demand),
+        ran_on: super::finisher::RanOn {
+            device: name.clone(),
+            cuda_graphs: ctx.config.cuda_graphs && models.device.is_cuda(),
+            cudnn_benchmark: crate::model::cudnn_benchmark_applies(models.device, ctx.config.layout),
+        },
     };
     // One batch waits while one samples; the batcher builds the next as soon as the device takes one.
     let (batches, ready) = tokio::sync::mpsc::channel(1);
@@ -81,7 +86,7 @@ fn run_device(ctx: &Arc<WorkerContext>, models: &DeviceModels) -> Result<(), Str
     let lane = Lane {
         name: &name,
         unets: models.unets.iter().map(|(name, unet)| (name.as_str(), unet)).collect(),
-        place: crate::sampler::Placement { device: models.device, kind: ctx.config.kind },
+        place: crate::sampler::Placement { device: models.device, kind: ctx.config.dtype.kind() },
         abort: &ctx.abort,
         on_step: &|| {},
         demand: Some(&demand),

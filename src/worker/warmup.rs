@@ -96,12 +96,19 @@ impl DeviceModels {
         let _guard = tch::no_grad_guard();
         for (name, model) in ctx.models.iter() {
             let graphs = ctx.config.cuda_graphs && device.is_cuda();
-            let unet = LoadedUNet::prepare(&model.files, device, ctx.config.kind, ctx.config.layout, graphs)?;
+            let unet = LoadedUNet::prepare(
+                &model.files,
+                device,
+                ctx.config.dtype.kind(),
+                ctx.config.layout,
+                graphs,
+            )?;
             let (h, w) = unet.config.sample_hw()?;
             // Threads sharing a GPU warm up and probe one at a time, or each would see the other's
             // memory in use and settle on a smaller batch.
             let _first = crate::model::graphs::first_call_lock(device);
-            let x = tch::Tensor::f_zeros([1, unet.config.in_channels, h, w], (ctx.config.kind, device))?;
+            let x =
+                tch::Tensor::f_zeros([1, unet.config.in_channels, h, w], (ctx.config.dtype.kind(), device))?;
             let _ = unet.forward(&x, 0);
             if super::fault::injected("warmup-panic") {
                 panic!("injected fault: warm-up of {name} on {}", device_name(device));
@@ -109,7 +116,7 @@ impl DeviceModels {
             if device.is_cuda() {
                 // Found here, not by a job failing half-way: the API's largest batch, or what fits.
                 let limit = ctx.config.max_batch_size;
-                let fits = largest_fitting(limit, |b| forward_fits(&unet, ctx.config.kind, b))?;
+                let fits = largest_fitting(limit, |b| forward_fits(&unet, ctx.config.dtype.kind(), b))?;
                 let Some(fits) = fits else {
                     return Err(ModelError::Unsupported(format!(
                         "{name} does not fit in {}'s memory even at batch size 1",
