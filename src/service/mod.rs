@@ -19,9 +19,8 @@ use crate::api::{FILE_DESCRIPTOR_SET, pb};
 use crate::model::Layout;
 use crate::models::{ModelArg, ResolvedModel};
 use crate::placement::{DType, device_name, parse_device};
-use crate::queue::nats::{
-    ConnectError, NatsAuth, NatsClientOptions, NatsFile, NatsOptions, NatsQueue, OpenError, Secret, TlsFault,
-};
+use crate::queue::nats::settings as nats_settings;
+use crate::queue::nats::{NatsOptions, NatsSettings};
 use crate::queue::sqlite::SqliteStore;
 use crate::queue::{Queue, SqliteQueue};
 use crate::storage::Destination;
@@ -101,38 +100,9 @@ pub struct ServeArgs {
     /// other servers of a NATS cluster are learnt from the one given.)
     #[arg(long, env = "DDPM_QUEUE", default_value = "sqlite:ddpm-data/queue.sqlite")]
     pub queue: String,
-    /// Stream and KV replicas of a NATS queue (3 in a NATS cluster).
-    #[arg(long, env = "DDPM_NATS_REPLICAS", default_value_t = 1)]
-    pub nats_replicas: usize,
-    /// NATS credentials file (.creds: user JWT and nkey seed, from `nsc` or the account's operator).
-    #[arg(long, env = "DDPM_NATS_CREDS", conflicts_with_all = ["nats_user", "nats_token_file"])]
-    pub nats_creds: Option<PathBuf>,
-    /// NATS user name; the password comes from --nats-password-file or DDPM_NATS_PASSWORD.
-    #[arg(long, env = "DDPM_NATS_USER", conflicts_with = "nats_token_file")]
-    pub nats_user: Option<String>,
-    /// A file holding the NATS password (a trailing newline is ignored).
-    #[arg(long, env = "DDPM_NATS_PASSWORD_FILE", requires = "nats_user")]
-    pub nats_password_file: Option<PathBuf>,
-    /// A file holding the NATS token (a trailing newline is ignored); or DDPM_NATS_TOKEN.
-    #[arg(long, env = "DDPM_NATS_TOKEN_FILE")]
-    pub nats_token_file: Option<PathBuf>,
-    /// CA certificates (PEM) that signed the NATS server's certificate (default: the system's). Makes
-    /// TLS required, as do a tls:// URL and --nats-cert.
-    #[arg(long, env = "DDPM_NATS_CA")]
-    pub nats_ca: Option<PathBuf>,
-    /// Client certificate chain (PEM) for a NATS server that verifies clients (mTLS).
-    #[arg(long, env = "DDPM_NATS_CERT", requires = "nats_key")]
-    pub nats_cert: Option<PathBuf>,
-    /// The client certificate's private key (PEM).
-    #[arg(long, env = "DDPM_NATS_KEY", requires = "nats_cert")]
-    pub nats_key: Option<PathBuf>,
-    /// DDPM_NATS_PASSWORD: the password in the environment (never a flag, which any local user could
-    /// read from the process list).
-    #[arg(skip = secret_env("DDPM_NATS_PASSWORD"))]
-    pub nats_password: Option<Secret>,
-    /// DDPM_NATS_TOKEN: the token in the environment.
-    #[arg(skip = secret_env("DDPM_NATS_TOKEN"))]
-    pub nats_token: Option<Secret>,
+    /// How to reach a NATS queue's servers: credentials, TLS, replicas.
+    #[command(flatten)]
+    pub nats: NatsSettings,
     /// Default output destination: file:DIR or s3://BUCKET/PREFIX (endpoint and credentials from AWS_*).
     #[arg(long, env = "DDPM_OUTPUT", default_value = "file:ddpm-data/jobs")]
     pub output: Destination,
@@ -347,7 +317,7 @@ async fn prepare(args: &ServeArgs) -> Result<Prepared, ServeError> {
 async fn open_queue(args: &ServeArgs) -> Result<Arc<dyn Queue>, ServeError> {
     let config = ServeError::Config;
     if let Some(path) = args.queue.strip_prefix("sqlite:") {
-        if let Some(flag) = nats_flag_given(args) {
+        if let Some(flag) = args.nats.given() {
             return Err(config(format!("{flag} is for a NATS queue, but --queue is {}", args.queue)));
         }
         if args.devices == "none" {
@@ -363,31 +333,16 @@ async fn open_queue(args: &ServeArgs) -> Result<Arc<dyn Queue>, ServeError> {
             SqliteStore::open(&path).map_err(|e| config(format!("--queue {}: {e}", path.display())))?;
         return Ok(Arc::new(SqliteQueue::new(store)));
     }
-    let tls = args.queue.starts_with("tls://");
-    if let Some(rest) = args.queue.strip_prefix("nats://").or_else(|| args.queue.strip_prefix("tls://")) {
-        let (server, namespace) = rest.split_once('/').unwrap_or((rest, "ddpm"));
-        if server.contains('@') {
-            return Err(config(format!(
-                "--queue {}: credentials in the URL would show in the process list and logs; use \
-                 --nats-creds, --nats-user with --nats-password-file, or --nats-token-file",
-                args.queue
-            )));
-        }
-        let url = format!("{}://{server}", if tls { "tls" } else { "nats" });
-        let client = nats_client(args, tls)?;
+    if nats_settings::parse_url(&args.queue).is_some() {
         let options = NatsOptions {
             // Heartbeats come every quarter lease, well inside the server's redelivery timer.
             ack_wait: Duration::from_secs_f64(args.lease_seconds),
-            replicas: args.nats_replicas,
             // Every consumer a job can land on exists from the start, so that an autoscaler watching
             // their pending counts sees work while no worker is running.
             priorities: Some(args.min_priority..=args.max_priority),
             ..NatsOptions::default()
         };
-        let queue = NatsQueue::connect_with(&url, &client, namespace, options)
-            .await
-            .map_err(|e| config(describe_nats_error(args, &client, e)))?;
-        return Ok(Arc::new(queue));
+        return Ok(Arc::new(args.nats.open(&args.queue, options).await.map_err(config)?));
     }
     Err(config(format!(
         "--queue {:?}: expected sqlite:PATH, nats://HOST:PORT[/NAMESPACE] or tls://HOST:PORT[/NAMESPACE]",
@@ -397,143 +352,7 @@ async fn open_queue(args: &ServeArgs) -> Result<Arc<dyn Queue>, ServeError> {
 
 /// The queue's name in metrics: the namespace of a NATS queue (after the servers), else `sqlite`.
 fn queue_name(queue: &str) -> String {
-    match queue.strip_prefix("nats://").or_else(|| queue.strip_prefix("tls://")) {
-        Some(rest) => rest.split_once('/').map_or("ddpm", |(_, ns)| ns).to_string(),
-        None => "sqlite".into(),
-    }
-}
-
-/// A secret from environment variable `name`, if set and not empty.
-fn secret_env(name: &str) -> Option<Secret> {
-    std::env::var(name).ok().filter(|v| !v.is_empty()).map(Secret::new)
-}
-
-/// The first NATS connection setting that was given, if any.
-fn nats_flag_given(args: &ServeArgs) -> Option<&'static str> {
-    [
-        (args.nats_creds.is_some(), "--nats-creds"),
-        (args.nats_user.is_some(), "--nats-user"),
-        (args.nats_password_file.is_some(), "--nats-password-file"),
-        (args.nats_token_file.is_some(), "--nats-token-file"),
-        (args.nats_ca.is_some(), "--nats-ca"),
-        (args.nats_cert.is_some(), "--nats-cert"),
-        (args.nats_password.is_some(), "DDPM_NATS_PASSWORD"),
-        (args.nats_token.is_some(), "DDPM_NATS_TOKEN"),
-    ]
-    .into_iter()
-    .find_map(|(given, flag)| given.then_some(flag))
-}
-
-/// A secret read from `path` (`flag`'s file), without its trailing newline.
-fn read_secret(flag: &str, path: &std::path::Path) -> Result<Secret, ServeError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ServeError::Config(format!("{flag} {}: {e}", path.display())))?;
-    let value = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&text);
-    if value.is_empty() {
-        return Err(ServeError::Config(format!("{flag} {}: the file is empty", path.display())));
-    }
-    Ok(Secret::new(value))
-}
-
-/// The NATS connection's TLS settings and credentials, from the flags and environment.
-fn nats_client(args: &ServeArgs, tls_url: bool) -> Result<NatsClientOptions, ServeError> {
-    let config = ServeError::Config;
-    let password = match (&args.nats_password_file, &args.nats_password) {
-        (Some(_), Some(_)) => {
-            return Err(config("--nats-password-file and DDPM_NATS_PASSWORD are both set: keep one".into()));
-        }
-        (Some(path), None) => Some(read_secret("--nats-password-file", path)?),
-        (None, env) => env.clone(),
-    };
-    let token = match (&args.nats_token_file, &args.nats_token) {
-        (Some(_), Some(_)) => {
-            return Err(config("--nats-token-file and DDPM_NATS_TOKEN are both set: keep one".into()));
-        }
-        (Some(path), None) => Some(read_secret("--nats-token-file", path)?),
-        (None, env) => env.clone(),
-    };
-    let auth = match (&args.nats_creds, &args.nats_user, password, token) {
-        (None, None, None, None) => NatsAuth::None,
-        (Some(creds), None, None, None) => NatsAuth::Creds(creds.clone()),
-        (None, Some(user), Some(password), None) => NatsAuth::UserPassword { user: user.clone(), password },
-        (None, Some(_), None, None) => {
-            return Err(config(
-                "--nats-user needs a password: --nats-password-file FILE or DDPM_NATS_PASSWORD".into(),
-            ));
-        }
-        (None, None, Some(_), None) => {
-            return Err(config("a NATS password (DDPM_NATS_PASSWORD) needs --nats-user".into()));
-        }
-        (None, None, None, Some(token)) => NatsAuth::Token(token),
-        _ => {
-            return Err(config(
-                "NATS credentials: give one of --nats-creds, --nats-user with a password, or a token".into(),
-            ));
-        }
-    };
-    Ok(NatsClientOptions {
-        require_tls: tls_url || args.nats_ca.is_some() || args.nats_cert.is_some(),
-        ca: args.nats_ca.clone(),
-        client_cert: args.nats_cert.clone().zip(args.nats_key.clone()),
-        auth,
-    })
-}
-
-/// A startup error of the NATS queue that names the setting to look at.
-fn describe_nats_error(args: &ServeArgs, client: &NatsClientOptions, e: OpenError) -> String {
-    let queue = &args.queue;
-    let e = match e {
-        OpenError::Queue(e) => return format!("--queue {queue}: {e}"),
-        OpenError::Connect(e) => e,
-    };
-    match &e {
-        ConnectError::File { file, .. } => {
-            let flag = match file {
-                NatsFile::Ca => "--nats-ca",
-                NatsFile::ClientCert => "--nats-cert",
-                NatsFile::ClientKey => "--nats-key",
-                NatsFile::Creds => "--nats-creds",
-            };
-            format!("{flag} {e}")
-        }
-        ConnectError::Refused { auth, .. } => {
-            let check = match auth {
-                NatsAuth::None => {
-                    "the server wants credentials: --nats-creds, --nats-user with a password, or a token"
-                }
-                NatsAuth::Creds(_) => "check --nats-creds",
-                NatsAuth::UserPassword { .. } => {
-                    "check --nats-user and the password (--nats-password-file or DDPM_NATS_PASSWORD)"
-                }
-                NatsAuth::Token(_) => "check the token (--nats-token-file or DDPM_NATS_TOKEN)",
-            };
-            format!("--queue {queue}: {e} ({check})")
-        }
-        ConnectError::Tls { fault, .. } => {
-            let check = match (fault, &client.ca) {
-                (TlsFault::UntrustedServer, Some(ca)) => {
-                    format!("the server's certificate is not signed by a CA in --nats-ca {}", ca.display())
-                }
-                (TlsFault::UntrustedServer, None) => {
-                    "the server's certificate is not signed by a CA the system trusts: give its CA with --nats-ca"
-                        .into()
-                }
-                (TlsFault::ServerName, _) => {
-                    "the server's certificate does not name the host in --queue".into()
-                }
-                (TlsFault::ClientRejected, _) => {
-                    if client.client_cert.is_some() {
-                        "the server did not accept the client certificate (--nats-cert, --nats-key)".into()
-                    } else {
-                        "the server wants a client certificate: --nats-cert and --nats-key".into()
-                    }
-                }
-                (TlsFault::Other, _) => "does the server have TLS enabled?".into(),
-            };
-            format!("--queue {queue}: {e} ({check})")
-        }
-        ConnectError::Unreachable(_) => format!("--queue {queue}: {e}"),
-    }
+    nats_settings::parse_url(queue).map_or_else(|| "sqlite".into(), |(_, namespace, _)| namespace.to_string())
 }
 
 fn install_metrics(addr: SocketAddr) -> Result<(), ServeError> {
@@ -842,6 +661,7 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::queue::nats::{NatsAuth, Secret};
     use clap::Parser;
 
     #[derive(Parser)]
@@ -861,9 +681,9 @@ mod tests {
         let password = dir.path().join("password");
         std::fs::write(&password, "s3cret\r\n").unwrap();
         let password = password.to_str().unwrap();
-        let mut args = parse(&["--nats-user", "ddpm", "--nats-password-file", password]).unwrap();
-        args.nats_password = None;
-        let client = nats_client(&args, true).unwrap();
+        let mut args = parse(&["--nats-user", "ddpm", "--nats-password-file", password]).unwrap().nats;
+        args.password = None;
+        let client = args.client(true).unwrap();
         let want = NatsAuth::UserPassword { user: "ddpm".into(), password: Secret::new("s3cret") };
         assert_eq!(
             (client.auth, client.require_tls),
@@ -871,25 +691,25 @@ mod tests {
             "the file's line ending is not the password"
         );
 
-        args.nats_password = Some(Secret::new("other"));
-        let err = nats_client(&args, false).unwrap_err().to_string();
+        args.password = Some(Secret::new("other"));
+        let err = args.client(false).unwrap_err();
         assert!(err.contains("--nats-password-file and DDPM_NATS_PASSWORD are both set"), "{err}");
 
-        let mut args = parse(&["--nats-user", "ddpm"]).unwrap();
-        args.nats_password = None;
-        let err = nats_client(&args, false).unwrap_err().to_string();
+        let mut args = parse(&["--nats-user", "ddpm"]).unwrap().nats;
+        args.password = None;
+        let err = args.client(false).unwrap_err();
         assert!(err.contains("--nats-user needs a password"), "{err}");
-        args.nats_password = Some(Secret::new("env"));
+        args.password = Some(Secret::new("env"));
         let want = NatsAuth::UserPassword { user: "ddpm".into(), password: Secret::new("env") };
-        assert_eq!(nats_client(&args, false).unwrap().auth, want);
+        assert_eq!(args.client(false).unwrap().auth, want);
 
-        let mut args = parse(&["--nats-ca", "/ca.pem"]).unwrap();
-        (args.nats_password, args.nats_token) = (None, Some(Secret::new("t0ken")));
-        let client = nats_client(&args, false).unwrap();
+        let mut args = parse(&["--nats-ca", "/ca.pem"]).unwrap().nats;
+        (args.password, args.token) = (None, Some(Secret::new("t0ken")));
+        let client = args.client(false).unwrap();
         assert_eq!(client.auth, NatsAuth::Token(Secret::new("t0ken")));
         assert!(client.require_tls, "a CA makes TLS required on a nats:// URL too");
-        args.nats_token = None;
-        assert_eq!(nats_client(&args, false).unwrap().auth, NatsAuth::None);
+        args.token = None;
+        assert_eq!(args.client(false).unwrap().auth, NatsAuth::None);
 
         for (flags, conflict) in [
             (&["--nats-creds", "/c", "--nats-user", "u"][..], "--nats-user"),

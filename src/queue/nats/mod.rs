@@ -76,6 +76,7 @@ mod delivery;
 mod kv;
 mod reconcile;
 mod records;
+pub mod settings;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -92,6 +93,7 @@ use self::kv::{Edit, open_bucket};
 use self::records::{
     ShardSet, ShardState, StoredJob, StoredKey, StoredShard, priority_token, shard_key, valid_id,
 };
+pub use self::settings::NatsSettings;
 use super::{
     IdempotencyKey, JobFilter, JobStore, Lease, PageCursor, QueueError, SubmitOutcome, TaskState, now_ms,
 };

@@ -1,0 +1,218 @@
+//! `serve`'s NATS settings: the flags and environment that say how to reach the queue's servers
+//! (credentials, TLS, replicas), turned into connection options, and start-up errors that name the
+//! setting to look at.
+
+use std::path::{Path, PathBuf};
+
+use super::connect::{ConnectError, NatsAuth, NatsClientOptions, NatsFile, Secret, TlsFault};
+use super::{NatsOptions, NatsQueue, OpenError};
+
+/// The NATS flags of `serve` (each with its `DDPM_*` variable; secrets only from files or the
+/// environment, never as flags).
+#[derive(Debug, Clone, clap::Args)]
+pub struct NatsSettings {
+    /// Stream and KV replicas of a NATS queue (3 in a NATS cluster).
+    #[arg(id = "nats_replicas", long = "nats-replicas", env = "DDPM_NATS_REPLICAS", default_value_t = 1)]
+    pub replicas: usize,
+    /// NATS credentials file (.creds: user JWT and nkey seed, from `nsc` or the account's operator).
+    #[arg(
+        id = "nats_creds",
+        long = "nats-creds",
+        env = "DDPM_NATS_CREDS",
+        conflicts_with_all = ["nats_user", "nats_token_file"]
+    )]
+    pub creds: Option<PathBuf>,
+    /// NATS user name; the password comes from --nats-password-file or DDPM_NATS_PASSWORD.
+    #[arg(id = "nats_user", long = "nats-user", env = "DDPM_NATS_USER", conflicts_with = "nats_token_file")]
+    pub user: Option<String>,
+    /// A file holding the NATS password (a trailing newline is ignored).
+    #[arg(
+        id = "nats_password_file",
+        long = "nats-password-file",
+        env = "DDPM_NATS_PASSWORD_FILE",
+        requires = "nats_user"
+    )]
+    pub password_file: Option<PathBuf>,
+    /// A file holding the NATS token (a trailing newline is ignored); or DDPM_NATS_TOKEN.
+    #[arg(id = "nats_token_file", long = "nats-token-file", env = "DDPM_NATS_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// CA certificates (PEM) that signed the NATS server's certificate (default: the system's). Makes
+    /// TLS required, as do a tls:// URL and --nats-cert.
+    #[arg(id = "nats_ca", long = "nats-ca", env = "DDPM_NATS_CA")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate chain (PEM) for a NATS server that verifies clients (mTLS).
+    #[arg(id = "nats_cert", long = "nats-cert", env = "DDPM_NATS_CERT", requires = "nats_key")]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(id = "nats_key", long = "nats-key", env = "DDPM_NATS_KEY", requires = "nats_cert")]
+    pub key: Option<PathBuf>,
+    /// DDPM_NATS_PASSWORD: the password in the environment (never a flag, which any local user could
+    /// read from the process list).
+    #[arg(skip = secret_env("DDPM_NATS_PASSWORD"))]
+    pub password: Option<Secret>,
+    /// DDPM_NATS_TOKEN: the token in the environment.
+    #[arg(skip = secret_env("DDPM_NATS_TOKEN"))]
+    pub token: Option<Secret>,
+}
+
+/// A secret from environment variable `name`, if set and not empty.
+fn secret_env(name: &str) -> Option<Secret> {
+    std::env::var(name).ok().filter(|v| !v.is_empty()).map(Secret::new)
+}
+
+/// A secret read from `path` (`flag`'s file), without its trailing newline.
+fn read_secret(flag: &str, path: &Path) -> Result<Secret, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+    let value = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&text);
+    if value.is_empty() {
+        return Err(format!("{flag} {}: the file is empty", path.display()));
+    }
+    Ok(Secret::new(value))
+}
+
+/// The servers and namespace of a `nats://` or `tls://` queue URL, and whether it requires TLS; `None`
+/// for any other URL.
+pub fn parse_url(queue: &str) -> Option<(String, &str, bool)> {
+    let tls = queue.starts_with("tls://");
+    let rest = queue.strip_prefix("nats://").or_else(|| queue.strip_prefix("tls://"))?;
+    let (server, namespace) = rest.split_once('/').unwrap_or((rest, "ddpm"));
+    Some((format!("{}://{server}", if tls { "tls" } else { "nats" }), namespace, tls))
+}
+
+impl NatsSettings {
+    /// The first NATS connection setting that was given, if any (for a queue that is not NATS).
+    pub fn given(&self) -> Option<&'static str> {
+        [
+            (self.creds.is_some(), "--nats-creds"),
+            (self.user.is_some(), "--nats-user"),
+            (self.password_file.is_some(), "--nats-password-file"),
+            (self.token_file.is_some(), "--nats-token-file"),
+            (self.ca.is_some(), "--nats-ca"),
+            (self.cert.is_some(), "--nats-cert"),
+            (self.password.is_some(), "DDPM_NATS_PASSWORD"),
+            (self.token.is_some(), "DDPM_NATS_TOKEN"),
+        ]
+        .into_iter()
+        .find_map(|(given, flag)| given.then_some(flag))
+    }
+
+    /// Connects to the queue at `queue` (`nats://` or `tls://HOST:PORT[/NAMESPACE]`); the error names
+    /// the setting to look at.
+    pub async fn open(&self, queue: &str, options: NatsOptions) -> Result<NatsQueue, String> {
+        let Some((url, namespace, tls)) = parse_url(queue) else {
+            return Err(format!("--queue {queue:?}: not a nats:// or tls:// URL"));
+        };
+        if url.contains('@') {
+            return Err(format!(
+                "--queue {queue}: credentials in the URL would show in the process list and logs; use \
+                 --nats-creds, --nats-user with --nats-password-file, or --nats-token-file"
+            ));
+        }
+        let client = self.client(tls)?;
+        let options = NatsOptions { replicas: self.replicas, ..options };
+        NatsQueue::connect_with(&url, &client, namespace, options)
+            .await
+            .map_err(|e| self.describe(queue, &client, e))
+    }
+
+    /// The connection's TLS settings and credentials.
+    pub fn client(&self, tls_url: bool) -> Result<NatsClientOptions, String> {
+        let password = match (&self.password_file, &self.password) {
+            (Some(_), Some(_)) => {
+                return Err("--nats-password-file and DDPM_NATS_PASSWORD are both set: keep one".into());
+            }
+            (Some(path), None) => Some(read_secret("--nats-password-file", path)?),
+            (None, env) => env.clone(),
+        };
+        let token = match (&self.token_file, &self.token) {
+            (Some(_), Some(_)) => {
+                return Err("--nats-token-file and DDPM_NATS_TOKEN are both set: keep one".into());
+            }
+            (Some(path), None) => Some(read_secret("--nats-token-file", path)?),
+            (None, env) => env.clone(),
+        };
+        let auth = match (&self.creds, &self.user, password, token) {
+            (None, None, None, None) => NatsAuth::None,
+            (Some(creds), None, None, None) => NatsAuth::Creds(creds.clone()),
+            (None, Some(user), Some(password), None) => {
+                NatsAuth::UserPassword { user: user.clone(), password }
+            }
+            (None, Some(_), None, None) => {
+                return Err(
+                    "--nats-user needs a password: --nats-password-file FILE or DDPM_NATS_PASSWORD".into()
+                );
+            }
+            (None, None, Some(_), None) => {
+                return Err("a NATS password (DDPM_NATS_PASSWORD) needs --nats-user".into());
+            }
+            (None, None, None, Some(token)) => NatsAuth::Token(token),
+            _ => {
+                return Err(
+                    "NATS credentials: give one of --nats-creds, --nats-user with a password, or a token"
+                        .into(),
+                );
+            }
+        };
+        Ok(NatsClientOptions {
+            require_tls: tls_url || self.ca.is_some() || self.cert.is_some(),
+            ca: self.ca.clone(),
+            client_cert: self.cert.clone().zip(self.key.clone()),
+            auth,
+        })
+    }
+
+    /// A start-up error of the NATS queue, naming the setting to look at.
+    fn describe(&self, queue: &str, client: &NatsClientOptions, e: OpenError) -> String {
+        let e = match e {
+            OpenError::Queue(e) => return format!("--queue {queue}: {e}"),
+            OpenError::Connect(e) => e,
+        };
+        match &e {
+            ConnectError::File { file, .. } => {
+                let flag = match file {
+                    NatsFile::Ca => "--nats-ca",
+                    NatsFile::ClientCert => "--nats-cert",
+                    NatsFile::ClientKey => "--nats-key",
+                    NatsFile::Creds => "--nats-creds",
+                };
+                format!("{flag} {e}")
+            }
+            ConnectError::Refused { auth, .. } => {
+                let check = match auth {
+                    NatsAuth::None => {
+                        "the server wants credentials: --nats-creds, --nats-user with a password, or a token"
+                    }
+                    NatsAuth::Creds(_) => "check --nats-creds",
+                    NatsAuth::UserPassword { .. } => {
+                        "check --nats-user and the password (--nats-password-file or DDPM_NATS_PASSWORD)"
+                    }
+                    NatsAuth::Token(_) => "check the token (--nats-token-file or DDPM_NATS_TOKEN)",
+                };
+                format!("--queue {queue}: {e} ({check})")
+            }
+            ConnectError::Tls { fault, .. } => format!("--queue {queue}: {e} ({})", tls_hint(*fault, client)),
+            ConnectError::Unreachable(_) => format!("--queue {queue}: {e}"),
+        }
+    }
+}
+
+/// What to check when the TLS handshake failed.
+fn tls_hint(fault: TlsFault, client: &NatsClientOptions) -> String {
+    match (fault, &client.ca) {
+        (TlsFault::UntrustedServer, Some(ca)) => {
+            format!("the server's certificate is not signed by a CA in --nats-ca {}", ca.display())
+        }
+        (TlsFault::UntrustedServer, None) => {
+            "the server's certificate is not signed by a CA the system trusts: give its CA with --nats-ca"
+                .into()
+        }
+        (TlsFault::ServerName, _) => "the server's certificate does not name the host in --queue".into(),
+        (TlsFault::ClientRejected, _) if client.client_cert.is_some() => {
+            "the server did not accept the client certificate (--nats-cert, --nats-key)".into()
+        }
+        (TlsFault::ClientRejected, _) => {
+            "the server wants a client certificate: --nats-cert and --nats-key".into()
+        }
+        (TlsFault::Other, _) => "does the server have TLS enabled?".into(),
+    }
+}
