@@ -12,39 +12,70 @@ use super::{NatsOptions, NatsQueue, OpenError};
 #[derive(Debug, Clone, clap::Args)]
 pub struct NatsSettings {
     /// Stream and KV replicas of a NATS queue (3 in a NATS cluster).
-    #[arg(id = "nats_replicas", long = "nats-replicas", env = "DDPM_NATS_REPLICAS", default_value_t = 1)]
+    #[arg(
+        id = "nats_replicas",
+        value_name = "N",
+        long = "nats-replicas",
+        env = "DDPM_NATS_REPLICAS",
+        default_value_t = 1
+    )]
     pub replicas: usize,
     /// NATS credentials file (.creds: user JWT and nkey seed, from `nsc` or the account's operator).
     #[arg(
         id = "nats_creds",
+        value_name = "FILE",
         long = "nats-creds",
         env = "DDPM_NATS_CREDS",
         conflicts_with_all = ["nats_user", "nats_token_file"]
     )]
     pub creds: Option<PathBuf>,
     /// NATS user name; the password comes from --nats-password-file or DDPM_NATS_PASSWORD.
-    #[arg(id = "nats_user", long = "nats-user", env = "DDPM_NATS_USER", conflicts_with = "nats_token_file")]
+    #[arg(
+        id = "nats_user",
+        value_name = "NAME",
+        long = "nats-user",
+        env = "DDPM_NATS_USER",
+        conflicts_with = "nats_token_file"
+    )]
     pub user: Option<String>,
     /// A file holding the NATS password (a trailing newline is ignored).
     #[arg(
         id = "nats_password_file",
+        value_name = "FILE",
         long = "nats-password-file",
         env = "DDPM_NATS_PASSWORD_FILE",
         requires = "nats_user"
     )]
     pub password_file: Option<PathBuf>,
     /// A file holding the NATS token (a trailing newline is ignored); or DDPM_NATS_TOKEN.
-    #[arg(id = "nats_token_file", long = "nats-token-file", env = "DDPM_NATS_TOKEN_FILE")]
+    #[arg(
+        id = "nats_token_file",
+        value_name = "FILE",
+        long = "nats-token-file",
+        env = "DDPM_NATS_TOKEN_FILE"
+    )]
     pub token_file: Option<PathBuf>,
     /// CA certificates (PEM) that signed the NATS server's certificate (default: the system's). Makes
     /// TLS required, as do a tls:// URL and --nats-cert.
-    #[arg(id = "nats_ca", long = "nats-ca", env = "DDPM_NATS_CA")]
+    #[arg(id = "nats_ca", value_name = "FILE", long = "nats-ca", env = "DDPM_NATS_CA")]
     pub ca: Option<PathBuf>,
     /// Client certificate chain (PEM) for a NATS server that verifies clients (mTLS).
-    #[arg(id = "nats_cert", long = "nats-cert", env = "DDPM_NATS_CERT", requires = "nats_key")]
+    #[arg(
+        id = "nats_cert",
+        value_name = "FILE",
+        long = "nats-cert",
+        env = "DDPM_NATS_CERT",
+        requires = "nats_key"
+    )]
     pub cert: Option<PathBuf>,
     /// The client certificate's private key (PEM).
-    #[arg(id = "nats_key", long = "nats-key", env = "DDPM_NATS_KEY", requires = "nats_cert")]
+    #[arg(
+        id = "nats_key",
+        value_name = "FILE",
+        long = "nats-key",
+        env = "DDPM_NATS_KEY",
+        requires = "nats_cert"
+    )]
     pub key: Option<PathBuf>,
     /// DDPM_NATS_PASSWORD: the password in the environment (never a flag, which any local user could
     /// read from the process list).
