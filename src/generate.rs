@@ -27,11 +27,11 @@ use crate::job::{JobRecord, JobSpec, JobState};
 use crate::model::{Layout, LoadedUNet, ModelError, ModelFiles};
 use crate::models::{FetchError, ModelLocation, ResolvedModel};
 use crate::placement::{DType, device_name};
-use crate::sampler::{self, BatchRequest, Placement, SampleError};
+use crate::sampler::{self, Placement, SampleError};
 use crate::schedulers::{SchedulerConfig, SchedulerError, SchedulerKind};
 use crate::storage::{Destination, StorageError, write_once};
 use crate::validation::{self, StorageRequest, Violations};
-use crate::worker::device::{self, Lane, ReadyBatch, Row, Sample, Sampled, ShardHandle};
+use crate::worker::device::{self, BatchTemplate, Lane, ReadyBatch, Row, Sample, Sampled, ShardHandle};
 use crate::worker::outputs::{self, BatchTiming, JobOutputs, OutputError, RunTimings, ShardRecord, ShardRun};
 
 #[derive(Debug, thiserror::Error)]
@@ -664,29 +664,21 @@ impl LaneSource<'_> {
         shard: Arc<ShardHandle>,
         lane: tokio::sync::mpsc::Sender<ReadyBatch>,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let (scheduler, shape, seed) = (Arc::clone(&self.scheduler), self.shape, self.spec.seed);
-        let (batch_size, steps, eta) = (self.spec.batch_size, self.spec.steps, self.spec.eta.unwrap_or(0.0));
+        let template = BatchTemplate {
+            model: MODEL.into(),
+            scheduler: Arc::clone(&self.scheduler),
+            batch_size: self.spec.batch_size,
+            steps: self.spec.steps,
+            eta: self.spec.eta.unwrap_or(0.0),
+            shape: Some(self.shape),
+            span: tracing::Span::current(),
+        };
+        let seed = self.spec.seed;
         async move {
             for (number, seeds) in batches {
                 let Ok(slot) = lane.reserve().await else { return };
-                let req = BatchRequest { seeds: &seeds, batch_size, steps, eta };
-                let noise = sampler::noise_ahead(shape, &scheduler, &req).ok();
-                let rows = seeds
-                    .iter()
-                    .map(|&s| Row { shard: Arc::clone(&shard), index: s - seed, seed: s })
-                    .collect();
-                slot.send(ReadyBatch {
-                    model: MODEL.into(),
-                    scheduler: Arc::clone(&scheduler),
-                    batch_size,
-                    steps,
-                    eta,
-                    rows,
-                    noise,
-                    number,
-                    fed: true,
-                    span: tracing::Span::current(),
-                });
+                let rows = seeds.iter().map(|&s| Row { shard: Arc::clone(&shard), index: s - seed, seed: s });
+                slot.send(ReadyBatch::new(&template, rows.collect(), number, true));
             }
         }
     }

@@ -95,6 +95,27 @@ pub fn samples_per_grid(n: u32, bad: &mut Violations) {
     }
 }
 
+/// An encoder's setting as asked: `None` when not given or refused (the default then), refused where
+/// the encoding (`applies`, named `encoding`) does not take it or out of `range`.
+fn encoder_setting(
+    given: Option<u32>,
+    (applies, encoding): (bool, &str),
+    range: std::ops::RangeInclusive<u8>,
+    field: Field,
+    bad: &mut Violations,
+) -> Option<u8> {
+    let value = given?;
+    if !applies {
+        bad.add(field, format!("{value}: applies to {encoding} only"));
+        return None;
+    }
+    let fits = u8::try_from(value).ok().filter(|v| range.contains(v));
+    if fits.is_none() {
+        bad.add(field, format!("{value} must be in {}..={}", range.start(), range.end()));
+    }
+    fits
+}
+
 /// How a request asks its samples to be stored; `None` (or 0 on the wire) takes the default.
 #[derive(Debug, Clone, Copy)]
 pub struct StorageRequest {
@@ -114,30 +135,12 @@ pub fn storage(
     batch_size: u64,
     bad: &mut Violations,
 ) -> DatasetOptions {
-    let quality = match req.jpeg_quality {
-        None => dataset::DEFAULT_JPEG_QUALITY,
-        Some(q) if req.image != ImageFormat::Jpeg => {
-            bad.add(Field::JpegQuality, format!("{q}: applies to JPEG only"));
-            dataset::DEFAULT_JPEG_QUALITY
-        }
-        Some(q @ 1..=100) => q as u8,
-        Some(q) => {
-            bad.add(Field::JpegQuality, format!("{q} must be in 1..=100"));
-            dataset::DEFAULT_JPEG_QUALITY
-        }
-    };
-    let png_level = match req.png_level {
-        None => dataset::DEFAULT_PNG_LEVEL,
-        Some(l) if req.image != ImageFormat::Png => {
-            bad.add(Field::PngLevel, format!("{l}: applies to PNG only"));
-            dataset::DEFAULT_PNG_LEVEL
-        }
-        Some(l @ 1..=9) => l as u8,
-        Some(l) => {
-            bad.add(Field::PngLevel, format!("{l} must be in 1..=9"));
-            dataset::DEFAULT_PNG_LEVEL
-        }
-    };
+    let jpeg = req.image == ImageFormat::Jpeg;
+    let quality = encoder_setting(req.jpeg_quality, (jpeg, "JPEG"), 1..=100, Field::JpegQuality, bad)
+        .unwrap_or(dataset::DEFAULT_JPEG_QUALITY);
+    let png = req.image == ImageFormat::Png;
+    let png_level = encoder_setting(req.png_level, (png, "PNG"), 1..=9, Field::PngLevel, bad)
+        .unwrap_or(dataset::DEFAULT_PNG_LEVEL);
     let target = match req.target_file_bytes {
         None => dataset::DEFAULT_TARGET_FILE_BYTES,
         Some(t) if !dataset::TARGET_FILE_BYTES.contains(&t) => {

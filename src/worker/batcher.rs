@@ -10,22 +10,22 @@
 //! one its job gets alone at that batch size; only fewer UNet calls are made. A leased shard that does
 //! not fit goes straight back to the queue, attempt unspent.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::WorkerContext;
-use super::device::{Demand, ReadyBatch, Row, Sample, ShardHandle};
+use super::device::{BatchTemplate, Demand, ReadyBatch, Row, Sampled, ShardHandle};
 use super::finisher::{self, RanOn, ShardError, ShardOutput};
 use super::outputs::JobOutputs;
 use crate::dataset::sink::ShardTarget;
 use crate::job::{JobRecord, ShardPayload};
 use crate::queue::{Lease, QueueError};
-use crate::sampler::{self, BatchRequest};
+use crate::sampler;
 use crate::schedulers::SchedulerConfig;
 
 /// Shard groups of one device in flight: one uploading, one sampling, one leased ahead.
@@ -82,21 +82,29 @@ async fn idle(ctx: &WorkerContext, limit: Duration) {
     let _ = tokio::time::timeout(limit, ctx.wake.notified()).await;
 }
 
-/// A leased shard ready to sample: its output stage is running.
+/// A leased shard ready to sample: its output stage is running, and its handle takes its images.
 struct Member {
     output: ShardOutput,
     job: JobRecord,
     scheduler: SchedulerConfig,
-    /// Where its images go: moved into its [`ShardHandle`] when its rows are made, so that the writer's
-    /// channel closes with the handle.
-    samples: Option<mpsc::Sender<Sample>>,
-    /// How its sampling ended, once its rows are made: for its finisher.
-    heard: Option<tokio::sync::oneshot::Receiver<super::device::Sampled>>,
+    handle: Arc<ShardHandle>,
+    /// How its sampling ended: for its finisher.
+    heard: oneshot::Receiver<Sampled>,
 }
 
 impl Member {
     fn rows(&self) -> u64 {
-        self.output.payload.end - self.output.payload.start
+        self.output.rows()
+    }
+
+    /// Its rows, in sample order: sample `i` is seeded `seed + i`.
+    fn batch_rows(&self) -> impl Iterator<Item = Row> + '_ {
+        let seed = self.job.spec.seed;
+        (self.output.payload.start..self.output.payload.end).map(move |index| Row {
+            shard: Arc::clone(&self.handle),
+            index,
+            seed: seed + index,
+        })
     }
 }
 
@@ -164,7 +172,8 @@ async fn lease_member(
         Ok(Some(admitted)) => {
             let (job, payload, out, scheduler, target) = admitted;
             let (output, samples) = ShardOutput::start(ctx, lease, payload, out, &job.spec, target, span);
-            Leased::Member(Box::new(Member { output, job, scheduler, samples: Some(samples), heard: None }))
+            let (handle, heard) = ShardHandle::new(output.rows(), Arc::clone(&output.stop), samples);
+            Leased::Member(Box::new(Member { output, job, scheduler, handle, heard }))
         }
         Ok(None) => Leased::Nothing,
         Err(e) => {
@@ -259,27 +268,6 @@ async fn fill_batch(ctx: &Arc<WorkerContext>, device: &DeviceSlot, owner: &str, 
 /// How often a batch with padding rows looks for shards to fill them while the device is busy.
 const FILL_TRIES: usize = 16;
 
-/// A group's rows, in shard order, as their shards' handles are made.
-struct Rows {
-    rows: std::collections::VecDeque<Row>,
-}
-
-impl Rows {
-    /// Makes `member`'s handle and appends its rows (once per member).
-    fn take(&mut self, member: &mut Member) {
-        let Some(samples) = member.samples.take() else { return };
-        let (handle, heard) = ShardHandle::new(member.rows(), Arc::clone(&member.output.stop), samples);
-        let (start, end, seed) =
-            (member.output.payload.start, member.output.payload.end, member.job.spec.seed);
-        self.rows.extend((start..end).map(|index| Row {
-            shard: Arc::clone(&handle),
-            index,
-            seed: seed + index,
-        }));
-        member.heard = Some(heard);
-    }
-}
-
 /// Hands a group's batches to the device one at a time, each batch's noise drawn while the one before
 /// it samples; the group is `lead` and, when its last batch is short, the shards that fill it
 /// (co-batching), looked for up to the moment the device asks for that batch. Then starts the group's
@@ -294,40 +282,32 @@ async fn dispatch(
     batches: &mpsc::Sender<ReadyBatch>,
     fed: bool,
 ) -> Result<(), ()> {
-    let spec = lead.job.spec.clone();
+    let spec = &lead.job.spec;
     let span = lead.output.span.clone();
     let batch_size = spec.batch_size as usize;
-    let shape = ctx.models.get(&spec.model).and_then(|m| sampler::sample_shape(&m.unet_config).ok());
-    let mut hand = Hand {
-        template: BatchTemplate {
-            model: spec.model.clone(),
-            scheduler: Arc::new(lead.scheduler.clone()),
-            batch_size,
-            steps: spec.steps as usize,
-            eta: spec.eta.unwrap_or(0.0),
-            shape,
-            span: span.clone(),
-        },
-        number: 0,
-        fed,
+    let template = BatchTemplate {
+        model: spec.model.clone(),
+        scheduler: Arc::new(lead.scheduler.clone()),
+        batch_size,
+        steps: spec.steps as usize,
+        eta: spec.eta.unwrap_or(0.0),
+        shape: ctx.models.get(&spec.model).and_then(|m| sampler::sample_shape(&m.unet_config).ok()),
+        span: span.clone(),
     };
-    let mut rows = Rows { rows: Default::default() };
-    let mut lead = lead;
-    rows.take(&mut lead);
+    let mut rows: VecDeque<Row> = lead.batch_rows().collect();
     let mut group = vec![lead];
+    let (mut number, mut fed) = (0, fed);
     let mut sent = Ok(());
-    while rows.rows.len() >= batch_size && sent.is_ok() {
-        let batch: Vec<Row> = rows.rows.drain(..batch_size).collect();
-        sent = hand.send(batches, batch).await;
-    }
-    if !rows.rows.is_empty() && sent.is_ok() {
+    while !rows.is_empty() && sent.is_ok() {
         sent = match batches.reserve().await {
             Ok(slot) => {
-                if ctx.config.co_batch {
+                // The last batch is short: shards of other jobs fill it, up to the moment it is asked for.
+                if rows.len() < batch_size && ctx.config.co_batch {
                     fill_late(ctx, device, owner, &mut group, &mut rows).await;
                 }
-                let batch: Vec<Row> = rows.rows.drain(..).collect();
-                hand.send_reserved(slot, batch);
+                let batch: Vec<Row> = rows.drain(..batch_size.min(rows.len())).collect();
+                slot.send(ReadyBatch::new(&template, batch, number, fed));
+                (number, fed) = (number + 1, true);
                 Ok(())
             }
             Err(_) => Err(()),
@@ -351,12 +331,10 @@ async fn dispatch(
         let batched_with =
             ids.iter().enumerate().filter(|(i, _)| *i != m).map(|(_, id)| id.clone()).collect();
         let ran_on = device.ran_on.clone();
-        // A member whose rows were never made hears nothing, and its shard goes back untried.
-        let heard = member.heard.unwrap_or_else(|| tokio::sync::oneshot::channel().1);
         tokio::spawn(finisher::finish(
             Arc::clone(ctx),
             member.output,
-            heard,
+            member.heard,
             ran_on,
             batched_with,
             Arc::clone(&permit),
@@ -372,15 +350,15 @@ async fn fill_late(
     device: &DeviceSlot,
     owner: &str,
     group: &mut Vec<Member>,
-    rows: &mut Rows,
+    rows: &mut VecDeque<Row>,
 ) {
     for _ in 0..FILL_TRIES {
         let before = group.len();
         fill_batch(ctx, device, owner, group).await;
-        for member in &mut group[before..] {
-            rows.take(member);
+        for member in &group[before..] {
+            rows.extend(member.batch_rows());
         }
-        let padding = group[0].job.spec.batch_size as usize - rows.rows.len();
+        let padding = group[0].job.spec.batch_size as usize - rows.len();
         if padding == 0 || device.demand.is_waiting() || ctx.draining.load(Ordering::Relaxed) {
             return;
         }
@@ -389,52 +367,5 @@ async fn fill_late(
             _ = ctx.wake.notified() => {}
             _ = tokio::time::sleep(ctx.config.idle_poll) => {}
         }
-    }
-}
-
-/// What every batch of a group shares.
-struct BatchTemplate {
-    model: String,
-    scheduler: Arc<SchedulerConfig>,
-    batch_size: usize,
-    steps: usize,
-    eta: f32,
-    shape: Option<[i64; 3]>,
-    span: tracing::Span,
-}
-
-/// Hands a group's batches over, numbered, their noise started as each is sent.
-struct Hand {
-    template: BatchTemplate,
-    number: usize,
-    fed: bool,
-}
-
-impl Hand {
-    async fn send(&mut self, batches: &mpsc::Sender<ReadyBatch>, rows: Vec<Row>) -> Result<(), ()> {
-        let slot = batches.reserve().await.map_err(|_| ())?;
-        self.send_reserved(slot, rows);
-        Ok(())
-    }
-
-    fn send_reserved(&mut self, slot: mpsc::Permit<'_, ReadyBatch>, rows: Vec<Row>) {
-        let t = &self.template;
-        let seeds: Vec<u64> = rows.iter().map(|r| r.seed).collect();
-        let req = BatchRequest { seeds: &seeds, batch_size: t.batch_size, steps: t.steps, eta: t.eta };
-        let noise = t.shape.and_then(|shape| sampler::noise_ahead(shape, &t.scheduler, &req).ok());
-        slot.send(ReadyBatch {
-            model: t.model.clone(),
-            scheduler: Arc::clone(&t.scheduler),
-            batch_size: t.batch_size,
-            steps: t.steps,
-            eta: t.eta,
-            rows,
-            noise,
-            number: self.number,
-            fed: self.fed,
-            span: t.span.clone(),
-        });
-        self.number += 1;
-        self.fed = true;
     }
 }

@@ -148,6 +148,41 @@ impl Demand {
     }
 }
 
+/// What every batch of a run of batches shares (a shard group's, a `generate` lane's).
+#[derive(Clone)]
+pub struct BatchTemplate {
+    pub model: String,
+    pub scheduler: Arc<SchedulerConfig>,
+    pub batch_size: usize,
+    pub steps: usize,
+    pub eta: f32,
+    /// One sample's `[C, H, W]`, to draw noise ahead; `None`: the device draws it itself.
+    pub shape: Option<[i64; 3]>,
+    pub span: tracing::Span,
+}
+
+impl ReadyBatch {
+    /// The batch of `rows`, its noise drawn from now on (while the batch before it samples).
+    pub fn new(template: &BatchTemplate, rows: Vec<Row>, number: usize, fed: bool) -> Self {
+        let t = template;
+        let seeds: Vec<u64> = rows.iter().map(|r| r.seed).collect();
+        let req = BatchRequest { seeds: &seeds, batch_size: t.batch_size, steps: t.steps, eta: t.eta };
+        let noise = t.shape.and_then(|shape| sampler::noise_ahead(shape, &t.scheduler, &req).ok());
+        ReadyBatch {
+            model: t.model.clone(),
+            scheduler: Arc::clone(&t.scheduler),
+            batch_size: t.batch_size,
+            steps: t.steps,
+            eta: t.eta,
+            rows,
+            noise,
+            number,
+            fed,
+            span: t.span.clone(),
+        }
+    }
+}
+
 /// What the device loop needs besides its batches.
 pub struct Lane<'a> {
     /// The device's name in metrics and logs.
