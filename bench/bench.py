@@ -6,9 +6,9 @@
 (`make bench` runs it with the project venv.) Prints, as ratios ddpm-worker / diffusers, for ddpm-worker's modes
 (exact: bit-identical to diffusers; fast: `--fast`, channels-last, fused and on the CPU one batch per core;
 fast-bf16: the same with a bfloat16 UNet):
-  * UNet forward throughput at the batch size (diffusers: `UNet2DModel.__call__`; ddpm-worker: `bench-unet`),
+  * UNet forward throughput at the batch size (diffusers: `UNet2DModel.__call__`; ddpm-worker: `ddpm-bench unet`),
     and each side's GFLOP/s against the 3×3-convolution peak measured in the same run on the model's own
-    convolution shapes, run the way that side runs them (`bench-unet --conv-peak`; FLOPs as
+    convolution shapes, run the way that side runs them (`ddpm-bench unet --conv-peak`; FLOPs as
     `torch.utils.flop_counter` counts them, checked against diffusers' count),
   * end-to-end images/s for every scheduler: sampling plus writing one PNG per sample and a grid (diffusers:
     the pipeline with one `torch.Generator` per sample, PIL `save`; ddpm-worker: `generate`, its shard
@@ -41,6 +41,11 @@ from diffusers import (
 )
 from diffusers.utils import make_image_grid
 from PIL import Image
+
+
+def bench_bin(binary: str) -> str:
+    """ddpm-bench, which cargo builds beside the ddpm-worker binary given as --bin."""
+    return str(Path(binary).with_name("ddpm-bench"))
 
 
 def load(model_dir: Path):
@@ -120,7 +125,7 @@ MODES = {"exact": [], "fast": ["--fast"], "fast-bf16": ["--fast", "--dtype", "bf
 
 def worker_unet(args, model, mode, conv_peak=False):
     out = subprocess.run(
-        [args.bin, "bench-unet", "--model", str(model), "--batch-size", str(args.batch_size),
+        [bench_bin(args.bin), "unet", "--model", str(model), "--batch-size", str(args.batch_size),
          "--iterations", str(args.unet_iterations), "--warmup", "2", *MODES[mode],
          *(["--conv-peak"] if conv_peak else [])],
         check=True, capture_output=True, text=True,

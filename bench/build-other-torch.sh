@@ -2,7 +2,7 @@
 # Builds ddpm-worker against another PyTorch than the pinned 2.13.0, for benchmarking on a machine that has
 # only its own torch (a lent GPU machine with torch 2.11 and no compiler or network, say):
 #
-#     bench/build-other-torch.sh VENV OUT_BINARY [OUT_LIB_TESTS]
+#     bench/build-other-torch.sh VENV OUT_BINARY [OUT_LIB_TESTS]    (ddpm-bench goes beside OUT_BINARY)
 #
 # VENV is a virtual environment holding that torch (and, for CUDA graphs, the wheel's CUDA headers:
 # nvidia-cuda-crt). The C++ side of torch-sys 0.26 is generated for 2.13; the few operators that an older
@@ -56,9 +56,10 @@ fi
 rsync -rl --checksum --delete --exclude target --exclude .git --exclude .whl --exclude .gpu "$repo/" "$work/src/"
 cd "$work/src"
 PATH=$venv/bin:$PATH LIBTORCH_USE_PYTORCH=1 LIBTORCH_BYPASS_VERSION_CHECK=1 CARGO_TARGET_DIR=$work/target \
-    cargo build --release --bin ddpm-worker --config "patch.crates-io.torch-sys.path=\"$patched\""
+    cargo build --release --bin ddpm-worker --bin ddpm-bench --config "patch.crates-io.torch-sys.path=\"$patched\""
 mkdir -p "$(dirname "$out")"
 strip -o "$out" "$work/target/release/ddpm-worker"
+strip -o "$(dirname "$out")/ddpm-bench" "$work/target/release/ddpm-bench"
 echo "built $out against torch $version" >&2
 if [ -n "$tests_out" ]; then
     tests=$(PATH=$venv/bin:$PATH LIBTORCH_USE_PYTORCH=1 LIBTORCH_BYPASS_VERSION_CHECK=1 CARGO_TARGET_DIR=$work/target \

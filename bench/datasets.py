@@ -11,10 +11,10 @@ Two parts, all figures in one JSON object on stdout (a table on stderr):
     peak RSS of the `serve` process (VmHWM from /proc when the job ends), and the objects the job
     wrote (files under its folder). Targets: webdataset >= 1.5x the samples/s of files; at most 100
     objects per 100,000 samples (plus grids) for webdataset and parquet.
-  * writer: the output path without sampling: for each layout, `bench-finalize --prepare` writes --samples
+  * writer: the output path without sampling: for each layout, `ddpm-bench finalize --prepare` writes --samples
     synthetic 16x16 images through the real shard writer (encode, spool, upload, index, record) into a
     local directory, 10,000 samples per shard. Measured: samples/s, objects, peak RSS.
-  * finalize: for each size in --finalize-sizes, the hidden `bench-finalize` command writes a synthetic
+  * finalize: for each size in --finalize-sizes, `ddpm-bench finalize` writes a synthetic
     webdataset job (8x8 images, 10,000 samples per shard) with the real shard writer in one process,
     then finalizes it (reads every shard record, writes the manifest) in a fresh process whose time and
     peak RSS are reported. Target: finalize memory flat in the number of samples.
@@ -32,6 +32,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+
+def bench_bin(binary: str) -> str:
+    """ddpm-bench, which cargo builds beside the ddpm-worker binary given as --bin."""
+    return str(Path(binary).with_name("ddpm-bench"))
 
 
 def default_bin() -> str:
@@ -103,12 +108,12 @@ def throughput(binary: str, model: Path, work: Path, fmt: str, samples: int, tim
 
 
 def writer(binary: str, model: Path, work: Path, fmt: str, samples: int) -> dict:
-    """The output path alone: `bench-finalize --prepare` writes a synthetic job of 16x16 images (the
+    """The output path alone: `ddpm-bench finalize --prepare` writes a synthetic job of 16x16 images (the
     tiny preset's size) through the real shard writer, 10 shards one after another, no sampling."""
     store = work / f"writer-{fmt}"
     shards = max(1, samples // 10_000)
     ran = json.loads(subprocess.run(
-        [binary, "bench-finalize", "--dir", str(store), "--model", str(model), "--samples", str(samples),
+        [bench_bin(binary), "finalize", "--dir", str(store), "--model", str(model), "--samples", str(samples),
          "--shards", str(shards), "--format", fmt, "--side", "16", "--prepare"],
         check=True, capture_output=True, text=True).stdout)
     objects = count_files(store)
@@ -121,7 +126,7 @@ def writer(binary: str, model: Path, work: Path, fmt: str, samples: int) -> dict
 def finalize(binary: str, model: Path, work: Path, samples: int) -> dict:
     store = work / f"finalize-{samples}"
     shards = max(1, samples // 10_000)
-    common = [binary, "bench-finalize", "--dir", str(store), "--model", str(model), "--samples", str(samples),
+    common = [bench_bin(binary), "finalize", "--dir", str(store), "--model", str(model), "--samples", str(samples),
               "--shards", str(shards), "--format", "webdataset"]
     prepared = json.loads(subprocess.run(common + ["--prepare"], check=True, capture_output=True, text=True).stdout)
     ran = json.loads(subprocess.run(common, check=True, capture_output=True, text=True).stdout)

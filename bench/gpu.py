@@ -10,14 +10,14 @@ unless --model is given:
      diffusers fp16 eager (NCHW, as users run it); ddpm-worker fp16 in the diffusers layout, fp16 `--fast`
      with the channels-last norm as libtorch ops (DDPM_FUSED_GROUP_NORM=0), and fp16 / bf16 `--fast`
      (channels-last, fused group norm), eager, replaying CUDA graphs, and with cuDNN's autotuner
-     (`bench-unet`);
+     (`ddpm-bench unet`);
   3. end to end (DDIM, --steps, writing PNGs): diffusers fp16 eager pipeline vs `generate` in fp32 (exact)
      and `--fast` fp16 and bf16 with CUDA graphs, one thread and two threads (`--lanes 2`) sharing the GPU;
      images of one lane and two lanes byte-identical;
   4. fp16 and bf16 images of a trained model (--quality-model, the demo digits) vs its fp32 images (share of
      pixel values within 2/255, target ≥ 99 %; random weights amplify rounding through sampling, so their
      share is only reported);
-  5. parity: one UNet call in fp32 (`unet-output`) vs diffusers' on the same input and device (max |Δ|,
+  5. parity: one UNet call in fp32 (`ddpm-bench unet-output`) vs diffusers' on the same input and device (max |Δ|,
      target ≤ 1e-4);
   6. last, as compiling is slow: diffusers fp16 channels-last under torch.compile (--compile-mode);
 then the targets: ≥ 1.5× diffusers fp16 eager images/s, ≥ 50 % of bf16 peak in the UNet, two threads
@@ -43,6 +43,11 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
 from PIL import Image
 from safetensors.torch import load_file, save_file
+
+
+def bench_bin(binary: str) -> str:
+    """ddpm-bench, which cargo builds beside the ddpm-worker binary given as --bin."""
+    return str(Path(binary).with_name("ddpm-bench"))
 
 
 def sync(device):
@@ -101,7 +106,7 @@ def run(cmd, env=None):
 
 
 def ours_unet(args, model, batch, *flags, env=None):
-    out = run([args.bin, "bench-unet", "--model", str(model), "--device", args.device,
+    out = run([bench_bin(args.bin), "unet", "--model", str(model), "--device", args.device,
                "--batch-size", str(batch), "--iterations", str(args.iterations), "--warmup", "3", *flags], env=env)
     t = json.loads(out.strip().splitlines()[-1])
     return t["mean_ms"] / 1e3, t
@@ -300,7 +305,7 @@ def main():
         x = torch.randn(2, unet32.config.in_channels, size, size, generator=torch.Generator().manual_seed(1))
         save_file({"sample": x}, tmp / "in.safetensors")
         for layout, limit in (("diffusers", 1e-4), ("channels-last", 1e-3)):
-            run([args.bin, "unet-output", "--model", str(model), "--device", args.device, "--input",
+            run([bench_bin(args.bin), "unet-output", "--model", str(model), "--device", args.device, "--input",
                             str(tmp / "in.safetensors"), "--output", str(tmp / "out.safetensors"), "--timestep", "500",
                             "--layout", layout])
             ours = load_file(tmp / "out.safetensors")["output"]

@@ -7,7 +7,7 @@ Every Conv2d call of one diffusers UNet forward is recorded (input and weight sh
 the batch size; each distinct call is then timed alone with torch's `conv2d`, channels-last, in the dtype
 (cuDNN's heuristics, no autotuning, as ddpm-worker runs by default), and weighted by how often the forward
 makes it. The sum is what the forward would take if it were nothing but its convolutions: with
-`--ours-ms` (a `bench-unet` mean), the rest of our forward is that minus the sum. The FLOPs are counted as
+`--ours-ms` (a `ddpm-bench unet` mean), the rest of our forward is that minus the sum. The FLOPs are counted as
 2·(output elements)·(C_in/groups)·k_h·k_w (plus nothing for the bias).
 """
 
@@ -43,7 +43,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", choices=["fp16", "bf16"], default="bf16")
     p.add_argument("--iterations", type=int, default=20)
-    p.add_argument("--ours-ms", type=float, help="our UNet forward at this batch size and dtype (bench-unet)")
+    p.add_argument("--ours-ms", type=float, help="our UNet forward at this batch size and dtype (ddpm-bench unet)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.set_grad_enabled(False)

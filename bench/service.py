@@ -11,7 +11,7 @@
     to its manifest (sampling, PNG writes, shard records, grids and manifest). The ratio of the medians is
     the service's cost; the target is ≥ 0.97.
   * SubmitJob latency with `--clients` concurrent gRPC clients each submitting `--per-client` one-sample
-    jobs (the hidden `bench-submit` command), against a fresh server with its SQLite queue on local disk.
+    jobs (`ddpm-bench submit`), against a fresh server with its SQLite queue on local disk.
 Without --model, a random-weight google/ddpm-cifar10-32 architecture is made with `init-model`. On a GPU
 (`--device cuda:0`), `--half` runs both in that precision, channels-last, with CUDA graphs.
 """
@@ -24,6 +24,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+
+def bench_bin(binary: str) -> str:
+    """ddpm-bench, which cargo builds beside the ddpm-worker binary given as --bin."""
+    return str(Path(binary).with_name("ddpm-bench"))
 
 
 def start_server(args, model: Path, data: Path, extra=()):
@@ -110,7 +115,7 @@ def main():
         proc, url = start_server(args, model, tmp / "latency")
         try:
             time.sleep(1)
-            out = subprocess.run([args.bin, "bench-submit", "--server", url, "--model", "bench",
+            out = subprocess.run([bench_bin(args.bin), "submit", "--server", url, "--model", "bench",
                                   "--clients", str(args.clients), "--per-client", str(args.per_client)],
                                  check=True, capture_output=True, text=True).stdout
             latency = json.loads(out)

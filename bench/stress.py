@@ -10,7 +10,7 @@ Every server binds 127.0.0.1 on free ports, keeps its data in a temporary direct
 end; every wait is bounded. Three scenarios, all figures in one JSON object on stdout (a summary on stderr):
 
   * sqlite, nats: `serve` with --max-shards-per-job 20000 --batches-per-shard 1 on a SQLite queue, then on
-    NATS JetStream (`sync_interval: always`), and the hidden `bench-large-submit` command: it submits a
+    NATS JetStream (`sync_interval: always`), and `ddpm-bench large-submit`: it submits a
     small job, then a 20,000-sample job of one-sample batches (20,000 shards) while another connection
     calls GetJob on the small job in a loop. Targets: the submission and the slowest GetJob under 1 s.
     Then the big job is cancelled (`cancel`, timed) and the server stopped with SIGTERM (timed). CLI
@@ -49,6 +49,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+
+
+def bench_bin(binary: str) -> str:
+    """ddpm-bench, which cargo builds beside the ddpm-worker binary given as --bin."""
+    return str(Path(binary).with_name("ddpm-bench"))
 
 ACCESS_KEY = "ddpmstressaccesskey"
 SECRET_KEY = "ddpmstresssecretkey0123456789"
@@ -252,7 +257,7 @@ def large_job(args, procs: Processes, model: Path, data: Path, queue: str, store
         run([args.bin, "list", "--server", url, "--limit", "1"], 60)
         result["cli_list_ms"] = (time.monotonic() - t) * 1e3
         t = time.monotonic()
-        out = run([args.bin, "bench-large-submit", "--server", url, "--model", "tiny",
+        out = run([bench_bin(args.bin), "large-submit", "--server", url, "--model", "tiny",
                    "--num-samples", args.num_samples, "--steps", args.steps], 600).stdout
         result["bench_large_submit_wall_ms"] = (time.monotonic() - t) * 1e3
         timing = json.loads(out.strip().splitlines()[-1])

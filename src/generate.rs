@@ -534,10 +534,13 @@ fn sample_lanes(
                         replica.set_graphs(Some(crate::model::graphs::GraphMode::Cuda));
                     }
                     let run_lane = &run_lane;
+                    let device = spec.device;
                     scope.spawn(move || {
                         if let Some(n) = threads {
                             tch::set_num_threads(n);
                         }
+                        // Lanes on one GPU overlap on streams of their own.
+                        crate::cuda::use_own_stream(device).map_err(|e| format!("lane {lane}: {e}"))?;
                         run_lane(lane, &replica)
                     })
                 })

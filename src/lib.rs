@@ -4,7 +4,6 @@
 //! the last pixel; [`generate`] runs it locally, writing PNGs, a grid and a manifest.
 
 pub mod api;
-pub mod benchmark;
 pub mod client;
 pub mod cuda;
 pub mod dataset;

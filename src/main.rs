@@ -2,12 +2,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use ddpm_worker::benchmark;
 use ddpm_worker::client;
 use ddpm_worker::generate::{self, GenerateSpec, Part};
 use ddpm_worker::init_model::{self, Preset};
-use ddpm_worker::model::Layout;
-use ddpm_worker::placement::{self, DType};
+use ddpm_worker::placement::PlacementArgs;
 use ddpm_worker::schedulers::SchedulerKind;
 use std::io::IsTerminal;
 
@@ -48,130 +46,6 @@ enum Command {
     /// Run a FAILED job again: failed shards get fresh attempts, finished ones are kept.
     #[command(after_help = EXIT_CODES)]
     Retry(client::JobArgs),
-    /// Time UNet forwards (used by bench/); prints one JSON line.
-    #[command(hide = true)]
-    BenchUnet(BenchUnetArgs),
-    /// One UNet call on an input read from a safetensors file (tensor `sample`), its output written to
-    /// another (tensor `output`, f32): for comparing against diffusers on the same device (bench/).
-    #[command(hide = true)]
-    UnetOutput(UnetOutputArgs),
-    /// Time SubmitJob under concurrent clients (used by bench/); prints one JSON line.
-    #[command(hide = true)]
-    BenchSubmit(BenchSubmitArgs),
-    /// Time one large SubmitJob and concurrent GetJob calls (used by bench/stress.py); one JSON line.
-    #[command(hide = true)]
-    BenchLargeSubmit(BenchLargeSubmitArgs),
-    /// Write a synthetic job's shards with the real writer, or finalize them (used by
-    /// bench/datasets.py); one JSON line.
-    #[command(hide = true)]
-    BenchFinalize(BenchFinalizeArgs),
-}
-
-#[derive(clap::Args)]
-struct BenchFinalizeArgs {
-    /// The store's root directory.
-    #[arg(long)]
-    dir: PathBuf,
-    /// A model folder (its identity goes into the manifest).
-    #[arg(long)]
-    model: PathBuf,
-    #[arg(long)]
-    samples: u64,
-    #[arg(long)]
-    shards: u64,
-    #[arg(long, value_enum, default_value = "webdataset")]
-    format: ddpm_worker::dataset::DataFormat,
-    /// Side of the synthetic RGB images.
-    #[arg(long, default_value_t = 8)]
-    side: u32,
-    /// Write the shards instead of finalizing.
-    #[arg(long)]
-    prepare: bool,
-}
-
-#[derive(clap::Args)]
-struct BenchLargeSubmitArgs {
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    server: String,
-    #[arg(long)]
-    model: String,
-    #[arg(long, default_value_t = 20_000)]
-    num_samples: u64,
-    #[arg(long, default_value_t = 2)]
-    steps: u32,
-}
-
-#[derive(clap::Args)]
-struct BenchUnetArgs {
-    #[arg(long)]
-    model: PathBuf,
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
-    #[arg(long, default_value_t = 10)]
-    iterations: usize,
-    #[arg(long, default_value_t = 3)]
-    warmup: usize,
-    #[command(flatten)]
-    place: PlacementArgs,
-    /// Forwards run at once, each on its own thread with a replica and a share of the CPU threads.
-    #[arg(long, default_value_t = 1)]
-    lanes: usize,
-    /// `--layout channels-last --lanes <CPU cores>` on the CPU, as `generate --fast`.
-    #[arg(long)]
-    fast: bool,
-    /// Also time the model's 3×3 convolution shapes alone, run the same way (the peak the UNet is
-    /// measured against).
-    #[arg(long)]
-    conv_peak: bool,
-}
-
-#[derive(clap::Args)]
-struct UnetOutputArgs {
-    #[arg(long)]
-    model: PathBuf,
-    #[arg(long)]
-    input: PathBuf,
-    #[arg(long)]
-    output: PathBuf,
-    #[arg(long)]
-    timestep: i64,
-    #[command(flatten)]
-    place: PlacementArgs,
-}
-
-#[derive(clap::Args)]
-struct BenchSubmitArgs {
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    server: String,
-    #[arg(long)]
-    model: String,
-    #[arg(long, default_value_t = 200)]
-    clients: usize,
-    #[arg(long, default_value_t = 10)]
-    per_client: usize,
-}
-
-/// Where and how the UNet runs (shared by `generate` and `bench-unet`).
-#[derive(clap::Args)]
-struct PlacementArgs {
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu", value_parser = placement::parse_device)]
-    device: tch::Device,
-    /// UNet precision: fp16 on CUDA only; bf16 also on CPUs (fast with AVX512-BF16 or AMX). The
-    /// scheduler always runs in f32.
-    #[arg(long, value_enum, default_value = "fp32")]
-    dtype: DType,
-    /// UNet memory layout: `diffusers` reproduces diffusers bit for bit; `channels-last` is faster on
-    /// CPUs and GPUs and agrees with diffusers to ~1e-5.
-    #[arg(long, value_enum, default_value = "diffusers")]
-    layout: CliLayout,
-    /// Replay the UNet from a CUDA graph captured once per batch shape (CUDA only).
-    #[arg(long)]
-    cuda_graphs: bool,
-    /// Let cuDNN time its kernels and keep the fastest (CUDA, channels-last): faster, but the picks,
-    /// and so the images' last bits, can differ from one process or GPU to the next.
-    #[arg(long)]
-    cudnn_benchmark: bool,
 }
 
 #[derive(clap::Args)]
@@ -284,21 +158,6 @@ struct DatasetArgs {
     target_file_bytes: Option<u64>,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum CliLayout {
-    Diffusers,
-    ChannelsLast,
-}
-
-impl From<CliLayout> for Layout {
-    fn from(l: CliLayout) -> Self {
-        match l {
-            CliLayout::Diffusers => Layout::Diffusers,
-            CliLayout::ChannelsLast => Layout::ChannelsLast,
-        }
-    }
-}
-
 #[derive(clap::Args)]
 struct InitModelArgs {
     #[arg(long, value_enum)]
@@ -311,11 +170,6 @@ struct InitModelArgs {
     /// One image channel instead of three (as DDPM MNIST checkpoints have): grayscale PNGs.
     #[arg(long)]
     grayscale: bool,
-}
-
-/// libtorch's default intra-op thread count (one per physical core).
-fn physical_cores() -> usize {
-    tch::get_num_threads().max(1) as usize
 }
 
 /// Logs to stderr (as JSON lines with `json`), filtered by RUST_LOG (default `info`); with `traces`,
@@ -343,20 +197,6 @@ fn init_logs(json: bool, traces: Option<&opentelemetry_sdk::trace::SdkTracerProv
 
 fn runtime() -> Result<tokio::runtime::Runtime, std::io::Error> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build()
-}
-
-/// A benchmark's result as one JSON line (exit 0), or its error (exit 1).
-fn print_json(result: Result<impl serde::Serialize, impl std::fmt::Display>) -> ExitCode {
-    match result {
-        Ok(t) => {
-            println!("{}", serde_json::to_string(&t).unwrap_or_default());
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
 }
 
 /// Runs a client command: exit 0 on success, else the error's code ([`client::ClientError::exit_code`])
@@ -398,7 +238,7 @@ fn serve(args: ddpm_worker::service::ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logs(args.log_json, traces.as_ref().map(|t| &t.0));
+    init_logs(args.admin.log_json, traces.as_ref().map(|t| &t.0));
     if let Some((_, settings)) = &traces {
         tracing::info!(
             endpoint = settings.endpoint,
@@ -465,47 +305,6 @@ fn main() -> ExitCode {
         Command::Cancel(a) => run_client(client::cancel(a)),
         Command::Retry(a) => run_client(client::retry(a, progress)),
         Command::Generate(a) => generate(a),
-        Command::BenchSubmit(a) => print_json(runtime().map_err(|e| e.to_string()).and_then(|rt| {
-            rt.block_on(benchmark::time_submits(&a.server, &a.model, a.clients, a.per_client))
-                .map_err(|e| e.to_string())
-        })),
-        Command::BenchLargeSubmit(a) => print_json(runtime().map_err(|e| e.to_string()).and_then(|rt| {
-            rt.block_on(benchmark::time_large_submit(&a.server, &a.model, a.num_samples, a.steps))
-                .map_err(|e| e.to_string())
-        })),
-        Command::BenchFinalize(a) => print_json(runtime().map_err(|e| e.to_string()).and_then(|rt| {
-            rt.block_on(benchmark::time_finalize(
-                &a.dir, &a.model, a.samples, a.shards, a.format, a.side, a.prepare,
-            ))
-        })),
-        Command::BenchUnet(a) => print_json({
-            ddpm_worker::model::set_cudnn_benchmark(a.place.cudnn_benchmark);
-            benchmark::time_unet(&benchmark::UNetBench {
-                model: &a.model,
-                batch_size: a.batch_size,
-                iterations: a.iterations,
-                warmup: a.warmup,
-                device: a.place.device,
-                kind: a.place.dtype.kind(),
-                layout: if a.fast { Layout::ChannelsLast } else { a.place.layout.into() },
-                lanes: if a.fast && !a.place.device.is_cuda() { physical_cores() } else { a.lanes },
-                conv_peak: a.conv_peak,
-                cuda_graphs: a.place.cuda_graphs,
-            })
-        }),
-        Command::UnetOutput(a) => print_json({
-            ddpm_worker::model::set_cudnn_benchmark(a.place.cudnn_benchmark);
-            benchmark::unet_output(&benchmark::UNetOutput {
-                model: &a.model,
-                input: &a.input,
-                output: &a.output,
-                timestep: a.timestep,
-                device: a.place.device,
-                kind: a.place.dtype.kind(),
-                layout: a.place.layout.into(),
-                cuda_graphs: a.place.cuda_graphs,
-            })
-        }),
         Command::InitModel(a) => match init_model::write_model(a.preset, a.grayscale, &a.out, a.seed) {
             Ok(unet) => {
                 let name = a.preset.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default();
@@ -550,8 +349,8 @@ fn generate(a: GenerateArgs) -> ExitCode {
         batch_size: a.batch_size.unwrap_or(a.num_samples.clamp(1, 8)),
         device: a.place.device,
         dtype: a.place.dtype,
-        layout: if a.fast { Layout::ChannelsLast } else { a.place.layout.into() },
-        lanes: if a.fast && !a.place.device.is_cuda() { physical_cores() } else { a.lanes },
+        layout: a.place.layout(a.fast),
+        lanes: a.place.lanes(a.fast, a.lanes),
         cuda_graphs: a.place.cuda_graphs,
         out: a.out,
         part,

@@ -30,6 +30,8 @@ mod ffi {
         pub fn ddpm_graph_replay(graph: *mut Graph, error: *mut *mut c_char) -> c_int;
         pub fn ddpm_graph_free(graph: *mut Graph);
         pub fn ddpm_free_message(message: *mut c_char);
+        pub fn ddpm_use_own_stream(device: c_int, error: *mut *mut c_char) -> c_int;
+        pub fn ddpm_stream_synchronize(device: c_int, error: *mut *mut c_char) -> c_int;
         #[cfg(ddpm_cuda_kernels)]
         pub fn ddpm_group_norm_nhwc(
             x: *const torch_sys::C_tensor,
@@ -211,6 +213,40 @@ pub fn group_norm_nhwc(
     _silu: bool,
 ) -> Result<tch::Tensor, CudaError> {
     Err(CudaError::Unavailable("built without nvcc: no fused group-norm kernels"))
+}
+
+/// Sends this thread's work on `device` to a stream of its own from now on, so that threads sharing a
+/// GPU (lanes, device threads on one GPU) overlap instead of queueing on the default stream. Call it
+/// first thing on the thread. Nothing on the CPU, or where the shim was not built (everything then
+/// runs on the default stream, as before).
+pub fn use_own_stream(device: tch::Device) -> Result<(), CudaError> {
+    match device {
+        #[cfg(ddpm_cuda_graphs)]
+        // SAFETY: the shim writes an error message or nothing.
+        tch::Device::Cuda(i) => {
+            call("stream", |e| unsafe { ffi::ddpm_use_own_stream(i as std::ffi::c_int, e) })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Waits for the work this thread issued on `device` (its current stream), not for the whole device,
+/// which would also wait on other threads and break a graph capture in progress on one of them.
+/// Nothing on the CPU; where the shim was not built, libtorch's device-wide synchronize.
+pub fn synchronize(device: tch::Device) -> Result<(), CudaError> {
+    match device {
+        #[cfg(ddpm_cuda_graphs)]
+        // SAFETY: the shim writes an error message or nothing.
+        tch::Device::Cuda(i) => {
+            call("synchronize", |e| unsafe { ffi::ddpm_stream_synchronize(i as std::ffi::c_int, e) })
+        }
+        #[cfg(not(ddpm_cuda_graphs))]
+        tch::Device::Cuda(i) => {
+            tch::Cuda::synchronize(i as i64);
+            Ok(())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Whether this build can capture graphs at all (the device must also be CUDA).

@@ -48,14 +48,14 @@ ddpm_graph* ddpm_graph_new(int device, char** error) {
 }
 
 // From here to ddpm_graph_capture_end, this thread's CUDA work goes to the graph's own stream (capture
-// cannot use the legacy default stream) and is recorded, not run. The device is synchronized first so
-// the capture starts after all work already issued.
+// cannot use the legacy default stream) and is recorded, not run. The thread's own stream is
+// synchronized first so the capture starts after the work it already issued; only that stream: a
+// device-wide synchronize would wait on, and so invalidate, another thread's capture.
 int ddpm_graph_capture_begin(ddpm_graph* graph, char** error) {
     return guarded(error, [&] {
-        c10::cuda::set_device(graph->device);
-        c10::cuda::device_synchronize();
         graph->enter();
         try {
+            graph->saved->second.synchronize();
             // Thread-local capture: other threads sharing the GPU (lanes, device threads) keep making
             // calls that a global capture would forbid them (allocations, synchronous copies).
             graph->graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
@@ -84,5 +84,27 @@ int ddpm_graph_replay(ddpm_graph* graph, char** error) {
 }
 
 void ddpm_graph_free(ddpm_graph* graph) { delete graph; }
+
+// This thread's CUDA work on `device` goes to a stream of its own from now on (one of libtorch's pool,
+// which do not synchronize with the legacy default stream), so that threads sharing a GPU (lanes,
+// device threads) overlap instead of queueing behind each other on one stream. The thread's current
+// device is left as it was. The stream the thread used until now (the legacy default stream, which every
+// thread shares: models loaded by another thread were converted there) is synchronized first, so the
+// new stream starts after that work.
+int ddpm_use_own_stream(int device, char** error) {
+    return guarded(error, [&] {
+        auto index = static_cast<c10::DeviceIndex>(device);
+        c10::cuda::getCurrentCUDAStream(index).synchronize();
+        c10::cuda::setCurrentCUDAStream(c10::cuda::getStreamFromPool(false, index));
+    });
+}
+
+// Waits for the work this thread issued on `device` (its current stream there), not for the whole
+// device: a device-wide synchronize while another thread captures a graph would break that capture.
+int ddpm_stream_synchronize(int device, char** error) {
+    return guarded(error, [&] {
+        c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).synchronize();
+    });
+}
 
 }  // extern "C"

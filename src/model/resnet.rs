@@ -382,7 +382,7 @@ mod tests {
     }
 
     /// The fused kernels against libtorch's ops in float32, `silu?(group_norm(x + addend))`, over shapes
-    /// with odd sizes, several chunks, channel counts of the UNet (concatenations included) and one
+    /// with odd sizes, 1 to 256 chunks, channel counts of the UNet (concatenations included) and one
     /// group per 4 to 16 channels; also bit-identical on a rerun and whatever else is in the batch. It
     /// needs a CUDA device: `cargo test --release --lib -- --ignored fused_group_norm`.
     #[test]
@@ -399,6 +399,11 @@ mod tests {
             (32, 512, 16, 16),
             (2, 256, 33, 17),
             (4, 128, 64, 64),
+            // Past 32 chunks of 256 rows, with a short last one: the finalize's warp merges several
+            // chunks per lane before the lanes are merged.
+            (2, 128, 96, 100),
+            // 256 chunks, as each norm of a 256×256 model's first level has.
+            (1, 128, 256, 256),
         ];
         for (b, c, h, w) in shapes {
             let xs = crate::model::channels_last(&(Tensor::randn([b, c, h, w], float) * 3.0 + 1.5));

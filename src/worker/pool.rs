@@ -34,11 +34,19 @@ pub struct DevicePool {
     pub events: tokio::sync::mpsc::UnboundedReceiver<DeviceEvent>,
 }
 
-/// Starts one thread per device; `cpu_threads` is the intra-op thread count of a CPU device thread.
-pub fn start(ctx: &Arc<WorkerContext>, devices: &[(Device, Option<i32>)]) -> std::io::Result<DevicePool> {
+/// A device thread to start: its device, and on the CPU its intra-op thread count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceThread {
+    pub device: Device,
+    /// Intra-op threads of a CPU device thread (libtorch's default when `None`).
+    pub cpu_threads: Option<i32>,
+}
+
+/// Starts the device threads.
+pub fn start(ctx: &Arc<WorkerContext>, devices: &[DeviceThread]) -> std::io::Result<DevicePool> {
     let (tx, events) = tokio::sync::mpsc::unbounded_channel();
     let mut threads = Vec::with_capacity(devices.len());
-    for (i, &(dev, cpu_threads)) in devices.iter().enumerate() {
+    for (i, &DeviceThread { device: dev, cpu_threads }) in devices.iter().enumerate() {
         let (ctx, tx) = (Arc::clone(ctx), tx.clone());
         let name = format!("device-{i}-{}", device_name(dev));
         let handle = std::thread::Builder::new().name(name.clone()).spawn(move || {
@@ -46,6 +54,8 @@ pub fn start(ctx: &Arc<WorkerContext>, devices: &[(Device, Option<i32>)]) -> std
                 if let Some(n) = cpu_threads {
                     tch::set_num_threads(n);
                 }
+                // Device threads sharing a GPU overlap on streams of their own.
+                crate::cuda::use_own_stream(dev).map_err(|e| format!("{name}: {e}"))?;
                 let models =
                     DeviceModels::load(&ctx, dev).map_err(|e| format!("{name}: loading models: {e}"))?;
                 let _ = tx.send(DeviceEvent::Ready(name.clone()));
