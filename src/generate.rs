@@ -470,6 +470,7 @@ impl Loaded {
             weights_sha256: self.weights_sha.clone(),
             unet_config: self.unet.config.clone(),
             scheduler_text: self.scheduler_text.clone(),
+            card: crate::models::ModelCard::read(&self.files.root),
         }
     }
 }

@@ -23,4 +23,5 @@ pub mod service;
 pub mod storage;
 pub mod telemetry;
 pub mod validation;
+pub mod verify;
 pub mod worker;

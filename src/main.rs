@@ -27,6 +27,11 @@ enum Command {
     /// Sample images from a diffusers model into PNGs (or data files), a grid and a manifest, in a
     /// folder or on S3; or one part of such a run.
     Generate(GenerateArgs),
+    /// Prove a finished job folder: every listed object and stored sample has its listed SHA-256, and
+    /// batches picked at random, sampled again with the recorded model and settings, give the same
+    /// bytes.
+    #[command(after_help = VERIFY_HELP)]
+    Verify(VerifyArgs),
     /// Write a diffusers model folder with random weights (for demos and tests; no network needed).
     InitModel(InitModelArgs),
     /// Run the batch-job service: gRPC API, durable queue and one sampling thread per device.
@@ -156,6 +161,103 @@ struct DatasetArgs {
     /// Size a WebDataset or Parquet data file stays under, in bytes (default 256 MiB).
     #[arg(long)]
     target_file_bytes: Option<u64>,
+}
+
+/// What `verify` proves, and where.
+const VERIFY_HELP: &str = "What resampling proves across machines: a job sampled on the CPU in the diffusers layout \
+gives the same bytes on any x86-64 machine with the same libtorch (run with ATEN_CPU_CAPABILITY=avx2, as the \
+tests do); a job sampled on a GPU, only on the same GPU model with the same CUDA libraries, and never one run \
+with --cudnn-benchmark. A job is resampled on the kind of device it ran on (--device). Exit codes: 0 everything \
+matches; 1 a mismatch (each is printed: the sample, its object, and what differs); 2 bad arguments; 3 the job \
+cannot be verified (no manifest, a model that is not the job's, a device that cannot reproduce it).";
+
+#[derive(clap::Args)]
+struct VerifyArgs {
+    /// The job: its folder, s3://BUCKET/PREFIX/JOB_ID, or its manifest.json.
+    job: String,
+    /// The share of the job's batches to sample again (at least one batch; 0: check stored bytes only).
+    #[arg(long, default_value_t = 0.05)]
+    fraction: f64,
+    /// Picks the batches: the same seed picks the same batches.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The model folder, s3:// prefix or hub id [default: the manifest's model source]. Its UNet weights
+    /// must have the SHA-256 the manifest records.
+    #[arg(long)]
+    model: Option<ddpm_worker::models::ModelLocation>,
+    /// cpu, cuda or cuda:N: where to sample again (the kind the job ran on).
+    #[arg(long, default_value = "cpu", value_parser = ddpm_worker::placement::parse_device)]
+    device: tch::Device,
+    /// Path-style S3 addressing (MinIO, SeaweedFS, Ceph).
+    #[arg(long, env = "DDPM_S3_PATH_STYLE")]
+    s3_path_style: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `verify`'s target: a folder or an S3 prefix (a manifest.json names its folder).
+fn job_folder(job: &str) -> Result<ddpm_worker::storage::Destination, String> {
+    let job = job.strip_suffix("manifest.json").unwrap_or(job);
+    let job = if job.len() > 1 { job.trim_end_matches('/') } else { job };
+    if job.is_empty() {
+        return Ok(ddpm_worker::storage::Destination::File { root: ".".into(), prefix: String::new() });
+    }
+    parse_out(job)
+}
+
+/// `verify`: exit 0 when everything matches.
+fn verify(a: VerifyArgs) -> ExitCode {
+    let folder = match job_folder(&a.job) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {}: {e}", a.job);
+            return ExitCode::from(2);
+        }
+    };
+    if !(0.0..=1.0).contains(&a.fraction) {
+        eprintln!("error: --fraction must be in [0, 1]");
+        return ExitCode::from(2);
+    }
+    let spec = ddpm_worker::verify::VerifySpec {
+        folder,
+        fraction: a.fraction,
+        seed: a.seed,
+        model: a.model,
+        device: a.device,
+        s3_path_style: a.s3_path_style,
+    };
+    let report = match runtime()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| rt.block_on(ddpm_worker::verify::verify(&spec)).map_err(|e| e.to_string()))
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot verify {}: {e}", a.job);
+            return ExitCode::from(3);
+        }
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+    } else {
+        for m in &report.mismatches {
+            println!("MISMATCH {m}");
+        }
+        println!(
+            "{}: {} objects and {} stored samples checked, {} samples in {} batches sampled again: {}",
+            report.job_id,
+            report.objects_checked,
+            report.samples_checked,
+            report.samples_resampled,
+            report.batches_resampled,
+            if report.mismatches.is_empty() {
+                "all match".to_string()
+            } else {
+                format!("{} mismatches", report.mismatches.len())
+            }
+        );
+    }
+    if report.mismatches.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) }
 }
 
 #[derive(clap::Args)]
@@ -305,6 +407,7 @@ fn main() -> ExitCode {
         Command::Cancel(a) => run_client(client::cancel(a)),
         Command::Retry(a) => run_client(client::retry(a, progress)),
         Command::Generate(a) => generate(a),
+        Command::Verify(a) => verify(a),
         Command::InitModel(a) => match init_model::write_model(a.preset, a.grayscale, &a.out, a.seed) {
             Ok(unet) => {
                 let name = a.preset.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default();

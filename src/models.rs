@@ -140,6 +140,56 @@ pub struct ResolvedModel {
     pub unet_config: UNet2DConfig,
     /// `scheduler_config.json` as shipped with the model; a job's scheduler is built from it.
     pub scheduler_text: String,
+    /// What the folder's model card (`README.md`) says of its license; empty without one.
+    pub card: ModelCard,
+}
+
+/// The fields of a Hugging Face model card's YAML front matter that a dataset made with the model
+/// carries over to its own card.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+pub struct ModelCard {
+    pub license: Option<String>,
+    pub license_name: Option<String>,
+    pub license_link: Option<String>,
+}
+
+impl ModelCard {
+    /// The front matter of `README.md` in `dir` (the model folder); none when the folder has no card or
+    /// the card no front matter. A card that cannot be read is logged and left out: it says nothing
+    /// about how to sample.
+    pub fn read(dir: &Path) -> Self {
+        let path = dir.join("README.md");
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Self::default();
+        };
+        match Self::parse(&text) {
+            Ok(card) => card,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = e, "the model card's front matter is not readable YAML; left out");
+                Self::default()
+            }
+        }
+    }
+
+    fn parse(text: &str) -> Result<Self, String> {
+        let Some(rest) = text.strip_prefix("---\n").or_else(|| text.strip_prefix("---\r\n")) else {
+            return Ok(Self::default());
+        };
+        let end = rest.find("\n---").ok_or("no closing ---")?;
+        let yaml = &rest[..end];
+        if yaml.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        // Only these keys are wanted; the others (any YAML at all) are read as values and dropped.
+        let all: std::collections::BTreeMap<String, serde_json::Value> =
+            serde_saphyr::from_str(yaml).map_err(|e| e.to_string())?;
+        let text = |key: &str| all.get(key).and_then(|v| v.as_str()).map(str::to_string);
+        Ok(Self {
+            license: text("license"),
+            license_name: text("license_name"),
+            license_link: text("license_link"),
+        })
+    }
 }
 
 impl ResolvedModel {
@@ -172,7 +222,8 @@ impl ResolvedModel {
         drop(crate::model::LoadedUNet::load(&files, tch::Device::Cpu, tch::Kind::Float)?);
         let weights_sha256 = crate::digest::sha256_file(&files.weights)
             .map_err(|e| ModelError::Io { path: files.weights.clone(), message: e.to_string() })?;
-        Ok(Self { name: name.into(), source, files, weights_sha256, unet_config, scheduler_text })
+        let card = ModelCard::read(&files.root);
+        Ok(Self { name: name.into(), source, files, weights_sha256, unet_config, scheduler_text, card })
     }
 }
 
@@ -273,8 +324,9 @@ fn hub_files<'a>(present: &[&'a str]) -> Vec<&'a str> {
         .collect()
 }
 
-/// The files a diffusers UNet pipeline folder may hold, in either layout.
-const MODEL_FILES: [&str; 9] = [
+/// The files a diffusers UNet pipeline folder may hold, in either layout, and its model card.
+const MODEL_FILES: [&str; 10] = [
+    "README.md",
     "model_index.json",
     "config.json",
     "diffusion_pytorch_model.safetensors",
@@ -351,7 +403,7 @@ mod tests {
         ];
         assert_eq!(
             hub_files(&repo),
-            ["config.json", "diffusion_pytorch_model.safetensors", "scheduler_config.json"]
+            ["README.md", "config.json", "diffusion_pytorch_model.safetensors", "scheduler_config.json"]
         );
         let old = ["config.json", "diffusion_pytorch_model.bin", "scheduler_config.json"];
         assert_eq!(hub_files(&old), old);

@@ -543,8 +543,10 @@ async fn parts_read_an_s3_model_and_write_to_s3() {
     assert_eq!(
         keys,
         [
+            "README.md",
             "data/000000.tar",
             "data/000001.tar",
+            "data/wids.json",
             "grids/00000.png",
             "index/part-000000.parquet",
             "index/part-000001.parquet",

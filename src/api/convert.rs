@@ -490,6 +490,7 @@ pub(crate) mod tests {
             weights_sha256: String::new(),
             unet_config: crate::model::UNet2DConfig::default(),
             scheduler_text: r#"{"_class_name": "DDPMScheduler", "num_train_timesteps": 1000}"#.into(),
+            card: Default::default(),
         };
         [("tiny".to_string(), Arc::new(model))].into()
     }

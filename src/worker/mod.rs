@@ -11,6 +11,7 @@
 //! ```
 
 pub mod batcher;
+pub mod card;
 pub mod device;
 pub mod fault;
 pub mod finisher;

@@ -20,7 +20,8 @@ use futures_util::StreamExt;
 use image::DynamicImage;
 use serde::{Deserialize, Serialize};
 
-use crate::dataset::{self, DatasetError, SampleContext, StoredFile};
+use super::card;
+use crate::dataset::{self, DataFormat, DatasetError, SampleContext, StoredFile};
 use crate::imaging;
 use crate::job::{JobRecord, JobSpec};
 use crate::model::Layout;
@@ -387,6 +388,18 @@ pub struct JobManifest {
     /// Data files (`webdataset`, `parquet`), in sample order.
     pub files: Vec<StoredFile>,
     pub grids: Vec<GridEntry>,
+    /// What describes the data to its readers: the dataset card (`README.md`) and, for WebDataset,
+    /// `wids`' shard index (`data/wids.json`); absent from manifests written before they were.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metadata: Vec<ListedFile>,
+}
+
+/// An object the manifest lists, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListedFile {
+    pub path: String,
+    pub sha256: String,
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -536,6 +549,7 @@ pub async fn finalize(
             slot.insert(put_grid(out, spec, range, tiles).await?);
         }
     }
+    let metadata = put_metadata(out, job, model, &files).await?;
     let scheduler = model.scheduler(spec.scheduler).map(|s| s.to_json()).unwrap_or_default();
     let totals = Totals {
         samples: spec.num_samples,
@@ -566,11 +580,33 @@ pub async fn finalize(
         index,
         files,
         grids: grids.into_values().collect(),
+        metadata,
     };
     let json = serde_json::to_vec_pretty(&manifest).map_err(|e| OutputError::Internal(e.to_string()))?;
     let key = out.manifest_key();
     // Two finalizers racing write the same listing; the first manifest stays.
     Ok(write_once(out.store.as_ref(), &key, Bytes::from(json), "application/json").await?.uri)
+}
+
+/// Writes the dataset card and, for WebDataset, the `wids` shard index (create-only: what is stored is
+/// what gets listed).
+async fn put_metadata(
+    out: &JobOutputs,
+    job: &JobRecord,
+    model: &ResolvedModel,
+    files: &[StoredFile],
+) -> Result<Vec<ListedFile>, OutputError> {
+    let mut objects = vec![(card::CARD_PATH, card::dataset_card(job, model), "text/markdown; charset=utf-8")];
+    if job.spec.dataset.format == DataFormat::Webdataset {
+        objects.push((card::WIDS_PATH, card::wids_index(job, files), "application/json"));
+    }
+    let mut listed = Vec::with_capacity(objects.len());
+    for (path, text, content_type) in objects {
+        let text = text.map_err(|e| OutputError::Internal(format!("{path}: {e}")))?;
+        let written = write_once(out.store.as_ref(), &out.key(path), Bytes::from(text), content_type).await?;
+        listed.push(ListedFile { path: path.into(), sha256: written.sha256, bytes: written.bytes });
+    }
+    Ok(listed)
 }
 
 /// The decoded samples `range` of a grid that straddles shards, read through the index parts that

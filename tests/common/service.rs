@@ -329,7 +329,7 @@ async fn folder_samples(folder: &Path) -> Vec<Vec<u8>> {
 /// shard records and the manifest itself), relative to its folder.
 fn listed_files(folder: &Path) -> std::collections::BTreeSet<PathBuf> {
     let m = folder_manifest(folder);
-    let mut listed: std::collections::BTreeSet<PathBuf> = ["index", "files", "grids"]
+    let mut listed: std::collections::BTreeSet<PathBuf> = ["index", "files", "grids", "metadata"]
         .iter()
         .flat_map(|k| m[*k].as_array().unwrap().iter().map(|e| PathBuf::from(e["path"].as_str().unwrap())))
         .collect();
@@ -382,7 +382,9 @@ pub fn unlisted_files(job: &pb::Job) -> Vec<PathBuf> {
 /// Returns the encoded samples in index order.
 pub async fn check_job_folder(folder: &Path) -> Vec<Vec<u8>> {
     let m = folder_manifest(folder);
-    for entry in ["index", "files", "grids"].iter().flat_map(|k| m[*k].as_array().unwrap()) {
+    // The dataset card (and a WebDataset's shard index) are listed like the data.
+    assert!(m["metadata"].as_array().unwrap().iter().any(|e| e["path"] == "README.md"), "no dataset card");
+    for entry in ["index", "files", "grids", "metadata"].iter().flat_map(|k| m[*k].as_array().unwrap()) {
         let path = entry["path"].as_str().unwrap();
         let bytes = std::fs::read(folder.join(path)).unwrap();
         assert_eq!(ddpm_worker::digest::sha256_hex(&bytes), entry["sha256"].as_str().unwrap(), "{path}");

@@ -11,6 +11,10 @@ JOB_DIR is a job's folder (local, or a copy of the objects of an S3 job) or a `g
 - webdataset: the `webdataset` library iterates every sample (image and JSON), and
   `datasets.load_dataset("webdataset", ...)` loads and decodes them;
 - parquet: `datasets.load_dataset("parquet", ...)` decodes the `image` column as images;
+- the folder loads as a dataset by itself: `datasets.load_dataset(JOB_DIR)`, with no data_files, finds the
+  samples through the dataset card's YAML configs (and, in the Parquet layout, the index as its `index`
+  config);
+- webdataset: `wids.ShardListDataset` reads the shard index (data/wids.json) and gives sample i at i;
 - with --reference (the `files` layout of the same job), the decoded pixels equal its PNGs (lossless
   formats).
 Prints a JSON summary on success.
@@ -72,6 +76,60 @@ def normalized(manifest: dict) -> dict:
     }
 
 
+def raw(data) -> bytes:
+    return data.read() if hasattr(data, "read") else bytes(data)
+
+
+def whole_folder(job: Path, fmt: str, n: int, seed: int, rows: list, decoded: dict, cache: str, summary: dict):
+    """The folder as a data team opens it: `load_dataset(<folder>)` with no data_files (the card's
+    configs), the index config, and for WebDataset the wids shard index."""
+    from datasets import load_dataset
+
+    ds = load_dataset(str(job), split="train", cache_dir=cache)
+    check(len(ds) == n, f"load_dataset(<folder>) gives {len(ds)} of {n} samples ({fmt})")
+    by_index = {r["index"]: r for r in rows}
+    if fmt == "files":
+        # imagefolder, in file name order: samples/<index:08>.<ext>.
+        for i, ex in enumerate(ds):
+            want = decoded.get(i)
+            got = np.asarray(ex["image"])
+            if want is not None and want.shape == got.shape:
+                check(np.array_equal(got, want), f"load_dataset(<folder>): sample {i} pixels")
+    elif fmt == "webdataset":
+        keys = sorted(int(ex["__key__"]) for ex in ds)
+        check(keys == list(range(n)), "load_dataset(<folder>): webdataset keys")
+    else:
+        check(sorted(ds["index"]) == list(range(n)), "load_dataset(<folder>): parquet rows")
+        check(all(s == seed + i for i, s in zip(ds["index"], ds["seed"])), "load_dataset(<folder>): seeds")
+    # `datasets` reads all of a folder's configs with one builder: the index is a config of the Parquet
+    # layout, and is loaded as Parquet by name in the others (as their cards say).
+    if fmt == "parquet":
+        index = load_dataset(str(job), "index", split="train", cache_dir=cache)
+    else:
+        import yaml
+
+        front = (job / "README.md").read_text().split("---\n")[1]
+        names = [c["config_name"] for c in yaml.safe_load(front)["configs"]]
+        check(names == ["default"], f"the card's configs are {names}: datasets cannot load an index config here")
+        index = load_dataset("parquet", data_files=str(job / "index" / "*.parquet"), split="train", cache_dir=cache)
+    check(sorted(index["index"]) == list(range(n)), "load_dataset(<folder>, 'index') rows")
+    check(all(by_index[i]["sha256"] == h for i, h in zip(index["index"], index["sha256"])),
+          "load_dataset(<folder>, 'index'): SHA-256")
+    summary["folder_rows"] = len(ds)
+    if fmt == "webdataset":
+        import wids
+
+        shards = wids.ShardListDataset(str(job / "data" / "wids.json"), cache_dir=os.path.join(cache, "wids"),
+                                       transformations=[])
+        check(len(shards) == n, f"wids gives {len(shards)} of {n} samples")
+        for i in range(n):
+            sample = shards[i]
+            check(int(sample["__key__"].split("/")[-1]) == i, f"wids: sample {i} has key {sample['__key__']}")
+            image = next(v for k, v in sample.items() if k.lstrip(".") in ("png", "webp", "jpg"))
+            check(sha256(raw(image)) == by_index[i]["sha256"], f"wids: sample {i} bytes differ from the index")
+        summary["wids_samples"] = len(shards)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("job", type=Path)
@@ -85,8 +143,11 @@ def main():
     fmt, image_format = dataset["format"], dataset["image"]
     lossless = image_format in ("png", "webp")
 
-    # Every listed file is there with its listed SHA-256 and size, and nothing unlisted.
-    listed = manifest["index"] + manifest["files"]
+    # Every listed file (the dataset card and wids index too) is there with its listed SHA-256 and size,
+    # and nothing unlisted.
+    listed = manifest["index"] + manifest["files"] + manifest.get("metadata", [])
+    check((job / "README.md").exists() and any(f["path"] == "README.md" for f in listed),
+          "the job folder has no dataset card listed in its manifest")
     for f in listed:
         data = (job / f["path"]).read_bytes()
         check(sha256(data) == f["sha256"], f"{f['path']}: SHA-256 differs from the manifest")
@@ -165,6 +226,8 @@ def main():
         else:
             for r in rows:
                 decoded[r["index"]] = pixels(image_bytes(job, r))
+
+        whole_folder(job, fmt, n, seed, rows, decoded, cache, summary)
 
     if args.reference is not None and lossless:
         ref = normalized(json.loads((args.reference / "manifest.json").read_text()))
