@@ -155,6 +155,61 @@ pub struct GenerateSpec {
     pub storage: StorageRequest,
     /// Samples per grid (`grids/<n:05>.png` shows samples `n·S .. (n+1)·S`); 0: no grids.
     pub samples_per_grid: u32,
+    /// The job this run continues (`--extend`), named in its manifest.
+    pub extends: Option<String>,
+}
+
+/// A finished run or service job that `generate --extend` continues: its manifest's settings.
+#[derive(Debug, Clone)]
+pub struct Extended {
+    pub job_id: String,
+    /// Where its model came from (`--model` as its run gave it).
+    pub model_source: String,
+    pub spec: JobSpec,
+}
+
+impl Extended {
+    /// Reads the manifest of the job in `folder` (a folder or an S3 prefix).
+    pub fn read(folder: &Destination, s3_path_style: bool) -> Result<Self, GenerateError> {
+        let invalid = |message: String| GenerateError::InvalidArgument { field: "--extend", message };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(GenerateError::Runtime)?;
+        let manifest = runtime.block_on(async {
+            let store = crate::storage::open_store(folder, s3_path_style).await?;
+            let bytes = store.get("manifest.json").await?;
+            Ok::<_, GenerateError>(bytes.map(|b| (store.uri("manifest.json"), b)))
+        })?;
+        let (uri, bytes) = manifest.ok_or_else(|| {
+            invalid(format!("{}: no manifest.json (not a finished job)", out_display(folder)))
+        })?;
+        let manifest: crate::worker::outputs::JobManifest =
+            serde_json::from_slice(&bytes).map_err(|e| invalid(format!("{uri}: {e}")))?;
+        Ok(Self { job_id: manifest.job_id, model_source: manifest.model.source, spec: manifest.spec })
+    }
+
+    /// The seed of the first sample after the job's.
+    pub fn next_seed(&self) -> Result<u64, GenerateError> {
+        self.spec.seed.checked_add(self.spec.num_samples).ok_or_else(|| GenerateError::InvalidArgument {
+            field: "--extend",
+            message: format!("job {}: its seeds end at the largest seed", self.job_id),
+        })
+    }
+
+    /// The job's layout and encoding, as a request for the same.
+    pub fn storage(&self) -> StorageRequest {
+        let d = &self.spec.dataset;
+        StorageRequest {
+            format: d.format,
+            image: d.encoding.image,
+            jpeg_quality: (d.encoding.image == crate::dataset::ImageFormat::Jpeg)
+                .then_some(u32::from(d.encoding.quality)),
+            png_level: (d.encoding.png_level != 0).then_some(u32::from(d.encoding.png_level)),
+            // Data files only: the files layout takes no target size.
+            target_file_bytes: d.format.parts().map(|_| d.target_file_bytes),
+        }
+    }
 }
 
 /// What a run (or part) wrote, for the command's summary.
@@ -212,6 +267,7 @@ impl GenerateSpec {
             labels: Default::default(),
             dataset,
             trace_context: Default::default(),
+            extends: self.extends.clone(),
         }
     }
 

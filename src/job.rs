@@ -41,6 +41,9 @@ pub struct JobSpec {
     /// worker join its trace ([`crate::telemetry`]); empty when it came without one.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub trace_context: BTreeMap<String, String>,
+    /// The job whose seeds this one continues (`generate --extend`): same settings, the seeds after its.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extends: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

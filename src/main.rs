@@ -58,8 +58,17 @@ struct GenerateArgs {
     /// A diffusers model: a folder (flat, as google/ddpm-*, or with unet/ and scheduler/ subfolders),
     /// s3://BUCKET/PREFIX (copied locally first), or a Hugging Face hub id org/name (from the HF cache,
     /// downloaded into it when missing; HF_HOME, HF_HUB_CACHE, HF_ENDPOINT and HF_TOKEN apply).
-    #[arg(long)]
-    model: ddpm_worker::models::ModelLocation,
+    #[arg(long, required_unless_present = "extend")]
+    model: Option<ddpm_worker::models::ModelLocation>,
+    /// Continue a finished run or job (its folder or s3:// prefix): the same model, scheduler, steps, η,
+    /// batch size and layout, with --num-samples more samples whose seeds follow its last one.
+    /// The new run's manifest names the job it extends (spec.extends); the two share no seed. --model
+    /// still picks another copy of the same model.
+    #[arg(long, value_name = "JOB", value_parser = parse_out, conflicts_with_all = [
+        "scheduler", "steps", "eta", "seed", "batch_size", "format", "image_format", "quality", "png_level",
+        "target_file_bytes",
+    ])]
+    extend: Option<ddpm_worker::storage::Destination>,
     /// Where an s3:// model is copied (under BUCKET/PREFIX) [default: a temporary folder, removed
     /// after the run].
     #[arg(long)]
@@ -194,6 +203,54 @@ struct VerifyArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// The run `generate`'s arguments ask for; with --extend, the extended job's settings.
+fn generate_spec(a: GenerateArgs, part: Option<Part>) -> Result<GenerateSpec, String> {
+    let extended = match &a.extend {
+        Some(folder) => Some(generate::Extended::read(folder, a.s3_path_style).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let mut spec = GenerateSpec {
+        model: match a.model {
+            Some(m) => m,
+            None => {
+                extended.as_ref().map(|e| e.model_source.parse()).transpose()?.ok_or("--model is required")?
+            }
+        },
+        model_cache: a.model_cache,
+        s3_path_style: a.s3_path_style,
+        scheduler: a.scheduler,
+        steps: a.steps,
+        eta: a.eta,
+        num_samples: a.num_samples,
+        seed: a.seed,
+        batch_size: a.batch_size.unwrap_or(a.num_samples.clamp(1, 8)),
+        device: a.place.device,
+        dtype: a.place.dtype,
+        layout: a.place.layout(a.fast),
+        lanes: a.place.lanes(a.fast, a.lanes),
+        cuda_graphs: a.place.cuda_graphs,
+        out: a.out,
+        part,
+        storage: ddpm_worker::validation::StorageRequest {
+            format: a.dataset.format,
+            image: a.dataset.image_format,
+            jpeg_quality: a.dataset.quality,
+            png_level: a.dataset.png_level.filter(|&l| l != 0),
+            target_file_bytes: a.dataset.target_file_bytes,
+        },
+        samples_per_grid: a.samples_per_grid,
+        extends: None,
+    };
+    if let Some(e) = extended {
+        (spec.scheduler, spec.steps, spec.eta) = (e.spec.scheduler, e.spec.steps as usize, e.spec.eta);
+        spec.batch_size = e.spec.batch_size as usize;
+        spec.seed = e.next_seed().map_err(|e| e.to_string())?;
+        spec.storage = e.storage();
+        spec.extends = Some(e.job_id);
+    }
+    Ok(spec)
 }
 
 /// `verify`'s target: a folder or an S3 prefix (a manifest.json names its folder).
@@ -440,31 +497,12 @@ fn generate(a: GenerateArgs) -> ExitCode {
         },
         (None, None) => None,
     };
-    let spec = GenerateSpec {
-        model: a.model,
-        model_cache: a.model_cache,
-        s3_path_style: a.s3_path_style,
-        scheduler: a.scheduler,
-        steps: a.steps,
-        eta: a.eta,
-        num_samples: a.num_samples,
-        seed: a.seed,
-        batch_size: a.batch_size.unwrap_or(a.num_samples.clamp(1, 8)),
-        device: a.place.device,
-        dtype: a.place.dtype,
-        layout: a.place.layout(a.fast),
-        lanes: a.place.lanes(a.fast, a.lanes),
-        cuda_graphs: a.place.cuda_graphs,
-        out: a.out,
-        part,
-        storage: ddpm_worker::validation::StorageRequest {
-            format: a.dataset.format,
-            image: a.dataset.image_format,
-            jpeg_quality: a.dataset.quality,
-            png_level: a.dataset.png_level.filter(|&l| l != 0),
-            target_file_bytes: a.dataset.target_file_bytes,
-        },
-        samples_per_grid: a.samples_per_grid,
+    let spec = match generate_spec(a, part) {
+        Ok(spec) => spec,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
     };
     match generate::run(&spec, std::io::stderr().is_terminal()) {
         Ok(r) => {

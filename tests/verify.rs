@@ -1,6 +1,7 @@
 //! `ddpm-worker verify` as a data team runs it on a job folder: it passes on an untouched job, and
 //! fails naming the sample when one byte of one stored sample is flipped or two tar members are
-//! swapped, and refuses a model folder that is not the job's.
+//! swapped, and refuses a model folder that is not the job's; and `generate --extend`, which continues
+//! a job's seeds with its settings.
 
 mod common;
 
@@ -149,4 +150,74 @@ fn a_model_that_is_not_the_jobs_is_refused() {
     assert!(text(&o).contains("no manifest.json"), "{}", text(&o));
     let o = run(&["verify", out.to_str().unwrap(), "--fraction", "2"]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+}
+
+#[test]
+fn extending_twice_gives_disjoint_contiguous_seeds_with_the_same_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("a");
+    job(&model(dir.path(), "1"), &first, "webdataset");
+    let manifest = |folder: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(folder.join("manifest.json")).unwrap()).unwrap()
+    };
+    let index_seeds = |folder: &Path| -> Vec<u64> {
+        let m = manifest(folder);
+        let mut seeds = Vec::new();
+        for part in m["index"].as_array().unwrap() {
+            let bytes = std::fs::read(folder.join(part["path"].as_str().unwrap())).unwrap();
+            seeds.extend(ddpm_worker::dataset::index::read(bytes.into()).unwrap().iter().map(|r| r.seed));
+        }
+        seeds
+    };
+    let (mut folders, mut previous) = (vec![first.clone()], first);
+    for name in ["b", "c"] {
+        let next = dir.path().join(name);
+        // The model comes from the manifest; settings may not be given again.
+        let o = run(&[
+            "generate",
+            "--extend",
+            previous.to_str().unwrap(),
+            "--num-samples",
+            "6",
+            "--out",
+            next.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        let m = manifest(&next);
+        assert_eq!(
+            m["spec"]["extends"],
+            manifest(&previous)["job_id"],
+            "the manifest names the job it extends"
+        );
+        folders.push(next.clone());
+        previous = next;
+    }
+    let specs: Vec<serde_json::Value> = folders.iter().map(|f| manifest(f)["spec"].clone()).collect();
+    for key in ["model", "scheduler", "steps", "eta", "batch_size", "dataset"] {
+        assert!(specs.iter().all(|s| s[key] == specs[0][key]), "{key} differs: {specs:?}");
+    }
+    let seeds: Vec<u64> = folders.iter().flat_map(|f| index_seeds(f)).collect();
+    assert_eq!(seeds, (7..7 + 12 + 6 + 6).collect::<Vec<u64>>(), "disjoint and contiguous, in order");
+    // An extension verifies like any job.
+    assert!(verify(&folders[2], "1", &[]).status.success());
+
+    let o = run(&[
+        "generate",
+        "--extend",
+        folders[0].to_str().unwrap(),
+        "--seed",
+        "3",
+        "--out",
+        dir.path().join("d").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "a setting given with --extend: {}", text(&o));
+    let o = run(&[
+        "generate",
+        "--extend",
+        dir.path().join("none").to_str().unwrap(),
+        "--out",
+        dir.path().join("e").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("no manifest.json"), "{}", text(&o));
 }

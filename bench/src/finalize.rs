@@ -52,6 +52,7 @@ fn synthetic_job(samples: u64, shards: u64, format: DataFormat, side: u64) -> Jo
             labels: Default::default(),
             dataset,
             trace_context: Default::default(),
+            extends: None,
         },
         state: JobState::Running,
         samples_done: samples,

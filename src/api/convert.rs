@@ -166,6 +166,7 @@ pub fn job_spec(
         dataset,
         // The handler adds the caller's, from the request's metadata.
         trace_context: BTreeMap::new(),
+        extends: None,
     })
 }
 

@@ -46,6 +46,7 @@ pub fn spec(num_samples: u64, batch_size: u32, priority: i32, labels: &[(&str, &
             ("traceparent".into(), "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
             ("tracestate".into(), "congo=t61rcWkgMzE".into()),
         ]),
+        extends: None,
     }
 }
 

@@ -123,6 +123,7 @@ fn spec(num_samples: u64, batch: u32) -> crate::job::JobSpec {
         labels: [("dataset".to_string(), "v1".to_string())].into(),
         dataset: Default::default(),
         trace_context: Default::default(),
+        extends: None,
     }
 }
 
