@@ -673,7 +673,7 @@ async fn check_fresh(
 }
 
 /// A folder removed when dropped.
-struct TempFolder(PathBuf);
+pub(crate) struct TempFolder(pub(crate) PathBuf);
 
 impl Drop for TempFolder {
     fn drop(&mut self) {

@@ -15,7 +15,6 @@
 //! is not expected to match, and verify says so instead of trying.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -23,6 +22,7 @@ use tch::Device;
 
 use crate::dataset::index::IndexRow;
 use crate::digest::sha256_hex;
+use crate::generate::TempFolder;
 use crate::model::{Layout, LoadedUNet};
 use crate::models::{ModelLocation, ResolvedModel};
 use crate::placement::{DType, device_name};
@@ -206,15 +206,6 @@ async fn resolve_model(
     Ok((model, temp))
 }
 
-/// A folder removed when dropped.
-struct TempFolder(PathBuf);
-
-impl Drop for TempFolder {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A batch as the job ran it: its shard's run and its samples.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
@@ -266,12 +257,16 @@ fn resample(
     let mut found = Resampled { batches: 0, samples: 0, mismatches: Vec::new() };
     for batch in batches {
         let (dtype, layout) = how_it_ran(&batch.run, device)?;
-        if !unets.iter().any(|(how, _)| *how == (dtype, layout)) {
-            let unet = LoadedUNet::prepare(&model.files, device, dtype.kind(), layout, false)
-                .map_err(|e| setup(&e))?;
-            unets.push(((dtype, layout), unet));
-        }
-        let Some((_, unet)) = unets.iter().find(|(how, _)| *how == (dtype, layout)) else { continue };
+        let slot = match unets.iter().position(|(how, _)| *how == (dtype, layout)) {
+            Some(slot) => slot,
+            None => {
+                let unet = LoadedUNet::prepare(&model.files, device, dtype.kind(), layout, false)
+                    .map_err(|e| setup(&e))?;
+                unets.push(((dtype, layout), unet));
+                unets.len() - 1
+            }
+        };
+        let unet = &unets[slot].1;
         let seeds: Vec<u64> = batch.samples.clone().map(|i| spec.seed + i).collect();
         let req = BatchRequest {
             seeds: &seeds,

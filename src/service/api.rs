@@ -123,19 +123,17 @@ impl Api {
         health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|e| ServeError::Runtime(e.to_string()))?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            // google.rpc error details, so reflection clients (grpcurl) can decode BadRequest.
-            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()
-            .map_err(|e| ServeError::Runtime(e.to_string()))?;
+        // Both reflection versions describe the API, health and the google.rpc error details (so that
+        // reflection clients such as grpcurl can decode BadRequest).
+        let described = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = described().build_v1().map_err(|e| ServeError::Runtime(e.to_string()))?;
+        let reflection_v1alpha =
+            described().build_v1alpha().map_err(|e| ServeError::Runtime(e.to_string()))?;
         let worker = pb::worker_service_server::WorkerServiceServer::new(service)
             .max_decoding_message_size(self.max_request_bytes);
         let router = tonic::transport::Server::builder().add_service(health);
