@@ -59,6 +59,17 @@ $(VENV)/.client-$(CLIENT_KEY): $(VENV)/.installed-$(VENV_KEY)
 
 setup: $(VENV)/.installed-$(VENV_KEY) $(VENV)/.client-$(CLIENT_KEY)
 
+# What the Python client's sdist and wheel need to build and install, downloaded once: the packaging
+# test (tests/api_access.rs) builds them with `python -m build` and installs each into a fresh venv
+# with no index but this folder.
+CLIENT_WHEELS_KEY := $(shell cat clients/python/pyproject.toml scripts/requirements-client.txt | sha256sum | cut -c1-16)
+CLIENT_WHEELS     := $(CACHE)/client-wheels/$(CLIENT_WHEELS_KEY)
+$(CLIENT_WHEELS)/.done: $(VENV)/.installed-$(VENV_KEY)
+	rm -rf $(CLIENT_WHEELS) && mkdir -p $(CLIENT_WHEELS)
+	$(VENV)/bin/pip download --quiet --only-binary=:all: -d $(CLIENT_WHEELS) "setuptools>=69" wheel grpcio-tools==1.85.1 \
+		"grpcio>=1.85.1" "protobuf>=6.31" "googleapis-common-protos>=1.70"
+	touch $@
+
 # buf (from its npm package) lints the API and checks it against proto/breaking-baseline.binpb, the API
 # as first published: fields and RPCs may be added, never renumbered or removed.
 BUF_VERSION := 1.75.0
@@ -108,13 +119,24 @@ $(KV_VENV)/.installed:
 	find $(CACHE) -mindepth 1 -maxdepth 1 -name 'kubernetes-validate-*' ! -name kubernetes-validate-$(KV_KEY) -exec rm -rf {} +
 	touch $@
 
-helm-tools: $(HELM) $(KV_VENV)/.installed
+# promtool, for the alerts' checks: unpacked from Debian's prometheus package, not installed (no service).
+PROMTOOL_DIR := $(CACHE)/promtool
+PROMTOOL     := $(PROMTOOL_DIR)/promtool
+$(PROMTOOL):
+	rm -rf $(PROMTOOL_DIR).partial && mkdir -p $(PROMTOOL_DIR).partial
+	cd $(PROMTOOL_DIR).partial && { apt-get download prometheus 2>/dev/null || { apt-get update -qq && apt-get download prometheus; }; }
+	dpkg-deb -x $(PROMTOOL_DIR).partial/prometheus_*.deb $(PROMTOOL_DIR).partial/root
+	mv $(PROMTOOL_DIR).partial/root/usr/bin/promtool $(PROMTOOL_DIR).partial/promtool
+	rm -rf $(PROMTOOL_DIR).partial/root $(PROMTOOL_DIR).partial/*.deb
+	rm -rf $(PROMTOOL_DIR) && mv $(PROMTOOL_DIR).partial $(PROMTOOL_DIR)
+
+helm-tools: $(HELM) $(KV_VENV)/.installed $(PROMTOOL)
 
 # The Kubernetes version of both `helm template --kube-version` (which gates the preStop sleep at >= 1.30)
 # and `kubernetes-validate -k`; check.sh also renders and validates for 1.29.
 KUBE_VERSION ?= 1.30.0
 helm-check: helm-tools
-	HELM=$(HELM) KUBERNETES_VALIDATE=$(KUBERNETES_VALIDATE) KUBE_VERSION=$(KUBE_VERSION) helm/check.sh
+	HELM=$(HELM) KUBERNETES_VALIDATE=$(KUBERNETES_VALIDATE) PROMTOOL=$(PROMTOOL) KUBE_VERSION=$(KUBE_VERSION) helm/check.sh
 
 build: setup
 	cargo build $(CARGO_FLAGS)
@@ -148,9 +170,9 @@ fixtures: $(FIXTURES)/manifest.json
 
 # libtorch runs its AVX2 kernels on both sides of the parity tests (the goldens are made that way too):
 # on an AVX-512 host its default kernels differ from them by ~1e-6, which chaotic random-weight cases amplify.
-test: build fixtures api-check helm-check
+test: build fixtures api-check helm-check $(CLIENT_WHEELS)/.done
 	ATEN_CPU_CAPABILITY=avx2 DDPM_FIXTURES=$(FIXTURES) DDPM_WEED=$(VENV)/bin/weed DDPM_NATS_SERVER=$(VENV)/bin/nats-server \
-		DDPM_PYTHON=$(PYTHON) DDPM_BUF=$(BUF) cargo test $(CARGO_FLAGS) --features test-support
+		DDPM_PYTHON=$(PYTHON) DDPM_BUF=$(BUF) DDPM_CLIENT_WHEELS=$(CLIENT_WHEELS) cargo test $(CARGO_FLAGS) --features test-support
 
 lint: setup
 	cargo fmt --all -- --check

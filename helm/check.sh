@@ -4,7 +4,7 @@
 # ScaledObjects against KEDA's own CRD schema (validate-scaledobject.py, with the python of
 # kubernetes-validate's venv), and renders that must fail. No cluster needed.
 #
-#   HELM=/path/to/helm KUBERNETES_VALIDATE=/path/to/kubernetes-validate helm/check.sh
+#   HELM=/path/to/helm KUBERNETES_VALIDATE=/path/to/kubernetes-validate PROMTOOL=/path/to/promtool helm/check.sh
 #
 # `make helm-check` (part of `make test`) installs the tools below into $(CACHE), checked against these
 # sha256 sums and scripts/helm-check-requirements.txt, and runs this script with them
@@ -27,6 +27,8 @@ trap 'rm -rf "$WORK"' EXIT
 
 command -v "$HELM" >/dev/null || { echo "helm not found: set HELM" >&2; exit 2; }
 command -v "$KV" >/dev/null || { echo "kubernetes-validate not found: set KUBERNETES_VALIDATE" >&2; exit 2; }
+PROMTOOL=${PROMTOOL:-promtool}
+command -v "$PROMTOOL" >/dev/null || { echo "promtool not found: set PROMTOOL" >&2; exit 2; }
 # The python of kubernetes-validate's venv has jsonschema and pyyaml, which validate-scaledobject.py needs.
 KV_PY=${KV_PYTHON:-$(dirname "$(command -v "$KV")")/python}
 "$KV_PY" -c 'import jsonschema, yaml' 2>/dev/null \
@@ -333,6 +335,53 @@ if "$KV" --strict --quiet -k "$KUBE" "$WORK/sm-core.yaml" >"$WORK/kv.log" 2>&1 &
   ok "kubernetes-validate --strict [servicemonitor case, ServiceMonitor excluded]"
 else
   ko "kubernetes-validate --strict [servicemonitor case, ServiceMonitor excluded]" "$WORK/kv.log"
+fi
+
+# Alerts and the dashboard: the PrometheusRule only with its flag and monitoring.coreos.com/v1; its rules
+# pass `promtool check rules` and the alert unit tests (helm/tests/alerts.test.yaml); the dashboard's JSON
+# parses and every ddpm_* series it or the rules read is one the code emits (check-monitoring.py); the
+# dashboard ConfigMap is valid Kubernetes.
+mon=(--kube-version "$KUBE" --namespace ddpm --set serve.metrics.prometheusRule.enabled=true
+     --set serve.metrics.grafanaDashboard.enabled=true)
+if "$HELM" template ddpm-worker "$CHART" "${mon[@]}" --api-versions monitoring.coreos.com/v1 >"$WORK/mon.yaml" 2>"$WORK/tpl.log" \
+   && "$KV_PY" "$HERE/check-monitoring.py" "$WORK/mon.yaml" "$WORK" "$HERE/../src" >"$WORK/mon.log" 2>&1; then
+  ok "monitoring render: one PrometheusRule, a dashboard whose series the code emits ($(cat "$WORK/mon.log"))"
+else
+  ko "monitoring render: one PrometheusRule, a dashboard whose series the code emits" "$WORK/mon.log"
+fi
+cp "$HERE/tests/alerts.test.yaml" "$WORK/alerts.test.yaml"
+if "$PROMTOOL" check rules "$WORK/rules.yaml" >"$WORK/promtool.log" 2>&1 \
+   && "$PROMTOOL" test rules "$WORK/alerts.test.yaml" >>"$WORK/promtool.log" 2>&1; then
+  ok "promtool check rules, and the alerts' unit tests (helm/tests/alerts.test.yaml)"
+else
+  ko "promtool check rules, and the alerts' unit tests (helm/tests/alerts.test.yaml)" "$WORK/promtool.log"
+fi
+if "$HELM" template ddpm-worker "$CHART" "${mon[@]}" >"$WORK/nomon.yaml" 2>"$WORK/tpl.log" && ! grep -q '^kind: PrometheusRule' "$WORK/nomon.yaml" \
+   && "$KV" --strict --quiet -k "$KUBE" "$WORK/nomon.yaml" >"$WORK/kv.log" 2>&1 && ! grep -q WARN "$WORK/kv.log"; then
+  ok "no PrometheusRule without monitoring.coreos.com/v1; the dashboard ConfigMap validates"
+else
+  ko "no PrometheusRule without monitoring.coreos.com/v1; the dashboard ConfigMap validates" "$WORK/kv.log"
+fi
+
+# helm test: a Pod (hook "test") that submits one sample of the first model and waits; with tokens only
+# when a token Secret is given, and then with it mounted.
+if "$HELM" template ddpm-worker "$CHART" --kube-version "$KUBE" >"$WORK/t.yaml" 2>"$WORK/tpl.log" \
+   && grep -q 'helm.sh/hook: test' "$WORK/t.yaml" && grep -qF -- '- --model=church-256' "$WORK/t.yaml" \
+   && grep -qF -- '- --server=http://ddpm-worker:50051' "$WORK/t.yaml"; then
+  ok "helm test Pod: one sample of the first model through the Service"
+else
+  ko "helm test Pod: one sample of the first model through the Service" "$WORK/tpl.log"
+fi
+if "$HELM" template ddpm-worker "$CHART" --kube-version "$KUBE" --set serve.auth.existingSecret=t >"$WORK/t.yaml" 2>"$WORK/tpl.log" \
+   && ! grep -q 'helm.sh/hook: test' "$WORK/t.yaml" \
+   && "$HELM" template ddpm-worker "$CHART" --kube-version "$KUBE" --set serve.auth.existingSecret=t --set helmTest.tokenSecret=tt \
+        --set serve.tls.existingSecret=tls --set helmTest.caSecret=ca >"$WORK/t2.yaml" 2>"$WORK/tpl.log" \
+   && grep -qF -- '- --token-file=/var/run/ddpm-test/token/token' "$WORK/t2.yaml" \
+   && grep -qF -- '- --server=https://ddpm-worker:50051' "$WORK/t2.yaml" && grep -q 'secretName: tt' "$WORK/t2.yaml" \
+   && "$KV" --strict --quiet -k "$KUBE" "$WORK/t2.yaml" >"$WORK/kv.log" 2>&1 && ! grep -q WARN "$WORK/kv.log"; then
+  ok "helm test Pod: skipped with tokens but no token Secret; with one, mounted (and the CA over TLS)"
+else
+  ko "helm test Pod: skipped with tokens but no token Secret; with one, mounted (and the CA over TLS)" "$WORK/kv.log"
 fi
 
 # preStop sleep needs Kubernetes >= 1.30: gated off for 1.29, and the result is valid there.

@@ -93,18 +93,32 @@ pub type Client = WorkerServiceClient<InterceptedService<Channel, BearerToken>>;
 pub struct SubmitArgs {
     #[command(flatten)]
     pub server: ServerArg,
+    /// The job spec in the protobuf JSON mapping (a file, or - for standard input): a JobSpec, or a Job as
+    /// `--output json` prints it. Flags given as well replace its fields (labels are added).
+    #[arg(long, value_name = "FILE")]
+    pub spec: Option<PathBuf>,
     /// A model name the worker serves.
+    #[arg(long, required_unless_present_any = ["extend", "spec"])]
+    pub model: Option<String>,
+    /// Continue a SUCCEEDED job (its id): its model, sampling, batch size and layout, with
+    /// --num-samples more samples whose seeds follow its last one. The new job's manifest names the job
+    /// it extends; the two share no seed. Its destination is the extended job's unless given.
+    #[arg(long, value_name = "JOB_ID", conflicts_with_all = [
+        "spec", "model", "scheduler", "steps", "eta", "seed", "batch_size", "format", "image_format", "quality",
+        "png_level", "target_file_bytes",
+    ])]
+    pub extend: Option<String>,
+    /// [default: ddpm]
+    #[arg(long, value_enum)]
+    pub scheduler: Option<SchedulerKind>,
+    /// [default: 1000]
     #[arg(long)]
-    pub model: String,
-    #[arg(long, value_enum, default_value = "ddpm")]
-    pub scheduler: SchedulerKind,
-    #[arg(long, default_value_t = 1000)]
-    pub steps: u32,
+    pub steps: Option<u32>,
     /// DDIM's eta.
     #[arg(long)]
     pub eta: Option<f32>,
-    #[arg(long)]
-    pub num_samples: u64,
+    #[arg(long, required_unless_present = "spec")]
+    pub num_samples: Option<u64>,
     /// Assigned by the server when absent (and printed).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -140,9 +154,9 @@ pub struct SubmitArgs {
     /// Size a WebDataset or Parquet data file stays under, in bytes (default 256 MiB).
     #[arg(long)]
     pub target_file_bytes: Option<u64>,
-    /// Higher runs first (-10 to 10 unless the server says otherwise).
-    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
-    pub priority: i32,
+    /// Higher runs first (-10 to 10 unless the server says otherwise) [default: 0].
+    #[arg(long, allow_negative_numbers = true)]
+    pub priority: Option<i32>,
     /// KEY=VALUE, repeatable.
     #[arg(long = "label", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
@@ -171,6 +185,14 @@ pub struct JobArgs {
     /// With --wait: how long the server may stay out of reach (a drain, a restart) before giving up.
     #[arg(long, default_value_t = 600.0)]
     pub reconnect_seconds: f64,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelsArgs {
+    #[command(flatten)]
+    pub server: ServerArg,
+    /// Only this model (exit 3 when the server has none of that name).
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -295,38 +317,93 @@ pub fn state_name(state: i32) -> String {
         .unwrap_or_else(|_| format!("STATE_{state}"))
 }
 
-pub async fn submit(args: SubmitArgs, progress: bool) -> Result<(), ClientError> {
-    let mut client = connect(&args.server).await?;
-    let grid = (args.samples_per_grid.is_some() || args.grid_columns.is_some()).then(|| pb::GridSpec {
-        samples_per_grid: args.samples_per_grid.unwrap_or(64),
-        columns: args.grid_columns.unwrap_or(0),
-    });
-    let image_format = args.image_format.map(crate::api::convert::image_to_pb);
-    let format = args.format.map(crate::api::convert::format_to_pb);
-    let output = Some(pb::OutputSpec {
-        destination: args.destination.clone().unwrap_or_default(),
-        prefix: args.prefix.clone().unwrap_or_default(),
-        format: format.map_or(0, |f| f as i32),
-        image_format: image_format.map_or(0, |f| f as i32),
-        jpeg_quality: args.quality.unwrap_or(0),
-        png_level: args.png_level.unwrap_or(0),
-        target_file_bytes: args.target_file_bytes.unwrap_or(0),
-    });
-    let spec = pb::JobSpec {
-        model: args.model.clone(),
-        sampling: Some(pb::SamplingSpec {
-            scheduler: crate::api::convert::scheduler_to_pb(args.scheduler) as i32,
-            steps: args.steps,
-            eta: args.eta,
-        }),
-        num_samples: args.num_samples,
-        seed: args.seed,
-        batch_size: args.batch_size.unwrap_or(0),
-        grid,
-        output,
-        priority: args.priority,
-        labels: args.labels.iter().cloned().collect(),
+/// A job spec in the protobuf JSON mapping, from `path` (`-`: standard input): a `JobSpec`, or a `Job`
+/// as `--output json` prints it (its `spec`).
+pub fn read_spec(path: &std::path::Path) -> Result<pb::JobSpec, ClientError> {
+    use prost::Message;
+    use prost_reflect::{DescriptorPool, DynamicMessage};
+    let shown = path.display();
+    let text = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())
+    } else {
+        std::fs::read_to_string(path)
+    }
+    .map_err(|e| ClientError::Usage(format!("--spec {shown}: {e}")))?;
+    let mut value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| ClientError::Usage(format!("--spec {shown}: {e}")))?;
+    if value.get("jobId").is_some()
+        && let Some(spec) = value.get_mut("spec")
+    {
+        value = spec.take();
+    }
+    let descriptor = DescriptorPool::decode(crate::api::FILE_DESCRIPTOR_SET)
+        .ok()
+        .and_then(|pool| pool.get_message_by_name("ddpm.v1.JobSpec"))
+        .ok_or_else(|| ClientError::Usage("the API's descriptor lacks ddpm.v1.JobSpec".into()))?;
+    let dynamic = DynamicMessage::deserialize(descriptor, value)
+        .map_err(|e| ClientError::Usage(format!("--spec {shown}: not a ddpm.v1.JobSpec: {e}")))?;
+    pb::JobSpec::decode(dynamic.encode_to_vec().as_slice())
+        .map_err(|e| ClientError::Usage(format!("--spec {shown}: {e}")))
+}
+
+/// The spec `submit` sends: `--spec`'s (or an empty one) with every flag given put over it; without
+/// `--spec` or `--extend`, sampling defaults to DDPM with 1000 steps.
+pub fn submit_spec(args: &SubmitArgs) -> Result<pb::JobSpec, ClientError> {
+    let mut spec = match &args.spec {
+        Some(path) => read_spec(path)?,
+        None => pb::JobSpec::default(),
     };
+    if let Some(model) = &args.model {
+        spec.model = model.clone();
+    }
+    if args.extend.is_none() && (args.spec.is_none() || args.scheduler.is_some() || args.steps.is_some()) {
+        let sampling = spec.sampling.get_or_insert(pb::SamplingSpec {
+            scheduler: pb::Scheduler::Ddpm as i32,
+            steps: 1000,
+            eta: None,
+        });
+        if let Some(kind) = args.scheduler {
+            sampling.scheduler = crate::api::convert::scheduler_to_pb(kind) as i32;
+        }
+        sampling.steps = args.steps.unwrap_or(sampling.steps);
+    }
+    if let (Some(eta), Some(sampling)) = (args.eta, spec.sampling.as_mut()) {
+        sampling.eta = Some(eta);
+    }
+    spec.num_samples = args.num_samples.unwrap_or(spec.num_samples);
+    spec.seed = args.seed.or(spec.seed);
+    spec.batch_size = args.batch_size.unwrap_or(spec.batch_size);
+    if args.samples_per_grid.is_some() || args.grid_columns.is_some() {
+        let grid = spec.grid.get_or_insert(pb::GridSpec { samples_per_grid: 64, columns: 0 });
+        grid.samples_per_grid = args.samples_per_grid.unwrap_or(grid.samples_per_grid);
+        grid.columns = args.grid_columns.unwrap_or(grid.columns);
+    }
+    let output = spec.output.get_or_insert_default();
+    let set = |field: &mut String, given: &Option<String>| {
+        if let Some(value) = given {
+            field.clone_from(value);
+        }
+    };
+    set(&mut output.destination, &args.destination);
+    set(&mut output.prefix, &args.prefix);
+    if let Some(format) = args.format {
+        output.format = crate::api::convert::format_to_pb(format) as i32;
+    }
+    if let Some(image) = args.image_format {
+        output.image_format = crate::api::convert::image_to_pb(image) as i32;
+    }
+    output.jpeg_quality = args.quality.unwrap_or(output.jpeg_quality);
+    output.png_level = args.png_level.unwrap_or(output.png_level);
+    output.target_file_bytes = args.target_file_bytes.unwrap_or(output.target_file_bytes);
+    spec.priority = args.priority.unwrap_or(spec.priority);
+    spec.labels.extend(args.labels.iter().cloned());
+    set(&mut spec.extends, &args.extend);
+    Ok(spec)
+}
+
+pub async fn submit(args: SubmitArgs, progress: bool) -> Result<(), ClientError> {
+    let spec = submit_spec(&args)?;
+    let mut client = connect(&args.server).await?;
     let request =
         pb::SubmitJobRequest { request_id: args.request_id.clone().unwrap_or_default(), spec: Some(spec) };
     let job = client.submit_job(args.server.request(request)).await?.into_inner().job.unwrap_or_default();
@@ -490,6 +567,53 @@ pub async fn status(args: JobArgs, progress: bool) -> Result<(), ClientError> {
         client.get_job(args.server.request(pb::GetJobRequest { job_id: args.job_id })).await?.into_inner();
     print_job(&job.job.unwrap_or_default(), args.server.output);
     Ok(())
+}
+
+/// The server's models (or one): a line each, or one JSON model a line.
+pub async fn models(args: ModelsArgs) -> Result<(), ClientError> {
+    let mut client = connect(&args.server).await?;
+    let models = match args.name {
+        Some(name) => {
+            let request = args.server.request(pb::GetModelRequest { name });
+            client.get_model(request).await?.into_inner().model.into_iter().collect()
+        }
+        None => client.list_models(args.server.request(pb::ListModelsRequest {})).await?.into_inner().models,
+    };
+    for model in &models {
+        match args.server.output {
+            OutputMode::Json => println!("{}", to_json(model, "ddpm.v1.Model")),
+            OutputMode::Text => println!("{}", model_line(model)),
+        }
+    }
+    Ok(())
+}
+
+/// `cifar10  3×32×32  ddpm≤1000 ddim≤1000 …  batch ≤64 (cuda:0 ≤48)  sha256 0123abcd…  <source>`.
+fn model_line(m: &pb::Model) -> String {
+    let schedulers: Vec<String> = m
+        .schedulers
+        .iter()
+        .map(|s| {
+            let name = pb::Scheduler::try_from(s.scheduler).unwrap_or_default().as_str_name();
+            format!("{}≤{}", name.trim_start_matches("SCHEDULER_").to_lowercase(), s.max_steps)
+        })
+        .collect();
+    let devices: Vec<String> =
+        m.devices.iter().map(|d| format!("{} ≤{}", d.device, d.max_batch_size)).collect();
+    let devices = if devices.is_empty() { String::new() } else { format!(" ({})", devices.join(", ")) };
+    let sha = m.weights_sha256.get(..12).unwrap_or(&m.weights_sha256);
+    format!(
+        "{}  {}×{}×{}  T={}  {}  batch {} (≤{}){devices}  sha256 {sha}…  {}",
+        m.name,
+        m.channels,
+        m.height,
+        m.width,
+        m.num_train_timesteps,
+        schedulers.join(" "),
+        m.default_batch_size,
+        m.max_batch_size,
+        m.source
+    )
 }
 
 pub async fn cancel(args: JobArgs) -> Result<(), ClientError> {

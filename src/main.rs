@@ -34,6 +34,9 @@ enum Command {
     Verify(VerifyArgs),
     /// Write a diffusers model folder with random weights (for demos and tests; no network needed).
     InitModel(InitModelArgs),
+    /// Print the shell's completion script: `source <(ddpm-worker completions bash)`, or write it where the
+    /// shell looks (zsh: a `_ddpm-worker` file on $fpath; fish: ~/.config/fish/completions/).
+    Completions { shell: clap_complete::Shell },
     /// Run the batch-job service: gRPC API, durable queue and one sampling thread per device.
     Serve(Box<ddpm_worker::service::ServeArgs>),
     /// Submit a job to a running service (prints its id; --wait follows it to the end).
@@ -45,6 +48,10 @@ enum Command {
     /// List jobs, newest first.
     #[command(after_help = EXIT_CODES)]
     List(client::ListArgs),
+    /// The models a running service samples: shape, schedulers and their steps, batch limits per
+    /// device, weights SHA-256.
+    #[command(after_help = EXIT_CODES)]
+    Models(client::ModelsArgs),
     /// Cancel a job; its running shards stop between denoising steps.
     #[command(after_help = EXIT_CODES)]
     Cancel(client::JobArgs),
@@ -461,6 +468,12 @@ fn main() -> ExitCode {
         Command::Submit(a) => run_client(client::submit(*a, progress)),
         Command::Status(a) => run_client(client::status(a, progress)),
         Command::List(a) => run_client(client::list(a)),
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "ddpm-worker", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Models(a) => run_client(client::models(a)),
         Command::Cancel(a) => run_client(client::cancel(a)),
         Command::Retry(a) => run_client(client::retry(a, progress)),
         Command::Generate(a) => generate(a),

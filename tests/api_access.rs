@@ -326,6 +326,53 @@ async fn tls_serves_the_cli_and_buf_curl_and_reloads_its_certificate() {
     assert_eq!(job["owner"], "alice");
     let job_id = job["jobId"].as_str().unwrap().to_string();
 
+    // submit --extend: the extended job's settings, the seeds after its; its manifest names it.
+    let auth = ["--server", &url, "--ca", ca, "--token-file", tf];
+    let extend =
+        [&["submit", "--extend", &job_id, "--num-samples", "2", "--wait", "--output", "json"], &auth[..]];
+    let (code, out, err) = cli(&extend.concat(), &[]);
+    assert_eq!(code, 0, "{err}");
+    let more: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(more["state"], "JOB_STATE_SUCCEEDED", "{more}");
+    assert_eq!(more["spec"]["extends"], job_id.as_str());
+    let seed = |j: &serde_json::Value| j["spec"]["seed"].as_str().unwrap().parse::<u64>().unwrap();
+    assert_eq!(seed(&more), seed(&job) + 3, "the seeds follow the extended job's");
+    for field in ["model", "sampling", "batchSize"] {
+        assert_eq!(more["spec"][field], job["spec"][field], "{field}");
+    }
+    let manifest = more["manifestUri"].as_str().unwrap().strip_prefix("file://").unwrap().to_string();
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(manifest).unwrap()).unwrap();
+    assert_eq!(manifest["spec"]["extends"], job_id.as_str());
+    // submit --spec: the Job that --output json printed, submitted again with a flag over it.
+    let spec_file = dir.path().join("job.json");
+    std::fs::write(&spec_file, &out).unwrap();
+    let spec_path = spec_file.to_str().unwrap();
+    let again =
+        [&["submit", "--spec", spec_path, "--num-samples", "1", "--wait", "--output", "json"], &auth[..]];
+    let (code, out, err) = cli(&again.concat(), &[]);
+    assert_eq!(code, 0, "{err}");
+    let again: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(
+        (again["state"].as_str(), again["samplesTotal"].as_str()),
+        (Some("JOB_STATE_SUCCEEDED"), Some("1"))
+    );
+    for field in ["model", "sampling", "batchSize", "seed", "extends"] {
+        assert_eq!(again["spec"][field], more["spec"][field], "{field} comes from the file");
+    }
+    std::fs::write(&spec_file, "{\"model\": 3}").unwrap();
+    let (code, _, err) = cli(&[&["submit", "--spec", spec_path], &auth[..]].concat(), &[]);
+    assert!(code == 2 && err.contains("ddpm.v1.JobSpec"), "{code}: {err}");
+
+    // Settings the extended job fixes are refused as arguments; an unknown job is named.
+    let (code, _, err) = cli(
+        &[&["submit", "--extend", &job_id, "--num-samples", "1", "--steps", "3"], &auth[..]].concat(),
+        &[],
+    );
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) =
+        cli(&[&["submit", "--extend", "no-such-job", "--num-samples", "1"], &auth[..]].concat(), &[]);
+    assert!(code == 2 && err.contains("spec.extends"), "{code}: {err}");
+
     // Exit codes: 0, 3 not found, 4 unauthenticated, 2 bad arguments, 7 unavailable (no CA: the
     // certificate is not trusted; a closed port).
     let (code, out, _) =
@@ -369,6 +416,18 @@ async fn tls_serves_the_cli_and_buf_curl_and_reloads_its_certificate() {
         out.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()),
         "one JSON job a line: {out}"
     );
+
+    // models: one JSON model a line; a name the server does not have is exit 3 (NOT_FOUND).
+    let (code, out, err) = cli(&[&["models", "--output", "json"], &auth[..]].concat(), &[]);
+    assert_eq!(code, 0, "{err}");
+    let model: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!((model["name"].as_str(), model["channels"].as_u64()), (Some("tiny"), Some(3)), "{model}");
+    assert_eq!(model["weightsSha256"].as_str().map(str::len), Some(64), "{model}");
+    assert_eq!(model["devices"][0]["device"], "cpu", "the device that ran the jobs: {model}");
+    let (code, out, err) = cli(&[&["models", "tiny"], &auth[..]].concat(), &[]);
+    assert!(code == 0 && out.starts_with("tiny  3×"), "{code}: {out}{err}");
+    let (code, _, err) = cli(&[&["models", "nope"], &auth[..]].concat(), &[]);
+    assert_eq!(code, 3, "{err}");
 
     // buf curl (what the README shows), with the CA and a token, through reflection.
     if let Some(buf) = std::env::var_os("DDPM_BUF") {
@@ -519,6 +578,32 @@ async fn the_python_client_and_waits_survive_a_restart() {
         String::from_utf8_lossy(&basic.stderr)
     );
 
+    // The client as a package: built by `python -m build`, its sdist and wheel each installed into a fresh
+    // venv with no index, and a job run through asyncio from each.
+    let wheels = std::env::var("DDPM_CLIENT_WHEELS").expect("DDPM_CLIENT_WHEELS is not set: run `make test`");
+    let package = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/python/tests/check_package.py");
+    let work = dir.path().join("package");
+    std::fs::create_dir_all(&work).unwrap();
+    let packaged = Command::new(&python)
+        .arg(&package)
+        .args([
+            wheels.as_str(),
+            work.to_str().unwrap(),
+            &url,
+            "--ca",
+            &ca,
+            "--token-file",
+            alice.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        packaged.status.success(),
+        "check_package.py: {}{}",
+        String::from_utf8_lossy(&packaged.stdout),
+        String::from_utf8_lossy(&packaged.stderr)
+    );
+
     // A Python wait and a CLI wait on long jobs; the server drains and restarts under them.
     let mut waiter = Command::new(&python)
         .arg(&script)
@@ -585,4 +670,23 @@ async fn the_python_client_and_waits_survive_a_restart() {
     assert!(out.status.success(), "the CLI wait: {}", String::from_utf8_lossy(&out.stderr));
     let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(job["state"], "JOB_STATE_SUCCEEDED");
+}
+
+/// `completions SHELL`: a script the shell parses, naming the commands and their flags.
+#[test]
+fn shell_completions_name_the_commands_and_flags() {
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, out, err) = cli(&["completions", shell], &[]);
+        assert_eq!(code, 0, "{shell}: {err}");
+        for word in ["submit", "models", "--extend", "--spec", "--num-samples"] {
+            assert!(out.contains(word), "{shell}'s script names {word}");
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("ddpm-worker.bash");
+    std::fs::write(&script, cli(&["completions", "bash"], &[]).1).unwrap();
+    let parsed = Command::new("bash").arg("-n").arg(&script).output().unwrap();
+    assert!(parsed.status.success(), "bash -n: {}", String::from_utf8_lossy(&parsed.stderr));
+    let (code, _, _) = cli(&["completions", "tcsh"], &[]);
+    assert_eq!(code, 2, "an unknown shell is a usage error");
 }

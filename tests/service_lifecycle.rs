@@ -156,11 +156,11 @@ async fn reflection_health_and_metrics_describe_the_service() {
         text = http_get(&metrics_addr, "/metrics");
     }
     for series in [
-        "ddpm_images_generated_total 3",
+        "ddpm_images_generated_total{model=\"tiny\",device=\"cpu\"} 3",
         "ddpm_jobs_submitted_total{result=\"created\"} 1",
         "ddpm_jobs_finished_total{state=\"succeeded\"} 1",
-        "ddpm_shard_duration_seconds_bucket",
-        "ddpm_step_duration_seconds_count",
+        "ddpm_shard_duration_seconds_bucket{model=\"tiny\",device=\"cpu\",",
+        "ddpm_step_duration_seconds_count{model=\"tiny\",device=\"cpu\"}",
         "ddpm_queue_depth",
     ] {
         assert!(text.contains(series), "{series} not in:\n{text}");

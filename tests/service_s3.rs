@@ -59,6 +59,28 @@ async fn models_and_outputs_live_on_s3() {
     // Grids of 2: [0,2) and [2,4) lie in one shard each, [4,5) too; every grid is there.
     assert_eq!(m["grids"].as_array().unwrap().len(), 3);
 
+    // The Python client extends a Parquet job on S3 and opens both as datasets through s3fs.
+    let mut parquet = req.clone();
+    parquet.s().output =
+        Some(pb::OutputSpec { format: pb::OutputFormat::Parquet as i32, ..Default::default() });
+    let job = grpc.submit_job(parquet).await.unwrap().into_inner().job.unwrap();
+    wait_for(&mut grpc, &job.job_id, |j| j.state == SUCCEEDED).await;
+    let python = std::env::var("DDPM_PYTHON").expect("DDPM_PYTHON is not set: run `make test`");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/python/tests/check_client.py");
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .args(["s3", &server.url, "--job", &job.job_id])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "check_client.py s3: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // A job may pick a prefix under the default output, and a destination within an allowed one.
     req.s().output = Some(pb::OutputSpec { prefix: "custom".into(), ..Default::default() });
     let job = grpc.submit_job(req.clone()).await.unwrap().into_inner().job.unwrap();

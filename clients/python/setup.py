@@ -13,6 +13,7 @@ from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
+from setuptools.command.sdist import sdist
 
 HERE = Path(__file__).resolve().parent
 PROTO = "ddpm/v1/worker.proto"
@@ -59,4 +60,16 @@ class BuildWithStubs(build_py):
         generate(Path(self.build_lib))
 
 
-setup(cmdclass={"build_py": BuildWithStubs})
+class SdistWithProto(sdist):
+    """Puts the proto files into the sdist (as proto/), so that a wheel builds from it anywhere."""
+
+    def make_release_tree(self, base_dir: str, files: list) -> None:
+        super().make_release_tree(base_dir, files)
+        root = proto_root()
+        for name in (PROTO, "google/rpc/status.proto"):
+            target = Path(base_dir) / "proto" / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(root / name, target)
+
+
+setup(cmdclass={"build_py": BuildWithStubs, "sdist": SdistWithProto})

@@ -68,13 +68,81 @@ fn shown(value: &str) -> String {
 
 /// A job id from a request: present, and short enough to echo in an error.
 pub fn job_id(id: &str) -> Result<&str, ServiceError> {
+    job_ref("job_id", id)
+}
+
+/// A job id in the request's `field`: present, and short enough to echo in an error.
+pub fn job_ref<'a>(field: &str, id: &'a str) -> Result<&'a str, ServiceError> {
     if id.is_empty() {
-        return Err(ServiceError::invalid("job_id", "required"));
+        return Err(ServiceError::invalid(field, "required"));
     }
     if id.len() > 128 {
-        return Err(ServiceError::invalid("job_id", format!("{}: at most 128 bytes", shown(id))));
+        return Err(ServiceError::invalid(field, format!("{}: at most 128 bytes", shown(id))));
     }
     Ok(id)
+}
+
+/// The submission `req` (whose `extends` names `base`) with the extended job's settings: its model,
+/// sampling, batch size and layout, and the seed after its last. A setting the request gives again must
+/// be the extended job's; the destination defaults to the extended job's, and the grid, priority and
+/// labels are the request's own. Only a SUCCEEDED job is extended (FAILED_PRECONDITION otherwise).
+pub fn extension(req: &pb::JobSpec, base: &JobRecord) -> Result<pb::JobSpec, ServiceError> {
+    if base.state != JobState::Succeeded {
+        return Err(ServiceError::NotExtendable { job_id: base.id.clone(), state: base.state.as_str() });
+    }
+    let carried = spec_to_pb(&base.spec);
+    let carried_output = carried.output.clone().unwrap_or_default();
+    let given = req.output.clone().unwrap_or_default();
+    let next_seed = base.spec.seed.checked_add(base.spec.num_samples);
+    let mut bad = Bad::default();
+    let mut check = |field: &str, is_given: bool, same: bool, theirs: String| {
+        if is_given && !same {
+            let message =
+                format!("set by the extended job {}: leave it out or give {theirs}", shown(&base.id));
+            bad.spec(field, message);
+        }
+    };
+    check("model", !req.model.is_empty(), req.model == carried.model, shown(&carried.model));
+    let s = carried.sampling.unwrap_or_default();
+    let scheduler = pb::Scheduler::try_from(s.scheduler).unwrap_or_default().as_str_name();
+    let sampling = format!("{{scheduler: {scheduler}, steps: {}, eta: {:?}}}", s.steps, s.eta);
+    check("sampling", req.sampling.is_some(), req.sampling == carried.sampling, sampling);
+    let seed = next_seed.map_or("nothing".into(), |s| s.to_string());
+    check("seed", req.seed.is_some(), req.seed == next_seed, seed);
+    let (batch, theirs) = (req.batch_size, carried.batch_size);
+    check("batch_size", batch != 0, batch == theirs, theirs.to_string());
+    let (asked, theirs) = (given.format, carried_output.format);
+    let name = pb::OutputFormat::try_from(theirs).unwrap_or_default().as_str_name().to_string();
+    check("output.format", asked != 0, asked == theirs, name);
+    let (asked, theirs) = (given.image_format, carried_output.image_format);
+    let name = pb::ImageFormat::try_from(theirs).unwrap_or_default().as_str_name().to_string();
+    check("output.image_format", asked != 0, asked == theirs, name);
+    let numbers = [
+        ("output.jpeg_quality", u64::from(given.jpeg_quality), u64::from(carried_output.jpeg_quality)),
+        ("output.png_level", u64::from(given.png_level), u64::from(carried_output.png_level)),
+        ("output.target_file_bytes", given.target_file_bytes, carried_output.target_file_bytes),
+    ];
+    for (field, asked, theirs) in numbers {
+        check(field, asked != 0, asked == theirs, theirs.to_string());
+    }
+    if next_seed.is_none() {
+        bad.spec("extends", format!("job {}: its seeds end at the largest seed", shown(&base.id)));
+    }
+    if !bad.0.is_empty() {
+        return Err(ServiceError::InvalidArgument(bad.0));
+    }
+    let destination =
+        if given.destination.is_empty() { carried_output.destination } else { given.destination };
+    Ok(pb::JobSpec {
+        num_samples: req.num_samples,
+        seed: next_seed,
+        grid: req.grid,
+        output: Some(pb::OutputSpec { destination, prefix: given.prefix, ..carried_output }),
+        priority: req.priority,
+        labels: req.labels.clone(),
+        extends: req.extends.clone(),
+        ..carried
+    })
 }
 
 /// What a request is checked against: the models served and the destinations allowed.
@@ -166,7 +234,8 @@ pub fn job_spec(
         dataset,
         // The handler adds the caller's, from the request's metadata.
         trace_context: BTreeMap::new(),
-        extends: None,
+        // Set only by the handler, on what [`extension`] made of the request.
+        extends: (!req.extends.is_empty()).then(|| req.extends.clone()),
     })
 }
 
@@ -433,6 +502,57 @@ pub fn spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
         }),
         priority: spec.priority,
         labels: spec.labels.clone().into_iter().collect(),
+        extends: spec.extends.clone().unwrap_or_default(),
+    }
+}
+
+/// A served model as the API shows it: its shape and hash, the schedulers its config makes with the
+/// steps each takes (within `limits`), and `fits`, the largest batch each warmed-up device samples
+/// (`None`: not probed, the API's limit).
+pub fn model_to_pb(
+    model: &ResolvedModel,
+    limits: &Limits,
+    fits: &BTreeMap<String, BTreeMap<String, Option<usize>>>,
+) -> pb::Model {
+    let (channels, height, width) = model.sample_shape();
+    let schedulers = SchedulerKind::ALL
+        .iter()
+        .filter_map(|&kind| {
+            let config = model.scheduler(kind).ok()?;
+            let max_steps = match config.build(limits.max_steps as usize, 0.0) {
+                Ok(_) => limits.max_steps,
+                Err(SchedulerError::Steps { max, .. }) => max.min(limits.max_steps as usize) as u32,
+                Err(_) => return None,
+            };
+            Some(pb::SchedulerSupport { scheduler: scheduler_to_pb(kind) as i32, max_steps })
+        })
+        .collect();
+    let train_steps = serde_json::from_str::<serde_json::Value>(&model.scheduler_text)
+        .ok()
+        .and_then(|config| config.get("num_train_timesteps")?.as_u64())
+        .unwrap_or(1000);
+    let devices = fits
+        .iter()
+        .filter_map(|(device, models)| {
+            let fit = models.get(&model.name)?;
+            let limit = fit.map_or(limits.max_batch_size, |f| (f as u32).min(limits.max_batch_size));
+            Some(pb::DeviceFit { device: device.clone(), max_batch_size: limit })
+        })
+        .collect();
+    let card = &model.card;
+    pb::Model {
+        name: model.name.clone(),
+        source: model.source.clone(),
+        weights_sha256: model.weights_sha256.clone(),
+        channels: channels as u32,
+        height: height as u32,
+        width: width as u32,
+        num_train_timesteps: train_steps.min(u64::from(u32::MAX)) as u32,
+        schedulers,
+        default_batch_size: limits.default_batch_size,
+        max_batch_size: limits.max_batch_size,
+        devices,
+        license: card.license_name.clone().or_else(|| card.license.clone()).unwrap_or_default(),
     }
 }
 
@@ -579,6 +699,92 @@ pub(crate) mod tests {
         for kind in SchedulerKind::ALL {
             assert_eq!(scheduler_from_pb(scheduler_to_pb(kind)), kind);
         }
+    }
+
+    /// A finished job made from `req`, as the queue would keep it.
+    fn finished(req: &pb::SubmitJobRequest, catalog: &Catalog<'_>, state: JobState) -> JobRecord {
+        JobRecord {
+            id: "job-1".into(),
+            spec: job_spec(req, &limits(), catalog, "alice").unwrap(),
+            state,
+            samples_done: 10,
+            shards_done: 1,
+            shards_total: 1,
+            created_at_ms: 0,
+            started_at_ms: None,
+            finished_at_ms: None,
+            error: None,
+            manifest_uri: None,
+        }
+    }
+
+    #[test]
+    fn an_extension_continues_the_seeds_with_the_same_settings() {
+        let (models, outputs) = (catalog_model(), outputs());
+        let catalog = Catalog { models: &models, outputs: &outputs };
+        let mut first = request();
+        let s = spec_mut(&mut first);
+        s.batch_size = 4;
+        s.output = Some(pb::OutputSpec {
+            destination: "s3://datasets/team-a/x".into(),
+            format: pb::OutputFormat::Parquet as i32,
+            image_format: pb::ImageFormat::Jpeg as i32,
+            jpeg_quality: 90,
+            ..Default::default()
+        });
+        let base = finished(&first, &catalog, JobState::Succeeded);
+
+        // Only the count and the job: everything else is the extended job's, the seeds follow its.
+        let ask = pb::JobSpec { num_samples: 7, extends: "job-1".into(), priority: 2, ..Default::default() };
+        let merged = extension(&ask, &base).unwrap();
+        let req = pb::SubmitJobRequest { request_id: String::new(), spec: Some(merged) };
+        let spec = job_spec(&req, &limits(), &catalog, "bob").unwrap();
+        assert_eq!((spec.seed, spec.num_samples, spec.priority), (13, 7, 2));
+        assert_eq!(spec.extends.as_deref(), Some("job-1"));
+        let same = |s: &JobSpec| {
+            (s.model.clone(), s.scheduler, s.steps, s.eta, s.batch_size, s.dataset, s.output.clone())
+        };
+        assert_eq!(same(&spec), same(&base.spec));
+        // What the API shows of the extension is a request for the same job.
+        let back = pb::SubmitJobRequest { request_id: String::new(), spec: Some(spec_to_pb(&spec)) };
+        let back = extension(back.spec.as_ref().unwrap(), &base).unwrap();
+        let back = pb::SubmitJobRequest { request_id: String::new(), spec: Some(back) };
+        assert_eq!(job_spec(&back, &limits(), &catalog, "bob").unwrap(), spec);
+
+        // Settings given again with other values are named; the same values are fine.
+        let mut other = ask.clone();
+        other.model = "tiny".into();
+        other.seed = Some(3);
+        other.batch_size = 8;
+        other.sampling =
+            Some(pb::SamplingSpec { scheduler: pb::Scheduler::Ddpm as i32, steps: 50, eta: None });
+        other.output = Some(pb::OutputSpec {
+            format: pb::OutputFormat::Parquet as i32,
+            image_format: pb::ImageFormat::Png as i32,
+            jpeg_quality: 90,
+            target_file_bytes: 1 << 20,
+            ..Default::default()
+        });
+        let named = fields(extension(&other, &base).unwrap_err());
+        let expected = [
+            "spec.sampling",
+            "spec.seed",
+            "spec.batch_size",
+            "spec.output.image_format",
+            "spec.output.target_file_bytes",
+        ];
+        assert_eq!(named, expected);
+        let message = extension(&other, &base).unwrap_err().to_string();
+        assert!(message.contains("give 13") && message.contains("SCHEDULER_DDIM"), "{message}");
+
+        // A job that did not succeed is not extended; nor is one whose seeds reach the end.
+        for state in [JobState::Queued, JobState::Running, JobState::Failed, JobState::Cancelled] {
+            let e = extension(&ask, &finished(&first, &catalog, state)).unwrap_err();
+            assert!(matches!(e, ServiceError::NotExtendable { .. }), "{state:?}: {e}");
+        }
+        let mut last = base.clone();
+        last.spec.seed = u64::MAX - 9;
+        assert_eq!(fields(extension(&ask, &last).unwrap_err()), ["spec.extends"]);
     }
 
     #[test]

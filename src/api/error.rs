@@ -18,12 +18,16 @@ pub enum ServiceError {
     InvalidArgument(Vec<FieldViolation>),
     #[error("job {0} not found")]
     NotFound(String),
+    #[error("model {name:?} not found; this server has {served}")]
+    ModelNotFound { name: String, served: String },
     #[error("request_id {request_id:?} was already used for a different request (job {job_id})")]
     IdempotencyConflict { request_id: String, job_id: String },
     #[error("job {job_id} is already {state}")]
     AlreadyFinished { job_id: String, state: &'static str },
     #[error("job {job_id} is {state}; only a failed job can be retried")]
     NotFailed { job_id: String, state: &'static str },
+    #[error("job {job_id} is {state}; only a succeeded job can be extended")]
+    NotExtendable { job_id: String, state: &'static str },
     #[error("the job queue is unavailable: {0}")]
     Queue(QueueError),
     #[error("the worker is shutting down")]
@@ -71,11 +75,11 @@ impl From<ServiceError> for Status {
                 }
                 Status::with_error_details(Code::InvalidArgument, message, details)
             }
-            ServiceError::NotFound(_) => Status::not_found(message),
+            ServiceError::NotFound(_) | ServiceError::ModelNotFound { .. } => Status::not_found(message),
             ServiceError::IdempotencyConflict { .. } => Status::already_exists(message),
-            ServiceError::AlreadyFinished { .. } | ServiceError::NotFailed { .. } => {
-                Status::failed_precondition(message)
-            }
+            ServiceError::AlreadyFinished { .. }
+            | ServiceError::NotFailed { .. }
+            | ServiceError::NotExtendable { .. } => Status::failed_precondition(message),
             ServiceError::Queue(QueueError::Corrupt(_) | QueueError::Invalid(_)) => {
                 tracing::error!(error = message, "queue store");
                 Status::internal(message)

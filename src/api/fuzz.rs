@@ -144,10 +144,24 @@ fn spec() -> impl Strategy<Value = pb::JobSpec> {
         prop::option::of(output),
         prop_oneof![-12i32..12, any::<i32>()],
         labels(),
+        prop_oneof![Just(String::new()), text()],
     )
-        .prop_map(|(model, sampling, num_samples, seed, batch_size, grid, output, priority, labels)| {
-            pb::JobSpec { model, sampling, num_samples, seed, batch_size, grid, output, priority, labels }
-        })
+        .prop_map(
+            |(model, sampling, num_samples, seed, batch_size, grid, output, priority, labels, extends)| {
+                pb::JobSpec {
+                    model,
+                    sampling,
+                    num_samples,
+                    seed,
+                    batch_size,
+                    grid,
+                    output,
+                    priority,
+                    labels,
+                    extends,
+                }
+            },
+        )
 }
 
 /// A spec that is mostly valid, so that the accepting paths (queueing, idempotency) are exercised too.
@@ -164,6 +178,7 @@ fn plausible_spec() -> impl Strategy<Value = pb::JobSpec> {
                 output: Some(pb::OutputSpec { destination, format, ..Default::default() }),
                 priority,
                 labels: BTreeMap::new(),
+                extends: String::new(),
             }
         })
 }
@@ -176,6 +191,7 @@ enum Call {
     Cancel(pb::CancelJobRequest),
     Retry(pb::RetryJobRequest),
     Watch(pb::WatchJobRequest),
+    Model(pb::GetModelRequest),
 }
 
 fn request_id() -> impl Strategy<Value = String> {
@@ -211,6 +227,7 @@ fn call() -> impl Strategy<Value = Call> {
         1 => job_id().prop_map(|job_id| Call::Cancel(pb::CancelJobRequest { job_id })),
         1 => job_id().prop_map(|job_id| Call::Retry(pb::RetryJobRequest { job_id })),
         1 => job_id().prop_map(|job_id| Call::Watch(pb::WatchJobRequest { job_id })),
+        1 => text().prop_map(|name| Call::Model(pb::GetModelRequest { name })),
     ]
 }
 
@@ -224,12 +241,15 @@ fn caller() -> impl Strategy<Value = Option<Caller>> {
 
 /// The request paths a BadRequest may name.
 const FIELDS: &[&str] = &[
+    "name",
     "request_id",
     "job_id",
     "states",
     "page_size",
     "page_token",
     "spec.model",
+    "spec.extends",
+    "spec.sampling",
     "spec.sampling.scheduler",
     "spec.sampling.steps",
     "spec.sampling.eta",
@@ -304,6 +324,7 @@ fn arbitrary_requests_get_an_answer_or_a_proper_refusal() {
                 Call::Cancel(m) => service.cancel_job(with_caller(m, &caller)).await.map(drop),
                 Call::Retry(m) => service.retry_job(with_caller(m, &caller)).await.map(drop),
                 Call::Watch(m) => service.watch_job(with_caller(m, &caller)).await.map(drop),
+                Call::Model(m) => service.get_model(with_caller(m, &caller)).await.map(drop),
             }
         });
         match outcome {

@@ -2,6 +2,7 @@
 //! request at the boundary ([`convert`]), asks the worker (its queue, its outputs) and converts the
 //! answer back; errors become statuses in one place ([`ServiceError`]).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -70,6 +71,31 @@ impl WorkerService {
         convert::job_to_pb(job, grid_uris)
     }
 
+    /// `req` as it is checked: for a request that extends a job, with that job's settings
+    /// ([`convert::extension`]).
+    async fn extended<'r>(
+        &self,
+        req: &'r pb::SubmitJobRequest,
+    ) -> Result<Cow<'r, pb::SubmitJobRequest>, ServiceError> {
+        let Some(spec) = req.spec.as_ref().filter(|s| !s.extends.is_empty()) else {
+            return Ok(Cow::Borrowed(req));
+        };
+        let id = convert::job_ref("spec.extends", &spec.extends)?;
+        let base = self
+            .ctx
+            .queue
+            .job(id)
+            .await?
+            .ok_or_else(|| ServiceError::invalid("spec.extends", format!("no job {id:?}")))?;
+        let spec = convert::extension(spec, &base)?;
+        Ok(Cow::Owned(pb::SubmitJobRequest { request_id: req.request_id.clone(), spec: Some(spec) }))
+    }
+
+    /// What each warmed-up device fits of each model (a copy: the lock is held for no call).
+    fn device_fits(&self) -> BTreeMap<String, BTreeMap<String, Option<usize>>> {
+        self.ctx.device_fits.lock().map(|f| f.clone()).unwrap_or_default()
+    }
+
     async fn get(&self, job_id: &str) -> Result<JobRecord, ServiceError> {
         let job_id = convert::job_id(job_id)?;
         self.ctx.queue.job(job_id).await?.ok_or_else(|| ServiceError::NotFound(job_id.to_string()))
@@ -90,7 +116,11 @@ impl WorkerService {
         if let Some(failure) = self.ctx.device_failure.get() {
             return Err(ServiceError::Unhealthy(failure.clone()).into());
         }
-        let mut spec = self.validate(&req, &caller).inspect_err(|_| {
+        let checked = match self.extended(&req).await {
+            Ok(checked) => self.validate(&checked, &caller),
+            Err(e) => Err(e),
+        };
+        let mut spec = checked.inspect_err(|_| {
             metrics::counter!("ddpm_jobs_submitted_total", "result" => "invalid").increment(1);
         })?;
         spec.trace_context = crate::telemetry::job_trace_context(&tracing::Span::current(), parent);
@@ -139,6 +169,25 @@ impl WorkerService {
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchJobResponse, Status>> + Send>>;
 
+/// Runs an RPC's handler and counts it: `ddpm_grpc_requests_total{method,code}` and
+/// `ddpm_grpc_request_duration_seconds{method}` (WatchJob: until its stream starts).
+async fn observed<T>(
+    method: &'static str,
+    call: impl std::future::Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    let started = std::time::Instant::now();
+    let result = call.await;
+    let code = match &result {
+        Ok(_) => tonic::Code::Ok,
+        Err(status) => status.code(),
+    };
+    metrics::counter!("ddpm_grpc_requests_total", "method" => method, "code" => format!("{code:?}"))
+        .increment(1);
+    metrics::histogram!("ddpm_grpc_request_duration_seconds", "method" => method)
+        .record(started.elapsed().as_secs_f64());
+    result
+}
+
 #[tonic::async_trait]
 impl pb::worker_service_server::WorkerService for WorkerService {
     async fn submit_job(
@@ -158,7 +207,7 @@ impl pb::worker_service_server::WorkerService for WorkerService {
         span.set_attribute("rpc.system", "grpc");
         span.set_attribute("rpc.service", "ddpm.v1.WorkerService");
         span.set_attribute("rpc.method", "SubmitJob");
-        let result = self.submit(request, &parent).instrument(span.clone()).await;
+        let result = observed("SubmitJob", self.submit(request, &parent).instrument(span.clone())).await;
         let code = match &result {
             Ok(_) => tonic::Code::Ok,
             Err(status) => status.code(),
@@ -170,111 +219,160 @@ impl pb::worker_service_server::WorkerService for WorkerService {
         result
     }
 
+    async fn list_models(
+        &self,
+        request: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        observed("ListModels", async move {
+            self.caller(&request, Role::Read)?;
+            let fits = self.device_fits();
+            let models =
+                self.ctx.models.values().map(|m| convert::model_to_pb(m, &self.limits, &fits)).collect();
+            Ok(Response::new(pb::ListModelsResponse { models }))
+        })
+        .await
+    }
+
+    async fn get_model(
+        &self,
+        request: Request<pb::GetModelRequest>,
+    ) -> Result<Response<pb::GetModelResponse>, Status> {
+        observed("GetModel", async move {
+            self.caller(&request, Role::Read)?;
+            let name = request.into_inner().name;
+            if name.is_empty() || name.len() > 128 {
+                return Err(ServiceError::invalid("name", "1 to 128 bytes").into());
+            }
+            let Some(model) = self.ctx.models.get(&name) else {
+                let served = self.ctx.models.keys().cloned().collect::<Vec<_>>().join(", ");
+                return Err(ServiceError::ModelNotFound { name, served }.into());
+            };
+            let model = convert::model_to_pb(model, &self.limits, &self.device_fits());
+            Ok(Response::new(pb::GetModelResponse { model: Some(model) }))
+        })
+        .await
+    }
+
     async fn get_job(
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::GetJobResponse>, Status> {
-        self.caller(&request, Role::Read)?;
-        let job = self.get(&request.into_inner().job_id).await?;
-        Ok(Response::new(pb::GetJobResponse { job: Some(self.to_pb(&job).await) }))
+        observed("GetJob", async move {
+            self.caller(&request, Role::Read)?;
+            let job = self.get(&request.into_inner().job_id).await?;
+            Ok(Response::new(pb::GetJobResponse { job: Some(self.to_pb(&job).await) }))
+        })
+        .await
     }
 
     async fn list_jobs(
         &self,
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
-        self.caller(&request, Role::Read)?;
-        let req = request.into_inner();
-        let mut states = Vec::new();
-        for s in &req.states {
-            states.push(
-                convert::state_from_pb(*s)
-                    .ok_or_else(|| ServiceError::invalid("states", format!("unknown state {s}")))?,
-            );
-        }
-        if req.page_size > MAX_PAGE_SIZE {
-            return Err(ServiceError::invalid("page_size", format!("at most {MAX_PAGE_SIZE}")).into());
-        }
-        let limit = if req.page_size == 0 { DEFAULT_PAGE_SIZE } else { req.page_size } as usize;
-        let cursor = match req.page_token.as_str() {
-            "" => None,
-            token => Some(
-                convert::decode_cursor(token)
-                    .ok_or_else(|| ServiceError::invalid("page_token", "not a token from ListJobs"))?,
-            ),
-        };
-        let filter = JobFilter { states, labels: req.labels.into_iter().collect::<BTreeMap<_, _>>() };
-        // One extra row tells whether another page follows.
-        let mut jobs = self
-            .ctx
-            .queue
-            .list_jobs(&filter, cursor.as_ref(), limit + 1)
-            .await
-            .map_err(ServiceError::from)?;
-        let more = jobs.len() > limit;
-        jobs.truncate(limit);
-        let next_page_token =
-            if more { jobs.last().map(convert::encode_cursor).unwrap_or_default() } else { String::new() };
-        let mut out = Vec::with_capacity(jobs.len());
-        for job in &jobs {
-            out.push(self.to_pb(job).await);
-        }
-        Ok(Response::new(pb::ListJobsResponse { jobs: out, next_page_token }))
+        observed("ListJobs", async move {
+            self.caller(&request, Role::Read)?;
+            let req = request.into_inner();
+            let mut states = Vec::new();
+            for s in &req.states {
+                states.push(
+                    convert::state_from_pb(*s)
+                        .ok_or_else(|| ServiceError::invalid("states", format!("unknown state {s}")))?,
+                );
+            }
+            if req.page_size > MAX_PAGE_SIZE {
+                return Err(ServiceError::invalid("page_size", format!("at most {MAX_PAGE_SIZE}")).into());
+            }
+            let limit = if req.page_size == 0 { DEFAULT_PAGE_SIZE } else { req.page_size } as usize;
+            let cursor = match req.page_token.as_str() {
+                "" => None,
+                token => Some(
+                    convert::decode_cursor(token)
+                        .ok_or_else(|| ServiceError::invalid("page_token", "not a token from ListJobs"))?,
+                ),
+            };
+            let filter = JobFilter { states, labels: req.labels.into_iter().collect::<BTreeMap<_, _>>() };
+            // One extra row tells whether another page follows.
+            let mut jobs = self
+                .ctx
+                .queue
+                .list_jobs(&filter, cursor.as_ref(), limit + 1)
+                .await
+                .map_err(ServiceError::from)?;
+            let more = jobs.len() > limit;
+            jobs.truncate(limit);
+            let next_page_token = if more {
+                jobs.last().map(convert::encode_cursor).unwrap_or_default()
+            } else {
+                String::new()
+            };
+            let mut out = Vec::with_capacity(jobs.len());
+            for job in &jobs {
+                out.push(self.to_pb(job).await);
+            }
+            Ok(Response::new(pb::ListJobsResponse { jobs: out, next_page_token }))
+        })
+        .await
     }
 
     async fn cancel_job(
         &self,
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
-        let caller = self.caller(&request, Role::Submit)?;
-        let job = self.get(&request.into_inner().job_id).await?;
-        caller.require_owner_or_admin(&job.spec.owner)?;
-        let job = match job.state {
-            JobState::Succeeded | JobState::Failed => {
-                return Err(
-                    ServiceError::AlreadyFinished { job_id: job.id, state: job.state.as_str() }.into()
-                );
-            }
-            JobState::Cancelled => job,
-            JobState::Queued | JobState::Running => {
-                let finished = self
-                    .ctx
-                    .queue
-                    .finish_job(&job.id, JobState::Cancelled, Some("cancelled by request"), None)
-                    .await
-                    .map_err(ServiceError::from)?;
-                self.ctx.active.stop_job(&job.id);
-                let job = finished.ok_or_else(|| ServiceError::NotFound(job.id.clone()))?;
-                if job.state == JobState::Cancelled {
-                    metrics::counter!("ddpm_jobs_finished_total", "state" => "cancelled").increment(1);
-                    tracing::info!(job_id = job.id, by = caller.name, "job cancelled");
+        observed("CancelJob", async move {
+            let caller = self.caller(&request, Role::Submit)?;
+            let job = self.get(&request.into_inner().job_id).await?;
+            caller.require_owner_or_admin(&job.spec.owner)?;
+            let job = match job.state {
+                JobState::Succeeded | JobState::Failed => {
+                    return Err(
+                        ServiceError::AlreadyFinished { job_id: job.id, state: job.state.as_str() }.into()
+                    );
                 }
-                job
-            }
-        };
-        Ok(Response::new(pb::CancelJobResponse { job: Some(self.to_pb(&job).await) }))
+                JobState::Cancelled => job,
+                JobState::Queued | JobState::Running => {
+                    let finished = self
+                        .ctx
+                        .queue
+                        .finish_job(&job.id, JobState::Cancelled, Some("cancelled by request"), None)
+                        .await
+                        .map_err(ServiceError::from)?;
+                    self.ctx.active.stop_job(&job.id);
+                    let job = finished.ok_or_else(|| ServiceError::NotFound(job.id.clone()))?;
+                    if job.state == JobState::Cancelled {
+                        metrics::counter!("ddpm_jobs_finished_total", "state" => "cancelled").increment(1);
+                        tracing::info!(job_id = job.id, by = caller.name, "job cancelled");
+                    }
+                    job
+                }
+            };
+            Ok(Response::new(pb::CancelJobResponse { job: Some(self.to_pb(&job).await) }))
+        })
+        .await
     }
 
     async fn retry_job(
         &self,
         request: Request<pb::RetryJobRequest>,
     ) -> Result<Response<pb::RetryJobResponse>, Status> {
-        let caller = self.caller(&request, Role::Submit)?;
-        let job = self.get(&request.into_inner().job_id).await?;
-        caller.require_owner_or_admin(&job.spec.owner)?;
-        if job.state != JobState::Failed {
-            return Err(ServiceError::NotFailed { job_id: job.id, state: job.state.as_str() }.into());
-        }
-        let job = self
-            .ctx
-            .queue
-            .retry_job(&job.id)
-            .await
-            .map_err(ServiceError::from)?
-            .ok_or_else(|| ServiceError::NotFound(job.id.clone()))?;
-        tracing::info!(job_id = job.id, by = caller.name, "job retried");
-        self.ctx.wake.notify_waiters();
-        Ok(Response::new(pb::RetryJobResponse { job: Some(self.to_pb(&job).await) }))
+        observed("RetryJob", async move {
+            let caller = self.caller(&request, Role::Submit)?;
+            let job = self.get(&request.into_inner().job_id).await?;
+            caller.require_owner_or_admin(&job.spec.owner)?;
+            if job.state != JobState::Failed {
+                return Err(ServiceError::NotFailed { job_id: job.id, state: job.state.as_str() }.into());
+            }
+            let job = self
+                .ctx
+                .queue
+                .retry_job(&job.id)
+                .await
+                .map_err(ServiceError::from)?
+                .ok_or_else(|| ServiceError::NotFound(job.id.clone()))?;
+            tracing::info!(job_id = job.id, by = caller.name, "job retried");
+            self.ctx.wake.notify_waiters();
+            Ok(Response::new(pb::RetryJobResponse { job: Some(self.to_pb(&job).await) }))
+        })
+        .await
     }
 
     type WatchJobStream = WatchStream;
@@ -283,44 +381,49 @@ impl pb::worker_service_server::WorkerService for WorkerService {
         &self,
         request: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
-        self.caller(&request, Role::Read)?;
-        let first = self.get(&request.into_inner().job_id).await?;
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let ctx = Arc::clone(&self.ctx);
-        let service = self.clone();
-        tokio::spawn(async move {
-            let mut last = first;
-            if tx.send(Ok(pb::WatchJobResponse { job: Some(service.to_pb(&last).await) })).await.is_err() {
-                return;
-            }
-            while !last.state.is_terminal() {
-                tokio::time::sleep(WATCH_POLL).await;
-                // An open stream would hold the server's graceful shutdown until the job ends: end it,
-                // and the client watches again on another worker (or after the restart).
-                if ctx.draining.load(std::sync::atomic::Ordering::Relaxed) {
-                    let _ = tx.send(Err(ServiceError::ShuttingDown.into())).await;
-                    break;
+        observed("WatchJob", async move {
+            self.caller(&request, Role::Read)?;
+            let first = self.get(&request.into_inner().job_id).await?;
+            let (tx, rx) = tokio::sync::mpsc::channel(16);
+            let ctx = Arc::clone(&self.ctx);
+            let service = self.clone();
+            tokio::spawn(async move {
+                let mut last = first;
+                if tx.send(Ok(pb::WatchJobResponse { job: Some(service.to_pb(&last).await) })).await.is_err()
+                {
+                    return;
                 }
-                let job = match ctx.queue.job(&last.id).await {
-                    Ok(Some(job)) => job,
-                    Ok(None) => break,
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::from(ServiceError::from(e)))).await;
+                while !last.state.is_terminal() {
+                    tokio::time::sleep(WATCH_POLL).await;
+                    // An open stream would hold the server's graceful shutdown until the job ends: end it,
+                    // and the client watches again on another worker (or after the restart).
+                    if ctx.draining.load(std::sync::atomic::Ordering::Relaxed) {
+                        let _ = tx.send(Err(ServiceError::ShuttingDown.into())).await;
                         break;
                     }
-                };
-                if job != last {
-                    if tx
-                        .send(Ok(pb::WatchJobResponse { job: Some(service.to_pb(&job).await) }))
-                        .await
-                        .is_err()
-                    {
-                        return; // the client went away
+                    let job = match ctx.queue.job(&last.id).await {
+                        Ok(Some(job)) => job,
+                        Ok(None) => break,
+                        Err(e) => {
+                            let _ = tx.send(Err(Status::from(ServiceError::from(e)))).await;
+                            break;
+                        }
+                    };
+                    if job != last {
+                        if tx
+                            .send(Ok(pb::WatchJobResponse { job: Some(service.to_pb(&job).await) }))
+                            .await
+                            .is_err()
+                        {
+                            return; // the client went away
+                        }
+                        last = job;
                     }
-                    last = job;
                 }
-            }
-        });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+            });
+            let stream: WatchStream = Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx));
+            Ok(Response::new(stream))
+        })
+        .await
     }
 }

@@ -28,7 +28,19 @@ mod tests {
         let file = set.file.iter().find(|f| f.package() == "ddpm.v1").expect("ddpm.v1 is in the set");
         let service = file.service.iter().find(|s| s.name() == "WorkerService").expect("WorkerService");
         let methods: Vec<&str> = service.method.iter().map(|m| m.name()).collect();
-        assert_eq!(methods, ["SubmitJob", "GetJob", "ListJobs", "CancelJob", "RetryJob", "WatchJob"]);
+        assert_eq!(
+            methods,
+            [
+                "SubmitJob",
+                "GetJob",
+                "ListJobs",
+                "CancelJob",
+                "RetryJob",
+                "WatchJob",
+                "ListModels",
+                "GetModel"
+            ]
+        );
         assert!(service.method.iter().find(|m| m.name() == "WatchJob").unwrap().server_streaming());
     }
 }

@@ -253,30 +253,36 @@ pub async fn finished_shards_make_a_job_ready_to_finalize(q: impl Queue) {
 /// queued to leased, a retry (even one still waiting out its delay) back; completed and dead-lettered
 /// shards leave the counts, and so do a cancelled job's.
 pub async fn shards_are_counted_by_state(q: impl Queue) {
-    let counts = |queued, leased| ShardCounts { queued, leased };
-    assert_eq!(q.shard_counts().await.unwrap(), counts(0, 0));
+    let counts = |queued: u64, leased: u64| (queued, leased);
+    let pair = |c: ShardCounts| (c.queued, c.leased);
+    assert_eq!(pair(q.shard_counts().await.unwrap()), counts(0, 0));
+    assert_eq!(q.shard_counts().await.unwrap().oldest_queued_at_ms, None, "no shard waits");
     // Job a: 3 shards of one attempt each; job b: 2 shards of 3 attempts. Leases come oldest first.
+    let before = crate::queue::now_ms();
     let a = q.submit(&spec(6, 2, 0, &[]), None, 1, 1).await.unwrap().job.id;
     let b = q.submit(&spec(4, 2, 0, &[]), None, 1, 3).await.unwrap().job.id;
-    assert_eq!(q.shard_counts().await.unwrap(), counts(5, 0));
+    assert_eq!(pair(q.shard_counts().await.unwrap()), counts(5, 0));
+    let oldest = q.shard_counts().await.unwrap().oldest_queued_at_ms.expect("shards wait");
+    assert!((before..=crate::queue::now_ms()).contains(&oldest), "the first shard waits since it was queued");
     let l1 = q.lease("w1", LONG).await.unwrap().unwrap();
     let l2 = q.lease("w2", LONG).await.unwrap().unwrap();
     assert_eq!((l1.job_id.as_str(), l2.job_id.as_str()), (a.as_str(), a.as_str()));
-    assert_eq!(q.shard_counts().await.unwrap(), counts(3, 2));
+    assert_eq!(pair(q.shard_counts().await.unwrap()), counts(3, 2));
     assert_eq!(q.depth().await.unwrap(), 5);
     q.complete_shard(&l1, 2).await.unwrap();
-    assert_eq!(q.shard_counts().await.unwrap(), counts(3, 1));
+    assert_eq!(pair(q.shard_counts().await.unwrap()), counts(3, 1));
     q.retry_later(&l2, Duration::ZERO, "boom").await.unwrap();
-    assert_eq!(q.shard_counts().await.unwrap(), counts(3, 0), "a dead-lettered shard is not counted");
+    assert_eq!(pair(q.shard_counts().await.unwrap()), counts(3, 0), "a dead-lettered shard is not counted");
     let l3 = q.lease("w1", LONG).await.unwrap().unwrap();
     q.complete_shard(&l3, 2).await.unwrap();
     let l4 = q.lease("w1", LONG).await.unwrap().unwrap();
     assert_eq!(l4.job_id, b);
-    assert_eq!(q.shard_counts().await.unwrap(), counts(1, 1));
+    assert_eq!(pair(q.shard_counts().await.unwrap()), counts(1, 1));
     q.retry_later(&l4, LONG, "boom").await.unwrap();
-    assert_eq!(q.shard_counts().await.unwrap(), counts(2, 0), "a delayed retry counts as queued");
+    assert_eq!(pair(q.shard_counts().await.unwrap()), counts(2, 0), "a delayed retry counts as queued");
     for id in [&a, &b] {
         q.finish_job(id, JobState::Cancelled, None, None).await.unwrap();
     }
-    assert_eq!(q.shard_counts().await.unwrap(), counts(0, 0));
+    assert_eq!(pair(q.shard_counts().await.unwrap()), counts(0, 0));
+    assert_eq!(q.shard_counts().await.unwrap().oldest_queued_at_ms, None);
 }

@@ -62,6 +62,9 @@ pub trait TaskQueue: Send + Sync + 'static {
 pub struct ShardCounts {
     pub queued: u64,
     pub leased: u64,
+    /// When the longest-waiting queued shard became available (a retry's: when its delay ends); `None`
+    /// when no shard is queued.
+    pub oldest_queued_at_ms: Option<i64>,
 }
 
 /// Jobs, their progress and idempotency keys.

@@ -277,6 +277,8 @@ fn sample_batch(lane: &Lane, batch: ReadyBatch) -> Result<Option<(Duration, Dura
     .entered();
     let seeds: Vec<u64> = rows.iter().map(|r| r.seed).collect();
     let req = BatchRequest { seeds: &seeds, batch_size, steps, eta };
+    let labels = [("model", model.clone()), ("device", lane.name.to_string())];
+    let step_seconds = metrics::histogram!("ddpm_step_duration_seconds", &labels);
     let started = Instant::now();
     let mut last_step = started;
     let wanted = || shards.iter().any(|s| s.is_open()) && !lane.abort.load(Ordering::Relaxed);
@@ -287,7 +289,7 @@ fn sample_batch(lane: &Lane, batch: ReadyBatch) -> Result<Option<(Duration, Dura
     } else {
         std::panic::catch_unwind(AssertUnwindSafe(|| {
             sampler::sample_batch(unet, &scheduler, &req, lane.place, noise, |_| {
-                metrics::histogram!("ddpm_step_duration_seconds").record(last_step.elapsed().as_secs_f64());
+                step_seconds.record(last_step.elapsed().as_secs_f64());
                 last_step = Instant::now();
                 (lane.on_step)();
                 wanted()
@@ -328,7 +330,7 @@ fn sample_batch(lane: &Lane, batch: ReadyBatch) -> Result<Option<(Duration, Dura
     for (img, row) in images.into_iter().zip(&rows) {
         row.shard.deliver((row.index, img));
     }
-    metrics::counter!("ddpm_images_generated_total").increment(rows.len() as u64);
+    metrics::counter!("ddpm_images_generated_total", &labels).increment(rows.len() as u64);
     Ok(Some((sampling, handed.elapsed())))
 }
 

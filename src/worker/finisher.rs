@@ -95,6 +95,8 @@ pub struct ShardOutput {
     heartbeat: tokio::task::JoinHandle<()>,
     uploads: tokio::task::JoinHandle<Result<Uploaded, OutputError>>,
     pub span: tracing::Span,
+    /// The job's model (a label of the shard's metrics).
+    model: String,
 }
 
 impl ShardOutput {
@@ -113,7 +115,8 @@ impl ShardOutput {
         let heartbeat = tokio::spawn(keep_alive(Arc::clone(ctx), lease.clone(), Arc::clone(&stop)));
         let (tx, rx) = mpsc::channel::<Sample>(spec.batch_size as usize * 2);
         let uploads = tokio::spawn(upload_shard(out.clone(), spec.clone(), target, rx));
-        (Self { lease, payload, out, stop, heartbeat, uploads, span }, tx)
+        let model = spec.model.clone();
+        (Self { lease, payload, out, stop, heartbeat, uploads, span, model }, tx)
     }
 
     /// Samples in the shard.
@@ -159,7 +162,8 @@ async fn settle(
         device_lost: true,
     });
     let rows = shard.rows();
-    let ShardOutput { lease, payload, out, stop, heartbeat, uploads, .. } = shard;
+    let ShardOutput { lease, payload, out, stop, heartbeat, uploads, model, .. } = shard;
+    let labels = [("model", model), ("device", ran_on.device.clone())];
     let uploaded = uploads.await.map_err(|e| OutputError::Internal(e.to_string())).and_then(|r| r);
     let stopped = stop.load(Ordering::Relaxed);
     let mut sampling_seconds = 0.0;
@@ -210,7 +214,7 @@ async fn settle(
         Err(e) => give_back(&ctx, &lease, e).await,
         Ok(Ended::Recorded) => {
             ctx.store_outage.recovered();
-            metrics::histogram!("ddpm_shard_duration_seconds").record(sampling_seconds);
+            metrics::histogram!("ddpm_shard_duration_seconds", &labels).record(sampling_seconds);
             tracing::info!(samples = rows, sampling_seconds, "shard finished");
         }
         Ok(Ended::Stopped) => tracing::info!("shard stopped"),

@@ -161,6 +161,9 @@ pub struct WorkerContext {
     /// Why a device thread died or its device became unusable (the first such reason): the worker is
     /// then no longer live, and its orchestrator should restart it.
     pub device_failure: std::sync::OnceLock<String>,
+    /// The largest batch each warmed-up device samples of each model: device → model → what fits its
+    /// memory (CUDA, probed at warm-up) or `None` (no probe: the API's limit holds).
+    pub device_fits: Mutex<BTreeMap<String, BTreeMap<String, Option<usize>>>>,
     pub runtime: tokio::runtime::Handle,
 }
 
@@ -186,6 +189,7 @@ impl WorkerContext {
             queue_outage: Default::default(),
             queue_reachable: AtomicBool::new(true),
             device_failure: Default::default(),
+            device_fits: Default::default(),
             runtime,
         }
     }

@@ -6,6 +6,7 @@
 //! thread dies), each published on a `watch`. A worker that lost a device is not live: its orchestrator
 //! restarts it (SIGTERM, a drain of the other devices, exit 1), and it refuses new jobs meanwhile.
 
+use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -80,9 +81,14 @@ pub fn start(ctx: &Arc<WorkerContext>, devices: &[DeviceThread]) -> std::io::Res
 fn run_device(ctx: &Arc<WorkerContext>, models: &DeviceModels) -> Result<(), String> {
     let name = device_name(models.device);
     let demand = Arc::new(Demand::default());
+    let fits: BTreeMap<String, Option<usize>> =
+        models.unets.keys().map(|m| (m.clone(), models.max_batch.get(m).copied())).collect();
+    if let Ok(mut known) = ctx.device_fits.lock() {
+        known.insert(name.clone(), fits.clone());
+    }
     let slot = DeviceSlot {
         name: name.clone(),
-        models: models.unets.keys().map(|m| (m.clone(), models.max_batch.get(m).copied())).collect(),
+        models: fits,
         demand: Arc::clone(&demand),
         ran_on: super::finisher::RanOn {
             device: name.clone(),

@@ -106,8 +106,12 @@ impl WorkerContext {
             let queue = self.config.queue_name.clone();
             metrics::gauge!("ddpm_queue_shards", "queue" => queue.clone(), "state" => "queued")
                 .set(counts.queued as f64);
-            metrics::gauge!("ddpm_queue_shards", "queue" => queue, "state" => "leased")
+            metrics::gauge!("ddpm_queue_shards", "queue" => queue.clone(), "state" => "leased")
                 .set(counts.leased as f64);
+            // How long the longest-waiting shard has waited for a worker (0: none waits).
+            let waited = counts.oldest_queued_at_ms.map_or(0, |t| (crate::queue::now_ms() - t).max(0));
+            metrics::gauge!("ddpm_queue_oldest_queued_shard_seconds", "queue" => queue)
+                .set(waited as f64 / 1000.0);
         }
         if let Ok(counts) = self.queue.job_counts().await {
             for state in [

@@ -379,7 +379,11 @@ impl TaskQueue for NatsQueue {
         let mut counts = ShardCounts::default();
         for shard in self.scan::<StoredShard>(&self.shards).await? {
             match shard.state {
-                ShardState::Queued => counts.queued += 1,
+                ShardState::Queued => {
+                    counts.queued += 1;
+                    let oldest = counts.oldest_queued_at_ms.get_or_insert(shard.available_at);
+                    *oldest = (*oldest).min(shard.available_at);
+                }
                 ShardState::Leased => counts.leased += 1,
                 ShardState::Done | ShardState::Dead => {}
             }

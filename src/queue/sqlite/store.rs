@@ -480,13 +480,14 @@ impl SqliteStore {
 
     /// Unfinished tasks of all jobs, queued and leased.
     pub fn shard_counts(&self) -> Result<ShardCounts, QueueError> {
-        let (queued, leased): (i64, i64) = self.conn().query_row(
-            "SELECT COALESCE(SUM(state = 'queued'), 0), COALESCE(SUM(state = 'leased'), 0)
+        let (queued, leased, oldest): (i64, i64, Option<i64>) = self.conn().query_row(
+            "SELECT COALESCE(SUM(state = 'queued'), 0), COALESCE(SUM(state = 'leased'), 0),
+                    MIN(CASE WHEN state = 'queued' THEN available_at END)
                FROM tasks WHERE state IN ('queued', 'leased')",
             [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )?;
-        Ok(ShardCounts { queued: queued as u64, leased: leased as u64 })
+        Ok(ShardCounts { queued: queued as u64, leased: leased as u64, oldest_queued_at_ms: oldest })
     }
 }
 

@@ -3,7 +3,8 @@
 The gRPC stubs are generated from the service's proto (package ddpm.v1) when this package is built.
 """
 
-from .client import FINAL_STATES, STATES, Client, Job
+from .aio import AsyncClient, AsyncJob
+from .client import FINAL_STATES, STATES, Client, Job, JobView, Model
 from .errors import (
     AlreadyExists,
     Error,
@@ -22,6 +23,8 @@ __all__ = [
     "FINAL_STATES",
     "STATES",
     "AlreadyExists",
+    "AsyncClient",
+    "AsyncJob",
     "Client",
     "Error",
     "FailedPrecondition",
@@ -30,6 +33,8 @@ __all__ = [
     "JobCancelled",
     "JobFailed",
     "JobNotSucceeded",
+    "JobView",
+    "Model",
     "NotFound",
     "PermissionDenied",
     "Unauthenticated",

@@ -10,10 +10,12 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+import uuid
 from pathlib import Path
-from typing import Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import grpc
 from google.protobuf import json_format
@@ -52,10 +54,24 @@ def _read(path: Optional[PathLike]) -> Optional[bytes]:
     return None if path is None else Path(path).read_bytes()
 
 
-class Job:
-    """A job as the server last reported it. `wait()` follows it to its end."""
+def _local(uri: str) -> str:
+    """A file:// URI as a path; any other URI (s3://…) as it is, for fsspec."""
+    return uri[len("file://") :] if uri.startswith("file://") else uri
 
-    def __init__(self, client: "Client", message: pb.Job) -> None:
+
+def _read_uri(uri: str, storage_options: Optional[Mapping[str, Any]]) -> bytes:
+    if uri.startswith("file://"):
+        return Path(_local(uri)).read_bytes()
+    import fsspec  # with `datasets`; s3:// needs s3fs (the client's [datasets] extra)
+
+    with fsspec.open(uri, "rb", **dict(storage_options or {})) as f:
+        return f.read()
+
+
+class JobView:
+    """What every job object shows of the job, as the server last reported it."""
+
+    def __init__(self, client: Any, message: pb.Job) -> None:
         self._client = client
         self._message = message
 
@@ -95,6 +111,11 @@ class Job:
         return self._message.owner
 
     @property
+    def extends(self) -> str:
+        """The job this one continues ("" when none)."""
+        return self._message.spec.extends
+
+    @property
     def manifest_uri(self) -> str:
         """The manifest (SUCCEEDED only): every data file and index part with its SHA-256."""
         return self._message.manifest_uri
@@ -112,6 +133,87 @@ class Job:
         """The job in the protobuf JSON mapping (as `ddpm-worker status --output json` prints it)."""
         return json_format.MessageToDict(self._message)
 
+    def manifest(self, storage_options: Optional[Mapping[str, Any]] = None) -> dict:
+        """The job's manifest (SUCCEEDED only): its spec, model, every file with its SHA-256."""
+        if not self.manifest_uri:
+            raise ValueError(f"job {self.id} is {self.state}: only a SUCCEEDED job has a manifest")
+        return json.loads(_read_uri(self.manifest_uri, storage_options))
+
+    def open_dataset(self, *, streaming: bool = False, storage_options: Optional[Mapping[str, Any]] = None):
+        """The job's samples, to train on (SUCCEEDED only).
+
+        - parquet: a `datasets.Dataset` (an `IterableDataset` with `streaming`) whose `image` column
+          decodes to PIL images, in sample order;
+        - webdataset: the tar shards' URLs in sample order, for `webdataset.WebDataset(urls)` (local
+          paths; s3:// URLs open with fsspec); `data/wids.json` beside them is `wids`' shard index;
+        - files: a `datasets.Dataset` of the images (`imagefolder`), in sample order.
+
+        Local outputs are read in place, S3 ones through fsspec: `pip install
+        "ddpm-worker-client[datasets]"` brings `datasets` and s3fs, and `storage_options` are s3fs'
+        (e.g. {"key": ..., "secret": ..., "client_kwargs": {"endpoint_url": ...}}).
+        """
+        manifest = self.manifest(storage_options)
+        folder = self.manifest_uri.rsplit("/", 1)[0]
+        layout = manifest["spec"]["dataset"]["format"]
+        urls = [_local(f"{folder}/{f['path']}") for f in manifest["files"]]
+        if layout == "webdataset":
+            return urls
+        import datasets
+
+        options = dict(storage_options or {}) or None
+        if layout == "parquet":
+            return datasets.load_dataset(
+                "parquet", data_files=urls, split="train", streaming=streaming, storage_options=options
+            )
+        image = manifest["spec"]["dataset"]["image"]
+        ext = "jpg" if image == "jpeg" else image
+        pattern = _local(f"{folder}/samples/*.{ext}")
+        return datasets.load_dataset(
+            "imagefolder", data_files=pattern, split="train", streaming=streaming, storage_options=options
+        )
+
+    def _ended(self, check: bool) -> None:
+        if check and self.state == "FAILED":
+            raise JobFailed(self)
+        if check and self.state == "CANCELLED":
+            raise JobCancelled(self)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(id={self.id!r}, state={self.state}, samples={self.samples_done}/{self.samples_total})"
+
+
+class _Progress:
+    """A job's progress on stderr: a tqdm bar where tqdm is installed, a line otherwise."""
+
+    def __init__(self, job: JobView, shown: bool) -> None:
+        self._job, self._bar, self._shown = job, None, shown
+        if shown:
+            try:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=job.samples_total, desc=job.id[:8], unit="sample")
+            except ImportError:
+                pass
+
+    def update(self) -> None:
+        job = self._job
+        if self._bar is not None:
+            self._bar.update(job.samples_done - self._bar.n)
+            self._bar.set_postfix_str(job.state.lower())
+        elif self._shown:
+            sys.stderr.write(f"\r{job.id}: {job.samples_done}/{job.samples_total} samples, {job.state.lower()}   ")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self._shown:
+            sys.stderr.write("\n")
+
+
+class Job(JobView):
+    """A job as the server last reported it. `wait()` follows it to its end."""
+
     def refresh(self) -> "Job":
         """Fetches the job's current state."""
         self._message = self._client.get(self.id).message
@@ -121,29 +223,207 @@ class Job:
         self._message = self._client.cancel(self.id).message
         return self
 
-    def wait(self, progress: bool = False, check: bool = True, reconnect_seconds: float = 600.0) -> "Job":
+    def extend(self, num_samples: int, **kwargs: Any) -> "Job":
+        """Queues `num_samples` more samples of this (SUCCEEDED) job: see `Client.extend`."""
+        return self._client.extend(self.id, num_samples, **kwargs)
+
+    def wait(
+        self,
+        progress: bool = False,
+        check: bool = True,
+        reconnect_seconds: float = 600.0,
+        timeout: Optional[float] = None,
+    ) -> "Job":
         """Follows the job (WatchJob) until it is SUCCEEDED, FAILED or CANCELLED.
 
         A server that drains (SIGTERM) or restarts ends the stream; the watch is made again, for up to
         `reconnect_seconds` of no answer in a row. With `check`, a FAILED job raises JobFailed and a
-        CANCELLED one JobCancelled; the job's final state is on `self` either way. `progress` draws a
-        progress line on stderr.
+        CANCELLED one JobCancelled; the job's final state is on `self` either way. `progress` shows a
+        progress bar (tqdm, where installed) on stderr. After `timeout` seconds TimeoutError is raised;
+        the job runs on.
         """
-        for message in self._client._watch(self.id, reconnect_seconds):
-            self._message = message
-            if progress:
-                sys.stderr.write(f"\r{self.id}: {self.samples_done}/{self.samples_total} samples, {self.state.lower()}   ")
-                sys.stderr.flush()
-        if progress:
-            sys.stderr.write("\n")
-        if check and self.state == "FAILED":
-            raise JobFailed(self)
-        if check and self.state == "CANCELLED":
-            raise JobCancelled(self)
+        bar = _Progress(self, progress)
+        try:
+            for message in self._client._watch(self.id, reconnect_seconds, timeout):
+                self._message = message
+                bar.update()
+        finally:
+            bar.close()
+        self._ended(check)
         return self
 
+
+def _submit_request(
+    model: str,
+    num_samples: int,
+    *,
+    scheduler: str = "ddim",
+    steps: int = 50,
+    eta: Optional[float] = None,
+    seed: Optional[int] = None,
+    batch_size: int = 0,
+    samples_per_grid: Optional[int] = None,
+    grid_columns: int = 0,
+    destination: str = "",
+    prefix: str = "",
+    format: Optional[str] = None,
+    image_format: Optional[str] = None,
+    jpeg_quality: int = 0,
+    png_level: int = 0,
+    target_file_bytes: int = 0,
+    priority: int = 0,
+    labels: Optional[Mapping[str, str]] = None,
+    request_id: str = "",
+) -> pb.SubmitJobRequest:
+    try:
+        sampler = SCHEDULERS[scheduler]
+        layout = FORMATS[format] if format else pb.OUTPUT_FORMAT_UNSPECIFIED
+        encoding = IMAGE_FORMATS[image_format] if image_format else pb.IMAGE_FORMAT_UNSPECIFIED
+    except KeyError as e:
+        raise ValueError(f"unknown value {e.args[0]!r}") from None
+    spec = pb.JobSpec(
+        model=model,
+        sampling=pb.SamplingSpec(scheduler=sampler, steps=steps),
+        num_samples=num_samples,
+        batch_size=batch_size,
+        output=pb.OutputSpec(
+            destination=destination,
+            prefix=prefix,
+            format=layout,
+            image_format=encoding,
+            jpeg_quality=jpeg_quality,
+            png_level=png_level,
+            target_file_bytes=target_file_bytes,
+        ),
+        priority=priority,
+        labels=dict(labels or {}),
+    )
+    # Optional fields: set only when given (absent means the server's default).
+    if eta is not None:
+        spec.sampling.eta = eta
+    if seed is not None:
+        spec.seed = seed
+    if samples_per_grid is not None:
+        spec.grid.CopyFrom(pb.GridSpec(samples_per_grid=samples_per_grid, columns=grid_columns))
+    return pb.SubmitJobRequest(request_id=request_id or _request_id(), spec=spec)
+
+
+def _extend_request(
+    job_id: str,
+    num_samples: int,
+    *,
+    samples_per_grid: Optional[int] = None,
+    grid_columns: int = 0,
+    destination: str = "",
+    prefix: str = "",
+    priority: int = 0,
+    labels: Optional[Mapping[str, str]] = None,
+    request_id: str = "",
+) -> pb.SubmitJobRequest:
+    spec = pb.JobSpec(
+        extends=job_id,
+        num_samples=num_samples,
+        output=pb.OutputSpec(destination=destination, prefix=prefix),
+        priority=priority,
+        labels=dict(labels or {}),
+    )
+    if samples_per_grid is not None:
+        spec.grid.CopyFrom(pb.GridSpec(samples_per_grid=samples_per_grid, columns=grid_columns))
+    return pb.SubmitJobRequest(request_id=request_id or _request_id(), spec=spec)
+
+
+def _request_id() -> str:
+    """An idempotency key, so that a submission retried after UNAVAILABLE queues one job."""
+    return f"py-{uuid.uuid4()}"
+
+
+def _list_request(states: Sequence[str], labels: Optional[Mapping[str, str]], page_size: int, token: str):
+    wanted = [pb.JobState.Value(f"JOB_STATE_{s.upper()}") for s in states]
+    return pb.ListJobsRequest(states=wanted, labels=dict(labels or {}), page_size=page_size, page_token=token)
+
+
+def _channel_options() -> list:
+    """Quick reconnects after a restart (gRPC's default backoff grows to two minutes), and gRPC's own
+    retries of UNAVAILABLE for the calls that are safe to repeat: every read, CancelJob, and SubmitJob
+    (whose requests always carry a request_id)."""
+    retried = ["SubmitJob", "GetJob", "ListJobs", "CancelJob", "ListModels", "GetModel"]
+    config = {
+        "methodConfig": [
+            {
+                "name": [{"service": "ddpm.v1.WorkerService", "method": m} for m in retried],
+                "retryPolicy": {
+                    "maxAttempts": 5,
+                    "initialBackoff": "0.25s",
+                    "maxBackoff": "4s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+    return [
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", 5000),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", json.dumps(config)),
+    ]
+
+
+def _credentials(url: str, ca, cert, key, token, token_file):
+    """The channel's target, its TLS credentials (None: plaintext) and the call metadata."""
+    if token_file is not None:
+        lines = Path(token_file).read_text().splitlines()
+        token = lines[0].strip() if lines else ""
+        if not token:
+            raise ValueError(f"{token_file}: no token in it")
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    tls = url.startswith("https://") or ca is not None or cert is not None
+    target = url.split("://", 1)[-1].rstrip("/")
+    credentials = (
+        grpc.ssl_channel_credentials(root_certificates=_read(ca), private_key=_read(key), certificate_chain=_read(cert))
+        if tls
+        else None
+    )
+    return target, credentials, metadata
+
+
+class Model:
+    """A model the server samples (`Client.models()`, `Client.model(name)`)."""
+
+    def __init__(self, message: pb.Model) -> None:
+        self.message = message
+
+    @property
+    def name(self) -> str:
+        return self.message.name
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """One sample's (channels, height, width)."""
+        return (self.message.channels, self.message.height, self.message.width)
+
+    @property
+    def weights_sha256(self) -> str:
+        return self.message.weights_sha256
+
+    @property
+    def schedulers(self) -> dict[str, int]:
+        """Each scheduler the model takes (ddpm, ddim, …) and the most steps it may run."""
+        return {
+            pb.Scheduler.Name(s.scheduler).removeprefix("SCHEDULER_").lower(): s.max_steps
+            for s in self.message.schedulers
+        }
+
+    @property
+    def devices(self) -> dict[str, int]:
+        """The server's devices (cpu, cuda:0, …) and the largest batch each samples."""
+        return {d.device: d.max_batch_size for d in self.message.devices}
+
+    def to_dict(self) -> dict:
+        return json_format.MessageToDict(self.message)
+
     def __repr__(self) -> str:
-        return f"Job(id={self.id!r}, state={self.state}, samples={self.samples_done}/{self.samples_total})"
+        return f"Model(name={self.name!r}, shape={self.shape}, schedulers={self.schedulers})"
 
 
 class Client:
@@ -165,24 +445,12 @@ class Client:
         key: Optional[PathLike] = None,
         timeout: float = 30.0,
     ) -> None:
-        if token_file is not None:
-            lines = Path(token_file).read_text().splitlines()
-            token = lines[0].strip() if lines else ""
-            if not token:
-                raise ValueError(f"{token_file}: no token in it")
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        target, credentials, self._metadata = _credentials(url, ca, cert, key, token, token_file)
         self._timeout = timeout
-        tls = url.startswith("https://") or ca is not None or cert is not None
-        target = url.split("://", 1)[-1].rstrip("/")
-        # Reconnect quickly after a restart (gRPC's default backoff grows to two minutes).
-        options = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 5000)]
-        if tls:
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=_read(ca), private_key=_read(key), certificate_chain=_read(cert)
-            )
-            self._channel = grpc.secure_channel(target, credentials, options=options)
+        if credentials is not None:
+            self._channel = grpc.secure_channel(target, credentials, options=_channel_options())
         else:
-            self._channel = grpc.insecure_channel(target, options=options)
+            self._channel = grpc.insecure_channel(target, options=_channel_options())
         self._stub = pb_grpc.WorkerServiceStub(self._channel)
 
     def close(self) -> None:
@@ -200,69 +468,38 @@ class Client:
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
-    def submit(
-        self,
-        model: str,
-        num_samples: int,
-        *,
-        scheduler: str = "ddpm",
-        steps: int = 1000,
-        eta: Optional[float] = None,
-        seed: Optional[int] = None,
-        batch_size: int = 0,
-        samples_per_grid: Optional[int] = None,
-        grid_columns: int = 0,
-        destination: str = "",
-        prefix: str = "",
-        format: Optional[str] = None,
-        image_format: Optional[str] = None,
-        jpeg_quality: int = 0,
-        png_level: int = 0,
-        target_file_bytes: int = 0,
-        priority: int = 0,
-        labels: Optional[Mapping[str, str]] = None,
-        request_id: str = "",
-    ) -> Job:
+    def submit(self, model: str, num_samples: int, **options: Any) -> Job:
         """Queues a job and returns it (QUEUED).
 
-        `scheduler` is ddpm, ddim, pndm or dpmsolver; `format` files, webdataset or parquet (default:
-        the server's); `image_format` png, webp or jpeg. `destination` (s3://BUCKET/PREFIX or
-        file:/DIR) must lie within the server's allowed destinations; empty means its default output.
-        With a `request_id`, submitting the same job again returns the first one. See
-        proto/ddpm/v1/worker.proto for every field's limits.
+        Options, each optional: `scheduler` ddpm, ddim (the default, with `steps=50`), pndm or
+        dpmsolver; `steps`; `eta`; `seed` (the server picks one when absent); `batch_size`;
+        `samples_per_grid`, `grid_columns`; `destination` (s3://BUCKET/PREFIX or file:/DIR, within the
+        server's allowed destinations; empty: its default output) and `prefix`; `format` files,
+        webdataset or parquet (default: the server's); `image_format` png, webp or jpeg;
+        `jpeg_quality`, `png_level`, `target_file_bytes`; `priority`; `labels`; `request_id` (an
+        idempotency key: submitting the same job with it again returns the first one; one is made up
+        when absent, so that a retry after UNAVAILABLE queues one job). See proto/ddpm/v1/worker.proto
+        for every field's limits.
         """
-        try:
-            sampler = SCHEDULERS[scheduler]
-            layout = FORMATS[format] if format else pb.OUTPUT_FORMAT_UNSPECIFIED
-            encoding = IMAGE_FORMATS[image_format] if image_format else pb.IMAGE_FORMAT_UNSPECIFIED
-        except KeyError as e:
-            raise ValueError(f"unknown value {e.args[0]!r}") from None
-        spec = pb.JobSpec(
-            model=model,
-            sampling=pb.SamplingSpec(scheduler=sampler, steps=steps),
-            num_samples=num_samples,
-            batch_size=batch_size,
-            output=pb.OutputSpec(
-                destination=destination,
-                prefix=prefix,
-                format=layout,
-                image_format=encoding,
-                jpeg_quality=jpeg_quality,
-                png_level=png_level,
-                target_file_bytes=target_file_bytes,
-            ),
-            priority=priority,
-            labels=dict(labels or {}),
-        )
-        # Optional fields: set only when given (absent means the server's default).
-        if eta is not None:
-            spec.sampling.eta = eta
-        if seed is not None:
-            spec.seed = seed
-        if samples_per_grid is not None:
-            spec.grid.CopyFrom(pb.GridSpec(samples_per_grid=samples_per_grid, columns=grid_columns))
-        response = self._call(self._stub.SubmitJob, pb.SubmitJobRequest(request_id=request_id, spec=spec))
+        response = self._call(self._stub.SubmitJob, _submit_request(model, num_samples, **options))
         return Job(self, response.job)
+
+    def extend(self, job_id: str, num_samples: int, **options: Any) -> Job:
+        """Queues a job that continues `job_id` (a SUCCEEDED job) by `num_samples` samples: its model,
+        sampling, batch size and layout, and the seeds after its last one, so the two jobs share no seed.
+        Its manifest names the job it extends. Options: `destination` (default: the extended job's),
+        `prefix`, `samples_per_grid`, `grid_columns`, `priority`, `labels`, `request_id`.
+        """
+        response = self._call(self._stub.SubmitJob, _extend_request(job_id, num_samples, **options))
+        return Job(self, response.job)
+
+    def models(self) -> list[Model]:
+        """The models this server samples."""
+        return [Model(m) for m in self._call(self._stub.ListModels, pb.ListModelsRequest()).models]
+
+    def model(self, name: str) -> Model:
+        """One model (NotFound when the server has none of that name)."""
+        return Model(self._call(self._stub.GetModel, pb.GetModelRequest(name=name)).model)
 
     def get(self, job_id: str) -> Job:
         return Job(self, self._call(self._stub.GetJob, pb.GetJobRequest(job_id=job_id)).job)
@@ -283,11 +520,9 @@ class Client:
         page_size: int = 100,
     ) -> Iterator[Job]:
         """Jobs, newest first, fetched a page at a time; `states` as Job.state gives them."""
-        wanted = [pb.JobState.Value(f"JOB_STATE_{s.upper()}") for s in states]
         token, seen = "", 0
         while True:
-            request = pb.ListJobsRequest(states=wanted, labels=dict(labels or {}), page_size=page_size, page_token=token)
-            page = self._call(self._stub.ListJobs, request)
+            page = self._call(self._stub.ListJobs, _list_request(states, labels, page_size, token))
             for message in page.jobs:
                 if limit is not None and seen >= limit:
                     return
@@ -297,26 +532,54 @@ class Client:
             if not token:
                 return
 
-    def _watch(self, job_id: str, reconnect_seconds: float) -> Iterator[pb.Job]:
+    def _watch(self, job_id: str, reconnect_seconds: float, timeout: Optional[float]) -> Iterator[pb.Job]:
         """WatchJob's jobs until the job ends, watching again across drains and restarts."""
-        out_of_reach: Optional[float] = None
-        pause = 0.25
-        last: Optional[pb.Job] = None
+        follow = _Follow(job_id, reconnect_seconds, timeout)
         while True:
             try:
-                for event in self._stub.WatchJob(pb.WatchJobRequest(job_id=job_id), metadata=self._metadata):
-                    out_of_reach, pause = None, 0.25
-                    last = event.job
-                    yield event.job
+                stream = self._stub.WatchJob(
+                    pb.WatchJobRequest(job_id=job_id), metadata=self._metadata, timeout=follow.remaining()
+                )
+                for event in stream:
+                    yield follow.seen(event.job)
                 return
             except grpc.RpcError as e:
-                if e.code() not in _TRANSIENT:
-                    raise from_rpc_error(e) from None
-                if last is not None and pb.JobState.Name(last.state).removeprefix("JOB_STATE_") in FINAL_STATES:
+                pause = follow.failed(e)
+                if pause is None:
                     return
-                now = time.monotonic()
-                out_of_reach = out_of_reach if out_of_reach is not None else now
-                if now - out_of_reach >= reconnect_seconds:
-                    raise from_rpc_error(e) from None
                 time.sleep(pause)
-                pause = min(pause * 2, 5.0)
+
+
+class _Follow:
+    """The rules of following a job across drains and restarts, for both clients: how long to pause
+    after a broken stream, and when to give up."""
+
+    def __init__(self, job_id: str, reconnect_seconds: float, timeout: Optional[float]) -> None:
+        self.job_id, self.reconnect_seconds, self.timeout = job_id, reconnect_seconds, timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.out_of_reach: Optional[float] = None
+        self.pause = 0.25
+        self.last: Optional[pb.Job] = None
+
+    def remaining(self) -> Optional[float]:
+        return None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
+
+    def seen(self, job: pb.Job) -> pb.Job:
+        self.out_of_reach, self.pause, self.last = None, 0.25, job
+        return job
+
+    def failed(self, e: grpc.RpcError) -> Optional[float]:
+        """The pause before watching again; None when the job has ended. Raises when it is time to stop."""
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            state = pb.JobState.Name(self.last.state).removeprefix("JOB_STATE_") if self.last else "unseen"
+            raise TimeoutError(f"job {self.job_id} is still {state} after {self.timeout} s") from None
+        if e.code() not in _TRANSIENT:
+            raise from_rpc_error(e) from None
+        if self.last is not None and pb.JobState.Name(self.last.state).removeprefix("JOB_STATE_") in FINAL_STATES:
+            return None
+        now = time.monotonic()
+        self.out_of_reach = self.out_of_reach if self.out_of_reach is not None else now
+        if now - self.out_of_reach >= self.reconnect_seconds:
+            raise from_rpc_error(e) from None
+        pause, self.pause = self.pause, min(self.pause * 2, 5.0)
+        return pause
