@@ -60,15 +60,6 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && mkdir -p /stage/bin && cp target/release/ddpm-worker /stage/bin/
 
 FROM ${RUNTIME_IMAGE}
-ARG VERSION=0.1.0
-ARG REVISION=unknown
-ARG SOURCE=https://github.com/ddpm-worker/ddpm-worker
-LABEL org.opencontainers.image.title="ddpm-worker" \
-      org.opencontainers.image.description="Batch image generation with diffusers DDPM models on libtorch" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.source="${SOURCE}"
 # CA roots for S3 and the Hugging Face hub over TLS; libstdc++ and libgcc come with the base.
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ca-certificates \
@@ -86,3 +77,13 @@ EXPOSE 50051 9464
 ENTRYPOINT ["/usr/local/bin/ddpm-worker"]
 # Models come from DDPM_MODELS (NAME=PATH,…) or --model; queue and outputs default to ddpm-data/.
 CMD ["serve", "--listen", "0.0.0.0:50051", "--metrics-listen", "0.0.0.0:9464"]
+# Last, so that a new revision rebuilds no layer above (the libraries' 4 GB layer stays cached).
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG SOURCE=https://github.com/ddpm-worker/ddpm-worker
+LABEL org.opencontainers.image.title="ddpm-worker" \
+      org.opencontainers.image.description="Batch image generation with diffusers DDPM models on libtorch" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.source="${SOURCE}"

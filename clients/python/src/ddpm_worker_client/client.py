@@ -154,7 +154,9 @@ class JobView:
         """
         manifest = self.manifest(storage_options)
         folder = self.manifest_uri.rsplit("/", 1)[0]
-        layout = manifest["spec"]["dataset"]["format"]
+        # Jobs queued before layouts existed have none: PNG files.
+        dataset = manifest["spec"].get("dataset", {})
+        layout = dataset.get("format", "files")
         urls = [_local(f"{folder}/{f['path']}") for f in manifest["files"]]
         if layout == "webdataset":
             return urls
@@ -165,7 +167,7 @@ class JobView:
             return datasets.load_dataset(
                 "parquet", data_files=urls, split="train", streaming=streaming, storage_options=options
             )
-        image = manifest["spec"]["dataset"]["image"]
+        image = dataset.get("image", "png")
         ext = "jpg" if image == "jpeg" else image
         pattern = _local(f"{folder}/samples/*.{ext}")
         return datasets.load_dataset(
