@@ -53,9 +53,13 @@ RUN set -eu; \
 WORKDIR /build
 COPY . .
 # The registry and target dir are cache mounts: a rebuild after a source change compiles only the crate.
+# Cargo tells changed sources by mtime, and COPY keeps the context's: a file edited before the cached
+# build would look unchanged, so the crate's own sources are touched first (this step runs only when
+# they changed anyway).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/build/target \
-    PATH=/opt/torch/bin:$PATH LIBTORCH_USE_PYTORCH=1 DDPM_RPATH='$ORIGIN/../lib/ddpm-worker/torch/lib' \
+    find build.rs src proto -type f -exec touch {} + \
+    && PATH=/opt/torch/bin:$PATH LIBTORCH_USE_PYTORCH=1 DDPM_RPATH='$ORIGIN/../lib/ddpm-worker/torch/lib' \
     cargo build --release --locked --bin ddpm-worker \
     && mkdir -p /stage/bin && cp target/release/ddpm-worker /stage/bin/
 
@@ -77,13 +81,11 @@ EXPOSE 50051 9464
 ENTRYPOINT ["/usr/local/bin/ddpm-worker"]
 # Models come from DDPM_MODELS (NAME=PATH,…) or --model; queue and outputs default to ddpm-data/.
 CMD ["serve", "--listen", "0.0.0.0:50051", "--metrics-listen", "0.0.0.0:9464"]
-# Last, so that a new revision rebuilds no layer above (the libraries' 4 GB layer stays cached).
-ARG VERSION=0.1.0
-ARG REVISION=unknown
-ARG SOURCE=https://github.com/ddpm-worker/ddpm-worker
+# The version and revision labels come from the build command (`make image` passes
+# --label org.opencontainers.image.version=… --label org.opencontainers.image.revision=<git HEAD>): they
+# are set on the final image only, so a new revision rebuilds no layer (the libraries' 4 GB layer stays
+# cached), and a cached build cannot carry a stale revision (buildah's layer cache ignores ARG values).
 LABEL org.opencontainers.image.title="ddpm-worker" \
       org.opencontainers.image.description="Batch image generation with diffusers DDPM models on libtorch" \
       org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.source="${SOURCE}"
+      org.opencontainers.image.source="https://github.com/ddpm-worker/ddpm-worker"

@@ -205,8 +205,8 @@ PODMAN   ?= podman
 
 image:
 	scripts/image/bases.sh
-	$(PODMAN) build --isolation chroot --layers -t $(IMAGE) --build-arg VERSION=$(VERSION) \
-		--build-arg REVISION=$(REVISION) .
+	$(PODMAN) build --isolation chroot --layers -t $(IMAGE) --label org.opencontainers.image.version=$(VERSION) \
+		--label org.opencontainers.image.revision=$(REVISION) .
 
 # Checks the image without running a container (see scripts/image/test.sh).
 test-image: image build
