@@ -545,17 +545,25 @@ fn print_job(job: &pb::Job, mode: OutputMode) {
         return;
     }
     let error = job.error.as_ref().map(|e| e.message.as_str()).unwrap_or_default();
+    let pace = job.samples_per_second.map(|r| format!("  {r:.2} samples/s")).unwrap_or_default();
+    let eta =
+        job.estimated_finish_time.map(|t| format!(" (ends in ~{} s)", (t.seconds - now_seconds()).max(0)));
     println!(
-        "{}  {:<9}  {}/{} samples  {}/{} shards{}{}",
+        "{}  {:<9}  {}/{} samples  {}/{} shards{pace}{}{}{}",
         job.job_id,
         state_name(job.state),
         job.samples_done,
         job.samples_total,
         job.shards_done,
         job.shards_total,
+        eta.unwrap_or_default(),
         if job.manifest_uri.is_empty() { String::new() } else { format!("  manifest: {}", job.manifest_uri) },
         if error.is_empty() { String::new() } else { format!("  error: {error}") },
     );
+}
+
+fn now_seconds() -> i64 {
+    crate::queue::now_ms() / 1000
 }
 
 pub async fn status(args: JobArgs, progress: bool) -> Result<(), ClientError> {

@@ -324,6 +324,8 @@ async fn tls_serves_the_cli_and_buf_curl_and_reloads_its_certificate() {
     let job: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
     assert_eq!(job["state"], "JOB_STATE_SUCCEEDED", "{job}");
     assert_eq!(job["owner"], "alice");
+    assert!(job["samplesPerSecond"].as_f64().is_some_and(|r| r > 0.0), "a finished job's pace: {job}");
+    assert!(job.get("estimatedFinishTime").is_none(), "no finish ahead of a finished job: {job}");
     let job_id = job["jobId"].as_str().unwrap().to_string();
 
     // submit --extend: the extended job's settings, the seeds after its; its manifest names it.

@@ -449,6 +449,7 @@ pub fn scheduler_from_pb(s: pb::Scheduler) -> SchedulerKind {
 /// A job as the API shows it; `grid_uris` are where its grids are once it SUCCEEDED.
 pub fn job_to_pb(job: &JobRecord, grid_uris: Vec<String>) -> pb::Job {
     let spec = &job.spec;
+    let pace = pace(job, crate::queue::now_ms());
     let error = job.error.as_ref().map(|message| {
         let code =
             if job.state == JobState::Cancelled { tonic::Code::Cancelled } else { tonic::Code::Internal };
@@ -470,7 +471,32 @@ pub fn job_to_pb(job: &JobRecord, grid_uris: Vec<String>) -> pb::Job {
         error,
         manifest_uri: job.manifest_uri.clone().unwrap_or_default(),
         grid_uris,
+        samples_per_second: pace.map(|p| p.samples_per_second),
+        estimated_finish_time: pace.and_then(|p| p.finish_ms).map(timestamp),
     }
+}
+
+/// How fast a job goes: samples stored per second since its first shard started (to `now_ms`, or to its
+/// end), and when a RUNNING job should end at that rate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pace {
+    pub samples_per_second: f64,
+    pub finish_ms: Option<i64>,
+}
+
+/// `job`'s pace at `now_ms`; `None` until a sample is stored.
+pub fn pace(job: &JobRecord, now_ms: i64) -> Option<Pace> {
+    let started = job.started_at_ms?;
+    if job.samples_done == 0 {
+        return None;
+    }
+    let end = job.finished_at_ms.unwrap_or(now_ms);
+    let seconds = ((end - started).max(1)) as f64 / 1000.0;
+    let samples_per_second = job.samples_done as f64 / seconds;
+    let left = job.spec.num_samples.saturating_sub(job.samples_done) as f64;
+    let finish_ms =
+        (job.state == JobState::Running).then(|| now_ms + (1000.0 * left / samples_per_second) as i64);
+    Some(Pace { samples_per_second, finish_ms })
 }
 
 /// The spec a job was made from, with its resolved defaults: submitted again, it is the same job.
@@ -785,6 +811,23 @@ pub(crate) mod tests {
         let mut last = base.clone();
         last.spec.seed = u64::MAX - 9;
         assert_eq!(fields(extension(&ask, &last).unwrap_err()), ["spec.extends"]);
+    }
+
+    #[test]
+    fn a_jobs_pace_is_its_samples_over_its_time_so_far() {
+        let (models, outputs) = (catalog_model(), outputs());
+        let catalog = Catalog { models: &models, outputs: &outputs };
+        let mut job = finished(&request(), &catalog, JobState::Running);
+        (job.started_at_ms, job.samples_done) = (Some(10_000), 0);
+        assert_eq!(pace(&job, 20_000), None, "no sample stored yet");
+        // 4 of 10 samples in 8 s: 0.5 per second, the other 6 in 12 s more.
+        job.samples_done = 4;
+        assert_eq!(pace(&job, 18_000), Some(Pace { samples_per_second: 0.5, finish_ms: Some(30_000) }));
+        // A finished job's pace is over its run, and it has no finish ahead.
+        (job.state, job.samples_done, job.finished_at_ms) = (JobState::Succeeded, 10, Some(15_000));
+        assert_eq!(pace(&job, 99_000), Some(Pace { samples_per_second: 2.0, finish_ms: None }));
+        job.started_at_ms = None;
+        assert_eq!(pace(&job, 99_000), None, "a job that never started");
     }
 
     #[test]

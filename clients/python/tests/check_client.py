@@ -46,6 +46,7 @@ def basic(args: argparse.Namespace) -> None:
         job.wait()
         check(job.state == "SUCCEEDED", f"the job SUCCEEDED: {job!r} {job.error}")
         check(job.samples_done == 3, "every sample is done")
+        check(job.samples_per_second > 0 and job.estimated_finish_time is None, f"a finished job's pace: {job.to_dict()}")
         manifest = Path(job.manifest_uri.removeprefix("file://"))
         check(manifest.is_file(), f"the manifest is there: {job.manifest_uri}")
         check(json.loads(manifest.read_text())["totals"]["samples"] == 3, "the manifest counts 3 samples")

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import sys
 import time
@@ -109,6 +110,18 @@ class JobView:
     @property
     def owner(self) -> str:
         return self._message.owner
+
+    @property
+    def samples_per_second(self) -> Optional[float]:
+        """Samples stored per second since the job started (to its end); None until one is stored."""
+        return self._message.samples_per_second if self._message.HasField("samples_per_second") else None
+
+    @property
+    def estimated_finish_time(self) -> Optional[datetime.datetime]:
+        """When a RUNNING job should end at its pace (UTC); None otherwise."""
+        if not self._message.HasField("estimated_finish_time"):
+            return None
+        return self._message.estimated_finish_time.ToDatetime(tzinfo=datetime.timezone.utc)
 
     @property
     def extends(self) -> str:
