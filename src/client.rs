@@ -302,13 +302,18 @@ pub async fn connect(server: &ServerArg) -> Result<Client, ClientError> {
 
 /// A message in the protobuf JSON mapping (what grpcurl and the Python client print).
 pub fn to_json<M: prost::Message>(message: &M, full_name: &str) -> String {
-    use prost_reflect::{DescriptorPool, DynamicMessage};
-    let Ok(pool) = DescriptorPool::decode(crate::api::FILE_DESCRIPTOR_SET) else { return "{}".into() };
-    let Some(descriptor) = pool.get_message_by_name(full_name) else { return "{}".into() };
-    match DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice()) {
+    let Some(descriptor) = descriptor(full_name) else { return "{}".into() };
+    match prost_reflect::DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice()) {
         Ok(dynamic) => serde_json::to_string(&dynamic).unwrap_or_else(|_| "{}".into()),
         Err(_) => "{}".into(),
     }
+}
+
+/// The API's message `full_name` (`ddpm.v1.Job`), for the protobuf JSON mapping.
+fn descriptor(full_name: &str) -> Option<prost_reflect::MessageDescriptor> {
+    prost_reflect::DescriptorPool::decode(crate::api::FILE_DESCRIPTOR_SET)
+        .ok()?
+        .get_message_by_name(full_name)
 }
 
 pub fn state_name(state: i32) -> String {
@@ -321,7 +326,6 @@ pub fn state_name(state: i32) -> String {
 /// as `--output json` prints it (its `spec`).
 pub fn read_spec(path: &std::path::Path) -> Result<pb::JobSpec, ClientError> {
     use prost::Message;
-    use prost_reflect::{DescriptorPool, DynamicMessage};
     let shown = path.display();
     let text = if path.as_os_str() == "-" {
         std::io::read_to_string(std::io::stdin())
@@ -336,11 +340,9 @@ pub fn read_spec(path: &std::path::Path) -> Result<pb::JobSpec, ClientError> {
     {
         value = spec.take();
     }
-    let descriptor = DescriptorPool::decode(crate::api::FILE_DESCRIPTOR_SET)
-        .ok()
-        .and_then(|pool| pool.get_message_by_name("ddpm.v1.JobSpec"))
+    let descriptor = descriptor("ddpm.v1.JobSpec")
         .ok_or_else(|| ClientError::Usage("the API's descriptor lacks ddpm.v1.JobSpec".into()))?;
-    let dynamic = DynamicMessage::deserialize(descriptor, value)
+    let dynamic = prost_reflect::DynamicMessage::deserialize(descriptor, value)
         .map_err(|e| ClientError::Usage(format!("--spec {shown}: not a ddpm.v1.JobSpec: {e}")))?;
     pb::JobSpec::decode(dynamic.encode_to_vec().as_slice())
         .map_err(|e| ClientError::Usage(format!("--spec {shown}: {e}")))
@@ -546,8 +548,9 @@ fn print_job(job: &pb::Job, mode: OutputMode) {
     }
     let error = job.error.as_ref().map(|e| e.message.as_str()).unwrap_or_default();
     let pace = job.samples_per_second.map(|r| format!("  {r:.2} samples/s")).unwrap_or_default();
-    let eta =
-        job.estimated_finish_time.map(|t| format!(" (ends in ~{} s)", (t.seconds - now_seconds()).max(0)));
+    let eta = job
+        .estimated_finish_time
+        .map(|t| format!(" (ends in ~{} s)", (t.seconds - crate::queue::now_ms() / 1000).max(0)));
     println!(
         "{}  {:<9}  {}/{} samples  {}/{} shards{pace}{}{}{}",
         job.job_id,
@@ -560,10 +563,6 @@ fn print_job(job: &pb::Job, mode: OutputMode) {
         if job.manifest_uri.is_empty() { String::new() } else { format!("  manifest: {}", job.manifest_uri) },
         if error.is_empty() { String::new() } else { format!("  error: {error}") },
     );
-}
-
-fn now_seconds() -> i64 {
-    crate::queue::now_ms() / 1000
 }
 
 pub async fn status(args: JobArgs, progress: bool) -> Result<(), ClientError> {

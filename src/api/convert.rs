@@ -68,11 +68,12 @@ fn shown(value: &str) -> String {
 
 /// A job id from a request: present, and short enough to echo in an error.
 pub fn job_id(id: &str) -> Result<&str, ServiceError> {
-    job_ref("job_id", id)
+    name_in("job_id", id)
 }
 
-/// A job id in the request's `field`: present, and short enough to echo in an error.
-pub fn job_ref<'a>(field: &str, id: &'a str) -> Result<&'a str, ServiceError> {
+/// A name in the request's `field` (a job id, a model's name): present, and short enough to echo in an
+/// error.
+pub fn name_in<'a>(field: &str, id: &'a str) -> Result<&'a str, ServiceError> {
     if id.is_empty() {
         return Err(ServiceError::invalid(field, "required"));
     }
@@ -541,22 +542,20 @@ pub fn model_to_pb(
     fits: &BTreeMap<String, BTreeMap<String, Option<usize>>>,
 ) -> pb::Model {
     let (channels, height, width) = model.sample_shape();
-    let schedulers = SchedulerKind::ALL
+    let configs: Vec<_> = SchedulerKind::ALL.iter().filter_map(|&kind| model.scheduler(kind).ok()).collect();
+    let schedulers = configs
         .iter()
-        .filter_map(|&kind| {
-            let config = model.scheduler(kind).ok()?;
+        .filter_map(|config| {
             let max_steps = match config.build(limits.max_steps as usize, 0.0) {
                 Ok(_) => limits.max_steps,
                 Err(SchedulerError::Steps { max, .. }) => max.min(limits.max_steps as usize) as u32,
                 Err(_) => return None,
             };
-            Some(pb::SchedulerSupport { scheduler: scheduler_to_pb(kind) as i32, max_steps })
+            Some(pb::SchedulerSupport { scheduler: scheduler_to_pb(config.kind()) as i32, max_steps })
         })
         .collect();
-    let train_steps = serde_json::from_str::<serde_json::Value>(&model.scheduler_text)
-        .ok()
-        .and_then(|config| config.get("num_train_timesteps")?.as_u64())
-        .unwrap_or(1000);
+    // Every scheduler reads the same training schedule from the config (a server's model makes one).
+    let train_steps = configs.first().map_or(0, |c| c.betas().num_train_timesteps);
     let devices = fits
         .iter()
         .filter_map(|(device, models)| {
@@ -573,7 +572,7 @@ pub fn model_to_pb(
         channels: channels as u32,
         height: height as u32,
         width: width as u32,
-        num_train_timesteps: train_steps.min(u64::from(u32::MAX)) as u32,
+        num_train_timesteps: u32::try_from(train_steps).unwrap_or(u32::MAX),
         schedulers,
         default_batch_size: limits.default_batch_size,
         max_batch_size: limits.max_batch_size,

@@ -80,7 +80,7 @@ impl WorkerService {
         let Some(spec) = req.spec.as_ref().filter(|s| !s.extends.is_empty()) else {
             return Ok(Cow::Borrowed(req));
         };
-        let id = convert::job_ref("spec.extends", &spec.extends)?;
+        let id = convert::name_in("spec.extends", &spec.extends)?;
         let base = self
             .ctx
             .queue
@@ -240,9 +240,7 @@ impl pb::worker_service_server::WorkerService for WorkerService {
         observed("GetModel", async move {
             self.caller(&request, Role::Read)?;
             let name = request.into_inner().name;
-            if name.is_empty() || name.len() > 128 {
-                return Err(ServiceError::invalid("name", "1 to 128 bytes").into());
-            }
+            convert::name_in("name", &name)?;
             let Some(model) = self.ctx.models.get(&name) else {
                 let served = self.ctx.models.keys().cloned().collect::<Vec<_>>().join(", ");
                 return Err(ServiceError::ModelNotFound { name, served }.into());

@@ -127,6 +127,16 @@ impl SchedulerConfig {
         }
     }
 
+    /// The training noise schedule (the same keys in every scheduler's config).
+    pub fn betas(&self) -> &BetaConfig {
+        match self {
+            Self::Ddpm(c) => &c.betas,
+            Self::Ddim(c) => &c.betas,
+            Self::Pndm(c) => &c.betas,
+            Self::Dpmsolver(c) => &c.betas,
+        }
+    }
+
     fn validate(&self) -> Result<(), SchedulerError> {
         match self {
             Self::Ddpm(c) => c.validate(),
