@@ -89,8 +89,8 @@ pub async fn verify(spec: &VerifySpec) -> Result<Report, VerifyError> {
     let store = crate::storage::open_store(&spec.folder, spec.s3_path_style).await?;
     let manifest = read_manifest(store.as_ref()).await?;
     let mut report = Report { job_id: manifest.job_id.clone(), ..Default::default() };
-    check_objects(store.as_ref(), &manifest, &mut report).await?;
-    let rows = check_samples(&store, &manifest, &mut report).await?;
+    let parts = check_objects(store.as_ref(), &manifest, &mut report).await?;
+    let rows = check_samples(&store, &manifest, &parts, &mut report).await?;
     let model = resolve_model(spec, &manifest).await?;
     let batches = pick_batches(&manifest, spec.fraction, spec.seed);
     let (device, manifest) = (spec.device, Arc::new(manifest));
@@ -110,18 +110,25 @@ async fn read_manifest(store: &dyn ObjectStore) -> Result<JobManifest, VerifyErr
     serde_json::from_slice(&bytes).map_err(|e| VerifyError::Setup(format!("manifest.json: {e}")))
 }
 
-/// Every listed object's SHA-256 and size.
+/// Every listed object's SHA-256 and size; returns the index parts as read, by path, for
+/// [`check_samples`].
 async fn check_objects(
     store: &dyn ObjectStore,
     manifest: &JobManifest,
     report: &mut Report,
-) -> Result<(), VerifyError> {
-    let listed = manifest.index.iter().chain(&manifest.files).map(|f| (&f.path, &f.sha256));
-    let grids = manifest.grids.iter().map(|g| (&g.path, &g.sha256));
-    let metadata = manifest.metadata.iter().map(|f| (&f.path, &f.sha256));
-    for (path, sha256) in listed.chain(grids).chain(metadata) {
+) -> Result<BTreeMap<String, Bytes>, VerifyError> {
+    let mut parts = BTreeMap::new();
+    let index = manifest.index.iter().map(|f| (&f.path, &f.sha256, true));
+    let files = manifest.files.iter().map(|f| (&f.path, &f.sha256, false));
+    let grids = manifest.grids.iter().map(|g| (&g.path, &g.sha256, false));
+    let metadata = manifest.metadata.iter().map(|f| (&f.path, &f.sha256, false));
+    for (path, sha256, is_part) in index.chain(files).chain(grids).chain(metadata) {
         report.objects_checked += 1;
-        let what = match store.get(path).await? {
+        let stored = store.get(path).await?;
+        if let (true, Some(b)) = (is_part, &stored) {
+            parts.insert(path.clone(), b.clone());
+        }
+        let what = match stored {
             None => "missing".to_string(),
             Some(b) if sha256_hex(&b) != *sha256 => {
                 format!("stored with SHA-256 {}, the manifest lists {sha256}", sha256_hex(&b))
@@ -130,20 +137,21 @@ async fn check_objects(
         };
         report.mismatches.push(Mismatch { sample: None, path: path.clone(), what });
     }
-    Ok(())
+    Ok(parts)
 }
 
 /// Every sample's stored bytes against the index; returns the index rows by sample.
 async fn check_samples(
     store: &Arc<dyn ObjectStore>,
     manifest: &JobManifest,
+    parts: &BTreeMap<String, Bytes>,
     report: &mut Report,
 ) -> Result<BTreeMap<u64, IndexRow>, VerifyError> {
     let size_of = |path: &str| manifest.files.iter().find(|f| f.path == path).map(|f| f.bytes);
     let mut rows = BTreeMap::new();
     for part in &manifest.index {
-        let Some(bytes) = store.get(&part.path).await? else { continue };
-        let part_rows = crate::dataset::index::read(bytes)
+        let Some(bytes) = parts.get(&part.path) else { continue };
+        let part_rows = crate::dataset::index::read(bytes.clone())
             .map_err(|e| VerifyError::Setup(format!("{}: {e}", part.path)))?;
         for row in part_rows {
             report.samples_checked += 1;
