@@ -567,44 +567,17 @@ async fn the_python_client_and_waits_survive_a_restart() {
     let url = server.url.clone();
     let ca = tls.ca.to_str().unwrap().to_string();
 
-    let basic = Command::new(&python)
-        .arg(&script)
-        .args(["basic", &url, "--ca", &ca, "--token-file", alice.to_str().unwrap()])
-        .args(["--other-token-file", bob.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        basic.status.success(),
-        "check_client.py basic: {}{}",
-        String::from_utf8_lossy(&basic.stdout),
-        String::from_utf8_lossy(&basic.stderr)
-    );
+    let (alice_file, bob_file) = (alice.to_str().unwrap(), bob.to_str().unwrap());
+    let basic = ["basic", &url, "--ca", &ca, "--token-file", alice_file, "--other-token-file", bob_file];
+    common::python("clients/python/tests/check_client.py", &basic, &[]);
 
     // The client as a package: built by `python -m build`, its sdist and wheel each installed into a fresh
     // venv with no index, and a job run through asyncio from each.
     let wheels = std::env::var("DDPM_CLIENT_WHEELS").expect("DDPM_CLIENT_WHEELS is not set: run `make test`");
-    let package = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/python/tests/check_package.py");
     let work = dir.path().join("package");
     std::fs::create_dir_all(&work).unwrap();
-    let packaged = Command::new(&python)
-        .arg(&package)
-        .args([
-            wheels.as_str(),
-            work.to_str().unwrap(),
-            &url,
-            "--ca",
-            &ca,
-            "--token-file",
-            alice.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        packaged.status.success(),
-        "check_package.py: {}{}",
-        String::from_utf8_lossy(&packaged.stdout),
-        String::from_utf8_lossy(&packaged.stderr)
-    );
+    let packaged = [wheels.as_str(), work.to_str().unwrap(), &url, "--ca", &ca, "--token-file", alice_file];
+    common::python("clients/python/tests/check_package.py", &packaged, &[]);
 
     // A Python wait and a CLI wait on long jobs; the server drains and restarts under them.
     let mut waiter = Command::new(&python)

@@ -280,20 +280,7 @@ fn every_layout_of_a_run_opens_in_the_dataset_readers() {
         assert_eq!(m["spec"]["dataset"]["format"], format);
         assert_eq!(m["files"].as_array().unwrap().len(), 1);
         let reference = (image != "jpeg").then_some(files.as_path());
-        let python = std::env::var("DDPM_PYTHON").unwrap_or_else(|_| "python3".into());
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/readers/check_dataset.py");
-        let mut cmd = std::process::Command::new(python);
-        cmd.arg(script).arg(&out);
-        if let Some(r) = reference {
-            cmd.arg("--reference").arg(r);
-        }
-        let o = cmd.output().unwrap();
-        assert!(
-            o.status.success(),
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
+        common::service::run_readers(&out, reference);
         assert!(!out.join(".ddpm-staging").exists(), "generate leaves no staging folder");
     }
     // A folder that holds a run is not written over.

@@ -65,21 +65,8 @@ async fn models_and_outputs_live_on_s3() {
         Some(pb::OutputSpec { format: pb::OutputFormat::Parquet as i32, ..Default::default() });
     let job = grpc.submit_job(parquet).await.unwrap().into_inner().job.unwrap();
     wait_for(&mut grpc, &job.job_id, |j| j.state == SUCCEEDED).await;
-    let python = std::env::var("DDPM_PYTHON").expect("DDPM_PYTHON is not set: run `make test`");
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/python/tests/check_client.py");
-    let out = std::process::Command::new(python)
-        .arg(script)
-        .args(["s3", &server.url, "--job", &job.job_id])
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "check_client.py s3: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let aws: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    common::python("clients/python/tests/check_client.py", &["s3", &server.url, "--job", &job.job_id], &aws);
 
     // A job may pick a prefix under the default output, and a destination within an allowed one.
     req.s().output = Some(pb::OutputSpec { prefix: "custom".into(), ..Default::default() });

@@ -14,6 +14,24 @@ use std::path::PathBuf;
 
 use tch::Tensor;
 
+/// Runs `script` (a path in the repository) with the project venv's python (`DDPM_PYTHON`, set by
+/// `make test`), `args` and the variables `envs`; fails the test with the script's output unless it
+/// exits 0.
+pub fn python(script: &str, args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
+    let python = std::env::var("DDPM_PYTHON").expect("DDPM_PYTHON is not set: run `make test`");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
+    let out =
+        std::process::Command::new(python).arg(path).args(args).envs(envs.iter().copied()).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{script} {}: {}{}",
+        args.first().copied().unwrap_or_default(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// The folder of golden outputs. `make test` generates it and sets `DDPM_FIXTURES`.
 pub fn fixtures() -> PathBuf {
     let dir = std::env::var_os("DDPM_FIXTURES").map(PathBuf::from).unwrap_or_else(|| {
