@@ -20,8 +20,7 @@ from .client import (
     JobView,
     Model,
     PathLike,
-    _channel_options,
-    _credentials,
+    _connect,
     _extend_request,
     _Follow,
     _list_request,
@@ -79,12 +78,8 @@ class AsyncClient:
         key: Optional[PathLike] = None,
         timeout: float = 30.0,
     ) -> None:
-        target, credentials, self._metadata = _credentials(url, ca, cert, key, token, token_file)
+        self._channel, self._metadata = _connect(grpc.aio, url, ca, cert, key, token, token_file)
         self._timeout = timeout
-        if credentials is not None:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=_channel_options())
-        else:
-            self._channel = grpc.aio.insecure_channel(target, options=_channel_options())
         self._stub = pb_grpc.WorkerServiceStub(self._channel)
 
     async def close(self) -> None:

@@ -318,9 +318,7 @@ def _submit_request(
         spec.sampling.eta = eta
     if seed is not None:
         spec.seed = seed
-    if samples_per_grid is not None:
-        spec.grid.CopyFrom(pb.GridSpec(samples_per_grid=samples_per_grid, columns=grid_columns))
-    return pb.SubmitJobRequest(request_id=request_id or _request_id(), spec=spec)
+    return _request(spec, samples_per_grid, grid_columns, request_id)
 
 
 def _extend_request(
@@ -342,14 +340,15 @@ def _extend_request(
         priority=priority,
         labels=dict(labels or {}),
     )
+    return _request(spec, samples_per_grid, grid_columns, request_id)
+
+
+def _request(spec: pb.JobSpec, samples_per_grid: Optional[int], grid_columns: int, request_id: str):
+    """The submission of `spec` with its grid, if given, and an idempotency key (one is made up when none
+    is given, so that a submission retried after UNAVAILABLE queues one job)."""
     if samples_per_grid is not None:
         spec.grid.CopyFrom(pb.GridSpec(samples_per_grid=samples_per_grid, columns=grid_columns))
-    return pb.SubmitJobRequest(request_id=request_id or _request_id(), spec=spec)
-
-
-def _request_id() -> str:
-    """An idempotency key, so that a submission retried after UNAVAILABLE queues one job."""
-    return f"py-{uuid.uuid4()}"
+    return pb.SubmitJobRequest(request_id=request_id or f"py-{uuid.uuid4()}", spec=spec)
 
 
 def _list_request(states: Sequence[str], labels: Optional[Mapping[str, str]], page_size: int, token: str):
@@ -384,8 +383,9 @@ def _channel_options() -> list:
     ]
 
 
-def _credentials(url: str, ca, cert, key, token, token_file):
-    """The channel's target, its TLS credentials (None: plaintext) and the call metadata."""
+def _connect(channels, url: str, ca, cert, key, token, token_file):
+    """A channel to `url` made by `channels` (the `grpc` or `grpc.aio` module), TLS where asked, and the
+    call metadata with the bearer token."""
     if token_file is not None:
         lines = Path(token_file).read_text().splitlines()
         token = lines[0].strip() if lines else ""
@@ -394,12 +394,12 @@ def _credentials(url: str, ca, cert, key, token, token_file):
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
     tls = url.startswith("https://") or ca is not None or cert is not None
     target = url.split("://", 1)[-1].rstrip("/")
-    credentials = (
-        grpc.ssl_channel_credentials(root_certificates=_read(ca), private_key=_read(key), certificate_chain=_read(cert))
-        if tls
-        else None
+    if not tls:
+        return channels.insecure_channel(target, options=_channel_options()), metadata
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read(ca), private_key=_read(key), certificate_chain=_read(cert)
     )
-    return target, credentials, metadata
+    return channels.secure_channel(target, credentials, options=_channel_options()), metadata
 
 
 class Model:
@@ -460,12 +460,8 @@ class Client:
         key: Optional[PathLike] = None,
         timeout: float = 30.0,
     ) -> None:
-        target, credentials, self._metadata = _credentials(url, ca, cert, key, token, token_file)
+        self._channel, self._metadata = _connect(grpc, url, ca, cert, key, token, token_file)
         self._timeout = timeout
-        if credentials is not None:
-            self._channel = grpc.secure_channel(target, credentials, options=_channel_options())
-        else:
-            self._channel = grpc.insecure_channel(target, options=_channel_options())
         self._stub = pb_grpc.WorkerServiceStub(self._channel)
 
     def close(self) -> None:
