@@ -207,6 +207,13 @@ if grep -qE -- '--auth-token-file|--tls-|--health-listen|--allow-output|/etc/ddp
 else
   ok "default render: no auth/TLS flags, health port, allowed outputs or secret mounts"
 fi
+if grep -q -- '--job-retention' "$d"; then ko "default render keeps jobs (no retention)"; else ok "default render keeps jobs (no retention)"; fi
+e="$WORK/example-gpu2-keda-s3.yaml"
+if grep -qF -- '- --job-retention-seconds=2592000' "$e" && grep -qF -- '- --job-retention-keeps-outputs' "$e"; then
+  ok "example render: retention of 30 days that keeps datasets"
+else
+  ko "example render: retention of 30 days that keeps datasets"
+fi
 if grep -q '^kind: Job' "$d"; then ko "default render has no generate Job"; else ok "default render has no generate Job"; fi
 if grep -q '^kind: ServiceMonitor' "$d"; then ko "default render has no ServiceMonitor"; else ok "default render has no ServiceMonitor"; fi
 if grep -qF -- '- --output=s3://datasets/ddpm/runs' "$WORK/s3-output.yaml" && grep -qF -- '- --s3-path-style' "$WORK/s3-output.yaml" \

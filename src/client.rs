@@ -188,6 +188,13 @@ pub struct JobArgs {
 }
 
 #[derive(Debug, Clone, clap::Args)]
+pub struct DeleteArgs {
+    #[command(flatten)]
+    pub server: ServerArg,
+    pub job_id: String,
+}
+
+#[derive(Debug, Clone, clap::Args)]
 pub struct ModelsArgs {
     #[command(flatten)]
     pub server: ServerArg,
@@ -563,6 +570,17 @@ fn print_job(job: &pb::Job, mode: OutputMode) {
         if job.manifest_uri.is_empty() { String::new() } else { format!("  manifest: {}", job.manifest_uri) },
         if error.is_empty() { String::new() } else { format!("  error: {error}") },
     );
+    if let Some(stats) = &job.shard_stats {
+        let runners: Vec<String> =
+            stats.runners.iter().map(|r| format!("{}/{} ×{}", r.worker, r.device, r.shards)).collect();
+        println!(
+            "  {} attempts, {} shards retried, {} failed{}",
+            stats.attempts,
+            stats.retried,
+            stats.failed,
+            if runners.is_empty() { String::new() } else { format!("; ran on {}", runners.join(", ")) }
+        );
+    }
 }
 
 pub async fn status(args: JobArgs, progress: bool) -> Result<(), ClientError> {
@@ -630,6 +648,27 @@ pub async fn cancel(args: JobArgs) -> Result<(), ClientError> {
         .await?
         .into_inner();
     print_job(&job.job.unwrap_or_default(), args.server.output);
+    Ok(())
+}
+
+/// Deletes a job and its objects (cancelling it first if it runs).
+pub async fn delete(args: DeleteArgs) -> Result<(), ClientError> {
+    let mut client = connect(&args.server).await?;
+    let deleted = client
+        .delete_job(args.server.request(pb::DeleteJobRequest { job_id: args.job_id }))
+        .await?
+        .into_inner();
+    if args.server.output == OutputMode::Json {
+        println!("{}", to_json(&deleted, "ddpm.v1.DeleteJobResponse"));
+        return Ok(());
+    }
+    let job = deleted.job.unwrap_or_default();
+    println!(
+        "{}  deleted ({} when deleted, {} objects removed)",
+        job.job_id,
+        state_name(job.state),
+        deleted.objects_deleted
+    );
     Ok(())
 }
 

@@ -58,6 +58,9 @@ enum Command {
     /// Run a FAILED job again: failed shards get fresh attempts, finished ones are kept.
     #[command(after_help = EXIT_CODES)]
     Retry(client::JobArgs),
+    /// Delete a job and every object it wrote (a running job is cancelled first).
+    #[command(after_help = EXIT_CODES)]
+    Delete(client::DeleteArgs),
 }
 
 #[derive(clap::Args)]
@@ -475,6 +478,7 @@ fn main() -> ExitCode {
         }
         Command::Models(a) => run_client(client::models(a)),
         Command::Cancel(a) => run_client(client::cancel(a)),
+        Command::Delete(a) => run_client(client::delete(a)),
         Command::Retry(a) => run_client(client::retry(a, progress)),
         Command::Generate(a) => generate(a),
         Command::Verify(a) => verify(a),

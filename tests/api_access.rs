@@ -74,6 +74,10 @@ async fn every_rpc(client: &mut Authed, job_id: &str) -> Vec<(&'static str, Code
             code(client.cancel_job(pb::CancelJobRequest { job_id: job_id.into() }).await.map(drop)),
         ),
         ("RetryJob", code(client.retry_job(pb::RetryJobRequest { job_id: job_id.into() }).await.map(drop))),
+        (
+            "DeleteJob",
+            code(client.delete_job(pb::DeleteJobRequest { job_id: job_id.into() }).await.map(drop)),
+        ),
     ];
     let watch = client.watch_job(pb::WatchJobRequest { job_id: job_id.into() }).await;
     codes.push(("WatchJob", code(watch.map(drop))));
@@ -124,6 +128,8 @@ async fn every_rpc_needs_a_token_and_roles_decide_the_rest() {
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
     let denied = bob.retry_job(pb::RetryJobRequest { job_id: job.job_id.clone() }).await.unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    let denied = bob.delete_job(pb::DeleteJobRequest { job_id: job.job_id.clone() }).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
     let bobs = bob.submit_job(job_req.clone()).await.unwrap().into_inner().job.unwrap();
     assert_ne!(bobs.job_id, job.job_id, "the same request_id from another caller is another request");
     let again = alice.submit_job(job_req).await.unwrap().into_inner().job.unwrap();
@@ -141,6 +147,10 @@ async fn every_rpc_needs_a_token_and_roles_decide_the_rest() {
     let mut admin = client_with(&server, Some(ADMIN)).await;
     let cancelled = admin.cancel_job(pb::CancelJobRequest { job_id: bobs.job_id.clone() }).await.unwrap();
     assert_eq!(cancelled.into_inner().job.unwrap().state, pb::JobState::Cancelled as i32);
+    // Admin deletes anyone's job; then nobody finds it.
+    admin.delete_job(pb::DeleteJobRequest { job_id: bobs.job_id.clone() }).await.unwrap();
+    let gone = bob.get_job(pb::GetJobRequest { job_id: bobs.job_id.clone() }).await.unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
 
     // Reflection follows the API's tokens.
     let reflect = |token: Option<&'static str>| {

@@ -289,3 +289,52 @@ async fn a_closed_port_fails_quickly_after_its_retries() {
     assert!(retries >= 2.0, "{text}");
     assert!(text.contains("ddpm_upload_duration_seconds"), "{text}");
 }
+
+/// A folder's objects go, more than one listing page of them, with an upload left unfinished under it;
+/// a sibling whose name starts the same way, and everything else, stays.
+#[tokio::test]
+async fn deleting_a_folder_takes_its_objects_and_unfinished_uploads_and_nothing_else() {
+    use futures_util::StreamExt;
+    let server = SeaweedFs::shared().await;
+    let prefix = unique_prefix("delete-folder");
+    let store = store(&server, &prefix);
+    let keys: Vec<String> = (0..1005).map(|i| format!("jobs/a/samples/{i:08}.png")).collect();
+    let put = |key: String| {
+        let store = store.clone();
+        async move { store.put(&key, Bytes::from_static(b"."), "image/png").await.map(drop) }
+    };
+    futures_util::stream::iter(keys.into_iter().map(put))
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<(), _>>()
+        .unwrap();
+    for key in ["jobs/ab/z.png", "jobs/b/w.png"] {
+        store.put(key, Bytes::from_static(b"kept"), "image/png").await.unwrap();
+    }
+    let client = server.client();
+    let unfinished = client
+        .create_multipart_upload()
+        .bucket(BUCKET)
+        .key(format!("{prefix}/jobs/a/data/000000.tar"))
+        .send()
+        .await
+        .unwrap();
+    assert!(unfinished.upload_id().is_some());
+
+    assert_eq!(store.delete_folder("jobs/a").await.unwrap(), 1005);
+    let left = client.list_objects_v2().bucket(BUCKET).prefix(format!("{prefix}/")).send().await.unwrap();
+    let mut left: Vec<&str> = left.contents().iter().filter_map(|o| o.key()).collect();
+    left.sort();
+    assert_eq!(left, [format!("{prefix}/jobs/ab/z.png"), format!("{prefix}/jobs/b/w.png")]);
+    let uploads = client
+        .list_multipart_uploads()
+        .bucket(BUCKET)
+        .prefix(format!("{prefix}/jobs/a/"))
+        .send()
+        .await
+        .unwrap();
+    assert!(uploads.uploads().is_empty(), "{:?}", uploads.uploads());
+    assert_eq!(store.delete_folder("jobs/a").await.unwrap(), 0, "a folder already gone");
+}

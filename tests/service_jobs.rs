@@ -380,6 +380,11 @@ async fn a_failed_job_is_retried_without_resampling_its_finished_shards() {
     std::fs::create_dir_all(&blocker).unwrap();
     let failed = wait_for(&mut client, &job.job_id, |j| j.state == FAILED).await;
     assert_eq!(failed.shards_done, 3, "{failed:?}");
+    // GetJob tells how: three shards done at their first try, one failed on both of its attempts.
+    let stats = failed.shard_stats.clone().unwrap();
+    assert_eq!((stats.attempts, stats.retried, stats.failed), (5, 1, 1), "{stats:?}");
+    assert_eq!(stats.runners.iter().map(|r| r.shards).sum::<u32>(), 3, "{stats:?}");
+    assert!(stats.runners.iter().all(|r| r.device.starts_with("cpu") && !r.worker.is_empty()), "{stats:?}");
     let records = dir.path().join("jobs").join(&job.job_id).join("shards");
     let before = common::service::snapshot(&records);
     assert_eq!(before.len(), 3);
@@ -392,6 +397,9 @@ async fn a_failed_job_is_retried_without_resampling_its_finished_shards() {
     assert_eq!((retried.state, error_of(&retried).as_str(), retried.shards_done), (RUNNING, "", 3));
     let done = wait_for(&mut client, &job.job_id, |j| j.state == SUCCEEDED).await;
     assert_eq!((done.samples_done, done.shards_done), (8, 4));
+    let stats = done.shard_stats.clone().unwrap();
+    assert_eq!((stats.attempts, stats.retried, stats.failed), (4, 0, 0), "the retry starts its count again");
+    assert_eq!(stats.runners.iter().map(|r| r.shards).sum::<u32>(), 4, "{stats:?}");
     assert_eq!(job_samples(&done).await.len(), 8);
     let after = common::service::snapshot(&records);
     for (path, bytes) in &before {

@@ -11,7 +11,7 @@ use super::pb;
 use crate::dataset::{DataFormat, DatasetOptions, ImageFormat};
 use crate::job::{JobRecord, JobSpec, JobState};
 use crate::models::ResolvedModel;
-use crate::queue::PageCursor;
+use crate::queue::{PageCursor, ShardStats};
 use crate::schedulers::{SchedulerError, SchedulerKind};
 use crate::validation::{self, StorageRequest, Violations};
 use crate::worker::outputs::{Outputs, Refusal};
@@ -474,6 +474,29 @@ pub fn job_to_pb(job: &JobRecord, grid_uris: Vec<String>) -> pb::Job {
         grid_uris,
         samples_per_second: pace.map(|p| p.samples_per_second),
         estimated_finish_time: pace.and_then(|p| p.finish_ms).map(timestamp),
+        shard_stats: None,
+    }
+}
+
+/// How a job's shards ran (GetJob): the runners with the most shards first, then by name.
+pub fn shard_stats_to_pb(stats: &ShardStats) -> pb::ShardStats {
+    let count = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+    let mut runners: Vec<pb::ShardRunner> = stats
+        .completed_by
+        .iter()
+        .map(|(owner, &shards)| {
+            let (worker, device) = owner.rsplit_once('/').unwrap_or((owner.as_str(), ""));
+            pb::ShardRunner { worker: worker.to_string(), device: device.to_string(), shards: count(shards) }
+        })
+        .collect();
+    runners.sort_by(|a, b| {
+        b.shards.cmp(&a.shards).then_with(|| (&a.worker, &a.device).cmp(&(&b.worker, &b.device)))
+    });
+    pb::ShardStats {
+        attempts: count(stats.attempts),
+        retried: count(stats.retried),
+        failed: count(stats.failed),
+        runners,
     }
 }
 

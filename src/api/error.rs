@@ -28,6 +28,9 @@ pub enum ServiceError {
     NotFailed { job_id: String, state: &'static str },
     #[error("job {job_id} is {state}; only a succeeded job can be extended")]
     NotExtendable { job_id: String, state: &'static str },
+    /// Another request keeps changing the job: try again.
+    #[error("{0}")]
+    Conflict(String),
     #[error("the job queue is unavailable: {0}")]
     Queue(QueueError),
     #[error("the worker is shutting down")]
@@ -80,6 +83,7 @@ impl From<ServiceError> for Status {
             ServiceError::AlreadyFinished { .. }
             | ServiceError::NotFailed { .. }
             | ServiceError::NotExtendable { .. } => Status::failed_precondition(message),
+            ServiceError::Conflict(_) => Status::aborted(message),
             ServiceError::Queue(QueueError::Corrupt(_) | QueueError::Invalid(_)) => {
                 tracing::error!(error = message, "queue store");
                 Status::internal(message)

@@ -47,6 +47,7 @@ fn service(dir: &std::path::Path, rt: &tokio::runtime::Runtime) -> (WorkerServic
         idle_poll: Duration::from_secs(1),
         scratch_dir: dir.join("scratch"),
         queue_name: "sqlite".into(),
+        retention: None,
     };
     let outputs = Outputs::new(default, &allowed, true);
     let models = super::convert::tests::catalog_model();
@@ -190,6 +191,7 @@ enum Call {
     List(pb::ListJobsRequest),
     Cancel(pb::CancelJobRequest),
     Retry(pb::RetryJobRequest),
+    Delete(pb::DeleteJobRequest),
     Watch(pb::WatchJobRequest),
     Model(pb::GetModelRequest),
 }
@@ -226,6 +228,7 @@ fn call() -> impl Strategy<Value = Call> {
         1 => decoded::<pb::ListJobsRequest>().prop_map(Call::List),
         1 => job_id().prop_map(|job_id| Call::Cancel(pb::CancelJobRequest { job_id })),
         1 => job_id().prop_map(|job_id| Call::Retry(pb::RetryJobRequest { job_id })),
+        1 => job_id().prop_map(|job_id| Call::Delete(pb::DeleteJobRequest { job_id })),
         1 => job_id().prop_map(|job_id| Call::Watch(pb::WatchJobRequest { job_id })),
         1 => text().prop_map(|name| Call::Model(pb::GetModelRequest { name })),
     ]
@@ -323,6 +326,7 @@ fn arbitrary_requests_get_an_answer_or_a_proper_refusal() {
                 Call::List(m) => service.list_jobs(with_caller(m, &caller)).await.map(drop),
                 Call::Cancel(m) => service.cancel_job(with_caller(m, &caller)).await.map(drop),
                 Call::Retry(m) => service.retry_job(with_caller(m, &caller)).await.map(drop),
+                Call::Delete(m) => service.delete_job(with_caller(m, &caller)).await.map(drop),
                 Call::Watch(m) => service.watch_job(with_caller(m, &caller)).await.map(drop),
                 Call::Model(m) => service.get_model(with_caller(m, &caller)).await.map(drop),
             }

@@ -96,6 +96,48 @@ impl WorkerService {
         self.ctx.device_fits.lock().map(|f| f.clone()).unwrap_or_default()
     }
 
+    /// Cancels an unfinished job and stops its shards running here; returns it as it ended (it may
+    /// have finished otherwise meanwhile).
+    async fn cancel(&self, job_id: &str, reason: &str, caller: &Caller) -> Result<JobRecord, ServiceError> {
+        let finished = self.ctx.queue.finish_job(job_id, JobState::Cancelled, Some(reason), None).await?;
+        self.ctx.active.stop_job(job_id);
+        let job = finished.ok_or_else(|| ServiceError::NotFound(job_id.to_string()))?;
+        if job.state == JobState::Cancelled {
+            metrics::counter!("ddpm_jobs_finished_total", "state" => "cancelled").increment(1);
+            tracing::info!(job_id, by = caller.name, reason, "job cancelled");
+        }
+        Ok(job)
+    }
+
+    /// DeleteJob: cancels the job if it runs, deletes it, then its objects (see the proto).
+    async fn delete(&self, job_id: &str, caller: &Caller) -> Result<pb::DeleteJobResponse, ServiceError> {
+        let mut job = self.get(job_id).await?;
+        caller.require_owner_or_admin(&job.spec.owner)?;
+        // A FAILED job retried between the two calls runs again: cancel it again (a few times at most).
+        for _ in 0..3 {
+            if !job.state.is_terminal() {
+                self.cancel(&job.id, "deleted by request", caller).await?;
+            }
+            job = self.ctx.queue.delete_job(&job.id, false).await?.ok_or(ServiceError::NotFound(job.id))?;
+            if job.state.is_terminal() {
+                break;
+            }
+        }
+        if !job.state.is_terminal() {
+            return Err(ServiceError::Conflict(format!("job {} keeps being run again; not deleted", job.id)));
+        }
+        metrics::counter!("ddpm_jobs_deleted_total", "reason" => "request").increment(1);
+        let objects_deleted = match self.ctx.remove_outputs(&job).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(job_id = job.id, error = %e, "deleting a job's objects; the cleanup tries again");
+                0
+            }
+        };
+        tracing::info!(job_id = job.id, by = caller.name, objects_deleted, "job deleted");
+        Ok(pb::DeleteJobResponse { job: Some(convert::job_to_pb(&job, Vec::new())), objects_deleted })
+    }
+
     async fn get(&self, job_id: &str) -> Result<JobRecord, ServiceError> {
         let job_id = convert::job_id(job_id)?;
         self.ctx.queue.job(job_id).await?.ok_or_else(|| ServiceError::NotFound(job_id.to_string()))
@@ -258,7 +300,10 @@ impl pb::worker_service_server::WorkerService for WorkerService {
         observed("GetJob", async move {
             self.caller(&request, Role::Read)?;
             let job = self.get(&request.into_inner().job_id).await?;
-            Ok(Response::new(pb::GetJobResponse { job: Some(self.to_pb(&job).await) }))
+            let stats = self.ctx.queue.shard_stats(&job.id).await.map_err(ServiceError::from)?;
+            let mut shown = self.to_pb(&job).await;
+            shown.shard_stats = stats.as_ref().map(convert::shard_stats_to_pb);
+            Ok(Response::new(pb::GetJobResponse { job: Some(shown) }))
         })
         .await
     }
@@ -328,19 +373,7 @@ impl pb::worker_service_server::WorkerService for WorkerService {
                 }
                 JobState::Cancelled => job,
                 JobState::Queued | JobState::Running => {
-                    let finished = self
-                        .ctx
-                        .queue
-                        .finish_job(&job.id, JobState::Cancelled, Some("cancelled by request"), None)
-                        .await
-                        .map_err(ServiceError::from)?;
-                    self.ctx.active.stop_job(&job.id);
-                    let job = finished.ok_or_else(|| ServiceError::NotFound(job.id.clone()))?;
-                    if job.state == JobState::Cancelled {
-                        metrics::counter!("ddpm_jobs_finished_total", "state" => "cancelled").increment(1);
-                        tracing::info!(job_id = job.id, by = caller.name, "job cancelled");
-                    }
-                    job
+                    self.cancel(&job.id, "cancelled by request", &caller).await?
                 }
             };
             Ok(Response::new(pb::CancelJobResponse { job: Some(self.to_pb(&job).await) }))
@@ -373,6 +406,17 @@ impl pb::worker_service_server::WorkerService for WorkerService {
         .await
     }
 
+    async fn delete_job(
+        &self,
+        request: Request<pb::DeleteJobRequest>,
+    ) -> Result<Response<pb::DeleteJobResponse>, Status> {
+        observed("DeleteJob", async move {
+            let caller = self.caller(&request, Role::Submit)?;
+            Ok(Response::new(self.delete(&request.into_inner().job_id, &caller).await?))
+        })
+        .await
+    }
+
     type WatchJobStream = WatchStream;
 
     async fn watch_job(
@@ -401,7 +445,10 @@ impl pb::worker_service_server::WorkerService for WorkerService {
                     }
                     let job = match ctx.queue.job(&last.id).await {
                         Ok(Some(job)) => job,
-                        Ok(None) => break,
+                        Ok(None) => {
+                            let _ = tx.send(Err(ServiceError::NotFound(last.id.clone()).into())).await;
+                            break;
+                        }
                         Err(e) => {
                             let _ = tx.send(Err(Status::from(ServiceError::from(e)))).await;
                             break;

@@ -38,7 +38,8 @@ mod tests {
                 "RetryJob",
                 "WatchJob",
                 "ListModels",
-                "GetModel"
+                "GetModel",
+                "DeleteJob"
             ]
         );
         assert!(service.method.iter().find(|m| m.name() == "WatchJob").unwrap().server_streaming());

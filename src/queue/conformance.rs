@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use super::{IdempotencyKey, JobFilter, PageCursor, Queue, QueueError, ShardCounts};
+use super::{IdempotencyKey, JobFilter, PageCursor, Queue, QueueError, ShardCounts, ShardStats};
 use crate::job::{JobSpec, JobState, ShardPayload};
 use crate::schedulers::SchedulerKind;
 
@@ -23,6 +23,10 @@ pub async fn run_all<Q: Queue + Clone, F: Future<Output = Q>>(make: impl Fn() ->
     listing_filters_and_pages(make().await).await;
     finished_shards_make_a_job_ready_to_finalize(make().await).await;
     shards_are_counted_by_state(make().await).await;
+    deleted_jobs_vanish_and_are_cleaned_up_after_the_grace(make().await).await;
+    cancelled_jobs_have_their_outputs_cleaned_up_once(make().await).await;
+    retention_deletes_what_finished_long_enough_ago(make().await).await;
+    shard_stats_count_attempts_failures_and_runners(make().await).await;
 }
 
 pub fn spec(num_samples: u64, batch_size: u32, priority: i32, labels: &[(&str, &str)]) -> JobSpec {
@@ -285,4 +289,114 @@ pub async fn shards_are_counted_by_state(q: impl Queue) {
     }
     assert_eq!(pair(q.shard_counts().await.unwrap()), counts(0, 0));
     assert_eq!(q.shard_counts().await.unwrap().oldest_queued_at_ms, None);
+}
+
+/// DeleteJob's part in the store: only a finished job is deleted; from then on it is not found, listed
+/// or counted, its request id makes a new job, and its cleanup is due after the grace (outputs and
+/// record), once: after `purged` nothing of it is left to clean.
+pub async fn deleted_jobs_vanish_and_are_cleaned_up_after_the_grace(q: impl Queue) {
+    let keyed = spec(4, 2, 0, &[("team", "a")]);
+    let id = q.submit(&keyed, Some(&key("r-del", "h")), 1, 3).await.unwrap().job.id;
+    let other = q.submit(&spec(4, 2, 0, &[("team", "a")]), None, 1, 3).await.unwrap().job.id;
+    // Unfinished: returned as it is, not deleted.
+    let running = q.delete_job(&id, false).await.unwrap().unwrap();
+    assert_eq!(running.state, JobState::Queued);
+    assert!(q.job(&id).await.unwrap().is_some());
+    let lease = q.lease("w", LONG).await.unwrap().unwrap();
+    q.finish_job(&id, JobState::Cancelled, Some("deleted by request"), None).await.unwrap();
+    let deleted = q.delete_job(&id, false).await.unwrap().unwrap();
+    assert_eq!((deleted.id.as_str(), deleted.state), (id.as_str(), JobState::Cancelled));
+    assert!(q.job(&id).await.unwrap().is_none(), "a deleted job is not found");
+    assert!(q.delete_job(&id, false).await.unwrap().is_none(), "nor deleted twice");
+    assert!(q.retry_job(&id).await.unwrap().is_none());
+    assert!(q.finish_job(&id, JobState::Failed, None, None).await.unwrap().is_none());
+    let team_a = JobFilter { labels: [("team".to_string(), "a".to_string())].into(), ..Default::default() };
+    let listed: Vec<String> =
+        q.list_jobs(&team_a, None, 10).await.unwrap().into_iter().map(|j| j.id).collect();
+    assert_eq!(listed, std::slice::from_ref(&other));
+    assert_eq!(q.job_counts().await.unwrap(), [(JobState::Queued, 1)]);
+    let mut zombie = lease;
+    assert!(matches!(q.heartbeat(&mut zombie, LONG).await, Err(QueueError::LeaseLost { .. })));
+    // Its request id is free again: the same request makes a new job.
+    let again = q.submit(&keyed, Some(&key("r-del", "h")), 1, 3).await.unwrap();
+    assert!(again.created && again.job.id != id);
+    // The cleanup waits for the grace, then lists the job once per pass until it is recorded as done.
+    assert!(q.jobs_to_purge(LONG, 10).await.unwrap().is_empty(), "its workers may still write");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let due = q.jobs_to_purge(Duration::from_millis(1), 10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!((due[0].job.id.as_str(), due[0].outputs, due[0].record), (id.as_str(), true, true));
+    q.purged(&due[0]).await.unwrap();
+    assert!(q.jobs_to_purge(Duration::ZERO, 10).await.unwrap().is_empty());
+    assert!(q.job(&id).await.unwrap().is_none());
+    assert!(q.job(&other).await.unwrap().is_some(), "another job is untouched");
+}
+
+/// A cancelled job's outputs are due for deletion after the grace, and only once; its record stays.
+pub async fn cancelled_jobs_have_their_outputs_cleaned_up_once(q: impl Queue) {
+    let id = q.submit(&spec(4, 2, 0, &[]), None, 1, 3).await.unwrap().job.id;
+    let done = q.submit(&spec(2, 2, 0, &[]), None, 1, 3).await.unwrap().job.id;
+    q.finish_job(&id, JobState::Cancelled, None, None).await.unwrap();
+    q.finish_job(&done, JobState::Failed, Some("boom"), None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let due = q.jobs_to_purge(Duration::from_millis(1), 10).await.unwrap();
+    assert_eq!(due.len(), 1, "a failed job keeps its outputs for a retry");
+    assert_eq!((due[0].job.id.as_str(), due[0].outputs, due[0].record), (id.as_str(), true, false));
+    q.purged(&due[0]).await.unwrap();
+    assert!(q.jobs_to_purge(Duration::ZERO, 10).await.unwrap().is_empty());
+    assert_eq!(q.job(&id).await.unwrap().unwrap().state, JobState::Cancelled);
+}
+
+/// Retention deletes finished jobs once they are old enough, oldest first, up to the limit; the ones
+/// still running and the young ones stay. With `keep_outputs` the cleanup removes the record only.
+pub async fn retention_deletes_what_finished_long_enough_ago(q: impl Queue) {
+    let mut finished = Vec::new();
+    for _ in 0..3 {
+        let id = q.submit(&spec(2, 2, 0, &[]), None, 1, 3).await.unwrap().job.id;
+        q.finish_job(&id, JobState::Succeeded, None, Some("file:///m.json")).await.unwrap();
+        finished.push(id);
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let running = q.submit(&spec(2, 2, 0, &[]), None, 1, 3).await.unwrap().job.id;
+    assert!(q.expire_jobs(LONG, true, 10).await.unwrap().is_empty(), "none is old enough");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let expired = q.expire_jobs(Duration::from_millis(1), true, 2).await.unwrap();
+    assert_eq!(expired, finished[..2], "the oldest first, up to the limit");
+    assert!(q.job(&finished[0]).await.unwrap().is_none());
+    assert!(q.job(&finished[2]).await.unwrap().is_some());
+    assert!(q.job(&running).await.unwrap().is_some());
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let due = q.jobs_to_purge(Duration::from_millis(1), 10).await.unwrap();
+    let mut plan: Vec<(&str, bool, bool)> =
+        due.iter().map(|p| (p.job.id.as_str(), p.outputs, p.record)).collect();
+    plan.sort();
+    let mut expected = [(finished[0].as_str(), false, true), (finished[1].as_str(), false, true)];
+    expected.sort();
+    assert_eq!(plan, expected, "deleted, records to remove, objects kept");
+}
+
+/// How a job's shards ran: the attempts they took, those retried, those that failed on their own
+/// account (not the ones retired with their job), and who completed them.
+pub async fn shard_stats_count_attempts_failures_and_runners(q: impl Queue) {
+    let id = q.submit(&spec(4, 2, 0, &[]), None, 1, 3).await.unwrap().job.id;
+    assert_eq!(q.shard_stats(&id).await.unwrap().unwrap(), ShardStats::default());
+    let first = q.lease("w1/cpu", LONG).await.unwrap().unwrap();
+    let second = q.lease("w2/cuda:0", LONG).await.unwrap().unwrap();
+    q.complete_shard(&first, 2).await.unwrap();
+    q.retry_later(&second, Duration::ZERO, "boom").await.unwrap();
+    let again = q.lease("w2/cuda:0", LONG).await.unwrap().unwrap();
+    assert_eq!((again.shard, again.attempt), (second.shard, 2));
+    q.complete_shard(&again, 2).await.unwrap();
+    let stats = q.shard_stats(&id).await.unwrap().unwrap();
+    let runners = [("w1/cpu".to_string(), 1), ("w2/cuda:0".to_string(), 1)].into();
+    assert_eq!(stats, ShardStats { attempts: 3, retried: 1, failed: 0, completed_by: runners });
+
+    // One attempt per shard: the first fails for good, the job fails, and its other shard is retired.
+    let id = q.submit(&spec(4, 2, 0, &[]), None, 1, 1).await.unwrap().job.id;
+    let doomed = q.lease("w1/cpu", LONG).await.unwrap().unwrap();
+    q.retry_later(&doomed, Duration::ZERO, "boom").await.unwrap();
+    q.finish_job(&id, JobState::Failed, Some("a shard failed"), None).await.unwrap();
+    let stats = q.shard_stats(&id).await.unwrap().unwrap();
+    assert_eq!(stats, ShardStats { attempts: 1, retried: 0, failed: 1, completed_by: Default::default() });
+    assert!(q.shard_stats("no-such-job").await.unwrap().is_none());
 }

@@ -104,6 +104,52 @@ pub trait JobStore: Send + Sync + 'static {
     async fn jobs_to_finalize(&self, stale: Duration) -> Result<Vec<String>, QueueError>;
     /// How many jobs are in each state.
     async fn job_counts(&self) -> Result<Vec<(JobState, u64)>, QueueError>;
+    /// Deletes a finished job: from then on [`JobStore::job`] and the listings answer as if it never
+    /// was, and its request id may be used again. Its record stays, hidden, until [`JobStore::purged`]
+    /// once its outputs are removed (or kept: `keep_outputs`). Returns the job as it was deleted;
+    /// `None` when there is no such job. A job not finished yet is returned as it is, not deleted
+    /// (cancel it first).
+    async fn delete_job(&self, id: &str, keep_outputs: bool) -> Result<Option<JobRecord>, QueueError>;
+    /// Deletes (as [`JobStore::delete_job`]) up to `limit` jobs that finished `retention` ago or
+    /// earlier, oldest first; returns their ids.
+    async fn expire_jobs(
+        &self,
+        retention: Duration,
+        keep_outputs: bool,
+        limit: usize,
+    ) -> Result<Vec<String>, QueueError>;
+    /// Up to `limit` jobs whose cleanup is due: deleted, or CANCELLED with their outputs still there,
+    /// `grace` ago or earlier (a worker that had not yet seen the job end may have written until then).
+    async fn jobs_to_purge(&self, grace: Duration, limit: usize) -> Result<Vec<Purge>, QueueError>;
+    /// How job `id`'s shards ran, from their records (O(shards of the job)); `None` when there is no
+    /// such job.
+    async fn shard_stats(&self, id: &str) -> Result<Option<ShardStats>, QueueError>;
+    /// Records that `purge` was carried out: a deleted job's record and shard tasks are removed, a
+    /// cancelled job is not returned by [`JobStore::jobs_to_purge`] again.
+    async fn purged(&self, purge: &Purge) -> Result<(), QueueError>;
+}
+
+/// How a job's shards ran ([`JobStore::shard_stats`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShardStats {
+    /// Leases its shards took (a released lease is given back).
+    pub attempts: u64,
+    /// Shards that took more than one attempt.
+    pub retried: u64,
+    /// Shards dead-lettered on their own account, not retired because their job ended.
+    pub failed: u64,
+    /// Shards completed, by the lease owner (`worker/device`) that completed them.
+    pub completed_by: std::collections::BTreeMap<String, u64>,
+}
+
+/// A job's cleanup ([`JobStore::jobs_to_purge`]): its outputs to delete, its record to remove, or both.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Purge {
+    pub job: JobRecord,
+    /// Delete every object of the job: it was deleted (and not told to keep them), or cancelled.
+    pub outputs: bool,
+    /// Remove the job's record afterwards: it was deleted. A cancelled job's record stays.
+    pub record: bool,
 }
 
 /// Both halves, as the service uses them.

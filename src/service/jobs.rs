@@ -38,9 +38,36 @@ pub struct JobArgs {
     /// Layout of jobs that name none: files, webdataset or parquet.
     #[arg(long, env = "DDPM_DEFAULT_FORMAT", value_enum, default_value = "files")]
     pub default_format: crate::dataset::DataFormat,
+    /// Delete jobs this many seconds after they ended (SUCCEEDED, FAILED or CANCELLED), as DeleteJob
+    /// does: their records, and their objects unless --job-retention-keeps-outputs. Unset (the
+    /// default), jobs are kept until deleted.
+    #[arg(long, env = "DDPM_JOB_RETENTION_SECONDS")]
+    pub job_retention_seconds: Option<f64>,
+    /// With --job-retention-seconds, remove only the jobs' records and keep their datasets.
+    #[arg(long, env = "DDPM_JOB_RETENTION_KEEPS_OUTPUTS")]
+    pub job_retention_keeps_outputs: bool,
 }
 
 impl JobArgs {
+    /// How long finished jobs are kept (`None`: until deleted).
+    pub fn retention(&self) -> Result<Option<crate::worker::Retention>, ServeError> {
+        let Some(seconds) = self.job_retention_seconds else {
+            if self.job_retention_keeps_outputs {
+                return Err(ServeError::Config(
+                    "--job-retention-keeps-outputs needs --job-retention-seconds".into(),
+                ));
+            }
+            return Ok(None);
+        };
+        if !(seconds > 0.0 && seconds.is_finite() && seconds <= 1e12) {
+            return Err(ServeError::Config("--job-retention-seconds must be a number of seconds > 0".into()));
+        }
+        Ok(Some(crate::worker::Retention {
+            after: std::time::Duration::from_secs_f64(seconds),
+            keep_outputs: self.job_retention_keeps_outputs,
+        }))
+    }
+
     /// The limits the API checks each request against.
     pub fn build(&self) -> Result<Limits, ServeError> {
         let config = ServeError::Config;

@@ -63,6 +63,7 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
         max_batch_size: args.jobs.max_batch_size,
         scratch_dir: args.storage.scratch_dir.clone(),
         queue_name: args.queue.name(),
+        retention: args.jobs.retention()?,
     })?;
     let models = args.storage.models().await?;
     let queue = args

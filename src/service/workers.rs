@@ -76,6 +76,8 @@ pub struct WorkerNeeds {
     pub scratch_dir: std::path::PathBuf,
     /// The queue's name in metrics.
     pub queue_name: String,
+    /// How long finished jobs are kept.
+    pub retention: Option<crate::worker::Retention>,
 }
 
 impl WorkerArgs {
@@ -132,6 +134,7 @@ impl WorkerArgs {
             idle_poll: crate::worker::DEFAULT_IDLE_POLL,
             scratch_dir: needs.scratch_dir,
             queue_name: needs.queue_name,
+            retention: needs.retention,
         }
     }
 }

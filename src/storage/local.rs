@@ -238,6 +238,39 @@ impl ObjectStore for LocalStore {
         }
     }
 
+    async fn delete_folder(&self, folder: &str) -> Result<u64, StorageError> {
+        let path = self.path(folder.trim_end_matches('/'))?;
+        let uri = self.uri(folder);
+        tokio::task::spawn_blocking(move || {
+            let io = |source| StorageError::Io { uri: uri.clone(), source };
+            let mut deleted = 0;
+            // A writer may place a file while the folder goes (a worker that has not yet seen its
+            // job cancelled): then the removal finds the folder not empty, and goes again.
+            for _ in 0..3 {
+                let files = walkdir::WalkDir::new(&path)
+                    .into_iter()
+                    .filter_map(Result::ok)
+                    .filter(|e| !e.file_type().is_dir())
+                    .count() as u64;
+                match std::fs::remove_dir_all(&path) {
+                    Ok(()) => {
+                        deleted += files;
+                        if let Some(parent) = path.parent() {
+                            std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(io)?;
+                        }
+                        return Ok(deleted);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(deleted),
+                    Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => continue,
+                    Err(e) => return Err(io(e)),
+                }
+            }
+            Err(io(std::io::Error::other("files kept appearing while the folder was deleted")))
+        })
+        .await
+        .map_err(|e| StorageError::Remote { uri: self.uri(folder), message: e.to_string() })?
+    }
+
     fn spool_dir(&self) -> Option<PathBuf> {
         Some(self.root.join(STAGING_DIR))
     }
@@ -272,6 +305,23 @@ mod tests {
         // Only the final file is left: no temporary siblings, and the staging folder is empty.
         assert_eq!(names(&dir.path().join("a/b")), ["c.json"]);
         assert!(names(&dir.path().join(STAGING_DIR)).is_empty());
+    }
+
+    #[tokio::test]
+    async fn deleting_a_folder_takes_what_is_under_it_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path()).unwrap();
+        for key in ["jobs/a/x.png", "jobs/a/sub/y.png", "jobs/ab/z.png", "jobs/b/w.png"] {
+            store.put(key, Bytes::from_static(b"."), "image/png").await.unwrap();
+        }
+        assert_eq!(store.delete_folder("jobs/a").await.unwrap(), 2);
+        assert_eq!(
+            names(&dir.path().join("jobs")),
+            ["ab", "b"],
+            "a sibling that shares the name's start stays"
+        );
+        assert_eq!(store.delete_folder("jobs/a/").await.unwrap(), 0, "a folder already gone");
+        assert!(store.delete_folder("../jobs").await.is_err());
     }
 
     #[tokio::test]

@@ -77,6 +77,10 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug + 'static {
     async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Option<Bytes>, StorageError>;
     /// Copies the object at `key` to the file `path`, streaming; `false` when there is no object.
     async fn get_to_file(&self, key: &str, path: &std::path::Path) -> Result<bool, StorageError>;
+    /// Deletes every object under the folder `folder` (a key prefix; `/` is added, so `a/b` never
+    /// takes `a/bc/…`) and any upload left unfinished there. Returns how many objects were deleted;
+    /// deleting a folder that holds nothing is not an error.
+    async fn delete_folder(&self, folder: &str) -> Result<u64, StorageError>;
     /// A folder for files on their way to [`ObjectStore::put_file_new`] from which it can place them
     /// without a copy (the local store's staging folder); `None` when any local folder will do.
     fn spool_dir(&self) -> Option<std::path::PathBuf> {

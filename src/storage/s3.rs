@@ -30,7 +30,9 @@ use aws_sdk_s3::error::{BoxError, DisplayErrorContext, ProvideErrorMetadata, Sdk
 use aws_sdk_s3::operation::RequestId;
 use aws_sdk_s3::operation::get_object::GetObjectError;
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{ChecksumAlgorithm, ChecksumMode, CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::types::{
+    ChecksumAlgorithm, ChecksumMode, CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier,
+};
 use aws_smithy_runtime_api::client::orchestrator::{HttpResponse, Metadata};
 use aws_smithy_runtime_api::client::retries::RequestAttempts;
 use aws_smithy_types::base64;
@@ -614,6 +616,85 @@ impl ObjectStore for S3Store {
     async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
         let Some(body) = self.get_object(key, None).await? else { return Ok(None) };
         Ok(Some(body.collect().await.map_err(|e| self.body_error(key, e))?.into_bytes()))
+    }
+
+    async fn delete_folder(&self, folder: &str) -> Result<u64, StorageError> {
+        let folder = folder.trim_end_matches('/');
+        check_key(folder)?;
+        let prefix = format!("{}/", join_key(&self.prefix, folder));
+        // Unfinished uploads first, so that none completes after the listing below.
+        let (mut key_marker, mut upload_marker) = (None::<String>, None::<String>);
+        loop {
+            let page = self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.bucket)
+                .prefix(&prefix)
+                .set_key_marker(key_marker.take())
+                .set_upload_id_marker(upload_marker.take())
+                .send()
+                .await
+                .map_err(|e| Failure::of("ListMultipartUploads", &e).into_error(self.uri(folder)))?;
+            for upload in page.uploads() {
+                let (Some(key), Some(id)) = (upload.key(), upload.upload_id()) else { continue };
+                self.client
+                    .abort_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .upload_id(id)
+                    .send()
+                    .await
+                    .map_err(|e| Failure::of("AbortMultipartUpload", &e).into_error(self.uri(folder)))?;
+            }
+            if page.is_truncated() != Some(true) || page.next_key_marker().is_none() {
+                break;
+            }
+            key_marker = page.next_key_marker().map(str::to_string);
+            upload_marker = page.next_upload_id_marker().map(str::to_string);
+        }
+        let mut pages =
+            self.client.list_objects_v2().bucket(&self.bucket).prefix(&prefix).into_paginator().send();
+        let mut deleted = 0;
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| Failure::of("ListObjectsV2", &e).into_error(self.uri(folder)))?;
+            // A listing page holds at most 1,000 keys: what one DeleteObjects takes.
+            let objects = page
+                .contents()
+                .iter()
+                .filter_map(|o| o.key())
+                .map(|key| ObjectIdentifier::builder().key(key).build())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| self.remote(folder, e.to_string()))?;
+            if objects.is_empty() {
+                continue;
+            }
+            let count = objects.len() as u64;
+            let delete = Delete::builder()
+                .set_objects(Some(objects))
+                .quiet(true)
+                .build()
+                .map_err(|e| self.remote(folder, e.to_string()))?;
+            let out = self
+                .client
+                .delete_objects()
+                .bucket(&self.bucket)
+                .delete(delete)
+                .send()
+                .await
+                .map_err(|e| Failure::of("DeleteObjects", &e).into_error(self.uri(folder)))?;
+            if let Some(error) = out.errors().first() {
+                let message = format!(
+                    "DeleteObjects: {} of {count} not deleted, the first {:?}: {} {}",
+                    out.errors().len(),
+                    error.key().unwrap_or_default(),
+                    error.code().unwrap_or_default(),
+                    error.message().unwrap_or_default()
+                );
+                return Err(self.remote(folder, message));
+            }
+            deleted += count;
+        }
+        Ok(deleted)
     }
 
     fn uri(&self, key: &str) -> String {

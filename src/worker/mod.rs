@@ -66,6 +66,26 @@ pub struct WorkerConfig {
     pub scratch_dir: std::path::PathBuf,
     /// The queue's name in metrics (`queue` label): the NATS namespace, or `sqlite`.
     pub queue_name: String,
+    /// Finished jobs deleted a while after they finished; `None`: kept until DeleteJob.
+    pub retention: Option<Retention>,
+}
+
+/// How long finished jobs are kept ([`crate::queue::JobStore::expire_jobs`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Retention {
+    /// Time from a job's end to its deletion.
+    pub after: Duration,
+    /// Remove only the job's record; its objects stay.
+    pub keep_outputs: bool,
+}
+
+impl WorkerConfig {
+    /// How long after a job was cancelled or deleted its objects are deleted (again): by then every
+    /// worker that ran a shard of it has found its lease gone (heartbeats come every quarter lease)
+    /// and stopped writing.
+    pub fn cleanup_grace(&self) -> Duration {
+        self.lease_ttl * 2
+    }
 }
 
 /// Stop flags of the shards running in this process, by job, so CancelJob stops them between steps

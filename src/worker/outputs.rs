@@ -240,6 +240,11 @@ impl JobOutputs {
         }
     }
 
+    /// Deletes every object of the job (and uploads of it left unfinished); returns how many.
+    pub async fn delete(&self) -> Result<u64, StorageError> {
+        self.store.delete_folder(&self.base).await
+    }
+
     pub fn key(&self, relative: &str) -> String {
         join_key(&self.base, relative)
     }

@@ -7,6 +7,10 @@ use std::sync::atomic::Ordering;
 use super::{WorkerContext, outputs};
 use crate::job::{JobRecord, JobState};
 use crate::queue::QueueError;
+use crate::storage::StorageError;
+
+/// Jobs deleted by the retention, and cleanups carried out, in one reaper pass at most.
+const CLEANUPS_PER_PASS: usize = 32;
 
 impl WorkerContext {
     /// Writes the manifest of a job whose shards are all done and marks it SUCCEEDED (or FAILED when
@@ -56,6 +60,49 @@ impl WorkerContext {
         }
     }
 
+    /// Deletes every object of `job`; returns how many.
+    pub async fn remove_outputs(&self, job: &JobRecord) -> Result<u64, StorageError> {
+        let deleted = self.outputs.for_job(&job.id, &job.spec).await?.delete().await?;
+        metrics::counter!("ddpm_job_objects_deleted_total").increment(deleted);
+        Ok(deleted)
+    }
+
+    /// Deletes the jobs the retention is done with, and carries out the cleanups that are due: the
+    /// objects of cancelled and deleted jobs, then the deleted jobs' records. Objects that cannot be
+    /// deleted now (the store out of reach) are tried again on the next pass.
+    async fn clean_up(&self) {
+        if let Some(retention) = self.config.retention {
+            match self.queue.expire_jobs(retention.after, retention.keep_outputs, CLEANUPS_PER_PASS).await {
+                Ok(expired) if !expired.is_empty() => {
+                    metrics::counter!("ddpm_jobs_deleted_total", "reason" => "retention")
+                        .increment(expired.len() as u64);
+                    tracing::info!(jobs = ?expired, "deleted jobs past their retention");
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "deleting jobs past their retention"),
+            }
+        }
+        let due = match self.queue.jobs_to_purge(self.config.cleanup_grace(), CLEANUPS_PER_PASS).await {
+            Ok(due) => due,
+            Err(e) => return tracing::warn!(error = %e, "listing the jobs to clean up"),
+        };
+        for purge in due {
+            let job_id = purge.job.id.as_str();
+            if purge.outputs {
+                match self.remove_outputs(&purge.job).await {
+                    Ok(deleted) => tracing::info!(job_id, deleted, "deleted the objects of a finished job"),
+                    Err(e) => {
+                        tracing::warn!(job_id, error = %e, "deleting a job's objects; will retry");
+                        continue;
+                    }
+                }
+            }
+            if let Err(e) = self.queue.purged(&purge).await {
+                tracing::warn!(job_id, error = %e, "recording a job's cleanup");
+            }
+        }
+    }
+
     /// One reaper pass: requeue expired leases, fail jobs with dead shards, finalize stragglers.
     pub async fn reap_once(&self) {
         let reaped = self.queue.reap().await;
@@ -92,6 +139,7 @@ impl WorkerContext {
                 self.finalize(&job_id).await;
             }
         }
+        self.clean_up().await;
         // Spool files of writers killed mid-write (a live writer's are locked).
         let mut spools = self.outputs.spool_dirs().await;
         spools.push(self.config.scratch_dir.clone());

@@ -51,6 +51,14 @@ def basic(args: argparse.Namespace) -> None:
         check(manifest.is_file(), f"the manifest is there: {job.manifest_uri}")
         check(json.loads(manifest.read_text())["totals"]["samples"] == 3, "the manifest counts 3 samples")
         check(client.get(job.id).to_dict()["state"] == "JOB_STATE_SUCCEEDED", "get shows the final state")
+        stats = client.get(job.id).shard_stats
+        check(
+            stats is not None
+            and stats["attempts"] == job.message.shards_total
+            and stats["failed"] == 0
+            and sum(stats["runners"].values()) == job.message.shards_total,
+            f"get shows how its {job.message.shards_total} shards ran: {stats}",
+        )
         listed = [j.id for j in client.list(labels={"via": "python"})]
         check(listed == [job.id], f"the label filter finds the job: {listed}")
         check(job.id in [j.id for j in client.list(states=["succeeded"], limit=10)], "the state filter")
@@ -78,6 +86,7 @@ def basic(args: argparse.Namespace) -> None:
     with ddpm.Client(args.url, token_file=args.other_token_file, ca=args.ca) as other:
         check(other.get(queued.id).owner == "alice", "the job's owner is the token's name")
         expect(ddpm.PermissionDenied, lambda: other.cancel(queued.id), "cancelling another's job")
+        expect(ddpm.PermissionDenied, lambda: other.delete(queued.id), "deleting another's job")
     with ddpm.Client(args.url, token_file=args.token_file, ca=args.ca) as client:
         check(client.cancel(queued.id).state == "CANCELLED", "the owner cancels its job")
         expect(ddpm.JobCancelled, lambda: client.get(queued.id).wait(), "waiting on a cancelled job")
@@ -139,6 +148,14 @@ def asyncio_client(url: str, ca: str, token_file: str) -> str:
             except TimeoutError:
                 pass
             check((await long.cancel()).state == "CANCELLED", "the long job is cancelled")
+            folder = Path(job.manifest_uri.removeprefix("file://")).parent
+            deleted = await job.delete()
+            check(deleted >= 5 and not folder.exists(), f"the job's {deleted} objects are deleted: {folder}")
+            try:
+                await job.refresh()
+                sys.exit("check failed: a deleted job was found")
+            except ddpm.NotFound:
+                pass
             try:
                 await client.get("no-such-job")
                 sys.exit("check failed: an unknown job was found")

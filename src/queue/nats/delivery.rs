@@ -201,6 +201,7 @@ impl NatsQueue {
                     let reason = state.map_or("job missing".to_string(), |s| format!("job {}", s.as_str()));
                     self.fenced(&lease, |shard, _| {
                         shard.state = ShardState::Dead;
+                        shard.retired = true;
                         shard.last_error = Some(reason.clone());
                         shard.clear_lease();
                         Signal::Term

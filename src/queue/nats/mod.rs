@@ -95,7 +95,8 @@ use self::records::{
 };
 pub use self::settings::NatsSettings;
 use super::{
-    IdempotencyKey, JobFilter, JobStore, Lease, PageCursor, QueueError, SubmitOutcome, TaskState, now_ms,
+    IdempotencyKey, JobFilter, JobStore, Lease, PageCursor, Purge, QueueError, ShardStats, SubmitOutcome,
+    TaskState, now_ms,
 };
 use crate::job::{JobRecord, JobSpec, JobState};
 use crate::queue::plan::{Shard, plan_shards};
@@ -195,6 +196,7 @@ impl NatsQueue {
                         Some(mut s) if matches!(s.state, ShardState::Queued | ShardState::Leased) => {
                             let reply = s.ack.clone();
                             s.state = ShardState::Dead;
+                            s.retired = true;
                             s.last_error = Some(reason.to_string());
                             s.clear_lease();
                             Edit::Write(s, Some(reply))
@@ -341,11 +343,15 @@ impl JobStore for NatsQueue {
             batches_per_shard,
             max_attempts,
             counted: ShardSet::default(),
+            request_key: idempotency.map(|k| request_key(&k.request_id)),
+            deleted_at: None,
+            keep_outputs: false,
+            outputs_removed: false,
         };
         let id = uuid::Uuid::new_v4().to_string();
         if let Some(key) = idempotency {
             // Create-only: of concurrent submitters with one request id, exactly one claims it.
-            let idem_key = hex::encode(Sha256::digest(key.request_id.as_bytes()));
+            let idem_key = request_key(&key.request_id);
             let claim = StoredKey {
                 request_id: key.request_id.clone(),
                 request_hash: key.request_hash.clone(),
@@ -378,7 +384,8 @@ impl JobStore for NatsQueue {
         if !valid_id(id) {
             return Ok(None);
         }
-        Ok(self.read::<StoredJob>(&self.jobs, id).await?.map(|(j, _)| j.record()))
+        let job = self.read::<StoredJob>(&self.jobs, id).await?;
+        Ok(job.filter(|(j, _)| j.deleted_at.is_none()).map(|(j, _)| j.record()))
     }
 
     async fn list_jobs(
@@ -391,6 +398,7 @@ impl JobStore for NatsQueue {
             .scan::<StoredJob>(&self.jobs)
             .await?
             .into_iter()
+            .filter(|j| j.deleted_at.is_none())
             .filter(|j| filter.states.is_empty() || filter.states.contains(&j.state))
             .filter(|j| filter.labels.iter().all(|(k, v)| j.spec.labels.get(k) == Some(v)))
             .filter(|j| {
@@ -409,6 +417,7 @@ impl JobStore for NatsQueue {
         self.fenced(lease, |shard, _| {
             shard.state = ShardState::Done;
             shard.samples = Some(samples);
+            shard.done_by = Some(lease.owner.clone());
             shard.clear_lease();
             Signal::Ack
         })
@@ -457,6 +466,7 @@ impl JobStore for NatsQueue {
             .update::<StoredJob, Option<StoredJob>>(&self.jobs, id, |job| {
                 Ok(match job {
                     None => Edit::Keep(None),
+                    Some(job) if job.deleted_at.is_some() => Edit::Keep(None),
                     Some(job) if job.state.is_terminal() => Edit::Keep(Some(job)),
                     Some(mut job) => {
                         job.state = state;
@@ -501,6 +511,7 @@ impl JobStore for NatsQueue {
             .update::<StoredJob, Option<(StoredJob, bool)>>(&self.jobs, id, |job| {
                 Ok(match job {
                     None => Edit::Keep(None),
+                    Some(job) if job.deleted_at.is_some() => Edit::Keep(None),
                     Some(mut job) if job.state == JobState::Failed => {
                         job.state =
                             if job.started_at.is_some() { JobState::Running } else { JobState::Queued };
@@ -525,6 +536,7 @@ impl JobStore for NatsQueue {
                     Ok(match s {
                         Some(mut s) if s.state == ShardState::Dead => {
                             s.state = ShardState::Queued;
+                            s.retired = false;
                             s.attempts = 0;
                             s.available_at = now;
                             s.last_error = None;
@@ -584,12 +596,162 @@ impl JobStore for NatsQueue {
 
     async fn job_counts(&self) -> Result<Vec<(JobState, u64)>, QueueError> {
         let mut counts: Vec<(JobState, u64)> = Vec::new();
-        for job in self.scan::<StoredJob>(&self.jobs).await? {
+        for job in self.scan::<StoredJob>(&self.jobs).await?.into_iter().filter(|j| j.deleted_at.is_none()) {
             match counts.iter_mut().find(|(s, _)| *s == job.state) {
                 Some((_, n)) => *n += 1,
                 None => counts.push((job.state, 1)),
             }
         }
         Ok(counts)
+    }
+
+    async fn delete_job(&self, id: &str, keep_outputs: bool) -> Result<Option<JobRecord>, QueueError> {
+        if !valid_id(id) {
+            return Ok(None);
+        }
+        let now = now_ms();
+        let job = self
+            .update::<StoredJob, Option<(StoredJob, bool)>>(&self.jobs, id, |job| {
+                Ok(match job {
+                    None => Edit::Keep(None),
+                    Some(job) if job.deleted_at.is_some() => Edit::Keep(None),
+                    Some(job) if !job.state.is_terminal() => Edit::Keep(Some((job, false))),
+                    Some(job) => {
+                        let mut deleted = job.clone();
+                        deleted.deleted_at = Some(now);
+                        deleted.keep_outputs = keep_outputs;
+                        deleted.updated_at = now;
+                        Edit::Write(deleted, Some((job, true)))
+                    }
+                })
+            })
+            .await?;
+        let Some((job, deleted)) = job else { return Ok(None) };
+        if deleted {
+            self.free_request_id(&job).await?;
+        }
+        Ok(Some(job.record()))
+    }
+
+    async fn expire_jobs(
+        &self,
+        retention: Duration,
+        keep_outputs: bool,
+        limit: usize,
+    ) -> Result<Vec<String>, QueueError> {
+        let cutoff = now_ms() - super::ms(retention);
+        let mut due: Vec<StoredJob> = self
+            .scan::<StoredJob>(&self.jobs)
+            .await?
+            .into_iter()
+            .filter(|j| j.state.is_terminal() && j.deleted_at.is_none())
+            .filter(|j| j.finished_at.is_some_and(|t| t <= cutoff))
+            .collect();
+        due.sort_unstable_by(|a, b| a.finished_at.cmp(&b.finished_at).then_with(|| a.id.cmp(&b.id)));
+        let mut expired = Vec::new();
+        for job in due.into_iter().take(limit) {
+            if self.delete_job(&job.id, keep_outputs).await?.is_some_and(|j| j.state.is_terminal()) {
+                expired.push(job.id);
+            }
+        }
+        Ok(expired)
+    }
+
+    async fn jobs_to_purge(&self, grace: Duration, limit: usize) -> Result<Vec<Purge>, QueueError> {
+        let cutoff = now_ms() - super::ms(grace);
+        let mut due: Vec<(i64, Purge)> = self
+            .scan::<StoredJob>(&self.jobs)
+            .await?
+            .into_iter()
+            .filter_map(|j| {
+                let cancelled = j.state == JobState::Cancelled && !j.outputs_removed;
+                let since = match j.deleted_at {
+                    Some(at) => at,
+                    None if cancelled => j.finished_at?,
+                    None => return None,
+                };
+                let deleted = j.deleted_at.is_some();
+                let purge = Purge {
+                    outputs: (deleted && !j.keep_outputs) || cancelled,
+                    record: deleted,
+                    job: j.record(),
+                };
+                (since <= cutoff).then_some((since, purge))
+            })
+            .collect();
+        due.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.job.id.cmp(&b.1.job.id)));
+        Ok(due.into_iter().take(limit).map(|(_, p)| p).collect())
+    }
+
+    async fn shard_stats(&self, id: &str) -> Result<Option<ShardStats>, QueueError> {
+        let Some(job) = self.job(id).await? else { return Ok(None) };
+        // Each of the job's shard records, read directly (a filtered watch of the bucket would wait out
+        // its timeout for a job whose records are not there).
+        let read =
+            |shard: u64| async move { self.read::<StoredShard>(&self.shards, &shard_key(id, shard)).await };
+        let shards: Vec<Option<(StoredShard, u64)>> =
+            futures_util::stream::iter((0..job.shards_total).map(read))
+                .buffered(UPDATE_WINDOW)
+                .try_collect()
+                .await?;
+        let mut stats = ShardStats::default();
+        for (shard, _) in shards.into_iter().flatten() {
+            stats.attempts += u64::from(shard.attempts);
+            stats.retried += u64::from(shard.attempts > 1);
+            stats.failed += u64::from(shard.state == ShardState::Dead && !shard.retired);
+            if let (ShardState::Done, Some(owner)) = (shard.state, shard.done_by) {
+                *stats.completed_by.entry(owner).or_default() += 1;
+            }
+        }
+        Ok(Some(stats))
+    }
+
+    async fn purged(&self, purge: &Purge) -> Result<(), QueueError> {
+        let id = purge.job.id.as_str();
+        if !purge.record {
+            return self
+                .update::<StoredJob, ()>(&self.jobs, id, |job| {
+                    Ok(match job {
+                        Some(mut job) if !job.outputs_removed => {
+                            job.outputs_removed = true;
+                            Edit::Write(job, ())
+                        }
+                        _ => Edit::Keep(()),
+                    })
+                })
+                .await;
+        }
+        // The shard records first: a job record without shards is whole, shards without a job are not.
+        let purge_key = |key: String| async move {
+            self.shards.purge(&key).await.map_err(|e| nats_err(&format!("purging {key}"), e))
+        };
+        futures_util::stream::iter((0..purge.job.shards_total).map(|shard| purge_key(shard_key(id, shard))))
+            .buffer_unordered(UPDATE_WINDOW)
+            .try_collect::<()>()
+            .await?;
+        self.jobs.purge(id).await.map_err(|e| nats_err(&format!("purging job {id}"), e))
+    }
+}
+
+/// The idempotency bucket's key for a request id (a digest: request ids are free text).
+fn request_key(request_id: &str) -> String {
+    hex::encode(Sha256::digest(request_id.as_bytes()))
+}
+
+impl NatsQueue {
+    /// Removes the idempotency key that made `job`, if it still names that job, so that its request id
+    /// may be used again.
+    async fn free_request_id(&self, job: &StoredJob) -> Result<(), QueueError> {
+        let Some(key) = job.request_key.clone() else { return Ok(()) };
+        let Some((seen, revision)) = self.read::<StoredKey>(&self.idem, &key).await? else { return Ok(()) };
+        if seen.job_id != job.id {
+            return Ok(());
+        }
+        match self.idem.purge_expect_revision(&key, Some(revision)).await {
+            Ok(()) => Ok(()),
+            // Written again meanwhile: it names another job now, which keeps it.
+            Err(e) if e.to_string().contains("wrong last sequence") => Ok(()),
+            Err(e) => Err(nats_err(&format!("freeing request id key {key}"), e)),
+        }
     }
 }

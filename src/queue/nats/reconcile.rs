@@ -45,6 +45,8 @@ impl NatsQueue {
                     seq: None,
                     last_error: None,
                     samples: None,
+                    done_by: None,
+                    retired: false,
                 };
                 let key = shard_key(&job.id, shard.index);
                 match self.shards.create(&key, encode(&record)?).await {

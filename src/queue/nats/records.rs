@@ -31,6 +31,18 @@ pub(super) struct StoredJob {
     /// The shards `samples_done` and `shards_done` include.
     #[serde(default)]
     pub(super) counted: ShardSet,
+    /// The idempotency key (in the idem bucket) its request id claimed, freed when the job is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) request_key: Option<String>,
+    /// When the job was deleted: hidden from then on, its record removed once its cleanup is done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) deleted_at: Option<i64>,
+    /// A deleted job's outputs stay (retention that keeps datasets).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(super) keep_outputs: bool,
+    /// A cancelled job's partial outputs were deleted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(super) outputs_removed: bool,
 }
 
 /// A set of shard indices, one bit each (hex in JSON: 2 KB for 15,000 shards). Counting a completion
@@ -127,6 +139,12 @@ pub(super) struct StoredShard {
     pub(super) seq: Option<u64>,
     pub(super) last_error: Option<String>,
     pub(super) samples: Option<u64>,
+    /// The lease owner (`worker/device`) that completed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) done_by: Option<String>,
+    /// Dead because its job ended, not dead-lettered on its own account.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(super) retired: bool,
 }
 
 impl StoredShard {

@@ -11,8 +11,8 @@ use async_trait::async_trait;
 pub use store::SqliteStore;
 
 use super::{
-    IdempotencyKey, JobFilter, JobStore, Lease, PageCursor, QueueError, ReapReport, ShardCounts,
-    SubmitOutcome, TaskQueue, ms, now_ms,
+    IdempotencyKey, JobFilter, JobStore, Lease, PageCursor, Purge, QueueError, ReapReport, ShardCounts,
+    ShardStats, SubmitOutcome, TaskQueue, ms, now_ms,
 };
 use crate::job::{JobRecord, JobSpec, JobState};
 
@@ -138,6 +138,38 @@ impl JobStore for SqliteQueue {
 
     async fn job_counts(&self) -> Result<Vec<(JobState, u64)>, QueueError> {
         self.run(|s| s.job_counts()).await
+    }
+
+    async fn delete_job(&self, id: &str, keep_outputs: bool) -> Result<Option<JobRecord>, QueueError> {
+        let id = id.to_string();
+        self.run(move |s| s.delete_job(&id, keep_outputs, now_ms())).await
+    }
+
+    async fn expire_jobs(
+        &self,
+        retention: Duration,
+        keep_outputs: bool,
+        limit: usize,
+    ) -> Result<Vec<String>, QueueError> {
+        self.run(move |s| {
+            let now = now_ms();
+            s.expire_jobs(now - ms(retention), keep_outputs, limit, now)
+        })
+        .await
+    }
+
+    async fn jobs_to_purge(&self, grace: Duration, limit: usize) -> Result<Vec<Purge>, QueueError> {
+        self.run(move |s| s.jobs_to_purge(now_ms() - ms(grace), limit)).await
+    }
+
+    async fn shard_stats(&self, id: &str) -> Result<Option<ShardStats>, QueueError> {
+        let id = id.to_string();
+        self.run(move |s| s.shard_stats(&id)).await
+    }
+
+    async fn purged(&self, purge: &Purge) -> Result<(), QueueError> {
+        let purge = purge.clone();
+        self.run(move |s| s.purged(&purge)).await
     }
 }
 

@@ -15,8 +15,8 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use crate::job::{JobRecord, JobSpec, JobState, ShardPayload};
 use crate::queue::plan::plan_shards;
 use crate::queue::{
-    EnqueueOutcome, IdempotencyKey, JobFilter, Lease, PageCursor, QueueError, ReapReport, ShardCounts,
-    SubmitOutcome, TaskSpec, TaskState,
+    EnqueueOutcome, IdempotencyKey, JobFilter, Lease, PageCursor, Purge, QueueError, ReapReport, ShardCounts,
+    ShardStats, SubmitOutcome, TaskSpec, TaskState,
 };
 
 const SCHEMA: &str = "
@@ -60,6 +60,29 @@ CREATE INDEX IF NOT EXISTS tasks_ready ON tasks (state, priority DESC, available
 CREATE INDEX IF NOT EXISTS tasks_leases ON tasks (state, lease_expires_at);
 ";
 
+/// Columns added after the tables' first release, as (table, column, definition): a file written by an
+/// earlier version gains them when it is opened.
+const ADDED_COLUMNS: [(&str, &str, &str); 5] = [
+    // When the job was deleted (hidden from then on; its record goes once its cleanup is done).
+    ("jobs", "deleted_at", "INTEGER"),
+    // A deleted job's outputs stay (retention that keeps datasets).
+    ("jobs", "keep_outputs", "INTEGER NOT NULL DEFAULT 0"),
+    // A cancelled job's partial outputs were deleted.
+    ("jobs", "outputs_removed", "INTEGER NOT NULL DEFAULT 0"),
+    // The lease owner (`worker/device`) that completed the task.
+    ("tasks", "done_by", "TEXT"),
+    // A dead task was retired because its job ended, not dead-lettered on its own account.
+    ("tasks", "retired", "INTEGER NOT NULL DEFAULT 0"),
+];
+
+/// The jobs whose cleanup is pending, without a scan of every job.
+const CLEANUP_INDEX: &str =
+    "CREATE INDEX IF NOT EXISTS jobs_cleanup ON jobs (state, deleted_at, outputs_removed)";
+
+/// The columns of a job record, as [`job_from_row`] reads them.
+const JOB_COLUMNS: &str = "id, spec, state, samples_done, shards_done, shards_total, created_at, started_at,
+    finished_at, error, manifest_uri";
+
 /// The SQLite job store and task queue. One connection behind a mutex: SQLite serialises writers anyway, and every
 /// operation is one short transaction.
 pub struct SqliteStore {
@@ -84,6 +107,17 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "busy_timeout", 5000)?;
         conn.execute_batch(SCHEMA)?;
+        for (table, column, definition) in ADDED_COLUMNS {
+            let present: bool = conn.query_row(
+                "SELECT COUNT(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
+                params![table, column],
+                |r| r.get(0),
+            )?;
+            if !present {
+                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {definition}"))?;
+            }
+        }
+        conn.execute_batch(CLEANUP_INDEX)?;
         Ok(Self { conn: Mutex::new(conn) })
     }
 
@@ -179,7 +213,7 @@ impl SqliteStore {
     pub fn complete(&self, lease: &Lease) -> Result<(), QueueError> {
         self.fenced(
             lease,
-            "UPDATE tasks SET state = 'done', lease_owner = NULL, lease_expires_at = NULL
+            "UPDATE tasks SET state = 'done', done_by = lease_owner, lease_owner = NULL, lease_expires_at = NULL
              WHERE id = ?1 AND lease_owner = ?2 AND attempts = ?3 AND state = 'leased'",
             &[],
         )
@@ -329,7 +363,7 @@ impl SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let changed = tx.execute(
-            "UPDATE tasks SET state = 'done', lease_owner = NULL, lease_expires_at = NULL
+            "UPDATE tasks SET state = 'done', done_by = lease_owner, lease_owner = NULL, lease_expires_at = NULL
              WHERE id = ?1 AND lease_owner = ?2 AND attempts = ?3 AND state = 'leased'",
             params![lease.task_id, lease.owner, lease.attempt],
         )?;
@@ -367,7 +401,8 @@ impl SqliteStore {
             params![id, state.as_str(), error, manifest_uri, now_ms],
         )?;
         tx.execute(
-            "UPDATE tasks SET state = 'dead', last_error = ?2, lease_owner = NULL, lease_expires_at = NULL
+            "UPDATE tasks SET state = 'dead', retired = 1, last_error = ?2, lease_owner = NULL,
+                lease_expires_at = NULL
              WHERE job_id = ?1 AND state IN ('queued', 'leased')",
             params![id, format!("job {}", state.as_str())],
         )?;
@@ -384,12 +419,13 @@ impl SqliteStore {
         let changed = tx.execute(
             "UPDATE jobs SET state = CASE WHEN started_at IS NULL THEN 'queued' ELSE 'running' END,
                 error = NULL, finished_at = NULL, updated_at = ?2
-             WHERE id = ?1 AND state = 'failed'",
+             WHERE id = ?1 AND state = 'failed' AND deleted_at IS NULL",
             params![id, now_ms],
         )?;
         if changed == 1 {
             tx.execute(
-                "UPDATE tasks SET state = 'queued', attempts = 0, available_at = ?2, last_error = NULL
+                "UPDATE tasks SET state = 'queued', attempts = 0, retired = 0, available_at = ?2,
+                    last_error = NULL
                  WHERE job_id = ?1 AND state = 'dead'",
                 params![id, now_ms],
             )?;
@@ -420,7 +456,7 @@ impl SqliteStore {
         cursor: Option<&PageCursor>,
         limit: usize,
     ) -> Result<Vec<JobRecord>, QueueError> {
-        let mut sql = String::from("SELECT id FROM jobs WHERE 1 = 1");
+        let mut sql = String::from("SELECT id FROM jobs WHERE deleted_at IS NULL");
         let mut values: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
         if !filter.states.is_empty() {
             let marks = vec!["?"; filter.states.len()].join(", ");
@@ -467,7 +503,8 @@ impl SqliteStore {
     /// How many jobs are in each state (states without jobs are left out).
     pub fn job_counts(&self) -> Result<Vec<(JobState, u64)>, QueueError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT state, COUNT(*) FROM jobs GROUP BY state")?;
+        let mut stmt =
+            conn.prepare("SELECT state, COUNT(*) FROM jobs WHERE deleted_at IS NULL GROUP BY state")?;
         let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
         rows.map(|row| {
             let (state, n) = row?;
@@ -476,6 +513,117 @@ impl SqliteStore {
             Ok((state, n as u64))
         })
         .collect()
+    }
+
+    /// Deletes finished job `id` (see [`crate::queue::JobStore::delete_job`]): hides it, frees its
+    /// request id and retires nothing, since a finished job has no task left to run.
+    pub fn delete_job(
+        &self,
+        id: &str,
+        keep_outputs: bool,
+        now_ms: i64,
+    ) -> Result<Option<JobRecord>, QueueError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let Some(job) = get_job(&tx, id)? else { return Ok(None) };
+        if job.state.is_terminal() {
+            delete_finished(&tx, id, keep_outputs, now_ms)?;
+        }
+        tx.commit()?;
+        Ok(Some(job))
+    }
+
+    /// Deletes up to `limit` jobs finished at `before_ms` or earlier, oldest first; returns their ids.
+    pub fn expire_jobs(
+        &self,
+        before_ms: i64,
+        keep_outputs: bool,
+        limit: usize,
+        now_ms: i64,
+    ) -> Result<Vec<String>, QueueError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let ids: Vec<String> = {
+            let mut stmt = tx.prepare(
+                "SELECT id FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled')
+                   AND deleted_at IS NULL AND finished_at <= ?1 ORDER BY finished_at, id LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![before_ms, limit as i64], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        for id in &ids {
+            delete_finished(&tx, id, keep_outputs, now_ms)?;
+        }
+        tx.commit()?;
+        Ok(ids)
+    }
+
+    /// Up to `limit` jobs whose cleanup is due at `before_ms`: deleted, or cancelled with their outputs
+    /// not yet removed, at that time or earlier.
+    pub fn jobs_to_purge(&self, before_ms: i64, limit: usize) -> Result<Vec<Purge>, QueueError> {
+        let conn = self.conn();
+        let sql = format!(
+            "SELECT {JOB_COLUMNS}, deleted_at IS NOT NULL, keep_outputs, outputs_removed FROM jobs
+              WHERE (state IN ('succeeded', 'failed', 'cancelled') AND deleted_at <= ?1)
+                 OR (state = 'cancelled' AND deleted_at IS NULL AND outputs_removed = 0 AND finished_at <= ?1)
+              ORDER BY COALESCE(deleted_at, finished_at), id LIMIT ?2"
+        );
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = stmt.query_map(params![before_ms, limit as i64], |r| {
+            let job = job_from_row(r)?;
+            let (deleted, keep, removed): (bool, bool, bool) = (r.get(11)?, r.get(12)?, r.get(13)?);
+            Ok(job.map(|job| {
+                let cancelled = job.state == JobState::Cancelled && !removed;
+                Purge { outputs: (deleted && !keep) || cancelled, record: deleted, job }
+            }))
+        })?;
+        rows.collect::<Result<Result<_, _>, _>>()?
+    }
+
+    /// How job `id`'s shards ran; `None` when there is no such job.
+    pub fn shard_stats(&self, id: &str) -> Result<Option<ShardStats>, QueueError> {
+        let conn = self.conn();
+        if get_job(&conn, id)?.is_none() {
+            return Ok(None);
+        }
+        let (attempts, retried, failed): (i64, i64, i64) = conn.query_row(
+            "SELECT COALESCE(SUM(attempts), 0), COALESCE(SUM(attempts > 1), 0),
+                    COALESCE(SUM(state = 'dead' AND retired = 0), 0)
+               FROM tasks WHERE job_id = ?1",
+            params![id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
+        let mut stmt = conn.prepare(
+            "SELECT done_by, COUNT(*) FROM tasks WHERE job_id = ?1 AND state = 'done' AND done_by IS NOT NULL
+              GROUP BY done_by",
+        )?;
+        let completed_by = stmt
+            .query_map(params![id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?
+            .collect::<Result<_, _>>()?;
+        Ok(Some(ShardStats {
+            attempts: attempts as u64,
+            retried: retried as u64,
+            failed: failed as u64,
+            completed_by,
+        }))
+    }
+
+    /// Records a cleanup as done: a deleted job's record and tasks go; a cancelled job is marked.
+    pub fn purged(&self, purge: &Purge) -> Result<(), QueueError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let id = &purge.job.id;
+        if purge.record {
+            let removed =
+                tx.execute("DELETE FROM jobs WHERE id = ?1 AND deleted_at IS NOT NULL", params![id])?;
+            if removed == 1 {
+                tx.execute("DELETE FROM tasks WHERE job_id = ?1", params![id])?;
+            }
+        } else {
+            tx.execute("UPDATE jobs SET outputs_removed = 1 WHERE id = ?1", params![id])?;
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     /// Unfinished tasks of all jobs, queued and leased.
@@ -491,55 +639,44 @@ impl SqliteStore {
     }
 }
 
+/// Marks finished job `id` deleted at `now_ms` and frees its request id (one step of a transaction).
+fn delete_finished(tx: &Connection, id: &str, keep_outputs: bool, now_ms: i64) -> Result<(), QueueError> {
+    tx.execute(
+        "UPDATE jobs SET deleted_at = ?2, keep_outputs = ?3, updated_at = ?2 WHERE id = ?1 AND deleted_at IS NULL",
+        params![id, now_ms, keep_outputs],
+    )?;
+    tx.execute("DELETE FROM idempotency WHERE job_id = ?1", params![id])?;
+    Ok(())
+}
+
+/// Job `id`, unless there is none or it was deleted.
 fn get_job(conn: &Connection, id: &str) -> Result<Option<JobRecord>, QueueError> {
-    let row = conn
-        .query_row(
-            "SELECT spec, state, samples_done, shards_done, shards_total, created_at, started_at, finished_at,
-                    error, manifest_uri FROM jobs WHERE id = ?1",
-            params![id],
-            |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, i64>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, i64>(4)?,
-                    r.get::<_, i64>(5)?,
-                    r.get::<_, Option<i64>>(6)?,
-                    r.get::<_, Option<i64>>(7)?,
-                    r.get::<_, Option<String>>(8)?,
-                    r.get::<_, Option<String>>(9)?,
-                ))
-            },
-        )
-        .optional()?;
-    let Some((
+    let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1 AND deleted_at IS NULL");
+    conn.query_row(&sql, params![id], job_from_row).optional()?.transpose()
+}
+
+/// A row of [`JOB_COLUMNS`] as a record (corrupt when its spec or state cannot be read).
+fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JobRecord, QueueError>> {
+    let id: String = r.get(0)?;
+    let (spec, state): (String, String) = (r.get(1)?, r.get(2)?);
+    let spec = match serde_json::from_str(&spec) {
+        Ok(spec) => spec,
+        Err(e) => return Ok(Err(QueueError::Corrupt(format!("job {id} spec: {e}")))),
+    };
+    let Some(state) = JobState::parse(&state) else {
+        return Ok(Err(QueueError::Corrupt(format!("job {id} state {state:?}"))));
+    };
+    Ok(Ok(JobRecord {
         spec,
         state,
-        samples_done,
-        shards_done,
-        shards_total,
-        created,
-        started,
-        finished,
-        error,
-        manifest,
-    )) = row
-    else {
-        return Ok(None);
-    };
-    Ok(Some(JobRecord {
-        id: id.to_string(),
-        spec: serde_json::from_str(&spec).map_err(|e| QueueError::Corrupt(format!("job {id} spec: {e}")))?,
-        state: JobState::parse(&state)
-            .ok_or_else(|| QueueError::Corrupt(format!("job {id} state {state:?}")))?,
-        samples_done: samples_done as u64,
-        shards_done: shards_done as u64,
-        shards_total: shards_total as u64,
-        created_at_ms: created,
-        started_at_ms: started,
-        finished_at_ms: finished,
-        error,
-        manifest_uri: manifest,
+        samples_done: r.get::<_, i64>(3)? as u64,
+        shards_done: r.get::<_, i64>(4)? as u64,
+        shards_total: r.get::<_, i64>(5)? as u64,
+        created_at_ms: r.get(6)?,
+        started_at_ms: r.get(7)?,
+        finished_at_ms: r.get(8)?,
+        error: r.get(9)?,
+        manifest_uri: r.get(10)?,
+        id,
     }))
 }

@@ -41,6 +41,10 @@ class AsyncJob(JobView):
         self._message = (await self._client.cancel(self.id)).message
         return self
 
+    async def delete(self) -> int:
+        """Deletes this job and its objects: see `Client.delete`."""
+        return await self._client.delete(self.id)
+
     async def extend(self, num_samples: int, **options: Any) -> "AsyncJob":
         """Queues `num_samples` more samples of this (SUCCEEDED) job: see `Client.extend`."""
         return await self._client.extend(self.id, num_samples, **options)
@@ -112,6 +116,10 @@ class AsyncClient:
 
     async def cancel(self, job_id: str) -> AsyncJob:
         return AsyncJob(self, (await self._call(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id))).job)
+
+    async def delete(self, job_id: str) -> int:
+        """Deletes a job and its objects: see `Client.delete`."""
+        return (await self._call(self._stub.DeleteJob, pb.DeleteJobRequest(job_id=job_id))).objects_deleted
 
     async def retry(self, job_id: str) -> AsyncJob:
         return AsyncJob(self, (await self._call(self._stub.RetryJob, pb.RetryJobRequest(job_id=job_id))).job)

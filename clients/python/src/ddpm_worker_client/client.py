@@ -124,6 +124,20 @@ class JobView:
         return self._message.estimated_finish_time.ToDatetime(tzinfo=datetime.timezone.utc)
 
     @property
+    def shard_stats(self) -> Optional[dict]:
+        """How its shards ran, as GetJob (`refresh`, `Client.get`) reports it: `attempts`, `retried`,
+        `failed` and `runners` (`{"worker/device": shards}`); None on a job from a list or a watch."""
+        if not self._message.HasField("shard_stats"):
+            return None
+        stats = self._message.shard_stats
+        return {
+            "attempts": stats.attempts,
+            "retried": stats.retried,
+            "failed": stats.failed,
+            "runners": {f"{r.worker}/{r.device}": r.shards for r in stats.runners},
+        }
+
+    @property
     def extends(self) -> str:
         """The job this one continues ("" when none)."""
         return self._message.spec.extends
@@ -237,6 +251,10 @@ class Job(JobView):
     def cancel(self) -> "Job":
         self._message = self._client.cancel(self.id).message
         return self
+
+    def delete(self) -> int:
+        """Deletes this job and its objects: see `Client.delete`."""
+        return self._client.delete(self.id)
 
     def extend(self, num_samples: int, **kwargs: Any) -> "Job":
         """Queues `num_samples` more samples of this (SUCCEEDED) job: see `Client.extend`."""
@@ -518,6 +536,11 @@ class Client:
     def cancel(self, job_id: str) -> Job:
         """Cancels a QUEUED or RUNNING job (a CANCELLED one is returned as it is)."""
         return Job(self, self._call(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id)).job)
+
+    def delete(self, job_id: str) -> int:
+        """Deletes a job and every object it wrote (a QUEUED or RUNNING job is cancelled first); the
+        job is gone afterwards (`get` raises NotFound). Returns how many objects this call deleted."""
+        return self._call(self._stub.DeleteJob, pb.DeleteJobRequest(job_id=job_id)).objects_deleted
 
     def retry(self, job_id: str) -> Job:
         """Runs a FAILED job again; its finished shards are kept."""
