@@ -79,7 +79,10 @@ case_args() {
                --set serve.tls.existingSecret=ddpm-tls --set serve.tls.clientCaSecret=ddpm-client-ca
                --set serve.tls.clientCaKey=bundle.pem --set serve.tls.healthPort=8086
                --set-json 'serve.allowOutputs=["s3://datasets/team-a","file:/data/out/shared"]'
-               --set serve.minPriority=0 --set serve.maxPriority=20) ;;
+               --set serve.minPriority=0 --set serve.maxPriority=20
+               --set-json 'serve.events.webhooks=["https://hooks.example.com/ddpm/all"]'
+               --set-json 'serve.events.allowWebhooks=["https://hooks.example.com/ddpm/jobs/"]'
+               --set serve.events.secret.existingSecret=ddpm-webhook) ;;
     # Several replicas with nothing to declare: models on nfs (no access mode), output on S3.
     nats-s3-nfs) A=(--set serve.queue.type=nats --set serve.queue.nats.url=nats://nats:4222 --set serve.replicas=2
                     --set-json 'models.volume={"persistentVolumeClaim":null,"nfs":{"server":"nfs.storage.svc","path":"/models"}}'
@@ -237,12 +240,15 @@ for want in '- --auth-token-file=/etc/ddpm-worker/auth/api-tokens' '- --reflecti
             '- --tls-cert=/etc/ddpm-worker/tls/tls.crt' '- --tls-key=/etc/ddpm-worker/tls/tls.key' \
             '- --tls-client-ca=/etc/ddpm-worker/client-ca/bundle.pem' '- --health-listen=0.0.0.0:8086' \
             '--allow-output=s3://datasets/team-a' '--allow-output=file:/data/out/shared' \
-            '- --min-priority=0' '- --max-priority=20' '- --listen=0.0.0.0:50051'; do
+            '- --min-priority=0' '- --max-priority=20' '- --listen=0.0.0.0:50051' \
+            '"--webhook=https://hooks.example.com/ddpm/all"' '"--allow-webhook=https://hooks.example.com/ddpm/jobs/"' \
+            '- --webhook-secret-file=/etc/ddpm-worker/webhook/webhook-secret'; do
   if grep -qF -- "$want" "$t"; then ok "secure render has '$want'"; else ko "secure render has '$want'"; fi
 done
 if [ "$(grep -c -- '--allow-output=' "$t")" = 2 ]; then ok "secure render: 2 --allow-output flags"; else ko "secure render: 2 --allow-output flags"; fi
 # Each Secret is mounted as a directory: a subPath mount would never see a rotated token or certificate.
-for m in auth:/etc/ddpm-worker/auth tls:/etc/ddpm-worker/tls client-ca:/etc/ddpm-worker/client-ca; do
+for m in auth:/etc/ddpm-worker/auth tls:/etc/ddpm-worker/tls client-ca:/etc/ddpm-worker/client-ca \
+         webhook-secret:/etc/ddpm-worker/webhook; do
   if has_block "$t" "            - name: ${m%%:*}
               mountPath: ${m#*:}
               readOnly: true"; then

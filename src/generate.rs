@@ -268,6 +268,7 @@ impl GenerateSpec {
             dataset,
             trace_context: Default::default(),
             extends: self.extends.clone(),
+            webhook: None,
         }
     }
 

@@ -44,6 +44,9 @@ pub struct JobSpec {
     /// The job whose seeds this one continues (`generate --extend`): same settings, the seeds after its.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extends: Option<String>,
+    /// The job's own webhook, which gets its events besides the server's ([`crate::events`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

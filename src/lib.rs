@@ -8,6 +8,7 @@ pub mod client;
 pub mod cuda;
 pub mod dataset;
 pub mod digest;
+pub mod events;
 pub mod generate;
 pub mod imaging;
 pub mod init_model;

@@ -53,6 +53,7 @@ fn synthetic_job(samples: u64, shards: u64, format: DataFormat, side: u64) -> Jo
             dataset,
             trace_context: Default::default(),
             extends: None,
+            webhook: None,
         },
         state: JobState::Running,
         samples_done: samples,

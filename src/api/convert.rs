@@ -33,6 +33,8 @@ pub struct Limits {
     /// Priorities a job may have (each distinct value is a consumer on a NATS queue, so the range is
     /// small: see [`MAX_PRIORITY_VALUES`]).
     pub priorities: std::ops::RangeInclusive<i32>,
+    /// What a job's own webhook must start with (`serve --allow-webhook`); empty: jobs name none.
+    pub webhook_prefixes: Vec<String>,
 }
 
 impl Limits {
@@ -142,6 +144,7 @@ pub fn extension(req: &pb::JobSpec, base: &JobRecord) -> Result<pb::JobSpec, Ser
         priority: req.priority,
         labels: req.labels.clone(),
         extends: req.extends.clone(),
+        webhook_url: req.webhook_url.clone(),
         ..carried
     })
 }
@@ -208,13 +211,14 @@ pub fn job_spec(
     };
     let (samples_per_grid, grid_columns) = grid(req, limits, &mut bad);
     let (output, denied) = destination(req, catalog, &mut bad);
+    let (webhook, webhook_denied) = job_webhook(req, limits, &mut bad);
     let dataset =
         dataset_options(req.output.as_ref(), limits, model.map(|m| m.as_ref()), batch_size, &mut bad);
     placement(req, limits, &mut bad);
     if !bad.0.is_empty() {
         return Err(ServiceError::InvalidArgument(bad.0));
     }
-    if let Some(denied) = denied {
+    if let Some(denied) = denied.or(webhook_denied) {
         return Err(ServiceError::PermissionDenied(denied));
     }
     Ok(JobSpec {
@@ -237,7 +241,54 @@ pub fn job_spec(
         trace_context: BTreeMap::new(),
         // Set only by the handler, on what [`extension`] made of the request.
         extends: (!req.extends.is_empty()).then(|| req.extends.clone()),
+        webhook,
     })
+}
+
+/// The longest webhook URL taken.
+const MAX_WEBHOOK_URL_BYTES: usize = 2048;
+
+/// A webhook's URL, checked: http or https with a host, no credentials or fragment, at most 2,048 bytes.
+pub fn webhook_url(text: &str) -> Result<url::Url, String> {
+    if text.len() > MAX_WEBHOOK_URL_BYTES {
+        return Err(format!("at most {MAX_WEBHOOK_URL_BYTES} bytes"));
+    }
+    let url = url::Url::parse(text).map_err(|e| format!("not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
+        return Err("an http:// or https:// URL with a host".into());
+    }
+    if !url.username().is_empty() || url.password().is_some() || url.fragment().is_some() {
+        return Err("no credentials or fragment".into());
+    }
+    Ok(url)
+}
+
+/// A job's own webhook, and why it is denied (a well-formed URL outside every allowed prefix).
+fn job_webhook(req: &pb::JobSpec, limits: &Limits, bad: &mut Bad) -> (Option<String>, Option<String>) {
+    if req.webhook_url.is_empty() {
+        return (None, None);
+    }
+    let url = match webhook_url(&req.webhook_url) {
+        Ok(url) => url.to_string(),
+        Err(e) => {
+            bad.spec("webhook_url", format!("{}: {e}", shown(&req.webhook_url)));
+            return (None, None);
+        }
+    };
+    // Within a prefix on a boundary: "https://h/a" allows "https://h/a/x" and "https://h/a?x", not "https://h/ab".
+    let within = |prefix: &String| {
+        url.strip_prefix(prefix.as_str())
+            .is_some_and(|rest| rest.is_empty() || prefix.ends_with('/') || rest.starts_with(['/', '?']))
+    };
+    if limits.webhook_prefixes.iter().any(within) {
+        return (Some(url), None);
+    }
+    let denied = if limits.webhook_prefixes.is_empty() {
+        "spec.webhook_url: this server takes no job webhooks (serve --allow-webhook)".to_string()
+    } else {
+        format!("spec.webhook_url: {} is not within an allowed prefix", shown(&req.webhook_url))
+    };
+    (None, Some(denied))
 }
 
 /// The model a request names, its scheduler and the sampling settings, checked (the model's own
@@ -553,6 +604,7 @@ pub fn spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
         priority: spec.priority,
         labels: spec.labels.clone().into_iter().collect(),
         extends: spec.extends.clone().unwrap_or_default(),
+        webhook_url: spec.webhook.clone().unwrap_or_default(),
     }
 }
 
@@ -676,6 +728,7 @@ pub(crate) mod tests {
             max_attempts: 3,
             default_format: DataFormat::Files,
             priorities: DEFAULT_PRIORITIES,
+            webhook_prefixes: vec!["https://hooks.example.com/ddpm/".into()],
         }
     }
 
@@ -920,6 +973,44 @@ pub(crate) mod tests {
         assert_eq!(fields(job_spec(&req, &narrow, &catalog, "a").unwrap_err()), ["spec.priority"]);
         spec_mut(&mut req).priority = 2;
         assert_eq!(job_spec(&req, &narrow, &catalog, "a").unwrap().priority, 2);
+    }
+
+    #[test]
+    fn a_jobs_webhook_is_checked_and_held_to_the_allowed_prefixes() {
+        let (models, outputs) = (catalog_model(), outputs());
+        let catalog = Catalog { models: &models, outputs: &outputs };
+        let with = |url: &str| {
+            let mut req = request();
+            spec_mut(&mut req).webhook_url = url.into();
+            job_spec(&req, &limits(), &catalog, "a")
+        };
+        let spec = with("https://hooks.example.com/ddpm/team-a?x=1").unwrap();
+        assert_eq!(spec.webhook.as_deref(), Some("https://hooks.example.com/ddpm/team-a?x=1"));
+        assert_eq!(spec_to_pb(&spec).webhook_url, "https://hooks.example.com/ddpm/team-a?x=1");
+        assert_eq!(with("").unwrap().webhook, None);
+        for outside in [
+            "https://hooks.example.com/ddpmx",
+            "http://hooks.example.com/ddpm/",
+            "https://evil.example/ddpm/",
+        ] {
+            match with(outside) {
+                Err(ServiceError::PermissionDenied(m)) => assert!(m.starts_with("spec.webhook_url: "), "{m}"),
+                other => panic!("{outside}: {other:?}"),
+            }
+        }
+        for bad in
+            ["not a url", "ftp://hooks.example.com/ddpm/", "https://u:p@hooks.example.com/ddpm/", "https://"]
+        {
+            assert_eq!(fields(with(bad).unwrap_err()), ["spec.webhook_url"], "{bad}");
+        }
+        let mut closed = limits();
+        closed.webhook_prefixes.clear();
+        let mut req = request();
+        spec_mut(&mut req).webhook_url = "https://hooks.example.com/ddpm/x".into();
+        match job_spec(&req, &closed, &catalog, "a") {
+            Err(ServiceError::PermissionDenied(m)) => assert!(m.contains("--allow-webhook"), "{m}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -63,6 +63,7 @@ fn service(dir: &std::path::Path, rt: &tokio::runtime::Runtime) -> (WorkerServic
         max_attempts: 3,
         default_format: DataFormat::Files,
         priorities: DEFAULT_PRIORITIES,
+        webhook_prefixes: vec!["http://127.0.0.1:9/hooks".into()],
     };
     let open = WorkerService { ctx: Arc::clone(&ctx), limits: limits.clone(), authenticated: false };
     (open, WorkerService { ctx, limits, authenticated: true })
@@ -146,9 +147,22 @@ fn spec() -> impl Strategy<Value = pb::JobSpec> {
         prop_oneof![-12i32..12, any::<i32>()],
         labels(),
         prop_oneof![Just(String::new()), text()],
+        prop_oneof![Just(String::new()), Just("http://127.0.0.1:9/hooks/a".to_string()), text()],
     )
         .prop_map(
-            |(model, sampling, num_samples, seed, batch_size, grid, output, priority, labels, extends)| {
+            |(
+                model,
+                sampling,
+                num_samples,
+                seed,
+                batch_size,
+                grid,
+                output,
+                priority,
+                labels,
+                extends,
+                webhook_url,
+            )| {
                 pb::JobSpec {
                     model,
                     sampling,
@@ -160,6 +174,7 @@ fn spec() -> impl Strategy<Value = pb::JobSpec> {
                     priority,
                     labels,
                     extends,
+                    webhook_url,
                 }
             },
         )
@@ -180,6 +195,7 @@ fn plausible_spec() -> impl Strategy<Value = pb::JobSpec> {
                 priority,
                 labels: BTreeMap::new(),
                 extends: String::new(),
+                webhook_url: String::new(),
             }
         })
 }
@@ -252,6 +268,7 @@ const FIELDS: &[&str] = &[
     "page_token",
     "spec.model",
     "spec.extends",
+    "spec.webhook_url",
     "spec.sampling",
     "spec.sampling.scheduler",
     "spec.sampling.steps",

@@ -27,6 +27,7 @@ pub async fn run_all<Q: Queue + Clone, F: Future<Output = Q>>(make: impl Fn() ->
     cancelled_jobs_have_their_outputs_cleaned_up_once(make().await).await;
     retention_deletes_what_finished_long_enough_ago(make().await).await;
     shard_stats_count_attempts_failures_and_runners(make().await).await;
+    job_events_wait_in_the_outbox_until_delivered(make().await).await;
 }
 
 pub fn spec(num_samples: u64, batch_size: u32, priority: i32, labels: &[(&str, &str)]) -> JobSpec {
@@ -51,6 +52,7 @@ pub fn spec(num_samples: u64, batch_size: u32, priority: i32, labels: &[(&str, &
             ("tracestate".into(), "congo=t61rcWkgMzE".into()),
         ]),
         extends: None,
+        webhook: None,
     }
 }
 
@@ -399,4 +401,54 @@ pub async fn shard_stats_count_attempts_failures_and_runners(q: impl Queue) {
     let stats = q.shard_stats(&id).await.unwrap().unwrap();
     assert_eq!(stats, ShardStats { attempts: 1, retried: 0, failed: 1, completed_by: Default::default() });
     assert!(q.shard_stats("no-such-job").await.unwrap().is_none());
+}
+
+/// Events due now, polled for up to 5 s until `n` are there (a backend's redelivery may take a moment).
+async fn due_events(q: &impl Queue, n: usize) -> Vec<super::PendingEvent> {
+    let mut due = Vec::new();
+    for _ in 0..100 {
+        due.extend(q.pending_events(16, LONG).await.unwrap());
+        if due.len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    due.sort_by(|a, b| a.event.id.cmp(&b.event.id));
+    due
+}
+
+/// The outbox of job events: each change of a job is recorded with it, handed out (to one taker at a
+/// time) until it is delivered, with the attempts made and the webhooks it reached so far.
+pub async fn job_events_wait_in_the_outbox_until_delivered(q: impl Queue) {
+    use crate::events::EventKind;
+    let id = q.submit(&spec(2, 2, 0, &[]), None, 1, 3).await.unwrap().job.id;
+    let first = due_events(&q, 1).await;
+    assert_eq!(first.len(), 1);
+    let queued = &first[0];
+    assert_eq!((queued.event.id.clone(), queued.event.kind), (format!("{id}.1"), EventKind::Queued));
+    assert_eq!((queued.attempts, queued.reached.len()), (0, 0));
+    let body: serde_json::Value = serde_json::from_str(&queued.event.body).unwrap();
+    assert_eq!(
+        (body["type"].as_str(), body["subject"].as_str()),
+        (Some("dev.ddpm.job.queued"), Some(id.as_str()))
+    );
+    assert!(q.pending_events(16, LONG).await.unwrap().is_empty(), "a taken event is the taker's");
+    let reached: std::collections::BTreeSet<String> = ["http://hooks.example/a".to_string()].into();
+    q.event_delivered(queued, &reached, Some(Duration::ZERO)).await.unwrap();
+    let again = due_events(&q, 1).await;
+    assert_eq!((again[0].event.id.as_str(), again[0].attempts), (queued.event.id.as_str(), 1));
+    assert_eq!(again[0].reached, reached, "the webhooks it reached are kept for its next try");
+    q.event_delivered(&again[0], &reached, None).await.unwrap();
+
+    let lease = q.lease("w", LONG).await.unwrap().unwrap();
+    assert_eq!(lease.job_id, id);
+    q.finish_job(&id, JobState::Cancelled, Some("cancelled by request"), None).await.unwrap();
+    let next = due_events(&q, 2).await;
+    let kinds: Vec<(String, EventKind)> = next.iter().map(|p| (p.event.id.clone(), p.event.kind)).collect();
+    assert_eq!(kinds, [(format!("{id}.2"), EventKind::Running), (format!("{id}.3"), EventKind::Cancelled)]);
+    for pending in &next {
+        q.event_delivered(pending, &Default::default(), None).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(q.pending_events(16, LONG).await.unwrap().is_empty(), "delivered events are gone");
 }

@@ -124,9 +124,32 @@ pub trait JobStore: Send + Sync + 'static {
     /// How job `id`'s shards ran, from their records (O(shards of the job)); `None` when there is no
     /// such job.
     async fn shard_stats(&self, id: &str) -> Result<Option<ShardStats>, QueueError>;
+    /// Job events the webhooks have yet to get, due now: up to `limit`, oldest first, each this
+    /// caller's for `claim` (then handed out again).
+    async fn pending_events(&self, limit: usize, claim: Duration) -> Result<Vec<PendingEvent>, QueueError>;
+    /// Records how delivering `pending` went: `reached`, the webhooks it has reached; `retry_in`, when
+    /// to hand it out again (`None`: done with it, delivered or given up on).
+    async fn event_delivered(
+        &self,
+        pending: &PendingEvent,
+        reached: &std::collections::BTreeSet<String>,
+        retry_in: Option<Duration>,
+    ) -> Result<(), QueueError>;
     /// Records that `purge` was carried out: a deleted job's record and shard tasks are removed, a
     /// cancelled job is not returned by [`JobStore::jobs_to_purge`] again.
     async fn purged(&self, purge: &Purge) -> Result<(), QueueError>;
+}
+
+/// A job event on its way to the webhooks ([`JobStore::pending_events`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingEvent {
+    pub event: crate::events::JobEvent,
+    /// Deliveries tried before this one.
+    pub attempts: u32,
+    /// The webhooks it has reached.
+    pub reached: std::collections::BTreeSet<String>,
+    /// The backend's handle on this delivery (SQLite: the event's row; NATS: the message's ack subject).
+    pub(crate) receipt: String,
 }
 
 /// How a job's shards ran ([`JobStore::shard_stats`]).

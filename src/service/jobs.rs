@@ -98,6 +98,8 @@ impl JobArgs {
             max_attempts: self.max_attempts,
             default_format: self.default_format,
             priorities: self.min_priority..=self.max_priority,
+            // Set from the event settings (serve --allow-webhook).
+            webhook_prefixes: Vec::new(),
         })
     }
 }

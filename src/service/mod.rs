@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod api;
 pub mod config_file;
+pub mod events;
 pub mod jobs;
 pub mod queue;
 pub mod storage;
@@ -43,6 +44,8 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub jobs: jobs::JobArgs,
     #[command(flatten)]
+    pub events: events::EventArgs,
+    #[command(flatten)]
     pub admin: admin::AdminArgs,
 }
 
@@ -58,7 +61,9 @@ pub enum ServeError {
 /// Runs the service until SIGTERM or SIGINT, then drains. `on_listening` gets the bound address.
 pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Result<(), ServeError> {
     // Build: every setting checked, the models hashed and the queue opened, then the ports bound.
-    let limits = args.jobs.build()?;
+    let mut limits = args.jobs.build()?;
+    let (dispatcher, webhook_prefixes) = args.events.build()?;
+    limits.webhook_prefixes = webhook_prefixes;
     let workers = args.workers.build(workers::WorkerNeeds {
         max_batch_size: args.jobs.max_batch_size,
         scratch_dir: args.storage.scratch_dir.clone(),
@@ -85,6 +90,9 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
         workers.config.clone(),
         tokio::runtime::Handle::current(),
     ));
+    if let Some(dispatcher) = dispatcher {
+        tokio::spawn(dispatcher.run(Arc::clone(&ctx.queue)));
+    }
     let health_only = admin.spawn();
     let (drained, running) = workers.spawn(&ctx, &admin.health, shutdown_signal())?;
     let service = WorkerService { ctx: Arc::clone(&ctx), limits, authenticated: api.authenticated() };

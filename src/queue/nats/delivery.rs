@@ -105,17 +105,22 @@ impl NatsQueue {
         Ok(tokens)
     }
 
-    /// Marks a job running (its first lease). Returns the job's state, `None` when it is missing.
-    pub(super) async fn mark_running(&self, job_id: &str, now: i64) -> Result<Option<JobState>, QueueError> {
-        self.update::<StoredJob, Option<JobState>>(&self.jobs, job_id, |job| {
+    /// Marks a job running (its first lease). Returns the job's state and whether this call started
+    /// it, `None` when it is missing.
+    pub(super) async fn mark_running(
+        &self,
+        job_id: &str,
+        now: i64,
+    ) -> Result<Option<(JobState, bool)>, QueueError> {
+        self.update::<StoredJob, Option<(JobState, bool)>>(&self.jobs, job_id, |job| {
             Ok(match job {
                 Some(mut job) if job.state == JobState::Queued => {
                     job.state = JobState::Running;
                     job.started_at = job.started_at.or(Some(now));
                     job.updated_at = now;
-                    Edit::Write(job, Some(JobState::Running))
+                    Edit::Write(job, Some((JobState::Running, true)))
                 }
-                job => Edit::Keep(job.map(|j| j.state)),
+                job => Edit::Keep(job.map(|j| (j.state, false))),
             })
         })
         .await
@@ -194,11 +199,17 @@ impl NatsQueue {
             .await?;
         match verdict {
             Verdict::Leased(lease) => match self.mark_running(&lease.job_id, now).await? {
-                Some(state) if !state.is_terminal() => Ok(Some(lease)),
+                Some((state, started)) if !state.is_terminal() => {
+                    if started {
+                        self.announce_quietly(&lease.job_id).await;
+                    }
+                    Ok(Some(lease))
+                }
                 // The job finished while its shards were being retired (finish_job is not one
                 // transaction): retire this one too instead of running it.
                 state => {
-                    let reason = state.map_or("job missing".to_string(), |s| format!("job {}", s.as_str()));
+                    let reason =
+                        state.map_or("job missing".to_string(), |(s, _)| format!("job {}", s.as_str()));
                     self.fenced(&lease, |shard, _| {
                         shard.state = ShardState::Dead;
                         shard.retired = true;

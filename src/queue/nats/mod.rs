@@ -15,6 +15,8 @@
 //! | job records | KV bucket `ddpm_<ns>_jobs`, key = job id | every update is a compare-and-swap on the revision |
 //! | idempotency keys | KV bucket `ddpm_<ns>_idem`, key = sha256(request id) | create-only: the first submitter wins |
 //! | shard state | KV bucket `ddpm_<ns>_shards`, key = `<job>.<shard>` | state, owner, attempt, expiry, last error, the delivery's ack subject; CAS updates |
+//! | job events | stream `DDPM_<ns>_EVENTS`, limits retention (7 days), subjects `ddpm.<ns>.events.job.<kind>` | CloudEvents, `Nats-Msg-Id = <job>.<n>`; the durable consumer `webhooks` feeds the webhook dispatch ([`events`]) |
+//! | webhooks reached | KV bucket `ddpm_<ns>_hooks`, key = event id | the webhooks an event has reached, while it has others to reach |
 //!
 //! The KV shard record is the source of truth for a task; the stream message is its ticket in the
 //! line. `lease` pulls a message (highest priority subject first), then claims the shard with a CAS
@@ -73,6 +75,7 @@
 
 pub mod connect;
 mod delivery;
+mod events;
 mod kv;
 mod reconcile;
 mod records;
@@ -95,8 +98,8 @@ use self::records::{
 };
 pub use self::settings::NatsSettings;
 use super::{
-    IdempotencyKey, JobFilter, JobStore, Lease, PageCursor, Purge, QueueError, ShardStats, SubmitOutcome,
-    TaskState, now_ms,
+    IdempotencyKey, JobFilter, JobStore, Lease, PageCursor, PendingEvent, Purge, QueueError, ShardStats,
+    SubmitOutcome, TaskState, now_ms,
 };
 use crate::job::{JobRecord, JobSpec, JobState};
 use crate::queue::plan::{Shard, plan_shards};
@@ -139,6 +142,14 @@ pub struct NatsQueue {
     jobs: nats_kv::Store,
     idem: nats_kv::Store,
     shards: nats_kv::Store,
+    events: stream::Stream,
+    hooks: nats_kv::Store,
+    /// The namespace: the CloudEvents `source` of its events is `/ddpm-worker/<namespace>`.
+    namespace: String,
+    /// `ddpm.<ns>.events.job`: an event's subject is this and its kind.
+    events_prefix: String,
+    /// The webhook dispatch's consumer, made on its first pull.
+    webhooks: std::sync::Arc<tokio::sync::OnceCell<consumer::PullConsumer>>,
     subject_prefix: String,
     stream_name: String,
     options: NatsOptions,
@@ -268,9 +279,25 @@ impl NatsQueue {
             num_replicas: options.replicas,
             ..Default::default()
         };
+        let events_name = format!("DDPM_{namespace}_EVENTS");
+        let events = js
+            .get_or_create_stream(stream::Config {
+                name: events_name.clone(),
+                subjects: vec![format!("ddpm.{namespace}.events.>")],
+                retention: stream::RetentionPolicy::Limits,
+                storage: stream::StorageType::File,
+                num_replicas: options.replicas,
+                max_age: events::EVENT_MAX_AGE,
+                // A republished event (the reconciler's, after a crash) is one message.
+                duplicate_window: Duration::from_secs(600),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| nats_err(&format!("creating stream {events_name}"), e))?;
         let jobs = open_bucket(&js, bucket("jobs", 5)).await?;
         let idem = open_bucket(&js, bucket("idem", 1)).await?;
         let shards = open_bucket(&js, bucket("shards", 1)).await?;
+        let hooks = open_bucket(&js, bucket("hooks", 1)).await?;
         let queue = Self {
             client,
             js,
@@ -278,6 +305,11 @@ impl NatsQueue {
             jobs,
             idem,
             shards,
+            events,
+            hooks,
+            namespace: namespace.to_string(),
+            events_prefix: format!("ddpm.{namespace}.events.job"),
+            webhooks: Default::default(),
             subject_prefix,
             stream_name,
             options,
@@ -292,7 +324,9 @@ impl NatsQueue {
     /// Deletes the namespace's stream and buckets (tests, and tearing a deployment down).
     pub async fn destroy(&self) -> Result<(), QueueError> {
         self.js.delete_stream(&self.stream_name).await.map_err(|e| nats_err("deleting stream", e))?;
-        for store in [&self.jobs, &self.idem, &self.shards] {
+        let events = self.events.cached_info().config.name.clone();
+        self.js.delete_stream(&events).await.map_err(|e| nats_err("deleting the events stream", e))?;
+        for store in [&self.jobs, &self.idem, &self.shards, &self.hooks] {
             self.js
                 .delete_key_value(&store.name)
                 .await
@@ -344,6 +378,8 @@ impl JobStore for NatsQueue {
             max_attempts,
             counted: ShardSet::default(),
             request_key: idempotency.map(|k| request_key(&k.request_id)),
+            events: 0,
+            announced: None,
             deleted_at: None,
             keep_outputs: false,
             outputs_removed: false,
@@ -377,6 +413,7 @@ impl JobStore for NatsQueue {
             }
         }
         let job = self.write_job(fresh(id)).await?;
+        self.announce_quietly(&job.id).await;
         Ok(SubmitOutcome { job: job.record(), created: true })
     }
 
@@ -497,6 +534,7 @@ impl JobStore for NatsQueue {
                 }
             });
         }
+        self.announce_quietly(id).await;
         Ok(Some(job.record()))
     }
 
@@ -557,6 +595,7 @@ impl JobStore for NatsQueue {
             .try_collect::<()>()
             .await?;
         // Shards a crash kept from being created are the reconciler's, as for any running job.
+        self.announce_quietly(id).await;
         Ok(Some(job.record()))
     }
 
@@ -629,6 +668,7 @@ impl JobStore for NatsQueue {
         let Some((job, deleted)) = job else { return Ok(None) };
         if deleted {
             self.free_request_id(&job).await?;
+            self.announce_quietly(id).await;
         }
         Ok(Some(job.record()))
     }
@@ -704,6 +744,19 @@ impl JobStore for NatsQueue {
             }
         }
         Ok(Some(stats))
+    }
+
+    async fn pending_events(&self, limit: usize, claim: Duration) -> Result<Vec<PendingEvent>, QueueError> {
+        self.pending_webhook_events(limit, claim).await
+    }
+
+    async fn event_delivered(
+        &self,
+        pending: &PendingEvent,
+        reached: &std::collections::BTreeSet<String>,
+        retry_in: Option<Duration>,
+    ) -> Result<(), QueueError> {
+        self.webhook_event_delivered(pending, reached, retry_in).await
     }
 
     async fn purged(&self, purge: &Purge) -> Result<(), QueueError> {

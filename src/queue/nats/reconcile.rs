@@ -104,6 +104,10 @@ impl NatsQueue {
             by_job.entry(s.job_id.as_str()).or_default().push(s);
         }
         for job in self.scan::<StoredJob>(&self.jobs).await? {
+            // An event a crash kept from being published (see `events`).
+            if job.announced != Some(job.current_event()) {
+                self.announce_quietly(&job.id).await;
+            }
             if job.state.is_terminal() {
                 continue;
             }

@@ -34,6 +34,12 @@ pub(super) struct StoredJob {
     /// The idempotency key (in the idem bucket) its request id claimed, freed when the job is deleted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) request_key: Option<String>,
+    /// Events the job has had (the last one's number) and the kind of the last announced
+    /// ([`super::events`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(super) events: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) announced: Option<crate::events::EventKind>,
     /// When the job was deleted: hidden from then on, its record removed once its cleanup is done.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) deleted_at: Option<i64>,
@@ -43,6 +49,10 @@ pub(super) struct StoredJob {
     /// A cancelled job's partial outputs were deleted.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub(super) outputs_removed: bool,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A set of shard indices, one bit each (hex in JSON: 2 KB for 15,000 shards). Counting a completion

@@ -11,8 +11,8 @@ use async_trait::async_trait;
 pub use store::SqliteStore;
 
 use super::{
-    IdempotencyKey, JobFilter, JobStore, Lease, PageCursor, Purge, QueueError, ReapReport, ShardCounts,
-    ShardStats, SubmitOutcome, TaskQueue, ms, now_ms,
+    IdempotencyKey, JobFilter, JobStore, Lease, PageCursor, PendingEvent, Purge, QueueError, ReapReport,
+    ShardCounts, ShardStats, SubmitOutcome, TaskQueue, ms, now_ms,
 };
 use crate::job::{JobRecord, JobSpec, JobState};
 
@@ -165,6 +165,20 @@ impl JobStore for SqliteQueue {
     async fn shard_stats(&self, id: &str) -> Result<Option<ShardStats>, QueueError> {
         let id = id.to_string();
         self.run(move |s| s.shard_stats(&id)).await
+    }
+
+    async fn pending_events(&self, limit: usize, claim: Duration) -> Result<Vec<PendingEvent>, QueueError> {
+        self.run(move |s| s.pending_events(limit, ms(claim), now_ms())).await
+    }
+
+    async fn event_delivered(
+        &self,
+        pending: &PendingEvent,
+        reached: &std::collections::BTreeSet<String>,
+        retry_in: Option<Duration>,
+    ) -> Result<(), QueueError> {
+        let (pending, reached) = (pending.clone(), reached.clone());
+        self.run(move |s| s.event_delivered(&pending, &reached, retry_in.map(ms), now_ms())).await
     }
 
     async fn purged(&self, purge: &Purge) -> Result<(), QueueError> {

@@ -12,11 +12,12 @@ use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
+use crate::events::{EventKind, JobEvent};
 use crate::job::{JobRecord, JobSpec, JobState, ShardPayload};
 use crate::queue::plan::plan_shards;
 use crate::queue::{
-    EnqueueOutcome, IdempotencyKey, JobFilter, Lease, PageCursor, Purge, QueueError, ReapReport, ShardCounts,
-    ShardStats, SubmitOutcome, TaskSpec, TaskState,
+    EnqueueOutcome, IdempotencyKey, JobFilter, Lease, PageCursor, PendingEvent, Purge, QueueError,
+    ReapReport, ShardCounts, ShardStats, SubmitOutcome, TaskSpec, TaskState,
 };
 
 const SCHEMA: &str = "
@@ -58,11 +59,33 @@ CREATE TABLE IF NOT EXISTS idempotency (
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, created_at);
 CREATE INDEX IF NOT EXISTS tasks_ready ON tasks (state, priority DESC, available_at, id);
 CREATE INDEX IF NOT EXISTS tasks_leases ON tasks (state, lease_expires_at);
+CREATE TABLE IF NOT EXISTS events (
+    seq          INTEGER PRIMARY KEY,
+    id           TEXT    NOT NULL UNIQUE,
+    job_id       TEXT    NOT NULL,
+    kind         TEXT    NOT NULL,
+    webhook      TEXT,
+    body         TEXT    NOT NULL,
+    created_at   INTEGER NOT NULL,
+    available_at INTEGER NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    reached      TEXT    NOT NULL DEFAULT '[]'
+);
+CREATE INDEX IF NOT EXISTS events_due ON events (available_at, seq);
 ";
+
+/// The CloudEvents `source` of this store's events: `/ddpm-worker/sqlite`.
+const EVENT_SOURCE: &str = "sqlite";
+
+/// Events still waiting for a webhook after this long are dropped (the dispatch gives up after about
+/// a day; without webhooks nothing takes them).
+const EVENT_MAX_AGE_MS: i64 = 7 * 24 * 3600 * 1000;
 
 /// Columns added after the tables' first release, as (table, column, definition): a file written by an
 /// earlier version gains them when it is opened.
-const ADDED_COLUMNS: [(&str, &str, &str); 5] = [
+const ADDED_COLUMNS: [(&str, &str, &str); 6] = [
+    // How many events the job has had: the next one's number.
+    ("jobs", "events", "INTEGER NOT NULL DEFAULT 0"),
     // When the job was deleted (hidden from then on; its record goes once its cleanup is done).
     ("jobs", "deleted_at", "INTEGER"),
     // A deleted job's outputs stay (retention that keeps datasets).
@@ -170,11 +193,14 @@ impl SqliteStore {
             params![id, owner, expires_at, attempt],
         )?;
         // A job is running from the moment one of its shards is.
-        tx.execute(
+        let started = tx.execute(
             "UPDATE jobs SET state = 'running', started_at = COALESCE(started_at, ?2), updated_at = ?2
              WHERE id = ?1 AND state = 'queued'",
             params![job_id, now_ms],
         )?;
+        if started == 1 {
+            record_event(&tx, &job_id, false, now_ms)?;
+        }
         tx.commit()?;
         Ok(Some(Lease {
             task_id: id,
@@ -276,6 +302,8 @@ impl SqliteStore {
              WHERE state = 'leased' AND lease_expires_at < ?1",
             params![now_ms],
         )?;
+        // The outbox's upkeep: events nobody delivered within their age.
+        tx.execute("DELETE FROM events WHERE created_at < ?1", params![now_ms - EVENT_MAX_AGE_MS])?;
         tx.commit()?;
         Ok(ReapReport { requeued, dead })
     }
@@ -348,6 +376,7 @@ impl SqliteStore {
                 params![id, shard.index as i64, spec.priority, payload, now_ms, max_attempts],
             )?;
         }
+        record_event(&tx, &id, false, now_ms)?;
         let job = get_job(&tx, &id)?.ok_or_else(|| QueueError::Corrupt(format!("job {id} missing")))?;
         tx.commit()?;
         Ok(SubmitOutcome { job, created: true })
@@ -395,11 +424,14 @@ impl SqliteStore {
         debug_assert!(state.is_terminal());
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute(
+        let ended = tx.execute(
             "UPDATE jobs SET state = ?2, error = ?3, manifest_uri = ?4, finished_at = ?5, updated_at = ?5
              WHERE id = ?1 AND state IN ('queued', 'running')",
             params![id, state.as_str(), error, manifest_uri, now_ms],
         )?;
+        if ended == 1 {
+            record_event(&tx, id, false, now_ms)?;
+        }
         tx.execute(
             "UPDATE tasks SET state = 'dead', retired = 1, last_error = ?2, lease_owner = NULL,
                 lease_expires_at = NULL
@@ -423,6 +455,7 @@ impl SqliteStore {
             params![id, now_ms],
         )?;
         if changed == 1 {
+            record_event(&tx, id, false, now_ms)?;
             tx.execute(
                 "UPDATE tasks SET state = 'queued', attempts = 0, retired = 0, available_at = ?2,
                     last_error = NULL
@@ -580,6 +613,61 @@ impl SqliteStore {
         rows.collect::<Result<Result<_, _>, _>>()?
     }
 
+    /// Up to `limit` events due at `now_ms`, oldest first, each held until `now_ms + claim_ms`.
+    pub fn pending_events(
+        &self,
+        limit: usize,
+        claim_ms: i64,
+        now_ms: i64,
+    ) -> Result<Vec<PendingEvent>, QueueError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let pending: Vec<PendingEvent> = {
+            let mut stmt = tx.prepare(
+                "SELECT seq, id, job_id, kind, webhook, body, attempts, reached FROM events
+                  WHERE available_at <= ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![now_ms, limit as i64], event_from_row)?;
+            rows.collect::<Result<Result<_, _>, _>>()??
+        };
+        for event in &pending {
+            let seq: i64 = event.receipt.parse().unwrap_or_default();
+            tx.execute(
+                "UPDATE events SET available_at = ?2 WHERE seq = ?1",
+                params![seq, now_ms + claim_ms],
+            )?;
+        }
+        tx.commit()?;
+        Ok(pending)
+    }
+
+    /// Records a delivery: the event goes when done (`retry_in_ms` `None`), else waits that long.
+    pub fn event_delivered(
+        &self,
+        pending: &PendingEvent,
+        reached: &std::collections::BTreeSet<String>,
+        retry_in_ms: Option<i64>,
+        now_ms: i64,
+    ) -> Result<(), QueueError> {
+        let seq: i64 = pending
+            .receipt
+            .parse()
+            .map_err(|_| QueueError::Corrupt(format!("event receipt {:?}", pending.receipt)))?;
+        let conn = self.conn();
+        match retry_in_ms {
+            None => conn.execute("DELETE FROM events WHERE seq = ?1", params![seq])?,
+            Some(delay) => {
+                let reached =
+                    serde_json::to_string(reached).map_err(|e| QueueError::Corrupt(e.to_string()))?;
+                conn.execute(
+                    "UPDATE events SET attempts = attempts + 1, reached = ?2, available_at = ?3 WHERE seq = ?1",
+                    params![seq, reached, now_ms + delay],
+                )?
+            }
+        };
+        Ok(())
+    }
+
     /// How job `id`'s shards ran; `None` when there is no such job.
     pub fn shard_stats(&self, id: &str) -> Result<Option<ShardStats>, QueueError> {
         let conn = self.conn();
@@ -639,12 +727,48 @@ impl SqliteStore {
     }
 }
 
+/// A row of the events table as a delivery (corrupt when its kind or reached set cannot be read).
+fn event_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<PendingEvent, QueueError>> {
+    let (seq, id, kind, reached): (i64, String, String, String) =
+        (r.get(0)?, r.get(1)?, r.get(3)?, r.get(7)?);
+    let Ok(kind) = serde_json::from_value(kind.clone().into()) else {
+        return Ok(Err(QueueError::Corrupt(format!("event {id}: kind {kind:?}"))));
+    };
+    let reached = match serde_json::from_str(&reached) {
+        Ok(reached) => reached,
+        Err(e) => return Ok(Err(QueueError::Corrupt(format!("event {id}: webhooks reached: {e}")))),
+    };
+    let event = JobEvent { id, job_id: r.get(2)?, kind, webhook: r.get(4)?, body: r.get(5)? };
+    Ok(Ok(PendingEvent { event, attempts: r.get(6)?, reached, receipt: seq.to_string() }))
+}
+
+/// Records job `id`'s next event in the outbox (one step of the transaction that changed the job): the
+/// state it is in now, or its deletion.
+fn record_event(tx: &Connection, id: &str, deleted: bool, now_ms: i64) -> Result<(), QueueError> {
+    tx.execute("UPDATE jobs SET events = events + 1 WHERE id = ?1", params![id])?;
+    let sql = format!("SELECT {JOB_COLUMNS}, events FROM jobs WHERE id = ?1");
+    let row = tx.query_row(&sql, params![id], |r| Ok((job_from_row(r)?, r.get::<_, i64>(11)?))).optional()?;
+    let Some((job, number)) = row else { return Ok(()) };
+    let job = job?;
+    let kind = if deleted { EventKind::Deleted } else { EventKind::entering(job.state) };
+    let event = JobEvent::new(&job, kind, number as u64, EVENT_SOURCE, now_ms);
+    tx.execute(
+        "INSERT INTO events (id, job_id, kind, webhook, body, created_at, available_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+        params![event.id, event.job_id, kind.as_str(), event.webhook, event.body, now_ms],
+    )?;
+    Ok(())
+}
+
 /// Marks finished job `id` deleted at `now_ms` and frees its request id (one step of a transaction).
 fn delete_finished(tx: &Connection, id: &str, keep_outputs: bool, now_ms: i64) -> Result<(), QueueError> {
-    tx.execute(
+    let deleted = tx.execute(
         "UPDATE jobs SET deleted_at = ?2, keep_outputs = ?3, updated_at = ?2 WHERE id = ?1 AND deleted_at IS NULL",
         params![id, now_ms, keep_outputs],
     )?;
+    if deleted == 1 {
+        record_event(tx, id, true, now_ms)?;
+    }
     tx.execute("DELETE FROM idempotency WHERE job_id = ?1", params![id])?;
     Ok(())
 }

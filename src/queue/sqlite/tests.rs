@@ -124,6 +124,7 @@ fn spec(num_samples: u64, batch: u32) -> crate::job::JobSpec {
         dataset: Default::default(),
         trace_context: Default::default(),
         extends: None,
+        webhook: None,
     }
 }
 
