@@ -160,6 +160,9 @@ pub struct SubmitArgs {
     /// KEY=VALUE, repeatable.
     #[arg(long = "label", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
+    /// A webhook that gets the job's events (within the server's --allow-webhook prefixes).
+    #[arg(long)]
+    pub webhook_url: Option<String>,
     /// Follow the job to its end; exit 0 only if it SUCCEEDED.
     #[arg(long)]
     pub wait: bool,
@@ -407,6 +410,7 @@ pub fn submit_spec(args: &SubmitArgs) -> Result<pb::JobSpec, ClientError> {
     spec.priority = args.priority.unwrap_or(spec.priority);
     spec.labels.extend(args.labels.iter().cloned());
     set(&mut spec.extends, &args.extend);
+    set(&mut spec.webhook_url, &args.webhook_url);
     Ok(spec)
 }
 

@@ -147,10 +147,14 @@ async fn every_rpc_needs_a_token_and_roles_decide_the_rest() {
     let mut admin = client_with(&server, Some(ADMIN)).await;
     let cancelled = admin.cancel_job(pb::CancelJobRequest { job_id: bobs.job_id.clone() }).await.unwrap();
     assert_eq!(cancelled.into_inner().job.unwrap().state, pb::JobState::Cancelled as i32);
-    // Admin deletes anyone's job; then nobody finds it.
-    admin.delete_job(pb::DeleteJobRequest { job_id: bobs.job_id.clone() }).await.unwrap();
+    // Admin deletes anyone's job (here with the CLI); then nobody finds it.
+    let (code, out, err) = cli(&["delete", &bobs.job_id, "--server", &server.url], &[("DDPM_TOKEN", ADMIN)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with(&format!("{}  deleted (CANCELLED", bobs.job_id)), "{out}");
     let gone = bob.get_job(pb::GetJobRequest { job_id: bobs.job_id.clone() }).await.unwrap_err();
     assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
+    let (code, _, err) = cli(&["delete", &bobs.job_id, "--server", &server.url], &[("DDPM_TOKEN", ADMIN)]);
+    assert_eq!(code, 3, "a job already deleted is not found: {err}");
 
     // Reflection follows the API's tokens.
     let reflect = |token: Option<&'static str>| {

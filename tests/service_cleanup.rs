@@ -148,39 +148,63 @@ async fn delete_and_cancel_leave_only_the_other_jobs_objects(
     assert!(not_found(client, deleting).await);
 }
 
+/// Where the test server keeps its queue and its outputs.
+#[derive(Clone, Copy)]
+enum Setup {
+    Sqlite,
+    Nats,
+}
+
+/// Starts a server on `queue` writing to a local folder or to S3, and runs the checks.
+async fn delete_and_cancel_on(queue: Setup, s3: bool) {
+    use common::nats::{NatsServer, unique_namespace};
+    use common::seaweed::{self, SeaweedFs};
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec!["--model".to_string(), format!("tiny={}", tiny_model(dir.path()).display())];
+    let mut env = Vec::new();
+    // The shared servers run while someone holds them: this test, to its end.
+    let seaweed = if s3 { Some(SeaweedFs::shared().await) } else { None };
+    let nats = if let Setup::Nats = queue { Some(NatsServer::shared().await) } else { None };
+    let out = if let Some(server) = &seaweed {
+        let prefix = format!("{}/jobs", seaweed::unique_prefix("cleanup"));
+        args.extend([
+            "--output".into(),
+            format!("s3://{}/{prefix}", seaweed::BUCKET),
+            "--s3-path-style".into(),
+        ]);
+        env.extend(seaweed::aws_env(server.endpoint()));
+        Outputs::S3 { client: server.client(), prefix }
+    } else {
+        args.extend(["--output".into(), format!("file:{}", dir.path().join("jobs").display())]);
+        Outputs::Local(dir.path().join("jobs"))
+    };
+    if let Some(nats) = &nats {
+        args.extend(["--queue".into(), format!("{}/{}", nats.url(), unique_namespace("cleanup"))]);
+    }
+    args.extend(FLAGS.map(String::from));
+    let server = Server::start_with(dir.path(), &args, &env).await;
+    let mut client = server.client().await;
+    delete_and_cancel_leave_only_the_other_jobs_objects(&mut client, &out).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_and_cancel_on_sqlite_and_a_local_folder() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), &FLAGS).await;
-    let mut client = server.client().await;
-    delete_and_cancel_leave_only_the_other_jobs_objects(
-        &mut client,
-        &Outputs::Local(dir.path().join("jobs")),
-    )
-    .await;
+    delete_and_cancel_on(Setup::Sqlite, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_and_cancel_on_sqlite_and_s3() {
+    delete_and_cancel_on(Setup::Sqlite, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_and_cancel_on_nats_and_a_local_folder() {
+    delete_and_cancel_on(Setup::Nats, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_and_cancel_on_nats_and_s3() {
-    use common::nats::{NatsServer, unique_namespace};
-    use common::seaweed::{self, SeaweedFs};
-    let (nats, s3) = (NatsServer::shared().await, SeaweedFs::shared().await);
-    let prefix = format!("{}/jobs", seaweed::unique_prefix("cleanup"));
-    let dir = tempfile::tempdir().unwrap();
-    let mut args = vec![
-        "--model".to_string(),
-        format!("tiny={}", tiny_model(dir.path()).display()),
-        "--output".into(),
-        format!("s3://{}/{prefix}", seaweed::BUCKET),
-        "--s3-path-style".into(),
-        "--queue".into(),
-        format!("{}/{}", nats.url(), unique_namespace("cleanup")),
-    ];
-    args.extend(FLAGS.map(String::from));
-    let server = Server::start_with(dir.path(), &args, &seaweed::aws_env(s3.endpoint())).await;
-    let mut client = server.client().await;
-    let out = Outputs::S3 { client: s3.client(), prefix };
-    delete_and_cancel_leave_only_the_other_jobs_objects(&mut client, &out).await;
+    delete_and_cancel_on(Setup::Nats, true).await;
 }
 
 /// Retention deletes a job once it ended long enough ago; told to keep outputs, its dataset stays

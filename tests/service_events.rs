@@ -143,11 +143,17 @@ async fn webhooks_get_every_event_signed_across_an_outage_and_a_kill_9() {
     let mut server = Server::start_with(dir.path(), &args, &[]).await;
     let mut client = server.client().await;
 
-    // A job with its own webhook: both webhooks get queued, running, succeeded.
-    let mut req = request(4, pb::Scheduler::Ddim, 3, 2);
-    req.s().webhook_url = format!("http://127.0.0.1:{port}/jobs/a");
-    let a = client.submit_job(req).await.unwrap().into_inner().job.unwrap();
-    assert_eq!(a.spec.as_ref().unwrap().webhook_url, format!("http://127.0.0.1:{port}/jobs/a"));
+    // A job with its own webhook, submitted with the CLI: both webhooks get queued, running, succeeded.
+    let own = format!("http://127.0.0.1:{port}/jobs/a");
+    let out = Command::new(common::bin())
+        .args(["submit", "--server", &server.url, "--model", "tiny", "--scheduler", "ddim", "--steps", "3"])
+        .args(["--num-samples", "4", "--batch-size", "2", "--webhook-url", &own, "--output", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let submitted: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(submitted["spec"]["webhookUrl"], own.as_str());
+    let a = common::service::get_job(&mut client, submitted["jobId"].as_str().unwrap()).await;
     wait_for(&mut client, &a.job_id, |j| j.state == SUCCEEDED).await;
     let done = expected(&a.job_id, &["queued", "running", "succeeded"]);
     eventually("the webhooks get job a's events", Duration::from_secs(30), || {

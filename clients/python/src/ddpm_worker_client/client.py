@@ -307,6 +307,7 @@ def _submit_request(
     priority: int = 0,
     labels: Optional[Mapping[str, str]] = None,
     request_id: str = "",
+    webhook_url: str = "",
 ) -> pb.SubmitJobRequest:
     try:
         sampler = SCHEDULERS[scheduler]
@@ -330,6 +331,7 @@ def _submit_request(
         ),
         priority=priority,
         labels=dict(labels or {}),
+        webhook_url=webhook_url,
     )
     # Optional fields: set only when given (absent means the server's default).
     if eta is not None:
@@ -505,9 +507,10 @@ class Client:
         `samples_per_grid`, `grid_columns`; `destination` (s3://BUCKET/PREFIX or file:/DIR, within the
         server's allowed destinations; empty: its default output) and `prefix`; `format` files,
         webdataset or parquet (default: the server's); `image_format` png, webp or jpeg;
-        `jpeg_quality`, `png_level`, `target_file_bytes`; `priority`; `labels`; `request_id` (an
-        idempotency key: submitting the same job with it again returns the first one; one is made up
-        when absent, so that a retry after UNAVAILABLE queues one job). See proto/ddpm/v1/worker.proto
+        `jpeg_quality`, `png_level`, `target_file_bytes`; `priority`; `labels`; `webhook_url` (gets the
+        job's events, within the server's --allow-webhook prefixes); `request_id` (an idempotency key:
+        submitting the same job with it again returns the first one; one is made up when absent, so
+        that a retry after UNAVAILABLE queues one job). See proto/ddpm/v1/worker.proto
         for every field's limits.
         """
         response = self._call(self._stub.SubmitJob, _submit_request(model, num_samples, **options))
