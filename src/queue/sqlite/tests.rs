@@ -208,3 +208,65 @@ fn cancelling_retires_unfinished_shards_and_dead_shards_fail_jobs() {
     assert!(q.jobs_with_dead_shards().unwrap().is_empty());
     assert_eq!(q.job(&b).unwrap().unwrap().error.as_deref(), Some("shard 0: out of memory"));
 }
+
+/// A queue file of the release before deletion, events and shard stats: opened by this one, it gains
+/// their columns and tables in place, and its jobs can be read, counted, deleted and cleaned up.
+#[test]
+fn a_queue_file_of_the_previous_release_gains_the_new_columns_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.sqlite");
+    {
+        let old = rusqlite::Connection::open(&path).unwrap();
+        old.execute_batch(
+            "CREATE TABLE tasks (
+                id INTEGER PRIMARY KEY, job_id TEXT NOT NULL, shard INTEGER NOT NULL, priority INTEGER NOT NULL,
+                payload TEXT NOT NULL,
+                state TEXT NOT NULL CHECK (state IN ('queued', 'leased', 'done', 'dead')),
+                available_at INTEGER NOT NULL, lease_owner TEXT, lease_expires_at INTEGER,
+                attempts INTEGER NOT NULL DEFAULT 0, max_attempts INTEGER NOT NULL, last_error TEXT,
+                UNIQUE (job_id, shard));
+             CREATE TABLE jobs (
+                id TEXT PRIMARY KEY, spec TEXT NOT NULL, state TEXT NOT NULL, priority INTEGER NOT NULL,
+                samples_done INTEGER NOT NULL DEFAULT 0, shards_done INTEGER NOT NULL DEFAULT 0,
+                shards_total INTEGER NOT NULL, created_at INTEGER NOT NULL, started_at INTEGER,
+                finished_at INTEGER, updated_at INTEGER NOT NULL, error TEXT, manifest_uri TEXT);
+             CREATE TABLE idempotency (key TEXT PRIMARY KEY, job_id TEXT NOT NULL, request_hash TEXT NOT NULL);",
+        )
+        .unwrap();
+        let spec = serde_json::to_string(&spec(4, 2)).unwrap();
+        old.execute(
+            "INSERT INTO jobs (id, spec, state, priority, samples_done, shards_done, shards_total, created_at,
+                               started_at, finished_at, updated_at)
+             VALUES ('old', ?1, 'cancelled', 0, 2, 1, 2, 10, 11, 12, 12)",
+            [&spec],
+        )
+        .unwrap();
+        old.execute(
+            "INSERT INTO tasks (job_id, shard, priority, payload, state, available_at, attempts, max_attempts)
+             VALUES ('old', 0, 0, '{\"start\":0,\"end\":2}', 'done', 0, 1, 3),
+                    ('old', 1, 0, '{\"start\":2,\"end\":4}', 'dead', 0, 0, 3)",
+            [],
+        )
+        .unwrap();
+    }
+    let q = SqliteStore::open(&path).unwrap();
+    let job = q.job("old").unwrap().unwrap();
+    assert_eq!((job.state, job.samples_done), (JobState::Cancelled, 2));
+    let stats = q.shard_stats("old").unwrap().unwrap();
+    assert_eq!(
+        (stats.attempts, stats.retried, stats.failed),
+        (1, 0, 1),
+        "a dead task of before counts as failed"
+    );
+    // Its partial outputs are due for cleanup, then it is deleted and its record goes.
+    let due = q.jobs_to_purge(100, 10).unwrap();
+    assert_eq!((due.len(), due[0].outputs, due[0].record), (1, true, false));
+    q.purged(&due[0]).unwrap();
+    assert_eq!(q.delete_job("old", false, 200).unwrap().unwrap().state, JobState::Cancelled);
+    assert!(q.job("old").unwrap().is_none());
+    let events = q.pending_events(10, 1000, 300).unwrap();
+    assert_eq!(events.iter().map(|e| e.event.id.as_str()).collect::<Vec<_>>(), ["old.1"], "its deletion");
+    let due = q.jobs_to_purge(300, 10).unwrap();
+    q.purged(&due[0]).unwrap();
+    assert!(q.jobs_to_purge(i64::MAX, 10).unwrap().is_empty());
+}
