@@ -30,7 +30,7 @@ SEED       ?= 0
 FORMAT     ?= files
 LISTEN     ?= 127.0.0.1:50051
 
-.PHONY: all setup build run stop generate test lint api-check helm-tools helm-check fixtures bench bench-service bench-pipeline bench-datasets \
+.PHONY: all setup build run stop generate test lint api-check helm-tools helm-check browser fixtures bench bench-service bench-pipeline bench-datasets bench-console \
 	stress image test-image clean
 
 all: build
@@ -132,6 +132,15 @@ $(PROMTOOL):
 
 helm-tools: $(HELM) $(KV_VENV)/.installed $(PROMTOOL)
 
+# Chromium and its chromedriver, from Debian's packages, for the console's browser test (tests/console.rs
+# drives them with Selenium; nothing is downloaded when the test runs).
+CHROMEDRIVER ?= /usr/bin/chromedriver
+$(CHROMEDRIVER):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+
+browser: $(CHROMEDRIVER)
+
 # The Kubernetes version of both `helm template --kube-version` (which gates the preStop sleep at >= 1.30)
 # and `kubernetes-validate -k`; check.sh also renders and validates for 1.29.
 KUBE_VERSION ?= 1.30.0
@@ -170,7 +179,7 @@ fixtures: $(FIXTURES)/manifest.json
 
 # libtorch runs its AVX2 kernels on both sides of the parity tests (the goldens are made that way too):
 # on an AVX-512 host its default kernels differ from them by ~1e-6, which chaotic random-weight cases amplify.
-test: build fixtures api-check helm-check $(CLIENT_WHEELS)/.done
+test: build fixtures api-check helm-check browser $(CLIENT_WHEELS)/.done
 	ATEN_CPU_CAPABILITY=avx2 DDPM_FIXTURES=$(FIXTURES) DDPM_WEED=$(VENV)/bin/weed DDPM_NATS_SERVER=$(VENV)/bin/nats-server \
 		DDPM_PYTHON=$(PYTHON) DDPM_BUF=$(BUF) DDPM_CLIENT_WHEELS=$(CLIENT_WHEELS) cargo test $(CARGO_FLAGS) --features test-support
 
@@ -187,6 +196,10 @@ bench-service: build
 # The same job through the service and through generate, alternating, in the files and webdataset layouts.
 bench-pipeline: build
 	$(PYTHON) bench/pipeline.py --bin $(BIN)
+
+# A job's throughput with and without 100 console viewers on its page (bench/console.py).
+bench-console: build
+	$(PYTHON) bench/console.py --bin $(BIN)
 
 # 20,000-shard jobs on SQLite and NATS, and a 60 s S3 outage during a job (bench/stress.py).
 stress: build

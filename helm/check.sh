@@ -211,6 +211,8 @@ else
   ok "default render: no auth/TLS flags, health port, allowed outputs or secret mounts"
 fi
 if grep -q -- '--job-retention' "$d"; then ko "default render keeps jobs (no retention)"; else ok "default render keeps jobs (no retention)"; fi
+if grep -q -- '--console' "$d"; then ko "default render: no web console"; else ok "default render: no web console"; fi
+if grep -qF -- '- --console' "$WORK/example-gpu2-keda-s3.yaml"; then ok "example render: the web console on"; else ko "example render: the web console on"; fi
 e="$WORK/example-gpu2-keda-s3.yaml"
 if grep -qF -- '- --job-retention-seconds=2592000' "$e" && grep -qF -- '- --job-retention-keeps-outputs' "$e"; then
   ok "example render: retention of 30 days that keeps datasets"

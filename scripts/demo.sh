@@ -4,7 +4,8 @@
 # handwritten digits), then runs a demo job through `submit --wait` and prints where its grid PNG is.
 # Calls need a bearer token: $OUT/token holds the demo's (an admin token, made on the first run;
 # $OUT/tokens is the server's token file). The server keeps running for grpcurl, the Python
-# client and further submits; `make stop` ends it.
+# client and further submits, and serves the web console (http://$LISTEN/console/, log in with the
+# demo's token), where the demo job's page shows its grid; `make stop` ends it.
 set -euo pipefail
 BIN=$1 OUT=$2 MODEL=$3 LISTEN=$4 SCHEDULER=$5 STEPS=$6 SAMPLES=$7 SEED=$8
 
@@ -19,7 +20,7 @@ if [ -f "$OUT/serve.pid" ] && kill -0 "$(cat "$OUT/serve.pid")" 2>/dev/null; the
     while kill -0 "$(cat "$OUT/serve.pid")" 2>/dev/null; do sleep 0.2; done
 fi
 "$BIN" serve --listen "$LISTEN" --model "demo=$MODEL" --queue "sqlite:$OUT/queue.sqlite" \
-    --output "file:$OUT/jobs" --metrics-listen 127.0.0.1:9464 --auth-token-file "$OUT/tokens" \
+    --output "file:$OUT/jobs" --metrics-listen 127.0.0.1:9464 --auth-token-file "$OUT/tokens" --console \
     >"$OUT/serve.out" 2>"$OUT/serve.log" &
 echo $! >"$OUT/serve.pid"
 for _ in $(seq 1 600); do
@@ -36,4 +37,6 @@ export DDPM_TOKEN_FILE="$OUT/token"
 grid=$(sed -n 's|^grid: ||p' "$OUT/demo-job.txt" | head -n 1)
 [ -n "$grid" ] || { echo "the demo job printed no grid" >&2; exit 1; }
 echo "the demo's grid: ${grid#file://}"
+job=$(sed -n 's|^job \([^ ]*\) SUCCEEDED.*|\1|p' "$OUT/demo-job.txt" | head -n 1)
+echo "the web console: http://$LISTEN/console/jobs/$job (log in with the demo's token: $(cat "$OUT/token"))"
 echo "the server is still running: try \`$BIN list --server http://$LISTEN --token-file $OUT/token\`; stop it with \`make stop\`"

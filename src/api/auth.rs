@@ -195,6 +195,12 @@ impl Auth {
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, token)| token.trim())
             .ok_or_else(|| unauthenticated("authorization is not \"Bearer TOKEN\""))?;
+        self.authenticate_token(token)
+    }
+
+    /// The caller `token` stands for (the console's login and cookie).
+    pub fn authenticate_token(&self, token: &str) -> Result<Caller, ServiceError> {
+        let unauthenticated = |why: &str| ServiceError::Unauthenticated(why.to_string());
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let entries = self.entries.load();
         let mut found = None;

@@ -58,7 +58,7 @@ impl WorkerService {
         Ok(caller)
     }
 
-    async fn to_pb(&self, job: &JobRecord) -> pb::Job {
+    pub(crate) async fn to_pb(&self, job: &JobRecord) -> pb::Job {
         let mut grid_uris = Vec::new();
         if job.state == JobState::Succeeded
             && let Ok(out) = self.ctx.outputs.for_job(&job.id, &job.spec).await

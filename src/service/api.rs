@@ -11,6 +11,7 @@ use super::{ServeError, tls, watch_file};
 use crate::api::auth::{self, Auth};
 use crate::api::handlers::WorkerService;
 use crate::api::{FILE_DESCRIPTOR_SET, pb};
+use crate::console::Console;
 
 /// Who may call server reflection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -48,6 +49,10 @@ pub struct ApiArgs {
     /// Largest accepted request message, in bytes.
     #[arg(long, env = "DDPM_MAX_REQUEST_BYTES", default_value_t = 64 * 1024)]
     pub max_request_bytes: usize,
+    /// Serve the web console at /console/ on this port (same tokens, roles and TLS as the API; the
+    /// port then also speaks HTTP/1.1).
+    #[arg(long, env = "DDPM_CONSOLE")]
+    pub console: bool,
 }
 
 /// The gRPC port, bound, with its tokens and certificates loaded.
@@ -58,6 +63,7 @@ pub struct Api {
     tls: Option<Arc<tls::Tls>>,
     reflection: ReflectionAccess,
     max_request_bytes: usize,
+    console: bool,
 }
 
 impl ApiArgs {
@@ -104,6 +110,7 @@ impl ApiArgs {
             tls,
             reflection: self.reflection,
             max_request_bytes: self.max_request_bytes,
+            console: self.console,
         })
     }
 }
@@ -134,23 +141,35 @@ impl Api {
         let reflection_v1 = described().build_v1().map_err(|e| ServeError::Runtime(e.to_string()))?;
         let reflection_v1alpha =
             described().build_v1alpha().map_err(|e| ServeError::Runtime(e.to_string()))?;
+        let console = self
+            .console
+            .then(|| Console::new(service.clone(), self.auth.clone(), self.tls.is_some()).router());
         let worker = pb::worker_service_server::WorkerServiceServer::new(service)
             .max_decoding_message_size(self.max_request_bytes);
-        let router = tonic::transport::Server::builder().add_service(health);
-        let router = match &self.auth {
+        let mut routes = tonic::service::Routes::builder();
+        routes.add_service(health);
+        match &self.auth {
             Some(a) => {
                 let intercept = || auth::interceptor(Arc::clone(a));
-                let router = router.add_service(InterceptedService::new(worker, intercept()));
+                routes.add_service(InterceptedService::new(worker, intercept()));
                 if self.reflection == ReflectionAccess::Public {
-                    router.add_service(reflection_v1).add_service(reflection_v1alpha)
+                    routes.add_service(reflection_v1).add_service(reflection_v1alpha);
                 } else {
-                    router
+                    routes
                         .add_service(InterceptedService::new(reflection_v1, intercept()))
-                        .add_service(InterceptedService::new(reflection_v1alpha, intercept()))
+                        .add_service(InterceptedService::new(reflection_v1alpha, intercept()));
                 }
             }
-            None => router.add_service(worker).add_service(reflection_v1).add_service(reflection_v1alpha),
+            None => {
+                routes.add_service(worker).add_service(reflection_v1).add_service(reflection_v1alpha);
+            }
         };
+        let mut routes = routes.routes();
+        if let Some(console) = console {
+            // The console's paths (/console/...) are apart from every gRPC path (/package.Service/...).
+            routes = tonic::service::Routes::from(routes.into_axum_router().merge(console));
+        }
+        let router = tonic::transport::Server::builder().accept_http1(self.console).add_routes(routes);
         if let Some(a) = &self.auth {
             let a = Arc::clone(a);
             watch_file("token file", move || a.reload());

@@ -71,7 +71,7 @@ impl TlsFiles {
         let mut config = builder
             .with_single_cert(certs, key)
             .map_err(|e| format!("{} and {}: {e}", self.cert.display(), self.key.display()))?;
-        // gRPC is HTTP/2 only.
+        // gRPC is HTTP/2 only; browsers (the console) speak it over TLS too.
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok((config, digest.finalize().into()))
     }

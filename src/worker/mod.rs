@@ -116,6 +116,11 @@ impl ActiveShards {
         }
     }
 
+    /// Shards running in this process now.
+    pub fn running(&self) -> usize {
+        self.lock().values().map(Vec::len).sum()
+    }
+
     /// Stops every running shard of `job_id`.
     pub fn stop_job(&self, job_id: &str) {
         for flag in self.lock().get(job_id).into_iter().flatten() {
