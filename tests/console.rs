@@ -301,3 +301,81 @@ async fn grids_on_s3_are_served_through_the_server() {
     assert_eq!(card.status(), 200);
     assert!(card.text().await.unwrap().starts_with("---"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_shares_the_ports_tls_and_its_cookie_is_secure() {
+    use common::pki::Ca;
+    let dir = tempfile::tempdir().unwrap();
+    let tls_dir = dir.path().join("tls");
+    std::fs::create_dir_all(&tls_dir).unwrap();
+    let ca = Ca::new("ddpm console test CA");
+    let ca_pem = ca.write(&tls_dir.join("ca.pem"));
+    let cert = ca.issue(&tls_dir, "server", &["localhost", "127.0.0.1"]);
+    let tokens = dir.path().join("tokens");
+    write_tokens(&tokens);
+    let args = [
+        "--model".to_string(),
+        format!("tiny={}", tiny_model(dir.path()).display()),
+        "--output".into(),
+        format!("file:{}", dir.path().join("jobs").display()),
+        "--tls-cert".into(),
+        cert.cert.display().to_string(),
+        "--tls-key".into(),
+        cert.key.display().to_string(),
+        "--auth-token-file".into(),
+        tokens.display().to_string(),
+        "--console".into(),
+    ];
+    let client_tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(&ca_pem).unwrap()));
+    let server = Server::start_tls(dir.path(), &args, &[], client_tls).await;
+    let base = server.url.replace("127.0.0.1", "localhost");
+    assert!(base.starts_with("https://"), "{base}");
+    // An HTTP/1.1 client over TLS (ALPN http/1.1): gRPC clients get h2 on the same port (the health
+    // check that Server::start_tls waited for).
+    let root = reqwest::Certificate::from_pem(&std::fs::read(&ca_pem).unwrap()).unwrap();
+    let https = reqwest::Client::builder().add_root_certificate(root.clone()).http1_only().build().unwrap();
+    let page = https.get(format!("{base}/console/")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert_eq!(page.version(), reqwest::Version::HTTP_11);
+    // ... and one that offers h2 first, as browsers do, gets it.
+    let h2 = reqwest::Client::builder().add_root_certificate(root).build().unwrap();
+    let page = h2.get(format!("{base}/console/")).send().await.unwrap();
+    assert_eq!((page.status(), page.version()), (reqwest::StatusCode::OK, reqwest::Version::HTTP_2));
+    let login = https
+        .post(format!("{base}/console/api/login"))
+        .header("content-type", "application/json")
+        .header("x-ddpm-console", "1")
+        .body(serde_json::json!({ "token": ADMIN }).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), 200);
+    let cookie = login.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(cookie.contains("Secure"), "{cookie}");
+    let cookie = cookie.split(';').next().unwrap().to_string();
+    let session =
+        https.get(format!("{base}/console/api/session")).header("cookie", &cookie).send().await.unwrap();
+    assert_eq!(session.status(), 200);
+    assert!(session.text().await.unwrap().contains("\"role\":\"admin\""));
+    // Plain HTTP to a TLS port gets nothing.
+    let plain = reqwest::get(base.replace("https://", "http://") + "/console/").await;
+    assert!(plain.is_err() || !plain.unwrap().status().is_success());
+    // A token taken out of the file stops working at once, cookie or not.
+    std::fs::write(&tokens, format!("{READ} read viewer\n")).unwrap();
+    let start = Instant::now();
+    loop {
+        let status = https
+            .get(format!("{base}/console/api/session"))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if status == 401 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "the removed token still works: {status}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -71,19 +71,29 @@ impl<T> Drop for Feed<T> {
     }
 }
 
+/// Event streams open at once, at most: each holds a connection and a task.
+pub const MAX_VIEWERS: usize = 1000;
+
 /// One browser's event stream, counted while it is open (`ddpm_console_viewers`).
-struct Viewing(&'static str);
+struct Viewing {
+    kind: &'static str,
+    open: Arc<AtomicUsize>,
+}
 
 impl Viewing {
-    fn new(kind: &'static str) -> Viewing {
+    /// A place for one more stream, or `None` when [`MAX_VIEWERS`] are open.
+    fn admit(open: &Arc<AtomicUsize>, kind: &'static str) -> Option<Viewing> {
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_VIEWERS).then_some(n + 1))
+            .ok()?;
         metrics::gauge!("ddpm_console_viewers", "kind" => kind).increment(1.0);
-        Viewing(kind)
+        Some(Viewing { kind, open: Arc::clone(open) })
     }
 }
 
 impl Drop for Viewing {
     fn drop(&mut self) {
-        metrics::gauge!("ddpm_console_viewers", "kind" => self.0).decrement(1.0);
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!("ddpm_console_viewers", "kind" => self.kind).decrement(1.0);
     }
 }
 
@@ -94,11 +104,18 @@ pub struct Feeds {
     service: WorkerService,
     jobs: Mutex<HashMap<String, Weak<Feed<JobSnapshot>>>>,
     list: Mutex<Weak<Feed<ListSnapshot>>>,
+    /// Event streams open now.
+    viewers: Arc<AtomicUsize>,
 }
 
 impl Feeds {
     pub fn new(service: WorkerService) -> Feeds {
-        Feeds { service, jobs: Mutex::new(HashMap::new()), list: Mutex::new(Weak::new()) }
+        Feeds {
+            service,
+            jobs: Mutex::new(HashMap::new()),
+            list: Mutex::new(Weak::new()),
+            viewers: Arc::new(AtomicUsize::new(0)),
+        }
     }
 
     /// The view of a job: the job in the protobuf JSON mapping (`job`), and its first grids (`grids`:
@@ -138,13 +155,14 @@ impl Feeds {
         feed
     }
 
-    /// A browser's stream of one job: `job` events (the view) as it changes, then `end` after a final
-    /// state, or `gone` when it is deleted.
+    /// A browser's stream of one job: `job` events (the view) as it changes, the last after a final
+    /// state, or `gone` when it is deleted. `None` when [`MAX_VIEWERS`] streams are open.
     pub fn job_events(
         &self,
         ctx: Arc<WorkerContext>,
         id: &str,
-    ) -> impl Stream<Item = Result<Event, Infallible>> + Send + use<> {
+    ) -> Option<impl Stream<Item = Result<Event, Infallible>> + Send + use<>> {
+        let viewing = Viewing::admit(&self.viewers, "job")?;
         let feed = self.job_feed(id);
         let rx = feed.rx.clone();
         struct Viewer {
@@ -156,8 +174,8 @@ impl Feeds {
             done: bool,
             first: bool,
         }
-        let viewer = Viewer { _viewing: Viewing::new("job"), _feed: feed, rx, ctx, done: false, first: true };
-        futures_util::stream::unfold(viewer, |mut v| async move {
+        let viewer = Viewer { _viewing: viewing, _feed: feed, rx, ctx, done: false, first: true };
+        Some(futures_util::stream::unfold(viewer, |mut v| async move {
             if v.done {
                 return None;
             }
@@ -192,15 +210,17 @@ impl Feeds {
                     }
                 }
             }
-        })
+        }))
     }
 
     /// A browser's stream of the job list: `snapshot` (every job, newest first) once the list is read,
     /// then `job` for each job that changed or came in, and `removed` (its id) for each that left.
+    /// `None` when [`MAX_VIEWERS`] streams are open.
     pub fn list_events(
         &self,
         ctx: Arc<WorkerContext>,
-    ) -> impl Stream<Item = Result<Event, Infallible>> + Send + use<> {
+    ) -> Option<impl Stream<Item = Result<Event, Infallible>> + Send + use<>> {
+        let viewing = Viewing::admit(&self.viewers, "list")?;
         let feed = self.list_feed();
         let rx = feed.rx.clone();
         struct Viewer {
@@ -216,7 +236,7 @@ impl Feeds {
             first: bool,
         }
         let viewer = Viewer {
-            _viewing: Viewing::new("list"),
+            _viewing: viewing,
             _feed: feed,
             rx,
             ctx,
@@ -225,7 +245,7 @@ impl Feeds {
             done: false,
             first: true,
         };
-        futures_util::stream::unfold(viewer, |mut v| async move {
+        Some(futures_util::stream::unfold(viewer, |mut v| async move {
             loop {
                 if let Some(event) = v.pending.pop_front() {
                     return Some((Ok(event), v));
@@ -273,7 +293,7 @@ impl Feeds {
                     }
                 }
             }
-        })
+        }))
     }
 }
 

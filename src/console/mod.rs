@@ -178,6 +178,13 @@ impl FromRequestParts<Console> for Session {
     }
 }
 
+fn too_many_viewers() -> ConsoleError {
+    ConsoleError::new(
+        tonic::Code::ResourceExhausted,
+        format!("{} console event streams are open on this server; try again later", feeds::MAX_VIEWERS),
+    )
+}
+
 /// A request with `caller` on it, as the token interceptor puts it on gRPC requests.
 fn as_caller<T>(caller: &Caller, message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
@@ -286,7 +293,7 @@ async fn jobs_events(
     Session(caller): Session,
 ) -> Result<Sse<impl Stream<Item = Result<Event, std::convert::Infallible>>>, ConsoleError> {
     caller.require(Role::Read)?;
-    let stream = console.feeds.list_events(Arc::clone(&console.service.ctx));
+    let stream = console.feeds.list_events(Arc::clone(&console.service.ctx)).ok_or_else(too_many_viewers)?;
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
@@ -310,7 +317,8 @@ async fn job_events(
 ) -> Result<Sse<impl Stream<Item = Result<Event, std::convert::Infallible>>>, ConsoleError> {
     // GetJob checks the role and the id, and says NOT_FOUND before any stream opens.
     console.service.get_job(as_caller(&caller, pb::GetJobRequest { job_id: id.clone() })).await?;
-    let stream = console.feeds.job_events(Arc::clone(&console.service.ctx), &id);
+    let stream =
+        console.feeds.job_events(Arc::clone(&console.service.ctx), &id).ok_or_else(too_many_viewers)?;
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 

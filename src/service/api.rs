@@ -92,6 +92,7 @@ impl ApiArgs {
                     cert: cert.clone(),
                     key: key.clone(),
                     client_ca: self.tls_client_ca.clone(),
+                    http1: self.console,
                 };
                 Some(Arc::new(
                     tls::Tls::load(files).map_err(|e| config(format!("--tls-cert/--tls-key: {e}")))?,

@@ -30,6 +30,8 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// CA certificates, PEM: when set, clients must present a certificate signed by one of them.
     pub client_ca: Option<PathBuf>,
+    /// Whether the port also speaks HTTP/1.1 (the web console's browsers and tools): offered after h2.
+    pub http1: bool,
 }
 
 impl TlsFiles {
@@ -71,8 +73,11 @@ impl TlsFiles {
         let mut config = builder
             .with_single_cert(certs, key)
             .map_err(|e| format!("{} and {}: {e}", self.cert.display(), self.key.display()))?;
-        // gRPC is HTTP/2 only; browsers (the console) speak it over TLS too.
+        // gRPC is HTTP/2 only; the console's clients may ask for HTTP/1.1 (browsers take h2 too).
         config.alpn_protocols = vec![b"h2".to_vec()];
+        if self.http1 {
+            config.alpn_protocols.push(b"http/1.1".to_vec());
+        }
         Ok((config, digest.finalize().into()))
     }
 }
