@@ -20,24 +20,25 @@ RUN apt-get update \
 
 # libtorch as tch builds against it: the pinned torch wheel (with its nvidia-* CUDA wheels), the CUDA
 # headers that the CUDA graph shim (src/cuda/shim.cpp) needs beside it, and nvcc for the fused
-# group-norm kernels (src/cuda/group_norm.cu).
+# group-norm kernels (src/cuda/group_norm.cu). In the same layer, /stage/lib/ddpm-worker: the shared
+# libraries the image ships, libtorch (less its Python bindings) and the CUDA libraries, without headers,
+# static archives or Python files. They are hard links to the venv's files, so the layer holds their
+# ~4 GB once (a copy in a layer of its own doubled it), and pip keeps no cache of the ~3 GB of wheels:
+# a cold build needs that much less disk (scripts/image/space.sh).
 COPY scripts/requirements.txt /tmp/requirements.txt
-RUN --mount=type=cache,target=/root/.cache/pip \
-    python3 -m venv /opt/torch \
-    && /opt/torch/bin/pip install --quiet $(grep -E '^(torch|nvidia-cuda-crt|nvidia-cuda-nvcc|nvidia-nvvm|nvidia-cuda-cccl)==' /tmp/requirements.txt)
-
-# The shared libraries the image ships: libtorch (less its Python bindings) and the CUDA libraries,
-# without headers, static archives or Python files.
 RUN set -eu; \
+    python3 -m venv /opt/torch; \
+    /opt/torch/bin/pip install --quiet --no-cache-dir \
+        $(grep -E '^(torch|nvidia-cuda-crt|nvidia-cuda-nvcc|nvidia-nvvm|nvidia-cuda-cccl)==' /tmp/requirements.txt); \
     site=$(/opt/torch/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
     dest=/stage/lib/ddpm-worker; \
     mkdir -p "$dest/torch" "$dest/nvidia"; \
-    cp -a "$site/torch/lib" "$dest/torch/lib"; \
+    cp -al "$site/torch/lib" "$dest/torch/lib"; \
     rm -f "$dest/torch/lib/libtorch_python.so" "$dest/torch/lib/libshm.so"; \
     rm -rf "$dest/torch/lib/libshm" "$dest/torch/lib/libshm_windows"; \
     for pkg in "$site"/nvidia/*/; do \
         [ -d "$pkg/lib" ] || continue; \
-        name=$(basename "$pkg"); mkdir -p "$dest/nvidia/$name"; cp -a "$pkg/lib" "$dest/nvidia/$name/lib"; \
+        name=$(basename "$pkg"); mkdir -p "$dest/nvidia/$name"; cp -al "$pkg/lib" "$dest/nvidia/$name/lib"; \
     done; \
     find "$dest" \( -name '*.a' -o -name '*.bc' -o -name '*.py' -o -name '__pycache__' -o -name '*.h' \) -prune -exec rm -rf {} +; \
     # Not loaded by libtorch: nvcc's NVVM, multi-GPU cuSOLVER, the BLAS/FFTW shims, nvrtc's alternative build, and the

@@ -10,13 +10,15 @@ open on its page (`/console/api/jobs/<id>/events`), alternating. Each viewer doe
 does: reads every `job` event and fetches each grid once, as soon as the event says it is written. With
 one batch per shard, every batch is a progress event for every viewer. Throughput is the manifest's:
 num_samples / (finalized_at - started_at). The viewers run on the same machine (threads of this
-process), so their own CPU is counted against the service too. Prints one JSON line per job, then the
-medians and their ratio (watched / unwatched; the target is >= 0.95).
+process), so their own CPU is counted against the service too; each line also has the CPU seconds the
+server and the viewers spent on the job (/proc and process_time). Prints one JSON line per job, then
+the medians and their ratio (watched / unwatched; the target is >= 0.95).
 """
 
 import argparse
 import http.client
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -100,6 +102,12 @@ class Viewer(threading.Thread):
             self.error = repr(e)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def manifest_rate(job: dict, num_samples: int) -> float:
     m = json.loads(Path(job["manifestUri"].removeprefix("file://")).read_text())
     return num_samples / ((m["finalized_at_ms"] - m["started_at_ms"]) / 1000)
@@ -119,6 +127,7 @@ def main():
     args = p.parse_args()
 
     rates = {"unwatched": [], "watched": []}
+    cpu = {"unwatched": [], "watched": []}
     with tempfile.TemporaryDirectory() as tmp:
         proc, addr = start_server(args, Path(tmp))
         try:
@@ -126,6 +135,7 @@ def main():
             wait(args, addr, submit(args, addr, "warm-up"))
             for r in range(args.rounds):
                 for side in ("unwatched", "watched"):
+                    server_cpu, own_cpu = cpu_seconds(proc.pid), time.process_time()
                     job_id = submit(args, addr, f"round-{r}-{side}")
                     viewers = [Viewer(addr, job_id) for _ in range(args.viewers if side == "watched" else 0)]
                     for v in viewers:
@@ -135,9 +145,12 @@ def main():
                         v.join(60)
                     errors = [v.error for v in viewers if v.error or v.is_alive()]
                     assert not errors, errors[:3]
+                    server_cpu, own_cpu = cpu_seconds(proc.pid) - server_cpu, time.process_time() - own_cpu
                     rate = manifest_rate(job, args.num_samples)
                     rates[side].append(rate)
+                    cpu[side].append(server_cpu)
                     line = {"round": r, "side": side, "viewers": len(viewers), "images_per_second": rate,
+                            "server_cpu_seconds": round(server_cpu, 2), "viewers_cpu_seconds": round(own_cpu, 2),
                             "events_per_viewer": statistics.median([v.events for v in viewers]) if viewers else 0,
                             "grids_per_viewer": statistics.median([len(v.grids) for v in viewers]) if viewers else 0}
                     print(json.dumps(line), flush=True)
@@ -155,6 +168,9 @@ def main():
         "watched_median": statistics.median(rates["watched"]),
         "watched_spread": [min(rates["watched"]), max(rates["watched"])],
         "watched_over_unwatched": statistics.median(rates["watched"]) / statistics.median(rates["unwatched"]),
+        # The server's own CPU per job: what the viewers cost it, apart from the machine's noise.
+        "server_cpu_seconds_unwatched_median": statistics.median(cpu["unwatched"]),
+        "server_cpu_seconds_watched_median": statistics.median(cpu["watched"]),
     }
     print(json.dumps(summary, indent=2))
     if args.out:
