@@ -379,3 +379,40 @@ async fn the_console_shares_the_ports_tls_and_its_cookie_is_secure() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Reads an event stream until it ends; returns the names of its events.
+async fn event_names(mut response: reqwest::Response) -> Vec<String> {
+    let mut text = String::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    text.lines().filter_map(|l| l.strip_prefix("event: ")).map(String::from).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_the_open_streams_and_the_server_drains_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &["--console", "--grace-seconds", "30"]).await;
+    let mut grpc = server.client().await;
+    let job = grpc.submit_job(request(2, pb::Scheduler::Ddim, 2, 2)).await.unwrap().into_inner().job.unwrap();
+    common::service::wait_for(&mut grpc, &job.job_id, |j| j.state == pb::JobState::Succeeded as i32).await;
+    // Twenty browsers on the job list: open streams must not hold the drain until its deadline.
+    let http = reqwest::Client::new();
+    let mut streams = Vec::new();
+    for _ in 0..20 {
+        let response = http.get(format!("{}/console/api/jobs/events", server.url)).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        streams.push(tokio::spawn(event_names(response)));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let start = Instant::now();
+    common::service::signal(server.pid(), "TERM");
+    let status = server.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.success(), "{status:?}");
+    assert!(start.elapsed() < Duration::from_secs(5), "the drain took {:?}", start.elapsed());
+    for stream in streams {
+        let names = tokio::time::timeout(Duration::from_secs(5), stream).await.unwrap().unwrap();
+        assert_eq!(names.first().map(String::as_str), Some("snapshot"), "{names:?}");
+        assert_eq!(names.last().map(String::as_str), Some("draining"), "{names:?}");
+    }
+}
