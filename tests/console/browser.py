@@ -17,6 +17,7 @@ import urllib.request
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
@@ -39,9 +40,11 @@ def browser() -> webdriver.Chrome:
 
 
 def wait(driver, condition, what, timeout=30):
+    # The pages render again at each event: an element found a moment ago may be gone (stale); look again.
+    waiter = WebDriverWait(driver, timeout, poll_frequency=0.1, ignored_exceptions=[StaleElementReferenceException])
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
-    except Exception:
+        return waiter.until(condition)
+    except TimeoutException:
         shot(driver, "failed")
         raise AssertionError(f"timed out waiting for {what}; page: {driver.current_url}\n"
                              + driver.find_element(By.TAG_NAME, "body").text[:2000])
@@ -63,10 +66,22 @@ def fetch(driver, path, method="GET", header=True):
         """, path, method, header)
 
 
+def text(driver, selector):
+    """An element's text, read in the page in one step (None when it is not there)."""
+    return driver.execute_script("const e = document.querySelector(arguments[0]); return e && e.textContent", selector)
+
+
+def click(driver, selector):
+    """Clicks an element in the page in one step (the page may render it again at any event)."""
+    assert driver.execute_script("const e = document.querySelector(arguments[0]); if (e) e.click(); return !!e",
+                                 selector), f"nothing to click at {selector}"
+
+
 def state_of_row(job_id):
     def check(driver):
-        rows = driver.find_elements(By.CSS_SELECTOR, f'tr[data-job="{job_id}"] .state')
-        return rows[0].get_attribute("data-state") if rows else None
+        return driver.execute_script(
+            "const e = document.querySelector(arguments[0]); return e && e.dataset.state",
+            f'tr[data-job="{job_id}"] .state')
     return check
 
 
@@ -113,17 +128,18 @@ def main():
         shot(driver, "jobs")
 
         # 3. Its page: the grid decoded by the browser, the links, how its shards ran.
-        driver.find_element(By.CSS_SELECTOR, f'a[href="/console/jobs/{first.id}"]').click()
+        click(driver, f'a[href="/console/jobs/{first.id}"]')
         wait(driver, lambda d: d.execute_script(
             "const i = document.querySelector('img[data-grid=\"0\"]'); return i && i.complete && i.naturalWidth"),
             "the grid, decoded")
         width = driver.execute_script("return document.querySelector('img[data-grid=\"0\"]').naturalWidth")
         assert width > 0, width
         assert driver.execute_script("return window.__sameDocument") == "yes", "the page reloaded"
-        links = {a.text: a.get_attribute("href") for a in driver.find_elements(By.CSS_SELECTOR, "#links a")}
+        links = dict(driver.execute_script(
+            "return [...document.querySelectorAll('#links a')].map((a) => [a.textContent, a.href])"))
         status, manifest = fetch(driver, links["manifest"])
         assert status == 200 and manifest["job_id"] == first.id, (status, manifest)
-        assert int(driver.find_element(By.ID, "attempts").text) >= 1
+        assert int(text(driver, "#attempts")) >= 1
         assert not driver.find_elements(By.ID, "cancel"), "a reader is offered cancel"
         shot(driver, "job")
 
@@ -144,9 +160,10 @@ def main():
         assert not driver.get_cookies(), driver.get_cookies()
         log_in(driver, ADMIN, "admin")
         driver.get(URL + "/console/jobs/" + second.id)
-        wait(driver, lambda d: d.find_element(By.ID, "job-state").text in ("QUEUED", "RUNNING"), "the live job")
-        wait(driver, ec.element_to_be_clickable((By.ID, "cancel")), "the cancel button").click()
-        wait(driver, ec.text_to_be_present_in_element((By.ID, "job-state"), "CANCELLED"), "CANCELLED")
+        wait(driver, lambda d: text(d, "#job-state") in ("QUEUED", "RUNNING"), "the live job")
+        wait(driver, lambda d: text(d, "#cancel"), "the cancel button")
+        click(driver, "#cancel")
+        wait(driver, lambda d: text(d, "#job-state") == "CANCELLED", "CANCELLED")
         assert submitter.get(second.id).state == "CANCELLED"
         shot(driver, "job-cancelled")
 
