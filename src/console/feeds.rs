@@ -164,7 +164,9 @@ impl Feeds {
     ) -> Option<impl Stream<Item = Result<Event, Infallible>> + Send + use<>> {
         let viewing = Viewing::admit(&self.viewers, "job")?;
         let feed = self.job_feed(id);
-        let rx = feed.rx.clone();
+        let mut rx = feed.rx.clone();
+        // The first wait returns at once, with the feed's current value.
+        rx.mark_changed();
         struct Viewer {
             _viewing: Viewing,
             /// Keeps the feed running while this viewer watches.
@@ -172,27 +174,21 @@ impl Feeds {
             rx: watch::Receiver<JobSnapshot>,
             ctx: Arc<WorkerContext>,
             done: bool,
-            first: bool,
         }
-        let viewer = Viewer { _viewing: viewing, _feed: feed, rx, ctx, done: false, first: true };
+        let viewer = Viewer { _viewing: viewing, _feed: feed, rx, ctx, done: false };
         Some(futures_util::stream::unfold(viewer, |mut v| async move {
             if v.done {
                 return None;
             }
             loop {
-                if !v.first {
-                    tokio::select! {
-                        changed = v.rx.changed() => if changed.is_err() { return None },
-                        _ = tokio::time::sleep(DRAIN_CHECK) => {
-                            if v.ctx.draining.load(Ordering::Relaxed) {
-                                v.done = true;
-                                return Some((Ok(Event::default().event("draining").data("the server is shutting down")), v));
-                            }
-                            continue;
-                        }
+                match next(&mut v.rx, &v.ctx).await {
+                    Next::Changed => {}
+                    Next::Closed => return None,
+                    Next::Draining => {
+                        v.done = true;
+                        return Some((Ok(draining_event()), v));
                     }
                 }
-                v.first = false;
                 let snapshot = v.rx.borrow_and_update().clone();
                 match snapshot {
                     JobSnapshot::Pending => continue,
@@ -222,7 +218,9 @@ impl Feeds {
     ) -> Option<impl Stream<Item = Result<Event, Infallible>> + Send + use<>> {
         let viewing = Viewing::admit(&self.viewers, "list")?;
         let feed = self.list_feed();
-        let rx = feed.rx.clone();
+        let mut rx = feed.rx.clone();
+        // The first wait returns at once, with the feed's current value.
+        rx.mark_changed();
         struct Viewer {
             _viewing: Viewing,
             /// Keeps the feed running while this viewer watches.
@@ -233,7 +231,6 @@ impl Feeds {
             sent: Option<HashMap<String, Arc<str>>>,
             pending: std::collections::VecDeque<Event>,
             done: bool,
-            first: bool,
         }
         let viewer = Viewer {
             _viewing: viewing,
@@ -243,7 +240,6 @@ impl Feeds {
             sent: None,
             pending: Default::default(),
             done: false,
-            first: true,
         };
         Some(futures_util::stream::unfold(viewer, |mut v| async move {
             loop {
@@ -253,19 +249,15 @@ impl Feeds {
                 if v.done {
                     return None;
                 }
-                if !v.first {
-                    tokio::select! {
-                        changed = v.rx.changed() => if changed.is_err() { return None },
-                        _ = tokio::time::sleep(DRAIN_CHECK) => {
-                            if v.ctx.draining.load(Ordering::Relaxed) {
-                                v.done = true;
-                                v.pending.push_back(Event::default().event("draining").data("the server is shutting down"));
-                            }
-                            continue;
-                        }
+                match next(&mut v.rx, &v.ctx).await {
+                    Next::Changed => {}
+                    Next::Closed => return None,
+                    Next::Draining => {
+                        v.done = true;
+                        v.pending.push_back(draining_event());
+                        continue;
                     }
                 }
-                v.first = false;
                 let Some(jobs) = v.rx.borrow_and_update().clone() else { continue };
                 match v.sent.as_mut() {
                     None => {
@@ -295,6 +287,34 @@ impl Feeds {
             }
         }))
     }
+}
+
+/// What a viewer's wait for its feed ended with.
+enum Next {
+    /// The feed has a new value (or, the first time, its current one).
+    Changed,
+    /// The server is draining: the stream ends, so that it does not hold the graceful shutdown.
+    Draining,
+    /// The feed is gone.
+    Closed,
+}
+
+/// Waits for the feed's next value, looking every [`DRAIN_CHECK`] whether the server drains.
+async fn next<T>(rx: &mut watch::Receiver<T>, ctx: &WorkerContext) -> Next {
+    loop {
+        tokio::select! {
+            changed = rx.changed() => return if changed.is_ok() { Next::Changed } else { Next::Closed },
+            _ = tokio::time::sleep(DRAIN_CHECK) => {
+                if ctx.draining.load(Ordering::Relaxed) {
+                    return Next::Draining;
+                }
+            }
+        }
+    }
+}
+
+fn draining_event() -> Event {
+    Event::default().event("draining").data("the server is shutting down")
 }
 
 /// A job in the protobuf JSON mapping (what `--output json` and the Python client print).
@@ -387,7 +407,6 @@ async fn follow_job(service: WorkerService, id: String, tx: watch::Sender<JobSna
 /// view is made again only when its record changed).
 async fn follow_list(service: WorkerService, tx: watch::Sender<ListSnapshot>) {
     let mut known: BTreeMap<String, (JobRecord, Arc<str>)> = BTreeMap::new();
-    let mut published: Vec<(String, Arc<str>)> = Vec::new();
     let filter = JobFilter::default();
     loop {
         match service.ctx.queue.list_jobs(&filter, None, LIST_SIZE).await {
@@ -403,10 +422,15 @@ async fn follow_list(service: WorkerService, tx: watch::Sender<ListSnapshot>) {
                     next.insert(job.id.clone(), (job, view));
                 }
                 known = next;
-                let changed = list.len() != published.len()
-                    || list.iter().zip(&published).any(|(a, b)| a.0 != b.0 || !Arc::ptr_eq(&a.1, &b.1));
-                if changed || tx.borrow().is_none() {
-                    published = list.clone();
+                // Published only when a job came, went or changed (its view is then a new one).
+                let changed = tx.borrow().as_ref().is_none_or(|published| {
+                    list.len() != published.len()
+                        || list
+                            .iter()
+                            .zip(published.iter())
+                            .any(|(a, b)| a.0 != b.0 || !Arc::ptr_eq(&a.1, &b.1))
+                });
+                if changed {
                     tx.send_replace(Some(Arc::new(list)));
                 }
             }
