@@ -30,7 +30,7 @@ SEED       ?= 0
 FORMAT     ?= files
 LISTEN     ?= 127.0.0.1:50051
 
-.PHONY: all setup build run stop generate test lint api-check helm-tools helm-check browser fixtures bench bench-service bench-pipeline bench-datasets bench-console \
+.PHONY: all setup build run stop generate test lint api-check helm-tools helm-check browser fixtures bench bench-service bench-pipeline bench-datasets bench-console bench-fleet \
 	stress image test-image clean
 
 all: build
@@ -200,6 +200,12 @@ bench-pipeline: build
 # A job's throughput with and without 100 console viewers on its page (bench/console.py).
 bench-console: build
 	$(PYTHON) bench/console.py --bin $(BIN)
+
+# The control plane with 1, 8, 32 and 64 workers on a three-server NATS cluster, each worker's device
+# simulated (bench/fleet.py): the simulation is in the test-support build only, not in `make build`'s.
+bench-fleet: setup
+	cargo build $(CARGO_FLAGS) --features test-support
+	$(PYTHON) bench/fleet.py --bin $(BIN) --nats-server $(VENV)/bin/nats-server --out bench/results/fleet-raw.jsonl
 
 # 20,000-shard jobs on SQLite and NATS, and a 60 s S3 outage during a job (bench/stress.py).
 stress: build

@@ -70,7 +70,7 @@ case_args() {
     no-metrics) A=(--set serve.metrics.enabled=false --set serve.podDisruptionBudget.enabled=false --set serve.logJson=false) ;;
     stopped) A=(--set serve.replicas=0) ;;
     # Several replicas: the model and output claims are declared multi-node (the render fails otherwise).
-    nats) A=(--set serve.queue.type=nats --set serve.queue.nats.url=nats://nats.nats.svc:4222
+    nats) A=(--set serve.queue.type=nats --set-string 'serve.queue.nats.url=nats://nats-0.nats:4222\,nats-1.nats:4222\,nats-2.nats:4222'
              --set serve.queue.nats.namespace=ddpm-prod --set serve.queue.nats.replicas=3 --set serve.replicas=3
              --set models.accessMode=ReadOnlyMany --set output.accessMode=ReadWriteMany) ;;
     nats-minimal) A=(--set serve.queue.type=nats --set serve.queue.nats.url=nats://nats:4222) ;;
@@ -304,7 +304,7 @@ fi
 
 # The NATS queue: any number of replicas, no queue volume, one pod replaced at a time without a surge.
 n="$WORK/nats.yaml"
-for want in '- --queue=nats://nats.nats.svc:4222/ddpm-prod' '- --nats-replicas=3' 'replicas: 3' 'type: RollingUpdate' \
+for want in '- --queue=nats://nats-0.nats:4222,nats-1.nats:4222,nats-2.nats:4222/ddpm-prod' '- --nats-replicas=3' 'replicas: 3' 'type: RollingUpdate' \
             'maxSurge: 0' '- --lease-seconds=60' '- --output=file:/data/out'; do
   if grep -qF -- "$want" "$n"; then ok "nats render has '$want'"; else ko "nats render has '$want'"; fi
 done
@@ -875,6 +875,10 @@ must_fail "schema: http:// URL" "serve.queue.nats.url.*does not match pattern" \
   --set serve.queue.type=nats --set serve.queue.nats.url=http://nats:4222
 must_fail "schema: credentials in the URL" "serve.queue.nats.url.*does not match pattern" \
   --set serve.queue.type=nats --set serve.queue.nats.url=nats://ddpm:secret@nats:4222
+must_fail "schema: an empty server in a cluster's URL list" "serve.queue.nats.url.*does not match pattern" \
+  --set serve.queue.type=nats --set-string 'serve.queue.nats.url=nats://a:4222\,\,b:4222'
+must_fail "schema: a path after a cluster's URL list" "serve.queue.nats.url.*does not match pattern" \
+  --set serve.queue.type=nats --set-string 'serve.queue.nats.url=nats://a:4222\,b:4222/ddpm'
 must_fail "schema: nats namespace with a dot" "serve.queue.nats.namespace.*does not match pattern" \
   --set serve.queue.type=nats --set serve.queue.nats.url=nats://nats:4222 --set serve.queue.nats.namespace=a.b
 must_fail "schema: 6 NATS stream replicas" "serve.queue.nats.replicas.*(maximum|less than or equal)" \

@@ -236,6 +236,7 @@ async fn a_job_runs_over_mutual_tls_with_a_password_through_a_front_end_without_
         ca: Some(ca_file.clone()),
         client_cert: Some((client_pem.cert.clone(), client_pem.key.clone())),
         auth: NatsAuth::UserPassword { user: "ddpm".into(), password: Secret::new("s3cret pass") },
+        name: None,
     };
     let nats = NatsServer::start(&config).await;
     let queue = format!("{}/{}", nats.url(), unique_namespace("mtls"));

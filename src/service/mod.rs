@@ -77,6 +77,7 @@ pub async fn serve(args: ServeArgs, on_listening: impl FnOnce(SocketAddr)) -> Re
             lease: workers.config.lease_ttl,
             priorities: limits.priorities.clone(),
             has_devices: !workers.devices.is_empty(),
+            client_name: format!("ddpm-worker {}", workers.config.worker_id),
         })
         .await?;
     let api = args.api.build().await?;

@@ -16,8 +16,10 @@ use crate::queue::{Queue, SqliteQueue};
 #[command(next_help_heading = "Queue")]
 pub struct QueueArgs {
     /// The job queue: sqlite:PATH (embedded; one process), or nats://HOST:PORT[/NAMESPACE] (NATS
-    /// JetStream, shared by any number of workers); tls://HOST:PORT[/NAMESPACE] requires TLS. (The
-    /// other servers of a NATS cluster are learnt from the one given.)
+    /// JetStream, shared by any number of workers); tls://HOST:PORT[/NAMESPACE] requires TLS. For a NATS
+    /// cluster, name every server, comma-separated (nats://a:4222,b:4222,c:4222/NAMESPACE): the first
+    /// connection then succeeds while any of them is up, and reconnections try them all (as well as the
+    /// servers the cluster announces).
     #[arg(long, env = "DDPM_QUEUE", default_value = "sqlite:ddpm-data/queue.sqlite")]
     pub queue: String,
     /// How to reach a NATS queue's servers: credentials, TLS, replicas.
@@ -33,6 +35,8 @@ pub struct QueueNeeds {
     pub priorities: std::ops::RangeInclusive<i32>,
     /// Whether this process runs shards (a SQLite queue is only this process's).
     pub has_devices: bool,
+    /// This worker's name, for the NATS servers' view of their connections.
+    pub client_name: String,
 }
 
 impl QueueArgs {
@@ -67,10 +71,10 @@ impl QueueArgs {
                 priorities: Some(needs.priorities),
                 ..NatsOptions::default()
             };
-            return Ok(Arc::new(self.nats.open(&self.queue, options).await.map_err(config)?));
+            return Ok(Arc::new(self.nats.open(&self.queue, options, &needs.client_name).await.map_err(config)?));
         }
         Err(config(format!(
-            "--queue {:?}: expected sqlite:PATH, nats://HOST:PORT[/NAMESPACE] or tls://HOST:PORT[/NAMESPACE]",
+            "--queue {:?}: expected sqlite:PATH, nats://HOST:PORT[,HOST:PORT…][/NAMESPACE] or tls://…",
             self.queue
         )))
     }

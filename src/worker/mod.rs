@@ -18,6 +18,7 @@ pub mod finisher;
 pub mod outputs;
 pub mod pool;
 pub mod reaper;
+pub mod simulated;
 pub mod warmup;
 
 use std::collections::{BTreeMap, HashMap};

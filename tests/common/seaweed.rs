@@ -176,10 +176,9 @@ pub async fn upload(client: &aws_sdk_s3::Client, dir: &std::path::Path, prefix: 
     }
 }
 
-/// Copies every object under `prefix/` into `dir` (keys relative to the prefix become paths), so a job's
-/// S3 output can be opened by local readers byte for byte; returns the relative keys.
-pub async fn download(client: &aws_sdk_s3::Client, prefix: &str, dir: &std::path::Path) -> Vec<String> {
-    let keys: Vec<String> = client
+/// The full keys of every object under `prefix/`.
+pub async fn list(client: &aws_sdk_s3::Client, prefix: &str) -> Vec<String> {
+    client
         .list_objects_v2()
         .bucket(BUCKET)
         .prefix(format!("{prefix}/"))
@@ -190,7 +189,13 @@ pub async fn download(client: &aws_sdk_s3::Client, prefix: &str, dir: &std::path
         .into_iter()
         .flat_map(|page| page.unwrap().contents.unwrap_or_default())
         .filter_map(|o| o.key)
-        .collect();
+        .collect()
+}
+
+/// Copies every object under `prefix/` into `dir` (keys relative to the prefix become paths), so a job's
+/// S3 output can be opened by local readers byte for byte; returns the relative keys.
+pub async fn download(client: &aws_sdk_s3::Client, prefix: &str, dir: &std::path::Path) -> Vec<String> {
+    let keys = list(client, prefix).await;
     let mut relative = Vec::new();
     for key in keys {
         let rel = key.strip_prefix(&format!("{prefix}/")).unwrap().to_string();

@@ -138,8 +138,8 @@ message that says what to change.
 {{- end }}
 {{- if eq $s.queue.type "nats" }}
 {{- $n := $s.queue.nats | default dict }}
-{{- if not (regexMatch "^(nats|tls)://[^/@,\\s]+$" (toString $n.url)) }}
-{{- fail (printf "serve.queue.type is \"nats\" but serve.queue.nats.url is %q: set it to nats://HOST[:PORT] or tls://HOST[:PORT] of a JetStream-enabled NATS server (no path, no credentials: see serve.queue.nats.auth), e.g. nats://nats.nats.svc:4222." (toString $n.url)) }}
+{{- if not (regexMatch "^(nats|tls)://[^/@,\\s]+(,((nats|tls)://)?[^/@,\\s]+)*$" (toString $n.url)) }}
+{{- fail (printf "serve.queue.type is \"nats\" but serve.queue.nats.url is %q: set it to nats://HOST[:PORT] or tls://HOST[:PORT] of a JetStream-enabled NATS server, or every server of a NATS cluster comma-separated (nats://nats-0.nats:4222,nats-1.nats:4222,nats-2.nats:4222); no path, no credentials (see serve.queue.nats.auth)." (toString $n.url)) }}
 {{- end }}
 {{- $auth := $n.auth | default dict }}
 {{- $given := list }}
@@ -437,7 +437,7 @@ message that says what to change.
 {{- if $a.monitoringEndpoint }}
 {{- $a.monitoringEndpoint }}
 {{- else }}
-{{- $hostPort := regexReplaceAll "^[a-z]+://" (toString $n.url) "" }}
+{{- $hostPort := regexReplaceAll "^[a-z]+://" (first (splitList "," (toString $n.url))) "" }}
 {{- $host := regexReplaceAll ":[0-9]+$" $hostPort "" }}
 {{- printf "%s:8222" $host }}
 {{- end }}

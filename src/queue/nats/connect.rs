@@ -67,6 +67,8 @@ pub struct NatsClientOptions {
     /// Certificate chain and private key (PEM) presented to a server that verifies clients (mTLS).
     pub client_cert: Option<(PathBuf, PathBuf)>,
     pub auth: NatsAuth,
+    /// The connection's name, as the server's monitoring shows it (`/connz`): which worker it is.
+    pub name: Option<String>,
 }
 
 /// A file of the connection settings.
@@ -104,7 +106,9 @@ pub enum ConnectError {
     Unreachable(String),
 }
 
-/// Connects to `url` (`nats://` or `tls://`) with `client`.
+/// Connects to `url` (`nats://` or `tls://`; several servers of a cluster separated by commas, each
+/// with its scheme) with `client`. The first connection tries each server once; later reconnections go to
+/// any of them, and to the servers the cluster announces.
 pub async fn connect(
     url: &str,
     client: &NatsClientOptions,
@@ -116,6 +120,9 @@ pub async fn connect(
         // builder needs a process-wide crypto provider, which a binary with two providers lacks.
         .tls_client_config(tls_config(client)?)
         .require_tls(client.require_tls);
+    if let Some(name) = &client.name {
+        options = options.name(name);
+    }
     options =
         match &client.auth {
             NatsAuth::None => options,
@@ -127,7 +134,8 @@ pub async fn connect(
             }
             NatsAuth::Token(token) => options.token(token.expose().to_string()),
         };
-    options.connect(url).await.map_err(|e| classify(e, &client.auth))
+    let servers: Vec<&str> = url.split(',').collect();
+    options.connect(servers).await.map_err(|e| classify(e, &client.auth))
 }
 
 fn file_err(file: NatsFile, path: &Path, reason: impl std::fmt::Display) -> ConnectError {

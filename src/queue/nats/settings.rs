@@ -102,12 +102,51 @@ fn read_secret(flag: &str, path: &Path) -> Result<Secret, String> {
 }
 
 /// The servers and namespace of a `nats://` or `tls://` queue URL, and whether it requires TLS; `None`
-/// for any other URL.
+/// for any other URL. Several servers (the members of a cluster, so that the first connection and every
+/// reconnection can go to any of them) are separated by commas: `nats://a:4222,b:4222,c:4222/NAMESPACE`
+/// (a later server may repeat the scheme). The servers come back with their scheme, comma-separated, as
+/// [`super::connect::connect`] takes them; an entry that is not `HOST[:PORT]` is left for
+/// [`check_servers`] to name.
 pub fn parse_url(queue: &str) -> Option<(String, &str, bool)> {
     let tls = queue.starts_with("tls://");
-    let rest = queue.strip_prefix("nats://").or_else(|| queue.strip_prefix("tls://"))?;
-    let (server, namespace) = rest.split_once('/').unwrap_or((rest, "ddpm"));
-    Some((format!("{}://{server}", if tls { "tls" } else { "nats" }), namespace, tls))
+    let scheme = if tls { "tls://" } else { "nats://" };
+    let rest = queue.strip_prefix(scheme)?;
+    let (servers, namespace) = match rest.rsplit_once(',') {
+        Some((first, last)) => {
+            let last = last.strip_prefix(scheme).unwrap_or(last);
+            let (server, namespace) = last.split_once('/').unwrap_or((last, "ddpm"));
+            (format!("{first},{server}"), namespace)
+        }
+        None => {
+            let (server, namespace) = rest.split_once('/').unwrap_or((rest, "ddpm"));
+            (server.to_string(), namespace)
+        }
+    };
+    let servers = servers
+        .split(',')
+        .map(|server| format!("{scheme}{}", server.strip_prefix(scheme).unwrap_or(server)))
+        .collect::<Vec<_>>()
+        .join(",");
+    Some((servers, namespace, tls))
+}
+
+/// Checks the servers [`parse_url`] found in `queue`: each `HOST[:PORT]`, none empty.
+fn check_servers(queue: &str, servers: &str) -> Result<(), String> {
+    for server in servers.split(',') {
+        let address = server.split_once("://").map_or(server, |(_, address)| address);
+        let (host, port) = match address.rsplit_once(':') {
+            Some((host, port)) if !address.ends_with(']') => (host, Some(port)),
+            _ => (address, None),
+        };
+        let bad_port = port.is_some_and(|p| p.parse::<u16>().is_err());
+        if host.is_empty() || host.contains(['/', '@', ' ', ',']) || bad_port {
+            return Err(format!(
+                "--queue {queue}: {server:?} is not a NATS server; expected nats://HOST[:PORT][,HOST[:PORT]…][/NAMESPACE] \
+                 (or tls://…), every server of the cluster with the same scheme"
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl NatsSettings {
@@ -127,19 +166,22 @@ impl NatsSettings {
         .find_map(|(given, flag)| given.then_some(flag))
     }
 
-    /// Connects to the queue at `queue` (`nats://` or `tls://HOST:PORT[/NAMESPACE]`); the error names
-    /// the setting to look at.
-    pub async fn open(&self, queue: &str, options: NatsOptions) -> Result<NatsQueue, String> {
+    /// Connects to the queue at `queue` (`nats://` or `tls://HOST:PORT[/NAMESPACE]`) as `client_name`
+    /// (shown by the servers' monitoring); the error names the setting to look at.
+    pub async fn open(&self, queue: &str, options: NatsOptions, client_name: &str) -> Result<NatsQueue, String> {
         let Some((url, namespace, tls)) = parse_url(queue) else {
             return Err(format!("--queue {queue:?}: not a nats:// or tls:// URL"));
         };
+        if !url.contains('@') {
+            check_servers(queue, &url)?;
+        }
         if url.contains('@') {
             return Err(format!(
                 "--queue {queue}: credentials in the URL would show in the process list and logs; use \
                  --nats-creds, --nats-user with --nats-password-file, or --nats-token-file"
             ));
         }
-        let client = self.client(tls)?;
+        let client = NatsClientOptions { name: Some(client_name.to_string()), ..self.client(tls)? };
         let options = NatsOptions { replicas: self.replicas, ..options };
         NatsQueue::connect_with(&url, &client, namespace, options)
             .await
@@ -189,6 +231,7 @@ impl NatsSettings {
             ca: self.ca.clone(),
             client_cert: self.cert.clone().zip(self.key.clone()),
             auth,
+            name: None,
         })
     }
 
@@ -245,5 +288,30 @@ fn tls_hint(fault: TlsFault, client: &NatsClientOptions) -> String {
             "the server wants a client certificate: --nats-cert and --nats-key".into()
         }
         (TlsFault::Other, _) => "does the server have TLS enabled?".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{check_servers, parse_url};
+
+    #[test]
+    fn a_queue_url_names_one_server_or_a_cluster_and_a_namespace() {
+        let parsed = |q| parse_url(q).map(|(servers, ns, tls)| (servers, ns.to_string(), tls));
+        let ok = |servers: &str, ns: &str, tls| Some((servers.to_string(), ns.to_string(), tls));
+        assert_eq!(parsed("nats://nats:4222/team-a"), ok("nats://nats:4222", "team-a", false));
+        assert_eq!(parsed("tls://nats:4222"), ok("tls://nats:4222", "ddpm", true));
+        assert_eq!(
+            parsed("nats://a:4222,b:4222,c:4222/team-a"),
+            ok("nats://a:4222,nats://b:4222,nats://c:4222", "team-a", false)
+        );
+        assert_eq!(parsed("tls://a,tls://b:4333"), ok("tls://a,tls://b:4333", "ddpm", true));
+        assert_eq!(parsed("sqlite:q.sqlite"), None);
+        for bad in ["nats://a:4222,,b:4222/ns", "nats://a:4222,tls://b:4222/ns", "nats:///ns", "nats://a/b,c/ns"] {
+            let (servers, _, _) = parse_url(bad).unwrap();
+            let err = check_servers(bad, &servers).unwrap_err();
+            assert!(err.contains("is not a NATS server"), "{bad}: {err}");
+        }
+        check_servers("", "nats://a:4222,nats://b,nats://[::1]:4222,nats://[::1]").unwrap();
     }
 }

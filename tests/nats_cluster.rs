@@ -1,0 +1,265 @@
+//! The queue on a three-server NATS JetStream cluster, as production runs it (`--nats-replicas 3`, every
+//! server named in `--queue`), losing servers in the middle of a job that two workers share: the stream's
+//! leader killed, a follower killed, two of three down (quorum lost), a rolling restart of all three, and
+//! a worker whose server dies. Each ends with the invariant: the job SUCCEEDED with every sample exactly
+//! once in its index and data, every listed SHA-256 true, nothing unlisted.
+//!
+//! The workers run the simulated device (the `test-support` feature): a batch takes a fixed time and its
+//! images are a pure function of the seeds, so the jobs last long enough to be hit and the machine's
+//! cores stay with the servers under test.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::nats::{NatsCluster, unique_namespace};
+use common::service::{Server, SpecMut, check_job_folder, get_job, job_folder, request, run_readers, tiny_model};
+use ddpm_worker::api::pb;
+use ddpm_worker::api::pb::worker_service_client::WorkerServiceClient as WorkerClient;
+use tonic::transport::Channel;
+
+const SUCCEEDED: i32 = pb::JobState::Succeeded as i32;
+
+/// The simulated batch time: a job of `SAMPLES` samples in batches of 2, one batch per shard, keeps two
+/// workers busy for about `SAMPLES / 2 / 2` seconds.
+const BATCH_MS: &str = "1000";
+
+/// The scenarios share the machine's two cores: one at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A cluster, two workers that know all three servers, and a client of each.
+struct Fleet {
+    cluster: NatsCluster,
+    namespace: String,
+    /// Running while the fleet is.
+    _workers: Vec<Server>,
+    clients: Vec<WorkerClient<Channel>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Fleet {
+    async fn start() -> Fleet {
+        let cluster = NatsCluster::start().await;
+        let namespace = unique_namespace("cluster");
+        let dir = tempfile::tempdir().unwrap();
+        let model = format!("tiny={}", tiny_model(dir.path()).display());
+        let output = format!("file:{}", dir.path().join("jobs").display());
+        let queue = format!("{}/{namespace}", cluster.urls());
+        let args = [
+            "--model",
+            &model,
+            "--output",
+            &output,
+            "--queue",
+            &queue,
+            "--nats-replicas",
+            "3",
+            "--batches-per-shard",
+            "1",
+            "--lease-seconds",
+            "6",
+            "--cpu-threads",
+            "1",
+        ]
+        .map(String::from);
+        let env = [("DDPM_TEST_SIMULATED_BATCH_MS", BATCH_MS.to_string())];
+        let mut workers = Vec::new();
+        let mut clients = Vec::new();
+        for name in ["a", "b"] {
+            let worker = Server::start_with(&dir.path().join(name), &args, &env).await;
+            clients.push(worker.client().await);
+            workers.push(worker);
+        }
+        Fleet { cluster, namespace, _workers: workers, clients, _dir: dir }
+    }
+
+    /// The stream that holds the queued shards.
+    fn tasks(&self) -> String {
+        format!("DDPM_{}_TASKS", self.namespace)
+    }
+
+    /// Submits a job of `samples` samples in `format` through worker a.
+    async fn submit(&mut self, samples: u64, format: pb::OutputFormat) -> pb::Job {
+        let mut req = request(samples, pb::Scheduler::Ddim, 4, 2);
+        req.s().output = Some(pb::OutputSpec {
+            format: format as i32,
+            target_file_bytes: if format == pb::OutputFormat::Files { 0 } else { 16 << 10 },
+            ..Default::default()
+        });
+        self.clients[0].submit_job(req).await.unwrap().into_inner().job.unwrap()
+    }
+
+    /// GetJob through whichever worker answers (a server of the cluster may be down).
+    async fn job(&mut self, id: &str) -> Option<pb::Job> {
+        for client in &mut self.clients {
+            if let Ok(reply) = client.get_job(pb::GetJobRequest { job_id: id.into() }).await {
+                return reply.into_inner().job;
+            }
+        }
+        None
+    }
+
+    /// Until `shards` shards of job `id` are done; asserts that it is still running then, so that what
+    /// follows happens in the middle of it.
+    async fn running_with(&mut self, id: &str, shards: u32) {
+        let start = Instant::now();
+        loop {
+            if let Some(job) = self.job(id).await
+                && job.shards_done >= shards
+            {
+                assert!(job.shards_done < job.shards_total, "the job ended before the fault: {job:?}");
+                return;
+            }
+            assert!(start.elapsed() < Duration::from_secs(120), "job {id} makes no progress");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Until job `id` ends; then the invariant, and that both workers ran its shards.
+    async fn succeeds(&mut self, id: &str, format: pb::OutputFormat) {
+        let start = Instant::now();
+        let job = loop {
+            if let Some(job) = self.job(id).await
+                && job.state != pb::JobState::Queued as i32
+                && job.state != pb::JobState::Running as i32
+            {
+                break job;
+            }
+            assert!(start.elapsed() < Duration::from_secs(300), "job {id} did not end");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_eq!(job.state, SUCCEEDED, "{job:?}");
+        let folder = job_folder(&job);
+        let samples = check_job_folder(&folder).await;
+        assert_eq!(samples.len() as u64, job.samples_total, "every sample once, each with its SHA-256");
+        if format == pb::OutputFormat::Webdataset {
+            let summary = run_readers(&folder, None);
+            assert_eq!(summary["webdataset_samples"].as_u64(), Some(job.samples_total), "{summary}");
+        }
+        let manifest = common::service::manifest(&job);
+        let mut workers: Vec<&str> =
+            manifest["shards"].as_array().unwrap().iter().map(|s| s["worker"].as_str().unwrap()).collect();
+        workers.sort();
+        workers.dedup();
+        assert_eq!(workers.len(), 2, "both workers ran shards of the job: {workers:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_leader_killed_mid_job_and_restarted() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut fleet = Fleet::start().await;
+    let format = pb::OutputFormat::Files;
+    let job = fleet.submit(60, format).await;
+    fleet.running_with(&job.job_id, 2).await;
+    let leader = fleet.cluster.leader_of(&fleet.tasks()).await;
+    fleet.cluster.kill(leader);
+    // Another server leads the stream.
+    let next = fleet.cluster.leader_of(&fleet.tasks()).await;
+    assert_ne!(next, leader);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    fleet.cluster.restart(leader).await;
+    fleet.succeeds(&job.job_id, format).await;
+    fleet.cluster.wait_caught_up().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_killed_then_two_of_three_down_for_30_seconds() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut fleet = Fleet::start().await;
+    let format = pb::OutputFormat::Webdataset;
+    let job = fleet.submit(80, format).await;
+    fleet.running_with(&job.job_id, 2).await;
+    let leader = fleet.cluster.leader_of(&fleet.tasks()).await;
+    let follower = (leader + 1) % NatsCluster::SIZE;
+    fleet.cluster.kill(follower);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    fleet.cluster.restart(follower).await;
+    fleet.cluster.wait_caught_up().await;
+
+    // Quorum lost: two of three down for 30 s, the third a follower.
+    let done_before = fleet.job(&job.job_id).await.unwrap().shards_done;
+    let leader = fleet.cluster.leader_of(&fleet.tasks()).await;
+    let survivor = (leader + 1) % NatsCluster::SIZE;
+    let down: Vec<usize> = (0..NatsCluster::SIZE).filter(|&i| i != survivor).collect();
+    for &i in &down {
+        fleet.cluster.kill(i);
+    }
+    let outage = Instant::now();
+    assert!(done_before < job.shards_total, "the job ended before quorum was lost");
+    // The API says UNAVAILABLE (a caller retries), never a wrong answer.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // At once (each waits for the queue's request timeout), so that all are answered within the outage.
+    let mut calls = tokio::task::JoinSet::new();
+    for client in &fleet.clients {
+        let (mut get, mut submit, id) = (client.clone(), client.clone(), job.job_id.clone());
+        calls.spawn(async move { get.get_job(pb::GetJobRequest { job_id: id }).await.map(|_| ()) });
+        calls.spawn(async move { submit.submit_job(request(2, pb::Scheduler::Ddim, 2, 2)).await.map(|_| ()) });
+    }
+    let answers = calls.join_all().await;
+    assert!(
+        answers.iter().all(|a| a.as_ref().is_err_and(|s| s.code() == tonic::Code::Unavailable)),
+        "{answers:?}"
+    );
+    assert!(outage.elapsed() < Duration::from_secs(30), "the calls were answered only after the outage");
+    tokio::time::sleep(Duration::from_secs(30).saturating_sub(outage.elapsed())).await;
+    for &i in &down {
+        fleet.cluster.restart(i).await;
+    }
+    fleet.succeeds(&job.job_id, format).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_all_three_servers() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut fleet = Fleet::start().await;
+    let format = pb::OutputFormat::Webdataset;
+    let job = fleet.submit(100, format).await;
+    for i in 0..NatsCluster::SIZE {
+        fleet.running_with(&job.job_id, 2 + 2 * i as u32).await;
+        fleet.cluster.stop_gracefully(i).await;
+        fleet.cluster.restart(i).await;
+        fleet.cluster.wait_caught_up().await;
+    }
+    fleet.succeeds(&job.job_id, format).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_server_is_killed_fails_over_to_another() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut fleet = Fleet::start().await;
+    let format = pb::OutputFormat::Files;
+    let job = fleet.submit(60, format).await;
+    fleet.running_with(&job.job_id, 2).await;
+    // A server that holds a worker's connection.
+    let mut held = None;
+    for i in 0..NatsCluster::SIZE {
+        let workers: Vec<String> =
+            fleet.cluster.clients_of(i).await.into_iter().filter(|n| n.starts_with("ddpm-worker ")).collect();
+        if !workers.is_empty() {
+            held = Some((i, workers));
+            break;
+        }
+    }
+    let (server, workers) = held.expect("each worker is connected to a server");
+    fleet.cluster.kill(server);
+    // Each of its workers reconnects to one of the other two.
+    let start = Instant::now();
+    loop {
+        let mut elsewhere = Vec::new();
+        for i in (0..NatsCluster::SIZE).filter(|&i| i != server) {
+            elsewhere.extend(fleet.cluster.clients_of(i).await);
+        }
+        if workers.iter().all(|w| elsewhere.contains(w)) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{workers:?} not reconnected: {elsewhere:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The job goes on without the server, which comes back only after it ended.
+    fleet.succeeds(&job.job_id, format).await;
+    fleet.cluster.restart(server).await;
+    fleet.cluster.wait_caught_up().await;
+    let done = get_job(&mut fleet.clients[1], &job.job_id).await;
+    assert_eq!(done.state, SUCCEEDED);
+}
