@@ -71,7 +71,9 @@ impl QueueArgs {
                 priorities: Some(needs.priorities),
                 ..NatsOptions::default()
             };
-            return Ok(Arc::new(self.nats.open(&self.queue, options, &needs.client_name).await.map_err(config)?));
+            return Ok(Arc::new(
+                self.nats.open(&self.queue, options, &needs.client_name).await.map_err(config)?,
+            ));
         }
         Err(config(format!(
             "--queue {:?}: expected sqlite:PATH, nats://HOST:PORT[,HOST:PORT…][/NAMESPACE] or tls://…",

@@ -221,15 +221,19 @@ impl NatsCluster {
             if let Some(status) = self.nodes[i].process.as_mut().and_then(Watched::exited) {
                 return Err(format!("nats-server {i} exited ({status}):\n{}", self.log_tail(i)));
             }
-            let last = match connect(&self.url(i), &NatsClientOptions::default(), Duration::from_secs(5)).await {
-                Ok(client) => match async_nats::jetstream::new(client).query_account().await {
-                    Ok(_) => return Ok(()),
+            let last =
+                match connect(&self.url(i), &NatsClientOptions::default(), Duration::from_secs(5)).await {
+                    Ok(client) => match async_nats::jetstream::new(client).query_account().await {
+                        Ok(_) => return Ok(()),
+                        Err(e) => e.to_string(),
+                    },
                     Err(e) => e.to_string(),
-                },
-                Err(e) => e.to_string(),
-            };
+                };
             if Instant::now() > deadline {
-                return Err(format!("nats-server {i}: no answer within {READY_TIMEOUT:?} ({last}):\n{}", self.log_tail(i)));
+                return Err(format!(
+                    "nats-server {i}: no answer within {READY_TIMEOUT:?} ({last}):\n{}",
+                    self.log_tail(i)
+                ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -286,8 +290,10 @@ impl NatsCluster {
         serde_json::from_str(&text).ok()
     }
 
-    /// Where `stream` stands, as the first live server that knows it says.
+    /// Where `stream` stands, as its leader says (only the leader knows how current its followers are;
+    /// a killed leader stays in the others' view until they elect another).
     pub async fn placement(&self, stream: &str) -> Option<StreamPlacement> {
+        let mut seen = None;
         for i in (0..Self::SIZE).filter(|&i| self.is_up(i)) {
             let Some(jsz) = self.monitor(i, "/jsz?streams=true").await else { continue };
             let details = jsz["account_details"].as_array().into_iter().flatten();
@@ -296,13 +302,15 @@ impl NatsCluster {
                 .find(|s| s["name"] == stream);
             let Some(s) = found else { continue };
             let cluster = &s["cluster"];
-            let leader =
-                cluster["leader"].as_str().and_then(|name| self.nodes.iter().position(|n| n.name == name));
+            if cluster["leader"].as_str() != Some(self.nodes[i].name.as_str()) {
+                seen = Some(StreamPlacement { leader: None, replicas_current: 0 });
+                continue;
+            }
             let followers = cluster["replicas"].as_array().into_iter().flatten();
             let current = followers.filter(|r| r["current"] == true && r["offline"] != true).count();
-            return Some(StreamPlacement { leader, replicas_current: current + usize::from(leader.is_some()) });
+            return Some(StreamPlacement { leader: Some(i), replicas_current: current + 1 });
         }
-        None
+        seen
     }
 
     /// The server that leads `stream` once it has a leader (at most a minute).

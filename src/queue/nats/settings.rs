@@ -168,7 +168,12 @@ impl NatsSettings {
 
     /// Connects to the queue at `queue` (`nats://` or `tls://HOST:PORT[/NAMESPACE]`) as `client_name`
     /// (shown by the servers' monitoring); the error names the setting to look at.
-    pub async fn open(&self, queue: &str, options: NatsOptions, client_name: &str) -> Result<NatsQueue, String> {
+    pub async fn open(
+        &self,
+        queue: &str,
+        options: NatsOptions,
+        client_name: &str,
+    ) -> Result<NatsQueue, String> {
         let Some((url, namespace, tls)) = parse_url(queue) else {
             return Err(format!("--queue {queue:?}: not a nats:// or tls:// URL"));
         };
@@ -307,7 +312,9 @@ mod tests {
         );
         assert_eq!(parsed("tls://a,tls://b:4333"), ok("tls://a,tls://b:4333", "ddpm", true));
         assert_eq!(parsed("sqlite:q.sqlite"), None);
-        for bad in ["nats://a:4222,,b:4222/ns", "nats://a:4222,tls://b:4222/ns", "nats:///ns", "nats://a/b,c/ns"] {
+        for bad in
+            ["nats://a:4222,,b:4222/ns", "nats://a:4222,tls://b:4222/ns", "nats:///ns", "nats://a/b,c/ns"]
+        {
             let (servers, _, _) = parse_url(bad).unwrap();
             let err = check_servers(bad, &servers).unwrap_err();
             assert!(err.contains("is not a NATS server"), "{bad}: {err}");
