@@ -14,7 +14,7 @@ warm-up job, then one measured job of N × --shards-per-worker shards (one batch
 client submits one-sample jobs at --submit-rate per second and times each SubmitJob.
 
 Per N it prints one JSON line:
-  * shards_per_s: shards / (manifest finalized_at - started_at); ideal_shards_per_s = N / batch time;
+  * shards_per_s: shards / (manifest finalized_at_ms - started_at_ms); ideal_shards_per_s = N / batch time;
     efficiency = their ratio;
   * overhead_ms_per_shard: N × duration / shards - batch time: what a worker spends per shard besides
     sampling (lease, noise, PNGs, record, heartbeats, waiting on the queue);
@@ -139,17 +139,20 @@ def start_workers(args, n: int, queue: str, model: Path, root: Path):
     procs = []
     for i in range(n):
         data = root / f"w{i}"
-        data.mkdir()
+        data.mkdir(parents=True)
         procs.append(subprocess.Popen(
             [args.bin, "serve", "--listen", "127.0.0.1:0", "--model", f"tiny={model}", "--queue", queue,
              "--nats-replicas", "3", "--output", f"file:{root}/jobs", "--batches-per-shard", "1",
              "--cpu-threads", "1", "--scratch-dir", str(data / "scratch"), "--lease-seconds", "60"],
             stdout=subprocess.PIPE, stderr=open(data / "serve.log", "w"), text=True, env=env, cwd=data))
     addrs = []
-    for p in procs:
+    for i, p in enumerate(procs):
         line = p.stdout.readline()
         if not line.startswith("listening on "):
-            sys.exit(f"a worker did not start: {line!r}")
+            for q in procs:
+                q.kill()
+            log = (root / f"w{i}" / "serve.log").read_text()[-3000:]
+            sys.exit(f"worker {i} did not start: {line!r}\n{log}")
         addrs.append(line.split()[-1])
     return procs, addrs
 
@@ -170,12 +173,12 @@ class Submitter(threading.Thread):
 
     def __init__(self, addr: str, rate: float):
         super().__init__(daemon=True)
-        self.client, self.period = Client(f"http://{addr}"), 1.0 / rate
+        self.client, self.period = Client(f"http://{addr}"), 1.0 / rate if rate > 0 else float("inf")
         self.latencies, self.stop_at, self.ids = [], None, []
 
     def run(self):
         nxt = time.perf_counter()
-        while self.stop_at is None:
+        while self.stop_at is None and self.period != float("inf"):
             t = time.perf_counter()
             job = self.client.submit("tiny", 1, scheduler="ddim", steps=2, batch_size=1, seed=0)
             self.latencies.append((time.perf_counter() - t) * 1e3)
@@ -217,10 +220,7 @@ def measure(args, cluster: Cluster, n: int, model: Path, root: Path) -> dict:
         for jid in submitter.ids:
             wait_done(client, jid)
         manifest = done.manifest()
-        from datetime import datetime
-        t0 = datetime.fromisoformat(manifest["started_at"].replace("Z", "+00:00"))
-        t1 = datetime.fromisoformat(manifest["finalized_at"].replace("Z", "+00:00"))
-        duration = (t1 - t0).total_seconds()
+        duration = (manifest["finalized_at_ms"] - manifest["started_at_ms"]) / 1000
         assert len(manifest["shards"]) == shards, len(manifest["shards"])
         batch_s = args.batch_ms / 1e3
         names = set(traffic0) & set(traffic1)
@@ -232,9 +232,9 @@ def measure(args, cluster: Cluster, n: int, model: Path, root: Path) -> dict:
             "shards_per_s": round(shards / duration, 2), "ideal_shards_per_s": round(n / batch_s, 2),
             "efficiency": round(shards / duration / (n / batch_s), 3),
             "overhead_ms_per_shard": round((n * duration / shards - batch_s) * 1e3, 1),
-            "submit_ms": {"n": len(submitter.latencies), "p50": round(pct(submitter.latencies, 50), 1),
-                          "p99": round(pct(submitter.latencies, 99), 1),
-                          "max": round(max(submitter.latencies), 1)},
+            "submit_ms": {"n": len(submitter.latencies), "p50": round(pct(submitter.latencies, 50) or 0, 1),
+                          "p99": round(pct(submitter.latencies, 99) or 0, 1),
+                          "max": round(max(submitter.latencies, default=0), 1)},
             "worker_msgs_per_shard": {"sent": round(delta[0] / shards, 1), "received": round(delta[1] / shards, 1)},
             "worker_bytes_per_shard": {"sent": round(delta[2] / shards), "received": round(delta[3] / shards)},
             "cluster_msgs_per_shard": round(sum(totals1[k] - totals0[k] for k in ("in_msgs", "out_msgs")) / shards, 1),
@@ -262,8 +262,13 @@ def main():
     ap.add_argument("--shards-per-worker", type=int, default=20)
     ap.add_argument("--submit-rate", type=float, default=5.0)
     ap.add_argument("--out")
+    ap.add_argument("--keep", action="store_true", help="keep the servers' folders and logs (printed)")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="fleet-") as tmp:
+    holder = None if args.keep else tempfile.TemporaryDirectory(prefix="fleet-")
+    tmp = holder.name if holder else tempfile.mkdtemp(prefix="fleet-")
+    if args.keep:
+        print(f"keeping {tmp}", flush=True)
+    if True:
         root = Path(tmp)
         model = root / "tiny-model"
         subprocess.run([args.bin, "init-model", "--preset", "tiny", "--out", str(model), "--seed", "1"],

@@ -4,6 +4,10 @@
 //! a worker whose server dies. Each ends with the invariant: the job SUCCEEDED with every sample exactly
 //! once in its index and data, every listed SHA-256 true, nothing unlisted.
 //!
+//! The queue itself is checked on the cluster too: the conformance suite every backend passes, and
+//! shards of one job completed all at once (every completion updates the job's record, so they meet in
+//! compare-and-swap conflicts, which a clustered stream reports in its own way).
+//!
 //! The workers run the simulated device (the `test-support` feature): a batch takes a fixed time and its
 //! images are a pure function of the seeds, so the jobs last long enough to be hit and the machine's
 //! cores stay with the servers under test.
@@ -18,6 +22,9 @@ use common::service::{
 };
 use ddpm_worker::api::pb;
 use ddpm_worker::api::pb::worker_service_client::WorkerServiceClient as WorkerClient;
+use ddpm_worker::queue::conformance::{self, spec};
+use ddpm_worker::queue::nats::{NatsOptions, NatsQueue};
+use ddpm_worker::queue::{JobStore, TaskQueue};
 use tonic::transport::Channel;
 
 const SUCCEEDED: i32 = pb::JobState::Succeeded as i32;
@@ -274,4 +281,46 @@ async fn a_worker_whose_server_is_killed_fails_over_to_another() {
     fleet.cluster.wait_caught_up().await;
     let done = get_job(&mut fleet.clients[1], &job.job_id).await;
     assert_eq!(done.state, SUCCEEDED);
+}
+
+/// A queue of R3 stream and buckets on the cluster, in a namespace of its own.
+async fn replicated_queue(cluster: &NatsCluster, name: &str) -> NatsQueue {
+    let options = NatsOptions { replicas: 3, ..NatsOptions::default() };
+    NatsQueue::connect(&cluster.urls(), &unique_namespace(name), options).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_passes_the_conformance_suite_on_the_cluster() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let cluster = NatsCluster::start().await;
+    conformance::run_all(|| replicated_queue(&cluster, "conformance")).await;
+}
+
+/// 48 shards of one job leased by as many workers and completed at once: each completion is counted
+/// on the job's record at its first call (a compare-and-swap conflict is retried, not reported as an
+/// outage), so the job is ready to finalize as soon as the last returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_completed_at_once_are_each_counted_on_the_cluster() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let cluster = NatsCluster::start().await;
+    let q = replicated_queue(&cluster, "contention").await;
+    const SHARDS: u64 = 48;
+    let id = q.submit(&spec(2 * SHARDS, 2, 0, &[]), None, 1, 3).await.unwrap().job.id;
+    let mut leases = Vec::new();
+    for worker in 0..SHARDS {
+        leases.push(q.lease(&format!("w{worker}"), Duration::from_secs(60)).await.unwrap().unwrap());
+    }
+    let mut completions = tokio::task::JoinSet::new();
+    for lease in leases {
+        let q = q.clone();
+        completions.spawn(async move { q.complete_shard(&lease, 2).await });
+    }
+    let records = completions.join_all().await;
+    let errors: Vec<_> = records.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(errors.is_empty(), "{} of {SHARDS} completions failed: {errors:?}", errors.len());
+    let job = q.job(&id).await.unwrap().unwrap();
+    assert_eq!((job.shards_done, job.samples_done), (SHARDS, 2 * SHARDS));
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(q.jobs_to_finalize(Duration::from_millis(1)).await.unwrap(), std::slice::from_ref(&id));
+    q.destroy().await.unwrap();
 }

@@ -17,6 +17,26 @@ pub(super) enum Edit<T, R> {
     Keep(R),
 }
 
+/// Whether a write was refused because the key's revision was not the one expected: a compare-and-swap
+/// conflict. A clustered stream answers it with error code 10164 (the constant form of "wrong last
+/// sequence"), which async-nats 0.51 reports as `UpdateErrorKind::Other`, not `WrongLastRevision`.
+pub(super) fn is_conflict(e: &(dyn std::error::Error + 'static)) -> bool {
+    use jetstream::ErrorCode;
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if let Some(js) = err.downcast_ref::<jetstream::Error>()
+            && matches!(
+                js.error_code(),
+                ErrorCode::STREAM_WRONG_LAST_SEQUENCE | ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT
+            )
+        {
+            return true;
+        }
+        next = err.source();
+    }
+    false
+}
+
 impl NatsQueue {
     pub(super) async fn read<T: for<'de> Deserialize<'de>>(
         &self,
@@ -49,17 +69,19 @@ impl NatsQueue {
                 Edit::Keep(r) => return Ok(r),
                 Edit::Write(value, r) => {
                     let body = encode(&value)?;
-                    let written =
-                        match revision {
-                            Some(rev) => store.update(key, body, rev).await.map(|_| ()).map_err(|e| {
-                                (e.kind() == kv::UpdateErrorKind::WrongLastRevision, e.to_string())
-                            }),
-                            None => {
-                                store.create(key, body).await.map(|_| ()).map_err(|e| {
-                                    (e.kind() == kv::CreateErrorKind::AlreadyExists, e.to_string())
-                                })
-                            }
-                        };
+                    let written = match revision {
+                        Some(rev) => store.update(key, body, rev).await.map(|_| ()).map_err(|e| {
+                            (
+                                e.kind() == kv::UpdateErrorKind::WrongLastRevision || is_conflict(&e),
+                                e.to_string(),
+                            )
+                        }),
+                        None => store
+                            .create(key, body)
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| (e.kind() == kv::CreateErrorKind::AlreadyExists, e.to_string())),
+                    };
                     match written {
                         Ok(()) => return Ok(r),
                         Err((true, _)) => continue,

@@ -3,9 +3,15 @@
 //! setting to look at.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use super::connect::{ConnectError, NatsAuth, NatsClientOptions, NatsFile, Secret, TlsFault};
 use super::{NatsOptions, NatsQueue, OpenError};
+use crate::queue::QueueError;
+
+/// How long `serve` keeps trying to open a queue whose servers answer but time out (a cluster busy with
+/// a whole fleet's start-up, or electing a leader).
+const OPEN_PATIENCE: Duration = Duration::from_secs(90);
 
 /// The NATS flags of `serve` (each with its `DDPM_*` variable; secrets only from files or the
 /// environment, never as flags).
@@ -177,20 +183,39 @@ impl NatsSettings {
         let Some((url, namespace, tls)) = parse_url(queue) else {
             return Err(format!("--queue {queue:?}: not a nats:// or tls:// URL"));
         };
-        if !url.contains('@') {
-            check_servers(queue, &url)?;
-        }
         if url.contains('@') {
             return Err(format!(
                 "--queue {queue}: credentials in the URL would show in the process list and logs; use \
                  --nats-creds, --nats-user with --nats-password-file, or --nats-token-file"
             ));
         }
+        check_servers(queue, &url)?;
         let client = NatsClientOptions { name: Some(client_name.to_string()), ..self.client(tls)? };
         let options = NatsOptions { replicas: self.replicas, ..options };
-        NatsQueue::connect_with(&url, &client, namespace, options)
+        let connection = super::connect::connect(&url, &client, super::REQUEST_TIMEOUT)
             .await
-            .map_err(|e| self.describe(queue, &client, e))
+            .map_err(|e| self.describe(queue, &client, e.into()))?;
+        // Opening creates the stream, buckets and consumers when they are missing. A fleet that starts
+        // at once asks the cluster's meta leader for them all together, and on a loaded cluster some of
+        // those requests time out: an outage of a few seconds, waited out here rather than failing
+        // the pod's start.
+        let deadline = Instant::now() + OPEN_PATIENCE;
+        let mut pause = Duration::from_millis(500);
+        loop {
+            match NatsQueue::open(connection.clone(), namespace, options.clone()).await {
+                Ok(queue) => return Ok(queue),
+                // Only timeouts: a server without JetStream ("no responders") is a setting to fix.
+                Err(QueueError::Unavailable(e))
+                    if e.contains("timed out") && Instant::now() + pause < deadline =>
+                {
+                    let pause_now = pause / 2 + pause.mul_f64(fastrand::f64() / 2.0);
+                    tracing::warn!(error = %e, pause_seconds = pause_now.as_secs_f64(), "opening the queue");
+                    tokio::time::sleep(pause_now).await;
+                    pause = (pause * 2).min(Duration::from_secs(8));
+                }
+                Err(e) => return Err(self.describe(queue, &client, e.into())),
+            }
+        }
     }
 
     /// The connection's TLS settings and credentials.
