@@ -15,7 +15,8 @@ client submits one-sample jobs at --submit-rate per second and times each Submit
 
 Per N it prints one JSON line:
   * shards_per_s: shards / (manifest finalized_at_ms - started_at_ms); ideal_shards_per_s = N / batch time;
-    efficiency = their ratio;
+    efficiency = their ratio; retried_shards (attempt > 1) and finalize_lag_s (last shard record to
+    manifest);
   * overhead_ms_per_shard: N × duration / shards - batch time: what a worker spends per shard besides
     sampling (lease, noise, PNGs, record, heartbeats, waiting on the queue);
   * submit_ms p50/p99/max of the SubmitJob calls made during the job;
@@ -135,7 +136,8 @@ def machine_busy() -> tuple:
 
 
 def start_workers(args, n: int, queue: str, model: Path, root: Path):
-    env = dict(os.environ, DDPM_TEST_SIMULATED_BATCH_MS=str(args.batch_ms), RUST_LOG="warn")
+    env = dict(os.environ, DDPM_TEST_SIMULATED_BATCH_MS=str(args.batch_ms),
+               RUST_LOG=os.environ.get("DDPM_FLEET_LOG", "warn"))
     procs = []
     for i in range(n):
         data = root / f"w{i}"
@@ -226,9 +228,14 @@ def measure(args, cluster: Cluster, n: int, model: Path, root: Path) -> dict:
         names = set(traffic0) & set(traffic1)
         delta = [sum(traffic1[k][j] - traffic0[k][j] for k in names) for j in range(4)]
         workers_used = len({s["worker"] for s in manifest["shards"]})
+        folder = root / ns / "jobs" / job.id
+        last_record = max(f.stat().st_mtime for f in (folder / "shards").iterdir())
+        finalize_lag = (folder / "manifest.json").stat().st_mtime - last_record
         return {
             "workers": n, "workers_that_ran_shards": workers_used, "batch_ms": args.batch_ms,
             "shards": shards, "duration_s": round(duration, 3), "wall_s": round(wall, 3),
+            "retried_shards": sum(1 for s in manifest["shards"] if s.get("attempt", 1) > 1),
+            "finalize_lag_s": round(finalize_lag, 3),
             "shards_per_s": round(shards / duration, 2), "ideal_shards_per_s": round(n / batch_s, 2),
             "efficiency": round(shards / duration / (n / batch_s), 3),
             "overhead_ms_per_shard": round((n * duration / shards - batch_s) * 1e3, 1),

@@ -260,7 +260,7 @@ async fn record_shard(
 /// Completes a shard's task; the worker that completes a job's last shard finalizes the job.
 pub async fn complete(ctx: &WorkerContext, lease: &Lease, samples: u64) {
     match ctx.queue.complete_shard(lease, samples).await {
-        Ok(job) if job.shards_done >= job.shards_total => ctx.finalize(&job.id).await,
+        Ok(job) if job.shards_done >= job.shards_total => ctx.finalize_counted(job).await,
         Ok(_) => {}
         Err(QueueError::LeaseLost { .. }) => {
             tracing::info!("lease lost before completion; another attempt owns the shard")

@@ -29,6 +29,17 @@ impl WorkerContext {
         self.finalize_job(job_id, job).instrument(span).await
     }
 
+    /// Finalizes `job` as the caller has it: fresh from the write that counted its last shard. Reading
+    /// it again could reach a replica that has not seen that write yet (NATS KV reads are direct gets,
+    /// which any replica of a clustered bucket answers), find it unfinished, and leave it to the
+    /// reaper's pass a lease later.
+    pub async fn finalize_counted(&self, job: JobRecord) {
+        use tracing::Instrument;
+        let span = tracing::info_span!("finalize", job_id = job.id);
+        let id = job.id.clone();
+        self.finalize_job(&id, Ok(Some(job))).instrument(span).await
+    }
+
     async fn finalize_job(&self, job_id: &str, job: Result<Option<JobRecord>, QueueError>) {
         let job = match job {
             Ok(Some(job)) if !job.state.is_terminal() && job.shards_done >= job.shards_total => job,
