@@ -10,7 +10,7 @@ device needs.) Three nats-servers on loopback with routes (R3 stream and KV, `sy
 production) and N `serve` workers, each naming all three servers in --queue, with one simulated device: a
 batch takes --batch-ms and its images are a pure function of the seeds (tiny 16×16 model, PNGs written to
 a local folder, shard records, grids and the manifest all real). Each N gets its own queue namespace and a
-warm-up job, then one measured job of N × --shards-per-worker shards (one batch of 2 samples each) while a
+warm-up job, --idle-seconds with nothing queued, then one measured job of N × --shards-per-worker shards (one batch of 2 samples each) while a
 client submits one-sample jobs at --submit-rate per second and times each SubmitJob.
 
 Per N it prints one JSON line:
@@ -22,7 +22,10 @@ Per N it prints one JSON line:
   * submit_ms p50/p99/max of the SubmitJob calls made during the job;
   * NATS messages and bytes per shard: those of the workers' own connections (/connz: what the clients
     send and receive) and those of the three servers in all (/varz: routes and replication included);
-  * CPU cores busy during the job: the three nats-servers, all workers, and the machine (/proc).
+  * CPU cores busy during the job: the three nats-servers (and the busiest of them), all workers, and
+    the machine (/proc); nats-server CPU per shard;
+  * idle: the cluster's messages per second and nats-server cores while the N workers wait with nothing
+    queued (each polls the queue and runs its reaper pass).
 """
 
 import argparse
@@ -203,8 +206,16 @@ def measure(args, cluster: Cluster, n: int, model: Path, root: Path) -> dict:
         warm = client.submit("tiny", 2 * n * 2, scheduler="ddim", steps=4, batch_size=2, seed=0)
         wait_done(client, warm.id)
         shards = n * args.shards_per_worker
+        # What the fleet costs the cluster with nothing to do (polling, heartbeats, reaper passes).
+        idle_totals0, idle_nats0, idle_t0 = cluster.totals(), [cpu_seconds(p) for p in cluster.pids()], time.time()
+        time.sleep(args.idle_seconds)
+        idle_totals1, idle_nats1 = cluster.totals(), [cpu_seconds(p) for p in cluster.pids()]
+        idle_s = time.time() - idle_t0
+        idle = {"seconds": round(idle_s, 1),
+                "cluster_msgs_per_s": round(sum(idle_totals1[k] - idle_totals0[k] for k in ("in_msgs", "out_msgs")) / idle_s),
+                "nats_cores": round((sum(idle_nats1) - sum(idle_nats0)) / idle_s, 3)}
         traffic0, totals0 = cluster.worker_traffic(), cluster.totals()
-        nats0 = sum(cpu_seconds(p) for p in cluster.pids())
+        nats0 = [cpu_seconds(p) for p in cluster.pids()]
         workers0 = sum(cpu_seconds(p.pid) for p in procs)
         machine0 = machine_busy()
         submitter = Submitter(addrs[-1], args.submit_rate)
@@ -216,7 +227,8 @@ def measure(args, cluster: Cluster, n: int, model: Path, root: Path) -> dict:
         submitter.stop_at = time.time()
         submitter.join()
         traffic1, totals1 = cluster.worker_traffic(), cluster.totals()
-        nats_cpu = sum(cpu_seconds(p) for p in cluster.pids()) - nats0
+        nats_each = [cpu_seconds(p) - c for p, c in zip(cluster.pids(), nats0)]
+        nats_cpu = sum(nats_each)
         workers_cpu = sum(cpu_seconds(p.pid) for p in procs) - workers0
         machine1 = machine_busy()
         for jid in submitter.ids:
@@ -246,7 +258,11 @@ def measure(args, cluster: Cluster, n: int, model: Path, root: Path) -> dict:
             "worker_bytes_per_shard": {"sent": round(delta[2] / shards), "received": round(delta[3] / shards)},
             "cluster_msgs_per_shard": round(sum(totals1[k] - totals0[k] for k in ("in_msgs", "out_msgs")) / shards, 1),
             "cluster_bytes_per_shard": round(sum(totals1[k] - totals0[k] for k in ("in_bytes", "out_bytes")) / shards),
-            "cores_busy": {"nats_servers": round(nats_cpu / wall, 2), "workers": round(workers_cpu / wall, 2),
+            "nats_cpu_ms_per_shard": {"all_three": round(nats_cpu / shards * 1e3, 2),
+                                      "busiest": round(max(nats_each) / shards * 1e3, 2)},
+            "idle": idle,
+            "cores_busy": {"nats_servers": round(nats_cpu / wall, 2),
+                           "nats_busiest": round(max(nats_each) / wall, 2), "workers": round(workers_cpu / wall, 2),
                            "machine": round((machine1[0] - machine0[0]) / (machine1[1] - machine0[1]) * os.cpu_count(), 2),
                            "machine_cores": os.cpu_count()},
         }
@@ -268,6 +284,7 @@ def main():
     ap.add_argument("--batch-ms", type=int, default=200)
     ap.add_argument("--shards-per-worker", type=int, default=20)
     ap.add_argument("--submit-rate", type=float, default=5.0)
+    ap.add_argument("--idle-seconds", type=float, default=10.0)
     ap.add_argument("--out")
     ap.add_argument("--keep", action="store_true", help="keep the servers' folders and logs (printed)")
     args = ap.parse_args()

@@ -151,6 +151,15 @@ impl Fleet {
         workers.sort();
         workers.dedup();
         assert_eq!(workers.len(), 2, "both workers ran shards of the job: {workers:?}");
+        // Its last shard's finisher finalized it, not the reaper a lease (6 s) later.
+        let modified = |path: &std::path::Path| std::fs::metadata(path).unwrap().modified().unwrap();
+        let last_record = std::fs::read_dir(folder.join("shards"))
+            .unwrap()
+            .map(|entry| modified(&entry.unwrap().path()))
+            .max()
+            .unwrap();
+        let lag = modified(&folder.join("manifest.json")).duration_since(last_record).unwrap_or_default();
+        assert!(lag < Duration::from_secs(4), "the manifest came {lag:?} after the last shard record");
     }
 }
 

@@ -37,19 +37,38 @@ pub(super) fn is_conflict(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// Whether a create-only write found the key there. Besides `AlreadyExists`, a create that lost the race
+/// on a clustered bucket can come back as the conflict itself, when async-nats's own check of the key
+/// (a direct get) reached a replica that had not seen the winner's write.
+pub(super) fn already_exists(e: &kv::CreateError) -> bool {
+    e.kind() == kv::CreateErrorKind::AlreadyExists || is_conflict(e)
+}
+
 impl NatsQueue {
+    /// The latest value of `key` and its revision, read from the bucket's stream leader.
+    ///
+    /// Not `Store::entry`: on a bucket with direct gets (the default) any replica answers it, and a
+    /// follower that has not applied the latest write yet answers with an older value, or with none for
+    /// a key just created. A compare-and-swap would only retry on that, but decisions are made on these
+    /// reads too: a shard record read as missing would drop its task, a job read as missing would fail
+    /// its shards. The leader has every acknowledged write.
     pub(super) async fn read<T: for<'de> Deserialize<'de>>(
         &self,
         store: &kv::Store,
         key: &str,
     ) -> Result<Option<(T, u64)>, QueueError> {
-        let entry = store.entry(key).await.map_err(|e| nats_err(&format!("reading {key}"), e))?;
-        match entry {
-            Some(e) if e.operation == kv::Operation::Put => {
-                Ok(Some((decode(&format!("{} {key}", store.name), &e.value)?, e.revision)))
-            }
-            _ => Ok(None),
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        let subject = format!("{}{key}", store.prefix);
+        let message = match store.stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(message) => message,
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
+            Err(e) => return Err(nats_err(&format!("reading {key}"), e)),
+        };
+        let operation = message.headers.get("KV-Operation").map(|v| v.as_str());
+        if matches!(operation, Some("DEL" | "PURGE")) {
+            return Ok(None);
         }
+        Ok(Some((decode(&format!("{} {key}", store.name), &message.payload)?, message.sequence)))
     }
 
     /// Read-modify-write of one key with compare-and-swap on its revision, retried on a conflict.
@@ -80,7 +99,7 @@ impl NatsQueue {
                             .create(key, body)
                             .await
                             .map(|_| ())
-                            .map_err(|e| (e.kind() == kv::CreateErrorKind::AlreadyExists, e.to_string())),
+                            .map_err(|e| (already_exists(&e), e.to_string())),
                     };
                     match written {
                         Ok(()) => return Ok(r),

@@ -4,10 +4,10 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream;
 use futures_util::{StreamExt, TryStreamExt};
 
-use super::kv::Edit;
+use super::kv::{Edit, already_exists};
 use super::records::{ShardState, StoredJob, StoredShard, Ticket, encode, priority_token, shard_key};
 use super::{INLINE_SHARDS, NatsQueue, PUBLISH_WINDOW, nats_err};
 use crate::job::ShardPayload;
@@ -51,11 +51,9 @@ impl NatsQueue {
                 let key = shard_key(&job.id, shard.index);
                 match self.shards.create(&key, encode(&record)?).await {
                     Ok(_) => {}
-                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists && fresh_ids.is_some() => {
-                        return Ok(());
-                    }
+                    Err(e) if already_exists(&e) && fresh_ids.is_some() => return Ok(()),
                     // Created earlier, perhaps without its message (a crash in between): publish it.
-                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+                    Err(e) if already_exists(&e) => {}
                     Err(e) => return Err(nats_err(&format!("creating {key}"), e)),
                 }
                 let id = match fresh_ids {
@@ -157,7 +155,7 @@ impl NatsQueue {
     pub(super) async fn write_job(&self, job: StoredJob) -> Result<StoredJob, QueueError> {
         let stored = match self.jobs.create(&job.id, encode(&job)?).await {
             Ok(_) => job,
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => self
+            Err(e) if already_exists(&e) => self
                 .read::<StoredJob>(&self.jobs, &job.id)
                 .await?
                 .map(|(j, _)| j)
