@@ -333,3 +333,28 @@ async fn shards_completed_at_once_are_each_counted_on_the_cluster() {
     assert_eq!(q.jobs_to_finalize(Duration::from_millis(1)).await.unwrap(), std::slice::from_ref(&id));
     q.destroy().await.unwrap();
 }
+
+/// Jobs leased the moment they are submitted, through another server of the cluster: the lease must find
+/// the shard record and the job that the submit just wrote (a replica that lags must not answer that
+/// they are missing: the task would be dropped, or the job failed with "job missing"). On loopback the
+/// replicas rarely lag: this passed 200 rounds with the former direct-get reads too, so it guards the
+/// path, not that race (seen once in a 64-worker benchmark round).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_is_leased_through_another_server_as_soon_as_it_is_submitted() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let cluster = NatsCluster::start().await;
+    let namespace = unique_namespace("fresh");
+    let options = || NatsOptions { replicas: 3, ..NatsOptions::default() };
+    let submitter = NatsQueue::connect(&cluster.url(0), &namespace, options()).await.unwrap();
+    let worker = NatsQueue::connect(&cluster.url(2), &namespace, options()).await.unwrap();
+    for round in 0..200 {
+        let id = submitter.submit(&spec(1, 1, 0, &[]), None, 1, 3).await.unwrap().job.id;
+        let lease = worker.lease("w", Duration::from_secs(60)).await.unwrap();
+        let lease = lease.unwrap_or_else(|| panic!("round {round}: the task of job {id} was not leased"));
+        assert_eq!(lease.job_id, id);
+        let job = worker.complete_shard(&lease, 1).await.unwrap();
+        assert_eq!((job.shards_done, job.state), (1, ddpm_worker::job::JobState::Running), "round {round}");
+    }
+    assert_eq!(worker.depth().await.unwrap(), 0);
+    submitter.destroy().await.unwrap();
+}
