@@ -58,9 +58,7 @@ impl NatsQueue {
             match self.jobs.update(job_id, encode(&announced)?, revision).await {
                 Ok(_) => return Ok(()),
                 // Changed meanwhile: look again (a republish of the same id is dropped as a duplicate).
-                Err(e)
-                    if e.kind() == async_nats::jetstream::kv::UpdateErrorKind::WrongLastRevision
-                        || super::kv::is_conflict(&e) => {}
+                Err(e) if super::kv::lost_race(&e) => {}
                 Err(e) => return Err(nats_err(&format!("recording job {job_id}'s event"), e)),
             }
         }

@@ -20,7 +20,7 @@ pub(super) enum Edit<T, R> {
 /// Whether a write was refused because the key's revision was not the one expected: a compare-and-swap
 /// conflict. A clustered stream answers it with error code 10164 (the constant form of "wrong last
 /// sequence"), which async-nats 0.51 reports as `UpdateErrorKind::Other`, not `WrongLastRevision`.
-pub(super) fn is_conflict(e: &(dyn std::error::Error + 'static)) -> bool {
+fn is_conflict(e: &(dyn std::error::Error + 'static)) -> bool {
     use jetstream::ErrorCode;
     let mut next = Some(e);
     while let Some(err) = next {
@@ -35,6 +35,12 @@ pub(super) fn is_conflict(e: &(dyn std::error::Error + 'static)) -> bool {
         next = err.source();
     }
     false
+}
+
+/// Whether a compare-and-swap update lost to another write of the key (in either form the server
+/// answers it).
+pub(super) fn lost_race(e: &kv::UpdateError) -> bool {
+    e.kind() == kv::UpdateErrorKind::WrongLastRevision || is_conflict(e)
 }
 
 /// Whether a create-only write found the key there. Besides `AlreadyExists`, a create that lost the race
@@ -89,12 +95,11 @@ impl NatsQueue {
                 Edit::Write(value, r) => {
                     let body = encode(&value)?;
                     let written = match revision {
-                        Some(rev) => store.update(key, body, rev).await.map(|_| ()).map_err(|e| {
-                            (
-                                e.kind() == kv::UpdateErrorKind::WrongLastRevision || is_conflict(&e),
-                                e.to_string(),
-                            )
-                        }),
+                        Some(rev) => store
+                            .update(key, body, rev)
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| (lost_race(&e), e.to_string())),
                         None => store
                             .create(key, body)
                             .await
