@@ -386,7 +386,7 @@ def forward_row(result, key, name, batch, per_run, flops, peaks, extra):
             row[f"percent_of_{label}"] = row["tflops"] / peak * 100
     result["forward"][key] = row
     shares = "".join(f", {row[f'percent_of_{label}']:.1f} % of {label}" for label, p in peaks.items() if p)
-    print(f"  {name:58} {fmt_spread(s, 'ms', 1e3)}  {row['images_per_second']:7.1f} images/s  "
+    print(f"  {name:58} batch {batch:<4} {fmt_spread(s, 'ms', 1e3)}  {row['images_per_second']:7.1f} images/s  "
           f"{row['tflops']:7.2f} TFLOP/s{shares}", flush=True)
     return row
 
