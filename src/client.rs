@@ -163,6 +163,8 @@ pub struct SubmitArgs {
     /// A webhook that gets the job's events (within the server's --allow-webhook prefixes).
     #[arg(long)]
     pub webhook_url: Option<String>,
+    #[command(flatten)]
+    pub classes: crate::classes::ClassArgs,
     /// Follow the job to its end; exit 0 only if it SUCCEEDED.
     #[arg(long)]
     pub wait: bool,
@@ -411,6 +413,15 @@ pub fn submit_spec(args: &SubmitArgs) -> Result<pb::JobSpec, ClientError> {
     spec.labels.extend(args.labels.iter().cloned());
     set(&mut spec.extends, &args.extend);
     set(&mut spec.webhook_url, &args.webhook_url);
+    if let Some(c) = args.classes.request() {
+        spec.classes = Some(pb::ClassSpec {
+            counts: c.counts,
+            uniform: c.uniform,
+            guidance_scale: c.guidance_scale,
+            null_class: c.null_class,
+            names: c.names,
+        });
+    }
     Ok(spec)
 }
 

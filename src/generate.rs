@@ -20,6 +20,7 @@ use std::time::Instant;
 
 use tch::Device;
 
+use crate::classes::{ClassRequest, ClassSpec, ModelClasses};
 use crate::dataset::{DatasetError, DatasetOptions};
 use crate::digest::{sha256_file, sha256_hex};
 use crate::imaging::{self, ImageError};
@@ -157,6 +158,8 @@ pub struct GenerateSpec {
     pub samples_per_grid: u32,
     /// The job this run continues (`--extend`), named in its manifest.
     pub extends: Option<String>,
+    /// Class labels and guidance, for a class-conditional model (`None`: the model's default).
+    pub classes: Option<ClassRequest>,
 }
 
 /// A finished run or service job that `generate --extend` continues: its manifest's settings.
@@ -248,7 +251,7 @@ impl GenerateSpec {
     }
 
     /// The run as a job spec: what its manifest records, the same for every part of it.
-    fn job_spec(&self, model: &str, dataset: DatasetOptions) -> JobSpec {
+    fn job_spec(&self, model: &str, dataset: DatasetOptions, classes: Option<ClassSpec>) -> JobSpec {
         let per_grid = (self.samples_per_grid as usize).min(self.num_samples);
         JobSpec {
             request_id: String::new(),
@@ -269,6 +272,7 @@ impl GenerateSpec {
             trace_context: Default::default(),
             extends: self.extends.clone(),
             webhook: None,
+            classes,
         }
     }
 
@@ -367,7 +371,12 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Report, GenerateError>
     let shape = model.sample_shape();
     let dataset =
         validation::storage(spec.storage, shape, spec.batch_size as u64, &mut Violations::default());
-    let job_spec = spec.job_spec(&model.name, dataset);
+    let (classes, bad) =
+        crate::classes::resolve(&model.name, &model.classes, spec.classes.as_ref(), spec.num_samples as u64);
+    if let Some((field, message)) = bad.into_iter().next() {
+        return Err(GenerateError::InvalidArgument { field, message });
+    }
+    let job_spec = spec.job_spec(&model.name, dataset, classes);
 
     // `first` is a batch boundary of the whole run, so these are the run's own batches.
     let batches: Vec<Vec<u64>> = (first..end)
@@ -387,7 +396,8 @@ pub fn run(spec: &GenerateSpec, progress: bool) -> Result<Report, GenerateError>
         runtime.spawn(crate::worker::finisher::upload_shard(out.clone(), job_spec.clone(), target, rx));
 
     let sampling_started = Instant::now();
-    let sampled = sample_lanes(spec, &runtime, &loaded, &batches, end - first, tx, &bar);
+    let classes = job_spec.classes.as_ref();
+    let sampled = sample_lanes(spec, classes, &runtime, &loaded, &batches, end - first, tx, &bar);
     let uploaded =
         runtime.block_on(uploads).map_err(|e| GenerateError::Dataset(DatasetError::Corrupt(e.to_string())));
     let uploaded = uploaded.and_then(|u| u.map_err(GenerateError::from));
@@ -491,6 +501,7 @@ struct Loaded {
     steps_per_batch: usize,
     weights_sha: String,
     unet: LoadedUNet,
+    classes: ModelClasses,
     load_seconds: f64,
 }
 
@@ -510,8 +521,18 @@ impl Loaded {
         let weights_sha = sha256_file(&files.weights).map_err(GenerateError::io(&files.weights))?;
         let unet =
             LoadedUNet::prepare(&files, spec.device, spec.dtype.kind(), spec.layout, spec.cuda_graphs)?;
+        let classes = ModelClasses::read(&files.root, &unet.config)?;
         let load_seconds = started.elapsed().as_secs_f64();
-        Ok(Self { files, scheduler_text, scheduler, steps_per_batch, weights_sha, unet, load_seconds })
+        Ok(Self {
+            files,
+            scheduler_text,
+            scheduler,
+            steps_per_batch,
+            weights_sha,
+            unet,
+            classes,
+            load_seconds,
+        })
     }
 
     fn sample_shape(&self) -> Result<[i64; 3], SampleError> {
@@ -528,6 +549,7 @@ impl Loaded {
             unet_config: self.unet.config.clone(),
             scheduler_text: self.scheduler_text.clone(),
             card: crate::models::ModelCard::read(&self.files.root),
+            classes: self.classes.clone(),
         }
     }
 }
@@ -542,8 +564,10 @@ enum LanesFailed {
 /// Samples a run's batches: the run is one shard on the device loop, as a service shard is. Each lane's
 /// batcher hands it every `lanes`-th batch, its device loop samples them, and their images go to `tx`
 /// (the run's writer). Returns the lanes used and each batch's timing.
+#[allow(clippy::too_many_arguments)]
 fn sample_lanes(
     spec: &GenerateSpec,
+    classes: Option<&ClassSpec>,
     runtime: &tokio::runtime::Runtime,
     loaded: &Loaded,
     batches: &[Vec<u64>],
@@ -555,7 +579,7 @@ fn sample_lanes(
     let lanes = spec.lanes.clamp(1, batches.len().max(1));
     let place = Placement { device: spec.device, kind: spec.dtype.kind() };
     let shape = loaded.sample_shape().map_err(|e| LanesFailed::Sampling(e.into()))?;
-    let feeder = LaneSource { spec, scheduler: Arc::new(loaded.scheduler.clone()), shape };
+    let feeder = LaneSource { spec, classes, scheduler: Arc::new(loaded.scheduler.clone()), shape };
     let batch_timings = std::sync::Mutex::new(Vec::with_capacity(batches.len()));
     let abort = AtomicBool::new(false);
     // A lane: its batcher on the runtime, its device loop on the thread that calls this.
@@ -712,6 +736,7 @@ const MODEL: &str = "model";
 /// What a run's lane batchers share.
 struct LaneSource<'a> {
     spec: &'a GenerateSpec,
+    classes: Option<&'a ClassSpec>,
     scheduler: Arc<SchedulerConfig>,
     shape: [i64; 3],
 }
@@ -731,14 +756,21 @@ impl LaneSource<'_> {
             batch_size: self.spec.batch_size,
             steps: self.spec.steps,
             eta: self.spec.eta.unwrap_or(0.0),
+            guidance: self.classes.and_then(|c| c.guidance).map(Into::into),
             shape: Some(self.shape),
             span: tracing::Span::current(),
         };
         let seed = self.spec.seed;
+        let classes = self.classes.map(ClassSpec::layout);
         async move {
             for (number, seeds) in batches {
                 let Ok(slot) = lane.reserve().await else { return };
-                let rows = seeds.iter().map(|&s| Row { shard: Arc::clone(&shard), index: s - seed, seed: s });
+                let rows = seeds.iter().map(|&s| Row {
+                    shard: Arc::clone(&shard),
+                    index: s - seed,
+                    seed: s,
+                    class: classes.as_ref().and_then(|c| c.class_of(s - seed)).map(i64::from),
+                });
                 slot.send(ReadyBatch::new(&template, rows.collect(), number, true));
             }
         }

@@ -81,9 +81,46 @@ pub fn make_grid(images: &[DynamicImage], cols: usize) -> DynamicImage {
     grid
 }
 
+/// A grid of labelled tiles, one class to a row: each run of tiles of one class (in the order given)
+/// starts a new row and wraps at `cols`; the cells after a class's last tile stay black.
+pub fn make_class_grid(tiles: &[(u32, DynamicImage)], cols: usize) -> DynamicImage {
+    let Some((_, first)) = tiles.first() else {
+        return DynamicImage::new_rgb8(0, 0);
+    };
+    let cols = cols.max(1);
+    let mut cells: Vec<(usize, usize)> = Vec::with_capacity(tiles.len());
+    let (mut row, mut col) = (0usize, 0usize);
+    for (i, (class, _)) in tiles.iter().enumerate() {
+        if i > 0 && (tiles[i - 1].0 != *class || col == cols) {
+            (row, col) = (row + 1, 0);
+        }
+        cells.push((row, col));
+        col += 1;
+    }
+    let width = cells.iter().map(|&(_, c)| c + 1).max().unwrap_or(1);
+    let (w, h) = (first.width(), first.height());
+    let mut grid = DynamicImage::new(w * width as u32, h * (row + 1) as u32, first.color());
+    for ((_, img), &(r, c)) in tiles.iter().zip(&cells) {
+        image::imageops::replace(&mut grid, img, (c as u32 * w) as i64, (r as u32 * h) as i64);
+    }
+    grid
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn class_grids_start_a_row_per_class_and_wrap() {
+        let tile = |v: u8| DynamicImage::ImageLuma8(image::GrayImage::from_pixel(1, 1, image::Luma([v])));
+        // Class 0 three times, class 1 once, class 2 twice; two columns.
+        let tiles: Vec<(u32, DynamicImage)> =
+            [(0, 10), (0, 11), (0, 12), (1, 20), (2, 30), (2, 31)].map(|(c, v)| (c, tile(v))).into();
+        let grid = make_class_grid(&tiles, 2).to_luma8();
+        assert_eq!((grid.width(), grid.height()), (2, 4));
+        let rows: Vec<Vec<u8>> = grid.rows().map(|r| r.map(|p| p.0[0]).collect()).collect();
+        assert_eq!(rows, [vec![10, 11], vec![12, 0], vec![20, 0], vec![30, 31]]);
+    }
 
     #[test]
     fn pixel_mapping_rounds_half_to_even_and_clamps() {

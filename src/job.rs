@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::classes::ClassSpec;
 use crate::dataset::DatasetOptions;
 use crate::schedulers::SchedulerKind;
 use crate::storage::Destination;
@@ -47,6 +48,9 @@ pub struct JobSpec {
     /// The job's own webhook, which gets its events besides the server's ([`crate::events`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<String>,
+    /// Each sample's class and the guidance, for a class-conditional model (`None`: unconditional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<ClassSpec>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -4,6 +4,7 @@
 //! the last pixel; [`generate`] runs it locally, writing PNGs, a grid and a manifest.
 
 pub mod api;
+pub mod classes;
 pub mod client;
 pub mod console;
 pub mod cuda;

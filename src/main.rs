@@ -136,6 +136,8 @@ struct GenerateArgs {
     /// Samples per grid: grids/<n:05>.png shows samples n·S to (n+1)·S (0: no grids).
     #[arg(long, default_value_t = 64)]
     samples_per_grid: u32,
+    #[command(flatten)]
+    classes: ddpm_worker::classes::ClassArgs,
 }
 
 /// `s3://BUCKET[/PREFIX]`, or a local folder.
@@ -252,6 +254,7 @@ fn generate_spec(a: GenerateArgs, part: Option<Part>) -> Result<GenerateSpec, St
         },
         samples_per_grid: a.samples_per_grid,
         extends: None,
+        classes: a.classes.request(),
     };
     if let Some(e) = extended {
         (spec.scheduler, spec.steps, spec.eta) = (e.spec.scheduler, e.spec.steps as usize, e.spec.eta);

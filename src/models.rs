@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use crate::classes::ModelClasses;
 use crate::model::{ModelError, ModelFiles, UNet2DConfig};
 use crate::schedulers::{SchedulerConfig, SchedulerKind};
 use crate::storage::ObjectStore;
@@ -142,6 +143,8 @@ pub struct ResolvedModel {
     pub scheduler_text: String,
     /// What the folder's model card (`README.md`) says of its license; empty without one.
     pub card: ModelCard,
+    /// Its classes, for a class-conditional model (`labels.json` names them).
+    pub classes: ModelClasses,
 }
 
 /// The fields of a Hugging Face model card's YAML front matter that a dataset made with the model
@@ -223,8 +226,39 @@ impl ResolvedModel {
         let weights_sha256 = crate::digest::sha256_file(&files.weights)
             .map_err(|e| ModelError::Io { path: files.weights.clone(), message: e.to_string() })?;
         let card = ModelCard::read(&files.root);
-        Ok(Self { name: name.into(), source, files, weights_sha256, unet_config, scheduler_text, card })
+        let classes = ModelClasses::read(&files.root, &unet_config)?;
+        check_learned_time_table(&unet_config, &scheduler_text)?;
+        Ok(Self {
+            name: name.into(),
+            source,
+            files,
+            weights_sha256,
+            unet_config,
+            scheduler_text,
+            card,
+            classes,
+        })
     }
+}
+
+/// A learned time embedding is a table of `num_train_timesteps` rows: the scheduler's timesteps must
+/// all be rows of it.
+fn check_learned_time_table(config: &UNet2DConfig, scheduler_text: &str) -> Result<(), ModelError> {
+    let crate::model::config::TimeEmbedding::Learned { num_train_timesteps } = config.time_embedding() else {
+        return Ok(());
+    };
+    let trained = SchedulerKind::ALL
+        .iter()
+        .find_map(|&kind| SchedulerConfig::from_json(kind, scheduler_text).ok())
+        .map_or(0, |c| c.betas().num_train_timesteps as i64);
+    if trained > num_train_timesteps {
+        return Err(ModelError::Config(format!(
+            "the UNet's learned time embedding has {num_train_timesteps} rows (num_train_timesteps), but the \
+             scheduler's timesteps go up to {}",
+            trained - 1
+        )));
+    }
+    Ok(())
 }
 
 /// The scheduler config must make at least one of our schedulers (each job builds its own, and names
@@ -324,9 +358,11 @@ fn hub_files<'a>(present: &[&'a str]) -> Vec<&'a str> {
         .collect()
 }
 
-/// The files a diffusers UNet pipeline folder may hold, in either layout, and its model card.
-const MODEL_FILES: [&str; 10] = [
+/// The files a diffusers UNet pipeline folder may hold, in either layout, its model card and the class
+/// names of a class-conditional model.
+const MODEL_FILES: [&str; 11] = [
     "README.md",
+    "labels.json",
     "model_index.json",
     "config.json",
     "diffusion_pytorch_model.safetensors",

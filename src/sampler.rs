@@ -22,6 +22,37 @@ pub struct BatchRequest<'a> {
     pub batch_size: usize,
     pub steps: usize,
     pub eta: f32,
+    /// One class label per seed, for a class-conditional model (`None`: an unconditional one).
+    pub classes: Option<&'a [i64]>,
+    /// Classifier-free guidance, with `classes`.
+    pub guidance: Option<Guidance>,
+}
+
+impl<'a> BatchRequest<'a> {
+    /// An unconditional request.
+    pub fn new(seeds: &'a [u64], batch_size: usize, steps: usize, eta: f32) -> Self {
+        Self { seeds, batch_size, steps, eta, classes: None, guidance: None }
+    }
+}
+
+/// Classifier-free guidance (Ho & Salimans 2022): ε = ε_u + w·(ε_c − ε_u), with ε_u the model's
+/// output for the null class it was trained with.
+///
+/// Both outputs come from one forward of the doubled batch (the null-class rows first, then the
+/// labelled ones, as diffusers' guided pipelines order them), not from two calls: one call keeps the
+/// device's work in one larger batch, and a captured graph replays both halves at once. The batch's
+/// activations double, which the warm-up's batch probe accounts for ([`Self::rows`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Guidance {
+    pub scale: f32,
+    pub null_class: i64,
+}
+
+impl Guidance {
+    /// UNet rows per sample row: 2 with guidance, else 1.
+    pub fn rows(guidance: Option<Guidance>) -> usize {
+        if guidance.is_some() { 2 } else { 1 }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +69,8 @@ pub enum SampleError {
     Cancelled,
     #[error("batch of {seeds} seeds does not fit batch size {batch_size}")]
     BatchTooLarge { seeds: usize, batch_size: usize },
+    #[error("{0}")]
+    Classes(String),
 }
 
 /// Where the sampler runs and the UNet's precision; scheduler math always stays in f32.
@@ -103,6 +136,36 @@ pub struct NoiseAhead {
     producer: NoiseProducer,
 }
 
+/// The labels of a batch on `device`: `[batch_size]` (the padding rows repeat the first label), or
+/// `[2 × batch_size]` with the null class first under guidance; `None` for an unconditional request.
+fn batch_classes(
+    unet: &LoadedUNet,
+    req: &BatchRequest,
+    device: Device,
+) -> Result<Option<Tensor>, SampleError> {
+    let Some(classes) = req.classes else {
+        if unet.is_conditional() {
+            return Err(SampleError::Classes(
+                "this model is class-conditional: each sample needs a class label".into(),
+            ));
+        }
+        return Ok(None);
+    };
+    if !unet.is_conditional() {
+        return Err(SampleError::Classes("this model is unconditional: it takes no class labels".into()));
+    }
+    if classes.len() != req.seeds.len() {
+        return Err(SampleError::Classes(format!("{} labels for {} seeds", classes.len(), req.seeds.len())));
+    }
+    let mut rows: Vec<i64> = Vec::with_capacity(2 * req.batch_size);
+    if let Some(g) = req.guidance {
+        rows.extend(std::iter::repeat_n(g.null_class, req.batch_size));
+    }
+    rows.extend(classes);
+    rows.extend(std::iter::repeat_n(classes[0], req.batch_size - classes.len()));
+    Ok(Some(Tensor::from_slice(&rows).to_device(device)))
+}
+
 /// The shape of one sample of a UNet, `[C, H, W]`.
 pub fn sample_shape(config: &UNet2DConfig) -> Result<[i64; 3], SampleError> {
     let (h, w) = config.sample_hw()?;
@@ -153,9 +216,23 @@ pub fn sample_batch(
         None => NoiseProducer::spawn(req.seeds, req.batch_size, shape, draws)?,
     };
 
+    let classes = batch_classes(unet, req, place.device)?;
     let mut sample = noise.next().to_device(place.device);
     for (i, &t) in timesteps.iter().enumerate() {
-        let model_output = unet.denoise(&sample.to_kind(place.kind), t)?.to_kind(Kind::Float);
+        let model_output = match (&classes, req.guidance) {
+            (Some(labels), Some(g)) => {
+                let x = sample.to_kind(place.kind);
+                let both = unet.denoise(&Tensor::cat(&[&x, &x], 0), t, Some(labels))?.to_kind(Kind::Float);
+                let (uncond, cond) = (
+                    both.narrow(0, 0, req.batch_size as i64),
+                    both.narrow(0, req.batch_size as i64, req.batch_size as i64),
+                );
+                &uncond + (cond - &uncond) * f64::from(g.scale)
+            }
+            (labels, _) => {
+                unet.denoise(&sample.to_kind(place.kind), t, labels.as_ref())?.to_kind(Kind::Float)
+            }
+        };
         let z = sched.needs_noise(i).then(|| noise.next().to_device(place.device));
         sample = sched.step(i, &model_output, &sample, z.as_ref());
         if !on_step(i) {

@@ -276,11 +276,26 @@ fn resample(
         };
         let unet = &unets[slot].1;
         let seeds: Vec<u64> = batch.samples.clone().map(|i| spec.seed + i).collect();
+        let classes: Option<Vec<i64>> = match spec.classes.as_ref().map(|c| c.layout()) {
+            None => None,
+            Some(l) => Some(
+                batch
+                    .samples
+                    .clone()
+                    .map(|i| l.class_of(i).map(i64::from))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| setup(&"a sample past the job's class counts"))?,
+            ),
+        };
         let req = BatchRequest {
-            seeds: &seeds,
-            batch_size: spec.batch_size as usize,
-            steps: spec.steps as usize,
-            eta: spec.eta.unwrap_or(0.0),
+            classes: classes.as_deref(),
+            guidance: spec.classes.as_ref().and_then(|c| c.guidance).map(Into::into),
+            ..BatchRequest::new(
+                &seeds,
+                spec.batch_size as usize,
+                spec.steps as usize,
+                spec.eta.unwrap_or(0.0),
+            )
         };
         let place = Placement { device, kind: dtype.kind() };
         let x = sample_batch(unet, &scheduler, &req, place, None, |_| true).map_err(|e| setup(&e))?;

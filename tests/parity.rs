@@ -51,6 +51,9 @@ fn unet_forward_matches_diffusers() {
         ("tiny-pipeline", "tiny-pipeline"),
         ("dummy-ddpm-test", "dummy-ddpm-test"),
         ("tiny-gray", "tiny-gray"),
+        ("tiny-class-table", "tiny-class-table"),
+        ("tiny-class-timestep", "tiny-class-timestep"),
+        ("tiny-class-identity", "tiny-class-identity"),
     ] {
         let files = ModelFiles::locate(&fixtures().join("models").join(folder)).unwrap();
         let unet = LoadedUNet::load(&files, Device::Cpu, Kind::Float).unwrap();
@@ -60,11 +63,16 @@ fn unet_forward_matches_diffusers() {
             "{folder} parameter count"
         );
         let x = &goldens[&format!("{golden}.input")];
+        // Class-conditional models' labels: indices, or vectors for an identity class embedding.
+        let labels = goldens.get(&format!("{golden}.labels"));
+        assert_eq!(labels.is_some(), unet.is_conditional(), "{folder}: conditional");
         for t in [0i64, 1, 500, 999] {
-            let ours = tch::no_grad(|| unet.forward(x, t));
+            let ours = tch::no_grad(|| unet.forward_classes(x, t, labels));
             let d = max_abs_diff(&ours, &goldens[&format!("{golden}.t{t}")]);
             println!("{folder} t={t}: max |Δ| = {d:e}");
             assert!(d <= UNET_TOL, "{folder} t={t}: max |Δ| = {d:e}");
+            // The class-conditional models are held to the last bit (measured: 0 on every case).
+            assert!(labels.is_none() || d == 0.0, "{folder} t={t}: not bit-identical, max |Δ| = {d:e}");
         }
     }
 }
@@ -114,11 +122,22 @@ fn run_pipeline(case: &serde_json::Value, layout: Layout) -> (Tensor, Vec<u8>) {
     let text = std::fs::read_to_string(&files.scheduler_config).unwrap();
     let config = SchedulerConfig::from_json(kind, &text).unwrap();
     let seeds: Vec<u64> = case["seeds"].as_array().unwrap().iter().map(|s| s.as_u64().unwrap()).collect();
+    // Class-conditional cases: each seed's label, and the guidance.
+    let labels: Option<Vec<i64>> =
+        case["labels"].as_array().map(|l| l.iter().map(|v| v.as_i64().unwrap()).collect());
+    let guidance = case["guidance_scale"].as_f64().map(|scale| sampler::Guidance {
+        scale: scale as f32,
+        null_class: case["null_class"].as_i64().unwrap(),
+    });
     let req = BatchRequest {
-        seeds: &seeds,
-        batch_size: seeds.len(),
-        steps: case["steps"].as_u64().unwrap() as usize,
-        eta: case["eta"].as_f64().unwrap_or(0.0) as f32,
+        classes: labels.as_deref(),
+        guidance,
+        ..BatchRequest::new(
+            &seeds,
+            seeds.len(),
+            case["steps"].as_u64().unwrap() as usize,
+            case["eta"].as_f64().unwrap_or(0.0) as f32,
+        )
     };
     let place = Placement { device: Device::Cpu, kind: Kind::Float };
     let x0 = sampler::sample_batch(&unet, &config, &req, place, None, |_| true).unwrap();
@@ -149,6 +168,9 @@ fn pipelines_match_diffusers_images() {
             identical * 100.0
         );
         assert!(share >= PIXEL_SHARE, "{name}: only {:.4}% within 1/255", share * 100.0);
+        if case.get("labels").is_some() {
+            assert_eq!(float_diff, 0.0, "{name}: the class-conditional loop is not bit-identical");
+        }
     }
 }
 
@@ -183,15 +205,8 @@ fn padded_batches_and_noise_drawn_ahead_give_the_same_samples() {
     let config = SchedulerConfig::default_for(SchedulerKind::Ddpm).unwrap();
     let place = Placement { device: Device::Cpu, kind: Kind::Float };
     let run = |seeds: &[u64]| {
-        sampler::sample_batch(
-            &unet,
-            &config,
-            &BatchRequest { seeds, batch_size: 4, steps: 10, eta: 0.0 },
-            place,
-            None,
-            |_| true,
-        )
-        .unwrap()
+        sampler::sample_batch(&unet, &config, &BatchRequest::new(seeds, 4, 10, 0.0), place, None, |_| true)
+            .unwrap()
     };
     let full = run(&[5, 6, 7, 8]);
     let short = run(&[7]);
@@ -201,7 +216,7 @@ fn padded_batches_and_noise_drawn_ahead_give_the_same_samples() {
     // Noise drawn ahead (as the next batch's is while one samples) gives the same bits, DDPM drawing at
     // every step; noise drawn ahead for other seeds is not used.
     fn request(seeds: &[u64]) -> BatchRequest<'_> {
-        BatchRequest { seeds, batch_size: 4, steps: 10, eta: 0.0 }
+        BatchRequest::new(seeds, 4, 10, 0.0)
     }
     let with = |ahead_seeds: &[u64]| {
         let shape = sampler::sample_shape(&unet.config).unwrap();
@@ -221,13 +236,21 @@ fn padded_batches_and_noise_drawn_ahead_give_the_same_samples() {
 #[test]
 fn channels_last_layout_is_within_tolerance() {
     let goldens = load(fixtures().join("unet_forward.safetensors"));
-    for name in ["tiny-google", "tiny-pipeline", "dummy-ddpm-test", "tiny-gray"] {
+    for name in [
+        "tiny-google",
+        "tiny-pipeline",
+        "dummy-ddpm-test",
+        "tiny-gray",
+        "tiny-class-table",
+        "tiny-class-timestep",
+    ] {
         let files = ModelFiles::locate(&fixtures().join("models").join(name)).unwrap();
         let mut unet = LoadedUNet::load(&files, Device::Cpu, Kind::Float).unwrap();
         unet.set_layout(Layout::ChannelsLast);
+        let labels = goldens.get(&format!("{name}.labels"));
         for t in [0i64, 500, 999] {
             let d = max_abs_diff(
-                &tch::no_grad(|| unet.forward(&goldens[&format!("{name}.input")], t)),
+                &tch::no_grad(|| unet.forward_classes(&goldens[&format!("{name}.input")], t, labels)),
                 &goldens[&format!("{name}.t{t}")],
             );
             println!("{name} channels-last t={t}: max |Δ| = {d:e}");

@@ -54,6 +54,7 @@ fn synthetic_job(samples: u64, shards: u64, format: DataFormat, side: u64) -> Jo
             trace_context: Default::default(),
             extends: None,
             webhook: None,
+            classes: None,
         },
         state: JobState::Running,
         samples_done: samples,

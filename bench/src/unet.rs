@@ -138,7 +138,7 @@ pub fn time_unet(b: &UNetBench) -> Result<UNetTiming, ModelError> {
             taken.ok_or_else(|| ModelError::Config("a lane's replica is missing. This is a bug.".into()))?;
         let x = Tensor::randn(shape, (b.kind, b.device));
         for i in 0..b.warmup {
-            let _ = unet.denoise(&x, 500 - i as i64)?;
+            let _ = unet.denoise(&x, 500 - i as i64, None)?;
         }
         sync()?;
         Ok::<_, ModelError>((unet, x))
@@ -148,7 +148,7 @@ pub fn time_unet(b: &UNetBench) -> Result<UNetTiming, ModelError> {
         let mut times = Vec::with_capacity(b.iterations);
         for i in 0..b.iterations {
             let start = Instant::now();
-            let _ = unet.denoise(&x, 500 - i as i64)?;
+            let _ = unet.denoise(&x, 500 - i as i64, None)?;
             sync()?;
             times.push(start.elapsed().as_secs_f64() * 1e3);
         }
@@ -255,9 +255,12 @@ pub fn unet_output(a: &UNetOutput) -> Result<UNetOutputReport, ModelError> {
     })?;
     let x = sample.f_to_device(a.device)?.f_to_kind(a.kind)?;
     // Twice, so a graph is captured and then replayed: the replay's output is the one written.
-    let _ = unet.denoise(&x, a.timestep)?;
-    let out =
-        unet.denoise(&x, a.timestep)?.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?.f_contiguous()?;
+    let _ = unet.denoise(&x, a.timestep, None)?;
+    let out = unet
+        .denoise(&x, a.timestep, None)?
+        .f_to_kind(Kind::Float)?
+        .f_to_device(Device::Cpu)?
+        .f_contiguous()?;
     Tensor::write_safetensors(&[("output", &out)], a.output)?;
     Ok(UNetOutputReport { shape: out.size(), output: a.output.display().to_string() })
 }

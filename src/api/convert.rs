@@ -8,6 +8,7 @@ use std::sync::Arc;
 use super::auth::ANONYMOUS;
 use super::error::{FieldViolation, ServiceError};
 use super::pb;
+use crate::classes::{ClassRequest, ClassSpec};
 use crate::dataset::{DataFormat, DatasetOptions, ImageFormat};
 use crate::job::{JobRecord, JobSpec, JobState};
 use crate::models::ResolvedModel;
@@ -145,6 +146,11 @@ pub fn extension(req: &pb::JobSpec, base: &JobRecord) -> Result<pb::JobSpec, Ser
         labels: req.labels.clone(),
         extends: req.extends.clone(),
         webhook_url: req.webhook_url.clone(),
+        // The extended job's counts add up to its own samples: the new job spreads its own evenly,
+        // with the same guidance, unless it says otherwise.
+        classes: req.classes.clone().or_else(|| {
+            carried.classes.clone().map(|c| pb::ClassSpec { counts: Default::default(), uniform: true, ..c })
+        }),
         ..carried
     })
 }
@@ -215,6 +221,7 @@ pub fn job_spec(
     let dataset =
         dataset_options(req.output.as_ref(), limits, model.map(|m| m.as_ref()), batch_size, &mut bad);
     placement(req, limits, &mut bad);
+    let classes = class_spec(req, model.map(|m| m.as_ref()), &mut bad);
     if !bad.0.is_empty() {
         return Err(ServiceError::InvalidArgument(bad.0));
     }
@@ -242,7 +249,26 @@ pub fn job_spec(
         // Set only by the handler, on what [`extension`] made of the request.
         extends: (!req.extends.is_empty()).then(|| req.extends.clone()),
         webhook,
+        classes,
     })
+}
+
+/// The class labels of a class-conditional model's job ([`crate::classes::resolve`]).
+fn class_spec(req: &pb::JobSpec, model: Option<&ResolvedModel>, bad: &mut Bad) -> Option<ClassSpec> {
+    let model = model?;
+    let given = req.classes.as_ref().map(|c| ClassRequest {
+        counts: c.counts.clone(),
+        uniform: c.uniform,
+        guidance_scale: c.guidance_scale,
+        null_class: c.null_class,
+        names: c.names.clone(),
+    });
+    let (spec, violations) =
+        crate::classes::resolve(&shown(&model.name), &model.classes, given.as_ref(), req.num_samples);
+    for (field, message) in violations {
+        bad.spec(field, message);
+    }
+    spec
 }
 
 /// The longest webhook URL taken.
@@ -605,6 +631,13 @@ pub fn spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
         labels: spec.labels.clone().into_iter().collect(),
         extends: spec.extends.clone().unwrap_or_default(),
         webhook_url: spec.webhook.clone().unwrap_or_default(),
+        classes: spec.classes.as_ref().map(|c| pb::ClassSpec {
+            counts: c.counts.iter().map(|(&k, &v)| (k, v)).collect(),
+            uniform: false,
+            guidance_scale: c.guidance.map(|g| g.scale),
+            null_class: c.guidance.map(|g| g.null_class),
+            names: c.names.clone(),
+        }),
     }
 }
 
@@ -653,6 +686,9 @@ pub fn model_to_pb(
         max_batch_size: limits.max_batch_size,
         devices,
         license: card.license_name.clone().or_else(|| card.license.clone()).unwrap_or_default(),
+        num_classes: model.classes.num_classes,
+        class_names: model.classes.names.clone(),
+        null_class: model.classes.null_class,
     }
 }
 
@@ -712,6 +748,7 @@ pub(crate) mod tests {
             unet_config: crate::model::UNet2DConfig::default(),
             scheduler_text: r#"{"_class_name": "DDPMScheduler", "num_train_timesteps": 1000}"#.into(),
             card: Default::default(),
+            classes: Default::default(),
         };
         [("tiny".to_string(), Arc::new(model))].into()
     }

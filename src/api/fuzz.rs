@@ -136,6 +136,20 @@ fn spec() -> impl Strategy<Value = pb::JobSpec> {
             );
     let grid = (number_u32(), number_u32())
         .prop_map(|(samples_per_grid, columns)| pb::GridSpec { samples_per_grid, columns });
+    let classes = (
+        prop::collection::btree_map(number_u32(), number_u64(), 0..4),
+        any::<bool>(),
+        prop::option::of(prop_oneof![any::<f32>(), -1f32..20.0]),
+        prop::option::of(number_u32()),
+        prop::collection::vec(text(), 0..3),
+    )
+        .prop_map(|(counts, uniform, guidance_scale, null_class, names)| pb::ClassSpec {
+            counts: counts.into_iter().collect(),
+            uniform,
+            guidance_scale,
+            null_class,
+            names,
+        });
     (
         text(),
         prop::option::of(sampling),
@@ -148,6 +162,7 @@ fn spec() -> impl Strategy<Value = pb::JobSpec> {
         labels(),
         prop_oneof![Just(String::new()), text()],
         prop_oneof![Just(String::new()), Just("http://127.0.0.1:9/hooks/a".to_string()), text()],
+        prop::option::of(classes),
     )
         .prop_map(
             |(
@@ -162,6 +177,7 @@ fn spec() -> impl Strategy<Value = pb::JobSpec> {
                 labels,
                 extends,
                 webhook_url,
+                classes,
             )| {
                 pb::JobSpec {
                     model,
@@ -175,6 +191,7 @@ fn spec() -> impl Strategy<Value = pb::JobSpec> {
                     labels,
                     extends,
                     webhook_url,
+                    classes,
                 }
             },
         )
@@ -196,6 +213,7 @@ fn plausible_spec() -> impl Strategy<Value = pb::JobSpec> {
                 labels: BTreeMap::new(),
                 extends: String::new(),
                 webhook_url: String::new(),
+                classes: None,
             }
         })
 }
@@ -287,6 +305,12 @@ const FIELDS: &[&str] = &[
     "spec.output.target_file_bytes",
     "spec.labels",
     "spec.priority",
+    "spec.classes",
+    "spec.classes.counts",
+    "spec.classes.uniform",
+    "spec.classes.guidance_scale",
+    "spec.classes.null_class",
+    "spec.classes.names",
 ];
 
 fn check_refusal(status: &tonic::Status) -> Result<(), TestCaseError> {

@@ -13,7 +13,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 
-use super::DatasetError;
+use super::{DatasetError, SampleContext};
 
 /// Where one sample is and what it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,11 +55,14 @@ pub fn schema() -> Arc<Schema> {
         Field::new("shard", DataType::UInt64, false),
         Field::new("worker", DataType::Utf8, false),
         Field::new("attempt", DataType::UInt32, false),
+        // A class-conditional job's labels (null for an unconditional one).
+        Field::new("label", DataType::UInt32, true),
+        Field::new("label_name", DataType::Utf8, true),
     ]))
 }
 
-/// The Parquet bytes of one index part (rows in sample order).
-pub fn write(rows: &[IndexRow], writer: &Writer) -> Result<Bytes, DatasetError> {
+/// The Parquet bytes of one index part (rows in sample order), each row's label from `context`.
+pub fn write(rows: &[IndexRow], writer: &Writer, context: &SampleContext) -> Result<Bytes, DatasetError> {
     let n = rows.len();
     let mut index = UInt64Builder::with_capacity(n);
     let mut seed = UInt64Builder::with_capacity(n);
@@ -72,7 +75,13 @@ pub fn write(rows: &[IndexRow], writer: &Writer) -> Result<Bytes, DatasetError> 
     let mut shard = UInt64Builder::with_capacity(n);
     let mut worker = StringBuilder::with_capacity(n, n * writer.worker.len());
     let mut attempt = UInt32Builder::with_capacity(n);
+    let mut label = UInt32Builder::with_capacity(n);
+    let mut label_name = StringBuilder::new();
+    let layout = context.classes.as_ref().map(|c| c.layout());
     for r in rows {
+        let class = layout.as_ref().and_then(|l| l.class_of(r.index));
+        label.append_option(class);
+        label_name.append_option(class.zip(context.classes.as_ref()).map(|(c, spec)| spec.name_of(c)));
         index.append_value(r.index);
         seed.append_value(r.seed);
         sha.append_value(&r.sha256);
@@ -99,6 +108,8 @@ pub fn write(rows: &[IndexRow], writer: &Writer) -> Result<Bytes, DatasetError> 
             Arc::new(shard.finish()),
             Arc::new(worker.finish()),
             Arc::new(attempt.finish()),
+            Arc::new(label.finish()),
+            Arc::new(label_name.finish()),
         ],
     )?;
     let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
@@ -178,7 +189,16 @@ mod tests {
                 row: Some(3),
             },
         ];
-        let bytes = write(&rows, &Writer { shard: 1, worker: "w".into(), attempt: 2 }).unwrap();
+        let context = SampleContext {
+            model: "m".into(),
+            model_sha256: "00".repeat(32),
+            scheduler: "ddim".into(),
+            steps: 3,
+            eta: 0.0,
+            seed: 100,
+            classes: None,
+        };
+        let bytes = write(&rows, &Writer { shard: 1, worker: "w".into(), attempt: 2 }, &context).unwrap();
         assert_eq!(read(bytes).unwrap(), rows);
     }
 }

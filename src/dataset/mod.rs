@@ -245,6 +245,12 @@ pub fn sample_path(index: u64, image: ImageFormat) -> String {
     format!("samples/{index:08}.{}", image.extension())
 }
 
+/// A labelled sample's object in the `files` layout: `samples/<class name>/<index:08>.<ext>`, the
+/// folder per class that `ImageFolder`-style loaders read.
+pub fn labelled_sample_path(index: u64, class_name: &str, image: ImageFormat) -> String {
+    format!("samples/{class_name}/{index:08}.{}", image.extension())
+}
+
 /// The path of shard `shard`'s index part, relative to the job's folder.
 pub fn index_path(shard: u64) -> String {
     format!("index/part-{shard:06}.parquet")
@@ -261,12 +267,15 @@ pub struct SampleContext {
     pub eta: f32,
     /// The job's seed: sample `i` has seed `seed + i`.
     pub seed: u64,
+    /// Each sample's class, for a class-conditional model's job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<crate::classes::ClassSpec>,
 }
 
 impl SampleContext {
     /// The `.json` member of sample `index`.
     pub fn json(&self, index: u64) -> Vec<u8> {
-        let value = serde_json::json!({
+        let mut value = serde_json::json!({
             "index": index,
             "seed": self.seed + index,
             "model": {"name": self.model, "sha256": self.model_sha256},
@@ -274,7 +283,23 @@ impl SampleContext {
             "steps": self.steps,
             "eta": self.eta,
         });
+        if let (Some((label, name)), Some(map)) = (self.label(index), value.as_object_mut()) {
+            map.insert("label".into(), label.into());
+            map.insert("label_name".into(), name.into());
+        }
         serde_json::to_vec(&value).unwrap_or_default()
+    }
+
+    /// Sample `index`'s class and its name; `None` for an unconditional job.
+    pub fn label(&self, index: u64) -> Option<(u32, String)> {
+        let classes = self.classes.as_ref()?;
+        let class = classes.class_of(index)?;
+        Some((class, classes.name_of(class)))
+    }
+
+    /// The class names of the `ClassLabel` feature of labelled Parquet parts.
+    pub fn class_names(&self) -> Option<Vec<String>> {
+        self.classes.as_ref().map(crate::classes::ClassSpec::names_through_highest)
     }
 }
 

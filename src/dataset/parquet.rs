@@ -10,7 +10,9 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow_array::builder::{BinaryBuilder, Float32Builder, StringBuilder, UInt32Builder, UInt64Builder};
+use arrow_array::builder::{
+    BinaryBuilder, Float32Builder, Int64Builder, StringBuilder, UInt32Builder, UInt64Builder,
+};
 use arrow_array::{Array, ArrayRef, BinaryArray, RecordBatch, StructArray, UInt64Array};
 use arrow_schema::{DataType, Field, Fields, Schema};
 use bytes::Bytes;
@@ -33,9 +35,11 @@ fn image_fields() -> Fields {
 }
 
 /// The data part schema, with `datasets`' features in its `huggingface` metadata (inside the stored
-/// Arrow schema, where pyarrow and `datasets` read it).
-pub fn schema() -> Arc<Schema> {
-    let metadata = std::collections::HashMap::from([("huggingface".to_string(), features())]);
+/// Arrow schema, where pyarrow and `datasets` read it). A labelled job's parts add a `label` column,
+/// a `ClassLabel` of `class_names`.
+pub fn schema(class_names: Option<&[String]>) -> Arc<Schema> {
+    let metadata = std::collections::HashMap::from([("huggingface".to_string(), features(class_names))]);
+    let label = class_names.map(|_| Field::new("label", DataType::Int64, false));
     Arc::new(Schema::new_with_metadata(
         vec![
             Field::new("image", DataType::Struct(image_fields()), true),
@@ -46,15 +50,18 @@ pub fn schema() -> Arc<Schema> {
             Field::new("scheduler", DataType::Utf8, false),
             Field::new("steps", DataType::UInt32, false),
             Field::new("eta", DataType::Float32, false),
-        ],
+        ]
+        .into_iter()
+        .chain(label)
+        .collect::<Vec<_>>(),
         metadata,
     ))
 }
 
 /// `datasets`' features of [`schema`] (what `Dataset.to_parquet` stores under the `huggingface` key).
-fn features() -> String {
+fn features(class_names: Option<&[String]>) -> String {
     let value = |dtype: &str| serde_json::json!({"dtype": dtype, "_type": "Value"});
-    serde_json::json!({"info": {"features": {
+    let mut features = serde_json::json!({
         "image": {"_type": "Image"},
         "index": value("uint64"),
         "seed": value("uint64"),
@@ -63,8 +70,11 @@ fn features() -> String {
         "scheduler": value("string"),
         "steps": value("uint32"),
         "eta": value("float32"),
-    }}})
-    .to_string()
+    });
+    if let (Some(names), Some(map)) = (class_names, features.as_object_mut()) {
+        map.insert("label".into(), serde_json::json!({"names": names, "_type": "ClassLabel"}));
+    }
+    serde_json::json!({"info": {"features": features}}).to_string()
 }
 
 /// One Parquet part being written to a spool file, a row group at a time.
@@ -74,10 +84,19 @@ pub struct ParquetPart {
     ext: &'static str,
     pending: Vec<Encoded>,
     rows: Vec<IndexRow>,
+    schema: Arc<Schema>,
+    labelled: bool,
 }
 
 impl ParquetPart {
-    pub fn create(spool: &Path, path: String, image: ImageFormat) -> Result<Self, DatasetError> {
+    pub fn create(
+        spool: &Path,
+        path: String,
+        image: ImageFormat,
+        ctx: &SampleContext,
+    ) -> Result<Self, DatasetError> {
+        let class_names = ctx.class_names();
+        let schema = schema(class_names.as_deref());
         let io = |source| DatasetError::Io { path: spool.display().to_string(), source };
         let file = File::create(spool).map_err(io)?;
         let props = WriterProperties::builder()
@@ -85,14 +104,19 @@ impl ParquetPart {
             .set_compression(Compression::UNCOMPRESSED)
             .set_max_row_group_row_count(Some(PARQUET_ROWS_PER_GROUP as usize))
             // Also as a file key, as pyarrow writes it, for readers that do not decode the Arrow schema.
-            .set_key_value_metadata(Some(vec![KeyValue::new("huggingface".into(), features())]))
+            .set_key_value_metadata(Some(vec![KeyValue::new(
+                "huggingface".into(),
+                features(class_names.as_deref()),
+            )]))
             .build();
         let writer = ArrowWriter::try_new(
             Hashing::new(BufWriter::with_capacity(1 << 20, file)),
-            schema(),
+            Arc::clone(&schema),
             Some(props),
         )?;
-        Ok(Self { writer, path, ext: image.extension(), pending: Vec::new(), rows: Vec::new() })
+        let labelled = class_names.is_some();
+        let (ext, pending, rows) = (image.extension(), Vec::new(), Vec::new());
+        Ok(Self { writer, path, ext, pending, rows, schema, labelled })
     }
 
     pub fn push(&mut self, sample: Encoded, ctx: &SampleContext) -> Result<(), DatasetError> {
@@ -124,7 +148,14 @@ impl ParquetPart {
         let (mut model, mut sha) = (StringBuilder::new(), StringBuilder::new());
         let mut scheduler = StringBuilder::new();
         let (mut steps, mut eta) = (UInt32Builder::with_capacity(n), Float32Builder::with_capacity(n));
+        let mut label = Int64Builder::with_capacity(n);
         for s in self.pending.drain(..) {
+            if self.labelled {
+                let class = ctx.label(s.index).map(|(c, _)| i64::from(c));
+                label.append_value(class.ok_or_else(|| {
+                    DatasetError::Corrupt(format!("sample {} of a labelled job has no class", s.index))
+                })?);
+            }
             bytes.append_value(&s.bytes);
             path.append_value(format!("{:08}.{}", s.index, self.ext));
             index.append_value(s.index);
@@ -140,19 +171,20 @@ impl ParquetPart {
             vec![Arc::new(bytes.finish()) as ArrayRef, Arc::new(path.finish())],
             None,
         );
-        let batch = RecordBatch::try_new(
-            schema(),
-            vec![
-                Arc::new(image),
-                Arc::new(index.finish()),
-                Arc::new(seed.finish()),
-                Arc::new(model.finish()),
-                Arc::new(sha.finish()),
-                Arc::new(scheduler.finish()),
-                Arc::new(steps.finish()),
-                Arc::new(eta.finish()),
-            ],
-        )?;
+        let mut columns: Vec<ArrayRef> = vec![
+            Arc::new(image),
+            Arc::new(index.finish()),
+            Arc::new(seed.finish()),
+            Arc::new(model.finish()),
+            Arc::new(sha.finish()),
+            Arc::new(scheduler.finish()),
+            Arc::new(steps.finish()),
+            Arc::new(eta.finish()),
+        ];
+        if self.labelled {
+            columns.push(Arc::new(label.finish()));
+        }
+        let batch = RecordBatch::try_new(Arc::clone(&self.schema), columns)?;
         self.writer.write(&batch)?;
         Ok(())
     }
@@ -285,8 +317,10 @@ mod tests {
             steps: 3,
             eta: 0.0,
             seed: 5,
+            classes: None,
         };
-        let mut part = ParquetPart::create(&spool, "data/000000.parquet".into(), ImageFormat::Png).unwrap();
+        let mut part =
+            ParquetPart::create(&spool, "data/000000.parquet".into(), ImageFormat::Png, &ctx).unwrap();
         for index in 10..260u64 {
             let bytes = Bytes::from(vec![index as u8; 1 + index as usize % 7]);
             part.push(Encoded { index, seed: 5 + index, bytes }, &ctx).unwrap();

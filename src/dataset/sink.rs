@@ -102,7 +102,7 @@ pub async fn write_shard(
     rows.sort_by_key(|r| r.index);
     let what = format!("the index of shard {}", target.shard);
     let rows = super::check_covers(&what, rows, (target.start, target.end))?;
-    let bytes = index::write(&rows, &target.writer)?;
+    let bytes = index::write(&rows, &target.writer, &target.context)?;
     let path = super::index_path(target.shard);
     // An index part stored by an earlier writer lists the same stored data (everything it lists was
     // adopted or written create-only), so it stands.
@@ -216,7 +216,10 @@ impl Sink {
 
 async fn put_sample(target: &ShardTarget, sample: Encoded) -> Result<(IndexRow, bool), DatasetError> {
     let image = target.options.encoding.image;
-    let file = super::sample_path(sample.index, image);
+    let file = match target.context.label(sample.index) {
+        Some((_, name)) => super::labelled_sample_path(sample.index, &name, image),
+        None => super::sample_path(sample.index, image),
+    };
     let written =
         write_once(target.store.as_ref(), &join_key(&target.base, &file), sample.bytes, image.content_type())
             .await?;
@@ -277,7 +280,7 @@ fn open_part(
             let part = TarPart::create(spool, path, image, target.mtime).map_err(io(spool))?;
             Box::new(TarWriter(part, spool.to_path_buf()))
         }
-        PartKind::Parquet => Box::new(ParquetPart::create(spool, path, image)?),
+        PartKind::Parquet => Box::new(ParquetPart::create(spool, path, image, &target.context)?),
     })
 }
 
@@ -434,6 +437,7 @@ mod tests {
                 steps: 1,
                 eta: 0.0,
                 seed: 10,
+                classes: None,
             },
             shard: 3,
             start: 8,

@@ -89,6 +89,10 @@ impl TarPart {
         let member = format!("{:08}.{}", sample.index, self.ext);
         let offset = self.append(&member, &sample.bytes)?;
         self.append(&format!("{:08}.json", sample.index), &ctx.json(sample.index))?;
+        // WebDataset's class member: the label as decimal text (its decoders read `.cls` as an int).
+        if let Some((label, _)) = ctx.label(sample.index) {
+            self.append(&format!("{:08}.cls", sample.index), label.to_string().as_bytes())?;
+        }
         self.rows.push(IndexRow {
             index: sample.index,
             seed: sample.seed,
@@ -165,6 +169,7 @@ mod tests {
             steps: 2,
             eta: 0.0,
             seed: 100,
+            classes: None,
         };
         let mut part =
             TarPart::create(&spool, "data/000000.tar".into(), ImageFormat::Png, 1_700_000_000).unwrap();

@@ -17,13 +17,18 @@ pub struct SpatialAttention {
     to_v: nn::Linear,
     to_out: nn::Linear,
     heads: i64,
+    head_dim: i64,
     rescale_output_factor: f64,
-    /// `to_q`, `to_k` and `to_v` stacked (`[3C, C]` and `[3C]`) for the fast path's single product.
+    /// `to_q`, `to_k` and `to_v` stacked (`[3I, C]` and `[3I]`, I the inner width) for the fast path's
+    /// single product.
     qkv: Option<(Tensor, Tensor)>,
 }
 
 pub struct AttentionConfig {
+    /// `heads` heads of `head_dim` each: the inner width `heads × head_dim` is narrower than the block
+    /// when the head size does not divide it (diffusers' `channels // attention_head_dim` heads).
     pub heads: i64,
+    pub head_dim: i64,
     /// `None`: no input norm (diffusers' mid block with `resnet_time_scale_shift="scale_shift"`).
     pub norm_groups: Option<i64>,
     pub eps: f64,
@@ -32,14 +37,16 @@ pub struct AttentionConfig {
 
 impl SpatialAttention {
     pub fn new(vs: nn::Path, channels: i64, c: &AttentionConfig) -> Self {
-        let linear = |name: &str| nn::linear(&vs / name, channels, channels, Default::default());
+        let inner = c.heads * c.head_dim;
+        let linear = |name: &str| nn::linear(&vs / name, channels, inner, Default::default());
         Self {
             group_norm: c.norm_groups.map(|g| group_norm(&vs / "group_norm", g, channels, c.eps)),
             to_q: linear("to_q"),
             to_k: linear("to_k"),
             to_v: linear("to_v"),
-            to_out: nn::linear(&vs / "to_out" / 0, channels, channels, Default::default()),
+            to_out: nn::linear(&vs / "to_out" / 0, inner, channels, Default::default()),
             heads: c.heads,
+            head_dim: c.head_dim,
             rescale_output_factor: c.rescale_output_factor,
             qkv: None,
         }
@@ -72,14 +79,14 @@ impl SpatialAttention {
             Some(norm) => norm.forward(&flat).transpose(1, 2),
             None => flat.transpose(1, 2),
         };
-        let head_dim = c / self.heads;
-        let split = |t: Tensor| t.view([b, -1, self.heads, head_dim]).transpose(1, 2);
+        let (heads, head_dim) = (self.heads, self.head_dim);
+        let split = |t: Tensor| t.view([b, -1, heads, head_dim]).transpose(1, 2);
         let q = split(self.to_q.forward(&hidden));
         let k = split(self.to_k.forward(&hidden));
         let v = split(self.to_v.forward(&hidden));
         // Default scale 1/sqrt(head_dim), the kernel diffusers' AttnProcessor2_0 calls.
         let o = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<&Tensor>, 0.0, false, None, false);
-        let o = o.transpose(1, 2).reshape([b, -1, self.heads * head_dim]);
+        let o = o.transpose(1, 2).reshape([b, -1, heads * head_dim]);
         let o = self.to_out.forward(&o);
         let o = o.transpose(-1, -2).reshape([b, c, h, w]) + xs;
         if self.rescale_output_factor == 1.0 { o } else { o / self.rescale_output_factor }
@@ -96,9 +103,10 @@ impl SpatialAttention {
         };
         let tokens = normed.permute([0, 2, 3, 1]).reshape([b, h * w, c]);
         let qkv = tokens.linear(weight, Some(bias));
-        let head_dim = c / self.heads;
-        let split = |t: &Tensor| t.view([b, h * w, self.heads, head_dim]).transpose(1, 2);
-        let parts = qkv.split(c, -1);
+        let (heads, head_dim) = (self.heads, self.head_dim);
+        let inner = heads * head_dim;
+        let split = |t: &Tensor| t.view([b, h * w, heads, head_dim]).transpose(1, 2);
+        let parts = qkv.split(inner, -1);
         let o = Tensor::scaled_dot_product_attention(
             &split(&parts[0]),
             &split(&parts[1]),
@@ -109,7 +117,7 @@ impl SpatialAttention {
             None,
             false,
         );
-        let o = o.transpose(1, 2).reshape([b, h * w, c]);
+        let o = o.transpose(1, 2).reshape([b, h * w, inner]);
         let mut o = self.to_out.forward(&o);
         let _ = o.g_add_(&xs.permute([0, 2, 3, 1]).reshape([b, h * w, c]));
         if self.rescale_output_factor != 1.0 {

@@ -2,8 +2,10 @@
 //!
 //! Defaults are those of `UNet2DModel.__init__` (diffusers `src/diffusers/models/unets/unet_2d.py`); note
 //! that a file that omits `attention_head_dim` gets 8, while an explicit `null` means one head per block.
-//! Anything we do not build (Fourier/learned time embeddings, class embeddings, resnet up/down sampling,
-//! other block types) is refused by [`UNet2DConfig::validate`] with the key named, never approximated.
+//! Class conditioning follows `UNet2DModel.__init__`'s own branches ([`UNet2DConfig::class_embedding`]).
+//! What we do not build (Fourier time embeddings, resnet up/down sampling, other block types and
+//! activations) is refused by [`UNet2DConfig::validate`] with the key named and the reason, never
+//! approximated.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -113,6 +115,29 @@ pub const MAX_SAMPLE_SIZE: i64 = 2048;
 /// Resolution levels (`block_out_channels` entries) at most: the sample is halved once per level.
 const MAX_LEVELS: usize = 12;
 
+/// How a `UNet2DModel` embeds its class labels, by `UNet2DModel.__init__`'s branches: the embedding is
+/// added to the time embedding (`emb = emb + class_emb`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClassEmbedding {
+    /// `class_embed_type: null` with `num_class_embeds`: an `nn.Embedding(num_class_embeds,
+    /// time_embed_dim)` looked up by class index.
+    Table { classes: i64 },
+    /// `"timestep"`: the label goes through the sinusoidal time projection, then its own
+    /// `TimestepEmbedding` MLP; any integer is a label.
+    Timestep,
+    /// `"identity"`: the label is itself a `time_embed_dim`-wide vector.
+    Identity,
+}
+
+/// The time projection `UNet2DModel` builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeEmbedding {
+    /// `"positional"`: sinusoidal features (`Timesteps`).
+    Positional,
+    /// `"learned"`: an `nn.Embedding(num_train_timesteps, block_out_channels[0])` looked up by timestep.
+    Learned { num_train_timesteps: i64 },
+}
+
 /// The block kinds of `get_down_block` / `get_up_block` we build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockKind {
@@ -150,6 +175,42 @@ impl UNet2DConfig {
         self.sample_size
             .map(SampleSize::hw)
             .ok_or_else(|| ModelError::Unsupported("sample_size is null; the image size is unknown".into()))
+    }
+
+    /// The class embedding diffusers builds for this config, or `None` for an unconditional model.
+    /// Mirrors `UNet2DModel.__init__`: `num_class_embeds` counts only when `class_embed_type` is null,
+    /// and a `class_embed_type` other than `"timestep"` or `"identity"` builds no embedding at all.
+    pub fn class_embedding(&self) -> Option<ClassEmbedding> {
+        match (self.class_embed_type.as_deref(), self.num_class_embeds) {
+            (None, Some(classes)) => Some(ClassEmbedding::Table { classes }),
+            (Some("timestep"), _) => Some(ClassEmbedding::Timestep),
+            (Some("identity"), _) => Some(ClassEmbedding::Identity),
+            _ => None,
+        }
+    }
+
+    /// The time projection; `validate` has checked `learned` has its table size.
+    pub fn time_embedding(&self) -> TimeEmbedding {
+        match (self.time_embedding_type.as_str(), self.num_train_timesteps) {
+            ("learned", Some(n)) => TimeEmbedding::Learned { num_train_timesteps: n },
+            _ => TimeEmbedding::Positional,
+        }
+    }
+
+    /// Attention heads and head size of an attention block `channels` wide, as diffusers' blocks make
+    /// them: `heads = channels // attention_head_dim` heads of `attention_head_dim` (inner width
+    /// `heads × attention_head_dim`, which may be narrower than the block); a null head size means one
+    /// head of the block's width.
+    pub fn attention_heads(&self, channels: i64) -> (i64, i64) {
+        match self.attention_head_dim {
+            Some(d) => (channels / d, d),
+            None => (1, channels),
+        }
+    }
+
+    /// The resnets' non-linearity (`validate` has checked `act_fn` names one).
+    pub fn activation(&self) -> super::resnet::Activation {
+        super::resnet::Activation::from_name(&self.act_fn).unwrap_or(super::resnet::Activation::Silu)
     }
 
     pub fn time_embed_dim(&self) -> i64 {
@@ -201,29 +262,72 @@ impl UNet2DConfig {
                 return unsupported("up_block_types", t);
             }
         }
-        if self.mid_block_type.as_deref().is_some_and(|m| m != "UNetMidBlock2D") {
-            return unsupported("mid_block_type", &self.mid_block_type);
+        // `UNet2DModel` builds a `UNetMidBlock2D` for any non-null `mid_block_type`, whatever it names.
+        match (self.time_embedding_type.as_str(), self.num_train_timesteps) {
+            ("positional", _) => {}
+            ("learned", Some(n)) if n > 0 => {}
+            ("learned", n) => {
+                return Err(ModelError::Config(format!(
+                    "time_embedding_type = \"learned\" needs num_train_timesteps (the size of its table), \
+                     which is {n:?}"
+                )));
+            }
+            ("fourier", _) => {
+                return Err(ModelError::Unsupported(
+                    "time_embedding_type = \"fourier\" is not supported: it is the score-SDE (NCSN++) \
+                     parameterization, which takes the log of the timestep and divides the output by it, so \
+                     the integer timesteps of DDPM-family schedulers (t = 0 included) make it infinite"
+                        .into(),
+                ));
+            }
+            (other, _) => return unsupported("time_embedding_type", &other),
         }
-        if self.time_embedding_type != "positional" {
-            return unsupported("time_embedding_type", &self.time_embedding_type);
+        if let Some(ClassEmbedding::Table { classes }) = self.class_embedding()
+            && classes < 1
+        {
+            return Err(ModelError::Config(format!("num_class_embeds = {classes} must be at least 1")));
         }
-        if self.class_embed_type.is_some() || self.num_class_embeds.is_some() {
-            return unsupported(
-                "class_embed_type/num_class_embeds",
-                &(&self.class_embed_type, self.num_class_embeds),
-            );
+        // `downsample_type` and `upsample_type` reach the attention blocks only (`get_down_block` gives the
+        // plain ones their conv sampler whatever the config says), and only those that resample.
+        let resampling_attn_down = (0..n.saturating_sub(1)).any(|i| self.down_kind(i) == BlockKind::Attn);
+        let resampling_attn_up = (0..n.saturating_sub(1)).any(|i| self.up_kind(i) == BlockKind::Attn);
+        for (key, value, used) in [
+            ("downsample_type", &self.downsample_type, resampling_attn_down),
+            ("upsample_type", &self.upsample_type, resampling_attn_up),
+        ] {
+            match value.as_str() {
+                "conv" => {}
+                _ if !used => {}
+                "resnet" => {
+                    return Err(ModelError::Unsupported(format!(
+                        "{key} = \"resnet\" is not supported: resnet blocks that resample (diffusers' \
+                         ResnetBlock2D with down/up) are not built here"
+                    )));
+                }
+                other => {
+                    return Err(ModelError::Config(format!(
+                        "{key} = {other:?}: diffusers builds no resampler for it in an attention block, so \
+                         the levels' sizes do not meet (\"conv\" or \"resnet\")"
+                    )));
+                }
+            }
         }
-        if self.downsample_type != "conv" {
-            return unsupported("downsample_type", &self.downsample_type);
+        if super::resnet::Activation::from_name(&self.act_fn).is_none() {
+            return Err(ModelError::Config(format!(
+                "act_fn = {:?} is not an activation diffusers' get_activation knows (silu, swish, mish, gelu, \
+                 relu)",
+                self.act_fn
+            )));
         }
-        if self.upsample_type != "conv" {
-            return unsupported("upsample_type", &self.upsample_type);
-        }
-        if !matches!(self.act_fn.as_str(), "silu" | "swish") {
-            return unsupported("act_fn", &self.act_fn);
-        }
-        if !matches!(self.resnet_time_scale_shift.as_str(), "default" | "scale_shift") {
-            return unsupported("resnet_time_scale_shift", &self.resnet_time_scale_shift);
+        match self.resnet_time_scale_shift.as_str() {
+            "default" | "scale_shift" => {}
+            shift @ ("ada_group" | "spatial") => {
+                return Err(ModelError::Unsupported(format!(
+                    "resnet_time_scale_shift = {shift:?} is not supported: diffusers' ResnetBlock2D refuses it too \
+                     (it needs ResnetBlockCondNorm2D, which UNet2DModel's blocks do not build)"
+                )));
+            }
+            other => return unsupported("resnet_time_scale_shift", &other),
         }
         Ok(())
     }
@@ -251,10 +355,14 @@ impl UNet2DConfig {
                 .filter(|(_, kind)| block_kind(kind) == BlockKind::Attn)
                 .map(|(c, _)| *c)
                 .chain(self.add_attention.then_some(self.block_out_channels[n - 1]));
+            // A head size that does not divide the width is what diffusers runs (`c // d` heads, an inner
+            // width of heads × d); one wider than the block leaves no head, and diffusers' attention
+            // processor divides by the head count.
             for c in attn_widths {
-                if d <= 0 || c % d != 0 {
+                if d <= 0 || d > c {
                     return Err(ModelError::Config(format!(
-                        "an attention block of width {c} is not a multiple of attention_head_dim = {d}"
+                        "attention_head_dim = {d} leaves an attention block of width {c} with no head \
+                         (heads = width // attention_head_dim)"
                     )));
                 }
             }
@@ -331,11 +439,64 @@ mod tests {
         for bad in [
             r#"{"block_out_channels":[4,8],"norm_num_groups":4,"down_block_types":["AttnDownBlock2D","DownBlock2D"],"up_block_types":["UpBlock2D","UpBlock2D"],"add_attention":false}"#,
             r#"{"block_out_channels":[4,8],"norm_num_groups":4,"down_block_types":["DownBlock2D","DownBlock2D"],"up_block_types":["UpBlock2D","AttnUpBlock2D"],"add_attention":false}"#,
-            r#"{"block_out_channels":[8,12],"norm_num_groups":4,"down_block_types":["DownBlock2D","DownBlock2D"],"up_block_types":["UpBlock2D","UpBlock2D"]}"#,
+            r#"{"block_out_channels":[8,12],"norm_num_groups":4,"attention_head_dim":16,"down_block_types":["DownBlock2D","DownBlock2D"],"up_block_types":["UpBlock2D","UpBlock2D"]}"#,
         ] {
             let err = UNet2DConfig::from_json(bad).unwrap_err();
             assert!(err.to_string().contains("attention_head_dim"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn a_head_size_that_does_not_divide_the_width_makes_heads_as_diffusers_does() {
+        // diffusers: `heads = width // attention_head_dim`, each `attention_head_dim` wide.
+        let config = UNet2DConfig::from_json(r#"{"block_out_channels":[8,12],"norm_num_groups":4,"down_block_types":["DownBlock2D","DownBlock2D"],"up_block_types":["UpBlock2D","UpBlock2D"]}"#).unwrap();
+        assert_eq!(config.attention_heads(12), (1, 8));
+        assert_eq!(config.attention_heads(64), (8, 8));
+        let null = UNet2DConfig { attention_head_dim: None, ..config };
+        assert_eq!(null.attention_heads(12), (1, 12));
+    }
+
+    #[test]
+    fn class_embeddings_follow_diffusers_branches() {
+        let with = |extra: &str| {
+            UNet2DConfig::from_json(&format!(
+                r#"{{"block_out_channels":[32,64],"down_block_types":["DownBlock2D","DownBlock2D"],"up_block_types":["UpBlock2D","UpBlock2D"]{extra}}}"#
+            ))
+            .unwrap()
+            .class_embedding()
+        };
+        assert_eq!(with(""), None);
+        assert_eq!(with(r#","num_class_embeds":11"#), Some(ClassEmbedding::Table { classes: 11 }));
+        // `num_class_embeds` is read only when `class_embed_type` is null.
+        assert_eq!(
+            with(r#","class_embed_type":"timestep","num_class_embeds":11"#),
+            Some(ClassEmbedding::Timestep)
+        );
+        assert_eq!(with(r#","class_embed_type":"identity""#), Some(ClassEmbedding::Identity));
+        // UNet2DModel builds no class embedding for the types only UNet2DConditionModel knows.
+        assert_eq!(with(r#","class_embed_type":"projection","num_class_embeds":11"#), None);
+    }
+
+    #[test]
+    fn samplers_and_time_embeddings_are_refused_with_their_reason() {
+        let with = |extra: &str| {
+            UNet2DConfig::from_json(&format!(
+                r#"{{"block_out_channels":[32,64],"attention_head_dim":null,"down_block_types":["AttnDownBlock2D","DownBlock2D"],"up_block_types":["UpBlock2D","UpBlock2D"]{extra}}}"#
+            ))
+        };
+        let err = with(r#","downsample_type":"resnet""#).unwrap_err().to_string();
+        assert!(err.contains("downsample_type") && err.contains("not built"), "{err}");
+        let err = with(r#","downsample_type":"pool""#).unwrap_err().to_string();
+        assert!(err.contains("no resampler"), "{err}");
+        // Up blocks without attention ignore upsample_type, as diffusers does.
+        with(r#","upsample_type":"resnet""#).unwrap();
+        let err = with(r#","time_embedding_type":"learned""#).unwrap_err().to_string();
+        assert!(err.contains("num_train_timesteps"), "{err}");
+        with(r#","time_embedding_type":"learned","num_train_timesteps":1000"#).unwrap();
+        let err = with(r#","time_embedding_type":"fourier""#).unwrap_err().to_string();
+        assert!(err.contains("infinite"), "{err}");
+        // Any mid_block_type makes diffusers' UNetMidBlock2D.
+        with(r#","mid_block_type":"UNetMidBlock2DCrossAttn""#).unwrap();
     }
 
     #[test]

@@ -56,3 +56,49 @@ impl Module for TimestepEmbedding {
         self.linear_2.forward(&self.linear_1.forward(xs).silu())
     }
 }
+
+/// `UNet2DModel.time_proj`: sinusoidal features, or a learned table looked up by timestep.
+#[derive(Debug)]
+pub enum TimeProjection {
+    Positional(Timesteps),
+    /// `nn.Embedding(num_train_timesteps, C0)`.
+    Learned(nn::Embedding),
+}
+
+impl TimeProjection {
+    /// `[B, C0]` features of the timesteps `[B]`: f32 for the sinusoidal ones (the caller casts), the
+    /// table's kind for the learned ones.
+    pub fn forward(&self, timesteps: &Tensor) -> Tensor {
+        match self {
+            TimeProjection::Positional(p) => p.forward(timesteps),
+            TimeProjection::Learned(table) => table.forward(&timesteps.to_kind(Kind::Int64)),
+        }
+    }
+}
+
+/// `UNet2DModel.class_embedding`, whose output is added to the time embedding.
+#[derive(Debug)]
+pub enum ClassEmbedding {
+    /// `nn.Embedding(num_class_embeds, time_embed_dim)`, by class index.
+    Table(nn::Embedding),
+    /// `TimestepEmbedding` over the time projection of the label (`class_embed_type: "timestep"`).
+    Timestep(TimestepEmbedding),
+    /// The label is the embedding (`class_embed_type: "identity"`).
+    Identity,
+}
+
+impl ClassEmbedding {
+    /// The embedding of `labels` (`[B]` class indices, or `[B, time_embed_dim]` vectors for `Identity`)
+    /// in `kind`, op for op as `UNet2DModel.forward`.
+    pub fn forward(&self, labels: &Tensor, time_proj: &TimeProjection, kind: Kind) -> Tensor {
+        match self {
+            ClassEmbedding::Table(table) => table.forward(&labels.to_kind(Kind::Int64)).to_kind(kind),
+            // diffusers feeds the f32 projection to the MLP; in a half-precision model it would refuse
+            // the mixed kinds, so the projection is cast to the model's kind first (a no-op in f32).
+            ClassEmbedding::Timestep(mlp) => {
+                mlp.forward(&time_proj.forward(labels).to_kind(kind)).to_kind(kind)
+            }
+            ClassEmbedding::Identity => labels.to_kind(kind),
+        }
+    }
+}

@@ -33,6 +33,8 @@ struct Captured {
     replayer: Replayer,
     input: Tensor,
     timestep: Tensor,
+    /// The class labels' static buffer, for a call with labels.
+    classes: Option<Tensor>,
     output: Tensor,
 }
 
@@ -83,20 +85,30 @@ impl From<CudaError> for ModelError {
 
 impl LoadedUNet {
     /// Captures one graph per batch shape on first use, replaying it afterwards; an eager call when
-    /// graphs are off.
-    pub fn denoise(&self, sample: &Tensor, timestep: i64) -> Result<Tensor, ModelError> {
-        let key = sample.size();
+    /// graphs are off. `classes`: the batch's class labels, for a class-conditional network.
+    pub fn denoise(
+        &self,
+        sample: &Tensor,
+        timestep: i64,
+        classes: Option<&Tensor>,
+    ) -> Result<Tensor, ModelError> {
+        let mut key = sample.size();
+        // Calls with labels and without are different graphs (a marker no shape has: a negative size).
+        if let Some(c) = classes {
+            key.push(-1);
+            key.extend(c.size());
+        }
         let Some(cache) = &self.graphs else {
             let _first = match self.eager_shapes.borrow_mut().insert(key) {
                 true => first_call_lock(sample.device()),
                 false => None,
             };
-            return Ok(self.forward(sample, timestep));
+            return Ok(self.forward_classes(sample, timestep, classes));
         };
         let mut cache = cache.borrow_mut();
         if !cache.by_shape.contains_key(&key) {
             let _first = first_call_lock(sample.device());
-            let captured = self.capture(sample, timestep, cache.mode)?;
+            let captured = self.capture(sample, timestep, classes, cache.mode)?;
             cache.by_shape.insert(key.clone(), captured);
             cache.captures += 1;
         }
@@ -105,34 +117,48 @@ impl LoadedUNet {
         };
         c.input.f_copy_(sample)?;
         let _ = c.timestep.f_fill_(timestep)?;
+        if let (Some(buffer), Some(labels)) = (&mut c.classes, classes) {
+            buffer.f_copy_(labels)?;
+        }
         match &mut c.replayer {
             Replayer::Cuda(graph) => graph.replay()?,
-            Replayer::Emulated => c.output.f_copy_(&self.forward_t(&c.input, &c.timestep))?,
+            Replayer::Emulated => {
+                c.output.f_copy_(&self.forward_t(&c.input, &c.timestep, c.classes.as_ref()))?
+            }
         }
         let out = copied(&c.output)?;
         cache.replays += 1;
         Ok(out)
     }
 
-    fn capture(&self, sample: &Tensor, timestep: i64, mode: GraphMode) -> Result<Captured, ModelError> {
+    fn capture(
+        &self,
+        sample: &Tensor,
+        timestep: i64,
+        classes: Option<&Tensor>,
+        mode: GraphMode,
+    ) -> Result<Captured, ModelError> {
         let device = sample.device();
         let input = copied(sample)?;
         let timestep = Tensor::f_from_slice(&[timestep])?.f_to_device(device)?;
+        let classes = classes.map(copied).transpose()?;
         for _ in 0..WARMUP_CALLS {
-            let _ = self.forward_t(&input, &timestep);
+            let _ = self.forward_t(&input, &timestep, classes.as_ref());
         }
         let (replayer, output) = match (mode, device) {
             (GraphMode::Cuda, Device::Cuda(i)) => {
                 let mut graph = CudaGraph::new(i)?;
-                let output = graph.capture(|| self.forward_t(&input, &timestep))?;
+                let output = graph.capture(|| self.forward_t(&input, &timestep, classes.as_ref()))?;
                 (Replayer::Cuda(graph), output)
             }
             (GraphMode::Cuda, _) => {
                 return Err(ModelError::Unsupported("CUDA graphs need a CUDA device".into()));
             }
-            (GraphMode::Emulated, _) => (Replayer::Emulated, self.forward_t(&input, &timestep)),
+            (GraphMode::Emulated, _) => {
+                (Replayer::Emulated, self.forward_t(&input, &timestep, classes.as_ref()))
+            }
         };
-        Ok(Captured { replayer, input, timestep, output })
+        Ok(Captured { replayer, input, timestep, classes, output })
     }
 
     /// Turns graph replay on (`Some`) or off; captured graphs are dropped either way.
@@ -173,7 +199,7 @@ mod tests {
         for (batch, t) in [(2, 999), (2, 500), (3, 10), (2, 0)] {
             let mut x = Tensor::randn([batch, c, h, w], (tch::Kind::Float, Device::Cpu));
             let want = eager.forward(&x, t);
-            let got = graphed.denoise(&x, t).unwrap();
+            let got = graphed.denoise(&x, t, None).unwrap();
             assert!(got.equal(&want), "batch {batch}, t {t}");
             // The result is the caller's: neither a later input nor a later replay changes it.
             let kept = got.copy();
@@ -188,13 +214,37 @@ mod tests {
         assert!(!outputs[0].0.equal(&outputs[1].0));
     }
 
+    /// A class-conditional network's replays take each call's labels from their static buffer.
+    #[test]
+    fn replays_take_each_calls_class_labels() {
+        let _guard = tch::no_grad_guard();
+        let config = crate::model::UNet2DConfig { num_class_embeds: Some(5), ..Preset::Tiny.unet_config() };
+        let eager = LoadedUNet::random(config, 4).unwrap();
+        let mut graphed = eager.replica();
+        graphed.set_graphs(Some(GraphMode::Emulated));
+        let (h, w) = eager.config.sample_hw().unwrap();
+        tch::manual_seed(1);
+        let x = Tensor::randn([2, eager.config.in_channels, h, w], (tch::Kind::Float, Device::Cpu));
+        let mut seen = Vec::new();
+        for labels in [[0i64, 1], [4, 2], [0, 1]] {
+            let labels = Tensor::from_slice(&labels);
+            let want = eager.forward_classes(&x, 10, Some(&labels));
+            let got = graphed.denoise(&x, 10, Some(&labels)).unwrap();
+            assert!(got.equal(&want), "{labels:?}");
+            seen.push(got);
+        }
+        assert!(!seen[0].equal(&seen[1]), "the labels change the output");
+        assert!(seen[0].equal(&seen[2]));
+        assert_eq!(graphed.graph_counts(), Some((1, 3)));
+    }
+
     #[test]
     fn cuda_graphs_refuse_a_cpu_tensor() {
         let mut unet = tiny();
         unet.set_graphs(Some(GraphMode::Cuda));
         let (h, w) = unet.config.sample_hw().unwrap();
         let x = Tensor::zeros([1, unet.config.in_channels, h, w], (tch::Kind::Float, Device::Cpu));
-        let err = unet.denoise(&x, 1).unwrap_err().to_string();
+        let err = unet.denoise(&x, 1, None).unwrap_err().to_string();
         assert!(err.contains("CUDA graphs need a CUDA device"), "{err}");
     }
 }

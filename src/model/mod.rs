@@ -237,17 +237,30 @@ impl LoadedUNet {
         self.vs.variables().values().map(Tensor::numel).map(|n| n as i64).sum()
     }
 
+    /// ε at one integer timestep, without class labels (a class-conditional network then runs without
+    /// its class term: for probes and warm-up; sampling passes labels through [`Self::forward_classes`]).
     pub fn forward(&self, sample: &Tensor, timestep: i64) -> Tensor {
-        let timesteps = Tensor::from_slice(&[timestep]).to_device(sample.device());
-        self.forward_t(sample, &timesteps)
+        self.forward_classes(sample, timestep, None)
     }
 
-    /// [`Self::forward`] with the timestep as a tensor on the sample's device (`[1]` or `[B]`).
-    pub fn forward_t(&self, sample: &Tensor, timesteps: &Tensor) -> Tensor {
+    /// ε at one integer timestep for the class labels `classes` (`[B]` on the sample's device, or
+    /// `[B, time_embed_dim]` vectors for an identity class embedding).
+    pub fn forward_classes(&self, sample: &Tensor, timestep: i64, classes: Option<&Tensor>) -> Tensor {
+        let timesteps = Tensor::from_slice(&[timestep]).to_device(sample.device());
+        self.forward_t(sample, &timesteps, classes)
+    }
+
+    /// [`Self::forward_classes`] with the timestep as a tensor on the sample's device (`[1]` or `[B]`).
+    pub fn forward_t(&self, sample: &Tensor, timesteps: &Tensor, classes: Option<&Tensor>) -> Tensor {
         match self.layout {
-            Layout::Diffusers => self.model.forward(sample, timesteps),
-            Layout::ChannelsLast => self.model.forward(&channels_last(sample), timesteps),
+            Layout::Diffusers => self.model.forward(sample, timesteps, classes),
+            Layout::ChannelsLast => self.model.forward(&channels_last(sample), timesteps, classes),
         }
+    }
+
+    /// Whether the network takes class labels.
+    pub fn is_conditional(&self) -> bool {
+        self.model.is_conditional()
     }
 
     /// Writes `diffusion_pytorch_model.safetensors` + `config.json` under `dir` (today's key names).

@@ -146,6 +146,48 @@ pub fn conv2d(vs: nn::Path, cin: i64, cout: i64, k: i64, stride: i64, padding: i
     nn::conv2d(vs, cin, cout, k, nn::ConvConfig { stride, padding, ..Default::default() })
 }
 
+/// The resnets' non-linearity (`act_fn`, diffusers' `get_activation`): SiLU unless the config says
+/// otherwise. Only SiLU has fused kernels; the others run as libtorch ops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    Mish,
+    /// `nn.GELU()`: the exact (erf) form.
+    Gelu,
+    Relu,
+}
+
+impl Activation {
+    /// `get_activation`'s names (`swish` is SiLU).
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "silu" | "swish" => Some(Activation::Silu),
+            "mish" => Some(Activation::Mish),
+            "gelu" => Some(Activation::Gelu),
+            "relu" => Some(Activation::Relu),
+            _ => None,
+        }
+    }
+
+    pub fn apply(self, x: &Tensor) -> Tensor {
+        match self {
+            Activation::Silu => x.silu(),
+            Activation::Mish => x.mish(),
+            Activation::Gelu => x.gelu("none"),
+            Activation::Relu => x.relu(),
+        }
+    }
+
+    /// In place, on a tensor the caller owns.
+    fn apply_(self, x: &mut Tensor) {
+        match self {
+            Activation::Silu => drop(x.silu_()),
+            Activation::Relu => drop(x.relu_()),
+            other => *x = other.apply(x),
+        }
+    }
+}
+
 /// How the time embedding enters the block (`resnet_time_scale_shift`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TimeEmbeddingNorm {
@@ -165,9 +207,11 @@ pub struct ResnetBlock2D {
     conv_shortcut: Option<nn::Conv2D>,
     time_embedding_norm: TimeEmbeddingNorm,
     output_scale_factor: f64,
+    act: Activation,
 }
 
 pub struct ResnetConfig {
+    pub act: Activation,
     pub groups: i64,
     pub eps: f64,
     pub temb_channels: i64,
@@ -190,16 +234,17 @@ impl ResnetBlock2D {
             conv_shortcut: (cin != cout).then(|| conv2d(&vs / "conv_shortcut", cin, cout, 1, 1, 0)),
             time_embedding_norm: c.time_embedding_norm,
             output_scale_factor: c.output_scale_factor,
+            act: c.act,
         }
     }
 
-    /// `temb` is the time embedding after its SiLU (shared by every block: diffusers applies the same
-    /// `nonlinearity(temb)` in each one).
+    /// `temb` is the time embedding after the block's non-linearity (shared by every block: diffusers
+    /// applies the same `nonlinearity(temb)` in each one).
     pub fn forward(&self, xs: &Tensor, temb: &Tensor, fast: bool) -> Tensor {
         if fast {
             return self.forward_fast(xs, temb);
         }
-        let h = self.conv1.forward(&self.norm1.forward(xs).silu());
+        let h = self.conv1.forward(&self.act.apply(&self.norm1.forward(xs)));
         let temb = self.time_emb_proj.forward(temb).unsqueeze(-1).unsqueeze(-1);
         let h = match self.time_embedding_norm {
             TimeEmbeddingNorm::Default => self.norm2.forward(&(h + temb)),
@@ -209,7 +254,7 @@ impl ResnetBlock2D {
             }
         };
         // Dropout is the identity at inference.
-        let h = self.conv2.forward(&h.silu());
+        let h = self.conv2.forward(&self.act.apply(&h));
         let shortcut = match &self.conv_shortcut {
             // No `.contiguous()` here: diffusers only does that in training, and the input's layout
             // (channels-last after attention blocks) selects the conv kernel.
@@ -227,16 +272,17 @@ impl ResnetBlock2D {
     /// ([`GroupNorm::fused`]; the sum `h + temb` then stays in float32 instead of being rounded to the
     /// activations' dtype first).
     fn forward_fast(&self, xs: &Tensor, temb: &Tensor) -> Tensor {
-        let h = self.norm1.fused(xs, None, true).unwrap_or_else(|| {
+        let silu = self.act == Activation::Silu;
+        let h = silu.then(|| self.norm1.fused(xs, None, true)).flatten().unwrap_or_else(|| {
             let mut h = self.norm1.forward_fast(xs);
-            let _ = h.silu_();
+            self.act.apply_(&mut h);
             h
         });
         let mut h = self.conv1.forward(&h);
         let temb = self.time_emb_proj.forward(temb);
         let fused = match self.time_embedding_norm {
-            TimeEmbeddingNorm::Default => self.norm2.fused(&h, Some(&temb), true),
-            TimeEmbeddingNorm::ScaleShift => None,
+            TimeEmbeddingNorm::Default if silu => self.norm2.fused(&h, Some(&temb), true),
+            _ => None,
         };
         let h = fused.unwrap_or_else(|| {
             let temb = temb.unsqueeze(-1).unsqueeze(-1);
@@ -252,7 +298,7 @@ impl ResnetBlock2D {
                     n
                 }
             };
-            let _ = h.silu_();
+            self.act.apply_(&mut h);
             h
         });
         let mut out = self.conv2.forward(&h);

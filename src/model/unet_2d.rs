@@ -5,17 +5,20 @@
 use tch::{Tensor, nn, nn::Module};
 
 use super::attention::AttentionConfig;
-use super::config::{BlockKind, UNet2DConfig};
-use super::embeddings::{TimestepEmbedding, Timesteps};
-use super::resnet::{GroupNorm, ResnetConfig, TimeEmbeddingNorm, conv2d, group_norm};
+use super::config::{self, BlockKind, UNet2DConfig};
+use super::embeddings::{ClassEmbedding, TimeProjection, TimestepEmbedding, Timesteps};
+use super::resnet::{Activation, GroupNorm, ResnetConfig, TimeEmbeddingNorm, conv2d, group_norm};
 use super::unet_2d_blocks::{DownBlock2D, DownBlockConfig, UNetMidBlock2D, UpBlock2D, UpBlockConfig};
 
 #[derive(Debug)]
 pub struct UNet2DModel {
     center_input_sample: bool,
     conv_in: nn::Conv2D,
-    time_proj: Timesteps,
+    time_proj: TimeProjection,
     time_embedding: TimestepEmbedding,
+    class_embedding: Option<ClassEmbedding>,
+    /// The resnets' non-linearity, which each also applies to the time embedding.
+    act: Activation,
     down_blocks: Vec<DownBlock2D>,
     mid_block: Option<UNetMidBlock2D>,
     up_blocks: Vec<UpBlock2D>,
@@ -37,24 +40,48 @@ impl UNet2DModel {
             "scale_shift" => TimeEmbeddingNorm::ScaleShift,
             _ => TimeEmbeddingNorm::Default,
         };
+        let act = config.activation();
         let resnet = ResnetConfig {
+            act,
             groups,
             eps,
             temb_channels: temb_dim,
             time_embedding_norm,
             output_scale_factor: 1.0,
         };
-        // `attention_head_dim: null` means one head of the block's full width.
         let attention = |channels: i64, norm_groups: Option<i64>, rescale: f64| AttentionConfig {
-            heads: config.attention_head_dim.map_or(1, |d| channels / d),
+            heads: config.attention_heads(channels).0,
+            head_dim: config.attention_heads(channels).1,
             norm_groups,
             eps,
             rescale_output_factor: rescale,
         };
 
         let conv_in = conv2d(&vs / "conv_in", config.in_channels, boc[0], 3, 1, 1);
-        let time_proj = Timesteps::new(boc[0], config.flip_sin_to_cos, config.freq_shift);
+        let time_proj = match config.time_embedding() {
+            config::TimeEmbedding::Positional => {
+                TimeProjection::Positional(Timesteps::new(boc[0], config.flip_sin_to_cos, config.freq_shift))
+            }
+            config::TimeEmbedding::Learned { num_train_timesteps } => TimeProjection::Learned(nn::embedding(
+                &vs / "time_proj",
+                num_train_timesteps,
+                boc[0],
+                Default::default(),
+            )),
+        };
         let time_embedding = TimestepEmbedding::new(&vs / "time_embedding", boc[0], temb_dim);
+        let class_embedding = config.class_embedding().map(|kind| match kind {
+            config::ClassEmbedding::Table { classes } => ClassEmbedding::Table(nn::embedding(
+                &vs / "class_embedding",
+                classes,
+                temb_dim,
+                Default::default(),
+            )),
+            config::ClassEmbedding::Timestep => {
+                ClassEmbedding::Timestep(TimestepEmbedding::new(&vs / "class_embedding", boc[0], temb_dim))
+            }
+            config::ClassEmbedding::Identity => ClassEmbedding::Identity,
+        });
 
         let mut down_blocks = Vec::with_capacity(n);
         let mut cout = boc[0];
@@ -117,6 +144,8 @@ impl UNet2DModel {
             conv_in,
             time_proj,
             time_embedding,
+            class_embedding,
+            act,
             down_blocks,
             mid_block,
             up_blocks,
@@ -137,17 +166,28 @@ impl UNet2DModel {
         self.up_blocks.iter_mut().for_each(|b| b.prepare_fast(on));
     }
 
+    /// Whether the network takes class labels.
+    pub fn is_conditional(&self) -> bool {
+        self.class_embedding.is_some()
+    }
+
     /// ε for `sample` `[B, C, H, W]` at `timesteps` (`[B]` or `[1]`, integer or float, on the sample's
     /// device): a tensor rather than a number so that a captured CUDA graph can replay every step.
-    pub fn forward(&self, sample: &Tensor, timesteps: &Tensor) -> Tensor {
+    /// `class_labels` (`[B]`, or `[B, time_embed_dim]` for an identity class embedding, on the same
+    /// device) condition a class-conditional network; an unconditional one ignores them, and a
+    /// conditional one given none runs without its class term (warm-up probes, whose outputs are dropped).
+    pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, class_labels: Option<&Tensor>) -> Tensor {
         let batch = sample.size()[0];
         let fast = self.fast;
         let sample = if self.center_input_sample { sample * 2.0 - 1.0 } else { sample.shallow_clone() };
         let timesteps = timesteps.expand([batch], false);
         let t_emb = self.time_proj.forward(&timesteps).to_kind(sample.kind());
-        let emb = self.time_embedding.forward(&t_emb);
-        // Every resnet block applies the same SiLU to the embedding before its projection.
-        let emb = emb.silu();
+        let mut emb = self.time_embedding.forward(&t_emb);
+        if let (Some(class_embedding), Some(labels)) = (&self.class_embedding, class_labels) {
+            emb = emb + class_embedding.forward(labels, &self.time_proj, sample.kind());
+        }
+        // Every resnet block applies the same non-linearity to the embedding before its projection.
+        let emb = self.act.apply(&emb);
 
         let mut h = self.conv_in.forward(&sample);
         let mut skips = vec![h.shallow_clone()];

@@ -53,6 +53,7 @@ pub fn spec(num_samples: u64, batch_size: u32, priority: i32, labels: &[(&str, &
         ]),
         extends: None,
         webhook: None,
+        classes: None,
     }
 }
 

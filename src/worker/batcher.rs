@@ -100,10 +100,12 @@ impl Member {
     /// Its rows, in sample order: sample `i` is seeded `seed + i`.
     fn batch_rows(&self) -> impl Iterator<Item = Row> + '_ {
         let seed = self.job.spec.seed;
+        let classes = self.job.spec.classes.as_ref().map(|c| c.layout());
         (self.output.payload.start..self.output.payload.end).map(move |index| Row {
             shard: Arc::clone(&self.handle),
             index,
             seed: seed + index,
+            class: classes.as_ref().and_then(|c| c.class_of(index)).map(i64::from),
         })
     }
 }
@@ -207,13 +209,17 @@ async fn admit(
     let (Some(fits), Some(model)) = (device.models.get(name), ctx.models.get(name)) else {
         return Err(ShardError::Failed(format!("model {name:?} is not served by this worker")));
     };
+    // Guidance runs each batch doubled: twice the rows through the UNet.
+    let guided = job.spec.classes.as_ref().and_then(|c| c.guidance).map(Into::into);
+    let rows = job.spec.batch_size as usize * crate::sampler::Guidance::rows(guided);
     if let Some(fits) = *fits
-        && job.spec.batch_size as usize > fits
+        && rows > fits
     {
         // Another worker's device may be larger: the shard is retried there, and fails the job once its
         // attempts are spent.
+        let doubled = if guided.is_some() { " (doubled by guidance)" } else { "" };
         return Err(ShardError::Failed(format!(
-            "batch size {} of model {name:?} does not fit in {}'s memory (at most {fits} fits)",
+            "batch size {}{doubled} of model {name:?} does not fit in {}'s memory (at most {fits} rows fit)",
             job.spec.batch_size, device.name
         )));
     }
@@ -244,7 +250,8 @@ async fn fill_batch(ctx: &Arc<WorkerContext>, device: &DeviceSlot, owner: &str, 
     let rows: u64 = group.iter().map(Member::rows).sum();
     let mut padding = rows.div_ceil(batch_size) * batch_size - rows;
     let key = |s: &crate::job::JobSpec| {
-        (s.model.clone(), s.scheduler, s.steps, s.eta.map(f32::to_bits), s.batch_size)
+        let guidance = s.classes.as_ref().and_then(|c| c.guidance).map(|g| (g.scale.to_bits(), g.null_class));
+        (s.model.clone(), s.scheduler, s.steps, s.eta.map(f32::to_bits), s.batch_size, guidance)
     };
     let wanted = key(&group[0].job.spec);
     // A leased shard with nothing to sample is skipped; the bound keeps a queue of finished shards
@@ -291,6 +298,7 @@ async fn dispatch(
         batch_size,
         steps: spec.steps as usize,
         eta: spec.eta.unwrap_or(0.0),
+        guidance: spec.classes.as_ref().and_then(|c| c.guidance).map(Into::into),
         shape: ctx.models.get(&spec.model).and_then(|m| sampler::sample_shape(&m.unet_config).ok()),
         span: span.clone(),
     };

@@ -58,6 +58,10 @@ struct DataFiles {
 fn samples_glob(job: &JobRecord) -> String {
     let dataset = &job.spec.dataset;
     match dataset.format {
+        // A labelled job's samples sit in a folder per class, whose names `datasets` takes as labels.
+        DataFormat::Files if job.spec.classes.is_some() => {
+            format!("samples/*/*.{}", dataset.encoding.image.extension())
+        }
         DataFormat::Files => format!("samples/*.{}", dataset.encoding.image.extension()),
         DataFormat::Webdataset => "data/*.tar".into(),
         DataFormat::Parquet => "data/*.parquet".into(),

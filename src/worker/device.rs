@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::imaging;
 use crate::model::LoadedUNet;
-use crate::sampler::{self, BatchRequest, NoiseAhead, Placement, SampleError};
+use crate::sampler::{self, BatchRequest, Guidance, NoiseAhead, Placement, SampleError};
 use crate::schedulers::SchedulerConfig;
 
 /// One sample on its way to its shard's writer: its job-wide index and its image.
@@ -102,6 +102,8 @@ pub struct Row {
     /// The sample's job-wide index; its seed is the job's seed plus it.
     pub index: u64,
     pub seed: u64,
+    /// Its class label, for a class-conditional model.
+    pub class: Option<i64>,
 }
 
 /// A batch ready to sample: everything decided, its noise drawn ahead.
@@ -111,6 +113,8 @@ pub struct ReadyBatch {
     pub batch_size: usize,
     pub steps: usize,
     pub eta: f32,
+    /// Classifier-free guidance of every row (batches mix only rows guided alike).
+    pub guidance: Option<Guidance>,
     pub rows: Vec<Row>,
     pub noise: Option<NoiseAhead>,
     /// The batch's number in its source (a `generate` run's batch; for a shard group, in the group).
@@ -156,6 +160,7 @@ pub struct BatchTemplate {
     pub batch_size: usize,
     pub steps: usize,
     pub eta: f32,
+    pub guidance: Option<Guidance>,
     /// One sample's `[C, H, W]`, to draw noise ahead; `None`: the device draws it itself.
     pub shape: Option<[i64; 3]>,
     pub span: tracing::Span,
@@ -166,7 +171,7 @@ impl ReadyBatch {
     pub fn new(template: &BatchTemplate, rows: Vec<Row>, number: usize, fed: bool) -> Self {
         let t = template;
         let seeds: Vec<u64> = rows.iter().map(|r| r.seed).collect();
-        let req = BatchRequest { seeds: &seeds, batch_size: t.batch_size, steps: t.steps, eta: t.eta };
+        let req = BatchRequest::new(&seeds, t.batch_size, t.steps, t.eta);
         let noise = t.shape.and_then(|shape| sampler::noise_ahead(shape, &t.scheduler, &req).ok());
         ReadyBatch {
             model: t.model.clone(),
@@ -174,6 +179,7 @@ impl ReadyBatch {
             batch_size: t.batch_size,
             steps: t.steps,
             eta: t.eta,
+            guidance: t.guidance,
             rows,
             noise,
             number,
@@ -247,7 +253,7 @@ pub fn run(
 /// Samples one batch and hands its images over; `Ok(None)` when no row was still wanted. Times the
 /// sampling and the hand-off.
 fn sample_batch(lane: &Lane, batch: ReadyBatch) -> Result<Option<(Duration, Duration)>, String> {
-    let ReadyBatch { model, scheduler, batch_size, steps, eta, rows, noise, span, .. } = batch;
+    let ReadyBatch { model, scheduler, batch_size, steps, eta, guidance, rows, noise, span, .. } = batch;
     // Stopped shards (cancelled, lease lost) stop receiving; the batch runs for the others.
     let aborted = lane.abort.load(Ordering::Relaxed);
     for row in &rows {
@@ -276,7 +282,8 @@ fn sample_batch(lane: &Lane, batch: ReadyBatch) -> Result<Option<(Duration, Dura
     )
     .entered();
     let seeds: Vec<u64> = rows.iter().map(|r| r.seed).collect();
-    let req = BatchRequest { seeds: &seeds, batch_size, steps, eta };
+    let classes: Option<Vec<i64>> = rows.iter().map(|r| r.class).collect();
+    let req = BatchRequest { seeds: &seeds, batch_size, steps, eta, classes: classes.as_deref(), guidance };
     let labels = [("model", model.clone()), ("device", lane.name.to_string())];
     let step_seconds = metrics::histogram!("ddpm_step_duration_seconds", &labels);
     let started = Instant::now();

@@ -327,6 +327,7 @@ pub fn sample_context(spec: &JobSpec, model: &ResolvedModel) -> SampleContext {
         steps: spec.steps,
         eta: spec.eta.unwrap_or(0.0),
         seed: spec.seed,
+        classes: spec.classes.clone(),
     }
 }
 
@@ -338,9 +339,22 @@ pub async fn put_grid(
     tiles: Vec<DynamicImage>,
 ) -> Result<GridEntry, OutputError> {
     let columns = spec.grid_columns.max(1) as usize;
-    let png = tokio::task::spawn_blocking(move || imaging::encode_png(&imaging::make_grid(&tiles, columns)))
-        .await
-        .map_err(|e| OutputError::Internal(e.to_string()))??;
+    // A labelled job's grids give each class its own rows.
+    let classes = spec.classes.as_ref().map(|c| {
+        let layout = c.layout();
+        (first..end).map(|i| layout.class_of(i).unwrap_or(u32::MAX)).collect::<Vec<_>>()
+    });
+    let png = tokio::task::spawn_blocking(move || {
+        let grid = match classes {
+            Some(classes) => {
+                imaging::make_class_grid(&classes.into_iter().zip(tiles).collect::<Vec<_>>(), columns)
+            }
+            None => imaging::make_grid(&tiles, columns),
+        };
+        imaging::encode_png(&grid)
+    })
+    .await
+    .map_err(|e| OutputError::Internal(e.to_string()))??;
     let path = grid_path(n);
     let put = write_once(out.store.as_ref(), &out.key(&path), Bytes::from(png), "image/png").await?;
     Ok(GridEntry { index: n, path, sha256: put.sha256, first, end })
@@ -397,6 +411,17 @@ pub struct JobManifest {
     /// `wids`' shard index (`data/wids.json`); absent from manifests written before they were.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub metadata: Vec<ListedFile>,
+    /// A labelled job's samples per class, in class order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub classes: Vec<ClassCount>,
+}
+
+/// How many samples of one class a job holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClassCount {
+    pub label: u32,
+    pub name: String,
+    pub samples: u64,
 }
 
 /// An object the manifest lists, as stored.
@@ -586,6 +611,17 @@ pub async fn finalize(
         files,
         grids: grids.into_values().collect(),
         metadata,
+        classes: spec
+            .classes
+            .iter()
+            .flat_map(|c| {
+                c.counts.iter().map(|(&label, &samples)| ClassCount {
+                    label,
+                    name: c.name_of(label),
+                    samples,
+                })
+            })
+            .collect(),
     };
     let json = serde_json::to_vec_pretty(&manifest).map_err(|e| OutputError::Internal(e.to_string()))?;
     let key = out.manifest_key();

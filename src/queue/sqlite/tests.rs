@@ -125,6 +125,7 @@ fn spec(num_samples: u64, batch: u32) -> crate::job::JobSpec {
         trace_context: Default::default(),
         extends: None,
         webhook: None,
+        classes: None,
     }
 }
 

@@ -53,6 +53,7 @@ fn batch(rows: Vec<Row>, number: usize) -> ReadyBatch {
         batch_size: 2,
         steps: 2,
         eta: 0.0,
+        guidance: None,
         rows,
         noise: None,
         number,
@@ -73,8 +74,12 @@ fn co_batched_rows_reach_their_own_shards_and_stopped_shards_get_none() {
     let (a, mut a_heard) = ShardHandle::new(3, Arc::new(AtomicBool::new(false)), a_tx);
     let (b, mut b_heard) = ShardHandle::new(1, Arc::new(AtomicBool::new(false)), b_tx);
     let (c, mut c_heard) = ShardHandle::new(1, Arc::clone(&c_stop), c_tx);
-    let row =
-        |shard: &Arc<ShardHandle>, index: u64| Row { shard: Arc::clone(shard), index, seed: 100 + index };
+    let row = |shard: &Arc<ShardHandle>, index: u64| Row {
+        shard: Arc::clone(shard),
+        index,
+        seed: 100 + index,
+        class: None,
+    };
     c_stop.store(true, Ordering::Relaxed);
     let batches = vec![
         batch(vec![row(&a, 0), row(&a, 1)], 0),
@@ -100,7 +105,7 @@ fn co_batched_rows_reach_their_own_shards_and_stopped_shards_get_none() {
 fn a_batch_of_an_unknown_model_fails_its_shards_and_not_the_device() {
     let (tx, _rx) = mpsc::channel(4);
     let (shard, mut heard) = ShardHandle::new(1, Arc::new(AtomicBool::new(false)), tx);
-    let mut other = batch(vec![Row { shard: Arc::clone(&shard), index: 0, seed: 1 }], 0);
+    let mut other = batch(vec![Row { shard: Arc::clone(&shard), index: 0, seed: 1, class: None }], 0);
     other.model = "absent".into();
     drop(shard);
     assert!(run_loop(vec![other]).unwrap().is_empty());
