@@ -124,8 +124,9 @@ static CUDNN_BENCHMARK: std::sync::atomic::AtomicBool = std::sync::atomic::Atomi
 /// cuDNN's autotuner (`torch.backends.cudnn.benchmark`) for the UNets this process prepares in the
 /// channels-last layout from now on. It times the candidate kernels of each convolution and keeps the
 /// fastest, so its picks, and with them the last bits of every image, can differ from one process (or
-/// worker, or GPU) to the next; off, cuDNN's heuristics pick the same kernels every time, and a job's
-/// images are the same bytes whichever GPU ran them. Off by default.
+/// worker, or GPU) to the next; off, cuDNN's heuristics pick the same kernels for the same GPU model and
+/// library versions, so workers like that are meant to write a job's images as the same bytes (checked
+/// so far only between two threads of one process, on one H200). Off by default.
 pub fn set_cudnn_benchmark(on: bool) {
     CUDNN_BENCHMARK.store(on, std::sync::atomic::Ordering::Relaxed);
 }
