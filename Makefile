@@ -19,14 +19,18 @@ FIXTURES_KEY := $(shell cat tests/fixtures/gen_fixtures.py scripts/requirements.
 FIXTURES     := $(CACHE)/fixtures/$(FIXTURES_KEY)
 
 # `make run` settings (override on the command line, e.g. `make run MODEL=/path/to/ddpm-cifar10-32`).
-# The default model is demo/digits-16, the committed digits model (demo/digits-16/README.md);
-# `make run MODEL=$(OUT)/demo-model` serves a random-weight cifar10-32 model made by init-model instead.
+# The default model is demo/digits-16-labeled, the committed class-conditional digits model
+# (demo/digits-16-labeled/README.md): the demo job is a labelled dataset, SAMPLES spread evenly over the
+# ten digits with classifier-free guidance GUIDANCE (empty: none), its grid one row per digit.
+# `make run MODEL=demo/digits-16` serves the unconditional digits model, `make run MODEL=$(OUT)/demo-model`
+# a random-weight cifar10-32 model made by init-model.
 OUT        ?= out
-MODEL      ?= demo/digits-16
+MODEL      ?= demo/digits-16-labeled
 SCHEDULER  ?= dpmsolver
 STEPS      ?= 25
-SAMPLES    ?= 16
+SAMPLES    ?= 100
 SEED       ?= 0
+GUIDANCE   ?= 2
 FORMAT     ?= files
 LISTEN     ?= 127.0.0.1:50051
 
@@ -155,7 +159,7 @@ $(OUT)/demo-model/config.json: | build
 
 # The service on its embedded defaults (SQLite queue, local directory) with a demo job; it keeps running.
 run: build $(if $(filter $(OUT)/demo-model,$(MODEL)),$(OUT)/demo-model/config.json)
-	scripts/demo.sh $(BIN) $(OUT)/service $(MODEL) $(LISTEN) $(SCHEDULER) $(STEPS) $(SAMPLES) $(SEED)
+	scripts/demo.sh $(BIN) $(OUT)/service $(MODEL) $(LISTEN) $(SCHEDULER) $(STEPS) $(SAMPLES) $(SEED) "$(GUIDANCE)"
 
 stop:
 	@if [ -f $(OUT)/service/serve.pid ]; then kill -TERM $$(cat $(OUT)/service/serve.pid) 2>/dev/null || true; \
@@ -165,7 +169,8 @@ stop:
 generate: build $(if $(filter $(OUT)/demo-model,$(MODEL)),$(OUT)/demo-model/config.json)
 	rm -rf $(OUT)/generate
 	$(BIN) generate --model $(MODEL) --scheduler $(SCHEDULER) --steps $(STEPS) \
-		--num-samples $(SAMPLES) --seed $(SEED) --format $(FORMAT) --out $(OUT)/generate
+		--num-samples $(SAMPLES) --seed $(SEED) --format $(FORMAT) --out $(OUT)/generate \
+		$(if $(and $(GUIDANCE),$(wildcard $(MODEL)/labels.json)),--guidance-scale $(GUIDANCE))
 
 # The folder name is a hash of the generator and the pins, so it is regenerated exactly when they change
 # (not when a fresh clone gives the files new timestamps).

@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # `make run`: starts `ddpm-worker serve` in the background on its embedded defaults (SQLite queue and
-# a local output directory under $OUT) with MODEL (by default demo/digits-16, a small committed model of
-# handwritten digits), then runs a demo job through `submit --wait` and prints where its grid PNG is.
+# a local output directory under $OUT) with MODEL (by default demo/digits-16-labeled, a small committed
+# class-conditional model of handwritten digits), then runs a demo job through `submit --wait` and prints
+# where its grid PNG is. A class-conditional model's job (its folder has labels.json) spreads its samples
+# evenly over the classes, with classifier-free guidance GUIDANCE unless it is empty, and its one grid
+# shows every sample, a row per class.
 # Calls need a bearer token: $OUT/token holds the demo's (an admin token, made on the first run;
 # $OUT/tokens is the server's token file). The server keeps running for grpcurl, the Python
 # client and further submits, and serves the web console (http://$LISTEN/console/, log in with the
 # demo's token), where the demo job's page shows its grid; `make stop` ends it.
 set -euo pipefail
-BIN=$1 OUT=$2 MODEL=$3 LISTEN=$4 SCHEDULER=$5 STEPS=$6 SAMPLES=$7 SEED=$8
+BIN=$1 OUT=$2 MODEL=$3 LISTEN=$4 SCHEDULER=$5 STEPS=$6 SAMPLES=$7 SEED=$8 GUIDANCE=${9:-}
+labelled=()
+if [ -f "$MODEL/labels.json" ]; then
+    labelled=(--samples-per-grid "$SAMPLES")
+    [ -z "$GUIDANCE" ] || labelled+=(--guidance-scale "$GUIDANCE")
+fi
 
 mkdir -p "$OUT"
 if [ ! -s "$OUT/token" ]; then
@@ -31,7 +39,8 @@ done
 echo "ddpm-worker serving on $LISTEN (pid $(cat "$OUT/serve.pid"); log: $OUT/serve.log; metrics: http://127.0.0.1:9464/metrics)"
 export DDPM_TOKEN_FILE="$OUT/token"
 "$BIN" submit --server "http://$LISTEN" --model demo --scheduler "$SCHEDULER" --steps "$STEPS" \
-    --num-samples "$SAMPLES" --seed "$SEED" --request-id "demo-$SCHEDULER-$STEPS-$SAMPLES-$SEED" --wait \
+    --num-samples "$SAMPLES" --seed "$SEED" --request-id "demo-$SCHEDULER-$STEPS-$SAMPLES-$SEED-$GUIDANCE" \
+    ${labelled[@]+"${labelled[@]}"} --wait \
     | tee "$OUT/demo-job.txt"
 # `submit` prints the grid's URI (file:///… for the local output directory); give it as a path to open.
 grid=$(sed -n 's|^grid: ||p' "$OUT/demo-job.txt" | head -n 1)

@@ -230,3 +230,97 @@ async fn webdataset_and_parquet_jobs_on_s3_open_in_the_readers() {
         .unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// A class-conditional model's job (the parity fixtures' `tiny-class-table`: 4 named classes and a null
+/// class, 8×8 gray) in every layout: each sample's label is where that layout's readers look for it
+/// (checked by the readers' script), the same labels and pixels whatever the layout, guidance on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labelled_jobs_carry_their_labels_in_every_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::fixtures().join("models/tiny-class-table");
+    let args = [
+        "--model".to_string(),
+        format!("shapes={}", model.display()),
+        "--output".into(),
+        format!("file:{}", dir.path().join("jobs").display()),
+        "--max-shards-per-job".into(),
+        "2".into(),
+    ];
+    let server = Server::start_with(dir.path(), &args, &[]).await;
+    let mut client = server.client().await;
+    let shown = client.list_models(pb::ListModelsRequest {}).await.unwrap().into_inner();
+    let m = &shown.models[0];
+    assert_eq!((m.num_classes, m.null_class), (5, Some(4)));
+    assert_eq!(m.class_names, ["circle", "square", "triangle", "star"]);
+    let mut folders = Vec::new();
+    for format in [pb::OutputFormat::Files, pb::OutputFormat::Webdataset, pb::OutputFormat::Parquet] {
+        let mut req = dataset_request(format, pb::ImageFormat::Png);
+        req.s().model = "shapes".into();
+        req.s().num_samples = 22;
+        // Class 3 first in the request, class 0 last: the labels follow class order, not the request's.
+        req.s().classes = Some(pb::ClassSpec {
+            counts: [(3, 5), (1, 9), (0, 8)].into_iter().collect(),
+            guidance_scale: Some(2.5),
+            ..Default::default()
+        });
+        let job = client.submit_job(req).await.unwrap().into_inner().job.unwrap();
+        let spec = job.spec.as_ref().unwrap().classes.clone().unwrap();
+        assert_eq!((spec.guidance_scale, spec.null_class), (Some(2.5), Some(4)), "resolved from labels.json");
+        let done = wait_for(&mut client, &job.job_id, |j| j.state == SUCCEEDED).await;
+        folders.push((format, job_folder(&done)));
+    }
+    let reference = folders[0].1.clone();
+    let reference_samples = check_job_folder(&reference).await;
+    for (format, folder) in &folders {
+        assert_eq!(check_job_folder(folder).await, reference_samples, "{format:?}: PNG bytes");
+        let summary = run_readers(folder, Some(&reference));
+        let want = serde_json::json!({"0": 8, "1": 9, "3": 5});
+        assert_eq!(summary["labelled"], want, "{format:?}: {summary}");
+        assert_eq!(summary["pixels_equal_reference"], 22, "{summary}");
+        if *format == pb::OutputFormat::Parquet {
+            assert_eq!(
+                summary["class_label_names"],
+                serde_json::json!(["circle", "square", "triangle", "star"])
+            );
+        }
+        // Grids of 8 consecutive samples give each class its own rows (of 4): grid 2 is samples 16..22,
+        // the last square (a row of its own), then five stars (two rows).
+        let grid = image::open(folder.join("grids/00002.png")).unwrap();
+        assert_eq!((grid.width(), grid.height()), (4 * 8, 3 * 8), "{format:?}: grid 2");
+    }
+    // Labels the model does not have, guidance without a null class, or labels for an unconditional
+    // model are refused with their field named.
+    use tonic_types::StatusExt;
+    let bad = |classes: pb::ClassSpec, model: &str| {
+        let mut req = dataset_request(pb::OutputFormat::Files, pb::ImageFormat::Png);
+        req.s().model = model.into();
+        req.s().num_samples = 10;
+        req.s().classes = Some(classes);
+        req
+    };
+    for (req, field) in [
+        (
+            bad(pb::ClassSpec { counts: [(5, 10)].into_iter().collect(), ..Default::default() }, "shapes"),
+            "spec.classes.counts",
+        ),
+        (
+            bad(pb::ClassSpec { counts: [(1, 9)].into_iter().collect(), ..Default::default() }, "shapes"),
+            "spec.classes.counts",
+        ),
+        (
+            bad(pb::ClassSpec { guidance_scale: Some(f32::NAN), ..Default::default() }, "shapes"),
+            "spec.classes.guidance_scale",
+        ),
+        (
+            bad(pb::ClassSpec { names: vec!["../up".into()], ..Default::default() }, "shapes"),
+            "spec.classes.names",
+        ),
+        (bad(pb::ClassSpec { uniform: true, ..Default::default() }, "nope"), "spec.model"),
+    ] {
+        let status = client.submit_job(req).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{field}");
+        let fields: Vec<String> =
+            status.get_details_bad_request().unwrap().field_violations.into_iter().map(|v| v.field).collect();
+        assert!(fields.iter().any(|f| f == field), "{field} not named in {fields:?}");
+    }
+}

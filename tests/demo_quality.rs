@@ -1,7 +1,8 @@
 //! The demo model of `make run` (demo/digits-16, trained by scripts/demo/train_digits.py): the committed
 //! files are the ones SHA256SUMS names, its samples through `ddpm-worker generate` look like digits to a
 //! classifier fitted on the real ones (scripts/demo/score_digits.py), and they are pixel-identical to
-//! diffusers' pipelines on the same seeds (scripts/demo/diffusers_reference.py).
+//! diffusers' pipelines on the same seeds (scripts/demo/diffusers_reference.py). Its class-conditional
+//! sibling (demo/digits-16-labeled, `make run`'s model) draws the digit each sample is labelled with.
 //!
 //! Needs the project venv's python (`DDPM_PYTHON`, set by `make test`) with scikit-learn from
 //! scripts/requirements-demo.txt, and torch and diffusers from scripts/requirements.txt.
@@ -41,6 +42,17 @@ fn repo() -> PathBuf {
 fn demo_model() -> PathBuf {
     repo().join("demo/digits-16")
 }
+
+fn labelled_model() -> PathBuf {
+    repo().join("demo/digits-16-labeled")
+}
+
+/// Agreement of 200 guided samples (20 per digit, DPM-Solver++ 25 steps, w = 2, seeds 0..199) with
+/// the digit asked for, by the digits classifier: diffusers' loop on the same model and seeds measured
+/// 99.5 % (scripts/demo/labeled_reference.py, demo/digits-16-labeled/README.md); the issue asks ≥ 90 %.
+const MIN_GUIDED_AGREEMENT: f64 = 0.90;
+/// The guidance weight `make run` uses.
+const DEMO_GUIDANCE: &str = "2";
 
 fn python() -> String {
     std::env::var("DDPM_PYTHON").expect(
@@ -99,18 +111,71 @@ fn sample_pixels(out: &Path, index: usize) -> Vec<u8> {
 
 #[test]
 fn checkpoint_matches_its_sha256sums() {
-    let sums = std::fs::read_to_string(demo_model().join("SHA256SUMS")).unwrap();
-    let mut listed = Vec::new();
-    for line in sums.lines().filter(|l| !l.trim().is_empty()) {
-        // sha256sum's format: the hex digest, two spaces (or space and '*'), the file name.
-        let (want, name) = line.split_once("  ").unwrap_or_else(|| panic!("SHA256SUMS line {line:?}"));
-        let got = ddpm_worker::digest::sha256_file(&demo_model().join(name)).unwrap();
-        assert_eq!(got, want, "demo/digits-16/{name} differs from SHA256SUMS");
-        listed.push(name.to_string());
+    for (model, extra) in [(demo_model(), None), (labelled_model(), Some("labels.json"))] {
+        let sums = std::fs::read_to_string(model.join("SHA256SUMS")).unwrap();
+        let mut listed = Vec::new();
+        for line in sums.lines().filter(|l| !l.trim().is_empty()) {
+            // sha256sum's format: the hex digest, two spaces (or space and '*'), the file name.
+            let (want, name) = line.split_once("  ").unwrap_or_else(|| panic!("SHA256SUMS line {line:?}"));
+            let got = ddpm_worker::digest::sha256_file(&model.join(name)).unwrap();
+            assert_eq!(got, want, "{}/{name} differs from SHA256SUMS", model.display());
+            listed.push(name.to_string());
+        }
+        for name in ["config.json", "diffusion_pytorch_model.safetensors", "scheduler_config.json"]
+            .iter()
+            .chain(&extra)
+        {
+            assert!(listed.iter().any(|l| l == name), "{}: SHA256SUMS does not list {name}", model.display());
+        }
     }
-    for name in ["config.json", "diffusion_pytorch_model.safetensors", "scheduler_config.json"] {
-        assert!(listed.iter().any(|l| l == name), "SHA256SUMS does not list {name}");
+}
+
+/// 200 samples of the labelled model, 20 per digit (the default: every class equally), through
+/// `generate` with and without guidance: the class counts are exact (a folder per digit, 20 PNGs in
+/// each), and with `make run`'s guidance the digits classifier sees the digit asked for in at least
+/// 90 % of them. Without guidance the share is printed, not held to a threshold.
+#[test]
+fn labelled_samples_are_the_digits_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agreement = Vec::new();
+    for guidance in [Some(DEMO_GUIDANCE), None] {
+        let out = dir.path().join(guidance.map_or("unguided".to_string(), |w| format!("w{w}")));
+        let mut cmd = Command::new(bin());
+        cmd.args(["generate", "--model", labelled_model().to_str().unwrap(), "--scheduler", "dpmsolver"])
+            .args(["--steps", "25", "--num-samples", "200", "--seed", "0", "--batch-size", "50"])
+            .args(["--out", out.to_str().unwrap()]);
+        if let Some(w) = guidance {
+            cmd.args(["--guidance-scale", w]);
+        }
+        run(&mut cmd);
+        for digit in 0..10 {
+            let pngs = std::fs::read_dir(out.join(format!("samples/{digit}"))).unwrap().count();
+            assert_eq!(pngs, 20, "digit {digit}: samples in its folder");
+        }
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+        let counts: Vec<(u64, u64)> = manifest["classes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| (c["label"].as_u64().unwrap(), c["samples"].as_u64().unwrap()))
+            .collect();
+        assert_eq!(counts, (0..10).map(|d| (d, 20)).collect::<Vec<_>>(), "manifest class counts");
+        let script = repo().join("scripts/demo/score_digits.py");
+        let stdout = run(Command::new(python()).arg(script).arg("--labelled").arg(out.join("samples")));
+        let score: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        println!("labelled, guidance {guidance:?}: {score}");
+        agreement.push(score["agreement"].as_f64().unwrap());
     }
+    println!(
+        "agreement with the label: {:.3} guided (w = {DEMO_GUIDANCE}), {:.3} unguided",
+        agreement[0], agreement[1]
+    );
+    assert!(
+        agreement[0] >= MIN_GUIDED_AGREEMENT,
+        "guided agreement {:.3} < {MIN_GUIDED_AGREEMENT}",
+        agreement[0]
+    );
 }
 
 /// 64 samples of `model` (DPM-Solver++, 25 steps, seeds 0..63, batches of 8) through `generate`, scored

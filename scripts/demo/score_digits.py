@@ -2,6 +2,13 @@
 under samples/ for the one-channel demo model) against scikit-learn's bundled digits.
 
     python scripts/demo/score_digits.py OUT/samples
+    python scripts/demo/score_digits.py --labelled OUT/samples
+
+With --labelled the folder is a labelled job's files layout, one folder per class named by its digit
+(samples/<digit>/<index>.png, what the class-conditional demo model's jobs write), and the JSON adds:
+  agreement           share of samples whose most likely class is the digit their folder names
+  agreement_by_class  the same per digit
+  label_counts        samples per folder
 
 Prints one JSON object:
   count               PNGs scored
@@ -112,11 +119,33 @@ def score(images_u8: np.ndarray) -> dict:
     }
 
 
+def score_labelled(folder: Path) -> dict:
+    """`score` of every sample under the class folders of `folder`, with how often the classifier's most
+    likely digit is the folder's."""
+    clf, _, _ = digits.classifier()
+    images, labels = [], []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        found = load_pngs(sub)
+        images.append(found)
+        labels += [int(sub.name)] * len(found)
+    images, labels = np.concatenate(images), np.array(labels)
+    predicted = clf.classes_[clf.predict_proba(digits.features(images)).argmax(axis=1)]
+    result = score(images)
+    result["agreement"] = float((predicted == labels).mean())
+    result["agreement_by_class"] = {
+        str(c): float((predicted[labels == c] == c).mean()) for c in sorted(set(labels.tolist()))
+    }
+    result["label_counts"] = {str(c): int((labels == c).sum()) for c in sorted(set(labels.tolist()))}
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path, help="a folder of 16×16 grayscale PNGs (e.g. OUT/samples)")
+    parser.add_argument("--labelled", action="store_true", help="the folder holds one folder per digit")
     args = parser.parse_args()
-    print(json.dumps(score(load_pngs(args.folder)), indent=2))
+    result = score_labelled(args.folder) if args.labelled else score(load_pngs(args.folder))
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

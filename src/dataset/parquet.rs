@@ -39,7 +39,9 @@ fn image_fields() -> Fields {
 /// a `ClassLabel` of `class_names`.
 pub fn schema(class_names: Option<&[String]>) -> Arc<Schema> {
     let metadata = std::collections::HashMap::from([("huggingface".to_string(), features(class_names))]);
-    let label = class_names.map(|_| Field::new("label", DataType::Int64, false));
+    // Nullable, as `datasets` writes a ClassLabel column: it takes the feature from the metadata only where
+    // the metadata's own Arrow field (nullable by default) equals the stored one.
+    let label = class_names.map(|_| Field::new("label", DataType::Int64, true));
     Arc::new(Schema::new_with_metadata(
         vec![
             Field::new("image", DataType::Struct(image_fields()), true),

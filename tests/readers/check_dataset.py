@@ -16,7 +16,13 @@ JOB_DIR is a job's folder (local, or a copy of the objects of an S3 job) or a `g
   config);
 - webdataset: `wids.ShardListDataset` reads the shard index (data/wids.json) and gives sample i at i;
 - with --reference (the `files` layout of the same job), the decoded pixels equal its PNGs (lossless
-  formats).
+  formats);
+- a labelled job (a class-conditional model's): each sample's label, a function of its index and the
+  spec's class counts, is in the index (label, label_name), in the manifest's per-class counts, in
+  webdataset's `cls` member, in the Parquet layout's `label` column (a `ClassLabel` of the class names
+  for `datasets`), and in the files layout's folder per class (`samples/<name>/`, which `datasets`'
+  imagefolder turns into its `label`, as torchvision's ImageFolder would: checked directly when
+  torchvision is not installed).
 Prints a JSON summary on success.
 """
 
@@ -80,7 +86,51 @@ def raw(data) -> bytes:
     return data.read() if hasattr(data, "read") else bytes(data)
 
 
-def whole_folder(job: Path, fmt: str, n: int, seed: int, rows: list, decoded: dict, cache: str, summary: dict):
+def expected_labels(spec: dict):
+    """Each sample's (label, name) for a labelled job's spec, else None: the classes in ascending order
+    take their counts of consecutive indices."""
+    classes = spec.get("classes")
+    if not classes:
+        return None
+    names = classes.get("names", [])
+    labels = []
+    for cls, count in sorted((int(k), v) for k, v in classes["counts"].items()):
+        labels += [(cls, names[cls] if cls < len(names) else str(cls))] * count
+    return labels
+
+
+def check_labels(job: Path, fmt: str, manifest: dict, rows: list, want: list, summary: dict):
+    """The labels wherever a layout keeps them (besides the readers' own checks in main)."""
+    from collections import Counter
+
+    for r in rows:
+        label, name = want[r["index"]]
+        check((r["label"], r["label_name"]) == (label, name), f"index: sample {r['index']} labelled {r['label']}, {r['label_name']!r}")
+    counts = Counter(label for label, _ in want)
+    listed = {c["label"]: c["samples"] for c in manifest.get("classes", [])}
+    check(listed == dict(counts), f"manifest classes {listed} != {dict(counts)}")
+    names = {c["label"]: c["name"] for c in manifest.get("classes", [])}
+    check(all(names[label] == name for label, name in want), "manifest class names")
+    if fmt == "files":
+        for r in rows:
+            parent = Path(r["file"]).parent
+            check(parent.parent == Path("samples") and parent.name == want[r["index"]][1],
+                  f"sample {r['index']} is at {r['file']}, not in its class's folder")
+        try:
+            from torchvision.datasets import ImageFolder
+        except ImportError:
+            summary["imagefolder"] = "torchvision not installed: the folder per class checked directly"
+        else:
+            folder = ImageFolder(str(job / "samples"))
+            by_path = {str(job / r["file"]): want[r["index"]][1] for r in rows}
+            for path, target in folder.samples:
+                check(folder.classes[target] == by_path[path], f"torchvision ImageFolder: {path}")
+            summary["imagefolder"] = len(folder.samples)
+    summary["labelled"] = dict(sorted(counts.items()))
+
+
+def whole_folder(job: Path, fmt: str, n: int, seed: int, rows: list, decoded: dict, cache: str, summary: dict,
+                 labels=None):
     """The folder as a data team opens it: `load_dataset(<folder>)` with no data_files (the card's
     configs), the index config, and for WebDataset the wids shard index."""
     from datasets import load_dataset
@@ -89,12 +139,18 @@ def whole_folder(job: Path, fmt: str, n: int, seed: int, rows: list, decoded: di
     check(len(ds) == n, f"load_dataset(<folder>) gives {len(ds)} of {n} samples ({fmt})")
     by_index = {r["index"]: r for r in rows}
     if fmt == "files":
-        # imagefolder, in file name order: samples/<index:08>.<ext>.
-        for i, ex in enumerate(ds):
+        # imagefolder, in file name order: samples/<index:08>.<ext>, or samples/<class>/<index:08>.<ext>
+        # for a labelled job, whose folder names become its ClassLabel.
+        order = [r["index"] for r in sorted(rows, key=lambda r: r["file"])]
+        for k, ex in enumerate(ds):
+            i = order[k]
             want = decoded.get(i)
             got = np.asarray(ex["image"])
             if want is not None and want.shape == got.shape:
                 check(np.array_equal(got, want), f"load_dataset(<folder>): sample {i} pixels")
+            if labels is not None:
+                name = ds.features["label"].int2str(ex["label"])
+                check(name == labels[i][1], f"load_dataset(<folder>): sample {i} labelled {name!r}")
     elif fmt == "webdataset":
         keys = sorted(int(ex["__key__"]) for ex in ds)
         check(keys == list(range(n)), "load_dataset(<folder>): webdataset keys")
@@ -142,6 +198,7 @@ def main():
     dataset = spec["dataset"]
     fmt, image_format = dataset["format"], dataset["image"]
     lossless = image_format in ("png", "webp")
+    labels = expected_labels(spec)
 
     # Every listed file (the dataset card and wids index too) is there with its listed SHA-256 and size,
     # and nothing unlisted.
@@ -191,6 +248,9 @@ def main():
                 check(meta["index"] == key and meta["seed"] == seed + key, f"sample {key}: JSON {meta}")
                 check(meta["model"]["sha256"] == manifest["model"]["sha256"], "JSON model sha256")
                 check(sha256(sample[ext]) == by_sha[key], f"sample {key}: webdataset bytes differ from the index")
+                if labels is not None:
+                    check(int(sample["cls"]) == labels[key][0], f"sample {key}: webdataset cls {sample.get('cls')}")
+                    check(meta["label"] == labels[key][0], f"sample {key}: JSON label")
                 seen[key] = True
             check(sorted(seen) == list(range(n)), f"webdataset iterated {len(seen)} of {n} samples")
             summary["webdataset_samples"] = len(seen)
@@ -216,18 +276,30 @@ def main():
                       f"{f}: row groups of more than 100 rows")
             ds = load_dataset("parquet", data_files={"train": files}, split="train", cache_dir=cache)
             check(isinstance(ds.features["image"], HFImage), f"image column decodes as {ds.features['image']}")
+            if labels is not None:
+                from datasets import ClassLabel
+
+                feature = ds.features["label"]
+                check(isinstance(feature, ClassLabel), f"label column is {feature}, not a ClassLabel")
+                for cls, name in labels:
+                    check(feature.int2str(cls) == name, f"ClassLabel names {feature.names}")
+                summary["class_label_names"] = feature.names
             check(len(ds) == n, f"datasets loads {len(ds)} of {n} parquet rows")
             for ex in ds:
                 key = ex["index"]
                 check(ex["seed"] == seed + key, f"datasets: sample {key} seed")
                 decoded[key] = np.asarray(ex["image"])
+                if labels is not None:
+                    check(ex["label"] == labels[key][0], f"datasets: sample {key} label {ex['label']}")
             check(sorted(decoded) == list(range(n)), "datasets: parquet rows are not each sample once")
             summary["datasets_rows"] = len(ds)
         else:
             for r in rows:
                 decoded[r["index"]] = pixels(image_bytes(job, r))
 
-        whole_folder(job, fmt, n, seed, rows, decoded, cache, summary)
+        whole_folder(job, fmt, n, seed, rows, decoded, cache, summary, labels)
+        if labels is not None:
+            check_labels(job, fmt, manifest, rows, labels, summary)
 
     if args.reference is not None and lossless:
         ref = normalized(json.loads((args.reference / "manifest.json").read_text()))

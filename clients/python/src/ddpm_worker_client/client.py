@@ -308,6 +308,10 @@ def _submit_request(
     labels: Optional[Mapping[str, str]] = None,
     request_id: str = "",
     webhook_url: str = "",
+    class_counts: Optional[Mapping[int, int]] = None,
+    guidance_scale: Optional[float] = None,
+    null_class: Optional[int] = None,
+    class_names: Optional[Sequence[str]] = None,
 ) -> pb.SubmitJobRequest:
     try:
         sampler = SCHEDULERS[scheduler]
@@ -338,6 +342,17 @@ def _submit_request(
         spec.sampling.eta = eta
     if seed is not None:
         spec.seed = seed
+    if class_counts is not None or guidance_scale is not None or null_class is not None or class_names:
+        classes = pb.ClassSpec(
+            counts={int(k): int(v) for k, v in (class_counts or {}).items()},
+            uniform=not class_counts,
+            names=list(class_names or []),
+        )
+        if guidance_scale is not None:
+            classes.guidance_scale = guidance_scale
+        if null_class is not None:
+            classes.null_class = null_class
+        spec.classes.CopyFrom(classes)
     return _request(spec, samples_per_grid, grid_columns, request_id)
 
 
@@ -454,6 +469,21 @@ class Model:
         """The server's devices (cpu, cuda:0, …) and the largest batch each samples."""
         return {d.device: d.max_batch_size for d in self.message.devices}
 
+    @property
+    def num_classes(self) -> int:
+        """Class embeddings of a class-conditional model; 0 for an unconditional one."""
+        return self.message.num_classes
+
+    @property
+    def class_names(self) -> list[str]:
+        """Its class names by index (from its labels.json; empty when it gives none)."""
+        return list(self.message.class_names)
+
+    @property
+    def null_class(self) -> Optional[int]:
+        """The class it was trained with as "no class", for guidance; None when it names none."""
+        return self.message.null_class if self.message.HasField("null_class") else None
+
     def to_dict(self) -> dict:
         return json_format.MessageToDict(self.message)
 
@@ -508,7 +538,10 @@ class Client:
         server's allowed destinations; empty: its default output) and `prefix`; `format` files,
         webdataset or parquet (default: the server's); `image_format` png, webp or jpeg;
         `jpeg_quality`, `png_level`, `target_file_bytes`; `priority`; `labels`; `webhook_url` (gets the
-        job's events, within the server's --allow-webhook prefixes); `request_id` (an idempotency key:
+        job's events, within the server's --allow-webhook prefixes); for a class-conditional model,
+        `class_counts` ({class index: samples}, adding up to `num_samples`; default: every class
+        equally), `guidance_scale` (classifier-free guidance weight), `null_class` (default: the model's)
+        and `class_names`; `request_id` (an idempotency key:
         submitting the same job with it again returns the first one; one is made up when absent, so
         that a retry after UNAVAILABLE queues one job). See proto/ddpm/v1/worker.proto
         for every field's limits.
