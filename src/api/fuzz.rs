@@ -219,6 +219,7 @@ fn plausible_spec() -> impl Strategy<Value = pb::JobSpec> {
 }
 
 #[derive(Debug, Clone)]
+#[expect(clippy::large_enum_variant, reason = "test inputs, made once per case")]
 enum Call {
     Submit(pb::SubmitJobRequest),
     Get(pb::GetJobRequest),

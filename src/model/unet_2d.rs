@@ -184,7 +184,7 @@ impl UNet2DModel {
         let t_emb = self.time_proj.forward(&timesteps).to_kind(sample.kind());
         let mut emb = self.time_embedding.forward(&t_emb);
         if let (Some(class_embedding), Some(labels)) = (&self.class_embedding, class_labels) {
-            emb = emb + class_embedding.forward(labels, &self.time_proj, sample.kind());
+            emb += class_embedding.forward(labels, &self.time_proj, sample.kind());
         }
         // Every resnet block applies the same non-linearity to the embedding before its projection.
         let emb = self.act.apply(&emb);
