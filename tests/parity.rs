@@ -54,6 +54,7 @@ fn unet_forward_matches_diffusers() {
         ("tiny-class-table", "tiny-class-table"),
         ("tiny-class-timestep", "tiny-class-timestep"),
         ("tiny-class-identity", "tiny-class-identity"),
+        ("tiny-resnet-resample", "tiny-resnet-resample"),
     ] {
         let files = ModelFiles::locate(&fixtures().join("models").join(folder)).unwrap();
         let unet = LoadedUNet::load(&files, Device::Cpu, Kind::Float).unwrap();
@@ -243,6 +244,7 @@ fn channels_last_layout_is_within_tolerance() {
         "tiny-gray",
         "tiny-class-table",
         "tiny-class-timestep",
+        "tiny-resnet-resample",
     ] {
         let files = ModelFiles::locate(&fixtures().join("models").join(name)).unwrap();
         let mut unet = LoadedUNet::load(&files, Device::Cpu, Kind::Float).unwrap();

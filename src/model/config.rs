@@ -3,8 +3,7 @@
 //! Defaults are those of `UNet2DModel.__init__` (diffusers `src/diffusers/models/unets/unet_2d.py`); note
 //! that a file that omits `attention_head_dim` gets 8, while an explicit `null` means one head per block.
 //! Class conditioning follows `UNet2DModel.__init__`'s own branches ([`UNet2DConfig::class_embedding`]).
-//! What we do not build (Fourier time embeddings, resnet up/down sampling, other block types and
-//! activations) is refused by [`UNet2DConfig::validate`] with the key named and the reason, never
+//! What we do not build (Fourier time embeddings, other block types and activations) is refused by [`UNet2DConfig::validate`] with the key named and the reason, never
 //! approximated.
 
 use serde::{Deserialize, Serialize};
@@ -296,14 +295,8 @@ impl UNet2DConfig {
             ("upsample_type", &self.upsample_type, resampling_attn_up),
         ] {
             match value.as_str() {
-                "conv" => {}
+                "conv" | "resnet" => {}
                 _ if !used => {}
-                "resnet" => {
-                    return Err(ModelError::Unsupported(format!(
-                        "{key} = \"resnet\" is not supported: resnet blocks that resample (diffusers' \
-                         ResnetBlock2D with down/up) are not built here"
-                    )));
-                }
                 other => {
                     return Err(ModelError::Config(format!(
                         "{key} = {other:?}: diffusers builds no resampler for it in an attention block, so \
@@ -484,8 +477,7 @@ mod tests {
                 r#"{{"block_out_channels":[32,64],"attention_head_dim":null,"down_block_types":["AttnDownBlock2D","DownBlock2D"],"up_block_types":["UpBlock2D","UpBlock2D"]{extra}}}"#
             ))
         };
-        let err = with(r#","downsample_type":"resnet""#).unwrap_err().to_string();
-        assert!(err.contains("downsample_type") && err.contains("not built"), "{err}");
+        with(r#","downsample_type":"resnet""#).unwrap();
         let err = with(r#","downsample_type":"pool""#).unwrap_err().to_string();
         assert!(err.contains("no resampler"), "{err}");
         // Up blocks without attention ignore upsample_type, as diffusers does.

@@ -42,11 +42,18 @@ fn walk(config: &UNet2DConfig, visit: &mut dyn FnMut(Layer)) -> Result<(), Model
         }
         visit(Layer::Linear { rows: 1, cin: temb, cout: temb_out(cout) });
     };
-    // Q, K, V and the output projection, then Q·Kᵀ and A·V over all heads together.
+    // Q, K, V and the output projection (to and from the heads' inner width, narrower than the block
+    // when the head size does not divide it), then Q·Kᵀ and A·V over all heads together.
     let attention = |visit: &mut dyn FnMut(Layer), c: i64, h: i64, w: i64| {
-        (0..4).for_each(|_| visit(Layer::Linear { rows: h * w, cin: c, cout: c }));
-        visit(Layer::Products { c, h, w });
+        let (heads, head_dim) = config.attention_heads(c);
+        let inner = heads * head_dim;
+        (0..3).for_each(|_| visit(Layer::Linear { rows: h * w, cin: c, cout: inner }));
+        visit(Layer::Linear { rows: h * w, cin: inner, cout: c });
+        visit(Layer::Products { c: inner, h, w });
     };
+    // Attention blocks may resample with a resnet block instead of a convolution.
+    let resnet_down = |i: usize| config.down_kind(i) == BlockKind::Attn && config.downsample_type == "resnet";
+    let resnet_up = |i: usize| config.up_kind(i) == BlockKind::Attn && config.upsample_type == "resnet";
 
     let boc = &config.block_out_channels;
     let n = boc.len();
@@ -70,7 +77,11 @@ fn walk(config: &UNet2DConfig, visit: &mut dyn FnMut(Layer)) -> Result<(), Model
         }
         if i + 1 < n {
             (h, w) = (h / 2, w / 2);
-            visit(Layer::Conv { cin: cout, cout, k: 3, h, w, body: false });
+            if resnet_down(i) {
+                resnet(visit, cout, cout, h, w);
+            } else {
+                visit(Layer::Conv { cin: cout, cout, k: 3, h, w, body: false });
+            }
         }
     }
     if config.mid_block_type.is_some() {
@@ -97,7 +108,11 @@ fn walk(config: &UNet2DConfig, visit: &mut dyn FnMut(Layer)) -> Result<(), Model
         }
         if i + 1 < n {
             (h, w) = (h * 2, w * 2);
-            visit(conv(cout, cout, 3, h, w));
+            if resnet_up(i) {
+                resnet(visit, cout, cout, h, w);
+            } else {
+                visit(conv(cout, cout, 3, h, w));
+            }
         }
     }
     Ok(())

@@ -197,8 +197,38 @@ pub enum TimeEmbeddingNorm {
     ScaleShift,
 }
 
+/// A resnet block that also resamples (diffusers' `ResnetBlock2D(down=True)` / `(up=True)` with no
+/// FIR kernel, what `downsample_type` / `upsample_type` `"resnet"` put in attention blocks): after
+/// `norm1` and the non-linearity, both the hidden state and the shortcut are average-pooled 2×2
+/// (`Downsample2D(use_conv=False)`) or repeated 2×2 by nearest interpolation (`Upsample2D(use_conv=False)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resample {
+    Down,
+    Up,
+}
+
+impl Resample {
+    /// One tensor resampled, as diffusers does (the upsampler makes batches of 64 or more, and huge
+    /// tensors, contiguous first: the layout selects the kernel).
+    fn apply(self, x: &Tensor) -> Tensor {
+        match self {
+            Resample::Down => x.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None::<i64>),
+            Resample::Up => {
+                let b = x.size().first().copied().unwrap_or(0);
+                let x = if b >= 64 || x.numel() * 2 > (1usize << 31) {
+                    x.contiguous()
+                } else {
+                    x.shallow_clone()
+                };
+                x.upsample_nearest2d_vec(None::<&[i64]>, [2.0, 2.0].as_slice())
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct ResnetBlock2D {
+    resample: Option<Resample>,
     norm1: GroupNorm,
     conv1: nn::Conv2D,
     time_emb_proj: nn::Linear,
@@ -226,6 +256,7 @@ impl ResnetBlock2D {
             TimeEmbeddingNorm::ScaleShift => 2 * cout,
         };
         Self {
+            resample: None,
             norm1: group_norm(&vs / "norm1", c.groups, cin, c.eps),
             conv1: conv2d(&vs / "conv1", cin, cout, 3, 1, 1),
             time_emb_proj: nn::linear(&vs / "time_emb_proj", c.temb_channels, temb_out, Default::default()),
@@ -238,13 +269,24 @@ impl ResnetBlock2D {
         }
     }
 
+    /// A `channels`-wide block that resamples (the downsampler or upsampler of an attention block).
+    pub fn resampling(vs: nn::Path, channels: i64, c: &ResnetConfig, resample: Resample) -> Self {
+        Self { resample: Some(resample), ..Self::new(vs, channels, channels, c) }
+    }
+
     /// `temb` is the time embedding after the block's non-linearity (shared by every block: diffusers
     /// applies the same `nonlinearity(temb)` in each one).
     pub fn forward(&self, xs: &Tensor, temb: &Tensor, fast: bool) -> Tensor {
         if fast {
             return self.forward_fast(xs, temb);
         }
-        let h = self.conv1.forward(&self.act.apply(&self.norm1.forward(xs)));
+        let h = self.act.apply(&self.norm1.forward(xs));
+        let (xs, h) = match self.resample {
+            Some(r) => (r.apply(xs), r.apply(&h)),
+            None => (xs.shallow_clone(), h),
+        };
+        let xs = &xs;
+        let h = self.conv1.forward(&h);
         let temb = self.time_emb_proj.forward(temb).unsqueeze(-1).unsqueeze(-1);
         let h = match self.time_embedding_norm {
             TimeEmbeddingNorm::Default => self.norm2.forward(&(h + temb)),
@@ -278,6 +320,11 @@ impl ResnetBlock2D {
             self.act.apply_(&mut h);
             h
         });
+        let (xs, h) = match self.resample {
+            Some(r) => (r.apply(xs), r.apply(&h)),
+            None => (xs.shallow_clone(), h),
+        };
+        let xs = &xs;
         let mut h = self.conv1.forward(&h);
         let temb = self.time_emb_proj.forward(temb);
         let fused = match self.time_embedding_norm {

@@ -98,6 +98,8 @@ impl UNet2DModel {
                     resnet: &resnet,
                     attention: (config.down_kind(i) == BlockKind::Attn).then_some(&attn),
                     downsample_padding: (i + 1 < n).then_some(config.downsample_padding),
+                    resnet_downsample: config.down_kind(i) == BlockKind::Attn
+                        && config.downsample_type == "resnet",
                 },
             ));
         }
@@ -135,6 +137,7 @@ impl UNet2DModel {
                     resnet: &resnet,
                     attention: (config.up_kind(i) == BlockKind::Attn).then_some(&attn),
                     add_upsample: i + 1 < n,
+                    resnet_upsample: config.up_kind(i) == BlockKind::Attn && config.upsample_type == "resnet",
                 },
             ));
         }

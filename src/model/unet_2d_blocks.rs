@@ -4,14 +4,28 @@
 use tch::{Tensor, nn};
 
 use super::attention::{AttentionConfig, SpatialAttention};
-use super::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
+use super::resnet::{Downsample2D, Resample, ResnetBlock2D, ResnetConfig, Upsample2D};
+
+/// What halves or doubles a block's resolution: a convolution (`"conv"`, every plain block's), or a
+/// resnet block that resamples (`"resnet"`, in attention blocks only).
+#[derive(Debug)]
+enum Downsampler {
+    Conv(Downsample2D),
+    Resnet(Box<ResnetBlock2D>),
+}
+
+#[derive(Debug)]
+enum Upsampler {
+    Conv(Upsample2D),
+    Resnet(Box<ResnetBlock2D>),
+}
 
 /// `DownBlock2D` (no attentions) or `AttnDownBlock2D` (one attention after every resnet).
 #[derive(Debug)]
 pub struct DownBlock2D {
     resnets: Vec<ResnetBlock2D>,
     attentions: Vec<SpatialAttention>,
-    downsampler: Option<Downsample2D>,
+    downsampler: Option<Downsampler>,
 }
 
 pub struct DownBlockConfig<'a> {
@@ -23,6 +37,8 @@ pub struct DownBlockConfig<'a> {
     pub attention: Option<&'a AttentionConfig>,
     /// `Some(padding)` unless this is the last block.
     pub downsample_padding: Option<i64>,
+    /// Downsample with a resnet block (an attention block with `downsample_type: "resnet"`).
+    pub resnet_downsample: bool,
 }
 
 impl DownBlock2D {
@@ -36,8 +52,16 @@ impl DownBlock2D {
                 attentions.push(SpatialAttention::new(&vs / "attentions" / j, c.cout, a));
             }
         }
-        let downsampler =
-            c.downsample_padding.map(|p| Downsample2D::new(&vs / "downsamplers" / 0, c.cout, p));
+        let path = &vs / "downsamplers" / 0;
+        let downsampler = c.downsample_padding.map(|p| match c.resnet_downsample {
+            true => Downsampler::Resnet(Box::new(ResnetBlock2D::resampling(
+                path,
+                c.cout,
+                c.resnet,
+                Resample::Down,
+            ))),
+            false => Downsampler::Conv(Downsample2D::new(path, c.cout, p)),
+        });
         Self { resnets, attentions, downsampler }
     }
 
@@ -56,7 +80,10 @@ impl DownBlock2D {
             skips.push(h.shallow_clone());
         }
         if let Some(down) = &self.downsampler {
-            h = down.forward(&h);
+            h = match down {
+                Downsampler::Conv(conv) => conv.forward(&h),
+                Downsampler::Resnet(resnet) => resnet.forward(&h, temb, fast),
+            };
             skips.push(h.shallow_clone());
         }
         h
@@ -106,7 +133,7 @@ impl UNetMidBlock2D {
 pub struct UpBlock2D {
     resnets: Vec<ResnetBlock2D>,
     attentions: Vec<SpatialAttention>,
-    upsampler: Option<Upsample2D>,
+    upsampler: Option<Upsampler>,
 }
 
 pub struct UpBlockConfig<'a> {
@@ -118,6 +145,8 @@ pub struct UpBlockConfig<'a> {
     pub resnet: &'a ResnetConfig,
     pub attention: Option<&'a AttentionConfig>,
     pub add_upsample: bool,
+    /// Upsample with a resnet block (an attention block with `upsample_type: "resnet"`).
+    pub resnet_upsample: bool,
 }
 
 impl UpBlock2D {
@@ -132,7 +161,13 @@ impl UpBlock2D {
                 attentions.push(SpatialAttention::new(&vs / "attentions" / j, c.cout, a));
             }
         }
-        let upsampler = c.add_upsample.then(|| Upsample2D::new(&vs / "upsamplers" / 0, c.cout));
+        let path = &vs / "upsamplers" / 0;
+        let upsampler = c.add_upsample.then(|| match c.resnet_upsample {
+            true => {
+                Upsampler::Resnet(Box::new(ResnetBlock2D::resampling(path, c.cout, c.resnet, Resample::Up)))
+            }
+            false => Upsampler::Conv(Upsample2D::new(path, c.cout)),
+        });
         Self { resnets, attentions, upsampler }
     }
 
@@ -155,7 +190,8 @@ impl UpBlock2D {
             }
         }
         match &self.upsampler {
-            Some(up) => up.forward(&h, fast),
+            Some(Upsampler::Conv(up)) => up.forward(&h, fast),
+            Some(Upsampler::Resnet(up)) => up.forward(&h, temb, fast),
             None => h,
         }
     }
