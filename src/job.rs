@@ -53,6 +53,13 @@ pub struct JobSpec {
     pub classes: Option<ClassSpec>,
 }
 
+impl JobSpec {
+    /// The classifier-free guidance every batch of the job runs with (`None`: unguided).
+    pub fn guidance(&self) -> Option<crate::sampler::Guidance> {
+        self.classes.as_ref().and_then(|c| c.guidance).map(Into::into)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {

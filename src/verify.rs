@@ -289,7 +289,7 @@ fn resample(
         };
         let req = BatchRequest {
             classes: classes.as_deref(),
-            guidance: spec.classes.as_ref().and_then(|c| c.guidance).map(Into::into),
+            guidance: spec.guidance(),
             ..BatchRequest::new(
                 &seeds,
                 spec.batch_size as usize,

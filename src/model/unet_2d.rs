@@ -49,12 +49,9 @@ impl UNet2DModel {
             time_embedding_norm,
             output_scale_factor: 1.0,
         };
-        let attention = |channels: i64, norm_groups: Option<i64>, rescale: f64| AttentionConfig {
-            heads: config.attention_heads(channels).0,
-            head_dim: config.attention_heads(channels).1,
-            norm_groups,
-            eps,
-            rescale_output_factor: rescale,
+        let attention = |channels: i64, norm_groups: Option<i64>, rescale: f64| {
+            let (heads, head_dim) = config.attention_heads(channels);
+            AttentionConfig { heads, head_dim, norm_groups, eps, rescale_output_factor: rescale }
         };
 
         let conv_in = conv2d(&vs / "conv_in", config.in_channels, boc[0], 3, 1, 1);

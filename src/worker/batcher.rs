@@ -210,7 +210,7 @@ async fn admit(
         return Err(ShardError::Failed(format!("model {name:?} is not served by this worker")));
     };
     // Guidance runs each batch doubled: twice the rows through the UNet.
-    let guided = job.spec.classes.as_ref().and_then(|c| c.guidance).map(Into::into);
+    let guided = job.spec.guidance();
     let rows = job.spec.batch_size as usize * crate::sampler::Guidance::rows(guided);
     if let Some(fits) = *fits
         && rows > fits
@@ -250,7 +250,7 @@ async fn fill_batch(ctx: &Arc<WorkerContext>, device: &DeviceSlot, owner: &str, 
     let rows: u64 = group.iter().map(Member::rows).sum();
     let mut padding = rows.div_ceil(batch_size) * batch_size - rows;
     let key = |s: &crate::job::JobSpec| {
-        let guidance = s.classes.as_ref().and_then(|c| c.guidance).map(|g| (g.scale.to_bits(), g.null_class));
+        let guidance = s.guidance().map(|g| (g.scale.to_bits(), g.null_class));
         (s.model.clone(), s.scheduler, s.steps, s.eta.map(f32::to_bits), s.batch_size, guidance)
     };
     let wanted = key(&group[0].job.spec);
@@ -298,7 +298,7 @@ async fn dispatch(
         batch_size,
         steps: spec.steps as usize,
         eta: spec.eta.unwrap_or(0.0),
-        guidance: spec.classes.as_ref().and_then(|c| c.guidance).map(Into::into),
+        guidance: spec.guidance(),
         shape: ctx.models.get(&spec.model).and_then(|m| sampler::sample_shape(&m.unet_config).ok()),
         span: span.clone(),
     };
